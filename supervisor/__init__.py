@@ -1,0 +1,3 @@
+"""tunlock: a WireGuard supervisor with a kill switch that never opens."""
+
+__version__ = "0.1.0"
