@@ -1,0 +1,1 @@
+"""The passive lock: one nftables table that stays in place whether or not the daemon runs."""
