@@ -41,3 +41,5 @@ def demo() -> None:
 
 for command in (check, status, rotate, reconnect, health, lock, lab):
     main.add_command(command)
+if __name__ == "__main__":
+    main()

@@ -1,19 +1,45 @@
 """tunlock.toml: the configuration contract, validated by pydantic.
 
-The section and key names are a public contract (see docs/configuration.md);
-extend them, never rename them. ``load_config`` reads the file, applies
-``TUNLOCK_<SECTION>_<KEY>`` environment overrides and loads the server files.
+The section and key names are a public contract (DESIGN.md and
+docs/configuration.md): extend them, never rename them. ``load_config`` reads
+the file, applies ``TUNLOCK_<SECTION>_<KEY>`` environment overrides (for
+containers), validates every key and loads the server files, reporting every
+problem as ``file:line: what is wrong``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from supervisor.servers import Server
+from supervisor.errors import ConfigError, Problem
+from supervisor.servers import Server, load_servers
+
+ENV_PREFIX = "TUNLOCK_"
+# What allow_lan opens: RFC 1918, link-local, ULA and their multicast (DESIGN.md, [lock]).
+DEFAULT_LAN_RANGES = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "224.0.0.0/24",
+    "239.255.255.250/32",
+    "fc00::/7",
+    "fe80::/10",
+    "ff02::/16",
+)
+_IFNAME = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
 
 
 class _Section(BaseModel):
@@ -23,33 +49,57 @@ class _Section(BaseModel):
 class TunnelSection(_Section):
     interface: str = "tunlock0"
     backend: Literal["auto", "kernel", "userspace"] = "auto"
-    servers: list[str] = Field(default_factory=lambda: ["servers/*.conf"])
-    # Marks the tunnel's own encrypted UDP so the lock and the routing rule can tell
-    # it from everything else (wg-quick uses 51820 too).
-    fwmark: int = 0xCA6C
-    route_table: int = 51820
+    servers: list[str] = Field(default_factory=lambda: ["servers/*.conf"], min_length=1)
+    # Marks the tunnel's own encrypted UDP so the lock and the routing rule can tell it from
+    # everything else; 0xca6c is wg-quick's choice too.
+    fwmark: int = Field(default=0xCA6C, ge=1, le=0xFFFFFFFF)
+    route_table: int = Field(default=51820, ge=1, le=0xFFFFFFFF)
+
+    @field_validator("interface")
+    @classmethod
+    def _interface_name(cls, value: str) -> str:
+        if not _IFNAME.match(value):
+            raise ValueError("an interface name is 1 to 15 letters, digits or _=+.-")
+        return value
+
+    @field_validator("route_table")
+    @classmethod
+    def _not_reserved(cls, value: int) -> int:
+        if value in (253, 254, 255):
+            raise ValueError("tables 253-255 are the kernel's default, main and local tables")
+        return value
 
 
 class RotationSection(_Section):
     strategy: Literal["sequential", "random"] = "sequential"
-    cooldown_s: float = 60.0
-    backoff_initial_s: float = 2.0
-    backoff_max_s: float = 60.0
+    cooldown_s: Seconds = 60.0
+    backoff_initial_s: Seconds = 2.0
+    backoff_max_s: Seconds = 60.0
 
 
 class HealthSection(_Section):
-    interval_s: float = 1.0
-    dead_after_s: float = 3.0
+    interval_s: Seconds = 1.0
+    dead_after_s: Seconds = 3.0
     probe_target: str | None = None
-    handshake_max_age_s: float = 180.0
-    connect_timeouts_s: list[float] = Field(default_factory=lambda: [4.0, 8.0, 15.0])
+    handshake_max_age_s: Seconds = 180.0
+    connect_timeouts_s: list[Seconds] = Field(default_factory=lambda: [4.0, 8.0, 15.0], min_length=1)
 
 
 class LockSection(_Section):
     mode: Literal["permanent", "session"] = "permanent"
-    table: str = "tunlock"
+    table: str = Field(default="tunlock", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
     allow_lan: bool = False
-    inbound_tcp: list[int] = Field(default_factory=list)
+    lan_ranges: list[IPv4Network | IPv6Network] = Field(
+        default_factory=lambda: [_network(n) for n in DEFAULT_LAN_RANGES]
+    )
+    inbound_tcp: list[Port] = Field(default_factory=list)
+
+    @field_validator("inbound_tcp")
+    @classmethod
+    def _unique(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("a port is listed twice")
+        return sorted(value)
 
 
 class ControlSection(_Section):
@@ -57,6 +107,7 @@ class ControlSection(_Section):
 
 
 class MetricsSection(_Section):
+    # host:port for a Prometheus endpoint; off unless set.
     listen: str | None = None
 
 
@@ -82,8 +133,129 @@ class Config:
     path: Path
     settings: ConfigFile
     servers: tuple[Server, ...]
+    warnings: tuple[Problem, ...] = field(default=(), compare=False)
 
 
-def load_config(path: Path) -> Config:
+def _network(text: str) -> IPv4Network | IPv6Network:
+    from ipaddress import ip_network
+
+    return ip_network(text)
+
+
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Where each ``[section]`` and ``section.key`` stands in a TOML text (1-based lines).
+
+    Written by hand because tomllib returns values without positions and pydantic reports a
+    location as a key path; our config is flat (tables of scalars and lists), so headers and
+    ``key =`` lines are all a reader needs to point at.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+    section: tuple[str, ...] = ()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line.startswith("[") and not line.startswith("[["):
+            section = tuple(part.strip().strip('"') for part in line.strip("[] ").split("."))
+            lines.setdefault(section, number)
+        elif "=" in line and not line.startswith("#"):
+            key = line.partition("=")[0].strip().strip('"')
+            lines.setdefault((*section, key), number)
+    return lines
+
+
+def _env_overrides(
+    environ: typing.Mapping[str, str], problems: list[Problem]
+) -> dict[str, dict[str, object]]:
+    """``TUNLOCK_<SECTION>_<KEY>=value`` for every key; lists are comma-separated."""
+    sections = ConfigFile.model_fields
+    out: dict[str, dict[str, object]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in sections or not key:
+            continue  # TUNLOCK_CONFIG, TUNLOCK_LAB_ONLY and friends are not config keys
+        model = typing.get_args(sections[section].annotation) or (sections[section].annotation,)
+        fields = typing.cast(type[BaseModel], model[0]).model_fields
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            more = f" (did you mean {ENV_PREFIX}{section.upper()}_{hint[0].upper()}?)" if hint else ""
+            problems.append(Problem(Path(f"env {name}"), 0, f"[{section}] has no key {key!r}{more}"))
+            continue
+        is_list = typing.get_origin(fields[key].annotation) is list
+        parsed: object = [v.strip() for v in value.split(",") if v.strip()] if is_list else value
+        out.setdefault(section, {})[key] = parsed
+    return out
+
+
+def _merge(data: dict[str, object], overrides: dict[str, dict[str, object]]) -> None:
+    for section, keys in overrides.items():
+        target = data.setdefault(section, {})
+        if isinstance(target, dict):
+            target.update(keys)
+
+
+def _unknown_key_message(loc: tuple[str | int, ...]) -> str:
+    *parents, key = (str(p) for p in loc)
+    model: type[BaseModel] = ConfigFile
+    for parent in parents:
+        annotation = model.model_fields[parent].annotation if parent in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    known = list(model.model_fields)
+    hint = difflib.get_close_matches(key, known, n=1)
+    where = f"[{'.'.join(parents)}]" if parents else "the top level"
+    more = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
+    return f"unknown key {key!r} in {where}{more}"
+
+
+def load_config(path: Path, environ: typing.Mapping[str, str] | None = None) -> Config:
     """Read and validate ``path`` and its server files; raise ConfigError with every problem."""
-    raise NotImplementedError
+    environ = os.environ if environ is None else environ
+    path = Path(path)
+    problems: list[Problem] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise ConfigError([Problem(path, 0, "is a directory; give the path of tunlock.toml")]) from None
+    except FileNotFoundError:
+        raise ConfigError([Problem(path, 0, "no such file; write one (see configs/tunlock.toml)")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([Problem(path, 0, "not UTF-8 text")]) from None
+    except OSError as err:
+        raise ConfigError([Problem(path, 0, f"cannot read: {err.strerror or err}")]) from None
+    try:
+        data: dict[str, object] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        match = re.search(r"\(at line (\d+), column \d+\)", str(err))
+        line = int(match.group(1)) if match else 0
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(err)) or "invalid TOML"
+        raise ConfigError([Problem(path, line, f"TOML: {message}")]) from None
+    _merge(data, _env_overrides(environ, problems))
+    lines = key_lines(text)
+    try:
+        settings = ConfigFile.model_validate(data)
+    except ValidationError as err:
+        for detail in err.errors():
+            loc = tuple(str(p) for p in detail["loc"] if not isinstance(p, int))
+            line = lines.get(loc) or lines.get(loc[:-1]) or lines.get(loc[:1], 0)
+            env_name = f"{ENV_PREFIX}{'_'.join(loc[:2]).upper()}"
+            origin = Path(f"env {env_name}") if env_name in environ and len(loc) >= 2 else path
+            if detail["type"] == "extra_forbidden":
+                message = _unknown_key_message(tuple(detail["loc"]))
+            else:
+                message = f"{'.'.join(loc)}: {detail['msg']}"
+            problems.append(Problem(origin, line if origin == path else 0, message))
+        raise ConfigError(problems) from None
+    origin = (path, lines.get(("tunnel", "servers"), lines.get(("tunnel",), 0)))
+    servers = load_servers(settings.tunnel.servers, path.parent, problems, origin)
+    if not servers and not any(not p.warning for p in problems):
+        problems.append(Problem(origin[0], origin[1], "no usable server file"))
+    if any(not p.warning for p in problems):
+        raise ConfigError(problems)
+    control = settings.control.socket
+    if not control.is_absolute():
+        settings = settings.model_copy(
+            update={"control": settings.control.model_copy(update={"socket": path.parent / control})}
+        )
+    return Config(path=path, settings=settings, servers=servers, warnings=tuple(problems))

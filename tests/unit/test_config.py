@@ -1,0 +1,124 @@
+"""tunlock.toml: defaults that work, every key validated at its line, env overrides."""
+
+from __future__ import annotations
+
+from ipaddress import ip_network
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import load_config
+from supervisor.errors import ConfigError
+
+
+def errors(path: Path, environ: dict[str, str] | None = None) -> list[tuple[str, int, str]]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ or {})
+    return [(str(p.file), p.line, p.message) for p in caught.value.problems if not p.warning]
+
+
+def test_empty_file_gives_working_defaults(write_config):
+    config = load_config(write_config("", servers=2), {})
+    s = config.settings
+    assert (s.tunnel.interface, s.tunnel.backend, s.rotation.strategy) == ("tunlock0", "auto", "sequential")
+    assert s.lock.allow_lan is False and s.lock.inbound_tcp == [] and s.lock.mode == "permanent"
+    assert ip_network("192.168.0.0/16") in s.lock.lan_ranges
+    assert [srv.name for srv in config.servers] == ["vpn1", "vpn2"]
+
+
+def test_relative_control_socket_is_relative_to_the_config(write_config):
+    path = write_config('[control]\nsocket = "run/ctl.sock"\n')
+    assert load_config(path, {}).settings.control.socket == path.parent / "run/ctl.sock"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        (
+            '[tunnel]\nbackend = "kernal"\n',
+            2,
+            "tunnel.backend: Input should be 'auto', 'kernel' or 'userspace'",
+        ),
+        ('[tunnel]\ninterface = "much-too-long-name0"\n', 2, "an interface name is 1 to 15"),
+        ("[tunnel]\nroute_table = 254\n", 2, "tables 253-255 are the kernel's"),
+        ("[tunnel]\nfwmark = 0\n", 2, "tunnel.fwmark: Input should be greater than or equal to 1"),
+        (
+            '[rotation]\nstrategy = "roundrobin"\n',
+            2,
+            "rotation.strategy: Input should be 'sequential' or 'random'",
+        ),
+        ("[health]\ndead_after_s = 0\n", 2, "health.dead_after_s: Input should be greater than 0"),
+        (
+            "\n[lock]\ninbound_tcp = [80, 70000]\n",
+            3,
+            "lock.inbound_tcp: Input should be less than or equal to 65535",
+        ),
+        ("[lock]\ninbound_tcp = [80, 80]\n", 2, "a port is listed twice"),
+        ('[lock]\nallow_lan = "yes please"\n', 2, "lock.allow_lan: Input should be a valid boolean"),
+        ('[lock]\nlan_ranges = ["10.0.0.0/8", "lan"]\n', 2, "lock.lan_ranges"),
+        ('[lock]\nmode = "forever"\n', 2, "lock.mode: Input should be 'permanent' or 'session'"),
+        ("[lock]\nalow_lan = true\n", 2, "unknown key 'alow_lan' in [lock] (did you mean 'allow_lan'?)"),
+        ("[tunel]\n", 1, "unknown key 'tunel' in the top level (did you mean 'tunnel'?)"),
+        ('[tunnel]\nservers = ["nothing/*.conf"]\n', 2, "servers pattern 'nothing/*.conf' matches no file"),
+        ("[tunnel]\nservers = []\n", 2, "tunnel.servers: List should have at least 1 item"),
+        ("[tunnel\n", 1, "TOML: "),
+        ("a = 1\na = 2\n", 2, "TOML: Cannot overwrite a value"),
+    ],
+)
+def test_each_key_is_validated_at_its_line(write_config, text, line, message):
+    path = write_config(text)
+    found = errors(path)
+    assert any(f == str(path) and n == line and message in m for f, n, m in found), found
+
+
+def test_missing_config_and_directory(tmp_path):
+    assert errors(tmp_path / "none.toml") == [
+        (str(tmp_path / "none.toml"), 0, "no such file; write one (see configs/tunlock.toml)")
+    ]
+    assert "is a directory" in errors(tmp_path)[0][2]
+
+
+def test_server_file_problems_are_reported_with_the_config(write_config, write_server):
+    path = write_config("")
+    write_server("[Interface]\nPrivateKey = nope\n", "broken.conf")
+    found = errors(path)
+    assert any(f.endswith("broken.conf") and n == 2 and "PrivateKey is 3 bytes" in m for f, n, m in found)
+
+
+def test_duplicate_server_names_across_patterns(write_config, tmp_path):
+    path = write_config('[tunnel]\nservers = ["servers/*.conf", "more/*.conf"]\n')
+    other = tmp_path / "more"
+    other.mkdir()
+    (other / "vpn1.conf").write_text((tmp_path / "servers" / "vpn1.conf").read_text())
+    assert any("server name 'vpn1' is taken" in m for _, _, m in errors(path))
+
+
+def test_env_overrides_every_kind_of_value(write_config):
+    environ = {
+        "TUNLOCK_LOCK_ALLOW_LAN": "true",
+        "TUNLOCK_LOCK_INBOUND_TCP": "9091, 8080",
+        "TUNLOCK_TUNNEL_BACKEND": "userspace",
+        "TUNLOCK_HEALTH_DEAD_AFTER_S": "2.5",
+        "TUNLOCK_LOCK_LAN_RANGES": "192.0.2.0/24",
+        "TUNLOCK_CONFIG": "/ignored/by/the/loader",
+        "TUNLOCK_LAB_ONLY": "1",
+    }
+    s = load_config(write_config("[lock]\nallow_lan = false\n"), environ).settings
+    assert s.lock.allow_lan is True
+    assert s.lock.inbound_tcp == [8080, 9091]
+    assert s.tunnel.backend == "userspace"
+    assert s.health.dead_after_s == 2.5
+    assert s.lock.lan_ranges == [ip_network("192.0.2.0/24")]
+
+
+def test_bad_env_values_name_the_variable(write_config):
+    path = write_config("")
+    assert errors(path, {"TUNLOCK_LOCK_INBOUND_TCP": "80,http"})[0][0] == "env TUNLOCK_LOCK_INBOUND_TCP"
+    found = errors(path, {"TUNLOCK_LOCK_ALOW_LAN": "1"})
+    assert found == [
+        (
+            "env TUNLOCK_LOCK_ALOW_LAN",
+            0,
+            "[lock] has no key 'alow_lan' (did you mean TUNLOCK_LOCK_ALLOW_LAN?)",
+        )
+    ]
