@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor.redact import scrub
+
 
 @dataclass(frozen=True, order=True)
 class Problem:
@@ -19,6 +21,10 @@ class Problem:
     line: int
     message: str
     warning: bool = False
+
+    def __post_init__(self) -> None:
+        # Messages may quote a malformed line, and a malformed line may hold a private key.
+        object.__setattr__(self, "message", scrub(self.message))
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else f"{self.file}"

@@ -10,8 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import functools
 import glob
+import os
 import re
+import socket
 import stat
 from dataclasses import dataclass, field
 from ipaddress import (
@@ -21,7 +24,6 @@ from ipaddress import (
     IPv6Address,
     IPv6Interface,
     IPv6Network,
-    ip_address,
     ip_interface,
     ip_network,
 )
@@ -98,8 +100,41 @@ _PEER_KEYS = {
 _IGNORED_KEYS = {
     k.lower(): k for k in ("PreUp", "PostUp", "PreDown", "PostDown", "SaveConfig", "Table", "FwMark")
 }
-_IFACE_NAME_OK = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
+# wg-quick lets these be split over several lines; any other key twice is a mistake.
+_REPEATABLE_KEYS = frozenset({"address", "dns", "allowedips"} | set(_IGNORED_KEYS))
 _HOSTNAME = re.compile(r"^[A-Za-z0-9.-]+$")
+
+
+# Parsing addresses is most of what checking a server file costs (ipaddress parses strings
+# slowly); inet_pton does it in C, and a provider's files share most values (client address,
+# DNS, AllowedIPs), so a cache spares the rest. Each raises ValueError like ipaddress does.
+@functools.lru_cache(maxsize=16384)
+def parse_address(text: str) -> IPAddress:
+    """An IPv4 or IPv6 address, strictly (no zone, no leading zeros)."""
+    try:
+        if ":" in text:
+            return IPv6Address(socket.inet_pton(socket.AF_INET6, text))
+        return IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+@functools.lru_cache(maxsize=16384)
+def parse_interface(text: str) -> IPInterface:
+    """``address/prefix`` as an interface address (the host bits may be set)."""
+    address, slash, prefix = text.partition("/")
+    host = parse_address(address)
+    if not slash:
+        return ip_interface(host)
+    if not prefix.isdigit() or int(prefix) > host.max_prefixlen:
+        raise ValueError(f"{text!r} has a bad prefix length")
+    return ip_interface((host, int(prefix)))
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_network(text: str) -> IPNetwork:
+    """A network such as ``0.0.0.0/0``; host bits are cleared as wg does."""
+    return ip_network(text, strict=False)
 
 
 def _key_problem(value: str) -> str | None:
@@ -135,7 +170,7 @@ def parse_endpoint(text: str) -> Endpoint:
         if ":" in host:
             raise ValueError(f"endpoint {text!r}: put an IPv6 address in brackets, [IPv6]:port")
     try:
-        address = ip_address(host)
+        address = parse_address(host)
     except ValueError:
         if _HOSTNAME.match(host):
             raise ValueError(
@@ -172,7 +207,9 @@ class _ServerReader:
         sections = self._index(lines)
         if sections is None:
             return None
-        wg = WGConfig()
+        # wgconfig files peers under their PublicKey value, which breaks on a malformed key (a
+        # comma makes it a list); peers are counted from the headers above, so key them by nothing.
+        wg = WGConfig(keyattr="_unused")
         wg.lines = lines
         try:
             wg.parse_lines()
@@ -222,7 +259,11 @@ class _ServerReader:
                 return None
             if sections[-1] == "peer" and sections.count("peer") > 1:
                 continue
-            self.lines.setdefault((len(sections) - 1, key.strip().lower()), number)
+            slot = (len(sections) - 1, key.strip().lower())
+            if slot in self.lines and slot[1] not in _REPEATABLE_KEYS:
+                self.error(number, f"{key.strip()} is given twice (first at line {self.lines[slot]})")
+                return None
+            self.lines.setdefault(slot, number)
         if not sections:
             self.error(0, "empty: no [Interface] and [Peer] sections")
             return None
@@ -353,7 +394,7 @@ class _ServerReader:
         out = []
         for item in _as_list(value):
             try:
-                out.append(ip_interface(item) if interface else ip_network(item, strict=False))
+                out.append(parse_interface(item) if interface else parse_network(item))
             except ValueError:
                 self.error(
                     line, f"{key} entry {item!r} is not an IP address with a prefix (e.g. 10.0.0.2/32)"
@@ -374,7 +415,7 @@ class _ServerReader:
         out = []
         for item in _as_list(value):
             try:
-                out.append(ip_address(item))
+                out.append(parse_address(item))
             except ValueError:
                 self.warn(line, f"DNS entry {item!r} is not an IP address (a search domain?); ignored")
         return out
@@ -384,8 +425,9 @@ def read_server(path: Path, problems: list[Problem]) -> Server | None:
     """Read one server file, appending every problem (errors and warnings) to ``problems``."""
     reader = _ServerReader(path, problems)
     try:
-        st = path.stat()
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            text = handle.read().decode("utf-8")
     except UnicodeDecodeError:
         reader.error(0, "not UTF-8 text")
         return None

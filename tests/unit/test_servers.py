@@ -192,3 +192,8 @@ def test_unreadable_and_binary_files(write_server, tmp_path):
 )
 def test_parse_endpoint_round_trips(text, expected):
     assert str(parse_endpoint(text)) == expected
+
+
+def test_a_single_value_key_given_twice(write_server):
+    text = replace("Endpoint = 198.51.100.11:51820", "Endpoint = 198.51.100.11:51820\nPublicKey = x")
+    assert (10, "PublicKey is given twice (first at line 7)") in errors_of(write_server(text))

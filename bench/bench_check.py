@@ -1,0 +1,77 @@
+"""How long `tunlock check` takes over 10,000 server files (goal: <= 1 s).
+
+Run: .venv/bin/python bench/bench_check.py [COUNT]
+Prints the time of load_config (every file read, parsed and validated) and of the whole
+`tunlock check` command (process start included), best of three.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from supervisor.config import load_config
+
+SERVER = """[Interface]
+PrivateKey = {private}
+Address = 10.{a}.{b}.2/32, fd00:{a}:{b}::2/128
+DNS = 10.{a}.{b}.1
+
+[Peer]
+PublicKey = {public}
+Endpoint = {endpoint}:51820
+AllowedIPs = 0.0.0.0/0, ::/0
+PersistentKeepalive = 25
+"""
+
+
+def key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def write_servers(root: Path, count: int) -> Path:
+    servers = root / "servers"
+    servers.mkdir()
+    for i in range(count):
+        a, b = divmod(i, 250)
+        endpoint = f"198.51.100.{i % 250 + 1}" if i % 2 else f"[2001:db8:{a:x}::{b + 1:x}]"
+        path = servers / f"server-{i:05d}.conf"
+        path.write_text(SERVER.format(private=key(), public=key(), a=a % 250, b=b, endpoint=endpoint))
+        path.chmod(0o600)
+    config = root / "tunlock.toml"
+    config.write_text('[tunnel]\nservers = ["servers/*.conf"]\n')
+    return config
+
+
+def main() -> None:
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_servers(Path(tmp), count)
+        in_process = []
+        for _ in range(3):
+            start = time.perf_counter()
+            loaded = load_config(config, {})
+            in_process.append(time.perf_counter() - start)
+        assert len(loaded.servers) == count
+        whole = []
+        for _ in range(3):
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "supervisor.cli", "check", "--config", str(config)],
+                check=True,
+                capture_output=True,
+            )
+            whole.append(time.perf_counter() - start)
+    print(
+        f"check: {count} server files: load_config {min(in_process):.3f} s "
+        f"({min(in_process) / count * 1e6:.0f} us/file), whole `tunlock check` {min(whole):.3f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
