@@ -33,7 +33,7 @@ def check(config_path: Path, quiet: bool) -> None:
     Exit 0 with a one-line summary, or 1 with every problem as file:line: reason.
     """
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, digest_only=True)
     except ConfigError as err:
         for problem in err.problems:
             click.echo(str(problem), err=True)

@@ -209,8 +209,14 @@ def _unknown_key_message(loc: tuple[str | int, ...]) -> str:
     return f"unknown key {key!r} in {where}{more}"
 
 
-def load_config(path: Path, environ: typing.Mapping[str, str] | None = None) -> Config:
-    """Read and validate ``path`` and its server files; raise ConfigError with every problem."""
+def load_config(
+    path: Path, environ: typing.Mapping[str, str] | None = None, *, digest_only: bool = False
+) -> Config:
+    """Read and validate ``path`` and its server files; raise ConfigError with every problem.
+
+    ``digest_only`` (for ``tunlock check``) fills ``servers`` with ServerDigest values instead of
+    full servers, which is what lets very large server directories be checked in parallel.
+    """
     environ = os.environ if environ is None else environ
     path = Path(path)
     problems: list[Problem] = []
@@ -248,7 +254,7 @@ def load_config(path: Path, environ: typing.Mapping[str, str] | None = None) -> 
             problems.append(Problem(origin, line if origin == path else 0, message))
         raise ConfigError(problems) from None
     origin = (path, lines.get(("tunnel", "servers"), lines.get(("tunnel",), 0)))
-    servers = load_servers(settings.tunnel.servers, path.parent, problems, origin)
+    servers = load_servers(settings.tunnel.servers, path.parent, problems, origin, digest_only=digest_only)
     if not servers and not any(not p.warning for p in problems):
         problems.append(Problem(origin[0], origin[1], "no usable server file"))
     if any(not p.warning for p in problems):
