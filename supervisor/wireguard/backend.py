@@ -18,7 +18,8 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 from supervisor.errors import TunlockError
 from supervisor.redact import Secret
@@ -124,14 +125,15 @@ class BackendRestarted:
 
 
 @dataclass(frozen=True)
-class BackendGaveUp:
-    """The backend cannot be restarted (it keeps dying at once); the reason is for a person."""
+class BackendRestartFailed:
+    """One attempt to restart the backend failed; it tries again after a growing pause."""
 
     ifname: str
     reason: str
+    attempt: int
 
 
-BackendEvent = BackendDied | BackendRestarted | BackendGaveUp
+BackendEvent = BackendDied | BackendRestarted | BackendRestartFailed
 Report = Callable[[BackendEvent], Awaitable[None]]
 
 
@@ -149,6 +151,12 @@ class WireGuardBackend(Protocol):
 
     kind: str
     ifname: str
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None: ...
 
     async def adopt(self) -> bool:
         """Take over an interface that already exists and is served; True when there was one.

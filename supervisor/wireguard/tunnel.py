@@ -1,0 +1,215 @@
+"""The tunnel as the supervisor drives it: a backend plus the interface, routes and DNS around it.
+
+This is the surface the runtime uses::
+
+    async with open_tunnel(settings, report=on_backend_event) as tunnel:
+        server = await tunnel.adopt(servers)      # a running tunnel from before a crash, or None
+        await tunnel.connect(server)              # first connect, and every swap after it
+        stats = await tunnel.stats()              # one cheap read, fit for a 1 s loop
+        await tunnel.disconnect()                 # no peer: nothing passes, nothing leaks
+        await tunnel.close(keep_interface=False)  # stop: interface, routes and DNS undone
+
+``connect`` on a tunnel that is up is the **peer swap**: one atomic backend
+operation replaces the peer (private key, endpoint, allowed IPs) on the existing
+interface; addresses, MTU, routes and DNS are then reconciled and change only
+where the new server differs. Leaving the context without ``close`` leaves the
+tunnel running, exactly as a crash would, so the next daemon can adopt it.
+
+Every operation is idempotent and serialised by one lock, so a backend restart
+(wireguard-go died: the interface is new and bare) and a swap the runtime
+asked for at the same moment cannot interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pyroute2 import AsyncIPRoute
+
+from supervisor.log import get_logger
+from supervisor.net.dns import DEFAULT_STATE_DIR, DnsManager, detect_dns_manager
+from supervisor.net.links import configure_link
+from supervisor.net.routes import DEFAULT_RULE_PRIORITY, FullTunnelRouting
+from supervisor.servers import Server
+from supervisor.wireguard.backend import (
+    BackendEvent,
+    BackendRestarted,
+    DeviceConfig,
+    Report,
+    TunnelStats,
+    WireGuardBackend,
+    ignore_events,
+)
+from supervisor.wireguard.selection import BackendKind, make_backend, resolve_backend
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    """What the tunnel needs from the configuration ([tunnel] and [dns])."""
+
+    ifname: str
+    fwmark: int
+    route_table: int
+    backend: BackendKind = "auto"
+    manage_dns: bool = True
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    state_dir: Path = DEFAULT_STATE_DIR
+    rule_priority: int = DEFAULT_RULE_PRIORITY
+
+    @classmethod
+    def from_config(cls, settings: Any, state_dir: Path = DEFAULT_STATE_DIR) -> TunnelSettings:
+        """From a validated ``supervisor.config.ConfigFile``."""
+        return cls(
+            ifname=settings.tunnel.interface,
+            fwmark=settings.tunnel.fwmark,
+            route_table=settings.tunnel.route_table,
+            backend=settings.tunnel.backend,
+            manage_dns=settings.dns.manage,
+            resolv_conf=settings.dns.resolv_conf,
+            state_dir=state_dir,
+        )
+
+
+def _ipv6_enabled(ifname: str) -> bool:
+    """Whether IPv6 can be routed into ``ifname`` here (this namespace's sysctl tree)."""
+    flag = Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
+    try:
+        return flag.read_text().strip() == "0"
+    except OSError:
+        return False
+
+
+class Tunnel:
+    """One WireGuard interface with its peer, addresses, routes and DNS. See the module docstring."""
+
+    def __init__(self, settings: TunnelSettings, backend: WireGuardBackend, dns: DnsManager | None) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.server: Server | None = None
+        self._dns = dns
+        self._dns_servers: tuple[Any, ...] | None = None
+        self._lock = anyio.Lock()
+        self._log = log.bind(ifname=settings.ifname, backend=backend.kind)
+
+    @property
+    def ifname(self) -> str:
+        return self.settings.ifname
+
+    def _routing(self, families: tuple[int, ...]) -> FullTunnelRouting:
+        s = self.settings
+        return FullTunnelRouting(s.ifname, s.route_table, s.fwmark, families, s.rule_priority)
+
+    async def adopt(self, servers: Iterable[Server]) -> Server | None:
+        """Take over a running tunnel whose peer is one of ``servers``, without interrupting it.
+
+        Returns that server, with routes and DNS checked (and completed if something is missing),
+        or None when there is no running tunnel or its peer is none of ``servers`` (then
+        ``connect`` replaces the peer on the existing interface).
+        """
+        async with self._lock:
+            if not await self.backend.adopt():
+                return None
+            stats = await self.backend.stats()
+            server = next((s for s in servers if s.peer.public_key == stats.public_key), None)
+            if server is None:
+                self._log.info("running tunnel has a peer that is not configured; it will be replaced")
+                return None
+            await self._plumb(server)
+            self.server = server
+            self._log.info("adopted the running tunnel", server=server.name, endpoint=str(stats.endpoint))
+            return server
+
+    async def connect(self, server: Server) -> None:
+        """Make ``server`` the tunnel's peer: create the interface if needed, or swap the peer.
+
+        The backend change comes first and is atomic; the plumbing after it is a no-op when the
+        new server has the same addresses and DNS as the old one.
+        """
+        async with self._lock:
+            created = await self.backend.ensure_interface()
+            await self.backend.configure(DeviceConfig.for_server(server, self.settings.fwmark))
+            previous, self.server = self.server, server
+            await self._plumb(server)
+            self._log.info(
+                "tunnel connected" if created or previous is None else "peer swapped",
+                server=server.name,
+                endpoint=str(server.endpoint),
+                previous=previous.name if previous else None,
+            )
+
+    async def disconnect(self) -> None:
+        """Remove the peer; interface, addresses and routes stay, so nothing leaves outside it."""
+        async with self._lock:
+            await self.backend.remove_peer()
+            self.server = None
+            self._log.info("peer removed")
+
+    async def stats(self) -> TunnelStats:
+        """One cheap read of handshake, counters and endpoint (one UAPI get or netlink dump)."""
+        return await self.backend.stats()
+
+    async def close(self, keep_interface: bool = False) -> None:
+        """Undo the tunnel: DNS restored, routes removed, interface deleted (unless kept)."""
+        async with self._lock:
+            if keep_interface:
+                await self.backend.close(keep_interface=True)
+                return
+            if self._dns is not None:
+                with anyio.CancelScope(shield=True):
+                    self._dns.restore()
+            async with AsyncIPRoute() as ipr:
+                await self._routing((4, 6)).remove(ipr)
+            await self.backend.close(keep_interface=False)
+            self.server = None
+            self._log.info("tunnel closed")
+
+    async def on_backend_event(self, event: BackendEvent) -> None:
+        """Put addresses and routes back on the new interface of a restarted backend."""
+        if isinstance(event, BackendRestarted) and self.server is not None:
+            async with self._lock:
+                if self.server is not None:
+                    await self._plumb(self.server)
+
+    async def _plumb(self, server: Server) -> None:
+        families = (4, 6) if _ipv6_enabled(self.ifname) else (4,)
+        async with AsyncIPRoute() as ipr:
+            await configure_link(ipr, self.ifname, server.addresses, server.mtu)
+            await self._routing(families).apply(ipr)
+        if self._dns is not None and server.dns and server.dns != self._dns_servers:
+            self._dns.apply(server.dns)
+            self._dns_servers = server.dns
+
+
+@contextlib.asynccontextmanager
+async def open_tunnel(
+    settings: TunnelSettings, report: Report = ignore_events, **backend_options: Any
+) -> AsyncIterator[Tunnel]:
+    """The tunnel for ``settings``, its backend chosen (``auto``) and entered.
+
+    ``report`` hears the backend's own events (wireguard-go died / restarted / a restart failed),
+    after the tunnel has re-plumbed a restarted interface.
+    """
+    kind = await resolve_backend(settings.backend, settings.ifname)
+    tunnel: Tunnel | None = None
+
+    async def relay(event: BackendEvent) -> None:
+        if tunnel is not None:
+            await tunnel.on_backend_event(event)
+        await report(event)
+
+    backend = make_backend(kind, settings.ifname, relay, **backend_options)
+    dns = (
+        detect_dns_manager(settings.ifname, settings.resolv_conf, settings.state_dir)
+        if settings.manage_dns
+        else None
+    )
+    async with backend:
+        tunnel = Tunnel(settings, backend, dns)
+        yield tunnel

@@ -1,0 +1,479 @@
+"""The userspace backend: wireguard-go, started and watched by us, driven over its UAPI socket.
+
+How the process is kept:
+
+- **Foreground, own session.** wireguard-go runs with ``-f`` (it never forks
+  away from us) in a session of its own, so a Ctrl-C on our terminal, a
+  SIGKILL of our process group or our own death does not take it along: the
+  tunnel outlives the daemon and the next daemon adopts it.
+- **Its output into our log through a datagram socket pair, not a pipe.** Go
+  programs die of SIGPIPE when they write to a broken pipe on stdout/stderr,
+  so a pipe would kill wireguard-go at its first log line after our death. A
+  connected unix datagram socket whose reader is gone fails the write with
+  ECONNREFUSED instead, which Go's logger ignores. One datagram is one log
+  line, so lines never need reassembly.
+- **Death seen through a pidfd** (``pidfd_open``), which works the same for our
+  child and for an adopted process that is not our child, and cannot be fooled
+  by PID reuse. A dead wireguard-go takes its TUN device with it; the watcher
+  starts a new one, re-applies the last configuration (key, fwmark, peer) and
+  reports :class:`BackendRestarted` so the tunnel puts addresses and routes back.
+- **Adoption**: the UAPI socket answers, ``SO_PEERCRED`` names the process
+  behind it, and that process runs in our network namespace (the socket
+  directory is shared by all namespaces, so a name served from another one is
+  refused, not adopted). Nothing is changed on adoption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import anyio
+import anyio.abc
+
+from supervisor.log import get_logger
+from supervisor.wireguard.backend import (
+    BackendDied,
+    BackendError,
+    BackendRestarted,
+    BackendRestartFailed,
+    DeviceConfig,
+    InterfaceTaken,
+    Report,
+    TunnelStats,
+    handshake_age,
+    ignore_events,
+)
+from supervisor.wireguard.uapi import UAPI_DIR, UapiClient, UapiUnavailable, listener_pid
+
+log = get_logger(__name__)
+
+DEFAULT_BINARY = "wireguard-go"
+START_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 3.0
+RESTART_BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+# Keys wireguard-go reads from its environment that must not leak in from ours
+# (WG_TUN_FD / WG_UAPI_FD would make it use descriptors it does not have).
+_CHILD_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ")
+_LOG_LEVELS = {"DEBUG": "debug", "INFO": "info", "ERROR": "error"}
+
+
+def _netns_id(pid: int | str) -> tuple[int, int]:
+    """Identity of a process's network namespace ("thread-self": the calling thread's)."""
+    st = os.stat(f"/proc/{pid}/ns/net")
+    return st.st_dev, st.st_ino
+
+
+def link_exists(ifname: str) -> bool:
+    """Whether a link named ``ifname`` exists in this thread's network namespace.
+
+    if_nametoindex asks the kernel through a socket of the calling thread's namespace, unlike
+    /sys/class/net, which shows the namespace sysfs was mounted in.
+    """
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class _Process:
+    """A wireguard-go serving our interface: our child (``popen``) or an adopted one."""
+
+    pid: int
+    pidfd: int
+    popen: subprocess.Popen[bytes] | None = None
+    output: socket.socket | None = None
+    started: float = field(default_factory=time.monotonic)
+    last_lines: list[str] = field(default_factory=list)
+
+    @classmethod
+    def watch(cls, pid: int, popen: subprocess.Popen[bytes] | None = None, output=None) -> _Process:
+        return cls(pid=pid, pidfd=os.pidfd_open(pid), popen=popen, output=output)
+
+    def exited(self) -> bool:
+        # A pidfd turns readable when its process exits, child or not.
+        gone = bool(select.select([self.pidfd], [], [], 0)[0])
+        if gone and self.popen is not None:
+            self.popen.poll()  # reap our child, which also records its exit status
+        return gone
+
+    def exit_reason(self) -> str:
+        if self.popen is not None:
+            code = self.popen.returncode
+            if code is None:
+                return "stopped serving its UAPI socket"
+            if code < 0:
+                return f"killed by {signal.Signals(-code).name}"
+            return f"exited with status {code}"
+        return "exited (adopted process: status unknown)"
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signum)
+
+    def release(self) -> None:
+        """Close our descriptors; the process itself is left alone."""
+        for fd_owner in (self.output,):
+            if fd_owner is not None:
+                with contextlib.suppress(OSError):
+                    anyio.notify_closing(fd_owner)
+                fd_owner.close()
+        self.output = None
+        with contextlib.suppress(OSError):
+            anyio.notify_closing(self.pidfd)
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+        if self.popen is not None:
+            self.popen.poll()  # reap it if it is gone, so no zombie stays
+
+
+class UserspaceBackend:
+    """wireguard-go for one interface: spawn or adopt, configure over UAPI, restart on death.
+
+    Use as an async context manager; inside it a watcher task reads wireguard-go's output into
+    our log and restarts it when it dies, reporting :class:`BackendDied`, then
+    :class:`BackendRestarted` (or :class:`BackendRestartFailed` per failed attempt) to ``report``.
+    Leaving the context stops watching and leaves wireguard-go running (as a crash would);
+    :meth:`close` stops it.
+    """
+
+    kind = "userspace"
+
+    def __init__(
+        self,
+        ifname: str,
+        *,
+        report: Report = ignore_events,
+        binary: str = DEFAULT_BINARY,
+        uapi_dir: Path = UAPI_DIR,
+        log_level: str = "error",
+        start_timeout: float = START_TIMEOUT_S,
+    ) -> None:
+        self.ifname = ifname
+        self._report = report
+        self._binary = binary
+        self._uapi_dir = uapi_dir
+        self._log_level = log_level
+        self._start_timeout = start_timeout
+        self._uapi = UapiClient(ifname, directory=uapi_dir)
+        self._process: _Process | None = None
+        self._config: DeviceConfig | None = None
+        self._has_peer = False
+        self._lock = anyio.Lock()
+        self._process_changed = anyio.Event()
+        self._closing = False
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._log = log.bind(ifname=ifname, backend=self.kind)
+
+    # --- context ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> UserspaceBackend:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._watch)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
+        try:
+            return await self._task_group.__aexit__(exc_type, exc, tb)
+        finally:
+            self._task_group = None
+            if self._process is not None:
+                self._process.release()  # wireguard-go keeps running: the next daemon adopts it
+                self._process = None
+
+    # --- the backend interface ----------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the wireguard-go serving the interface, when there is one."""
+        return self._process.pid if self._process else None
+
+    async def adopt(self) -> bool:
+        async with self._lock:
+            return await self._adopt()
+
+    async def ensure_interface(self) -> bool:
+        async with self._lock:
+            if self._process is not None and not self._process.exited():
+                return False
+            if await self._adopt():
+                return False
+            await self._spawn()
+            return True
+
+    async def configure(self, config: DeviceConfig) -> None:
+        async with self._lock:
+            await self._uapi.configure(config)
+            self._config, self._has_peer = config, True
+
+    async def remove_peer(self) -> None:
+        async with self._lock:
+            await self._uapi.remove_peers()
+            self._has_peer = False
+
+    async def stats(self) -> TunnelStats:
+        device = await self._uapi.get()
+        if not device.peers:
+            return TunnelStats.no_peer(device.listen_port, device.fwmark)
+        peer = device.peers[0]
+        return TunnelStats(
+            public_key=peer.public_key,
+            endpoint=peer.endpoint,
+            last_handshake=peer.last_handshake,
+            handshake_age_s=handshake_age(peer.last_handshake),
+            rx_bytes=peer.rx_bytes,
+            tx_bytes=peer.tx_bytes,
+            listen_port=device.listen_port,
+            fwmark=device.fwmark,
+        )
+
+    async def current_config_key(self) -> str | None:
+        """Public key of the peer the running interface has (adoption: which server is it?)."""
+        return (await self.stats()).public_key
+
+    async def close(self, keep_interface: bool) -> None:
+        async with self._lock:
+            self._closing = True
+            process, self._process = self._process, None
+            self._process_changed.set()
+            if process is None:
+                if not keep_interface and await self._adopt_quietly():
+                    process, self._process = self._process, None
+                if process is None:
+                    return
+            if not keep_interface:
+                await self._stop(process)
+            process.release()
+
+    # --- inside -------------------------------------------------------------------------------
+
+    async def _adopt_quietly(self) -> bool:
+        try:
+            return await self._adopt()
+        except BackendError:
+            return False
+
+    async def _adopt(self) -> bool:
+        """Watch the wireguard-go already serving our interface, if there is one here."""
+        path = self._uapi.path
+        try:
+            pid = await listener_pid(path)
+        except UapiUnavailable:
+            if link_exists(self.ifname):
+                raise InterfaceTaken(
+                    f"interface {self.ifname} exists but no wireguard-go serves it ({path}): "
+                    "it is another program's; pick another tunnel.interface or delete that link"
+                ) from None
+            return False
+        try:
+            same_netns = _netns_id(pid) == _netns_id("thread-self")
+        except FileNotFoundError:
+            return False  # it just exited
+        if not same_netns:
+            raise InterfaceTaken(
+                f"{path} is served by process {pid} in another network namespace: the UAPI socket "
+                "directory is shared by all namespaces, so interface names must be unique on the "
+                "machine; pick another tunnel.interface"
+            )
+        try:
+            process = _Process.watch(pid)
+        except ProcessLookupError:
+            return False
+        if await listener_pid(path) != pid:  # the PID was reused between the two looks
+            process.release()
+            return False
+        self._set_process(process)
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        self._log.info("adopted the running wireguard-go", pid=pid, program=comm)
+        return True
+
+    def _child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k in _CHILD_ENV_KEEP}
+        env.update(WG_PROCESS_FOREGROUND="1", LOG_LEVEL=self._log_level)
+        return env
+
+    async def _spawn(self) -> None:
+        """Start wireguard-go for our interface and wait until its UAPI socket answers."""
+        with anyio.move_on_after(1.0):  # a dead wireguard-go's TUN may take a moment to go
+            while link_exists(self.ifname):
+                await anyio.sleep(0.01)
+        if link_exists(self.ifname):
+            raise InterfaceTaken(f"interface {self.ifname} exists and is not served by wireguard-go")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        ours.setblocking(False)
+        try:
+            popen = subprocess.Popen(
+                [self._binary, "-f", self.ifname],
+                stdin=subprocess.DEVNULL,
+                stdout=theirs,
+                stderr=theirs,
+                env=self._child_env(),
+                start_new_session=True,  # survives our death and our process group's signals
+                close_fds=True,
+            )
+        except OSError as err:
+            ours.close()
+            raise BackendError(f"cannot start {self._binary}: {err.strerror or err}") from None
+        finally:
+            theirs.close()
+        process = _Process.watch(popen.pid, popen=popen, output=ours)
+        self._log.info("started wireguard-go", pid=popen.pid)
+        try:
+            await self._wait_served(process)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._stop(process)
+                process.release()
+            raise
+        self._set_process(process)
+
+    async def _wait_served(self, process: _Process) -> None:
+        with anyio.move_on_after(self._start_timeout):
+            while not process.exited():
+                try:
+                    if await listener_pid(self._uapi.path, timeout=0.5) == process.pid:
+                        return
+                except UapiUnavailable:
+                    pass
+                self._drain_output(process)
+                await anyio.sleep(0.005)
+        self._drain_output(process)
+        said = "; ".join(process.last_lines[-3:]) or "no output"
+        if process.exited():
+            raise BackendError(f"wireguard-go for {self.ifname} {process.exit_reason()} at start: {said}")
+        raise BackendError(
+            f"wireguard-go for {self.ifname} did not open {self._uapi.path} within "
+            f"{self._start_timeout:g} s: {said}"
+        )
+
+    def _set_process(self, process: _Process) -> None:
+        self._process = process
+        self._process_changed.set()
+
+    async def _stop(self, process: _Process) -> None:
+        """SIGTERM (wireguard-go removes its TUN and socket), SIGKILL if it lingers."""
+        process.signal(signal.SIGTERM)
+        with anyio.move_on_after(STOP_TIMEOUT_S):
+            while not process.exited():
+                await anyio.sleep(0.01)
+        if not process.exited():
+            self._log.warning("wireguard-go ignored SIGTERM; killing it", pid=process.pid)
+            process.signal(signal.SIGKILL)
+            with anyio.move_on_after(STOP_TIMEOUT_S):
+                while not process.exited():
+                    await anyio.sleep(0.01)
+        self._log.info("stopped wireguard-go", pid=process.pid)
+
+    # --- the watcher --------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Follow whichever process serves the interface; restart it when it dies."""
+        while True:
+            process = self._process
+            if process is None or self._closing:
+                await self._process_changed.wait()
+                self._process_changed = anyio.Event()
+                continue
+            async with anyio.create_task_group() as tg:
+                if process.output is not None:
+                    tg.start_soon(self._read_output, process)
+                await self._wait_exit_or_change(process)
+                tg.cancel_scope.cancel()
+            if self._process is not process or self._closing:
+                continue  # replaced or closed on purpose
+            self._drain_output(process)
+            reason = process.exit_reason()
+            self._log.error("wireguard-go died", pid=process.pid, reason=reason)
+            process.release()
+            self._process = None
+            await self._report(BackendDied(self.ifname, reason))
+            await self._restart()
+
+    async def _wait_exit_or_change(self, process: _Process) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def exit_seen() -> None:
+                await anyio.wait_readable(process.pidfd)
+                tg.cancel_scope.cancel()
+
+            async def changed() -> None:
+                await self._process_changed.wait()
+                self._process_changed = anyio.Event()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(exit_seen)
+            tg.start_soon(changed)
+
+    async def _restart(self) -> None:
+        attempt = 0
+        while not self._closing:
+            try:
+                async with self._lock:
+                    if self._closing:
+                        return
+                    if self._process is not None and not self._process.exited():
+                        return  # someone (ensure_interface) brought it back meanwhile
+                    if not await self._adopt():
+                        await self._spawn()
+                    if self._config is not None:
+                        if self._has_peer:
+                            await self._uapi.configure(self._config)
+                        else:
+                            await self._uapi.set(b"set=1\nfwmark=%d\n\n" % self._config.fwmark)
+            except BackendError as err:
+                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                attempt += 1
+                self._log.error("restarting wireguard-go failed", attempt=attempt, error=str(err))
+                await self._report(BackendRestartFailed(self.ifname, str(err), attempt))
+                await anyio.sleep(delay)
+                continue
+            self._log.info("wireguard-go restarted", pid=self.pid, attempts=attempt + 1)
+            await self._report(BackendRestarted(self.ifname))
+            return
+
+    async def _read_output(self, process: _Process) -> None:
+        assert process.output is not None
+        while True:
+            await anyio.wait_readable(process.output)
+            if not self._drain_output(process):
+                return
+
+    def _drain_output(self, process: _Process) -> bool:
+        """Log every line wireguard-go wrote; False once its end is closed."""
+        if process.output is None:
+            return False
+        while True:
+            try:
+                data = process.output.recv(65536)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            for line in data.decode(errors="replace").splitlines():
+                self._log_line(process, line)
+
+    def _log_line(self, process: _Process, line: str) -> None:
+        # wireguard-go writes "LEVEL: (iface) yyyy/mm/dd hh:mm:ss message".
+        level, _, rest = line.partition(": ")
+        message = rest.split(") ", 1)[-1]
+        message = message[20:] if message[:4].isdigit() else message
+        method = _LOG_LEVELS.get(level, "info")
+        process.last_lines = [*process.last_lines[-9:], message or line]
+        getattr(self._log, method)("wireguard-go", pid=process.pid, output=message or line)
