@@ -155,6 +155,12 @@ class Tunnel:
         """One cheap read of handshake, counters and endpoint (one UAPI get or netlink dump)."""
         return await self.backend.stats()
 
+    async def routing_missing(self) -> list[str]:
+        """What of the policy routing is absent (empty when complete): for status and checks."""
+        families = (4, 6) if _ipv6_enabled(self.ifname) else (4,)
+        async with AsyncIPRoute() as ipr:
+            return await self._routing(families).missing(ipr)
+
     async def close(self, keep_interface: bool = False) -> None:
         """Undo the tunnel: DNS restored, routes removed, interface deleted (unless kept)."""
         async with self._lock:

@@ -180,10 +180,13 @@ def check_errno(reply: bytes, ifname: str, operation: str) -> list[tuple[int, st
         raise UapiProtocolError(
             f"UAPI reply from {ifname} is truncated: line {number} is {key!r}, the last must be errno"
         )
-    if not value.isdigit():
-        raise UapiProtocolError(f"UAPI reply from {ifname}, line {number}: errno {value!r} is not a number")
+    # wireguard-go writes the negated errno (errno=-22); the specification shows it positive.
+    if not value.removeprefix("-").isdigit() or len(value) > 12:
+        raise UapiProtocolError(
+            f"UAPI reply from {ifname}, line {number}: errno {value[:12]!r} is not a number"
+        )
     if int(value) != 0:
-        raise UapiErrno(ifname, operation, int(value))
+        raise UapiErrno(ifname, operation, abs(int(value)))
     for other_number, other_key, _ in lines[:-1]:
         if other_key == "errno":
             raise UapiProtocolError(f"UAPI reply from {ifname}, line {other_number}: errno before the end")

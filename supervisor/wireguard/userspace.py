@@ -109,7 +109,7 @@ class _Process:
 
     def exit_reason(self) -> str:
         if self.popen is not None:
-            code = self.popen.returncode
+            code = self.popen.poll()
             if code is None:
                 return "stopped serving its UAPI socket"
             if code < 0:
@@ -189,7 +189,10 @@ class UserspaceBackend:
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
         try:
-            return await self._task_group.__aexit__(exc_type, exc, tb)
+            # The body's own exception goes on as it is (not wrapped in a group); only the
+            # watcher's failure, if any, comes out of the task group.
+            await self._task_group.__aexit__(None, None, None)
+            return None
         finally:
             self._task_group = None
             if self._process is not None:

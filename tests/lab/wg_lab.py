@@ -83,10 +83,19 @@ def stop_wireguard_go(ifname: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 3
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
     with contextlib.suppress(FileNotFoundError):
         (UAPI_DIR / f"{ifname}.sock").unlink()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @dataclass
@@ -119,6 +128,7 @@ class PrivateLab:
     client_private: str = ""
     namespaces: list[str] = field(default_factory=list)
     interfaces: list[str] = field(default_factory=list)
+    children: list[subprocess.Popen] = field(default_factory=list)
 
     @property
     def client(self) -> str:
@@ -196,14 +206,14 @@ class PrivateLab:
         ifname = f"twg{self.id}s{k}"
         self.interfaces.append(ifname)
         private, public = genkey()
-        subprocess.Popen(
+        self.children.append(subprocess.Popen(
             ["ip", "netns", "exec", ns, "wireguard-go", "-f", ifname],
             env={"PATH": os.environ["PATH"], "LOG_LEVEL": "error"},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-        )
+        ))  # fmt: skip
         deadline = time.monotonic() + 5
         while uapi_pid(ifname) is None:
             if time.monotonic() > deadline:
@@ -226,6 +236,9 @@ class PrivateLab:
     def down(self) -> None:
         for ifname in self.interfaces:
             stop_wireguard_go(ifname)
+        for child in self.children:
+            child.kill()
+            child.wait(timeout=5)
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
         self.namespaces.clear()
@@ -299,3 +312,82 @@ async def ping_continuously(target: str, ifname: str, interval: float, log: Ping
                 with contextlib.suppress(OSError):  # no route for a moment: a lost probe
                     sock.sendto(echo_request(ident, seq & 0xFFFF, b"tunlock-lab", v6), (target, 0))
                 await anyio.sleep(interval)
+
+
+# --- fixtures' helpers ------------------------------------------------------------------------
+
+BACKENDS_ENV = "TUNLOCK_TEST_BACKENDS"
+
+
+def kernel_wireguard_present() -> bool:
+    from supervisor.wireguard.selection import kernel_available
+
+    try:
+        return anyio.run(kernel_available)
+    except OSError:
+        return False
+
+
+def backend_params() -> list:
+    """Backends to test: $TUNLOCK_TEST_BACKENDS (comma-separated), default userspace and kernel.
+
+    The kernel parameter skips, visibly and with the reason, where the kernel has no WireGuard.
+    """
+    import pytest
+
+    kinds = [k.strip() for k in os.environ.get(BACKENDS_ENV, "userspace,kernel").split(",") if k.strip()]
+    params = []
+    for kind in kinds:
+        marks = []
+        if kind == "kernel" and not kernel_wireguard_present():
+            marks.append(pytest.mark.skip(reason="kernel backend: this kernel has no WireGuard module"))
+        params.append(pytest.param(kind, marks=marks, id=kind))
+    return params
+
+
+def lab_skip_reason() -> str | None:
+    """Why lab tests cannot run here, or None."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return "lab tests need root (network namespaces)"
+    for tool in ("ip", "wg", "wireguard-go"):
+        if shutil.which(tool) is None:
+            return f"lab tests need {tool}"
+    return None
+
+
+def clean_client(lab: PrivateLab, ifname: str, table: int = 51820) -> None:
+    """Remove what a test's tunnel left in the client namespace (its process, link, rules, table)."""
+    stop_wireguard_go(ifname)
+    sh("ip", "-n", lab.client, "link", "del", ifname, check=False)
+    for family in ("-4", "-6"):
+        for priority in ("32760", "32761"):
+            for _ in range(10):  # one rule per call, until none is left
+                deleted = subprocess.run(
+                    ["ip", "-n", lab.client, family, "rule", "del", "priority", priority], capture_output=True
+                )
+                if deleted.returncode != 0:
+                    break
+        sh("ip", "-n", lab.client, family, "route", "flush", "table", str(table), check=False)
+
+
+class EventLog:
+    """Backend events as they arrive, with a wait for one of a given type."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+        self._arrived = anyio.Event()
+
+    async def __call__(self, event: object) -> None:
+        self.events.append(event)
+        self._arrived.set()
+        self._arrived = anyio.Event()
+
+    async def wait_for(self, kind: type, timeout: float = 10.0) -> object:
+        with anyio.fail_after(timeout):
+            while True:
+                for event in self.events:
+                    if isinstance(event, kind):
+                        return event
+                await self._arrived.wait()

@@ -166,9 +166,10 @@ def test_malformed_get_reply_is_a_clear_protocol_error(name: str) -> None:
     assert PRIVATE_HEX[:-2] not in str(err.value)
 
 
-def test_errno_reply_names_the_error() -> None:
+@pytest.mark.parametrize("written", [b"errno=22\n\n", b"errno=-22\n\n"])  # wireguard-go: -22
+def test_errno_reply_names_the_error(written: bytes) -> None:
     with pytest.raises(UapiErrno) as err:
-        parse_get_reply(b"errno=22\n\n", "tl0")
+        parse_get_reply(written, "tl0")
     assert err.value.code == 22
     assert "errno=22 (EINVAL)" in str(err.value)
 

@@ -1,0 +1,295 @@
+"""The WireGuard backends against real WireGuard servers in a lab.
+
+Every test runs for each backend in $TUNLOCK_TEST_BACKENDS (default: userspace, and kernel where
+the kernel has WireGuard; elsewhere the kernel cases skip with the reason). The VM tier runs this
+same module with TUNLOCK_TEST_BACKENDS=kernel. What is asserted is what a user would see: pings
+answered through the tunnel, the server's own counters, the process and interface that keep (or
+do not keep) running.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from supervisor.wireguard.backend import BackendDied, BackendRestarted, InterfaceTaken
+from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
+from supervisor.wireguard.uapi import UapiClient, UapiErrno
+from supervisor.wireguard.userspace import UserspaceBackend
+
+from .wg_agent import server_spec
+from .wg_lab import (
+    TUNNEL_SERVER_V4,
+    TUNNEL_SERVER_V6,
+    EventLog,
+    PingLog,
+    PrivateLab,
+    backend_params,
+    clean_client,
+    inside,
+    lab_skip_reason,
+    ping_continuously,
+    uapi_pid,
+)
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.anyio,
+    pytest.mark.skipif(lab_skip_reason() is not None, reason=lab_skip_reason() or ""),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+FWMARK = 0xCA6C
+TABLE = 51820
+_names = iter(range(1, 100))
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[PrivateLab]:
+    lab = PrivateLab(servers=2).up()
+    yield lab
+    lab.down()
+
+
+@pytest.fixture(params=backend_params())
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def settings(lab: PrivateLab, backend_kind: str) -> Iterator[TunnelSettings]:
+    """A fresh interface name per test, the test's thread inside the client namespace."""
+    state = Path(tempfile.mkdtemp(prefix="tlabwgstate"))
+    (state / "resolv.conf").write_text("nameserver 192.0.2.1\n")
+    ifname = lab.client_ifname(f"c{next(_names)}")
+    with inside(lab.client):
+        yield TunnelSettings(
+            ifname=ifname,
+            fwmark=FWMARK,
+            route_table=TABLE,
+            backend=backend_kind,  # type: ignore[arg-type]
+            resolv_conf=state / "resolv.conf",
+            state_dir=state,
+        )
+    clean_client(lab, ifname, TABLE)
+    subprocess.run(["rm", "-rf", str(state)], check=False)
+
+
+def ping(target: object, count: int = 3) -> int:
+    """Answered echo requests from `ping` (run in the current thread's namespace)."""
+    done = subprocess.run(
+        ["ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "1", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    for line in done.stdout.splitlines():
+        if "received" in line:
+            return int(line.split(",")[1].split()[0])
+    return 0
+
+
+def ifindex(ifname: str) -> int:
+    return socket.if_nametoindex(ifname)
+
+
+async def test_tunnel_carries_traffic_and_stats_move(lab: PrivateLab, settings: TunnelSettings) -> None:
+    async with open_tunnel(settings) as tunnel:
+        await tunnel.connect(lab.server(1))
+        server_rx_before = lab.vpn[0].rx_bytes()
+        assert ping(TUNNEL_SERVER_V4) == 3
+        assert ping(TUNNEL_SERVER_V6) == 3
+        first = await tunnel.stats()
+        assert ping(TUNNEL_SERVER_V4, count=5) == 5
+        second = await tunnel.stats()
+
+        assert lab.vpn[0].rx_bytes() > server_rx_before  # the server itself received our traffic
+        assert first.public_key == lab.vpn[0].public_key
+        assert first.endpoint == lab.vpn[0].endpoint
+        assert first.fwmark == FWMARK
+        assert first.handshake_age_s is not None and first.handshake_age_s < 60
+        assert second.rx_bytes > first.rx_bytes and second.tx_bytes > first.tx_bytes
+        await tunnel.close()
+    with pytest.raises(OSError):
+        ifindex(settings.ifname)  # closed without keep_interface: the interface is gone
+
+
+async def test_peer_swap_under_continuous_ping(lab: PrivateLab, settings: TunnelSettings) -> None:
+    async with open_tunnel(settings) as tunnel:
+        await tunnel.connect(lab.server(1))
+        index = ifindex(settings.ifname)
+        log = PingLog()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ping_continuously, str(TUNNEL_SERVER_V4), settings.ifname, 0.01, log)
+            with anyio.fail_after(5):
+                while not log.answered:
+                    await anyio.sleep(0.01)
+            vpn2_rx = lab.vpn[1].rx_bytes()
+            swap_started = time.monotonic()
+            await tunnel.connect(lab.server(2))
+            with anyio.fail_after(5):
+                while log.first_answer_sent_after(swap_started) is None:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.3)
+            tg.cancel_scope.cancel()
+        outage = log.first_answer_sent_after(swap_started)
+        kind = tunnel.backend.kind
+        print(f"peer swap ({kind}): first answer {outage * 1000:.0f} ms after the swap started")
+
+        stats = await tunnel.stats()
+        assert stats.public_key == lab.vpn[1].public_key and stats.endpoint == lab.vpn[1].endpoint
+        assert lab.vpn[1].rx_bytes() > vpn2_rx  # the answers came through server 2
+        assert ifindex(settings.ifname) == index  # the interface stayed; only the peer changed
+        assert log.answered_between(swap_started, time.monotonic()) > 0
+        await tunnel.close()
+
+
+async def test_killed_wireguard_go_is_noticed_and_restarted(
+    lab: PrivateLab, settings: TunnelSettings, backend_kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if backend_kind != "userspace":
+        pytest.skip("only wireguard-go is a process that can die")
+    events = EventLog()
+    async with open_tunnel(settings, report=events) as tunnel:
+        await tunnel.connect(lab.server(1))
+        first_pid = uapi_pid(settings.ifname)
+        assert first_pid is not None and ping(TUNNEL_SERVER_V4) == 3
+
+        os.kill(first_pid, signal.SIGKILL)
+        died = await events.wait_for(BackendDied)
+        await events.wait_for(BackendRestarted)
+
+        assert "SIGKILL" in died.reason  # type: ignore[attr-defined]
+        new_pid = uapi_pid(settings.ifname)
+        assert new_pid not in (None, first_pid)
+        # The new interface got its peer, addresses and routes back: traffic flows again.
+        assert ping(TUNNEL_SERVER_V4) == 3
+        assert (await tunnel.stats()).public_key == lab.vpn[0].public_key
+        await tunnel.close()
+    assert uapi_pid(settings.ifname) is None
+    # Start, death, restart and re-configuration were all logged, and no log line holds the key.
+    output = "".join(capsys.readouterr())
+    assert "wireguard-go died" in output and "wireguard-go restarted" in output
+    key = lab.client_private
+    assert key not in output and base64.b64decode(key).hex() not in output
+
+
+async def test_adoption_after_sigkill_does_not_interrupt_traffic(
+    lab: PrivateLab, settings: TunnelSettings
+) -> None:
+    spec = {
+        "ifname": settings.ifname,
+        "fwmark": settings.fwmark,
+        "route_table": settings.route_table,
+        "backend": settings.backend,
+        "resolv_conf": str(settings.resolv_conf),
+        "state_dir": str(settings.state_dir),
+        "server": server_spec(lab.server(1)),
+    }
+    # The stand-in daemon runs in our namespace (it inherits this thread's), in our session.
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "tests.lab.wg_agent"],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        agent.stdin.write(json.dumps(spec))  # type: ignore[union-attr]
+        agent.stdin.close()  # type: ignore[union-attr]
+        assert agent.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+        wg_pid = uapi_pid(settings.ifname)
+        index = ifindex(settings.ifname)
+        log = PingLog()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ping_continuously, str(TUNNEL_SERVER_V4), settings.ifname, 0.02, log)
+            await anyio.sleep(0.3)
+            killed_at = time.monotonic()
+            agent.send_signal(signal.SIGKILL)
+            agent.wait(timeout=10)
+            async with open_tunnel(settings) as tunnel:
+                adopted = await tunnel.adopt([lab.server(2), lab.server(1)])
+                adopted_at = time.monotonic()
+                await anyio.sleep(0.5)
+                end = time.monotonic()
+                tg.cancel_scope.cancel()
+                assert adopted is not None and adopted.name == "vpn1"
+                assert await tunnel.routing_missing() == []
+                assert (uapi_pid(settings.ifname), ifindex(settings.ifname)) == (wg_pid, index)
+                await tunnel.close()
+        sent_in_window = [seq for seq, at in log.sent.items() if killed_at <= at <= end - 0.2]
+        lost = [seq for seq in sent_in_window if seq not in log.answered]
+        print(f"adoption: {(adopted_at - killed_at) * 1000:.0f} ms from SIGKILL to adopted, lost {len(lost)}")
+        assert sent_in_window and lost == []  # not one ping lost: the tunnel never went down
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(timeout=10)
+
+
+async def test_adoption_keeps_the_same_process_and_interface(
+    lab: PrivateLab, settings: TunnelSettings, backend_kind: str
+) -> None:
+    async with open_tunnel(settings) as tunnel:
+        await tunnel.connect(lab.server(1))
+        pid, index = uapi_pid(settings.ifname), ifindex(settings.ifname)
+        before = await tunnel.stats()
+    # Left without close(): as after a crash. A new tunnel object adopts it unchanged.
+    async with open_tunnel(settings) as tunnel:
+        assert await tunnel.adopt([lab.server(1)]) == lab.server(1)
+        after = await tunnel.stats()
+        assert (uapi_pid(settings.ifname), ifindex(settings.ifname)) == (pid, index)
+        assert after.listen_port == before.listen_port and after.rx_bytes >= before.rx_bytes
+        assert ping(TUNNEL_SERVER_V4) == 3
+        await tunnel.close()
+
+
+async def test_uapi_round_trip_against_wireguard_go(
+    lab: PrivateLab, settings: TunnelSettings, backend_kind: str
+) -> None:
+    if backend_kind != "userspace":
+        pytest.skip("the UAPI is wireguard-go's")
+    async with open_tunnel(settings) as tunnel:
+        server = lab.server(1, keepalive=25)
+        await tunnel.connect(server)
+        client = UapiClient(settings.ifname)
+        device = await client.get()
+        assert device.private_key == server.private_key
+        assert device.fwmark == FWMARK
+        (peer,) = device.peers
+        assert peer.public_key == server.peer.public_key and peer.endpoint == server.endpoint
+        assert set(peer.allowed_ips) == set(server.peer.allowed_ips)
+        assert peer.persistent_keepalive == 25
+
+        await client.set(b"set=1\nlisten_port=40123\n\n")
+        assert (await client.get()).listen_port == 40123
+        with pytest.raises(UapiErrno) as refused:
+            await client.set(b"set=1\nlisten_port=not-a-port\n\n")
+        assert refused.value.code == 22  # EINVAL, as wireguard-go answers errno=-22
+        await client.remove_peers()
+        assert (await client.get()).peers == ()
+        await tunnel.close()
+
+
+async def test_interface_name_served_from_another_namespace_is_not_adopted(
+    lab: PrivateLab, settings: TunnelSettings, backend_kind: str
+) -> None:
+    if backend_kind != "userspace":
+        pytest.skip("the shared UAPI socket directory is wireguard-go's")
+    taken = lab.vpn[0].ifname  # served by the server's wireguard-go, in the server's namespace
+    async with UserspaceBackend(taken) as backend:
+        with pytest.raises(InterfaceTaken, match="another network namespace"):
+            await backend.ensure_interface()
+    assert lab.vpn[0].pid is not None  # and it was left alone
