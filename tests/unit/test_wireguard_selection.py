@@ -1,0 +1,41 @@
+"""Which backend ``tunnel.backend`` means on a given host (the pure choice)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from supervisor.wireguard.kernel import KernelBackend
+from supervisor.wireguard.selection import choose_backend, kernel_available, make_backend
+from supervisor.wireguard.userspace import UserspaceBackend
+
+
+@pytest.mark.parametrize(
+    ("wanted", "kernel", "uapi_served", "link_present", "chosen"),
+    [
+        ("auto", True, False, False, "kernel"),  # the kernel is preferred when it has WireGuard
+        ("auto", False, False, False, "userspace"),
+        ("auto", True, True, True, "userspace"),  # a running wireguard-go is adopted, not replaced
+        ("auto", True, False, True, "kernel"),  # an existing kernel link is adopted
+        ("kernel", False, True, False, "kernel"),  # an explicit choice is kept (and fails loudly later)
+        ("userspace", True, False, False, "userspace"),
+    ],
+)
+def test_choice(wanted: str, kernel: bool, uapi_served: bool, link_present: bool, chosen: str) -> None:
+    assert (
+        choose_backend(wanted, kernel=kernel, uapi_served=uapi_served, link_present=link_present)  # type: ignore[arg-type]
+        == chosen
+    )
+
+
+@pytest.mark.anyio
+async def test_a_loaded_module_means_available(tmp_path: Path) -> None:
+    assert await kernel_available(module_dir=tmp_path)
+
+
+def test_make_backend_builds_the_named_kind() -> None:
+    assert isinstance(make_backend("kernel", "tl0"), KernelBackend)
+    assert isinstance(make_backend("userspace", "tl0"), UserspaceBackend)
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_backend("bsd", "tl0")
