@@ -13,10 +13,8 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +35,12 @@ from .wg_lab import (
     PingLog,
     PrivateLab,
     backend_params,
-    clean_client,
-    inside,
+    ifindex,
     lab_skip_reason,
+    ping,
     ping_continuously,
+    private_lab,
+    tunnel_settings,
     uapi_pid,
 )
 
@@ -53,14 +53,11 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 FWMARK = 0xCA6C
 TABLE = 51820
-_names = iter(range(1, 100))
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[PrivateLab]:
-    lab = PrivateLab(servers=2).up()
-    yield lab
-    lab.down()
+    yield from private_lab()
 
 
 @pytest.fixture(params=backend_params())
@@ -70,39 +67,7 @@ def backend_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(lab: PrivateLab, backend_kind: str) -> Iterator[TunnelSettings]:
-    """A fresh interface name per test, the test's thread inside the client namespace."""
-    state = Path(tempfile.mkdtemp(prefix="tlabwgstate"))
-    (state / "resolv.conf").write_text("nameserver 192.0.2.1\n")
-    ifname = lab.client_ifname(f"c{next(_names)}")
-    with inside(lab.client):
-        yield TunnelSettings(
-            ifname=ifname,
-            fwmark=FWMARK,
-            route_table=TABLE,
-            backend=backend_kind,  # type: ignore[arg-type]
-            resolv_conf=state / "resolv.conf",
-            state_dir=state,
-        )
-    clean_client(lab, ifname, TABLE)
-    subprocess.run(["rm", "-rf", str(state)], check=False)
-
-
-def ping(target: object, count: int = 3) -> int:
-    """Answered echo requests from `ping` (run in the current thread's namespace)."""
-    done = subprocess.run(
-        ["ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "1", str(target)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    for line in done.stdout.splitlines():
-        if "received" in line:
-            return int(line.split(",")[1].split()[0])
-    return 0
-
-
-def ifindex(ifname: str) -> int:
-    return socket.if_nametoindex(ifname)
+    yield from tunnel_settings(lab, backend_kind, FWMARK, TABLE)
 
 
 async def test_tunnel_carries_traffic_and_stats_move(lab: PrivateLab, settings: TunnelSettings) -> None:

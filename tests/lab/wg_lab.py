@@ -391,3 +391,62 @@ class EventLog:
                     if isinstance(event, kind):
                         return event
                 await self._arrived.wait()
+
+
+def private_lab(servers: int = 2) -> Iterator[PrivateLab]:
+    """Body of a module-scoped ``lab`` fixture."""
+    lab = PrivateLab(servers=servers).up()
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+_tunnel_numbers = itertools.count(1)
+
+
+def tunnel_settings(lab: PrivateLab, backend: str, fwmark: int = 0xCA6C, table: int = 51820) -> Iterator:
+    """Body of a ``settings`` fixture: a fresh interface name, the test's thread in the client.
+
+    The resolv.conf is a file of the test's own (the file method of supervisor.net.dns).
+    """
+    from supervisor.wireguard.tunnel import TunnelSettings
+
+    state = Path(tempfile.mkdtemp(prefix="tlabwgstate"))
+    (state / "resolv.conf").write_text(ORIGINAL_RESOLV_CONF)
+    ifname = lab.client_ifname(f"c{next(_tunnel_numbers)}")
+    try:
+        with inside(lab.client):
+            yield TunnelSettings(
+                ifname=ifname,
+                fwmark=fwmark,
+                route_table=table,
+                backend=backend,  # type: ignore[arg-type]
+                resolv_conf=state / "resolv.conf",
+                state_dir=state,
+            )
+    finally:
+        clean_client(lab, ifname, table)
+        sh("rm", "-rf", str(state))
+
+
+ORIGINAL_RESOLV_CONF = "nameserver 192.0.2.1\n"
+
+
+def ping(target: object, count: int = 3, wait: float = 1.0) -> int:
+    """Answered echo requests from `ping` (run in the calling thread's namespace)."""
+    done = subprocess.run(
+        ["ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", str(wait), str(target)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    for line in done.stdout.splitlines():
+        if "received" in line:
+            return int(line.split(",")[1].split()[0])
+    return 0
+
+
+def ifindex(ifname: str) -> int:
+    """The interface's index in the calling thread's namespace (OSError when it does not exist)."""
+    return socket.if_nametoindex(ifname)

@@ -1,0 +1,159 @@
+"""Tunnel plumbing in the lab: addresses and MTU, wg-quick-style policy routing, and DNS.
+
+What is checked is what the kernel decides (``ip route get``: where would a packet go, with and
+without the tunnel's fwmark) and what a program sees (pings answered, resolv.conf), before and
+after the tunnel is closed. Parametrized over the backends like the backend tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Iterator
+from ipaddress import ip_interface
+
+import pytest
+from pyroute2 import AsyncIPRoute
+
+from supervisor.net.routes import FullTunnelRouting
+from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
+
+from .wg_lab import (
+    ORIGINAL_RESOLV_CONF,
+    TUNNEL_SERVER_V4,
+    PrivateLab,
+    backend_params,
+    ifindex,
+    lab_skip_reason,
+    ping,
+    private_lab,
+    tunnel_settings,
+)
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.anyio,
+    pytest.mark.skipif(lab_skip_reason() is not None, reason=lab_skip_reason() or ""),
+]
+
+FWMARK = 0xCA6C
+TABLE = 51820
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[PrivateLab]:
+    yield from private_lab(servers=1)
+
+
+@pytest.fixture(params=backend_params())
+def settings(lab: PrivateLab, request: pytest.FixtureRequest) -> Iterator[TunnelSettings]:
+    yield from tunnel_settings(lab, request.param, FWMARK, TABLE)
+
+
+def ip(*argv: str) -> str:
+    """`ip` in the calling thread's namespace (the client's, inside a test)."""
+    return subprocess.run(["ip", *argv], capture_output=True, text=True, check=True, timeout=10).stdout
+
+
+def route_dev(*argv: str) -> str:
+    """The device the kernel would send a packet out of (`ip route get ...`)."""
+    words = ip("route", "get", *argv).split()
+    return words[words.index("dev") + 1]
+
+
+def our_rules(family: str) -> list[str]:
+    return [line for line in ip(family, "rule").splitlines() if line.split(":")[0] in ("32760", "32761")]
+
+
+async def test_everything_but_wireguard_goes_into_the_tunnel(
+    lab: PrivateLab, settings: TunnelSettings
+) -> None:
+    ifname = settings.ifname
+    async with open_tunnel(settings) as tunnel:
+        await tunnel.connect(lab.server(1))
+        assert route_dev("203.0.113.7") == ifname
+        assert route_dev("2001:db8:ffff::7") == ifname
+        # WireGuard's own UDP carries the fwmark: it takes the main table, out of the physical link.
+        assert route_dev("203.0.113.7", "mark", str(FWMARK)) == "e0"
+        assert route_dev("2001:db8:ffff::7", "mark", str(FWMARK)) == "e0"
+        # suppress_prefixlength 0: the main table's specific routes (the link's subnet) still win.
+        assert route_dev("192.0.2.1") == "e0"
+        assert ping(TUNNEL_SERVER_V4) == 3  # no -I: routed into the tunnel by the policy alone
+        for family in ("-4", "-6"):
+            rules = our_rules(family)
+            assert len(rules) == 2
+            assert "lookup main suppress_prefixlength 0" in rules[0]
+            assert f"not from all fwmark {FWMARK:#x} lookup {TABLE}" in rules[1]
+        assert settings.resolv_conf.read_text().endswith("nameserver 10.99.0.1\n")
+        await tunnel.close()
+
+    # Closed: the host routes as before, its resolv.conf is its own again, the interface is gone.
+    assert our_rules("-4") == [] and our_rules("-6") == []
+    assert ip("route", "show", "table", str(TABLE)) == ""
+    assert route_dev("203.0.113.7") == "e0"
+    assert settings.resolv_conf.read_text() == ORIGINAL_RESOLV_CONF
+    with pytest.raises(OSError):
+        ifindex(ifname)
+
+
+async def test_routing_is_idempotent_and_repairs_what_is_missing(
+    lab: PrivateLab, settings: TunnelSettings
+) -> None:
+    async with open_tunnel(settings) as tunnel:
+        await tunnel.connect(lab.server(1))
+        routing = FullTunnelRouting(settings.ifname, TABLE, FWMARK)
+        async with AsyncIPRoute() as ipr:
+            await routing.apply(ipr)  # a second time, as an adopting daemon does
+            assert len(our_rules("-4")) == 2 and len(our_rules("-6")) == 2
+            assert await routing.missing(ipr) == []
+
+            ip("-4", "rule", "del", "priority", "32761")
+            ip("-6", "route", "del", "default", "table", str(TABLE))
+            assert sorted(await routing.missing(ipr)) == [
+                "IPv6 default route in table 51820",
+                "rule RuleSpec(family=4, priority=32761, table=51820, fwmark=51820, invert=True, "
+                "suppress_prefixlength=None)",
+            ]
+            await routing.apply(ipr)
+            assert await routing.missing(ipr) == []
+        assert route_dev("203.0.113.7") == settings.ifname
+        await tunnel.close()
+
+
+async def test_a_swap_changes_addresses_and_mtu_only_where_the_server_differs(
+    lab: PrivateLab, settings: TunnelSettings
+) -> None:
+    plain = lab.server(1)
+    other = dataclasses.replace(
+        plain, name="vpn1-alt", addresses=(*plain.addresses, ip_interface("10.98.0.2/32")), mtu=1380
+    )
+    async with open_tunnel(settings) as tunnel:
+        await tunnel.connect(plain)
+        index = ifindex(settings.ifname)
+        assert "mtu 1420" in ip("link", "show", settings.ifname)
+
+        await tunnel.connect(other)
+        shown = ip("addr", "show", settings.ifname)
+        assert "10.98.0.2/32" in shown and "10.99.0.2/24" in shown and "fd00:99::2/64" in shown
+        assert "mtu 1380" in shown
+
+        await tunnel.connect(plain)
+        shown = ip("addr", "show", settings.ifname)
+        assert "10.98.0.2" not in shown and "mtu 1420" in shown
+        assert ifindex(settings.ifname) == index  # the same interface throughout
+        assert ping(TUNNEL_SERVER_V4) == 3
+        await tunnel.close()
+
+
+async def test_disconnect_keeps_the_routes_so_nothing_leaves_outside_the_tunnel(
+    lab: PrivateLab, settings: TunnelSettings
+) -> None:
+    async with open_tunnel(settings) as tunnel:
+        await tunnel.connect(lab.server(1))
+        await tunnel.disconnect()
+        assert (await tunnel.stats()).public_key is None
+        assert route_dev("203.0.113.7") == settings.ifname  # still into the (now peerless) tunnel
+        assert ping(TUNNEL_SERVER_V4, count=2, wait=0.3) == 0
+        await tunnel.connect(lab.server(1))
+        assert ping(TUNNEL_SERVER_V4) == 3
+        await tunnel.close()
