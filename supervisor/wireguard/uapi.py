@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno as errno_names
+import functools
 import os
 import socket
 import struct
@@ -221,6 +222,18 @@ def _number(ifname: str, number: int, key: str, value: str, maximum: int) -> int
     return int(value)
 
 
+# The endpoint and allowed IPs repeat in every read of a 1 s stats loop and parsing them is most
+# of a read's cost (ipaddress is slow); the few distinct values are remembered.
+@functools.lru_cache(maxsize=256)
+def _endpoint(text: str) -> Endpoint:
+    return parse_endpoint(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _network(text: str) -> IPNetwork:
+    return ip_network(text, strict=False)
+
+
 def parse_get_reply(reply: bytes, ifname: str) -> UapiDevice:
     """Turn a ``get`` reply into a :class:`UapiDevice`; raise a UapiError on anything malformed."""
     device: dict[str, object] = {}
@@ -250,9 +263,9 @@ def parse_get_reply(reply: bytes, ifname: str) -> UapiDevice:
                 elif key in _PEER_FIELDS:
                     raise UapiProtocolError(f"{where}: {key} before any public_key")
             elif key == "endpoint":
-                peer.values["endpoint"] = parse_endpoint(value)
+                peer.values["endpoint"] = _endpoint(value)
             elif key == "allowed_ip":
-                peer.allowed.append(ip_network(value, strict=False))
+                peer.allowed.append(_network(value))
             elif key == "last_handshake_time_sec":
                 peer.handshake_sec = _number(ifname, number, key, value, 2**63)
             elif key == "last_handshake_time_nsec":
