@@ -287,6 +287,9 @@ class UserspaceBackend:
             same_netns = _netns_id(pid) == _netns_id("thread-self")
         except FileNotFoundError:
             return False  # it just exited
+        current = self._process
+        if same_netns and current is not None and current.pid == pid and not current.exited():
+            return True  # already ours
         if not same_netns:
             raise InterfaceTaken(
                 f"{path} is served by process {pid} in another network namespace: the UAPI socket "
@@ -365,7 +368,9 @@ class UserspaceBackend:
         )
 
     def _set_process(self, process: _Process) -> None:
-        self._process = process
+        previous, self._process = self._process, process
+        if previous is not None and previous is not process:
+            previous.release()
         self._process_changed.set()
 
     async def _stop(self, process: _Process) -> None:
@@ -388,17 +393,18 @@ class UserspaceBackend:
         """Follow whichever process serves the interface; restart it when it dies."""
         while True:
             process = self._process
+            # Reset before waiting (no await in between): only changes from now on wake us.
+            self._process_changed = anyio.Event()
             if process is None or self._closing:
                 await self._process_changed.wait()
-                self._process_changed = anyio.Event()
                 continue
             async with anyio.create_task_group() as tg:
                 if process.output is not None:
                     tg.start_soon(self._read_output, process)
                 await self._wait_exit_or_change(process)
                 tg.cancel_scope.cancel()
-            if self._process is not process or self._closing:
-                continue  # replaced or closed on purpose
+            if self._process is not process or self._closing or not process.exited():
+                continue  # replaced, closed on purpose, or woken by a change that kept it
             self._drain_output(process)
             reason = process.exit_reason()
             self._log.error("wireguard-go died", pid=process.pid, reason=reason)
@@ -408,36 +414,39 @@ class UserspaceBackend:
             await self._restart()
 
     async def _wait_exit_or_change(self, process: _Process) -> None:
+        changed = self._process_changed
         async with anyio.create_task_group() as tg:
 
             async def exit_seen() -> None:
-                await anyio.wait_readable(process.pidfd)
+                with contextlib.suppress(anyio.ClosedResourceError, OSError):
+                    await anyio.wait_readable(process.pidfd)  # closed when replaced: look again
                 tg.cancel_scope.cancel()
 
-            async def changed() -> None:
-                await self._process_changed.wait()
-                self._process_changed = anyio.Event()
+            async def change_seen() -> None:
+                await changed.wait()
                 tg.cancel_scope.cancel()
 
             tg.start_soon(exit_seen)
-            tg.start_soon(changed)
+            tg.start_soon(change_seen)
 
     async def _restart(self) -> None:
+        """Bring wireguard-go back with the last configuration; report how it went.
+
+        Every BackendDied is followed by BackendRestarted, or by BackendRestartFailed per failed
+        attempt until one succeeds (with a growing pause, never giving up: unattended hosts).
+        """
         attempt = 0
         while not self._closing:
             try:
                 async with self._lock:
                     if self._closing:
                         return
-                    if self._process is not None and not self._process.exited():
-                        return  # someone (ensure_interface) brought it back meanwhile
-                    if not await self._adopt():
-                        await self._spawn()
-                    if self._config is not None:
-                        if self._has_peer:
+                    # ensure_interface (a reconnect) may have brought it back meanwhile.
+                    if self._process is None or self._process.exited():
+                        if not await self._adopt():
+                            await self._spawn()
+                        if self._config is not None and self._has_peer:
                             await self._uapi.configure(self._config)
-                        else:
-                            await self._uapi.set(b"set=1\nfwmark=%d\n\n" % self._config.fwmark)
             except BackendError as err:
                 delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
                 attempt += 1

@@ -151,6 +151,25 @@ async def test_killed_wireguard_go_is_noticed_and_restarted(
     assert key not in output and base64.b64decode(key).hex() not in output
 
 
+async def test_a_deleted_interface_comes_back_on_reconnect(
+    lab: PrivateLab, settings: TunnelSettings, backend_kind: str
+) -> None:
+    events = EventLog()
+    async with open_tunnel(settings, report=events) as tunnel:
+        await tunnel.connect(lab.server(1))
+        subprocess.run(["ip", "link", "del", settings.ifname], check=True)
+        # What the runtime does when the monitor reports the link gone; for wireguard-go this
+        # races with the backend's own restart, and both must end in one working tunnel.
+        await tunnel.connect(lab.server(1))
+        assert ping(TUNNEL_SERVER_V4) == 3
+        assert await tunnel.routing_missing() == []
+        if backend_kind == "userspace":
+            await events.wait_for(BackendRestarted)
+            assert [type(e).__name__ for e in events.events] == ["BackendDied", "BackendRestarted"]
+            assert ping(TUNNEL_SERVER_V4) == 3
+        await tunnel.close()
+
+
 async def test_adoption_after_sigkill_does_not_interrupt_traffic(
     lab: PrivateLab, settings: TunnelSettings
 ) -> None:
