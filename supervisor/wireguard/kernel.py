@@ -36,6 +36,7 @@ from pyroute2.netlink.generic.wireguard import (
 )
 
 from supervisor.log import get_logger
+from supervisor.net.links import collect
 from supervisor.servers import Endpoint
 from supervisor.wireguard.backend import (
     BackendError,
@@ -202,7 +203,7 @@ class KernelBackend:
         """The kind of our link (None when there is no such link)."""
         async with AsyncIPRoute() as ipr:
             try:
-                links = [link async for link in await ipr.link("get", ifname=self.ifname)]
+                links = await collect(await ipr.link("get", ifname=self.ifname))
             except NetlinkError as err:
                 if err.code == errno.ENODEV:
                     return None
@@ -277,4 +278,4 @@ class KernelBackend:
             except NetlinkError as err:
                 if err.code != errno.ENODEV:
                     raise BackendError(f"cannot delete {self.ifname}: {err}") from None
-        self._log.info("deleted the kernel WireGuard interface")
+        self._log.info("deleted the interface")

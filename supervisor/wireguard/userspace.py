@@ -245,10 +245,6 @@ class UserspaceBackend:
             fwmark=device.fwmark,
         )
 
-    async def current_config_key(self) -> str | None:
-        """Public key of the peer the running interface has (adoption: which server is it?)."""
-        return (await self.stats()).public_key
-
     async def close(self, keep_interface: bool) -> None:
         async with self._lock:
             self._closing = True

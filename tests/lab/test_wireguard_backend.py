@@ -23,6 +23,8 @@ import anyio
 import pytest
 
 from supervisor.wireguard.backend import BackendDied, BackendRestarted, InterfaceTaken
+from supervisor.wireguard.kernel import KernelBackend, KernelUnavailable
+from supervisor.wireguard.selection import kernel_available
 from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
 from supervisor.wireguard.uapi import UapiClient, UapiErrno
 from supervisor.wireguard.userspace import UserspaceBackend
@@ -277,3 +279,23 @@ async def test_interface_name_served_from_another_namespace_is_not_adopted(
         with pytest.raises(InterfaceTaken, match="another network namespace"):
             await backend.ensure_interface()
     assert lab.vpn[0].pid is not None  # and it was left alone
+
+
+async def test_kernel_backend_link_handling_works_without_the_module(
+    lab: PrivateLab, settings: TunnelSettings
+) -> None:
+    """The rtnetlink half of the kernel backend, which needs no WireGuard module to run."""
+    backend = KernelBackend(settings.ifname)  # not entered: that needs the module
+    assert await backend.adopt() is False  # no link of that name
+    subprocess.run(["ip", "link", "add", settings.ifname, "type", "bridge"], check=True)
+    with pytest.raises(InterfaceTaken, match="is a 'bridge' link, not WireGuard"):
+        await backend.adopt()
+    await backend.close(keep_interface=False)  # deletes the link by name
+    with pytest.raises(OSError):
+        ifindex(settings.ifname)
+    if not await kernel_available():
+        with pytest.raises(KernelUnavailable, match="cannot create wireguard links"):
+            await backend.ensure_interface()
+        with pytest.raises(KernelUnavailable, match="modprobe wireguard"):
+            async with KernelBackend(settings.ifname):
+                pass
