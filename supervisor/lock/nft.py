@@ -1,0 +1,95 @@
+"""Applying, reading and removing the lock with the ``nft`` tool.
+
+Each change is one ``nft -f -`` call, which the kernel applies as one
+transaction: it either takes effect whole or not at all, so a failed apply keeps
+the old table. ``nft`` (not a hand-rolled netlink batch) because it is the
+reference implementation of the ruleset language, already a dependency of every
+host that has nftables, and its errors name the offending line.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+
+from supervisor.errors import TunlockError
+from supervisor.lock.policy import LockPolicy
+from supervisor.lock.render import COUNTERS, fingerprint, render, render_endpoint_swap
+from supervisor.safety import ensure_safe_to_lock
+from supervisor.servers import Endpoint
+
+NFT = "nft"
+_TIMEOUT_S = 10.0
+
+
+class LockError(TunlockError):
+    """nft refused a change; the previous table (if any) is still in force."""
+
+
+@dataclass(frozen=True)
+class LockStatus:
+    installed: bool
+    fingerprint: str | None
+    counters: dict[str, int]
+
+    def matches(self, policy: LockPolicy) -> bool:
+        return self.installed and self.fingerprint == fingerprint(policy)
+
+
+def _nft(args: list[str], script: str | None = None) -> str:
+    try:
+        done = subprocess.run([NFT, *args], input=script, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except FileNotFoundError:
+        raise LockError("the nft tool is not installed (Debian: apt-get install nftables)") from None
+    except subprocess.TimeoutExpired:
+        raise LockError(f"nft {' '.join(args)} did not answer within {_TIMEOUT_S:.0f} s") from None
+    if done.returncode != 0:
+        raise LockError(f"nft {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def apply(policy: LockPolicy) -> None:
+    """Install or replace the whole table in one transaction (idempotent)."""
+    ensure_safe_to_lock()
+    _nft(["-f", "-"], render(policy))
+
+
+def swap_endpoints(policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:
+    """Let the tunnel reach ``new`` instead of ``old``: element changes in one transaction."""
+    ensure_safe_to_lock()
+    script = render_endpoint_swap(policy.table, old, new)
+    if script:
+        _nft(["-f", "-"], script)
+
+
+def status(table: str) -> LockStatus:
+    """Whether the table is installed, which policy it carries, and its counters."""
+    try:
+        text = _nft(["list", "table", "inet", table])
+    except LockError as err:
+        if "No such file or directory" in str(err):
+            return LockStatus(installed=False, fingerprint=None, counters={})
+        raise
+    # The text listing, not `nft -j`: nft 1.0.6's JSON leaves out the table's comment.
+    match = re.search(r'comment "tunlock lock ([0-9a-f]{16})"', text)
+    counters = {
+        name: int(packets)
+        for name, packets in re.findall(r"counter (\w+) \{\s*packets (\d+) bytes \d+", text)
+        if name in COUNTERS
+    }
+    return LockStatus(installed=True, fingerprint=match.group(1) if match else None, counters=counters)
+
+
+def listing(table: str) -> str:
+    """The table as nft prints it, counters zeroed: what a tamper check compares."""
+    text = _nft(["list", "table", "inet", table])
+    return re.sub(r"packets \d+ bytes \d+", "packets 0 bytes 0", text)
+
+
+def remove(table: str) -> bool:
+    """Delete the table (the only way to open the lock); False if it was not installed."""
+    if not status(table).installed:
+        return False
+    _nft(["delete", "table", "inet", table])
+    return True

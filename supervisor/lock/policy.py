@@ -1,0 +1,66 @@
+"""The lock policy: a frozen description of everything the lock lets through.
+
+The policy is data so that deciding (the state machine: which endpoints may be
+reached now) and rendering (one nft transaction) never share a function, and so
+that a property test can check every policy the machine could produce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+from supervisor.config import Config
+from supervisor.servers import Endpoint, Server
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+
+
+@dataclass(frozen=True)
+class LockPolicy:
+    """What may leave or reach this host outside the default drop."""
+
+    table: str
+    tunnel_interface: str
+    fwmark: int
+    endpoints: frozenset[Endpoint] = frozenset()
+    tunnel_dns: frozenset[IPAddress] = frozenset()
+    allow_lan: bool = False
+    lan_ranges: tuple[IPNetwork, ...] = ()
+    inbound_tcp: tuple[int, ...] = ()
+    # DHCP and NDP keep the physical link up; without them a lease or a neighbour expires.
+    link_upkeep: bool = True
+    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def with_endpoints(self, endpoints: Iterable[Endpoint]) -> LockPolicy:
+        """The same policy letting the tunnel reach ``endpoints`` (a subset of the configured)."""
+        return replace(self, endpoints=frozenset(endpoints))
+
+    def with_servers(self, servers: Iterable[Server]) -> LockPolicy:
+        """The same policy narrowed to ``servers``: their endpoints and their tunnel DNS."""
+        servers = tuple(servers)
+        return replace(
+            self,
+            endpoints=frozenset(s.endpoint for s in servers),
+            tunnel_dns=frozenset(d for s in servers for d in s.dns),
+        )
+
+
+def policy_from_config(config: Config, servers: Iterable[Server] | None = None) -> LockPolicy:
+    """The lock for ``config``, letting the tunnel reach ``servers`` (default: every server).
+
+    The daemon narrows it to the server it is connecting to; ``tunlock lock apply`` and the
+    boot file allow every configured server so that any of them can be reached at start.
+    """
+    settings = config.settings
+    chosen = config.servers if servers is None else tuple(servers)
+    return LockPolicy(
+        table=settings.lock.table,
+        tunnel_interface=settings.tunnel.interface,
+        fwmark=settings.tunnel.fwmark,
+        allow_lan=settings.lock.allow_lan,
+        lan_ranges=tuple(settings.lock.lan_ranges),
+        inbound_tcp=tuple(settings.lock.inbound_tcp),
+    ).with_servers(chosen)
