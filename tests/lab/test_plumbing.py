@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from ipaddress import ip_interface
 
 import pytest
+import structlog
 from pyroute2 import AsyncIPRoute
 
 from supervisor.net.routes import FullTunnelRouting
@@ -38,6 +39,12 @@ pytestmark = [
 
 FWMARK = 0xCA6C
 TABLE = 51820
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_the_current_stdout() -> None:
+    # Another test may have configured structlog to a capture stream that is closed by now.
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+import structlog
 
 from supervisor.wireguard.backend import BackendDied, BackendRestarted, InterfaceTaken
 from supervisor.wireguard.kernel import KernelBackend, KernelUnavailable
@@ -55,6 +56,12 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 FWMARK = 0xCA6C
 TABLE = 51820
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_the_current_stdout() -> None:
+    # Another test may have configured structlog to a capture stream that is closed by now.
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
+import structlog
 
 from supervisor.net.dns import (
     DnsError,
@@ -19,6 +20,12 @@ from supervisor.net.dns import (
 
 ORIGINAL = "# from DHCP\nnameserver 192.0.2.1\nsearch lan\n"
 TUNNEL_DNS = (ip_address("10.99.0.1"), ip_address("fd00:99::1"))
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_the_current_stdout() -> None:
+    # Another test may have configured structlog to a capture stream that is closed by now.
+    structlog.reset_defaults()
 
 
 @pytest.fixture
