@@ -23,6 +23,8 @@ import anyio
 import pytest
 import structlog
 
+from supervisor.lock import nft as lock
+from supervisor.lock.policy import LockPolicy
 from supervisor.wireguard.backend import BackendDied, BackendRestarted, InterfaceTaken
 from supervisor.wireguard.kernel import KernelBackend, KernelUnavailable
 from supervisor.wireguard.selection import kernel_available
@@ -35,6 +37,7 @@ from .wg_lab import (
     TUNNEL_SERVER_V4,
     TUNNEL_SERVER_V6,
     EventLog,
+    LeakCounter,
     PingLog,
     PrivateLab,
     backend_params,
@@ -128,6 +131,45 @@ async def test_peer_swap_under_continuous_ping(lab: PrivateLab, settings: Tunnel
         assert ifindex(settings.ifname) == index  # the interface stayed; only the peer changed
         assert log.answered_between(swap_started, time.monotonic()) > 0
         await tunnel.close()
+
+
+async def test_peer_swap_with_the_lock_in_place_leaks_nothing(
+    lab: PrivateLab, settings: TunnelSettings
+) -> None:
+    """The swap as the supervisor does it: lock endpoint swapped, then the peer; 0 leaks at the ISP."""
+    observer = LeakCounter(lab)
+    observer.install()
+    try:
+        assert ping("192.0.2.1", count=1) == 1 and observer.count() > 0  # the instrument sees leaks
+        observer.reset()
+        policy = LockPolicy(table="tunlock", tunnel_interface=settings.ifname, fwmark=FWMARK)
+        policy = policy.with_servers([lab.server(1)])
+        lock.apply(policy)
+        assert ping("192.0.2.1", count=1, wait=0.3) == 0  # locked: the ISP's own router is unreachable
+        async with open_tunnel(settings) as tunnel:
+            await tunnel.connect(lab.server(1))
+            log = PingLog()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ping_continuously, str(TUNNEL_SERVER_V4), settings.ifname, 0.01, log)
+                with anyio.fail_after(5):
+                    while not log.answered:
+                        await anyio.sleep(0.01)
+                swap_started = time.monotonic()
+                lock.swap_endpoints(policy, policy.endpoints, frozenset({lab.vpn[1].endpoint}))
+                await tunnel.connect(lab.server(2))
+                with anyio.fail_after(5):
+                    while log.first_answer_sent_after(swap_started) is None:
+                        await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+            outage = log.first_answer_sent_after(swap_started) or 0.0
+            kind = tunnel.backend.kind
+            print(f"peer swap with the lock ({kind}): first answer after {outage * 1000:.0f} ms")
+            assert (await tunnel.stats()).endpoint == lab.vpn[1].endpoint
+            await tunnel.close()
+        assert observer.count() == 0
+    finally:
+        lock.remove("tunlock")
+        observer.remove()
 
 
 async def test_killed_wireguard_go_is_noticed_and_restarted(

@@ -450,3 +450,44 @@ def ping(target: object, count: int = 3, wait: float = 1.0) -> int:
 def ifindex(ifname: str) -> int:
     """The interface's index in the calling thread's namespace (OSError when it does not exist)."""
     return socket.if_nametoindex(ifname)
+
+
+class LeakCounter:
+    """A minimal ISP-side observer until the shared lab's is available.
+
+    In the ISP namespace, counts every packet arriving from the client that is neither UDP to
+    a lab server's WireGuard endpoint nor IPv6 neighbour discovery (the link's own upkeep).
+    """
+
+    TABLE = "tlabwgobserver"
+
+    def __init__(self, lab: PrivateLab) -> None:
+        self.lab = lab
+
+    def install(self) -> None:
+        endpoints = ", ".join(f"{v.endpoint.host} . {v.endpoint.port}" for v in self.lab.vpn)
+        script = f"""
+table inet {self.TABLE} {{
+    counter leaks {{ }}
+    set wireguard {{ type ipv4_addr . inet_service; elements = {{ {endpoints} }} }}
+    chain prerouting {{
+        type filter hook prerouting priority -300; policy accept;
+        iifname != "c0" return
+        ip daddr . udp dport @wireguard return
+        icmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }} return
+        icmpv6 type mld2-listener-report return
+        counter name leaks
+    }}
+}}
+"""
+        sh("ip", "netns", "exec", self.lab.isp, "nft", "-f", "-", input=script)
+
+    def count(self) -> int:
+        text = sh("ip", "netns", "exec", self.lab.isp, "nft", "list", "counter", "inet", self.TABLE, "leaks")
+        return int(text.split("packets")[1].split()[0])
+
+    def reset(self) -> None:
+        sh("ip", "netns", "exec", self.lab.isp, "nft", "reset", "counter", "inet", self.TABLE, "leaks")
+
+    def remove(self) -> None:
+        sh("ip", "netns", "exec", self.lab.isp, "nft", "delete", "table", "inet", self.TABLE, check=False)
