@@ -5,7 +5,8 @@ Builds a private lab (client, ISP, two wireguard-go servers, in tlabwg* namespac
 backend:
 
 - **swap**: a ping through the tunnel every 5 ms while the peer is swapped between the two
-  servers N times; the figure is the time from the start of the swap to the first answer to a
+  servers N times, without and then with the lock (its endpoint swapped first, as the
+  supervisor does); the figure is the time from the start of the swap to the first answer to a
   ping sent after that start (it can only have come through the new server), plus how long the
   swap call itself took.
 - **stats read**: K successive ``Tunnel.stats()`` calls (one UAPI get, or one netlink dump);
@@ -28,7 +29,10 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ["TUNLOCK_LAB_ONLY"] = "1"  # the lock refuses to go anywhere but a lab namespace
 
+from supervisor.lock import nft as lock
+from supervisor.lock.policy import LockPolicy
 from supervisor.wireguard.tunnel import Tunnel, open_tunnel
 from tests.lab.wg_lab import (
     TUNNEL_SERVER_V4,
@@ -57,16 +61,24 @@ def _ms(values: list[float]) -> str:
     )
 
 
-async def bench_swaps(tunnel: Tunnel, lab: PrivateLab, ifname: str, swaps: int) -> None:
+async def bench_swaps(tunnel: Tunnel, lab: PrivateLab, ifname: str, swaps: int, with_lock: bool) -> None:
     log = PingLog()
     outages: list[float] = []
     calls: list[float] = []
+    policy = None
+    if with_lock:
+        policy = LockPolicy(table="tunlock", tunnel_interface=ifname, fwmark=0xCA6C)
+        policy = policy.with_servers([lab.server(1)])
+        lock.apply(policy)
     async with anyio.create_task_group() as tg:
         tg.start_soon(ping_continuously, str(TUNNEL_SERVER_V4), ifname, 0.005, log)
         await anyio.sleep(0.3)
         for n in range(swaps):
             target = lab.server(2 if n % 2 == 0 else 1)
             started = time.monotonic()
+            if policy is not None:  # as the supervisor does it: the lock's endpoint first
+                lock.swap_endpoints(policy, policy.endpoints, frozenset({target.endpoint}))
+                policy = policy.with_servers([target])
             await tunnel.connect(target)
             calls.append(time.monotonic() - started)
             with anyio.fail_after(10):
@@ -75,9 +87,11 @@ async def bench_swaps(tunnel: Tunnel, lab: PrivateLab, ifname: str, swaps: int) 
             outages.append(log.first_answer_sent_after(started) or 0.0)
             await anyio.sleep(0.25)
         tg.cancel_scope.cancel()
-    print(f"  peer swap, {swaps} swaps under a 5 ms ping:")
-    print(f"    first answer via the new server: {_ms(outages)}")
-    print(f"    swap call (peer + plumbing):     {_ms(calls)}")
+    if with_lock:
+        lock.remove("tunlock")
+    print(f"  peer swap, {swaps} swaps under a 5 ms ping, {'with' if with_lock else 'without'} the lock:")
+    print(f"    first answer via the new server:  {_ms(outages)}")
+    print(f"    swap call (lock, peer, plumbing): {_ms(calls)}")
     lost = len(log.sent) - len(log.answered)
     print(f"    pings: {len(log.sent)} sent, {lost} unanswered over the whole run")
 
@@ -114,7 +128,8 @@ async def run_backend(lab: PrivateLab, kind: str, swaps: int, reads: int) -> Non
             await tunnel.connect(lab.server(1))
             print(f"backend {kind}: connect (interface, peer, addresses, routes, DNS) "
                   f"{(time.monotonic() - started) * 1000:.0f} ms")
-            await bench_swaps(tunnel, lab, settings.ifname, swaps)
+            await bench_swaps(tunnel, lab, settings.ifname, swaps, with_lock=False)
+            await bench_swaps(tunnel, lab, settings.ifname, swaps, with_lock=True)
             await bench_stats(tunnel, reads)
             await tunnel.close()
     finally:
