@@ -128,9 +128,11 @@ def main(argv: list[str]) -> int:
         while running:
             try:
                 frame, addr = sock.recvfrom(65535)
-            except TimeoutError:
+            except (TimeoutError, InterruptedError):
                 continue
-            except InterruptedError:
+            except OSError:
+                # ENETDOWN once per link-down fault: the socket stays bound and sees the link
+                # again when it comes back up.
                 continue
             if addr[2] == PACKET_OUTGOING:
                 continue  # only what arrives from the client

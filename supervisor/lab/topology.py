@@ -339,6 +339,15 @@ class Lab:
         (resolv / "resolv.conf").write_text(f"nameserver {ISP_V4}\n")
         self._start_services()
         self._write_config()
+        self._wait_ipv6()
+
+    def _wait_ipv6(self, timeout: float = 5.0) -> None:
+        """Fresh veths answer IPv6 neighbour solicitations after a moment: wait for the internet."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " 0% packet loss" in self.run("client", "ping", "-n", "-c1", "-W1", INTERNET_V6, check=False):
+                return
+        raise LabError("IPv6 from the client to the internet host did not come up")
 
     def _start_services(self) -> None:
         keys = {}

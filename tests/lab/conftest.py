@@ -1,0 +1,58 @@
+"""The lab fixture every lab test uses, and the check that nothing of ours survives.
+
+Lab tests need root (namespaces, nftables); they are skipped with the reason
+otherwise. One lab per test module keeps the suite fast; a test that changes
+the lab (a fault, a lock) restores it or asks for its own lab.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from supervisor.lab.probes import Observer, Probes
+from supervisor.lab.topology import Lab, labs, sweep_stale
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="lab tests need root (network namespaces, nftables)")
+        for item in items:
+            if "tests/lab/" in str(item.fspath):
+                item.add_marker(skip)
+
+
+class LabUnderTest:
+    """A lab with its observer and probes, as tests use it."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.observer = Observer.start(lab)
+        self.probes = Probes(lab)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[LabUnderTest]:
+    built = Lab.up(servers=3)
+    try:
+        yield LabUnderTest(built)
+    finally:
+        built.down()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() == 0:
+        sweep_stale()  # labs of earlier runs that crashed
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every lab this run built is gone at the end (module fixtures have been torn down by now);
+    one that is not is removed and fails the run, so a missing clean-up cannot go unseen."""
+    left = [s for s in labs() if s.owner_pid == os.getpid()]
+    for state in left:
+        Lab(state).down()
+    if left:
+        print(f"\nlab tests left labs behind (removed now): {[s.id for s in left]}")
+        session.exitstatus = 1
