@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Figures for the WireGuard backends: peer swap outage and the cost of one stats read.
 
-Builds a private lab (client, ISP, two wireguard-go servers, in tlabwg* namespaces), then per
+Builds a lab (supervisor.lab: client, ISP, two wireguard-go servers, in tlab* namespaces), then per
 backend:
 
 - **swap**: a ping through the tunnel every 5 ms while the peer is swapped between the two
@@ -37,9 +37,10 @@ from supervisor.wireguard.tunnel import Tunnel, open_tunnel
 from tests.lab.wg_lab import (
     TUNNEL_SERVER_V4,
     PingLog,
-    PrivateLab,
+    WgLab,
     kernel_wireguard_present,
     ping_continuously,
+    shared_lab,
     tunnel_settings,
     uapi_pid,
 )
@@ -61,7 +62,7 @@ def _ms(values: list[float]) -> str:
     )
 
 
-async def bench_swaps(tunnel: Tunnel, lab: PrivateLab, ifname: str, swaps: int, with_lock: bool) -> None:
+async def bench_swaps(tunnel: Tunnel, lab: WgLab, ifname: str, swaps: int, with_lock: bool) -> None:
     log = PingLog()
     outages: list[float] = []
     calls: list[float] = []
@@ -119,7 +120,7 @@ async def bench_stats(tunnel: Tunnel, reads: int) -> None:
     print(f"    a 1 s stats loop costs {(ours + theirs) * 100:.3f} % of one core")
 
 
-async def run_backend(lab: PrivateLab, kind: str, swaps: int, reads: int) -> None:
+async def run_backend(lab: WgLab, kind: str, swaps: int, reads: int) -> None:
     settings_gen = tunnel_settings(lab, kind)
     settings = next(settings_gen)
     try:
@@ -145,7 +146,8 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench_wireguard: needs root (it builds network namespaces)")
     kinds = ["userspace", "kernel"] if args.backend == "all" else [args.backend]
-    lab = PrivateLab(servers=2).up()
+    lab_gen = shared_lab(servers=2)
+    lab = next(lab_gen)
     try:
         for kind in kinds:
             if kind == "kernel" and not kernel_wireguard_present():
@@ -153,7 +155,7 @@ def main() -> None:
                 continue
             anyio.run(run_backend, lab, kind, args.swaps, args.reads)
     finally:
-        lab.down()
+        next(lab_gen, None)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ class _Process:
         return cls(pid=pid, pidfd=os.pidfd_open(pid), popen=popen, output=output)
 
     def exited(self) -> bool:
+        if self.pidfd < 0:
+            return True  # released: no longer watched, which happens once its exit was seen
         # A pidfd turns readable when its process exits, child or not.
         gone = bool(select.select([self.pidfd], [], [], 0)[0])
         if gone and self.popen is not None:
@@ -118,8 +120,9 @@ class _Process:
         return "exited (adopted process: status unknown)"
 
     def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self.pidfd, signum)
+        if self.pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signum)
 
     def release(self) -> None:
         """Close our descriptors; the process itself is left alone."""
@@ -129,10 +132,12 @@ class _Process:
                     anyio.notify_closing(fd_owner)
                 fd_owner.close()
         self.output = None
-        with contextlib.suppress(OSError):
-            anyio.notify_closing(self.pidfd)
-        with contextlib.suppress(OSError):
-            os.close(self.pidfd)
+        if self.pidfd >= 0:
+            with contextlib.suppress(OSError):
+                anyio.notify_closing(self.pidfd)
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+            self.pidfd = -1
         if self.popen is not None:
             self.popen.poll()  # reap it if it is gone, so no zombie stays
 
@@ -212,8 +217,13 @@ class UserspaceBackend:
 
     async def ensure_interface(self) -> bool:
         async with self._lock:
-            if self._process is not None and not self._process.exited():
-                return False
+            process = self._process
+            if process is not None and not process.exited():
+                if link_exists(self.ifname):
+                    return False
+                # Its TUN was deleted: this wireguard-go is on its way out; do not wait for it.
+                self._log.info("the interface is gone; replacing its wireguard-go", pid=process.pid)
+                await self._stop(process)
             if await self._adopt():
                 return False
             await self._spawn()

@@ -39,13 +39,13 @@ from .wg_lab import (
     EventLog,
     LeakCounter,
     PingLog,
-    PrivateLab,
+    WgLab,
     backend_params,
     ifindex,
     lab_skip_reason,
     ping,
     ping_continuously,
-    private_lab,
+    shared_lab,
     tunnel_settings,
     uapi_pid,
 )
@@ -68,8 +68,8 @@ def _logs_to_the_current_stdout() -> None:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[PrivateLab]:
-    yield from private_lab()
+def lab() -> Iterator[WgLab]:
+    yield from shared_lab()
 
 
 @pytest.fixture(params=backend_params())
@@ -78,11 +78,11 @@ def backend_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def settings(lab: PrivateLab, backend_kind: str) -> Iterator[TunnelSettings]:
+def settings(lab: WgLab, backend_kind: str) -> Iterator[TunnelSettings]:
     yield from tunnel_settings(lab, backend_kind, FWMARK, TABLE)
 
 
-async def test_tunnel_carries_traffic_and_stats_move(lab: PrivateLab, settings: TunnelSettings) -> None:
+async def test_tunnel_carries_traffic_and_stats_move(lab: WgLab, settings: TunnelSettings) -> None:
     async with open_tunnel(settings) as tunnel:
         await tunnel.connect(lab.server(1))
         server_rx_before = lab.vpn[0].rx_bytes()
@@ -103,7 +103,7 @@ async def test_tunnel_carries_traffic_and_stats_move(lab: PrivateLab, settings: 
         ifindex(settings.ifname)  # closed without keep_interface: the interface is gone
 
 
-async def test_peer_swap_under_continuous_ping(lab: PrivateLab, settings: TunnelSettings) -> None:
+async def test_peer_swap_under_continuous_ping(lab: WgLab, settings: TunnelSettings) -> None:
     async with open_tunnel(settings) as tunnel:
         await tunnel.connect(lab.server(1))
         index = ifindex(settings.ifname)
@@ -133,9 +133,7 @@ async def test_peer_swap_under_continuous_ping(lab: PrivateLab, settings: Tunnel
         await tunnel.close()
 
 
-async def test_peer_swap_with_the_lock_in_place_leaks_nothing(
-    lab: PrivateLab, settings: TunnelSettings
-) -> None:
+async def test_peer_swap_with_the_lock_in_place_leaks_nothing(lab: WgLab, settings: TunnelSettings) -> None:
     """The swap as the supervisor does it: lock endpoint swapped, then the peer; 0 leaks at the ISP."""
     observer = LeakCounter(lab)
     observer.install()
@@ -173,7 +171,7 @@ async def test_peer_swap_with_the_lock_in_place_leaks_nothing(
 
 
 async def test_killed_wireguard_go_is_noticed_and_restarted(
-    lab: PrivateLab, settings: TunnelSettings, backend_kind: str, capsys: pytest.CaptureFixture[str]
+    lab: WgLab, settings: TunnelSettings, backend_kind: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     if backend_kind != "userspace":
         pytest.skip("only wireguard-go is a process that can die")
@@ -203,7 +201,7 @@ async def test_killed_wireguard_go_is_noticed_and_restarted(
 
 
 async def test_a_deleted_interface_comes_back_on_reconnect(
-    lab: PrivateLab, settings: TunnelSettings, backend_kind: str
+    lab: WgLab, settings: TunnelSettings, backend_kind: str
 ) -> None:
     events = EventLog()
     async with open_tunnel(settings, report=events) as tunnel:
@@ -222,7 +220,7 @@ async def test_a_deleted_interface_comes_back_on_reconnect(
 
 
 async def test_adoption_after_sigkill_does_not_interrupt_traffic(
-    lab: PrivateLab, settings: TunnelSettings
+    lab: WgLab, settings: TunnelSettings
 ) -> None:
     spec = {
         "ifname": settings.ifname,
@@ -275,7 +273,7 @@ async def test_adoption_after_sigkill_does_not_interrupt_traffic(
 
 
 async def test_adoption_keeps_the_same_process_and_interface(
-    lab: PrivateLab, settings: TunnelSettings, backend_kind: str
+    lab: WgLab, settings: TunnelSettings, backend_kind: str
 ) -> None:
     async with open_tunnel(settings) as tunnel:
         await tunnel.connect(lab.server(1))
@@ -292,7 +290,7 @@ async def test_adoption_keeps_the_same_process_and_interface(
 
 
 async def test_uapi_round_trip_against_wireguard_go(
-    lab: PrivateLab, settings: TunnelSettings, backend_kind: str
+    lab: WgLab, settings: TunnelSettings, backend_kind: str
 ) -> None:
     if backend_kind != "userspace":
         pytest.skip("the UAPI is wireguard-go's")
@@ -319,7 +317,7 @@ async def test_uapi_round_trip_against_wireguard_go(
 
 
 async def test_interface_name_served_from_another_namespace_is_not_adopted(
-    lab: PrivateLab, settings: TunnelSettings, backend_kind: str
+    lab: WgLab, settings: TunnelSettings, backend_kind: str
 ) -> None:
     if backend_kind != "userspace":
         pytest.skip("the shared UAPI socket directory is wireguard-go's")
@@ -331,7 +329,7 @@ async def test_interface_name_served_from_another_namespace_is_not_adopted(
 
 
 async def test_kernel_backend_link_handling_works_without_the_module(
-    lab: PrivateLab, settings: TunnelSettings
+    lab: WgLab, settings: TunnelSettings
 ) -> None:
     """The rtnetlink half of the kernel backend, which needs no WireGuard module to run."""
     backend = KernelBackend(settings.ifname)  # not entered: that needs the module

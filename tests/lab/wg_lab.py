@@ -1,12 +1,12 @@
-"""A small private lab for the WireGuard backend and plumbing tests.
+"""The shared lab (supervisor.lab) as the WireGuard backend and plumbing tests use it.
 
-client ── isp ── vpn1, vpn2 (wireguard-go servers configured with `wg`), all in
-namespaces named ``tlabwg<pid><n>-<role>``; nothing touches the host namespace.
-Every server shares the tunnel subnet (10.99.0.0/24, fd00:99::/64) and knows the
-client as 10.99.0.2, the way a provider gives a device one address on all its
-servers: a swap then changes only the peer. The tests enter the client
-namespace with :func:`inside` (a per-thread ``setns``), so the code under test
-runs exactly as the daemon does in its namespace.
+client ── isp ── vpn1..vpnN (wireguard-go servers), built by ``supervisor.lab.topology.Lab``;
+every server gives the client the same tunnel address (10.99.0.2, fd00:99::2), the way a
+provider gives a device one address on all its servers, so a swap changes only the peer. The
+server files the lab writes are read with ``supervisor.servers.load_server``, as the daemon reads
+them. Tests enter the client namespace with :func:`inside` (a per-thread ``setns``), so the code
+under test runs exactly as the daemon does in its namespace; each test gets an interface name of
+its own (unique machine-wide: the lab's id is in it).
 
 Test infrastructure may use ``ip`` and ``wg``; the product code never does.
 """
@@ -14,6 +14,7 @@ Test infrastructure may use ``ip`` and ``wg``; the product code never does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import signal
@@ -24,21 +25,20 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from ipaddress import ip_address, ip_interface, ip_network
+from ipaddress import ip_address
 from pathlib import Path
 
 import anyio
 from pyroute2 import netns as pyroute2_netns
 
-from supervisor.redact import Secret
-from supervisor.servers import Endpoint, Peer, Server
+from supervisor.lab.topology import Lab
+from supervisor.servers import Endpoint, Server, load_server
 from supervisor.wireguard.uapi import UAPI_DIR
 
-PREFIX = "tlabwg"
-_counter = itertools.count()
 TUNNEL_SERVER_V4 = ip_address("10.99.0.1")
 TUNNEL_SERVER_V6 = ip_address("fd00:99::1")
-CLIENT_ADDRESSES = (ip_interface("10.99.0.2/24"), ip_interface("fd00:99::2/64"))
+PHYSICAL = "wan0"  # the client's link to the ISP
+ISP_SIDE = "cl0"  # the ISP's end of it
 
 
 def sh(*argv: str, input: str | None = None, check: bool = True) -> str:
@@ -46,11 +46,6 @@ def sh(*argv: str, input: str | None = None, check: bool = True) -> str:
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
     return done.stdout
-
-
-def genkey() -> tuple[str, str]:
-    private = sh("wg", "genkey").strip()
-    return private, sh("wg", "pubkey", input=private).strip()
 
 
 @contextlib.contextmanager
@@ -76,8 +71,17 @@ def uapi_pid(ifname: str) -> int | None:
         return pid
 
 
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def stop_wireguard_go(ifname: str) -> None:
-    """Stop the wireguard-go we started for ``ifname`` (by PID) and remove a stale socket."""
+    """Stop the wireguard-go a test started for ``ifname`` (by PID) and remove a stale socket."""
     pid = uapi_pid(ifname)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
@@ -87,15 +91,6 @@ def stop_wireguard_go(ifname: str) -> None:
             time.sleep(0.01)
     with contextlib.suppress(FileNotFoundError):
         (UAPI_DIR / f"{ifname}.sock").unlink()
-
-
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting for its parent to reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @dataclass
@@ -110,156 +105,52 @@ class VpnServer:
     def pid(self) -> int | None:
         return uapi_pid(self.ifname)
 
-    def wg_show(self, what: str) -> str:
-        return sh("ip", "netns", "exec", self.ns, "wg", "show", self.ifname, what)
-
     def rx_bytes(self) -> int:
-        line = self.wg_show("transfer").split()
+        """What the server's WireGuard received from the client, by its own count."""
+        line = sh("ip", "netns", "exec", self.ns, "wg", "show", self.ifname, "transfer").split()
         return int(line[1]) if len(line) >= 3 else 0
 
 
 @dataclass
-class PrivateLab:
-    """Namespaces, veths and wireguard-go servers; ``down`` removes all of it."""
+class WgLab:
+    """The shared lab with the names and helpers these tests use."""
 
-    servers: int = 2
-    id: str = field(default_factory=lambda: f"{os.getpid()}x{next(_counter)}")
-    vpn: list[VpnServer] = field(default_factory=list)
-    client_private: str = ""
-    namespaces: list[str] = field(default_factory=list)
-    interfaces: list[str] = field(default_factory=list)
-    children: list[subprocess.Popen] = field(default_factory=list)
+    lab: Lab
+    _numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
     def client(self) -> str:
-        return f"{PREFIX}{self.id}-c"
+        return self.lab.ns("client")
 
     @property
     def isp(self) -> str:
-        return f"{PREFIX}{self.id}-i"
+        return self.lab.ns("isp")
 
-    def client_ifname(self, suffix: str = "c") -> str:
-        name = f"twg{self.id}{suffix}"
+    @property
+    def vpn(self) -> list[VpnServer]:
+        return [
+            VpnServer(s.name, s.ns, s.ifname, s.public_key, Endpoint(ip_address(s.endpoint_v4), 51820))
+            for s in self.lab.servers
+        ]
+
+    @property
+    def client_private(self) -> str:
+        return (self.lab.dir / "client.key").read_text().strip()
+
+    def new_ifname(self) -> str:
+        """A client interface name of a test's own, unique on the machine."""
+        name = f"{self.lab.client_ifname}{next(self._numbers)}"
         assert len(name) <= 15, name
-        self.interfaces.append(name)
         return name
 
     def server(self, index: int, keepalive: int | None = None) -> Server:
-        """The client's view of vpn<index> (1-based), as the server file would give it."""
-        vpn = self.vpn[index - 1]
-        return Server(
-            name=vpn.name,
-            path=Path(f"{vpn.name}.conf"),
-            private_key=Secret(self.client_private),
-            addresses=CLIENT_ADDRESSES,
-            peer=Peer(
-                public_key=vpn.public_key,
-                endpoint=vpn.endpoint,
-                allowed_ips=(ip_network("0.0.0.0/0"), ip_network("::/0")),
-                persistent_keepalive=keepalive,
-            ),
-            dns=(TUNNEL_SERVER_V4,),
-        )
-
-    def up(self) -> PrivateLab:
-        sweep_stale()
-        try:
-            self._up()
-        except BaseException:
-            self.down()
-            raise
-        return self
-
-    def _ns(self, name: str) -> None:
-        sh("ip", "netns", "add", name)
-        self.namespaces.append(name)
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-
-    def _up(self) -> None:
-        self.client_private, client_public = genkey()
-        self._ns(self.client)
-        self._ns(self.isp)
-        sh("ip", "-n", self.isp, "link", "add", "c0", "type", "veth", "peer", "name", "e0", "netns",
-           self.client)  # fmt: skip
-        self._addr(self.isp, "c0", "192.0.2.1/24", "2001:db8:c::1/64")
-        self._addr(self.client, "e0", "192.0.2.2/24", "2001:db8:c::2/64")
-        sh("ip", "-n", self.client, "route", "add", "default", "via", "192.0.2.1")
-        sh("ip", "-n", self.client, "-6", "route", "add", "default", "via", "2001:db8:c::1")
-        sh("ip", "netns", "exec", self.isp, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        sh("ip", "netns", "exec", self.isp, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-        for k in range(1, self.servers + 1):
-            self.vpn.append(self._server(k, client_public))
-
-    def _addr(self, ns: str, dev: str, v4: str, v6: str) -> None:
-        sh("ip", "-n", ns, "addr", "add", v4, "dev", dev)
-        sh("ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad")
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-
-    def _server(self, k: int, client_public: str) -> VpnServer:
-        ns = f"{PREFIX}{self.id}-s{k}"
-        self._ns(ns)
-        sh("ip", "-n", self.isp, "link", "add", f"s{k}", "type", "veth", "peer", "name", "e0", "netns", ns)
-        self._addr(self.isp, f"s{k}", f"198.51.100.{4 * k + 1}/30", f"2001:db8:{k}::1/64")
-        self._addr(ns, "e0", f"198.51.100.{4 * k + 2}/30", f"2001:db8:{k}::2/64")
-        sh("ip", "-n", ns, "route", "add", "default", "via", f"198.51.100.{4 * k + 1}")
-        sh("ip", "-n", ns, "-6", "route", "add", "default", "via", f"2001:db8:{k}::1")
-        ifname = f"twg{self.id}s{k}"
-        self.interfaces.append(ifname)
-        private, public = genkey()
-        self.children.append(subprocess.Popen(
-            ["ip", "netns", "exec", ns, "wireguard-go", "-f", ifname],
-            env={"PATH": os.environ["PATH"], "LOG_LEVEL": "error"},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        ))  # fmt: skip
-        deadline = time.monotonic() + 5
-        while uapi_pid(ifname) is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"wireguard-go for {ifname} did not start")
-            time.sleep(0.005)
-        with tempfile.NamedTemporaryFile("w", prefix="tlabwgkey", delete=True) as key:
-            key.write(private)
-            key.flush()
-            sh(
-                "ip", "netns", "exec", ns, "wg", "set", ifname, "private-key", key.name,
-                "listen-port", "51820", "peer", client_public,
-                "allowed-ips", "10.99.0.2/32,fd00:99::2/128",
-            )  # fmt: skip
-        sh("ip", "-n", ns, "addr", "add", f"{TUNNEL_SERVER_V4}/24", "dev", ifname)
-        sh("ip", "-n", ns, "addr", "add", f"{TUNNEL_SERVER_V6}/64", "dev", ifname, "nodad")
-        sh("ip", "-n", ns, "link", "set", ifname, "up")
-        endpoint = Endpoint(ip_address(f"198.51.100.{4 * k + 2}"), 51820)
-        return VpnServer(f"vpn{k}", ns, ifname, public, endpoint)
-
-    def down(self) -> None:
-        for ifname in self.interfaces:
-            stop_wireguard_go(ifname)
-        for child in self.children:
-            child.kill()
-            child.wait(timeout=5)
-        for ns in reversed(self.namespaces):
-            sh("ip", "netns", "del", ns, check=False)
-        self.namespaces.clear()
-
-
-def sweep_stale() -> None:
-    """Remove private labs (namespaces, wireguard-go, sockets) whose creating process is gone.
-
-    Lab ids are "<owner pid>x<n>", in namespace names and interface names alike.
-    """
-    netns_dir = Path("/run/netns")
-    for path in sorted(netns_dir.iterdir()) if netns_dir.is_dir() else []:
-        lab_id = path.name[len(PREFIX) :].split("-")[0]
-        owner = lab_id.split("x")[0]
-        if not path.name.startswith(PREFIX) or "x" not in lab_id or not owner.isdigit():
-            continue
-        if Path(f"/proc/{owner}").exists():
-            continue
-        for sock in UAPI_DIR.glob(f"twg{lab_id}*.sock"):
-            stop_wireguard_go(sock.stem)
-        sh("ip", "netns", "del", path.name, check=False)
+        """vpn<index> (1-based) as the daemon reads it from the server file the lab wrote."""
+        server = load_server(self.lab.dir / "servers" / f"vpn{index}.conf")
+        if keepalive is not None:
+            server = dataclasses.replace(
+                server, peer=dataclasses.replace(server.peer, persistent_keepalive=keepalive)
+            )
+        return server
 
 
 # --- continuous ping ------------------------------------------------------------------------
@@ -357,7 +248,7 @@ def lab_skip_reason() -> str | None:
     return None
 
 
-def clean_client(lab: PrivateLab, ifname: str, table: int = 51820) -> None:
+def clean_client(lab: WgLab, ifname: str, table: int = 51820) -> None:
     """Remove what a test's tunnel left in the client namespace (its process, link, rules, table)."""
     stop_wireguard_go(ifname)
     sh("ip", "-n", lab.client, "link", "del", ifname, check=False)
@@ -393,19 +284,16 @@ class EventLog:
                 await self._arrived.wait()
 
 
-def private_lab(servers: int = 2) -> Iterator[PrivateLab]:
-    """Body of a module-scoped ``lab`` fixture."""
-    lab = PrivateLab(servers=servers).up()
+def shared_lab(servers: int = 2) -> Iterator[WgLab]:
+    """Body of a module-scoped ``lab`` fixture: a lab of our own, removed afterwards."""
+    lab = Lab.up(servers=servers)
     try:
-        yield lab
+        yield WgLab(lab)
     finally:
         lab.down()
 
 
-_tunnel_numbers = itertools.count(1)
-
-
-def tunnel_settings(lab: PrivateLab, backend: str, fwmark: int = 0xCA6C, table: int = 51820) -> Iterator:
+def tunnel_settings(lab: WgLab, backend: str, fwmark: int = 0xCA6C, table: int = 51820) -> Iterator:
     """Body of a ``settings`` fixture: a fresh interface name, the test's thread in the client.
 
     The resolv.conf is a file of the test's own (the file method of supervisor.net.dns).
@@ -414,7 +302,7 @@ def tunnel_settings(lab: PrivateLab, backend: str, fwmark: int = 0xCA6C, table: 
 
     state = Path(tempfile.mkdtemp(prefix="tlabwgstate"))
     (state / "resolv.conf").write_text(ORIGINAL_RESOLV_CONF)
-    ifname = lab.client_ifname(f"c{next(_tunnel_numbers)}")
+    ifname = lab.new_ifname()
     try:
         with inside(lab.client):
             yield TunnelSettings(
@@ -461,7 +349,7 @@ class LeakCounter:
 
     TABLE = "tlabwgobserver"
 
-    def __init__(self, lab: PrivateLab) -> None:
+    def __init__(self, lab: WgLab) -> None:
         self.lab = lab
 
     def install(self) -> None:
@@ -472,7 +360,7 @@ table inet {self.TABLE} {{
     set wireguard {{ type ipv4_addr . inet_service; elements = {{ {endpoints} }} }}
     chain prerouting {{
         type filter hook prerouting priority -300; policy accept;
-        iifname != "c0" return
+        iifname != "{ISP_SIDE}" return
         ip daddr . udp dport @wireguard return
         icmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }} return
         icmpv6 type mld2-listener-report return
