@@ -11,6 +11,7 @@ import dataclasses
 import subprocess
 from collections.abc import Iterator
 from ipaddress import ip_interface
+from typing import Any
 
 import pytest
 import structlog
@@ -28,7 +29,6 @@ from .wg_lab import (
     ifindex,
     lab_skip_reason,
     ping,
-    shared_lab,
     tunnel_settings,
 )
 
@@ -49,8 +49,9 @@ def _logs_to_the_current_stdout() -> None:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[WgLab]:
-    yield from shared_lab(servers=1)
+def lab(lab: Any) -> WgLab:
+    """The shared lab fixture (tests/lab/conftest.py) seen through the WireGuard tests' helpers."""
+    return WgLab(lab.lab, observer=lab.observer)
 
 
 @pytest.fixture(params=backend_params())

@@ -18,11 +18,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 import structlog
 
+from supervisor.lab.probes import describe
 from supervisor.lock import nft as lock
 from supervisor.lock.policy import LockPolicy
 from supervisor.wireguard.backend import BackendDied, BackendRestarted, InterfaceTaken
@@ -37,7 +39,6 @@ from .wg_lab import (
     TUNNEL_SERVER_V4,
     TUNNEL_SERVER_V6,
     EventLog,
-    LeakCounter,
     PingLog,
     WgLab,
     backend_params,
@@ -45,7 +46,6 @@ from .wg_lab import (
     lab_skip_reason,
     ping,
     ping_continuously,
-    shared_lab,
     tunnel_settings,
     uapi_pid,
 )
@@ -68,8 +68,9 @@ def _logs_to_the_current_stdout() -> None:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[WgLab]:
-    yield from shared_lab()
+def lab(lab: Any) -> WgLab:
+    """The shared lab fixture (tests/lab/conftest.py) seen through the WireGuard tests' helpers."""
+    return WgLab(lab.lab, observer=lab.observer)
 
 
 @pytest.fixture(params=backend_params())
@@ -133,17 +134,21 @@ async def test_peer_swap_under_continuous_ping(lab: WgLab, settings: TunnelSetti
         await tunnel.close()
 
 
-async def test_peer_swap_with_the_lock_in_place_leaks_nothing(lab: WgLab, settings: TunnelSettings) -> None:
+async def test_peer_swap_with_the_lock_in_place_leaks_nothing(
+    lab: WgLab, settings: TunnelSettings
+) -> None:
     """The swap as the supervisor does it: lock endpoint swapped, then the peer; 0 leaks at the ISP."""
-    observer = LeakCounter(lab)
-    observer.install()
+    observer = lab.observer
+    assert observer is not None
+    mark = observer.mark()
+    assert ping("192.0.2.1", count=1) == 1  # no lock yet: the ISP sees it, the instrument works
+    assert observer.leaks(since=mark), "the observer saw nothing without a lock"
+    policy = LockPolicy(table="tunlock", tunnel_interface=settings.ifname, fwmark=FWMARK)
+    policy = policy.with_servers([lab.server(1)])
+    lock.apply(policy)
     try:
-        assert ping("192.0.2.1", count=1) == 1 and observer.count() > 0  # the instrument sees leaks
-        observer.reset()
-        policy = LockPolicy(table="tunlock", tunnel_interface=settings.ifname, fwmark=FWMARK)
-        policy = policy.with_servers([lab.server(1)])
-        lock.apply(policy)
-        assert ping("192.0.2.1", count=1, wait=0.3) == 0  # locked: the ISP's own router is unreachable
+        mark = observer.mark()
+        assert ping("192.0.2.1", count=1, wait=0.3) == 0  # locked: the ISP's router is out of reach
         async with open_tunnel(settings) as tunnel:
             await tunnel.connect(lab.server(1))
             log = PingLog()
@@ -164,10 +169,10 @@ async def test_peer_swap_with_the_lock_in_place_leaks_nothing(lab: WgLab, settin
             print(f"peer swap with the lock ({kind}): first answer after {outage * 1000:.0f} ms")
             assert (await tunnel.stats()).endpoint == lab.vpn[1].endpoint
             await tunnel.close()
-        assert observer.count() == 0
+        leaks = observer.leaks(since=mark)
+        assert leaks == [], f"leaked during the swap:\n{describe(leaks)}"
     finally:
         lock.remove("tunlock")
-        observer.remove()
 
 
 async def test_killed_wireguard_go_is_noticed_and_restarted(

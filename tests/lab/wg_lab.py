@@ -4,7 +4,7 @@ client ── isp ── vpn1..vpnN (wireguard-go servers), built by ``superviso
 every server gives the client the same tunnel address (10.99.0.2, fd00:99::2), the way a
 provider gives a device one address on all its servers, so a swap changes only the peer. The
 server files the lab writes are read with ``supervisor.servers.load_server``, as the daemon reads
-them. Tests enter the client namespace with :func:`inside` (a per-thread ``setns``), so the code
+them. Tests enter the client namespace with ``Lab.inside`` (a per-thread ``setns``), so the code
 under test runs exactly as the daemon does in its namespace; each test gets an interface name of
 its own (unique machine-wide: the lab's id is in it).
 
@@ -29,8 +29,8 @@ from ipaddress import ip_address
 from pathlib import Path
 
 import anyio
-from pyroute2 import netns as pyroute2_netns
 
+from supervisor.lab.probes import Observer
 from supervisor.lab.topology import Lab
 from supervisor.servers import Endpoint, Server, load_server
 from supervisor.wireguard.uapi import UAPI_DIR
@@ -46,18 +46,6 @@ def sh(*argv: str, input: str | None = None, check: bool = True) -> str:
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
     return done.stdout
-
-
-@contextlib.contextmanager
-def inside(ns: str) -> Iterator[None]:
-    """Run the calling thread in network namespace ``ns`` for the duration of the block."""
-    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        pyroute2_netns.setns(ns, flags=0)
-        yield
-    finally:
-        pyroute2_netns.setns(original, flags=0)
-        os.close(original)
 
 
 def uapi_pid(ifname: str) -> int | None:
@@ -113,9 +101,10 @@ class VpnServer:
 
 @dataclass
 class WgLab:
-    """The shared lab with the names and helpers these tests use."""
+    """The shared lab (and its ISP observer) with the names and helpers these tests use."""
 
     lab: Lab
+    observer: Observer | None = None
     _numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -285,7 +274,7 @@ class EventLog:
 
 
 def shared_lab(servers: int = 2) -> Iterator[WgLab]:
-    """Body of a module-scoped ``lab`` fixture: a lab of our own, removed afterwards."""
+    """A lab of our own, removed afterwards (for the bench; tests use the ``lab`` fixture)."""
     lab = Lab.up(servers=servers)
     try:
         yield WgLab(lab)
@@ -304,7 +293,7 @@ def tunnel_settings(lab: WgLab, backend: str, fwmark: int = 0xCA6C, table: int =
     (state / "resolv.conf").write_text(ORIGINAL_RESOLV_CONF)
     ifname = lab.new_ifname()
     try:
-        with inside(lab.client):
+        with lab.lab.inside("client"):
             yield TunnelSettings(
                 ifname=ifname,
                 fwmark=fwmark,
@@ -339,43 +328,3 @@ def ifindex(ifname: str) -> int:
     """The interface's index in the calling thread's namespace (OSError when it does not exist)."""
     return socket.if_nametoindex(ifname)
 
-
-class LeakCounter:
-    """A minimal ISP-side observer until the shared lab's is available.
-
-    In the ISP namespace, counts every packet arriving from the client that is neither UDP to
-    a lab server's WireGuard endpoint nor IPv6 neighbour discovery (the link's own upkeep).
-    """
-
-    TABLE = "tlabwgobserver"
-
-    def __init__(self, lab: WgLab) -> None:
-        self.lab = lab
-
-    def install(self) -> None:
-        endpoints = ", ".join(f"{v.endpoint.host} . {v.endpoint.port}" for v in self.lab.vpn)
-        script = f"""
-table inet {self.TABLE} {{
-    counter leaks {{ }}
-    set wireguard {{ type ipv4_addr . inet_service; elements = {{ {endpoints} }} }}
-    chain prerouting {{
-        type filter hook prerouting priority -300; policy accept;
-        iifname != "{ISP_SIDE}" return
-        ip daddr . udp dport @wireguard return
-        icmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }} return
-        icmpv6 type mld2-listener-report return
-        counter name leaks
-    }}
-}}
-"""
-        sh("ip", "netns", "exec", self.lab.isp, "nft", "-f", "-", input=script)
-
-    def count(self) -> int:
-        text = sh("ip", "netns", "exec", self.lab.isp, "nft", "list", "counter", "inet", self.TABLE, "leaks")
-        return int(text.split("packets")[1].split()[0])
-
-    def reset(self) -> None:
-        sh("ip", "netns", "exec", self.lab.isp, "nft", "reset", "counter", "inet", self.TABLE, "leaks")
-
-    def remove(self) -> None:
-        sh("ip", "netns", "exec", self.lab.isp, "nft", "delete", "table", "inet", self.TABLE, check=False)
