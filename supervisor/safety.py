@@ -26,7 +26,8 @@ def _netns_inode(path: str | Path) -> tuple[int, int]:
 
 def current_lab_namespace() -> str | None:
     """Name of the lab namespace this process is in, or None (the host, or any other)."""
-    here = _netns_inode("/proc/self/ns/net")
+    # thread-self: a thread may have entered a namespace of its own (setns is per thread).
+    here = _netns_inode("/proc/thread-self/ns/net")
     try:
         if here == _netns_inode("/proc/1/ns/net"):
             return None
