@@ -10,7 +10,7 @@ import structlog
 
 from supervisor.redact import Secret
 from supervisor.servers import Peer, Server, parse_endpoint
-from supervisor.wireguard.backend import DeviceConfig, handshake_age
+from supervisor.wireguard.backend import BackendError, DeviceConfig, handshake_age
 from supervisor.wireguard.userspace import UserspaceBackend, _Process
 
 KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
@@ -65,3 +65,22 @@ def test_handshake_age() -> None:
     assert handshake_age(None) is None
     assert handshake_age(100.0, now=103.5) == 3.5
     assert handshake_age(110.0, now=103.5) == 0.0  # a clock step back never gives a negative age
+
+
+@pytest.mark.anyio
+async def test_a_missing_wireguard_go_is_a_clear_error(tmp_path: Path) -> None:
+    async with UserspaceBackend("tlnone0", binary=str(tmp_path / "wireguard-go"), uapi_dir=tmp_path) as b:
+        with pytest.raises(BackendError, match=r"cannot start .*wireguard-go: No such file"):
+            await b.ensure_interface()
+
+
+@pytest.mark.anyio
+async def test_a_wireguard_go_that_exits_at_start_says_how(tmp_path: Path) -> None:
+    fake = tmp_path / "fake-wireguard-go"
+    line = "ERROR: (tl0) 2026/11/24 23:40:02 Failed to create TUN device: busy"
+    fake.write_text(f"#!/bin/sh\necho '{line}' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    async with UserspaceBackend("tlnone0", binary=str(fake), uapi_dir=tmp_path) as backend:
+        with pytest.raises(BackendError) as err:
+            await backend.ensure_interface()
+    assert "exited with status 1 at start: Failed to create TUN device: busy" in str(err.value)
