@@ -127,8 +127,10 @@ async def run_backend(lab: WgLab, kind: str, swaps: int, reads: int) -> None:
         async with open_tunnel(settings) as tunnel:
             started = time.monotonic()
             await tunnel.connect(lab.server(1))
-            print(f"backend {kind}: connect (interface, peer, addresses, routes, DNS) "
-                  f"{(time.monotonic() - started) * 1000:.0f} ms")
+            print(
+                f"backend {kind}: connect (interface, peer, addresses, routes, DNS) "
+                f"{(time.monotonic() - started) * 1000:.0f} ms"
+            )
             await bench_swaps(tunnel, lab, settings.ifname, swaps, with_lock=False)
             await bench_swaps(tunnel, lab, settings.ifname, swaps, with_lock=True)
             await bench_stats(tunnel, reads)
