@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from supervisor.safety import LAB_NETNS_PREFIX, NETNS_DIR
 
@@ -133,6 +134,9 @@ def _new_id() -> str:
 class Lab:
     """One lab instance. Use ``Lab.up(servers=3)`` (also a context manager) and ``down()``."""
 
+    # Ids of the labs this process built: the test suite checks none of their namespaces survive.
+    built_here: ClassVar[set[str]] = set()
+
     def __init__(self, state: LabState) -> None:
         self.state = state
         self._children: list[subprocess.Popen] = []
@@ -222,6 +226,7 @@ class Lab:
         )
         state.save()
         lab = cls(state)
+        cls.built_here.add(lab_id)
         try:
             lab._build(servers)
         except BaseException:

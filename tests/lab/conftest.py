@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from supervisor.lab.probes import Observer, Probes
-from supervisor.lab.topology import Lab, labs, sweep_stale
+from supervisor.lab.topology import Lab, labs, sh, sweep_stale
+from supervisor.safety import LAB_NETNS_PREFIX, NETNS_DIR
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -53,6 +54,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     left = [s for s in labs() if s.owner_pid == os.getpid()]
     for state in left:
         Lab(state).down()
-    if left:
-        print(f"\nlab tests left labs behind (removed now): {[s.id for s in left]}")
+    namespaces = (
+        sorted(
+            n.name
+            for n in NETNS_DIR.glob(f"{LAB_NETNS_PREFIX}*")
+            if any(n.name.startswith(f"{LAB_NETNS_PREFIX}{lab_id}-") for lab_id in Lab.built_here)
+        )
+        if NETNS_DIR.is_dir()
+        else []
+    )
+    if left or namespaces:
+        print(f"\nlab tests left behind (removed now): labs {[s.id for s in left]}, namespaces {namespaces}")
+        for name in namespaces:
+            sh("ip", "netns", "del", name, check=False)
         session.exitstatus = 1

@@ -37,12 +37,20 @@ def test_scrub_keeps_ordinary_text():
 
 def test_log_lines_carry_no_key(capsys):
     configure(level="debug", json=True)
-    log = structlog.get_logger("test")
-    log.info("configuring", private_key=PRIVATE, preshared_key=Secret(PRIVATE), detail=f"key {PRIVATE}")
-    log.info("peer", public_key=PUBLIC)
+    try:
+        log_two_lines()
+    finally:
+        # The logger wrote to the stream pytest captures now; later tests must not inherit it.
+        structlog.reset_defaults()
     err = capsys.readouterr().err
     assert PRIVATE not in err
     lines = [json.loads(line) for line in io.StringIO(err) if line.strip()]
     assert lines[0]["private_key"] == REDACTED
     assert lines[0]["preshared_key"] == REDACTED
     assert lines[1]["public_key"] == PUBLIC, "public keys name peers in logs and are kept"
+
+
+def log_two_lines() -> None:
+    log = structlog.get_logger("test")
+    log.info("configuring", private_key=PRIVATE, preshared_key=Secret(PRIVATE), detail=f"key {PRIVATE}")
+    log.info("peer", public_key=PUBLIC)
