@@ -7,6 +7,7 @@ A probe that is blocked by the lock fails fast (the lock rejects) or times out.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -219,3 +220,40 @@ def describe(leaks: list[dict]) -> str:
         )
         or "  (none)"
     )
+
+
+class ContinuousPing:
+    """A ping every ``interval`` s from the client; ``stop()`` gives the longest time without answers.
+
+    Used across a fault (a failover, a swap, a restart): the outage is the longest gap between
+    two answered echoes, as a user's long-running connection would feel it.
+    """
+
+    def __init__(self, lab: Lab, target: str = INTERNET_V4, interval: float = 0.01) -> None:
+        self.lab = lab
+        self.log = lab.dir / f"ping-{secrets.token_hex(3)}.log"
+        self._proc = lab.spawn(
+            "client", ["ping", "-n", "-D", "-i", str(interval), "-W", "1", target], log=self.log.name
+        )
+        self.started = time.time()
+
+    def stop(self) -> PingRecord:
+        self._proc.terminate()
+        self._proc.wait(5)
+        stopped = time.time()
+        answered = [
+            float(line.split("]")[0].lstrip("["))
+            for line in self.log.read_text().splitlines()
+            if line.startswith("[") and "bytes from" in line
+        ]
+        points = [self.started, *answered, stopped]
+        gaps = [b - a for a, b in zip(points, points[1:], strict=False)]
+        return PingRecord(
+            answered=len(answered), longest_outage_s=max(gaps) if gaps else stopped - self.started
+        )
+
+
+@dataclass(frozen=True)
+class PingRecord:
+    answered: int
+    longest_outage_s: float

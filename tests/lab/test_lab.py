@@ -7,7 +7,7 @@ import time
 import pytest
 
 from supervisor.lab import faults
-from supervisor.lab.probes import Observer, Probes, describe
+from supervisor.lab.probes import ContinuousPing, Observer, Probes, describe
 from supervisor.lab.topology import INTERNET_V4, Lab, sh
 
 from .tunnel import FWMARK, hand_tunnel
@@ -194,3 +194,15 @@ def _eventually(check, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_continuous_ping_measures_the_outage_across_a_fault(lab):
+    pinger = ContinuousPing(lab.lab)
+    time.sleep(0.3)
+    faults.delete_default_route(lab.lab)
+    time.sleep(0.5)
+    faults.restore_default_route(lab.lab)
+    time.sleep(0.3)
+    record = pinger.stop()
+    assert record.answered > 20
+    assert 0.4 < record.longest_outage_s < 1.5, record

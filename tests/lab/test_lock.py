@@ -212,3 +212,35 @@ def _connect(lab, role: str, host: str, port: int, source: str | None = None) ->
         "except OSError:\n pass\n"
     )
     return sh("ip", "netns", "exec", lab.lab.ns(role), sys.executable, "-c", code, check=False)
+
+
+def test_exported_boot_file_loads_in_a_fresh_namespace_and_blocks(lab, tmp_path):
+    exported = tmp_path / "lock.nft"
+    unit = tmp_path / "tunlock-lock.service"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "supervisor.cli",
+            "lock",
+            "export",
+            "--config",
+            str(lab.lab.config_path),
+            "--output",
+            str(exported),
+            "--systemd-unit",
+            str(unit),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Before=network-pre.target" in unit.read_text() and f"-f {exported}" in unit.read_text()
+    sh("ip", "netns", "exec", lab.lab.ns("client"), "nft", "-f", str(exported))
+    try:
+        mark = lab.observer.mark()
+        assert not lab.probes.ping(INTERNET_V4) and not lab.probes.dns_udp(ISP_V4)
+        assert lab.observer.leaks(since=mark) == []
+    finally:
+        sh("ip", "netns", "exec", lab.lab.ns("client"), "nft", "delete", "table", "inet", "tunlock")
