@@ -247,10 +247,8 @@ class ContinuousPing:
             if line.startswith("[") and "bytes from" in line
         ]
         points = [self.started, *answered, stopped]
-        gaps = [b - a for a, b in zip(points, points[1:], strict=False)]
-        return PingRecord(
-            answered=len(answered), longest_outage_s=max(gaps) if gaps else stopped - self.started
-        )
+        longest = max(b - a for a, b in itertools.pairwise(points))
+        return PingRecord(answered=len(answered), longest_outage_s=longest)
 
 
 @dataclass(frozen=True)
