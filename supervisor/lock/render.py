@@ -5,16 +5,16 @@ default; what is accepted, in order:
 
 output
   1. loopback.
-  2. invalid conntrack state: dropped before anything can match it.
-  3. DNS (UDP and TCP port 53): to the tunnel's resolvers through the tunnel
-     only; to anything else, on any interface (the LAN included), rejected and
-     counted, so a program's fallback resolver fails at once instead of leaking.
+  2. into the tunnel interface (matched by name, so the rule holds before the
+     interface exists and after it is recreated): its own chain, which accepts
+     everything but DNS to anything other than the tunnel's resolvers.
+  3. invalid conntrack state: dropped.
   4. WireGuard itself: UDP to an allowed endpoint's exact address and port, and
      only from packets carrying the tunnel's fwmark (set by the tunnel on its
      own socket; setting a mark needs CAP_NET_ADMIN, so an ordinary program
      cannot forge it).
-  5. everything through the tunnel interface (matched by name, so the rule holds
-     before the interface exists and after it is recreated).
+  5. DNS (UDP and TCP port 53) anywhere else, the LAN included: rejected and
+     counted, so a program's fallback resolver fails at once instead of leaking.
   6. link upkeep: DHCPv4/DHCPv6 client requests; router and neighbour
      solicitations and neighbour advertisements with hop limit 255 (link-local
      by construction).
@@ -114,16 +114,26 @@ def _table_body(policy: LockPolicy) -> str:
     for counter in COUNTERS:
         add(f"\tcounter {counter} {{ }}")
 
+    # Traffic into the tunnel is nearly all of it: one name check sends it to its own chain,
+    # where only DNS to a non-tunnel resolver is refused (bulk throughput pays ~1 % for the lock).
+    add("\tchain to_tunnel {")
+    add("\t\tmeta l4proto { tcp, udp } th dport 53 jump tunnel_dns")
+    add("\t\taccept")
+    add("\t}")
+    add("\tchain tunnel_dns {")
+    add("\t\tip daddr @tunnel_dns4 accept")
+    add("\t\tip6 daddr @tunnel_dns6 accept")
+    add('\t\tcounter name "blocked_dns" reject')
+    add("\t}")
+
     add("\tchain output {")
     add("\t\ttype filter hook output priority filter; policy drop;")
     add("\t\toif lo accept")
+    add(f"\t\toifname {tun} jump to_tunnel")
     add("\t\tct state invalid drop")
-    add(f"\t\toifname {tun} ip daddr @tunnel_dns4 meta l4proto {{ tcp, udp }} th dport 53 accept")
-    add(f"\t\toifname {tun} ip6 daddr @tunnel_dns6 meta l4proto {{ tcp, udp }} th dport 53 accept")
-    add('\t\tmeta l4proto { tcp, udp } th dport 53 counter name "blocked_dns" reject')
     add(f"\t\tmeta mark {mark} ip daddr . udp dport @endpoints4 accept")
     add(f"\t\tmeta mark {mark} ip6 daddr . udp dport @endpoints6 accept")
-    add(f"\t\toifname {tun} accept")
+    add('\t\tmeta l4proto { tcp, udp } th dport 53 counter name "blocked_dns" reject')
     if policy.link_upkeep:
         add("\t\tudp sport 68 udp dport 67 accept")
         add("\t\tip6 daddr ff02::1:2 udp sport 546 udp dport 547 accept")
@@ -143,10 +153,10 @@ def _table_body(policy: LockPolicy) -> str:
     add("\tchain input {")
     add("\t\ttype filter hook input priority filter; policy drop;")
     add("\t\tiif lo accept")
+    add(f"\t\tiifname {tun} accept")
     add("\t\tct state invalid drop")
     add("\t\tip saddr . udp sport @endpoints4 ct state established accept")
     add("\t\tip6 saddr . udp sport @endpoints6 ct state established accept")
-    add(f"\t\tiifname {tun} accept")
     if policy.link_upkeep:
         add("\t\tudp sport 67 udp dport 68 accept")
         add("\t\tip6 saddr fe80::/10 udp sport 547 udp dport 546 accept")
@@ -165,12 +175,10 @@ def _table_body(policy: LockPolicy) -> str:
 
     add("\tchain forward {")
     add("\t\ttype filter hook forward priority filter; policy drop;")
+    add(f"\t\toifname {tun} jump to_tunnel")
     add("\t\tct state invalid drop")
-    add(f"\t\toifname {tun} ip daddr @tunnel_dns4 meta l4proto {{ tcp, udp }} th dport 53 accept")
-    add(f"\t\toifname {tun} ip6 daddr @tunnel_dns6 meta l4proto {{ tcp, udp }} th dport 53 accept")
-    add('\t\tmeta l4proto { tcp, udp } th dport 53 counter name "blocked_dns" reject')
-    add(f"\t\toifname {tun} accept")
     add(f"\t\tiifname {tun} ct state established,related accept")
+    add('\t\tmeta l4proto { tcp, udp } th dport 53 counter name "blocked_dns" reject')
     add('\t\tcounter name "blocked_forward" reject with icmpx admin-prohibited')
     add("\t}")
     return "\n".join(out) + "\n"

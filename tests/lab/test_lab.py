@@ -9,8 +9,7 @@ import pytest
 from supervisor.lab import faults
 from supervisor.lab.probes import ContinuousPing, Observer, Probes, describe
 from supervisor.lab.topology import INTERNET_V4, Lab, sh
-
-from .tunnel import FWMARK, hand_tunnel
+from supervisor.lab.tunnel import FWMARK, hand_tunnel
 
 pytestmark = pytest.mark.lab
 

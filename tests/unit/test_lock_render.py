@@ -58,14 +58,18 @@ def test_dns_rejected_everywhere_but_the_tunnel_resolvers():
         allow_lan=True,
         lan_ranges=(ip_network("192.168.0.0/16"),),
     )
-    rules = chain(render(policy), "output")
+    text = render(policy)
+    rules = chain(text, "output")
     dns_reject = next(i for i, r in enumerate(rules) if "th dport 53" in r and "reject" in r)
     lan_accept = next(i for i, r in enumerate(rules) if r == "ip daddr @lan4 accept")
-    tunnel_accept = rules.index('oifname "tl0" accept')
-    assert dns_reject < tunnel_accept and dns_reject < lan_accept, (
-        "DNS must be refused before any wide accept"
-    )
-    assert "elements = { 10.64.0.1 }" in render(policy)
+    assert dns_reject < lan_accept, "DNS must be refused before the LAN is let through"
+    assert chain(text, "to_tunnel")[0] == "meta l4proto { tcp, udp } th dport 53 jump tunnel_dns"
+    assert chain(text, "tunnel_dns") == [
+        "ip daddr @tunnel_dns4 accept",
+        "ip6 daddr @tunnel_dns6 accept",
+        'counter name "blocked_dns" reject',
+    ]
+    assert "elements = { 10.64.0.1 }" in text
 
 
 def test_lan_and_inbound_ports_only_when_asked():
@@ -137,10 +141,11 @@ def test_no_output_accept_outside_the_tunnel_but_wireguard_upkeep_and_lan(policy
             continue
         allowed = (
             rule == "oif lo accept"
-            or rule.startswith(tun + " ")
-            or (rule.startswith(f"meta mark 0x{policy.fwmark:08x} ")
-            and "@endpoints" in rule
-            and "udp dport" in rule)
+            or (
+                rule.startswith(f"meta mark 0x{policy.fwmark:08x} ")
+                and "@endpoints" in rule
+                and "udp dport" in rule
+            )
             or (policy.link_upkeep and rule in UPKEEP)
             or (policy.allow_lan and rule in ("ip daddr @lan4 accept", "ip6 daddr @lan6 accept"))
             or (
@@ -151,6 +156,10 @@ def test_no_output_accept_outside_the_tunnel_but_wireguard_upkeep_and_lan(policy
             )
         )
         assert allowed, f"output rule accepts outside the tunnel: {rule}"
-    for rule in chain(text, "forward"):
-        if rule.endswith("accept"):
-            assert policy.tunnel_interface in rule, rule
+    for name in ("output", "forward"):
+        for rule in chain(text, name):
+            if "jump to_tunnel" in rule:
+                assert rule == f"{tun} jump to_tunnel", f"only the tunnel may reach to_tunnel: {rule}"
+            elif rule.endswith("accept") and name == "forward":
+                assert policy.tunnel_interface in rule, rule
+    assert chain(text, "tunnel_dns")[-1].endswith("reject"), "DNS into the tunnel to other resolvers"

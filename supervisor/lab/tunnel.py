@@ -1,6 +1,6 @@
 """A tunnel set up by hand in the lab's client (wireguard-go + wg + ip), as wg-quick would.
 
-For tests of the lab and the lock that must not depend on tunlock's own backends.
+For the lab's own tests, the lock's tests and benchmarks: nothing of tunlock's backends in it.
 """
 
 from __future__ import annotations
