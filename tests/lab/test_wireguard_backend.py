@@ -134,9 +134,7 @@ async def test_peer_swap_under_continuous_ping(lab: WgLab, settings: TunnelSetti
         await tunnel.close()
 
 
-async def test_peer_swap_with_the_lock_in_place_leaks_nothing(
-    lab: WgLab, settings: TunnelSettings
-) -> None:
+async def test_peer_swap_with_the_lock_in_place_leaks_nothing(lab: WgLab, settings: TunnelSettings) -> None:
     """The swap as the supervisor does it: lock endpoint swapped, then the peer; 0 leaks at the ISP."""
     observer = lab.observer
     assert observer is not None

@@ -327,4 +327,3 @@ def ping(target: object, count: int = 3, wait: float = 1.0) -> int:
 def ifindex(ifname: str) -> int:
     """The interface's index in the calling thread's namespace (OSError when it does not exist)."""
     return socket.if_nametoindex(ifname)
-
