@@ -21,6 +21,23 @@ def _isp_nft(lab: Lab, script: str) -> None:
     sh("ip", "netns", "exec", lab.ns("isp"), "nft", "-f", "-", input=script)
 
 
+def _drop_isp_chain(lab: Lab, chain: str) -> None:
+    """Remove one fault's chain (absent is fine: the fault was not on)."""
+    sh(
+        "ip",
+        "netns",
+        "exec",
+        lab.ns("isp"),
+        "nft",
+        "delete",
+        "chain",
+        "inet",
+        _FAULT_TABLE,
+        chain,
+        check=False,
+    )
+
+
 def kill_server(lab: Lab, index: str = "1") -> str:
     server = lab.servers[int(index) - 1]
     os.kill(server.wg_pid, signal.SIGKILL)
@@ -49,19 +66,7 @@ def blackhole_server(lab: Lab, index: str = "1") -> str:
 
 def restore_server(lab: Lab, index: str = "1") -> str:
     server = lab.servers[int(index) - 1]
-    sh(
-        "ip",
-        "netns",
-        "exec",
-        lab.ns("isp"),
-        "nft",
-        "delete",
-        "chain",
-        "inet",
-        _FAULT_TABLE,
-        f"blackhole{server.index}",
-        check=False,
-    )
+    _drop_isp_chain(lab, f"blackhole{server.index}")
     return f"{server.name} reachable again"
 
 
@@ -90,19 +95,7 @@ def loss(lab: Lab, percent: str = "20") -> str:
 
 def clear_loss(lab: Lab) -> str:
     for chain in ("loss", "loss_out"):
-        sh(
-            "ip",
-            "netns",
-            "exec",
-            lab.ns("isp"),
-            "nft",
-            "delete",
-            "chain",
-            "inet",
-            _FAULT_TABLE,
-            chain,
-            check=False,
-        )
+        _drop_isp_chain(lab, chain)
     return "no loss"
 
 

@@ -23,7 +23,7 @@ from typing import Protocol, Self
 
 from supervisor.errors import TunlockError
 from supervisor.redact import Secret
-from supervisor.servers import Endpoint, IPNetwork, Server
+from supervisor.servers import Endpoint, Peer, Server
 
 
 class BackendError(TunlockError):
@@ -35,40 +35,22 @@ class InterfaceTaken(BackendError):
 
 
 @dataclass(frozen=True)
-class PeerConfig:
-    """The single peer of the tunnel: one VPN server."""
-
-    public_key: str
-    endpoint: Endpoint
-    allowed_ips: tuple[IPNetwork, ...]
-    preshared_key: Secret | None = None
-    persistent_keepalive: int | None = None
-
-
-@dataclass(frozen=True)
 class DeviceConfig:
     """Everything the backend sets on the interface for one server (one ``set``, atomically)."""
 
     private_key: Secret
     fwmark: int
-    peer: PeerConfig
+    peer: Peer
     listen_port: int | None = None
 
     @classmethod
     def for_server(cls, server: Server, fwmark: int) -> DeviceConfig:
         """The device settings that connect to ``server``, marking WireGuard's own UDP with ``fwmark``."""
-        peer = server.peer
         return cls(
             private_key=server.private_key,
             fwmark=fwmark,
             listen_port=server.listen_port,
-            peer=PeerConfig(
-                public_key=peer.public_key,
-                endpoint=peer.endpoint,
-                allowed_ips=peer.allowed_ips,
-                preshared_key=peer.preshared_key,
-                persistent_keepalive=peer.persistent_keepalive,
-            ),
+            peer=server.peer,
         )
 
 

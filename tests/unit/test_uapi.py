@@ -19,8 +19,8 @@ import anyio
 import pytest
 
 from supervisor.redact import Secret
-from supervisor.servers import parse_endpoint
-from supervisor.wireguard.backend import DeviceConfig, PeerConfig
+from supervisor.servers import Peer, parse_endpoint
+from supervisor.wireguard.backend import DeviceConfig
 from supervisor.wireguard.uapi import (
     UapiClient,
     UapiErrno,
@@ -66,7 +66,7 @@ def config() -> DeviceConfig:
         private_key=Secret(PRIVATE),
         fwmark=0xCA6C,
         listen_port=None,
-        peer=PeerConfig(
+        peer=Peer(
             public_key=PUBLIC,
             endpoint=parse_endpoint("[2001:db8::11]:51820"),
             allowed_ips=(ip_network("0.0.0.0/0"), ip_network("::/0")),

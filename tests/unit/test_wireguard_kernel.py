@@ -21,8 +21,8 @@ from pyroute2.netlink.generic.wireguard import (
 )
 
 from supervisor.redact import Secret
-from supervisor.servers import parse_endpoint
-from supervisor.wireguard.backend import DeviceConfig, PeerConfig
+from supervisor.servers import Peer, parse_endpoint
+from supervisor.wireguard.backend import DeviceConfig
 from supervisor.wireguard.kernel import (
     get_device_message,
     remove_peers_message,
@@ -50,7 +50,7 @@ def config(
         private_key=Secret(PRIVATE),
         fwmark=0xCA6C,
         listen_port=port,
-        peer=PeerConfig(
+        peer=Peer(
             public_key=PUBLIC,
             endpoint=parse_endpoint(endpoint),
             allowed_ips=(ip_network("0.0.0.0/0"), ip_network("::/0"), ip_network("10.64.0.0/10")),
