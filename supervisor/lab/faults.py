@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import struct
 
-from supervisor.lab.topology import UAPI_DIR, Lab, LabError, sh
+from supervisor.lab.topology import Lab, LabError, sh, uapi_pid
 
 _FAULT_TABLE = "labfault"
 
@@ -150,12 +148,7 @@ def delete_tunnel_interface(lab: Lab) -> str:
 
 
 def client_wireguard_pid(lab: Lab) -> int | None:
-    with socket.socket(socket.AF_UNIX) as sock:
-        try:
-            sock.connect(str(UAPI_DIR / f"{lab.client_ifname}.sock"))
-        except OSError:
-            return None
-        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    return uapi_pid(lab.client_ifname)
 
 
 def kill_client_wireguard_go(lab: Lab) -> str:

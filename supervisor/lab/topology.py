@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -104,7 +105,8 @@ class LabState:
         return cls(**data)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent to reap it)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -114,12 +116,12 @@ def _alive(pid: int) -> bool:
 
 def _kill(pid: int, timeout: float = 2.0) -> None:
     """End a process the lab started (by PID), SIGTERM then SIGKILL."""
-    if pid <= 0 or not _alive(pid):
+    if pid <= 0 or not process_alive(pid):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
@@ -509,20 +511,23 @@ class Lab:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def uapi_pid(ifname: str) -> int | None:
+    """PID of the wireguard-go serving ``ifname`` (its UAPI socket's peer), None when none does."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(UAPI_DIR / f"{ifname}.sock"))
+        except OSError:
+            return None
+        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+
+
 def _kill_client_wireguard(ifname: str) -> None:
     """A tunnel the daemon under test started (wireguard-go in its own session) goes too."""
-    sock = UAPI_DIR / f"{ifname}.sock"
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(sock))
-            import struct
-
-            pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-            _kill(pid)
-        except OSError:
-            pass
+    pid = uapi_pid(ifname)
+    if pid is not None:
+        _kill(pid)
     with contextlib.suppress(FileNotFoundError):
-        sock.unlink()
+        (UAPI_DIR / f"{ifname}.sock").unlink()
 
 
 def _kill_namespace_processes(ns: str) -> None:
@@ -548,7 +553,7 @@ def sweep_stale() -> list[str]:
     """Tear down labs whose owner process is gone (a crashed test); return their ids."""
     swept = []
     for state in labs():
-        if state.owner_pid and not _alive(state.owner_pid):
+        if state.owner_pid and not process_alive(state.owner_pid):
             Lab(state).down()
             swept.append(state.id)
     return swept

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from supervisor.config import Config
-from supervisor.servers import Endpoint, Server
-
-IPAddress = IPv4Address | IPv6Address
-IPNetwork = IPv4Network | IPv6Network
+from supervisor.servers import Endpoint, IPAddress, IPNetwork, Server
 
 
 @dataclass(frozen=True)

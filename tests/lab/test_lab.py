@@ -8,7 +8,7 @@ import pytest
 
 from supervisor.lab import faults
 from supervisor.lab.probes import ContinuousPing, Observer, Probes, describe
-from supervisor.lab.topology import INTERNET_V4, Lab, sh
+from supervisor.lab.topology import INTERNET_V4, Lab, process_alive, sh
 from supervisor.lab.tunnel import FWMARK, hand_tunnel
 
 pytestmark = pytest.mark.lab
@@ -158,7 +158,7 @@ def test_client_side_faults(lab):
 def test_kill_server(lab):
     server = lab.lab.servers[2]
     faults.kill_server(lab.lab, "3")
-    assert _eventually(lambda: not _alive(server.wg_pid))
+    assert _eventually(lambda: not process_alive(server.wg_pid))
 
 
 def test_two_labs_side_by_side_do_not_interfere(lab):
@@ -176,14 +176,6 @@ def _server_rx(lab: Lab, index: int) -> int:
     server = lab.servers[index - 1]
     out = sh("ip", "netns", "exec", server.ns, "wg", "show", server.ifname, "transfer")
     return sum(int(line.split()[1]) for line in out.splitlines() if line.strip())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _eventually(check, timeout: float = 5.0) -> bool:

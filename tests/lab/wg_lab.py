@@ -31,7 +31,7 @@ from pathlib import Path
 import anyio
 
 from supervisor.lab.probes import Observer
-from supervisor.lab.topology import Lab
+from supervisor.lab.topology import Lab, process_alive, uapi_pid
 from supervisor.servers import Endpoint, Server, load_server
 from supervisor.wireguard.uapi import UAPI_DIR
 
@@ -48,26 +48,6 @@ def sh(*argv: str, input: str | None = None, check: bool = True) -> str:
     return done.stdout
 
 
-def uapi_pid(ifname: str) -> int | None:
-    """PID of the wireguard-go serving ``ifname`` (SO_PEERCRED), None when nothing does."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        try:
-            sock.connect(str(UAPI_DIR / f"{ifname}.sock"))
-        except OSError:
-            return None
-        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        return pid
-
-
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting for its parent to reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def stop_wireguard_go(ifname: str) -> None:
     """Stop the wireguard-go a test started for ``ifname`` (by PID) and remove a stale socket."""
     pid = uapi_pid(ifname)
@@ -75,7 +55,7 @@ def stop_wireguard_go(ifname: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 3
-        while _alive(pid) and time.monotonic() < deadline:
+        while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
     with contextlib.suppress(FileNotFoundError):
         (UAPI_DIR / f"{ifname}.sock").unlink()
