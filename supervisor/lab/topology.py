@@ -62,6 +62,11 @@ class LabError(RuntimeError):
     """A lab command failed; the message names the command and its error."""
 
 
+def ip_batch(ns: str, commands: list[str]) -> None:
+    """Several ``ip`` commands in one process, inside namespace ``ns`` (fast lab bring-up)."""
+    sh("ip", "-n", ns, "-batch", "-", input="\n".join(commands) + "\n")
+
+
 def sh(*argv: str, input: str | None = None, check: bool = True, timeout: float = 20) -> str:
     done = subprocess.run(argv, input=input, text=True, capture_output=True, timeout=timeout)
     if check and done.returncode != 0:
@@ -289,61 +294,40 @@ class Lab:
                 f"addr add 198.51.100.{4 * s.index + 1}/30 dev v{s.index}",
                 f"addr add 2001:db8:100:{s.index}::1/64 dev v{s.index} nodad",
             ]
-        sh("ip", "-n", isp, "-batch", "-", input="\n".join(isp_cmds) + "\n")
-        sh(
-            "ip",
-            "-n",
+        ip_batch(isp, isp_cmds)
+        ip_batch(
             client,
-            "-batch",
-            "-",
-            input="\n".join(
-                [
-                    "link set lo up",
-                    "link set wan0 up",
-                    "addr add 192.0.2.2/24 dev wan0",
-                    "addr add 2001:db8:c::2/64 dev wan0 nodad",
-                    "route add default via 192.0.2.1",
-                    "route add default via 2001:db8:c::1",
-                ]
-            )
-            + "\n",
+            [
+                "link set lo up",
+                "link set wan0 up",
+                "addr add 192.0.2.2/24 dev wan0",
+                "addr add 2001:db8:c::2/64 dev wan0 nodad",
+                "route add default via 192.0.2.1",
+                "route add default via 2001:db8:c::1",
+            ],
         )
-        sh(
-            "ip",
-            "-n",
+        ip_batch(
             inet,
-            "-batch",
-            "-",
-            input="\n".join(
+            [
+                "link set lo up",
+                "link set eth0 up",
+                "addr add 203.0.113.10/24 dev eth0",
+                "addr add 2001:db8:203::10/64 dev eth0 nodad",
+                "route add default via 203.0.113.1",
+                "route add default via 2001:db8:203::1",
+            ],
+        )
+        for s in self.servers:
+            ip_batch(
+                s.ns,
                 [
                     "link set lo up",
                     "link set eth0 up",
-                    "addr add 203.0.113.10/24 dev eth0",
-                    "addr add 2001:db8:203::10/64 dev eth0 nodad",
-                    "route add default via 203.0.113.1",
-                    "route add default via 2001:db8:203::1",
-                ]
-            )
-            + "\n",
-        )
-        for s in self.servers:
-            sh(
-                "ip",
-                "-n",
-                s.ns,
-                "-batch",
-                "-",
-                input="\n".join(
-                    [
-                        "link set lo up",
-                        "link set eth0 up",
-                        f"addr add {s.endpoint_v4}/30 dev eth0",
-                        f"addr add {s.endpoint_v6}/64 dev eth0 nodad",
-                        f"route add default via 198.51.100.{4 * s.index + 1}",
-                        f"route add default via 2001:db8:100:{s.index}::1",
-                    ]
-                )
-                + "\n",
+                    f"addr add {s.endpoint_v4}/30 dev eth0",
+                    f"addr add {s.endpoint_v6}/64 dev eth0 nodad",
+                    f"route add default via 198.51.100.{4 * s.index + 1}",
+                    f"route add default via 2001:db8:100:{s.index}::1",
+                ],
             )
         for ns in [isp] + [s.ns for s in self.servers]:
             self.run(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
@@ -436,20 +420,13 @@ class Lab:
                 "allowed-ips",
                 f"{TUNNEL_CLIENT_V4}/32,{TUNNEL_CLIENT_V6}/128",
             )
-            sh(
-                "ip",
-                "-n",
+            ip_batch(
                 s.ns,
-                "-batch",
-                "-",
-                input="\n".join(
-                    [
-                        f"addr add {TUNNEL_SERVER_V4}/24 dev {s.ifname}",
-                        f"addr add {TUNNEL_SERVER_V6}/64 dev {s.ifname} nodad",
-                        f"link set {s.ifname} up",
-                    ]
-                )
-                + "\n",
+                [
+                    f"addr add {TUNNEL_SERVER_V4}/24 dev {s.ifname}",
+                    f"addr add {TUNNEL_SERVER_V6}/64 dev {s.ifname} nodad",
+                    f"link set {s.ifname} up",
+                ],
             )
             sh(
                 "ip",

@@ -18,11 +18,18 @@ from supervisor.lab.topology import (
     UAPI_DIR,
     WG_PORT,
     Lab,
+    ip_batch,
     sh,
 )
 
 FWMARK = 0xCA6C
 TABLE = 51820
+# wg-quick's full-tunnel rules: unmarked packets use the tunnel's table, except that the main
+# table still wins for anything more specific than a default route.
+_RULES = (
+    ("not", "fwmark", str(FWMARK), "table", str(TABLE)),
+    ("table", "main", "suppress_prefixlength", "0"),
+)
 
 
 @contextlib.contextmanager
@@ -60,49 +67,19 @@ def hand_tunnel(lab: Lab, server: int = 1) -> Iterator[str]:
             "allowed-ips",
             "0.0.0.0/0,::/0",
         )
-        sh(
-            "ip",
-            "-n",
+        ip_batch(
             lab.ns("client"),
-            "-batch",
-            "-",
-            input="\n".join(
-                [
-                    f"addr add {TUNNEL_CLIENT_V4}/32 dev {ifname}",
-                    f"addr add {TUNNEL_CLIENT_V6}/128 dev {ifname} nodad",
-                    f"link set {ifname} up",
-                    f"route add default dev {ifname} table {TABLE}",
-                    f"route add ::/0 dev {ifname} table {TABLE}",
-                ]
-            )
-            + "\n",
+            [
+                f"addr add {TUNNEL_CLIENT_V4}/32 dev {ifname}",
+                f"addr add {TUNNEL_CLIENT_V6}/128 dev {ifname} nodad",
+                f"link set {ifname} up",
+                f"route add default dev {ifname} table {TABLE}",
+                f"route add ::/0 dev {ifname} table {TABLE}",
+            ],
         )
         for family in ("-4", "-6"):
-            sh(
-                "ip",
-                family,
-                "-n",
-                lab.ns("client"),
-                "rule",
-                "add",
-                "not",
-                "fwmark",
-                str(FWMARK),
-                "table",
-                str(TABLE),
-            )
-            sh(
-                "ip",
-                family,
-                "-n",
-                lab.ns("client"),
-                "rule",
-                "add",
-                "table",
-                "main",
-                "suppress_prefixlength",
-                "0",
-            )
+            for rule in _RULES:
+                sh("ip", family, "-n", lab.ns("client"), "rule", "add", *rule)
         yield ifname
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -111,18 +88,5 @@ def hand_tunnel(lab: Lab, server: int = 1) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             (UAPI_DIR / f"{ifname}.sock").unlink()
         for family in ("-4", "-6"):
-            for _ in range(2):
-                sh("ip", family, "-n", lab.ns("client"), "rule", "del", "table", str(TABLE), check=False)
-            sh(
-                "ip",
-                family,
-                "-n",
-                lab.ns("client"),
-                "rule",
-                "del",
-                "table",
-                "main",
-                "suppress_prefixlength",
-                "0",
-                check=False,
-            )
+            for rule in _RULES:
+                sh("ip", family, "-n", lab.ns("client"), "rule", "del", *rule, check=False)

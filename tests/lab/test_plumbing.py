@@ -11,25 +11,27 @@ import dataclasses
 import subprocess
 from collections.abc import Iterator
 from ipaddress import ip_interface
-from typing import Any
 
 import pytest
-import structlog
 from pyroute2 import AsyncIPRoute
 
 from supervisor.net.routes import FullTunnelRouting
 from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
 
-from .wg_lab import (
+from .wg_lab import (  # noqa: F401  (two of these are fixtures, registered by import)
+    FWMARK,
     ORIGINAL_RESOLV_CONF,
     PHYSICAL,
+    TABLE,
     TUNNEL_SERVER_V4,
     WgLab,
     backend_params,
     ifindex,
     lab_skip_reason,
+    logs_to_the_current_stdout,  # a fixture
     ping,
     tunnel_settings,
+    wg_lab_fixture,  # the `lab` fixture, seen through WgLab
 )
 
 pytestmark = [
@@ -37,21 +39,6 @@ pytestmark = [
     pytest.mark.anyio,
     pytest.mark.skipif(lab_skip_reason() is not None, reason=lab_skip_reason() or ""),
 ]
-
-FWMARK = 0xCA6C
-TABLE = 51820
-
-
-@pytest.fixture(autouse=True)
-def _logs_to_the_current_stdout() -> None:
-    # Another test may have configured structlog to a capture stream that is closed by now.
-    structlog.reset_defaults()
-
-
-@pytest.fixture(scope="module")
-def lab(lab: Any) -> WgLab:
-    """The shared lab fixture (tests/lab/conftest.py) seen through the WireGuard tests' helpers."""
-    return WgLab(lab.lab, observer=lab.observer)
 
 
 @pytest.fixture(params=backend_params())

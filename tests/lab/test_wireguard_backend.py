@@ -18,11 +18,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
-import structlog
 
 from supervisor.lab.probes import describe
 from supervisor.lock import nft as lock
@@ -35,7 +33,9 @@ from supervisor.wireguard.uapi import UapiClient, UapiErrno
 from supervisor.wireguard.userspace import UserspaceBackend
 
 from .wg_agent import server_spec
-from .wg_lab import (
+from .wg_lab import (  # noqa: F401  (two of these are fixtures, registered by import)
+    FWMARK,
+    TABLE,
     TUNNEL_SERVER_V4,
     TUNNEL_SERVER_V6,
     EventLog,
@@ -44,10 +44,12 @@ from .wg_lab import (
     backend_params,
     ifindex,
     lab_skip_reason,
+    logs_to_the_current_stdout,  # a fixture
     ping,
     ping_continuously,
     tunnel_settings,
     uapi_pid,
+    wg_lab_fixture,  # the `lab` fixture, seen through WgLab
 )
 
 pytestmark = [
@@ -57,20 +59,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-FWMARK = 0xCA6C
-TABLE = 51820
-
-
-@pytest.fixture(autouse=True)
-def _logs_to_the_current_stdout() -> None:
-    # Another test may have configured structlog to a capture stream that is closed by now.
-    structlog.reset_defaults()
-
-
-@pytest.fixture(scope="module")
-def lab(lab: Any) -> WgLab:
-    """The shared lab fixture (tests/lab/conftest.py) seen through the WireGuard tests' helpers."""
-    return WgLab(lab.lab, observer=lab.observer)
 
 
 @pytest.fixture(params=backend_params())

@@ -27,8 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 import anyio
+import pytest
+import structlog
 
 from supervisor.lab.probes import Observer
 from supervisor.lab.topology import Lab, process_alive, uapi_pid
@@ -307,3 +310,21 @@ def ping(target: object, count: int = 3, wait: float = 1.0) -> int:
 def ifindex(ifname: str) -> int:
     """The interface's index in the calling thread's namespace (OSError when it does not exist)."""
     return socket.if_nametoindex(ifname)
+
+
+# --- fixtures shared by the WireGuard lab tests (imported by name into each module) -----------
+
+FWMARK = 0xCA6C
+TABLE = 51820
+
+
+@pytest.fixture(autouse=True, name="_logs_to_the_current_stdout")
+def logs_to_the_current_stdout() -> None:
+    # Another test may have configured structlog to a capture stream that is closed by now.
+    structlog.reset_defaults()
+
+
+@pytest.fixture(scope="module", name="lab")
+def wg_lab_fixture(lab: Any) -> WgLab:
+    """The shared lab fixture (tests/lab/conftest.py) seen through the WireGuard tests' helpers."""
+    return WgLab(lab.lab, observer=lab.observer)
