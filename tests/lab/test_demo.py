@@ -23,4 +23,7 @@ def test_demo_shows_leaks_without_the_lock_and_none_with_it():
     assert "the ISP saw 0 leaked" not in no_lock, "without the lock the observer must see the probes"
     assert "lock applied: 0 probes answered; the ISP saw 0 leaked packets" in result.stdout
     assert lines[-1].endswith("Leaked packets with the lock in place: 0")
-    assert {s.id for s in labs()} == before, "the demo must remove its lab"
+    # Compared as a subset: the demo sweeps labs whose owner died (say, a CI run killed earlier), so
+    # a stale lab present before may rightly be gone after; what must never happen is a new one left.
+    left_behind = {s.id for s in labs()} - before
+    assert not left_behind, f"the demo must remove its lab, left {left_behind}"
