@@ -15,7 +15,7 @@ import click
 
 from supervisor import __version__
 from supervisor.check import check
-from supervisor.cli_common import CONFIG_OPTION, not_yet
+from supervisor.cli_common import CONFIG_OPTION, load_or_exit
 from supervisor.control.cli import health, reconnect, rotate, status
 from supervisor.lab.cli import lab
 from supervisor.lock.cli import lock
@@ -29,9 +29,32 @@ def main() -> None:
 
 @main.command()
 @CONFIG_OPTION
-def run(config_path: Path) -> None:
-    """Run the daemon in the foreground: keep the lock, then connect."""
-    not_yet("run")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    envvar="TUNLOCK_LOG_LEVEL",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    default="auto",
+    show_default=True,
+    help="auto: JSON unless stderr is a terminal.",
+)
+def run(config_path: Path, log_level: str, log_format: str) -> None:
+    """Run the daemon in the foreground: keep the lock, then connect.
+
+    SIGTERM/SIGINT stop it (the tunnel goes down, the lock stays in permanent mode); SIGHUP
+    reloads the configuration. Exit 2 on a bad configuration, 1 on any other error.
+    """
+    from supervisor.daemon import run_daemon
+    from supervisor.log import configure
+
+    configure(log_level, json=None if log_format == "auto" else log_format == "json")
+    config = load_or_exit(config_path)
+    sys.exit(run_daemon(config))
 
 
 @main.command()

@@ -1,10 +1,14 @@
-"""Options shared by several subcommands."""
+"""Options and helpers shared by several subcommands."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
+
+from supervisor.config import Config, load_config
+from supervisor.errors import ConfigError
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -17,8 +21,14 @@ CONFIG_OPTION = click.option(
 )
 
 
-def not_yet(name: str) -> None:
-    import sys
-
-    click.echo(f"tunlock: '{name}' is not implemented yet", err=True)
-    sys.exit(2)
+def load_or_exit(config_path: Path, *, exit_code: int = 2, note: str | None = None) -> Config:
+    """The configuration, or every problem as ``file:line: reason`` on stderr (then ``note``)
+    and exit ``exit_code``."""
+    try:
+        return load_config(config_path)
+    except ConfigError as err:
+        for problem in err.problems:
+            click.echo(str(problem), err=True)
+        if note:
+            click.echo(f"tunlock: {note}", err=True)
+        sys.exit(exit_code)

@@ -79,6 +79,7 @@ class RotationSection(_Section):
 
 class HealthSection(_Section):
     interval_s: Seconds = 1.0
+    probe_interval_s: Seconds = 0.25
     dead_after_s: Seconds = 3.0
     probe_target: str | None = None
     handshake_max_age_s: Seconds = 180.0

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from supervisor.cli_common import CONFIG_OPTION
-from supervisor.config import Config, load_config
-from supervisor.errors import ConfigError, TunlockError
+from supervisor.cli_common import CONFIG_OPTION, load_or_exit
+from supervisor.config import Config
+from supervisor.errors import TunlockError
 from supervisor.lock import nft
 from supervisor.lock.policy import policy_from_config
 from supervisor.lock.render import render
@@ -34,13 +34,7 @@ WantedBy=sysinit.target
 
 
 def _load(config_path: Path) -> Config:
-    try:
-        return load_config(config_path)
-    except ConfigError as err:
-        for problem in err.problems:
-            click.echo(str(problem), err=True)
-        click.echo("tunlock: the lock was not changed", err=True)
-        sys.exit(1)
+    return load_or_exit(config_path, exit_code=1, note="the lock was not changed")
 
 
 def _fail(err: TunlockError) -> None:

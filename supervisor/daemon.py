@@ -1,0 +1,278 @@
+"""``tunlock run``: the real adapters wired to the runtime, in one task group.
+
+Order at start, so that nothing leaves before the lock is in force:
+
+1. open the tunnel backend and *adopt* a tunnel left running by an earlier daemon (read only);
+2. start the path monitor (read only): its first report is queued before anything else;
+3. ``Start`` → the machine's first action installs the whole lock, letting through at most the
+   adopted tunnel's server, and only then configures a peer; the lock guard starts watching;
+4. the control socket and the signal handlers.
+
+Stopping (SIGTERM, SIGINT) is an event like any other: the machine tears the tunnel down and
+keeps the lock (``permanent``). A crash or SIGKILL skips all of that on purpose: the lock stays,
+wireguard-go (its own session) keeps the tunnel up, and the next start adopts it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+import anyio
+import anyio.abc
+
+from supervisor.config import Config, load_config
+from supervisor.control import server as control_server
+from supervisor.errors import ConfigError, TunlockError
+from supervisor.health import IcmpProber
+from supervisor.lock import nft
+from supervisor.lock.guard import LockGuard
+from supervisor.lock.policy import LockPolicy, policy_from_config
+from supervisor.log import get_logger
+from supervisor.machine import events as ev
+from supervisor.machine.settings import Settings
+from supervisor.machine.states import Machine
+from supervisor.net import monitor
+from supervisor.runtime import LockFailed, Runtime
+from supervisor.safety import ensure_safe_to_lock
+from supervisor.servers import Server
+from supervisor.wireguard import backend as wg
+from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
+
+log = get_logger(__name__)
+
+ADOPT_TIMEOUT_S = 15.0
+# Settings that name things already built (the interface, the table, the socket): changing
+# them needs a restart, so a reload that changes them is refused as a whole.
+RESTART_ONLY = (
+    ("tunnel", "interface"),
+    ("tunnel", "backend"),
+    ("tunnel", "fwmark"),
+    ("tunnel", "route_table"),
+    ("lock", "table"),
+    ("lock", "mode"),
+    ("control", "socket"),
+)
+
+
+def machine_settings(config: Config) -> Settings:
+    s = config.settings
+    return Settings(
+        servers=tuple(server.name for server in config.servers),
+        strategy=s.rotation.strategy,
+        cooldown_s=s.rotation.cooldown_s,
+        backoff_initial_s=s.rotation.backoff_initial_s,
+        backoff_max_s=s.rotation.backoff_max_s,
+        interval_s=s.health.interval_s,
+        probe_interval_s=s.health.probe_interval_s,
+        dead_after_s=s.health.dead_after_s,
+        handshake_max_age_s=s.health.handshake_max_age_s,
+        connect_timeouts_s=tuple(s.health.connect_timeouts_s),
+        lock_mode=s.lock.mode,
+    )
+
+
+def probe_target(config: Config) -> Callable[[Server], IPv4Address | IPv6Address | None]:
+    """Where probes go: ``health.probe_target``, else the server's first DNS address (inside
+    the tunnel, so an answer proves the whole path)."""
+    fixed = config.settings.health.probe_target
+    target = ip_address(fixed) if fixed else None
+
+    def for_server(server: Server) -> IPv4Address | IPv6Address | None:
+        if target is not None:
+            return target
+        return server.dns[0] if server.dns else None
+
+    return for_server
+
+
+class GuardedLock:
+    """The lock as the runtime drives it: the guard applies and swaps, and watches between."""
+
+    def __init__(self, base: LockPolicy, task_group: anyio.abc.TaskGroup, runtime_post) -> None:
+        self.base = base
+        self.servers: tuple[Server, ...] = ()
+        self.guard = LockGuard(base, self._tampered)
+        self._task_group = task_group
+        self._post = runtime_post
+        self._watch: anyio.CancelScope | None = None
+
+    async def _tampered(self, reason: str) -> None:
+        await self._post(lambda now: ev.LockTampered(now, reason))
+
+    async def apply(self, servers: tuple[Server, ...]) -> None:
+        self.servers = servers
+        await self.guard.apply(self.base.with_servers(servers))
+        if self._watch is None:
+            await self._task_group.start(self._guard)
+
+    async def _guard(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with anyio.CancelScope() as self._watch:
+            await self.guard.run(task_status=task_status)
+
+    async def set_servers(self, servers: tuple[Server, ...]) -> None:
+        policy = self.base.with_servers(servers)
+        if policy.tunnel_dns != self.guard.policy.tunnel_dns:
+            await self.guard.apply(policy)  # another resolver too: the whole table at once
+        else:
+            await self.guard.swap_endpoints(policy)
+        self.servers = servers
+
+    async def rebase(self, base: LockPolicy) -> None:
+        """A reload changed the policy around the endpoints (LAN, ports): re-apply if it differs."""
+        self.base = base
+        if base.with_servers(self.servers) != self.guard.policy:
+            await self.apply(self.servers)
+
+    async def remove(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()  # or the guard would put it straight back
+        await anyio.to_thread.run_sync(nft.remove, self.base.table)
+
+    async def state(self) -> tuple[bool, bool]:
+        return await self.guard.state()
+
+
+async def serve(config: Config) -> int:
+    """Run the daemon until stopped; the exit status."""
+    ensure_safe_to_lock()
+    settings = config.settings
+    servers = {server.name: server for server in config.servers}
+    tunnel_settings = TunnelSettings.from_config(settings)
+    runtime_ref: list[Runtime] = []
+
+    async def backend_event(event: wg.BackendEvent) -> None:
+        if not runtime_ref:
+            return
+        runtime = runtime_ref[0]
+        if isinstance(event, wg.BackendDied):
+            await runtime.post(lambda now: ev.BackendDown(now, event.reason))
+        elif isinstance(event, wg.BackendRestarted):
+            await runtime.post(lambda now: ev.BackendUp(now))
+
+    async with anyio.create_task_group() as tg, open_tunnel(tunnel_settings, report=backend_event) as tunnel:
+        with anyio.fail_after(ADOPT_TIMEOUT_S):
+            adopted = await tunnel.adopt(config.servers)
+        runtime: Runtime
+        lock = GuardedLock(policy_from_config(config, servers=()), tg, lambda make: runtime.post(make))
+        runtime = Runtime(
+            Machine.initial(machine_settings(config)),
+            servers,
+            lock,
+            tunnel,
+            IcmpProber(),
+            ifname=tunnel.ifname,
+            probe_target=probe_target(config),
+        )
+        runtime.status.backend = tunnel.backend.kind
+        runtime_ref.append(runtime)
+
+        async def paths(observation: monitor.Observation) -> None:
+            if isinstance(observation, monitor.TunnelLinkGone):
+                await runtime.post(lambda now: ev.TunnelLost(now))
+                return
+            reachable = frozenset(
+                n for n, s in runtime.servers.items() if s.endpoint in observation.reachable
+            )
+            await runtime.post(lambda now: ev.PathsChanged(now, reachable))
+
+        watcher = monitor.PathMonitor(
+            (s.endpoint for s in config.servers), settings.tunnel.fwmark, tunnel.ifname
+        )
+        await tg.start(watcher.run, paths)
+        await runtime.post(
+            lambda now: ev.Start(now, int.from_bytes(os.urandom(8), "big"), adopted.name if adopted else None)
+        )
+
+        async def control(request: dict) -> dict:
+            command = request.get("command")
+            if command == "status":
+                await runtime.refresh_lock_status()
+                return runtime.status.as_json()
+            if command == "rotate":
+                await runtime.post(lambda now: ev.RotateRequested(now))
+                return {"ok": True}
+            if command == "reconnect":
+                await runtime.post(lambda now: ev.ReconnectRequested(now))
+                return {"ok": True}
+            return {"ok": False, "error": f"unknown command {command!r} (status, rotate, reconnect)"}
+
+        await tg.start(control_server.serve, settings.control.socket, control)
+        tg.start_soon(_signals, runtime, config, lock, watcher)
+        log.info(
+            "tunlock running",
+            interface=tunnel.ifname,
+            backend=tunnel.backend.kind,
+            servers=len(servers),
+            adopted=adopted.name if adopted else None,
+            pid=os.getpid(),
+        )
+        await runtime.run(tg)
+        tg.cancel_scope.cancel()
+    log.info("tunlock stopped", lock="kept" if settings.lock.mode == "permanent" else "removed")
+    return 0
+
+
+async def _signals(runtime: Runtime, config: Config, lock: GuardedLock, watcher: monitor.PathMonitor) -> None:
+    current = config
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                current = await _reload(runtime, current, lock, watcher)
+            else:
+                log.info("stopping", signal=signal.Signals(signum).name)
+                await runtime.post(lambda now: ev.Stop(now))
+
+
+async def _reload(
+    runtime: Runtime, config: Config, lock: GuardedLock, watcher: monitor.PathMonitor
+) -> Config:
+    """Read the configuration again; keep running on the old one if the new one is bad."""
+    try:
+        new = await anyio.to_thread.run_sync(load_config, config.path)
+    except ConfigError as err:
+        log.error("reload refused: the configuration has errors", problems=[str(p) for p in err.problems])
+        return config
+    changed = [
+        ".".join(key)
+        for key in RESTART_ONLY
+        if getattr(getattr(new.settings, key[0]), key[1]) != getattr(getattr(config.settings, key[0]), key[1])
+    ]
+    if changed:
+        log.error("reload refused: these settings need a restart", settings=changed)
+        return config
+    runtime.servers = {server.name: server for server in new.servers}
+    runtime.probe_target = probe_target(new)
+    watcher.set_endpoints(s.endpoint for s in new.servers)
+    kept = tuple(s for s in lock.servers if s.name in runtime.servers)
+    lock.servers = tuple(runtime.servers[s.name] for s in kept)
+    await lock.rebase(policy_from_config(new, servers=()))
+    settings = machine_settings(new)
+    await runtime.post(lambda now: ev.ConfigReloaded(now, settings))
+    log.info("configuration reloaded", servers=len(new.servers))
+    return new
+
+
+def _first_error(error: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups: what the user needs to read."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
+
+
+def run_daemon(config: Config) -> int:
+    """``tunlock run``: serve until stopped. 0 after a clean stop; 1 (logged) after an error,
+    with the lock left exactly as it was."""
+    try:
+        return anyio.run(serve, config, backend="asyncio")
+    except (Exception, BaseExceptionGroup) as caught:
+        error = _first_error(caught)
+        if isinstance(error, KeyboardInterrupt):
+            return 130
+        if isinstance(error, (TunlockError, LockFailed)):
+            log.error("tunlock failed; the lock stays as it is", error=str(error))
+        else:
+            log.exception("tunlock crashed; the lock stays as it is", exc_info=error)
+        return 1

@@ -1,0 +1,5 @@
+"""``python -m supervisor.machine``: print the transition table (docs/supervisor.md embeds it)."""
+
+from supervisor.machine.core import describe
+
+print(describe())

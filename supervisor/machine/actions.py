@@ -1,0 +1,102 @@
+"""What the machine asks the runtime to do: plain data, executed in order.
+
+The lock appears only as ``ApplyLock`` and ``SetLockServers``, both naming at most the one server
+the tunnel may reach, and ``RemoveLock``, which the machine emits only when stopping in
+``session`` mode. That is the whole of its power over the lock, and the property tests check it
+over arbitrary event sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from supervisor.machine.events import Timer
+
+
+@dataclass(frozen=True)
+class ApplyLock:
+    """Install the whole lock (one transaction), letting the tunnel reach ``servers`` only."""
+
+    servers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SetLockServers:
+    """Swap the endpoints the tunnel may reach to ``servers``' (element changes, no gap)."""
+
+    servers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RemoveLock:
+    """Delete the lock table: only on stop, and only in ``session`` mode."""
+
+
+@dataclass(frozen=True)
+class ConfigurePeer:
+    """Make ``server`` the tunnel's peer (create the interface, or swap the peer on it)."""
+
+    server: str
+
+
+@dataclass(frozen=True)
+class RemovePeer:
+    """Leave the interface without a peer: nothing passes, nothing leaks."""
+
+
+@dataclass(frozen=True)
+class CloseTunnel:
+    """Delete the interface, its routes and DNS (stop)."""
+
+
+@dataclass(frozen=True)
+class ReadStats:
+    """Read handshake age and counters; the answer comes back as ``StatsRead``."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Send one light probe through the tunnel; its answer shows up in the rx counter."""
+
+
+@dataclass(frozen=True)
+class StartTimer:
+    """(Re)arm ``timer`` to fire after ``delay_s``; a timer armed again replaces the earlier one."""
+
+    timer: Timer
+    delay_s: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    timer: Timer
+
+
+@dataclass(frozen=True)
+class PublishStatus:
+    """The state changed: tell the log, the control socket and the metrics."""
+
+    state: str
+    server: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Everything is done: end the runtime."""
+
+
+Action = (
+    ApplyLock
+    | SetLockServers
+    | RemoveLock
+    | ConfigurePeer
+    | RemovePeer
+    | CloseTunnel
+    | ReadStats
+    | Probe
+    | StartTimer
+    | CancelTimer
+    | PublishStatus
+    | Exit
+)

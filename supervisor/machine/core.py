@@ -1,0 +1,492 @@
+"""The supervisor's decisions as one pure function: ``step(machine, event) -> (machine, actions)``.
+
+Why a pure machine: the daemon's worth is in what it decides under faults (a silent server, a
+link that flaps, a backend that dies mid-swap), and decisions that take plain data and return
+plain data can be tested exhaustively and by property, with no sockets, clocks or threads. The
+runtime (``supervisor.runtime``) feeds it events and carries out its actions; nothing here
+imports anyio, pyroute2 or nft, or reads a clock.
+
+The shape follows h11's ``_state.py``: ``TRANSITIONS`` below is one literal table, state ->
+event type -> handler, which a reader can scan top to bottom (``python -m supervisor.machine``
+prints it). The table is complete: every state lists every event, and an event a state has no
+use for maps to ``ignore`` explicitly, so a daemon never crashes on an event arriving late
+(a timer that fired as it was cancelled, a stats read after a swap).
+
+The lock invariant is structural: the only lock actions are ``ApplyLock`` and
+``SetLockServers`` naming at most the one server being connected to, and ``RemoveLock`` on stop
+in session mode. There is no "open" to emit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from supervisor.machine import actions as act
+from supervisor.machine import events as ev
+from supervisor.machine.liveness import Liveness, Verdict
+from supervisor.machine.rotation import backoff, choose, eligible
+from supervisor.machine.states import (
+    Blocked,
+    Connected,
+    Connecting,
+    Context,
+    Failure,
+    Machine,
+    Offline,
+    State,
+    Stopped,
+)
+
+Actions = list[act.Action]
+Handler = Callable[[Machine, Any], tuple[Machine, Actions]]
+
+
+# --- small pieces shared by the handlers -----------------------------------------------------
+
+
+def _publish(state: State, reason: str | None = None) -> act.PublishStatus:
+    return act.PublishStatus(state.name, getattr(state, "server", None), reason)
+
+
+def _cancel_all() -> Actions:
+    return [act.CancelTimer(timer) for timer in ev.TIMERS]
+
+
+def _any_reachable(ctx: Context) -> bool:
+    return ctx.reachable is None or any(name in ctx.reachable for name in ctx.settings.servers)
+
+
+def _reachable(ctx: Context, server: str) -> bool:
+    return ctx.reachable is None or server in ctx.reachable
+
+
+def _connect(
+    m: Machine, now: float, server: str, reason: str, *, configure: bool = True
+) -> tuple[Machine, Actions]:
+    """Go to ``connecting(server)``: narrow the lock to it, set the peer (unless it is already the
+    intact peer and only needs checking), provoke a handshake and start the clocks."""
+    ctx = replace(m.context, last_server=server)
+    timeout = ctx.settings.connect_timeout(ctx.failures)
+    state = Connecting(since=now, server=server, attempt=ctx.failures, liveness=Liveness(since=now))
+    actions: Actions = [act.CancelTimer("backoff")]
+    if configure:
+        actions += [act.SetLockServers((server,)), act.ConfigurePeer(server)]
+    actions += [
+        act.Probe(),
+        act.StartTimer("connect", timeout),
+        act.StartTimer("sample", ctx.settings.probe_interval_s),
+        _publish(state, reason),
+    ]
+    return Machine(state, ctx), actions
+
+
+def _offline(m: Machine, now: float) -> tuple[Machine, Actions]:
+    """No path to any server: stop every clock and attempt nothing until a path returns."""
+    current = m.state
+    if isinstance(current, (Connecting, Connected)):
+        state = Offline(since=now, resume=current.server, intact=True)
+    elif isinstance(current, Offline):
+        return m, []
+    else:
+        state = Offline(since=now, resume=None, intact=False)
+    return Machine(state, m.context), [*_cancel_all(), _publish(state, "no route to any server")]
+
+
+def _pick_and_connect(
+    m: Machine, now: float, reason: str, *, exclude: tuple[str, ...] = (), ignore_cooldown: bool = False
+) -> tuple[Machine, Actions]:
+    ctx = m.context
+    if not _any_reachable(ctx):
+        return _offline(m, now)
+    candidates = eligible(
+        ctx.settings, ctx.reachable, ctx.cooling, now, exclude=exclude, ignore_cooldown=ignore_cooldown
+    )
+    server, rng = choose(ctx.settings, candidates, ctx.last_server, ctx.rng)
+    m = Machine(m.state, replace(ctx, rng=rng))
+    if server is None:
+        return _every_server_failed(m, now)
+    return _connect(m, now, server, reason)
+
+
+def _every_server_failed(m: Machine, now: float) -> tuple[Machine, Actions]:
+    """Nothing left to try: drop the peer and wait a growing, capped, jittered delay."""
+    ctx = m.context
+    if not ctx.settings.servers:
+        state = Blocked(since=now, reason="no servers configured")
+        return Machine(state, ctx), [*_cancel_all(), act.RemovePeer(), _publish(state, state.reason)]
+    rounds = ctx.rounds + 1
+    delay, rng = backoff(ctx.settings, rounds, ctx.rng)
+    state = Blocked(since=now, reason=f"every server failed; retrying in {delay:.1f} s", retry_at=now + delay)
+    return Machine(state, replace(ctx, rounds=rounds, rng=rng)), [
+        act.CancelTimer("connect"),
+        act.CancelTimer("sample"),
+        act.RemovePeer(),
+        act.StartTimer("backoff", delay),
+        _publish(state, state.reason),
+    ]
+
+
+def _server_failed(m: Machine, now: float, server: str, reason: str) -> tuple[Machine, Actions]:
+    """``server`` is dead or would not connect: skip it for the cooldown and move on."""
+    ctx = m.context
+    ctx = replace(
+        ctx,
+        cooling=ctx.cooled(server, now + ctx.settings.cooldown_s),
+        failures=ctx.failures + 1,
+        last_failure=Failure(now, server, reason),
+    )
+    return _pick_and_connect(Machine(m.state, ctx), now, f"{server} failed: {reason}", exclude=(server,))
+
+
+def _note_failure(m: Machine, now: float, server: str | None, reason: str) -> Machine:
+    return Machine(m.state, replace(m.context, last_failure=Failure(now, server, reason)))
+
+
+# --- handlers, one per entry of the table ----------------------------------------------------
+
+
+def ignore(m: Machine, _event: Any) -> tuple[Machine, Actions]:
+    """Nothing to do in this state."""
+    return m, []
+
+
+def start(m: Machine, e: ev.Start) -> tuple[Machine, Actions]:
+    """Ensure the lock (letting through only an adopted tunnel's server), then connect or adopt."""
+    if m.context.started:
+        return m, []
+    ctx = m.context
+    adopted = e.adopted if e.adopted in ctx.settings.servers else None
+    m = Machine(m.state, replace(ctx, started=True, rng=e.seed))
+    lock = [act.ApplyLock((adopted,) if adopted else ())]
+    if not _any_reachable(m.context):
+        state = Offline(since=e.now, resume=adopted, intact=adopted is not None)
+        return Machine(state, m.context), [*lock, _publish(state, "no route to any server")]
+    if adopted and _reachable(m.context, adopted):
+        m, actions = _connect(m, e.now, adopted, "adopting the running tunnel", configure=False)
+    else:
+        m, actions = _pick_and_connect(m, e.now, "starting")
+    return m, lock + actions
+
+
+def stop(m: Machine, e: ev.Stop) -> tuple[Machine, Actions]:
+    """Tear the tunnel down; the lock stays (``permanent``) unless the mode is ``session``."""
+    state = Stopped(since=e.now)
+    removal: Actions = [act.RemoveLock()] if m.context.settings.lock_mode == "session" else []
+    return Machine(state, m.context), [
+        *_cancel_all(),
+        act.CloseTunnel(),
+        *removal,
+        _publish(state),
+        act.Exit(),
+    ]
+
+
+def paths_while_blocked(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Actions]:
+    """Remember the paths; with none left, go offline (the backoff must not run down meanwhile)."""
+    m = Machine(m.state, replace(m.context, reachable=e.reachable))
+    if m.context.started and not _any_reachable(m.context):
+        return _offline(m, e.now)
+    return m, []
+
+
+def paths_while_tunnelled(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Actions]:
+    """No path at all: offline. No path to this server only: another server (not its fault)."""
+    m = Machine(m.state, replace(m.context, reachable=e.reachable))
+    server = m.state.server
+    assert server is not None
+    if not _any_reachable(m.context):
+        return _offline(m, e.now)
+    if not _reachable(m.context, server):
+        return _pick_and_connect(m, e.now, f"no route to {server}", exclude=(server,))
+    return m, []
+
+
+def paths_while_offline(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Actions]:
+    """A path is back: check the intact peer, or set up the server to resume, or pick one."""
+    m = Machine(m.state, replace(m.context, reachable=e.reachable))
+    state = m.state
+    assert isinstance(state, Offline)
+    if not _any_reachable(m.context):
+        return m, []
+    if state.resume is not None and _reachable(m.context, state.resume):
+        return _connect(m, e.now, state.resume, "a path is back", configure=not state.intact)
+    return _pick_and_connect(m, e.now, "a path is back")
+
+
+def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actions]:
+    """A fresh handshake or any rx: connected. Otherwise probe again (the connect timer decides)."""
+    state = m.state
+    assert isinstance(state, Connecting)
+    liveness, _verdict, _why = state.liveness.judge(e, m.context.settings)
+    if liveness.ever_answered:
+        ctx = m.context
+        ctx = replace(ctx, failures=0, rounds=0, cooling=ctx.warmed(state.server))
+        connected = Connected(since=e.now, server=state.server, liveness=liveness)
+        return Machine(connected, ctx), [
+            act.CancelTimer("connect"),
+            act.StartTimer("sample", ctx.settings.interval_s),
+            _publish(connected),
+        ]
+    return Machine(replace(state, liveness=liveness), m.context), [
+        act.Probe(),
+        act.StartTimer("sample", m.context.settings.probe_interval_s),
+    ]
+
+
+def sample_while_connected(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actions]:
+    """rx grew: sample again in a while. Quiet: probe and sample soon. Dead: fail over."""
+    state = m.state
+    assert isinstance(state, Connected)
+    settings = m.context.settings
+    liveness, verdict, why = state.liveness.judge(e, settings)
+    if verdict is Verdict.DEAD:
+        return _server_failed(m, e.now, state.server, why or "dead")
+    m = Machine(replace(state, liveness=liveness), m.context)
+    if verdict is Verdict.ALIVE:
+        return m, [act.StartTimer("sample", settings.interval_s)]
+    return m, [act.Probe(), act.StartTimer("sample", settings.probe_interval_s)]
+
+
+def timer_while_connecting(m: Machine, e: ev.TimerFired) -> tuple[Machine, Actions]:
+    """``connect``: no handshake in time, the server failed. ``sample``: read the counters."""
+    state = m.state
+    assert isinstance(state, Connecting)
+    if e.timer == "connect":
+        timeout = m.context.settings.connect_timeout(state.attempt)
+        return _server_failed(m, e.now, state.server, f"no handshake within {timeout:g} s")
+    if e.timer == "sample":
+        return m, [act.ReadStats()]
+    return m, []
+
+
+def timer_while_connected(m: Machine, e: ev.TimerFired) -> tuple[Machine, Actions]:
+    """``sample``: read the counters; the other timers are not running here."""
+    return (m, [act.ReadStats()]) if e.timer == "sample" else (m, [])
+
+
+def timer_while_blocked(m: Machine, e: ev.TimerFired) -> tuple[Machine, Actions]:
+    """``backoff`` ran out: try again, cooldowns ignored (they would all still be running)."""
+    state = m.state
+    assert isinstance(state, Blocked)
+    if e.timer == "backoff" and state.retry_at is not None:
+        return _pick_and_connect(m, e.now, "retrying after backoff", ignore_cooldown=True)
+    return m, []
+
+
+def tunnel_lost_while_tunnelled(m: Machine, e: ev.TunnelLost) -> tuple[Machine, Actions]:
+    """The interface was deleted: set the same server up again (which recreates it)."""
+    server = m.state.server
+    assert server is not None
+    m = _note_failure(m, e.now, server, "the tunnel interface was deleted")
+    return _connect(m, e.now, server, "the tunnel interface was deleted; recreating it")
+
+
+def tunnel_lost_while_offline(m: Machine, e: ev.TunnelLost) -> tuple[Machine, Actions]:
+    """Remember that the peer must be set up anew when a path returns."""
+    state = m.state
+    assert isinstance(state, Offline)
+    m = _note_failure(m, e.now, state.resume, "the tunnel interface was deleted")
+    return Machine(replace(state, intact=False), m.context), []
+
+
+def note_tunnel_lost(m: Machine, e: ev.TunnelLost) -> tuple[Machine, Actions]:
+    """No peer now anyway; the next connect recreates the interface."""
+    return _note_failure(m, e.now, None, "the tunnel interface was deleted"), []
+
+
+def backend_down_while_tunnelled(m: Machine, e: ev.BackendDown) -> tuple[Machine, Actions]:
+    """The backend restarts itself with the same peer: check that server again, clocks running."""
+    server = m.state.server
+    assert server is not None
+    m = _note_failure(m, e.now, server, f"the WireGuard backend died: {e.reason}")
+    return _connect(m, e.now, server, "the WireGuard backend died; waiting for it", configure=False)
+
+
+def note_backend_down(m: Machine, e: ev.BackendDown) -> tuple[Machine, Actions]:
+    """Recorded for the status; the backend restarts itself."""
+    return _note_failure(m, e.now, None, f"the WireGuard backend died: {e.reason}"), []
+
+
+def backend_up_while_connecting(m: Machine, _e: ev.BackendUp) -> tuple[Machine, Actions]:
+    """The restarted backend has the peer again: provoke the handshake now rather than later."""
+    return m, [act.Probe()]
+
+
+def connect_failed_while_connecting(m: Machine, e: ev.ConnectFailed) -> tuple[Machine, Actions]:
+    """Setting this server up failed: it counts as a failed server."""
+    state = m.state
+    assert isinstance(state, Connecting)
+    if e.server != state.server:
+        return m, []
+    return _server_failed(m, e.now, e.server, e.reason)
+
+
+def lock_tampered(m: Machine, e: ev.LockTampered) -> tuple[Machine, Actions]:
+    """The guard restored the lock already; record it where the status shows it."""
+    m = _note_failure(m, e.now, None, f"lock tampered with and restored: {e.reason}")
+    return m, [_publish(m.state, f"lock tampered with and restored: {e.reason}")]
+
+
+def rotate_while_tunnelled(m: Machine, e: ev.RotateRequested) -> tuple[Machine, Actions]:
+    """Another server: one not cooling down if any, else any other, else this one afresh."""
+    server = m.state.server
+    assert server is not None
+    ctx = m.context
+    for ignore_cooldown in (False, True):
+        candidates = eligible(
+            ctx.settings,
+            ctx.reachable,
+            ctx.cooling,
+            e.now,
+            exclude=(server,),
+            ignore_cooldown=ignore_cooldown,
+        )
+        if candidates:
+            return _pick_and_connect(
+                m, e.now, "rotate requested", exclude=(server,), ignore_cooldown=ignore_cooldown
+            )
+    return _connect(m, e.now, server, "rotate requested; no other server is reachable")
+
+
+def reconnect_while_tunnelled(m: Machine, e: ev.ReconnectRequested) -> tuple[Machine, Actions]:
+    """The same server's peer set up afresh (a new handshake)."""
+    server = m.state.server
+    assert server is not None
+    return _connect(m, e.now, server, "reconnect requested")
+
+
+def request_while_blocked(
+    m: Machine, e: ev.RotateRequested | ev.ReconnectRequested
+) -> tuple[Machine, Actions]:
+    """Do not wait out the backoff: try now (once started)."""
+    if not m.context.started:
+        return m, []
+    return _pick_and_connect(m, e.now, "requested by the user", ignore_cooldown=True)
+
+
+def reload_while_tunnelled(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
+    """Keep the tunnel if its server is still configured; otherwise move to one that is."""
+    m = _with_settings(m, e)
+    server = m.state.server
+    if server in m.context.settings.servers:
+        return m, []
+    if not m.context.settings.servers:
+        return _every_server_failed(m, e.now)
+    return _pick_and_connect(m, e.now, f"{server} is no longer configured")
+
+
+def reload_while_offline(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
+    """Forget a resume server that is no longer configured."""
+    m = _with_settings(m, e)
+    state = m.state
+    assert isinstance(state, Offline)
+    if state.resume is not None and state.resume not in m.context.settings.servers:
+        return Machine(Offline(state.since, None, False), m.context), []
+    return m, []
+
+
+def reload_while_blocked(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
+    """New settings; a running backoff keeps its schedule."""
+    return _with_settings(m, e), []
+
+
+def _with_settings(m: Machine, e: ev.ConfigReloaded) -> Machine:
+    known = set(e.settings.servers)
+    ctx = m.context
+    cooling = type(ctx.cooling)({k: v for k, v in ctx.cooling.items() if k in known})
+    last = ctx.last_server if ctx.last_server in known else None
+    return Machine(m.state, replace(ctx, settings=e.settings, cooling=cooling, last_server=last))
+
+
+# --- the table -------------------------------------------------------------------------------
+
+TRANSITIONS: dict[type, dict[type, Handler]] = {
+    Blocked: {
+        ev.Start: start,
+        ev.Stop: stop,
+        ev.PathsChanged: paths_while_blocked,
+        ev.StatsRead: ignore,
+        ev.TimerFired: timer_while_blocked,
+        ev.TunnelLost: note_tunnel_lost,
+        ev.BackendDown: note_backend_down,
+        ev.BackendUp: ignore,
+        ev.ConnectFailed: ignore,
+        ev.LockTampered: lock_tampered,
+        ev.RotateRequested: request_while_blocked,
+        ev.ReconnectRequested: request_while_blocked,
+        ev.ConfigReloaded: reload_while_blocked,
+    },
+    Connecting: {
+        ev.Start: ignore,
+        ev.Stop: stop,
+        ev.PathsChanged: paths_while_tunnelled,
+        ev.StatsRead: sample_while_connecting,
+        ev.TimerFired: timer_while_connecting,
+        ev.TunnelLost: tunnel_lost_while_tunnelled,
+        ev.BackendDown: backend_down_while_tunnelled,
+        ev.BackendUp: backend_up_while_connecting,
+        ev.ConnectFailed: connect_failed_while_connecting,
+        ev.LockTampered: lock_tampered,
+        ev.RotateRequested: rotate_while_tunnelled,
+        ev.ReconnectRequested: reconnect_while_tunnelled,
+        ev.ConfigReloaded: reload_while_tunnelled,
+    },
+    Connected: {
+        ev.Start: ignore,
+        ev.Stop: stop,
+        ev.PathsChanged: paths_while_tunnelled,
+        ev.StatsRead: sample_while_connected,
+        ev.TimerFired: timer_while_connected,
+        ev.TunnelLost: tunnel_lost_while_tunnelled,
+        ev.BackendDown: backend_down_while_tunnelled,
+        ev.BackendUp: ignore,
+        ev.ConnectFailed: ignore,
+        ev.LockTampered: lock_tampered,
+        ev.RotateRequested: rotate_while_tunnelled,
+        ev.ReconnectRequested: reconnect_while_tunnelled,
+        ev.ConfigReloaded: reload_while_tunnelled,
+    },
+    Offline: {
+        ev.Start: ignore,
+        ev.Stop: stop,
+        ev.PathsChanged: paths_while_offline,
+        ev.StatsRead: ignore,
+        ev.TimerFired: ignore,
+        ev.TunnelLost: tunnel_lost_while_offline,
+        ev.BackendDown: note_backend_down,
+        ev.BackendUp: ignore,
+        ev.ConnectFailed: ignore,
+        ev.LockTampered: lock_tampered,
+        ev.RotateRequested: ignore,
+        ev.ReconnectRequested: ignore,
+        ev.ConfigReloaded: reload_while_offline,
+    },
+    Stopped: {event_type: ignore for event_type in ev.EVENT_TYPES},
+}
+
+
+class UnknownEvent(TypeError):
+    """An event type the table does not know: a programming error, never a runtime condition."""
+
+
+def step(machine: Machine, event: ev.Event) -> tuple[Machine, Actions]:
+    """Apply ``event``: the next machine and the actions to carry out, in order."""
+    try:
+        handler = TRANSITIONS[type(machine.state)][type(event)]
+    except KeyError:
+        raise UnknownEvent(f"{type(event).__name__} in state {machine.state.name}") from None
+    return handler(machine, event)
+
+
+def describe() -> str:
+    """The table as Markdown: state, event, what happens (the handler's first docstring line)."""
+    rows = ["| state | event | what happens |", "| --- | --- | --- |"]
+    for state_type, row in TRANSITIONS.items():
+        for event_type, handler in row.items():
+            if handler is ignore:
+                continue
+            doc = (handler.__doc__ or "").strip().splitlines()[0]
+            rows.append(f"| {state_type.name} | {event_type.__name__} | {doc} |")
+    return "\n".join(rows)

@@ -1,0 +1,136 @@
+"""What the machine hears: plain data, time and chance included.
+
+Every event carries ``now`` (monotonic seconds, as the runtime read it) so that the machine never
+reads a clock; the one event that seeds its choices (``Start``) carries the seed. Servers are
+named, never passed as objects: the machine decides *which* server, the adapters know *what* a
+server is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from supervisor.machine.settings import Settings
+
+Timer = Literal["connect", "sample", "backoff"]
+TIMERS: tuple[Timer, ...] = ("connect", "sample", "backoff")
+
+
+@dataclass(frozen=True)
+class Start:
+    """The daemon is up and the lock is about to be ensured; ``adopted`` is a running tunnel's server."""
+
+    now: float
+    seed: int
+    adopted: str | None = None
+
+
+@dataclass(frozen=True)
+class Stop:
+    """SIGTERM or SIGINT: tear the tunnel down and end (the lock stays unless in session mode)."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class PathsChanged:
+    """The servers whose endpoint has a usable route outside the tunnel changed."""
+
+    now: float
+    reachable: frozenset[str]
+
+
+@dataclass(frozen=True)
+class StatsRead:
+    """One reading of the tunnel's counters (the answer to ``ReadStats``)."""
+
+    now: float
+    rx_bytes: int
+    tx_bytes: int
+    handshake_age_s: float | None
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    now: float
+    timer: Timer
+
+
+@dataclass(frozen=True)
+class TunnelLost:
+    """The tunnel interface was deleted under us."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class BackendDown:
+    """The WireGuard backend stopped serving the interface (wireguard-go died); it restarts itself."""
+
+    now: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class BackendUp:
+    """The backend serves the interface again, its last configuration re-applied."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class ConnectFailed:
+    """Configuring ``server`` as the peer raised (the answer to a failed ``ConfigurePeer``)."""
+
+    now: float
+    server: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LockTampered:
+    """Another program changed or deleted the lock; the guard has already restored it."""
+
+    now: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class RotateRequested:
+    """``tunlock rotate``: move to another server."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class ReconnectRequested:
+    """``tunlock reconnect``: set the current server's peer up afresh."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class ConfigReloaded:
+    """SIGHUP read a valid configuration; the runtime has re-applied the lock's base policy."""
+
+    now: float
+    settings: Settings
+
+
+Event = (
+    Start
+    | Stop
+    | PathsChanged
+    | StatsRead
+    | TimerFired
+    | TunnelLost
+    | BackendDown
+    | BackendUp
+    | ConnectFailed
+    | LockTampered
+    | RotateRequested
+    | ReconnectRequested
+    | ConfigReloaded
+)
+EVENT_TYPES: tuple[type, ...] = Event.__args__  # type: ignore[attr-defined]

@@ -1,0 +1,122 @@
+"""The machine's states and the context that outlives them.
+
+The four states of the status contract (``blocked``, ``connecting``, ``connected``, ``offline``)
+plus ``stopped``, which only a stopping daemon passes through. Each state holds what it needs
+and nothing more; what must survive a change of state (cooldowns, failure counts, the random
+generator, where a reachable path exists) lives in ``Context``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar
+
+from supervisor.machine.liveness import Liveness
+from supervisor.machine.settings import Settings
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """Locked and not connected: before start, between failed rounds (``retry_at``), on error."""
+
+    name: ClassVar[str] = "blocked"
+    since: float
+    reason: str
+    retry_at: float | None = None
+
+    @property
+    def server(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Connecting:
+    """``server`` is the peer; waiting for the first sign of life (a fresh handshake or rx)."""
+
+    name: ClassVar[str] = "connecting"
+    since: float
+    server: str
+    attempt: int
+    liveness: Liveness
+
+
+@dataclass(frozen=True)
+class Connected:
+    name: ClassVar[str] = "connected"
+    since: float
+    server: str
+    liveness: Liveness
+
+
+@dataclass(frozen=True)
+class Offline:
+    """No usable path to any endpoint outside the tunnel: nothing is attempted until one returns.
+
+    ``resume`` is the server to go back to, and ``intact`` whether its peer is still configured
+    (then coming back only needs a check, not a new handshake).
+    """
+
+    name: ClassVar[str] = "offline"
+    since: float
+    resume: str | None
+    intact: bool
+
+    @property
+    def server(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Stopped:
+    name: ClassVar[str] = "stopped"
+    since: float
+
+    @property
+    def server(self) -> None:
+        return None
+
+
+State = Blocked | Connecting | Connected | Offline | Stopped
+STATE_TYPES: tuple[type, ...] = State.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Failure:
+    at: float
+    server: str | None
+    reason: str
+
+
+_EMPTY: MappingProxyType[str, float] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    started: bool = False
+    reachable: frozenset[str] | None = None  # None until the first path report: assume reachable
+    cooling: MappingProxyType[str, float] = field(default_factory=lambda: _EMPTY)  # server -> skipped until
+    failures: int = 0  # consecutive failed connects since the last success: the timeout ladder
+    rounds: int = 0  # consecutive rounds in which every server failed: the backoff exponent
+    last_server: str | None = None  # where sequential rotation continues from
+    last_failure: Failure | None = None
+    rng: int = 0
+
+    def cooled(self, server: str, until: float) -> MappingProxyType[str, float]:
+        return MappingProxyType({**self.cooling, server: until})
+
+    def warmed(self, server: str) -> MappingProxyType[str, float]:
+        return MappingProxyType({k: v for k, v in self.cooling.items() if k != server})
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The whole of the machine's memory: the state and the context."""
+
+    state: State
+    context: Context
+
+    @classmethod
+    def initial(cls, settings: Settings) -> Machine:
+        return cls(Blocked(since=0.0, reason="not started"), Context(settings))

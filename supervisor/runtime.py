@@ -1,0 +1,325 @@
+"""The runtime: feeds events to the pure machine and carries out its actions.
+
+Everything that happens reaches the machine through one memory object stream (netlink paths,
+backend deaths, the lock guard, the control socket, signals, timers), and one loop takes each
+event, steps the machine and executes the actions in order before taking the next. Actions that
+answer with an event (reading the counters, a peer that would not configure) have it handled at
+once, ahead of the stream, so the machine sees cause and effect back to back.
+
+The runtime knows its adapters only by the small protocols below; ``supervisor.daemon`` wires
+the real ones (nft, wireguard-go or the kernel, rtnetlink, ICMP). Every wait on an adapter has a
+timeout; timers are tasks in the caller's task group, each in its own cancel scope and stamped
+with a generation so that a timer cancelled just as it fired is dropped, not acted on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from supervisor.log import get_logger
+from supervisor.machine import actions as act
+from supervisor.machine import events as ev
+from supervisor.machine.core import step
+from supervisor.machine.states import Machine
+from supervisor.servers import Server
+from supervisor.wireguard.backend import TunnelStats
+
+log = get_logger(__name__)
+
+# Generous limits: a swap takes milliseconds, a wireguard-go start well under a second; these
+# only stop one stuck call from stalling the whole daemon.
+CONFIGURE_TIMEOUT_S = 15.0
+STATS_TIMEOUT_S = 2.0
+TEARDOWN_TIMEOUT_S = 15.0
+LOCK_TIMEOUT_S = 15.0
+PROBE_TIMEOUT_S = 1.0
+
+
+class LockFailed(RuntimeError):
+    """The lock could not be installed: the daemon must not go on (it would not be fail-closed)."""
+
+
+# --- what the runtime needs from the world ---------------------------------------------------
+
+
+class Lock(Protocol):
+    async def apply(self, servers: tuple[Server, ...]) -> None:
+        """Install the whole lock letting the tunnel reach ``servers``."""
+
+    async def set_servers(self, servers: tuple[Server, ...]) -> None:
+        """Swap the reachable endpoints to ``servers``' without a moment between."""
+
+    async def remove(self) -> None: ...
+
+    async def state(self) -> tuple[bool, bool]:
+        """(installed, matching what was last applied)."""
+
+
+class TunnelControl(Protocol):
+    async def connect(self, server: Server) -> None: ...
+
+    async def disconnect(self) -> None: ...
+
+    async def close(self, keep_interface: bool = False) -> None: ...
+
+    async def stats(self) -> TunnelStats: ...
+
+
+class Prober(Protocol):
+    async def probe(self, target: IPv4Address | IPv6Address, ifname: str, timeout: float) -> bool: ...
+
+
+# --- what the runtime tells the world ---------------------------------------------------------
+
+
+@dataclass
+class Status:
+    """The daemon as ``tunlock status`` shows it."""
+
+    state: str = "blocked"
+    server: str | None = None
+    since_wall: float = field(default_factory=time.time)
+    reason: str | None = None
+    stats: TunnelStats | None = None
+    last_failure: dict[str, Any] | None = None
+    lock_installed: bool = False
+    lock_matching: bool = False
+    backend: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``status --json`` contract: state, server, handshake_age_s, lock.installed, and more."""
+        stats = self.stats if self.server is not None else None
+        age = None
+        if stats is not None and stats.last_handshake is not None:
+            age = round(max(0.0, time.time() - stats.last_handshake), 1)
+        return {
+            "state": self.state,
+            "server": self.server,
+            "handshake_age_s": age,
+            "lock": {"installed": self.lock_installed, "matching": self.lock_matching},
+            "since": round(self.since_wall, 3),
+            "reason": self.reason,
+            "endpoint": str(stats.endpoint) if stats and stats.endpoint else None,
+            "rx_bytes": stats.rx_bytes if stats else None,
+            "tx_bytes": stats.tx_bytes if stats else None,
+            "last_failure": self.last_failure,
+            "backend": self.backend,
+        }
+
+
+Item = ev.Event | tuple[str, int]  # an event, or (timer, generation) from a timer task
+
+
+class Runtime:
+    """One machine, its event stream, and the adapters its actions drive."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        servers: Mapping[str, Server],
+        lock: Lock,
+        tunnel: TunnelControl,
+        prober: Prober,
+        *,
+        ifname: str,
+        probe_target: Callable[[Server], IPv4Address | IPv6Address | None],
+        clock: Callable[[], float] = time.monotonic,
+        on_publish: Callable[[Status], None] | None = None,
+    ) -> None:
+        self.machine = machine
+        self.servers = dict(servers)
+        self.lock = lock
+        self.tunnel = tunnel
+        self.prober = prober
+        self.ifname = ifname
+        self.probe_target = probe_target
+        self.clock = clock
+        self.status = Status()
+        self._on_publish = on_publish
+        self._send, self._receive = anyio.create_memory_object_stream[Item](max_buffer_size=1024)
+        self._timers: dict[str, tuple[int, anyio.CancelScope]] = {}
+        self._generation = 0
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._done = False
+
+    # --- feeding ----------------------------------------------------------------------------
+
+    @property
+    def events(self) -> MemoryObjectSendStream[Item]:
+        return self._send
+
+    async def post(self, make: Callable[[float], ev.Event]) -> None:
+        """Queue an event, stamped now: ``await runtime.post(lambda now: ev.Stop(now))``."""
+        await self._send.send(make(self.clock()))
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Step the machine on every event until it says ``Exit``. Timers and probes run in
+        ``task_group``; cancelled with it, they leave nothing behind."""
+        self._task_group = task_group
+        receive: MemoryObjectReceiveStream[Item] = self._receive
+        async for item in receive:
+            if isinstance(item, tuple):
+                timer, generation = item
+                current = self._timers.get(timer)
+                if current is None or current[0] != generation:
+                    continue  # cancelled or re-armed after it fired: stale
+                del self._timers[timer]
+                item = ev.TimerFired(self.clock(), timer)  # type: ignore[arg-type]
+            await self._handle(item)
+            if self._done:
+                return
+
+    async def _handle(self, first: ev.Event) -> None:
+        pending: deque[ev.Event] = deque([first])
+        while pending:
+            event = pending.popleft()
+            self.machine, actions = step(self.machine, event)
+            for action in actions:
+                answer = await self._execute(action)
+                if answer is not None:
+                    pending.append(answer)
+
+    # --- the actions ------------------------------------------------------------------------
+
+    async def _execute(self, action: act.Action) -> ev.Event | None:
+        match action:
+            case act.ApplyLock(names):
+                await self._lock_call(self.lock.apply, names)
+            case act.SetLockServers(names):
+                try:
+                    await self._lock_call(self.lock.set_servers, names)
+                except LockFailed as err:
+                    # An element swap can fail on a table someone changed; the whole lock in one
+                    # transaction always replaces what is there.
+                    log.warning("endpoint swap failed; applying the whole lock", error=str(err))
+                    await self._lock_call(self.lock.apply, names)
+            case act.RemoveLock():
+                with anyio.CancelScope(shield=True), anyio.move_on_after(LOCK_TIMEOUT_S):
+                    await self.lock.remove()
+            case act.ConfigurePeer(name):
+                return await self._configure(name)
+            case act.RemovePeer():
+                await self._quietly("remove the peer", self.tunnel.disconnect)
+            case act.CloseTunnel():
+                with anyio.CancelScope(shield=True):
+                    await self._quietly("close the tunnel", self.tunnel.close)
+            case act.ReadStats():
+                return await self._read_stats()
+            case act.Probe():
+                self._probe()
+            case act.StartTimer(timer, delay):
+                self._start_timer(timer, delay)
+            case act.CancelTimer(timer):
+                entry = self._timers.pop(timer, None)
+                if entry is not None:
+                    entry[1].cancel()
+            case act.PublishStatus(state, server, reason):
+                await self._publish(state, server, reason)
+            case act.Exit():
+                self._done = True
+        return None
+
+    async def _lock_call(self, method: Callable[[tuple[Server, ...]], Any], names: tuple[str, ...]) -> None:
+        chosen = tuple(self.servers[name] for name in names if name in self.servers)
+        try:
+            with anyio.fail_after(LOCK_TIMEOUT_S):
+                await method(chosen)
+        except Exception as err:  # any failure here is the same failure
+            raise LockFailed(f"could not install the lock: {err}") from err
+
+    async def _configure(self, name: str) -> ev.Event | None:
+        server = self.servers.get(name)
+        if server is None:
+            return ev.ConnectFailed(self.clock(), name, "not configured")
+        try:
+            with anyio.fail_after(CONFIGURE_TIMEOUT_S):
+                await self.tunnel.connect(server)
+        except Exception as err:  # reported to the machine, which moves on
+            log.error("could not set up the peer", server=name, error=str(err))
+            return ev.ConnectFailed(self.clock(), name, str(err) or type(err).__name__)
+        return None
+
+    async def _read_stats(self) -> ev.Event:
+        try:
+            with anyio.fail_after(STATS_TIMEOUT_S):
+                stats = await self.tunnel.stats()
+        except Exception as err:  # an unreadable tunnel is a silent one
+            log.warning("could not read the tunnel's counters", error=str(err))
+            last = self.status.stats
+            rx, tx = (last.rx_bytes, last.tx_bytes) if last else (0, 0)
+            return ev.StatsRead(self.clock(), rx, tx, None)
+        self.status.stats = stats
+        return ev.StatsRead(self.clock(), stats.rx_bytes, stats.tx_bytes, stats.handshake_age_s)
+
+    def _probe(self) -> None:
+        server = self.servers.get(self.machine.state.server or "")
+        target = self.probe_target(server) if server else None
+        if target is None or self._task_group is None:
+            return
+
+        async def send() -> None:
+            try:
+                await self.prober.probe(target, self.ifname, PROBE_TIMEOUT_S)
+            except OSError as err:
+                log.debug("probe not sent", error=str(err))
+
+        self._task_group.start_soon(send)
+
+    def _start_timer(self, timer: str, delay: float) -> None:
+        previous = self._timers.pop(timer, None)
+        if previous is not None:
+            previous[1].cancel()
+        assert self._task_group is not None
+        self._generation += 1
+        scope = anyio.CancelScope()
+        self._timers[timer] = (self._generation, scope)
+        self._task_group.start_soon(self._timer, timer, self._generation, delay, scope)
+
+    async def _timer(self, timer: str, generation: int, delay: float, scope: anyio.CancelScope) -> None:
+        with scope:
+            await anyio.sleep(delay)
+            await self._send.send((timer, generation))
+
+    async def _publish(self, state: str, server: str | None, reason: str | None) -> None:
+        failure = self.machine.context.last_failure
+        status = self.status
+        status.state, status.server, status.reason = state, server, reason
+        status.since_wall = time.time()
+        if state != "connected":
+            status.stats = None if server is None else status.stats
+        if failure is not None:
+            status.last_failure = {
+                "server": failure.server,
+                "reason": failure.reason,
+                "at": round(time.time() - (self.clock() - failure.at), 3),
+            }
+        log.info("state", state=state, server=server, reason=reason)
+        if self._on_publish is not None:
+            self._on_publish(status)
+
+    async def _quietly(self, what: str, call: Callable[[], Any]) -> None:
+        try:
+            with anyio.fail_after(TEARDOWN_TIMEOUT_S):
+                await call()
+        except Exception as err:  # teardown goes on; the lock holds regardless
+            log.error(f"could not {what}", error=str(err))
+
+    async def refresh_lock_status(self) -> None:
+        """Read whether the lock is installed and matches (for a status request)."""
+        try:
+            with anyio.fail_after(LOCK_TIMEOUT_S):
+                self.status.lock_installed, self.status.lock_matching = await self.lock.state()
+        except Exception as err:  # the status says "not installed" then
+            log.warning("could not read the lock", error=str(err))
+            self.status.lock_installed = self.status.lock_matching = False
