@@ -78,9 +78,11 @@ class RotationSection(_Section):
 
 
 class HealthSection(_Section):
-    interval_s: Seconds = 1.0
+    interval_s: Seconds = 0.5
+    idle_interval_s: Seconds = 2.0
     probe_interval_s: Seconds = 0.25
     dead_after_s: Seconds = 3.0
+    idle_probe_s: Seconds = 10.0
     probe_target: str | None = None
     handshake_max_age_s: Seconds = 180.0
     connect_timeouts_s: list[Seconds] = Field(default_factory=lambda: [4.0, 8.0, 15.0], min_length=1)

@@ -15,6 +15,8 @@ wireguard-go (its own session) keeps the tunnel up, and the next start adopts it
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 from collections.abc import Callable
@@ -66,8 +68,10 @@ def machine_settings(config: Config) -> Settings:
         backoff_initial_s=s.rotation.backoff_initial_s,
         backoff_max_s=s.rotation.backoff_max_s,
         interval_s=s.health.interval_s,
+        idle_interval_s=s.health.idle_interval_s,
         probe_interval_s=s.health.probe_interval_s,
         dead_after_s=s.health.dead_after_s,
+        idle_probe_s=s.health.idle_probe_s,
         handshake_max_age_s=s.health.handshake_max_age_s,
         connect_timeouts_s=tuple(s.health.connect_timeouts_s),
         lock_mode=s.lock.mode,
@@ -209,10 +213,21 @@ async def serve(config: Config) -> int:
             adopted=adopted.name if adopted else None,
             pid=os.getpid(),
         )
+        _return_freed_memory()
         await runtime.run(tg)
         tg.cancel_scope.cancel()
     log.info("tunlock stopped", lock="kept" if settings.lock.mode == "permanent" else "removed")
     return 0
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that start-up used and freed (config parsing, imports) back to the kernel.
+
+    glibc keeps freed memory for reuse; a daemon that runs for months never needs start-up's
+    peak again, so trimming once here lowers its resident size for good (a few MB).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 async def _signals(runtime: Runtime, config: Config, lock: GuardedLock, watcher: monitor.PathMonitor) -> None:

@@ -184,6 +184,7 @@ class Runtime:
         pending: deque[ev.Event] = deque([first])
         while pending:
             event = pending.popleft()
+            log.debug("event", received=event)
             self.machine, actions = step(self.machine, event)
             for action in actions:
                 answer = await self._execute(action)

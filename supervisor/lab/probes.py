@@ -248,10 +248,16 @@ class ContinuousPing:
         ]
         points = [self.started, *answered, stopped]
         longest = max(b - a for a, b in itertools.pairwise(points))
-        return PingRecord(answered=len(answered), longest_outage_s=longest)
+        return PingRecord(answered=len(answered), longest_outage_s=longest, answered_at=tuple(answered))
 
 
 @dataclass(frozen=True)
 class PingRecord:
     answered: int
     longest_outage_s: float
+    answered_at: tuple[float, ...] = ()  # wall-clock time of every answer
+
+    def first_answer_after(self, moment: float) -> float | None:
+        """Seconds from ``moment`` (wall clock) to the first answer after it, or None."""
+        later = [t for t in self.answered_at if t > moment]
+        return min(later) - moment if later else None

@@ -236,7 +236,8 @@ def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actio
 
 
 def sample_while_connected(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actions]:
-    """rx grew: sample again in a while. Quiet: probe and sample soon. Dead: fail over."""
+    """rx grew or idle: sample again in a while (idle long: with a probe). Unanswered: probe and
+    sample soon. Dead: fail over."""
     state = m.state
     assert isinstance(state, Connected)
     settings = m.context.settings
@@ -246,6 +247,10 @@ def sample_while_connected(m: Machine, e: ev.StatsRead) -> tuple[Machine, Action
     m = Machine(replace(state, liveness=liveness), m.context)
     if verdict is Verdict.ALIVE:
         return m, [act.StartTimer("sample", settings.interval_s)]
+    if verdict is Verdict.IDLE:
+        return m, [act.StartTimer("sample", settings.idle_interval_s)]
+    if verdict is Verdict.IDLE_PROBE:
+        return m, [act.Probe(), act.StartTimer("sample", settings.interval_s)]
     return m, [act.Probe(), act.StartTimer("sample", settings.probe_interval_s)]
 
 

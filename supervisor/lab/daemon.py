@@ -1,0 +1,114 @@
+"""The daemon as the lab runs it: ``tunlock run`` in the client namespace, asked over its socket.
+
+Used by the demo, the end-to-end tests and the benchmarks. Settings differ from the lab's config
+through environment overrides (``TUNLOCK_HEALTH_DEAD_AFTER_S=2``), exactly as a container user
+would set them. The process is the lab's child, ended by PID, and the lab's ``down`` ends it too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from supervisor.control.client import request
+from supervisor.errors import TunlockError
+from supervisor.lab.topology import Lab
+from supervisor.safety import LAB_ONLY_ENV
+
+POLL_S = 0.01
+
+
+class LabDaemon:
+    """One ``tunlock run`` in a lab's client namespace."""
+
+    def __init__(self, lab: Lab, env: Mapping[str, str] | None = None, config: str | None = None) -> None:
+        self.lab = lab
+        self.env = dict(env or {})
+        self.config = config or str(lab.config_path)
+        self.socket = lab.dir / "control.sock"
+        self.process: subprocess.Popen | None = None
+        self.log_name = "daemon.log"
+
+    def start(self, wait_for: str | None = "connected", timeout: float = 20.0) -> dict[str, Any] | None:
+        """Start the daemon; by default wait until it reports ``connected`` and return that status."""
+        env = {**os.environ, LAB_ONLY_ENV: "1", **self.env}
+        argv = [
+            sys.executable,
+            "-m",
+            "supervisor.cli",
+            "run",
+            "--config",
+            self.config,
+            "--log-format",
+            "json",
+        ]
+        self.process = self.lab.spawn("client", argv, log=self.log_name, env=env)
+        if wait_for is None:
+            return None
+        return self.wait_for(lambda s: s["state"] == wait_for, timeout, f"state {wait_for}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def status(self) -> dict[str, Any] | None:
+        """The daemon's status, or None while it does not answer."""
+        try:
+            return request(self.socket, "status", timeout=2.0)
+        except TunlockError:
+            return None
+
+    def ask(self, command: str) -> dict[str, Any]:
+        return request(self.socket, command, timeout=5.0)
+
+    def wait_for(
+        self, condition: Callable[[dict[str, Any]], bool], timeout: float = 20.0, what: str = "the condition"
+    ) -> dict[str, Any]:
+        """Poll the status until ``condition`` holds; on timeout say what was seen and the log's tail."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TunlockError(f"the daemon exited ({self.process.returncode}):\n{self.log_tail()}")
+            last = self.status()
+            if last is not None and condition(last):
+                return last
+            time.sleep(POLL_S)
+        raise TimeoutError(f"no {what} within {timeout} s; last status {last}\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.lab.dir / self.log_name
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def log_events(self) -> list[str]:
+        return (self.lab.dir / self.log_name).read_text(errors="replace").splitlines()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait: the exit status (SIGKILL if it does not end in time)."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing of the daemon's own clean-up runs."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def __enter__(self) -> LabDaemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,300 @@
+"""`tunlock run` end to end in the lab, with the ISP's observer counting leaks throughout.
+
+Each test gets a lab of its own (0.2 s to build) because most of them break it on purpose: kill
+a server, pull the cable, delete the tunnel. What is asserted is what a user sees: the state and
+server the daemon reports, pings answered through the tunnel, exit codes, and 0 packets seen by
+the ISP outside WireGuard to an endpoint. Durations are printed for the record (the benchmarks
+measure them properly) and never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from supervisor.lab import faults
+from supervisor.lab.daemon import LabDaemon
+from supervisor.lab.probes import ContinuousPing, describe
+from supervisor.lab.topology import Lab
+from tests.lab.conftest import LabUnderTest
+
+pytestmark = pytest.mark.lab
+
+# Short limits so that the tests wait seconds, not minutes, where every server is down.
+QUICK = {
+    "TUNLOCK_HEALTH_CONNECT_TIMEOUTS_S": "2,4",
+    "TUNLOCK_ROTATION_BACKOFF_INITIAL_S": "1",
+    "TUNLOCK_ROTATION_BACKOFF_MAX_S": "4",
+}
+
+
+@pytest.fixture
+def lab() -> Iterator[LabUnderTest]:
+    built = Lab.up(servers=3)
+    try:
+        yield LabUnderTest(built)
+    finally:
+        built.down()
+
+
+@pytest.fixture
+def daemon(lab: LabUnderTest) -> Iterator[LabDaemon]:
+    running = LabDaemon(lab.lab, env=QUICK)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def assert_no_leaks(lab: LabUnderTest, mark: int) -> None:
+    leaks = lab.observer.leaks(since=mark)
+    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+
+
+def tunlock(lab: LabUnderTest, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it (from the host: the control socket is a file, not a netns thing)."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", *args, "--config", str(lab.lab.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def on(server: str, state: str = "connected"):
+    return lambda s: s["state"] == state and s["server"] == server
+
+
+def test_connects_reports_status_and_keeps_the_lock_when_stopped(
+    lab: LabUnderTest, daemon: LabDaemon
+) -> None:
+    mark = lab.observer.mark()
+    status = daemon.start()
+    assert status["server"] == "vpn1"
+    assert lab.probes.ping() and lab.probes.tcp() and lab.probes.dns_udp("10.99.0.1")
+    assert not lab.probes.dns_udp("192.0.2.1"), "the ISP's resolver must stay out of reach"
+
+    answer = json.loads(tunlock(lab, "status", "--json").stdout)
+    assert answer["state"] == "connected" and answer["server"] == "vpn1"
+    assert isinstance(answer["handshake_age_s"], (int, float)) and answer["handshake_age_s"] < 180
+    assert answer["lock"] == {"installed": True, "matching": True}
+    human = tunlock(lab, "status")
+    assert "state:     connected" in human.stdout and "lock:      installed" in human.stdout
+    assert tunlock(lab, "health").returncode == 0
+
+    assert daemon.stop() == 0
+    assert "table inet tunlock" in lab.lab.run("client", "nft", "list", "tables"), (
+        "permanent mode keeps the lock"
+    )
+    assert lab.lab.client_ifname not in lab.lab.run("client", "ip", "-o", "link"), "stop removes the tunnel"
+    assert not lab.probes.ping(), "stopped and locked: nothing gets out"
+    assert tunlock(lab, "health").returncode == 1
+    assert tunlock(lab, "status").returncode == 3, "not running is exit 3"
+    lab.observer.sync()
+    assert_no_leaks(lab, mark)
+
+
+def test_session_mode_removes_the_lock_on_stop(lab: LabUnderTest) -> None:
+    with LabDaemon(lab.lab, env={**QUICK, "TUNLOCK_LOCK_MODE": "session"}) as daemon:
+        daemon.start()
+        assert daemon.stop() == 0
+    assert "tunlock" not in lab.lab.run("client", "nft", "list", "tables")
+
+
+def test_silent_server_fails_over_to_the_next(lab: LabUnderTest, daemon: LabDaemon) -> None:
+    daemon.start()
+    mark = lab.observer.mark()
+    pinger = ContinuousPing(lab.lab, interval=0.05)
+    faults.blackhole_server(lab.lab, "1")
+    began = time.monotonic()
+    status = daemon.wait_for(on("vpn2"), timeout=30, what="failover to vpn2")
+    took = time.monotonic() - began
+    assert lab.probes.ping(), "the internet is reachable through vpn2"
+    record = pinger.stop()
+    print(f"silent vpn1 -> vpn2 after {took:.2f} s; longest ping outage {record.longest_outage_s:.2f} s")
+    assert status["last_failure"]["server"] == "vpn1" and "silent" in status["last_failure"]["reason"]
+    lab.observer.sync()
+    assert_no_leaks(lab, mark)
+
+
+def test_killed_server_fails_over(lab: LabUnderTest, daemon: LabDaemon) -> None:
+    daemon.start()
+    mark = lab.observer.mark()
+    faults.kill_server(lab.lab, "1")
+    daemon.wait_for(on("vpn2"), timeout=30, what="failover to vpn2")
+    assert lab.probes.ping()
+    lab.observer.sync()
+    assert_no_leaks(lab, mark)
+
+
+def test_link_down_goes_offline_at_once_and_resumes_on_link_up(lab: LabUnderTest, daemon: LabDaemon) -> None:
+    daemon.start()
+    mark = lab.observer.mark()
+    faults.link_down(lab.lab)
+    began = time.monotonic()
+    daemon.wait_for(lambda s: s["state"] == "offline", timeout=5, what="offline")
+    print(
+        f"link down -> offline seen by a 10 ms status poll after {(time.monotonic() - began) * 1000:.0f} ms"
+    )
+    time.sleep(3)  # longer than a connect timeout: offline must not burn through the servers
+    status = daemon.status()
+    assert status is not None and status["state"] == "offline"
+    faults.link_up(lab.lab)
+    daemon.wait_for(on("vpn1"), timeout=15, what="vpn1 again after link up")
+    assert lab.probes.ping()
+    lab.observer.sync()
+    assert_no_leaks(lab, mark)
+
+
+def test_default_route_deleted_goes_offline_and_back(lab: LabUnderTest, daemon: LabDaemon) -> None:
+    daemon.start()
+    mark = lab.observer.mark()
+    faults.delete_default_route(lab.lab)
+    daemon.wait_for(lambda s: s["state"] == "offline", timeout=5, what="offline")
+    faults.restore_default_route(lab.lab)
+    daemon.wait_for(on("vpn1"), timeout=15, what="vpn1 again")
+    assert lab.probes.ping()
+    lab.observer.sync()
+    assert_no_leaks(lab, mark)
+
+
+def test_tunnel_interface_deleted_is_recreated(lab: LabUnderTest, daemon: LabDaemon) -> None:
+    daemon.start()
+    mark = lab.observer.mark()
+    faults.delete_tunnel_interface(lab.lab)
+    daemon.wait_for(lambda s: s["last_failure"] is not None, timeout=10, what="the loss noticed")
+    daemon.wait_for(on("vpn1"), timeout=20, what="connected again")
+    assert lab.probes.ping(), "the tunnel works again"
+    lab.observer.sync()
+    assert_no_leaks(lab, mark)
+
+
+def test_wireguard_go_killed_is_restarted(lab: LabUnderTest, daemon: LabDaemon) -> None:
+    daemon.start()
+    mark = lab.observer.mark()
+    before = faults.client_wireguard_pid(lab.lab)
+    faults.kill_client_wireguard_go(lab.lab)
+    daemon.wait_for(lambda s: s["last_failure"] is not None, timeout=10, what="the death noticed")
+    daemon.wait_for(on("vpn1"), timeout=20, what="connected again")
+    assert faults.client_wireguard_pid(lab.lab) not in (None, before)
+    assert lab.probes.ping()
+    lab.observer.sync()
+    assert_no_leaks(lab, mark)
+
+
+def test_sigkilled_daemon_leaves_lock_and_tunnel_and_the_next_adopts(lab: LabUnderTest) -> None:
+    first = LabDaemon(lab.lab, env=QUICK)
+    first.start()
+    mark = lab.observer.mark()
+    pinger = ContinuousPing(lab.lab, interval=0.05)
+    first.kill()
+    assert "table inet tunlock" in lab.lab.run("client", "nft", "list", "tables")
+    assert lab.probes.ping(), "the tunnel outlives the daemon"
+    assert not lab.probes.dns_udp("192.0.2.1"), "and so does the lock"
+    with LabDaemon(lab.lab, env=QUICK) as second:
+        status = second.start()
+        assert status["server"] == "vpn1"
+        record = pinger.stop()
+        assert any("adopted the running tunnel" in line for line in second.log_events())
+        print(f"SIGKILL + restart: longest ping outage {record.longest_outage_s * 1000:.0f} ms")
+        assert lab.probes.ping()
+    lab.observer.sync()
+    assert_no_leaks(lab, mark)
+
+
+def test_rotate_and_reconnect_on_request(lab: LabUnderTest, daemon: LabDaemon) -> None:
+    daemon.start()
+    mark = lab.observer.mark()
+    done = tunlock(lab, "rotate")
+    assert done.returncode == 0, done.stderr
+    daemon.wait_for(on("vpn2"), timeout=15, what="vpn2 after rotate")
+    assert tunlock(lab, "reconnect").returncode == 0
+    daemon.wait_for(lambda s: s["state"] == "connecting" or s["since"] > time.time() - 2, timeout=5)
+    daemon.wait_for(on("vpn2"), timeout=15, what="vpn2 after reconnect")
+    assert lab.probes.ping()
+    lab.observer.sync()
+    assert_no_leaks(lab, mark)
+
+
+def test_every_server_down_blocks_then_recovers(lab: LabUnderTest, daemon: LabDaemon) -> None:
+    daemon.start()
+    mark = lab.observer.mark()
+    for index in ("1", "2", "3"):
+        faults.blackhole_server(lab.lab, index)
+    status = daemon.wait_for(lambda s: s["state"] == "blocked", timeout=40, what="blocked")
+    assert "every server failed" in status["reason"]
+    assert not lab.probes.ping()
+    faults.restore_server(lab.lab, "3")
+    daemon.wait_for(on("vpn3"), timeout=40, what="vpn3 after it came back")
+    assert lab.probes.ping()
+    lab.observer.sync()
+    assert_no_leaks(lab, mark)
+
+
+def test_reload_moves_off_a_server_removed_from_the_config(lab: LabUnderTest) -> None:
+    config = lab.lab.dir / "reload.toml"
+    text = lab.lab.config_path.read_text()
+    config.write_text(text)
+    with LabDaemon(lab.lab, env=QUICK, config=str(config)) as daemon:
+        daemon.start()
+        config.write_text(text.replace('servers = ["servers/*.conf"]', 'servers = ["servers/vpn3.conf"]'))
+        os.kill(daemon.pid, 1)  # SIGHUP
+        daemon.wait_for(on("vpn3"), timeout=15, what="vpn3 after reload")
+        config.write_text(text.replace("[tunnel]", "[tunnel]\nbogus = 1"))
+        os.kill(daemon.pid, 1)
+        time.sleep(0.5)
+        status = daemon.status()
+        assert status is not None and status["server"] == "vpn3", "a bad reload keeps the running config"
+        assert any("reload refused" in line for line in daemon.log_events())
+
+
+def test_bad_config_exits_with_file_and_line_and_leaves_the_lock(lab: LabUnderTest) -> None:
+    with LabDaemon(lab.lab, env=QUICK) as daemon:
+        daemon.start()
+    broken = lab.lab.dir / "broken.toml"
+    broken.write_text(lab.lab.config_path.read_text().replace('backend = "userspace"', 'backend = "kernal"'))
+    result = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.lab.ns("client"),
+            sys.executable,
+            "-m",
+            "supervisor.cli",
+            "run",
+            "--config",
+            str(broken),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "TUNLOCK_LAB_ONLY": "1"},
+    )
+    assert result.returncode == 2
+    line = next(n for n, text in enumerate(broken.read_text().splitlines(), 1) if "kernal" in text)
+    assert f"{broken}:{line}: tunnel.backend" in result.stderr
+    assert "table inet tunlock" in lab.lab.run("client", "nft", "list", "tables")
+
+
+def test_lossy_link_does_not_fail_over(lab: LabUnderTest, daemon: LabDaemon) -> None:
+    """20 % loss both ways on an idle tunnel (the daemon's own probes are all the traffic)."""
+    duration = float(os.environ.get("TUNLOCK_LOSS_TEST_S", "60"))
+    daemon.start()
+    mark = lab.observer.mark()
+    faults.loss(lab.lab, "20")
+    try:
+        time.sleep(duration)
+        status = daemon.status()
+    finally:
+        faults.clear_loss(lab.lab)
+    assert status is not None and status["state"] == "connected" and status["server"] == "vpn1", status
+    assert status["last_failure"] is None, f"a false failover under loss: {status['last_failure']}"
+    lab.observer.sync()
+    assert_no_leaks(lab, mark)
