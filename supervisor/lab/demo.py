@@ -1,32 +1,25 @@
-"""``tunlock demo``: the lab, the lock and the observer, with a timeline and the leak count.
+"""``tunlock demo``: the daemon in the lab, faults injected, a timeline and the leak count.
 
-Until the supervisor daemon lands, the demo shows the lock on its own: what the ISP sees of
-the client without it, with it, with it and a tunnel, while the endpoint is swapped, and while
-another program flushes the ruleset under the guard. Everything runs in lab namespaces that
-the demo builds and removes; the machine's own namespace is never touched.
+Everything runs in lab namespaces that the demo builds and removes; the machine's own namespace
+is never touched. The ISP's observer counts every packet the client sends outside WireGuard to
+an endpoint: many without the lock, none once the daemon has put it in place, whatever happens.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 
-import anyio
-
-from supervisor.config import load_config
+from supervisor.lab import faults
+from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.probes import ContinuousPing, Observer, Probes
-from supervisor.lab.topology import INTERNET_V4, Lab, sh
-from supervisor.lab.tunnel import hand_tunnel
-from supervisor.lock import nft
-from supervisor.lock.guard import LockGuard
-from supervisor.lock.policy import policy_from_config
+from supervisor.lab.topology import INTERNET_V4, Lab
 from supervisor.safety import LAB_ONLY_ENV
 
 
 def run_demo(echo: Callable[[str], None] = print) -> int:
-    """Run the demo; return the total leak count with the lock in place (0 is the promise)."""
+    """Run the demo; return the leak count with the daemon in charge (0 is the promise)."""
     os.environ[LAB_ONLY_ENV] = "1"
     start = time.monotonic()
 
@@ -36,87 +29,94 @@ def run_demo(echo: Callable[[str], None] = print) -> int:
     with Lab.up(servers=3) as lab:
         say(f"lab {lab.id} up: client, isp (observer), internet, 3 WireGuard servers")
         observer, probes = Observer.start(lab), Probes(lab)
-        config = load_config(lab.config_path, {})
-        policy = policy_from_config(config)
 
         mark = observer.mark()
         answered = sum(probes.every_kind().values())
         open_leaks = len(observer.leaks(since=mark))
         say(f"no lock: {answered} of 11 probe kinds answered; the ISP saw {open_leaks} leaked packets")
 
-        with lab.inside("client"):
-            nft.apply(policy)
         mark = observer.mark()
-        answered = sum(v for k, v in probes.every_kind().items() if k != "udp-to-endpoint")
-        locked_leaks = len(observer.leaks(since=mark))
-        say(f"lock applied: {answered} probes answered; the ISP saw {locked_leaks} leaked packets")
-
-        with hand_tunnel(lab, server=1):
-            mark = observer.mark()
-            ok = probes.ping(INTERNET_V4) and probes.tcp(INTERNET_V4) and probes.dns_udp("10.99.0.1")
-            isp_dns = probes.dns_udp("192.0.2.1")
-            tunnel_leaks = len(observer.leaks(since=mark))
+        with LabDaemon(lab) as daemon:
+            began = time.monotonic()
+            status = daemon.start()
+            internet = probes.ping(INTERNET_V4) and probes.tcp(INTERNET_V4) and probes.dns_udp("10.99.0.1")
             say(
-                f"lock + tunnel to vpn1: internet {'works' if ok else 'FAILS'}, ISP resolver "
-                f"{'ANSWERS' if isp_dns else 'blocked'}; leaked packets: {tunnel_leaks}"
+                f"tunlock run: connected to {status['server']} in {time.monotonic() - began:.2f} s; "
+                f"internet through the tunnel {'works' if internet else 'FAILS'}, ISP resolver "
+                f"{'ANSWERS' if probes.dns_udp('192.0.2.1') else 'blocked'}"
             )
-
-            mark = observer.mark()
-            pinger = ContinuousPing(lab)
-            with lab.inside("client"):
-                current = policy.endpoints
-                for server in (config.servers[1], config.servers[0]):
-                    nft.swap_endpoints(policy, current, frozenset({server.endpoint}))
-                    current = frozenset({server.endpoint})
-            record = pinger.stop()
-            swap_leaks = len(observer.leaks(since=mark))
-            say(
-                f"lock's endpoint swapped to vpn2 and back under a 10 ms ping: longest outage "
-                f"{record.longest_outage_s * 1000:.0f} ms, leaked packets: {swap_leaks}"
-            )
-
-            mark = observer.mark()
-            restored = _flush_under_guard(lab, policy)
-            flush_leaks = len(observer.leaks(since=mark))
-            say(
-                f"another program ran 'nft flush ruleset': the guard restored the lock in "
-                f"{restored * 1000:.0f} ms; leaked packets: {flush_leaks}"
-            )
-
-        total = locked_leaks + tunnel_leaks + swap_leaks + flush_leaks
-        with lab.inside("client"):
-            nft.remove(policy.table)
-    say(f"lab removed. Leaked packets with the lock in place: {total}")
-    return total
+            _failover(lab, daemon, say)
+            _offline(lab, daemon, say)
+            _backend_killed(lab, daemon, say)
+            _flushed(lab, daemon, say)
+            _restarted(lab, daemon, say)
+            stopped = daemon.stop()
+        after_stop = probes.ping(INTERNET_V4)
+        say(
+            f"SIGTERM: daemon exited {stopped}; tunnel down, lock kept: internet "
+            f"{'REACHABLE' if after_stop else 'unreachable'}"
+        )
+        observer.sync()
+        leaks = len(observer.leaks(since=mark))
+    say(f"lab removed. Leaked packets with the lock in place: {leaks}")
+    return leaks
 
 
-def _flush_under_guard(lab: Lab, policy) -> float:
-    took: list[float] = []
+def _failover(lab: Lab, daemon: LabDaemon, say: Callable[[str], None]) -> None:
+    current = daemon.status()["server"]
+    pinger = ContinuousPing(lab, interval=0.01)
+    time.sleep(0.3)
+    faults.blackhole_server(lab, current.removeprefix("vpn"))
+    status = daemon.wait_for(lambda s: s["state"] == "connected" and s["server"] != current, 30, "failover")
+    time.sleep(0.2)
+    record = pinger.stop()
+    say(
+        f"{current} blackholed (silent): failed over to {status['server']}; pings answered again after "
+        f"{record.longest_outage_s:.2f} s ({status['last_failure']['reason']})"
+    )
+    faults.restore_server(lab, current.removeprefix("vpn"))
 
-    async def scenario() -> None:
-        restored = anyio.Event()
 
-        async def on_tamper(_reason: str) -> None:
-            restored.set()
+def _offline(lab: Lab, daemon: LabDaemon, say: Callable[[str], None]) -> None:
+    began = time.monotonic()
+    faults.link_down(lab)
+    daemon.wait_for(lambda s: s["state"] == "offline", 5, "offline")
+    seen = time.monotonic() - began
+    time.sleep(1)
+    faults.link_up(lab)
+    status = daemon.wait_for(lambda s: s["state"] == "connected", 15, "connected")
+    say(
+        f"cable pulled: offline within {seen * 1000:.0f} ms, nothing tried meanwhile; "
+        f"plugged back: {status['server']} again"
+    )
 
-        guard = LockGuard(policy, on_tamper)
-        async with anyio.create_task_group() as tg:
-            await guard.apply()
-            await tg.start(guard.run)
-            begin = time.perf_counter()
-            await anyio.to_thread.run_sync(
-                lambda: sh("ip", "netns", "exec", lab.ns("client"), "nft", "flush", "ruleset")
-            )
-            with anyio.fail_after(5):
-                await restored.wait()
-            took.append(time.perf_counter() - begin)
-            tg.cancel_scope.cancel()
 
-    def in_client() -> None:
-        with lab.inside("client"):
-            anyio.run(scenario)
+def _backend_killed(lab: Lab, daemon: LabDaemon, say: Callable[[str], None]) -> None:
+    began = time.monotonic()
+    faults.kill_client_wireguard_go(lab)
+    daemon.wait_for(lambda s: s["last_failure"] and "backend" in s["last_failure"]["reason"], 10, "noticed")
+    daemon.wait_for(lambda s: s["state"] == "connected", 20, "connected")
+    say(f"wireguard-go killed: restarted and connected again in {time.monotonic() - began:.2f} s")
 
-    worker = threading.Thread(target=in_client)
-    worker.start()
-    worker.join(30)
-    return took[0] if took else float("nan")
+
+def _flushed(lab: Lab, daemon: LabDaemon, say: Callable[[str], None]) -> None:
+    began = time.monotonic()
+    lab.run("client", "nft", "flush", "ruleset")
+    daemon.wait_for(lambda s: s["last_failure"] and "lock" in s["last_failure"]["reason"], 10, "restored")
+    say(
+        "another program ran 'nft flush ruleset': the lock was back within "
+        f"{(time.monotonic() - began) * 1000:.0f} ms"
+    )
+
+
+def _restarted(lab: Lab, daemon: LabDaemon, say: Callable[[str], None]) -> None:
+    pinger = ContinuousPing(lab, interval=0.01)
+    time.sleep(0.2)
+    daemon.kill()
+    status = daemon.start()
+    time.sleep(0.2)
+    record = pinger.stop()
+    say(
+        f"daemon SIGKILLed and started again: lock and tunnel stayed, {status['server']} adopted; "
+        f"longest ping gap {record.longest_outage_s * 1000:.0f} ms"
+    )

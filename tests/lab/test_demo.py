@@ -21,7 +21,9 @@ def test_demo_shows_leaks_without_the_lock_and_none_with_it():
     lines = result.stdout.splitlines()
     no_lock = next(line for line in lines if "no lock:" in line)
     assert "the ISP saw 0 leaked" not in no_lock, "without the lock the observer must see the probes"
-    assert "lock applied: 0 probes answered; the ISP saw 0 leaked packets" in result.stdout
+    assert "tunlock run: connected to vpn1" in result.stdout and "ISP resolver blocked" in result.stdout
+    assert "failed over to vpn2" in result.stdout
+    assert "internet unreachable" in result.stdout, "stopped, the lock stays"
     assert lines[-1].endswith("Leaked packets with the lock in place: 0")
     # Compared as a subset: the demo sweeps labs whose owner died (say, a CI run killed earlier), so
     # a stale lab present before may rightly be gone after; what must never happen is a new one left.
