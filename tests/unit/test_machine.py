@@ -1,0 +1,496 @@
+"""The pure state machine, transition by transition: no I/O, no clock (time is event data).
+
+Machines in each state are reached by driving ``Machine.initial`` with events, as the runtime
+would, never built by hand, so a test cannot start from a state the machine could not reach.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor.machine import actions as act
+from supervisor.machine import events as ev
+from supervisor.machine.core import TRANSITIONS, UnknownEvent, describe, ignore, step
+from supervisor.machine.rotation import nominal_backoff
+from supervisor.machine.settings import Settings
+from supervisor.machine.states import STATE_TYPES, Blocked, Connected, Connecting, Machine, Offline, Stopped
+
+SERVERS = ("a", "b", "c")
+ALL = frozenset(SERVERS)
+SETTINGS = Settings(servers=SERVERS)
+
+
+class Run:
+    """A machine and everything it asked for, driven one event at a time."""
+
+    def __init__(self, settings: Settings = SETTINGS) -> None:
+        self.machine = Machine.initial(settings)
+        self.actions: list[act.Action] = []
+        self.now = 0.0
+
+    def feed(self, event: ev.Event) -> list[act.Action]:
+        self.now = max(self.now, getattr(event, "now", self.now))
+        self.machine, actions = step(self.machine, event)
+        self.actions += actions
+        return actions
+
+    def at(self, dt: float) -> float:
+        self.now += dt
+        return self.now
+
+    @property
+    def state(self):
+        return self.machine.state
+
+    # ways into each state
+
+    def start(self, adopted: str | None = None, reachable: frozenset[str] = ALL) -> list[act.Action]:
+        self.feed(ev.PathsChanged(0.0, reachable))
+        return self.feed(ev.Start(0.0, seed=7, adopted=adopted))
+
+    def connect(self, rx: int = 100) -> None:
+        """From connecting: a sample with rx (the first sign of life)."""
+        self.feed(ev.StatsRead(self.at(0.25), rx, rx, 0.1))
+        assert isinstance(self.state, Connected), self.state
+
+    def started_connected(self) -> Run:
+        self.start()
+        self.connect()
+        return self
+
+    def silence(self, seconds: float, tx_growth: int = 100) -> list[act.Action]:
+        """Samples every 0.25 s in which tx grows and rx does not; every action they caused."""
+        assert isinstance(self.state, (Connected, Connecting))
+        rx = self.state.liveness.rx_bytes or 0
+        tx = self.state.liveness.tx_bytes or 0
+        caused: list[act.Action] = []
+        steps = round(seconds / 0.25)
+        for _ in range(steps):
+            tx += tx_growth
+            caused += self.feed(ev.StatsRead(self.at(0.25), rx, tx, 1.0))
+            if not isinstance(self.state, Connected):
+                break
+        return caused
+
+
+def kinds(actions: list[act.Action]) -> list[type]:
+    return [type(a) for a in actions]
+
+
+def configured(actions: list[act.Action]) -> list[str]:
+    return [a.server for a in actions if isinstance(a, act.ConfigurePeer)]
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def test_the_table_is_complete_every_state_lists_every_event() -> None:
+    assert set(TRANSITIONS) == set(STATE_TYPES)
+    for row in TRANSITIONS.values():
+        assert set(row) == set(ev.EVENT_TYPES)
+
+
+def test_a_foreign_event_is_a_programming_error() -> None:
+    with pytest.raises(UnknownEvent, match="int in state blocked"):
+        step(Machine.initial(SETTINGS), 3)  # type: ignore[arg-type]
+
+
+def test_describe_prints_every_acting_entry() -> None:
+    table = describe()
+    acting = sum(1 for row in TRANSITIONS.values() for handler in row.values() if handler is not ignore)
+    assert table.count("\n") == acting + 1
+    assert "| connected | StatsRead |" in table
+
+
+# --- start ------------------------------------------------------------------------------------
+
+
+def test_start_locks_first_then_connects_the_first_server() -> None:
+    run = Run()
+    actions = run.start()
+    assert actions[0] == act.ApplyLock(())
+    assert kinds(actions).index(act.SetLockServers) < kinds(actions).index(act.ConfigurePeer)
+    assert act.SetLockServers(("a",)) in actions and configured(actions) == ["a"]
+    assert isinstance(run.state, Connecting) and run.state.server == "a"
+    assert act.StartTimer("connect", 4.0) in actions
+
+
+def test_start_with_an_adopted_tunnel_lets_only_its_server_through_and_does_not_reconfigure() -> None:
+    run = Run()
+    actions = run.start(adopted="b")
+    assert actions[0] == act.ApplyLock(("b",))
+    assert configured(actions) == [], "an adopted tunnel is checked, not set up again"
+    assert isinstance(run.state, Connecting) and run.state.server == "b"
+
+
+def test_start_with_an_unknown_adopted_server_ignores_it() -> None:
+    run = Run()
+    actions = run.start(adopted="zz")
+    assert actions[0] == act.ApplyLock(())
+    assert configured(actions) == ["a"]
+
+
+def test_start_without_any_path_is_offline_and_attempts_nothing() -> None:
+    run = Run()
+    actions = run.start(reachable=frozenset())
+    assert isinstance(run.state, Offline)
+    assert kinds(actions) == [act.ApplyLock, act.PublishStatus]
+
+
+def test_start_twice_does_nothing_the_second_time() -> None:
+    run = Run()
+    run.start()
+    assert run.feed(ev.Start(1.0, seed=1)) == []
+
+
+# --- connecting -------------------------------------------------------------------------------
+
+
+def test_a_fresh_handshake_connects_and_an_old_one_does_not() -> None:
+    run = Run()
+    run.start()
+    # age 5 s at t=0.25: the handshake predates this connect (since t=0): not a sign of life
+    actions = run.feed(ev.StatsRead(run.at(0.25), 0, 0, 5.0))
+    assert isinstance(run.state, Connecting)
+    assert act.Probe() in actions and act.StartTimer("sample", 0.25) in actions
+    actions = run.feed(ev.StatsRead(run.at(0.25), 0, 148, 0.1))
+    assert isinstance(run.state, Connected)
+    assert act.CancelTimer("connect") in actions and act.StartTimer("sample", 0.5) in actions
+
+
+def test_received_bytes_connect_even_without_a_handshake_reading() -> None:
+    run = Run()
+    run.start()
+    run.feed(ev.StatsRead(run.at(0.25), 0, 0, None))
+    run.feed(ev.StatsRead(run.at(0.25), 92, 148, None))
+    assert isinstance(run.state, Connected)
+
+
+def test_connect_timeouts_grow_per_consecutive_failure_and_reset_after_success() -> None:
+    run = Run(Settings(servers=SERVERS, connect_timeouts_s=(4.0, 8.0, 15.0)))
+    run.start()
+    limits = []
+    for _ in range(3):
+        actions = run.feed(ev.TimerFired(run.at(4), "connect"))
+        limits += [a.delay_s for a in actions if isinstance(a, act.StartTimer) and a.timer == "connect"]
+    assert limits[:2] == [8.0, 15.0]
+    run2 = Run()
+    run2.start()
+    run2.feed(ev.TimerFired(4.0, "connect"))  # a failed: b with 8 s
+    run2.connect()
+    actions = run2.feed(ev.RotateRequested(run2.at(1)))
+    assert act.StartTimer("connect", 4.0) in actions, "a success resets the ladder"
+
+
+def test_a_peer_that_will_not_configure_counts_as_a_failed_server() -> None:
+    run = Run()
+    run.start()
+    actions = run.feed(ev.ConnectFailed(0.1, "a", "no such device"))
+    assert configured(actions) == ["b"]
+    assert run.machine.context.last_failure.reason == "no such device"
+    assert run.feed(ev.ConnectFailed(0.2, "zz", "stale")) == [], "a failure for another server is stale"
+
+
+# --- connected: detection ---------------------------------------------------------------------
+
+
+def test_rx_growth_keeps_the_normal_pace_and_idle_slows_down() -> None:
+    run = Run().started_connected()
+    assert run.feed(ev.StatsRead(run.at(0.5), 200, 200, 0.5)) == [act.StartTimer("sample", 0.5)]
+    assert run.feed(ev.StatsRead(run.at(0.5), 200, 200, 1.0)) == [act.StartTimer("sample", 2.0)]
+
+
+def test_an_idle_tunnel_is_probed_every_idle_probe_s() -> None:
+    run = Run().started_connected()
+    probes = 0
+    for _ in range(12):  # 24 s idle
+        actions = run.feed(ev.StatsRead(run.at(2.0), 100, 100, 1.0))
+        probes += actions.count(act.Probe())
+    assert probes == 2
+    assert isinstance(run.state, Connected), "idle is not silence: nothing was owed"
+
+
+def test_unanswered_traffic_is_probed_fast_and_a_silent_server_is_dead_after_3_s() -> None:
+    run = Run().started_connected()
+    began = run.now
+    actions = run.silence(5)
+    assert actions[:2] == [act.Probe(), act.StartTimer("sample", 0.25)]
+    assert isinstance(run.state, Connecting) and run.state.server == "b"
+    assert run.now - began == pytest.approx(3.0)
+    failure = run.machine.context.last_failure
+    assert failure.server == "a" and "silent for 3.0 s while probing" in failure.reason
+    assert act.SetLockServers(("b",)) in actions and configured(actions) == ["b"]
+
+
+def test_one_answered_probe_in_the_window_keeps_a_lossy_server() -> None:
+    run = Run().started_connected()
+    for _ in range(20):  # 10 s: every 8th sample something comes back
+        run.silence(1.75)
+        rx = run.state.liveness.rx_bytes + 92
+        run.feed(ev.StatsRead(run.at(0.25), rx, run.state.liveness.tx_bytes + 100, 1.0))
+    assert isinstance(run.state, Connected) and run.state.server == "a"
+    assert run.machine.context.last_failure is None
+
+
+def test_silence_needs_enough_unanswered_probes_not_just_time() -> None:
+    run = Run().started_connected()
+    # idle for a long time (nothing owed), then traffic goes unanswered: the idle time does not
+    # count as silence, the probes after it do.
+    run.feed(ev.StatsRead(run.at(30), 100, 100, 1.0))
+    run.silence(1.0)
+    assert isinstance(run.state, Connected)
+    run.silence(3.0)
+    assert isinstance(run.state, Connecting) and run.state.server == "b"
+
+
+def test_silence_after_an_idle_spell_waits_for_eight_unanswered_probes() -> None:
+    run = Run().started_connected()
+    run.feed(ev.StatsRead(run.at(0.5), 100, 100, 1.0))  # idle: the next sample comes 2 s later
+    settled = run.now
+    run.feed(ev.StatsRead(run.at(2.0), 100, 200, 1.0))  # tx grew: owed, probing starts
+    run.silence(1.0)  # 3 s since the last settled sample, but only 5 probes out
+    assert isinstance(run.state, Connected), "3 s of silence with too few probes is not death"
+    run.silence(1.0)
+    assert isinstance(run.state, Connecting) and run.state.server == "b"
+    assert run.now - settled == pytest.approx(4.0)
+
+
+def test_an_expired_handshake_is_dead_even_with_rx() -> None:
+    run = Run().started_connected()
+    run.feed(ev.StatsRead(run.at(0.5), 500, 500, 181.0))
+    assert isinstance(run.state, Connecting) and run.state.server == "b"
+    assert "no handshake for 181 s" in run.machine.context.last_failure.reason
+
+
+def test_counters_going_down_are_a_new_baseline_not_death() -> None:
+    run = Run().started_connected()
+    run.feed(ev.StatsRead(run.at(0.5), 5000, 5000, 1.0))
+    run.feed(ev.StatsRead(run.at(0.5), 10, 10, 1.0))  # the backend restarted: counters reset
+    assert isinstance(run.state, Connected)
+    assert run.state.liveness.rx_bytes == 10 and run.state.liveness.unanswered == 0
+
+
+# --- rotation and backoff ---------------------------------------------------------------------
+
+
+def test_sequential_rotation_goes_round_and_skips_cooling_servers() -> None:
+    run = Run(Settings(servers=SERVERS, cooldown_s=60))
+    run.start()
+    order = [run.state.server]
+    for _ in range(2):
+        run.feed(ev.TimerFired(run.at(1), "connect"))
+        order.append(run.state.server)
+    assert order == ["a", "b", "c"]
+    actions = run.feed(ev.TimerFired(run.at(1), "connect"))  # c fails; a and b still cooling
+    assert isinstance(run.state, Blocked) and run.state.retry_at is not None
+    assert act.RemovePeer() in actions
+    backoff = next(a for a in actions if isinstance(a, act.StartTimer))
+    assert backoff.timer == "backoff" and 1.0 <= backoff.delay_s <= 2.0
+    actions = run.feed(ev.TimerFired(run.at(backoff.delay_s), "backoff"))
+    assert configured(actions) == ["a"], "after the backoff, cooldowns are ignored"
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
+    settings = Settings(servers=("a",), backoff_initial_s=2, backoff_max_s=60, connect_timeouts_s=(1.0,))
+    run = Run(settings)
+    run.start()
+    delays = []
+    for _ in range(8):
+        actions = run.feed(ev.TimerFired(run.at(1), "connect"))
+        delay = next(a.delay_s for a in actions if isinstance(a, act.StartTimer) and a.timer == "backoff")
+        delays.append(delay)
+        rounds = run.machine.context.rounds
+        assert nominal_backoff(settings, rounds) / 2 <= delay <= nominal_backoff(settings, rounds)
+        run.feed(ev.TimerFired(run.at(delay), "backoff"))
+    assert [nominal_backoff(settings, r) for r in range(1, 9)] == [2, 4, 8, 16, 32, 60, 60, 60]
+    assert max(delays) <= 60
+
+
+def test_random_rotation_is_repeatable_from_the_seed() -> None:
+    def choices(seed: int) -> list[str]:
+        run = Run(Settings(servers=tuple("abcdefgh"), strategy="random", cooldown_s=0.5))
+        run.feed(ev.Start(0.0, seed=seed))
+        seen = [run.state.server]
+        for _ in range(10):
+            run.feed(ev.TimerFired(run.at(1), "connect"))
+            seen.append(run.state.server)
+        return seen
+
+    assert choices(1) == choices(1)
+    assert choices(1) != choices(2)
+    assert all(b != a for a, b in zip(choices(3), choices(3)[1:], strict=False)), "never the failed one"
+
+
+def test_rotate_goes_to_another_server_and_reconnect_to_the_same() -> None:
+    run = Run().started_connected()
+    actions = run.feed(ev.RotateRequested(run.at(1)))
+    assert configured(actions) == ["b"] and act.SetLockServers(("b",)) in actions
+    run.connect(rx=300)
+    actions = run.feed(ev.ReconnectRequested(run.at(1)))
+    assert configured(actions) == ["b"]
+    assert run.machine.context.last_failure is None, "a request is not a failure"
+
+
+def test_rotate_with_one_server_sets_it_up_afresh() -> None:
+    run = Run(Settings(servers=("a",)))
+    run.start()
+    run.connect()
+    assert configured(run.feed(ev.RotateRequested(run.at(1)))) == ["a"]
+
+
+def test_requests_while_blocked_try_at_once_and_while_offline_are_ignored() -> None:
+    run = Run(Settings(servers=("a",), connect_timeouts_s=(1.0,)))
+    run.start()
+    run.feed(ev.TimerFired(run.at(1), "connect"))
+    assert isinstance(run.state, Blocked)
+    assert configured(run.feed(ev.RotateRequested(run.at(0.1)))) == ["a"]
+    run.feed(ev.PathsChanged(run.at(0.1), frozenset()))
+    assert isinstance(run.state, Offline)
+    assert run.feed(ev.RotateRequested(run.at(0.1))) == []
+    assert run.feed(ev.ReconnectRequested(run.at(0.1))) == []
+    assert Run().feed(ev.RotateRequested(0.0)) == [], "not started: nothing to rotate"
+
+
+# --- offline ----------------------------------------------------------------------------------
+
+
+def test_no_path_goes_offline_at_once_and_stops_every_clock() -> None:
+    run = Run().started_connected()
+    actions = run.feed(ev.PathsChanged(run.at(0.1), frozenset()))
+    assert isinstance(run.state, Offline) and run.state.resume == "a" and run.state.intact
+    assert set(actions[:3]) == {act.CancelTimer(t) for t in ev.TIMERS}
+    assert run.feed(ev.TimerFired(run.at(5), "connect")) == []
+    assert run.feed(ev.StatsRead(run.at(5), 0, 0, None)) == []
+
+
+def test_back_online_checks_the_intact_peer_without_setting_it_up_again() -> None:
+    run = Run().started_connected()
+    run.feed(ev.PathsChanged(run.at(0.1), frozenset()))
+    actions = run.feed(ev.PathsChanged(run.at(5), ALL))
+    assert isinstance(run.state, Connecting) and run.state.server == "a"
+    assert configured(actions) == [] and act.Probe() in actions
+
+
+def test_a_tunnel_lost_while_offline_is_set_up_again_when_back() -> None:
+    run = Run().started_connected()
+    run.feed(ev.PathsChanged(run.at(0.1), frozenset()))
+    run.feed(ev.TunnelLost(run.at(1)))
+    actions = run.feed(ev.PathsChanged(run.at(5), ALL))
+    assert configured(actions) == ["a"]
+
+
+def test_losing_the_route_to_the_current_server_only_moves_without_blame() -> None:
+    run = Run().started_connected()
+    actions = run.feed(ev.PathsChanged(run.at(0.1), frozenset({"b", "c"})))
+    assert configured(actions) == ["b"]
+    assert "a" not in run.machine.context.cooling
+
+
+def test_offline_while_blocked_cancels_the_backoff() -> None:
+    run = Run(Settings(servers=("a",), connect_timeouts_s=(1.0,)))
+    run.start()
+    run.feed(ev.TimerFired(run.at(1), "connect"))
+    actions = run.feed(ev.PathsChanged(run.at(0.1), frozenset()))
+    assert isinstance(run.state, Offline) and act.CancelTimer("backoff") in actions
+    assert run.feed(ev.PathsChanged(run.at(0.1), frozenset())) == [], "still offline: nothing"
+
+
+def test_paths_before_start_are_remembered_only() -> None:
+    run = Run()
+    assert run.feed(ev.PathsChanged(0.0, frozenset())) == []
+    assert isinstance(run.state, Blocked)
+
+
+# --- tunnel and backend loss ------------------------------------------------------------------
+
+
+def test_a_deleted_tunnel_is_set_up_again_on_the_same_server() -> None:
+    run = Run().started_connected()
+    actions = run.feed(ev.TunnelLost(run.at(1)))
+    assert configured(actions) == ["a"] and isinstance(run.state, Connecting)
+    assert run.machine.context.last_failure.reason == "the tunnel interface was deleted"
+
+
+def test_a_dead_backend_is_waited_for_not_reconfigured() -> None:
+    run = Run().started_connected()
+    actions = run.feed(ev.BackendDown(run.at(1), "exit status 2"))
+    assert configured(actions) == [] and isinstance(run.state, Connecting)
+    assert act.StartTimer("connect", 4.0) in actions
+    assert run.feed(ev.BackendUp(run.at(0.1))) == [act.Probe()]
+    run.connect(rx=50)
+
+
+def test_losses_while_blocked_are_only_recorded() -> None:
+    run = Run(Settings(servers=("a",), connect_timeouts_s=(1.0,)))
+    run.start()
+    run.feed(ev.TimerFired(run.at(1), "connect"))
+    assert run.feed(ev.TunnelLost(run.at(1))) == []
+    assert run.feed(ev.BackendDown(run.at(1), "gone")) == []
+    assert "backend died" in run.machine.context.last_failure.reason
+
+
+# --- the lock ---------------------------------------------------------------------------------
+
+
+def test_tampering_is_recorded_and_published_with_no_lock_action() -> None:
+    run = Run().started_connected()
+    actions = run.feed(ev.LockTampered(run.at(1), "the lock table was deleted"))
+    assert kinds(actions) == [act.PublishStatus]
+    assert "restored" in actions[0].reason
+
+
+@pytest.mark.parametrize(("mode", "removes"), [("permanent", False), ("session", True)])
+def test_stop_closes_the_tunnel_and_removes_the_lock_only_in_session_mode(mode: str, removes: bool) -> None:
+    run = Run(Settings(servers=SERVERS, lock_mode=mode))  # type: ignore[arg-type]
+    run.start()
+    run.connect()
+    actions = run.feed(ev.Stop(run.at(1)))
+    assert isinstance(run.state, Stopped)
+    assert act.CloseTunnel() in actions and actions[-1] == act.Exit()
+    assert (act.RemoveLock() in actions) is removes
+
+
+def test_stopped_ignores_everything() -> None:
+    run = Run().started_connected()
+    run.feed(ev.Stop(run.at(1)))
+    for event in (
+        ev.Start(9, 1),
+        ev.Stop(9),
+        ev.PathsChanged(9, ALL),
+        ev.StatsRead(9, 1, 1, 1),
+        ev.TimerFired(9, "sample"),
+        ev.RotateRequested(9),
+        ev.ConfigReloaded(9, SETTINGS),
+    ):
+        assert run.feed(event) == []
+
+
+# --- reload -----------------------------------------------------------------------------------
+
+
+def test_a_reload_keeping_the_server_keeps_the_tunnel() -> None:
+    run = Run().started_connected()
+    assert run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("c", "a")))) == []
+    assert run.machine.context.settings.servers == ("c", "a")
+
+
+def test_a_reload_dropping_the_server_moves_to_one_still_listed() -> None:
+    run = Run().started_connected()
+    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("c",))))
+    assert configured(actions) == ["c"] and act.SetLockServers(("c",)) in actions
+
+
+def test_a_reload_with_no_servers_blocks_and_removes_the_peer() -> None:
+    run = Run().started_connected()
+    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=())))
+    assert isinstance(run.state, Blocked) and act.RemovePeer() in actions
+    assert not any(isinstance(a, (act.ConfigurePeer, act.RemoveLock)) for a in actions)
+
+
+def test_a_reload_while_offline_forgets_a_removed_resume_server() -> None:
+    run = Run().started_connected()
+    run.feed(ev.PathsChanged(run.at(0.1), frozenset()))
+    run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("b",))))
+    assert isinstance(run.state, Offline) and run.state.resume is None
+    actions = run.feed(ev.PathsChanged(run.at(1), frozenset({"b"})))
+    assert configured(actions) == ["b"]

@@ -1,0 +1,202 @@
+"""Properties of the machine over arbitrary event sequences (hypothesis), no I/O at all.
+
+Whatever happens, in whatever order: no action removes the lock (except a stop in session mode)
+or widens it beyond the one server being set up; a peer is configured only after the lock lets
+exactly that server through; nothing is attempted while offline; timers are sane and backoff
+grows and is capped; a stopped machine does nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from supervisor.machine import actions as act
+from supervisor.machine import events as ev
+from supervisor.machine.core import step
+from supervisor.machine.rotation import nominal_backoff
+from supervisor.machine.settings import Settings
+from supervisor.machine.states import Machine, Offline, Stopped
+
+SERVERS = ("a", "b", "c", "d")
+NAMES = {"blocked", "connecting", "connected", "offline", "stopped"}
+
+
+class MachineUnderEvents(RuleBasedStateMachine):
+    """Feeds events the runtime could produce and checks every step's actions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.machine: Machine | None = None
+        self.now = 0.0
+        self.rx = self.tx = 0
+        self.lock: tuple[str, ...] | None = None  # what the lock lets through, as the actions set it
+        self.exited = False
+        self.nominal_by_round: dict[int, float] = {}
+
+    @initialize(
+        strategy=st.sampled_from(["sequential", "random"]),
+        mode=st.sampled_from(["permanent", "session"]),
+        seed=st.integers(0, 2**64 - 1),
+        adopted=st.sampled_from([None, "a", "c", "elsewhere"]),
+        reachable=st.frozensets(st.sampled_from(SERVERS)),
+    )
+    def start(
+        self, strategy: str, mode: str, seed: int, adopted: str | None, reachable: frozenset[str]
+    ) -> None:
+        self.settings = Settings(servers=SERVERS, strategy=strategy, lock_mode=mode, cooldown_s=5.0)  # type: ignore[arg-type]
+        self.machine = Machine.initial(self.settings)
+        self.feed(ev.PathsChanged(self.now, reachable))
+        self.feed(ev.Start(self.now, seed=seed, adopted=adopted))
+
+    def feed(self, event: ev.Event) -> list[act.Action]:
+        assert self.machine is not None
+        before = self.machine
+        self.machine, actions = step(self.machine, event)
+        self.check(before, event, actions)
+        return actions
+
+    def check(self, before: Machine, event: ev.Event, actions: list[act.Action]) -> None:
+        assert self.machine is not None
+        if self.exited:
+            assert actions == [], "a stopped machine does nothing"
+        for action in actions:
+            if isinstance(action, (act.ApplyLock, act.SetLockServers)):
+                assert len(action.servers) <= 1, f"the lock widened to {action.servers}"
+                assert set(action.servers) <= set(self.settings.servers)
+                self.lock = action.servers
+            elif isinstance(action, act.RemoveLock):
+                assert isinstance(event, ev.Stop) and self.settings.lock_mode == "session"
+                assert act.Exit() in actions
+            elif isinstance(action, act.ConfigurePeer):
+                assert self.lock == (action.server,), (
+                    f"peer {action.server} set up while the lock allows {self.lock}"
+                )
+            elif isinstance(action, act.StartTimer):
+                assert 0 < action.delay_s < math.inf
+                if action.timer == "backoff":
+                    rounds = self.machine.context.rounds
+                    nominal = nominal_backoff(self.settings, rounds)
+                    assert nominal / 2 <= action.delay_s <= nominal <= self.settings.backoff_max_s
+                    self.nominal_by_round[rounds] = nominal
+            elif isinstance(action, act.Exit):
+                self.exited = True
+        if isinstance(self.machine.state, Offline):
+            attempted = (act.ConfigurePeer, act.Probe, act.ReadStats, act.StartTimer)
+            assert not any(isinstance(a, attempted) for a in actions), f"attempted while offline: {actions}"
+        reachable = self.machine.context.reachable
+        if reachable is not None and not reachable:
+            assert not any(isinstance(a, act.ConfigurePeer) for a in actions), "a peer set up with no path"
+
+    @invariant()
+    def state_is_one_of_the_contract(self) -> None:
+        if self.machine is not None:
+            assert self.machine.state.name in NAMES
+            assert isinstance(self.machine.state, Stopped) == self.exited
+
+    @invariant()
+    def backoff_grows_and_is_capped(self) -> None:
+        rounds = sorted(self.nominal_by_round)
+        nominals = [self.nominal_by_round[r] for r in rounds]
+        assert nominals == sorted(nominals)
+        assert all(n <= self.settings.backoff_max_s for n in nominals) if nominals else True
+
+    # --- the world ------------------------------------------------------------------------
+
+    @rule(dt=st.floats(0.01, 30))
+    def time_passes(self, dt: float) -> None:
+        self.now += dt
+
+    @rule(reachable=st.frozensets(st.sampled_from(SERVERS)))
+    def paths(self, reachable: frozenset[str]) -> None:
+        self.feed(ev.PathsChanged(self.now, reachable))
+
+    @rule(
+        rx=st.integers(0, 3000),
+        tx=st.integers(0, 3000),
+        reset=st.booleans(),
+        age=st.none() | st.floats(0, 400),
+    )
+    def stats(self, rx: int, tx: int, reset: bool, age: float | None) -> None:
+        if reset:
+            self.rx, self.tx = 0, 0
+        self.rx += rx
+        self.tx += tx
+        self.now += 0.25
+        self.feed(ev.StatsRead(self.now, self.rx, self.tx, age))
+
+    @rule(timer=st.sampled_from(ev.TIMERS))
+    def timer_fires(self, timer: ev.Timer) -> None:
+        self.now += 1
+        self.feed(ev.TimerFired(self.now, timer))
+
+    @rule()
+    def tunnel_lost(self) -> None:
+        self.feed(ev.TunnelLost(self.now))
+
+    @rule(up=st.booleans())
+    def backend(self, up: bool) -> None:
+        self.feed(ev.BackendUp(self.now) if up else ev.BackendDown(self.now, "died"))
+
+    @rule(server=st.sampled_from(SERVERS))
+    def connect_failed(self, server: str) -> None:
+        self.feed(ev.ConnectFailed(self.now, server, "refused"))
+
+    @rule()
+    def tampered(self) -> None:
+        self.feed(ev.LockTampered(self.now, "the lock table was deleted"))
+
+    @rule(rotate=st.booleans())
+    def user(self, rotate: bool) -> None:
+        self.feed(ev.RotateRequested(self.now) if rotate else ev.ReconnectRequested(self.now))
+
+    @rule(order=st.permutations(SERVERS))
+    def reload(self, order: list[str]) -> None:
+        self.settings = Settings(
+            servers=tuple(order),
+            strategy=self.settings.strategy,
+            lock_mode=self.settings.lock_mode,
+            cooldown_s=self.settings.cooldown_s,
+        )
+        self.feed(ev.ConfigReloaded(self.now, self.settings))
+
+    @precondition(lambda self: not self.exited)
+    @rule()
+    def stop(self) -> None:
+        actions = self.feed(ev.Stop(self.now))
+        assert act.CloseTunnel() in actions and actions[-1] == act.Exit()
+
+
+MachineUnderEvents.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+TestMachineUnderEvents = MachineUnderEvents.TestCase
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    strategy=st.sampled_from(["sequential", "random"]),
+    count=st.integers(1, 8),
+    seed=st.integers(0, 2**64 - 1),
+)
+def test_every_server_is_tried_before_any_backoff(strategy: str, count: int, seed: int) -> None:
+    """Every server failing by timeout (within its cooldown): the first round tries each once,
+    then the machine backs off, then tries again."""
+    servers = tuple(f"s{i}" for i in range(count))
+    machine = Machine.initial(Settings(servers=servers, strategy=strategy, cooldown_s=600))  # type: ignore[arg-type]
+    now = 0.0
+    machine, actions = step(machine, ev.Start(now, seed=seed))
+    tried = [a.server for a in actions if isinstance(a, act.ConfigurePeer)]
+    tried_before_backoff: list[str] | None = None
+    for _ in range(3 * count + 6):
+        now += 1
+        timer = "backoff" if machine.state.name == "blocked" else "connect"
+        machine, actions = step(machine, ev.TimerFired(now, timer))  # type: ignore[arg-type]
+        tried += [a.server for a in actions if isinstance(a, act.ConfigurePeer)]
+        backoff = any(isinstance(a, act.StartTimer) and a.timer == "backoff" for a in actions)
+        if backoff and tried_before_backoff is None:
+            tried_before_backoff = list(tried)
+    assert tried_before_backoff is not None, "every server failed: the machine must back off"
+    assert sorted(tried_before_backoff) == sorted(servers), f"first round tried {tried_before_backoff}"
+    assert len(tried) > count, "attempts go on after the backoff"
