@@ -21,6 +21,9 @@ from supervisor.lab.topology import Lab
 from supervisor.safety import LAB_ONLY_ENV
 
 POLL_S = 0.01
+# Every wait is multiplied by this: the VM tier runs under software emulation, where starting
+# Python alone takes seconds.
+TIME_SCALE = float(os.environ.get("TUNLOCK_TEST_TIME_SCALE", "1"))
 
 
 class LabDaemon:
@@ -71,6 +74,7 @@ class LabDaemon:
         self, condition: Callable[[dict[str, Any]], bool], timeout: float = 20.0, what: str = "the condition"
     ) -> dict[str, Any]:
         """Poll the status until ``condition`` holds; on timeout say what was seen and the log's tail."""
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:

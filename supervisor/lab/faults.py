@@ -38,6 +38,9 @@ def _drop_isp_chain(lab: Lab, chain: str) -> None:
 
 def kill_server(lab: Lab, index: str = "1") -> str:
     server = lab.servers[int(index) - 1]
+    if not server.wg_pid:  # a kernel WireGuard server: its interface is all there is of it
+        sh("ip", "-n", server.ns, "link", "del", server.ifname)
+        return f"deleted the WireGuard interface of {server.name}"
     os.kill(server.wg_pid, signal.SIGKILL)
     return f"killed wireguard-go of {server.name} (pid {server.wg_pid})"
 

@@ -40,6 +40,7 @@ from typing import ClassVar
 from supervisor.safety import LAB_NETNS_PREFIX, NETNS_DIR
 
 LAB_ROOT = Path("/run/tunlock-lab")
+LAB_WIREGUARD_ENV = "TUNLOCK_LAB_WIREGUARD"
 UAPI_DIR = Path("/var/run/wireguard")
 WG_PORT = 51820
 CLIENT_V4, ISP_V4, LAN_HOST_V4 = "192.0.2.2", "192.0.2.1", "192.0.2.3"
@@ -99,6 +100,7 @@ class LabState:
     servers: list[LabServer] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
     client_ifname: str = ""
+    wireguard: str = "userspace"  # the servers' and the client config's backend: userspace | kernel
 
     def save(self) -> None:
         Path(self.dir, "state.json").write_text(json.dumps(asdict(self), indent=1))
@@ -217,19 +219,30 @@ class Lab:
     # --- life cycle -------------------------------------------------------------------------
 
     @classmethod
-    def up(cls, servers: int = 3, lab_id: str | None = None, keep: bool = False) -> Lab:
+    def up(
+        cls, servers: int = 3, lab_id: str | None = None, keep: bool = False, wireguard: str | None = None
+    ) -> Lab:
         """Build a lab with ``servers`` WireGuard servers; on any failure, tear down what was built.
 
         A lab belongs to the calling process and is swept once that process is gone, unless
-        ``keep`` (``tunlock lab up``): then only ``down`` removes it.
+        ``keep`` (``tunlock lab up``): then only ``down`` removes it. ``wireguard`` (default
+        ``$TUNLOCK_LAB_WIREGUARD`` or ``userspace``) is what the servers run and what the
+        client's config asks for: ``userspace`` (wireguard-go) or ``kernel`` (the VM tier).
         """
+        wireguard = wireguard or os.environ.get(LAB_WIREGUARD_ENV, "userspace")
+        if wireguard not in ("userspace", "kernel"):
+            raise LabError(f"{LAB_WIREGUARD_ENV}={wireguard!r}: userspace or kernel")
         sweep_stale()
         lab_id = lab_id or _new_id()
         lab_dir = LAB_ROOT / lab_id
         lab_dir.mkdir(parents=True, exist_ok=False)
         lab_dir.chmod(0o700)
         state = LabState(
-            id=lab_id, owner_pid=0 if keep else os.getpid(), dir=str(lab_dir), client_ifname=f"tl{lab_id}c"
+            id=lab_id,
+            owner_pid=0 if keep else os.getpid(),
+            dir=str(lab_dir),
+            client_ifname=f"tl{lab_id}c",
+            wireguard=wireguard,
         )
         state.save()
         lab = cls(state)
@@ -391,21 +404,10 @@ class Lab:
             key_file = self.dir / f"{s.name}.key"
             key_file.write_text(keys[s.name])
             key_file.chmod(0o600)
-            wg = self.spawn(
-                s.ns,
-                ["wireguard-go", "-f", s.ifname],
-                f"{s.name}-wg.log",
-                env={**os.environ, "LOG_LEVEL": "error"},
-            )
-            s.wg_pid = wg.pid
-            sock = UAPI_DIR / f"{s.ifname}.sock"
-            deadline = time.monotonic() + 10
-            while not sock.exists():
-                if time.monotonic() > deadline or wg.poll() is not None:
-                    raise LabError(
-                        f"wireguard-go for {s.name} did not start (see {self.dir}/{s.name}-wg.log)"
-                    )
-                time.sleep(0.01)
+            if self.state.wireguard == "kernel":
+                self.run(s.ns, "ip", "link", "add", s.ifname, "type", "wireguard")
+            else:
+                self._start_wireguard_go(s)
             self.run(
                 s.ns,
                 "wg",
@@ -448,6 +450,21 @@ class Lab:
             list(pool.map(start_server, self.servers))
         self.state.save()
 
+    def _start_wireguard_go(self, s: LabServer) -> None:
+        wg = self.spawn(
+            s.ns,
+            ["wireguard-go", "-f", s.ifname],
+            f"{s.name}-wg.log",
+            env={**os.environ, "LOG_LEVEL": "error"},
+        )
+        s.wg_pid = wg.pid
+        sock = UAPI_DIR / f"{s.ifname}.sock"
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if time.monotonic() > deadline or wg.poll() is not None:
+                raise LabError(f"wireguard-go for {s.name} did not start (see {self.dir}/{s.name}-wg.log)")
+            time.sleep(0.01)
+
     def _write_config(self) -> None:
         servers_dir = self.dir / "servers"
         servers_dir.mkdir(exist_ok=True)
@@ -463,7 +480,7 @@ class Lab:
             path.chmod(0o600)
         self.config_path.write_text(
             "# written by the tunlock lab\n"
-            f'[tunnel]\ninterface = "{self.client_ifname}"\nbackend = "userspace"\n'
+            f'[tunnel]\ninterface = "{self.client_ifname}"\nbackend = "{self.state.wireguard}"\n'
             'servers = ["servers/*.conf"]\n\n'
             '[lock]\nlan_ranges = ["192.0.2.0/24", "2001:db8:c::/64"]\n\n'
             f'[control]\nsocket = "{self.dir}/control.sock"\n\n'
