@@ -34,13 +34,18 @@ class LabUnderTest:
         self.probes = Probes(lab)
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[LabUnderTest]:
-    built = Lab.up(servers=3)
+def lab_under_test(servers: int = 3) -> Iterator[LabUnderTest]:
+    """A lab for the length of a fixture, removed also when the test fails."""
+    built = Lab.up(servers=servers)
     try:
         yield LabUnderTest(built)
     finally:
         built.down()
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[LabUnderTest]:
+    yield from lab_under_test()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
