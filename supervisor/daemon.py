@@ -19,7 +19,7 @@ import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import anyio
@@ -124,9 +124,12 @@ class GuardedLock:
             await self.guard.swap_endpoints(policy)
         self.servers = servers
 
-    async def rebase(self, base: LockPolicy) -> None:
-        """A reload changed the policy around the endpoints (LAN, ports): re-apply if it differs."""
+    async def rebase(self, base: LockPolicy, servers: Mapping[str, Server]) -> None:
+        """A reload: the policy around the endpoints (LAN, ports) and the servers as now read.
+        The lock keeps letting through the servers it did that are still configured (the
+        machine moves off a dropped one next), and is re-applied only where it differs."""
         self.base = base
+        self.servers = tuple(servers[s.name] for s in self.servers if s.name in servers)
         if base.with_servers(self.servers) != self.guard.policy:
             await self.apply(self.servers)
 
@@ -261,9 +264,7 @@ async def _reload(
     runtime.servers = {server.name: server for server in new.servers}
     runtime.probe_target = probe_target(new)
     watcher.set_endpoints(s.endpoint for s in new.servers)
-    kept = tuple(s for s in lock.servers if s.name in runtime.servers)
-    lock.servers = tuple(runtime.servers[s.name] for s in kept)
-    await lock.rebase(policy_from_config(new, servers=()))
+    await lock.rebase(policy_from_config(new, servers=()), runtime.servers)
     settings = machine_settings(new)
     await runtime.post(lambda now: ev.ConfigReloaded(now, settings))
     log.info("configuration reloaded", servers=len(new.servers))

@@ -297,8 +297,8 @@ class Runtime:
         status = self.status
         status.state, status.server, status.reason = state, server, reason
         status.since_wall = time.time()
-        if state != "connected":
-            status.stats = None if server is None else status.stats
+        if server is None:
+            status.stats = None  # no peer: the last counters belong to a tunnel that is gone
         if failure is not None:
             status.last_failure = {
                 "server": failure.server,

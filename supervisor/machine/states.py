@@ -16,18 +16,22 @@ from supervisor.machine.liveness import Liveness
 from supervisor.machine.settings import Settings
 
 
+class _NoPeer:
+    """States without a server as the tunnel's peer."""
+
+    @property
+    def server(self) -> None:
+        return None
+
+
 @dataclass(frozen=True)
-class Blocked:
+class Blocked(_NoPeer):
     """Locked and not connected: before start, between failed rounds (``retry_at``), on error."""
 
     name: ClassVar[str] = "blocked"
     since: float
     reason: str
     retry_at: float | None = None
-
-    @property
-    def server(self) -> None:
-        return None
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class Connected:
 
 
 @dataclass(frozen=True)
-class Offline:
+class Offline(_NoPeer):
     """No usable path to any endpoint outside the tunnel: nothing is attempted until one returns.
 
     ``resume`` is the server to go back to, and ``intact`` whether its peer is still configured
@@ -62,19 +66,11 @@ class Offline:
     resume: str | None
     intact: bool
 
-    @property
-    def server(self) -> None:
-        return None
-
 
 @dataclass(frozen=True)
-class Stopped:
+class Stopped(_NoPeer):
     name: ClassVar[str] = "stopped"
     since: float
-
-    @property
-    def server(self) -> None:
-        return None
 
 
 State = Blocked | Connecting | Connected | Offline | Stopped
