@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import sys
+import typing
 from pathlib import Path
 
 import click
@@ -10,13 +12,18 @@ import click
 from supervisor.cli_common import CONFIG_OPTION
 from supervisor.config import Config, load_config
 from supervisor.errors import ConfigError
+from supervisor.servers import ServerDigest
 
 
 def summary(config: Config) -> str:
-    """One line: how many servers, endpoints and address families the config holds."""
-    endpoints = {s.endpoint for s in config.servers}
-    families = sorted({f"IPv{ep.family}" for ep in endpoints})
-    inner = sorted({f"IPv{v}" for s in config.servers for v in s.families})
+    """One line: how many servers, endpoints and address families the config holds.
+
+    ``config`` is what ``load_config(..., digest_only=True)`` returns.
+    """
+    servers = typing.cast(tuple[ServerDigest, ...], config.servers)
+    endpoints = {s.endpoint_key for s in servers}
+    families = sorted({f"IPv{key[0]}" for key in endpoints})
+    inner = sorted({f"IPv{v}" for s in servers for v in s.families})
     return (
         f"{config.path}: ok: {len(config.servers)} server{'s' if len(config.servers) != 1 else ''}, "
         f"{len(endpoints)} endpoint{'s' if len(endpoints) != 1 else ''} over {'+'.join(families)}, "
@@ -35,6 +42,7 @@ def check(config_path: Path, quiet: bool) -> None:
     try:
         config = load_config(config_path, digest_only=True)
     except ConfigError as err:
+        _exit_soon()
         for problem in err.problems:
             click.echo(str(problem), err=True)
         errors = sum(1 for p in err.problems if not p.warning)
@@ -44,3 +52,10 @@ def check(config_path: Path, quiet: bool) -> None:
         for warning in config.warnings:
             click.echo(str(warning), err=True)
         click.echo(summary(config))
+    _exit_soon()
+
+
+def _exit_soon() -> None:
+    """The process ends next: spare it the collector's passes at exit over everything pydantic
+    and the check left (0.1 s of a 10,000-file check, a tenth of it); the OS frees it all."""
+    gc.freeze()

@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .samples import PRIVATE_KEY
+from supervisor.servers import PARALLEL_FROM_FILES
+
+from .samples import PRIVATE_KEY, VALID_SERVER
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,3 +56,41 @@ def test_missing_config_is_an_error_not_a_traceback(tmp_path):
     result = tunlock("check", "--config", str(tmp_path / "absent.toml"))
     assert result.returncode == 1
     assert "absent.toml: no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_large_directory_read_in_shares_reports_like_a_small_one(tmp_path):
+    # Past PARALLEL_FROM_FILES this process reads one share and a forked worker the other: a
+    # problem in either share, errors and warnings alike, must reach the report with its line.
+    count = PARALLEL_FROM_FILES + 100
+    servers = tmp_path / "servers"
+    servers.mkdir()
+
+    def write(i: int, text: str, mode: int = 0o600) -> str:
+        path = servers / f"vpn{i:04d}.conf"
+        path.write_text(text)
+        path.chmod(mode)
+        return path.name
+
+    def endpoint(i: int) -> str:  # one endpoint per file, 250 hosts x ports
+        return f"198.51.100.{i % 250 + 1}:{51820 + i // 250}"
+
+    for i in range(count):
+        write(i, VALID_SERVER.replace("198.51.100.11:51820", endpoint(i)))
+    config = tmp_path / "tunlock.toml"
+    config.write_text("")
+    first = write(0, VALID_SERVER.replace("198.51.100.11:51820", "vpn.example:51820"))
+    last = write(count - 1, VALID_SERVER.replace("PersistentKeepalive = 25", "PersistentKeepalive = -1"))
+    loose = write(count - 2, VALID_SERVER.replace("198.51.100.11:51820", endpoint(count - 2)), 0o644)
+
+    result = tunlock("check", "--config", str(config))
+    assert result.returncode == 1
+    assert f"{first}:9: endpoint host 'vpn.example' is a name" in result.stderr
+    assert f"{last}:11: PersistentKeepalive must be a whole number" in result.stderr
+    assert "tunlock check: 2 problems" in result.stderr
+
+    write(0, VALID_SERVER.replace("198.51.100.11:51820", endpoint(0)))
+    write(count - 1, VALID_SERVER.replace("198.51.100.11:51820", "[2001:db8::11]:51820"))
+    result = tunlock("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert f"{loose}: warning: holds a private key but is readable" in result.stderr
+    assert f"ok: {count} servers, {count} endpoints over IPv4+IPv6" in result.stdout

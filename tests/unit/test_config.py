@@ -93,6 +93,11 @@ def test_duplicate_server_names_across_patterns(write_config, tmp_path):
     assert any("server name 'vpn1' is taken" in m for _, _, m in errors(path))
 
 
+def test_two_patterns_naming_one_file_read_it_once(write_config):
+    path = write_config('[tunnel]\nservers = ["servers/*.conf", "./servers/vpn1.conf"]\n')
+    assert [s.name for s in load_config(path, {}).servers] == ["vpn1"]
+
+
 def test_env_overrides_every_kind_of_value(write_config):
     environ = {
         "TUNLOCK_LOCK_ALLOW_LAN": "true",

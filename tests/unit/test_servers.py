@@ -170,6 +170,21 @@ def test_disabled_wgconfig_lines_stay_comments(write_server):
     assert warnings_of(write_server(text)) == []
 
 
+def test_inline_comments_end_a_value(write_server):
+    text = replace("PersistentKeepalive = 25", "PersistentKeepalive = 25 #! provider default")
+    server, found = problems_of(write_server(text))
+    assert server.peer.persistent_keepalive == 25 and found == []
+
+
+def test_digits_int_refuses_are_a_reported_problem(write_server):
+    # str.isnumeric() (which wgconfig's line parser asks) accepts superscripts; int() does not.
+    text = replace("PersistentKeepalive = 25", "PersistentKeepalive = \u00b2")
+    message = "PersistentKeepalive must be a whole number from 0 to 65535"
+    assert errors_of(write_server(text)) == [(11, message)]
+    text = replace("198.51.100.11:51820", "198.51.100.11:5\u00b2")
+    assert errors_of(write_server(text)) == [(9, "endpoint port '5\u00b2' must be a number from 1 to 65535")]
+
+
 def test_messages_never_hold_a_private_key(write_server):
     broken = PRIVATE_KEY[:-2] + "x="
     text = replace(f"PrivateKey = {PRIVATE_KEY}", f"PrivateKey = {broken}")
