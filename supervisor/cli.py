@@ -8,20 +8,40 @@ never a traceback.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 import click
 
 from supervisor import __version__
-from supervisor.check import check
 from supervisor.cli_common import CONFIG_OPTION, load_or_exit
-from supervisor.control.cli import health, reconnect, rotate, status
-from supervisor.lab.cli import lab
-from supervisor.lock.cli import lock
+
+# Subcommands that live in their concept's module, imported only when named: `tunlock check`
+# then loads neither the lab nor the lock nor the control client (click's lazy-group pattern).
+LAZY_COMMANDS = {
+    "check": "supervisor.check:check",
+    "status": "supervisor.control.cli:status",
+    "rotate": "supervisor.control.cli:rotate",
+    "reconnect": "supervisor.control.cli:reconnect",
+    "health": "supervisor.control.cli:health",
+    "lock": "supervisor.lock.cli:lock",
+    "lab": "supervisor.lab.cli:lab",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            module, _, name = LAZY_COMMANDS[cmd_name].partition(":")
+            return getattr(importlib.import_module(module), name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tunlock")
 def main() -> None:
     """WireGuard supervisor with a kill switch that never opens."""
@@ -68,7 +88,5 @@ def demo() -> None:
     sys.exit(1 if run_demo(click.echo) else 0)
 
 
-for command in (check, status, rotate, reconnect, health, lock, lab):
-    main.add_command(command)
 if __name__ == "__main__":
     main()
