@@ -5,7 +5,9 @@
 - link down -> the daemon's ``offline`` (goal <= 50 ms), from the fault to the state change the
   daemon logs;
 - false failovers with 20 % loss both ways on an idle tunnel (goal 0);
-- the idle connected daemon: CPU share of one core and RSS (goals <= 0.2 %, <= 50 MB).
+- the idle connected daemon: CPU share of one core and RSS (goals <= 0.2 %, <= 50 MB), with
+  the metrics endpoint on (the heavier case);
+- a metrics scrape over loopback: median and slowest of 50 (two nft reads of the lock each).
 
     .venv/bin/python bench/bench_daemon.py [--runs 5] [--idle-s 60] [--loss-s 60]
 """
@@ -17,6 +19,7 @@ import itertools
 import json
 import os
 import statistics
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -136,6 +139,27 @@ def idle(daemon: LabDaemon, seconds: float) -> None:
     )
 
 
+SCRAPES = """
+import socket, statistics, sys, time
+took = []
+for _ in range(int(sys.argv[1])):
+    began = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", 9586), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\\r\\nHost: tunlock\\r\\n\\r\\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data[:80]
+    took.append(time.perf_counter() - began)
+print(f"{statistics.median(took) * 1000:.1f} {max(took) * 1000:.1f} {len(data)}")
+"""
+
+
+def scrapes(lab: Lab, count: int) -> None:
+    median, slowest, size = lab.run("client", sys.executable, "-c", SCRAPES, str(count)).split()
+    print(f"metrics scrape over loopback: median {median} ms, slowest {slowest} ms of {count}; {size} bytes")
+
+
 def lossy(lab: Lab, daemon: LabDaemon, seconds: float) -> None:
     before = len(state_changes(daemon))
     faults.loss(lab, "20")
@@ -155,16 +179,22 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--idle-s", type=float, default=60)
     parser.add_argument("--loss-s", type=float, default=60)
+    parser.add_argument("--no-metrics", action="store_true", help="leave [metrics] listen unset")
     args = parser.parse_args()
     os.environ["TUNLOCK_LAB_ONLY"] = "1"
     # A short cooldown, waited out between runs, so every run measures a plain failover (not the
     # backoff after every server has failed once).
-    with Lab.up(servers=3) as lab, LabDaemon(lab, env={"TUNLOCK_ROTATION_COOLDOWN_S": "2"}) as daemon:
+    env = {"TUNLOCK_ROTATION_COOLDOWN_S": "2"}
+    if not args.no_metrics:
+        env["TUNLOCK_METRICS_LISTEN"] = "127.0.0.1:9586"
+    with Lab.up(servers=3) as lab, LabDaemon(lab, env=env) as daemon:
         daemon.start()
         failover(lab, daemon, args.runs)
         offline(lab, daemon, args.runs)
         daemon.wait_for(lambda s: s["state"] == "connected", 15, "connected")
         idle(daemon, args.idle_s)
+        if not args.no_metrics:
+            scrapes(lab, 50)
         lossy(lab, daemon, args.loss_s)
 
 

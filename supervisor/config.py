@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supervisor.errors import ConfigError, Problem
-from supervisor.servers import Server, load_servers
+from supervisor.servers import Endpoint, Server, load_servers, parse_endpoint
 
 ENV_PREFIX = "TUNLOCK_"
 # What allow_lan opens: RFC 1918, link-local, ULA and their multicast (DESIGN.md, [lock]).
@@ -110,8 +110,22 @@ class ControlSection(_Section):
 
 
 class MetricsSection(_Section):
-    # host:port for a Prometheus endpoint; off unless set.
+    # IP:port or [IPv6]:port for Prometheus exposition; off unless set.
     listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_endpoint(value)
+            except ValueError:
+                raise ValueError("use IP:port or [IPv6]:port, such as 127.0.0.1:9586") from None
+        return value
+
+    @property
+    def address(self) -> Endpoint | None:
+        return parse_endpoint(self.listen) if self.listen else None
 
 
 class DnsSection(_Section):
@@ -253,7 +267,8 @@ def load_config(
             if detail["type"] == "extra_forbidden":
                 message = _unknown_key_message(tuple(detail["loc"]))
             else:
-                message = f"{'.'.join(loc)}: {detail['msg']}"
+                # "Value error, " is pydantic's prefix for our own validators' messages.
+                message = f"{'.'.join(loc)}: {detail['msg'].removeprefix('Value error, ')}"
             problems.append(Problem(origin, line if origin == path else 0, message))
         raise ConfigError(problems) from None
     origin = (path, lines.get(("tunnel", "servers"), lines.get(("tunnel",), 0)))
@@ -262,6 +277,17 @@ def load_config(
         problems.append(Problem(origin[0], origin[1], "no usable server file"))
     if any(not p.warning for p in problems):
         raise ConfigError(problems)
+    metrics = settings.metrics.address
+    if metrics and not metrics.host.is_loopback and metrics.port not in settings.lock.inbound_tcp:
+        problems.append(
+            Problem(
+                path,
+                lines.get(("metrics", "listen"), 0),
+                f"metrics.listen {metrics}: the lock lets only this host scrape it; add "
+                f"{metrics.port} to lock.inbound_tcp to let the LAN in",
+                warning=True,
+            )
+        )
     control = settings.control.socket
     if not control.is_absolute():
         settings = settings.model_copy(

@@ -25,6 +25,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import anyio
 import anyio.abc
 
+from supervisor import __version__
 from supervisor.config import Config, load_config
 from supervisor.control import server as control_server
 from supervisor.errors import ConfigError, TunlockError
@@ -56,6 +57,7 @@ RESTART_ONLY = (
     ("lock", "table"),
     ("lock", "mode"),
     ("control", "socket"),
+    ("metrics", "listen"),
 )
 
 
@@ -145,6 +147,7 @@ class GuardedLock:
 async def serve(config: Config) -> int:
     """Run the daemon until stopped; the exit status."""
     ensure_safe_to_lock()
+    _log_warnings(config)
     settings = config.settings
     servers = {server.name: server for server in config.servers}
     tunnel_settings = TunnelSettings.from_config(settings)
@@ -207,6 +210,8 @@ async def serve(config: Config) -> int:
             return {"ok": False, "error": f"unknown command {command!r} (status, rotate, reconnect)"}
 
         await tg.start(control_server.serve, settings.control.socket, control)
+        if settings.metrics.address is not None:
+            await tg.start(_serve_metrics, config, runtime, lock)
         tg.start_soon(_signals, runtime, config, lock, watcher)
         log.info(
             "tunlock running",
@@ -221,6 +226,41 @@ async def serve(config: Config) -> int:
         tg.cancel_scope.cancel()
     log.info("tunlock stopped", lock="kept" if settings.lock.mode == "permanent" else "removed")
     return 0
+
+
+async def _serve_metrics(
+    config: Config,
+    runtime: Runtime,
+    lock: GuardedLock,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Prometheus metrics at ``[metrics] listen``, read fresh from the runtime at each scrape."""
+    # Imported here: a daemon without metrics does not carry prometheus_client and h11 (~2 MB).
+    from supervisor import metrics
+
+    async def snapshot() -> metrics.Snapshot:
+        await runtime.refresh_lock_status()
+        counters = (await anyio.to_thread.run_sync(nft.status, config.settings.lock.table)).counters
+        return metrics.Snapshot(
+            status=runtime.status.as_json(),
+            version=__version__,
+            servers=len(runtime.servers),
+            entered=dict(runtime.status.entered),
+            failures=dict(runtime.status.failures),
+            lock_counters=counters,
+            lock_restores=lock.guard.restores,
+        )
+
+    address = config.settings.metrics.address
+    assert address is not None
+    await metrics.serve(str(address.host), address.port, snapshot, task_status=task_status)
+
+
+def _log_warnings(config: Config) -> None:
+    """What `tunlock check` would warn about (ignored hooks, loose file modes...), in the log."""
+    for problem in config.warnings:
+        log.warning("configuration", problem=str(problem))
 
 
 def _return_freed_memory() -> None:
@@ -261,6 +301,7 @@ async def _reload(
     if changed:
         log.error("reload refused: these settings need a restart", settings=changed)
         return config
+    _log_warnings(new)
     runtime.servers = {server.name: server for server in new.servers}
     runtime.probe_target = probe_target(new)
     watcher.set_endpoints(s.endpoint for s in new.servers)

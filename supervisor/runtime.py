@@ -29,7 +29,7 @@ from supervisor.log import get_logger
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev
 from supervisor.machine.core import step
-from supervisor.machine.states import Machine
+from supervisor.machine.states import Failure, Machine
 from supervisor.servers import Server
 from supervisor.wireguard.backend import TunnelStats
 
@@ -94,6 +94,9 @@ class Status:
     lock_installed: bool = False
     lock_matching: bool = False
     backend: str | None = None
+    # For the metrics: times each state was entered, and failures declared per server.
+    entered: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The ``status --json`` contract: state, server, handshake_age_s, lock.installed, and more."""
@@ -150,6 +153,7 @@ class Runtime:
         self._generation = 0
         self._task_group: anyio.abc.TaskGroup | None = None
         self._done = False
+        self._counted_failure: Failure | None = None
 
     # --- feeding ----------------------------------------------------------------------------
 
@@ -295,6 +299,11 @@ class Runtime:
     async def _publish(self, state: str, server: str | None, reason: str | None) -> None:
         failure = self.machine.context.last_failure
         status = self.status
+        if state != status.state or not status.entered:
+            status.entered[state] = status.entered.get(state, 0) + 1
+        if failure is not None and failure.server is not None and failure is not self._counted_failure:
+            status.failures[failure.server] = status.failures.get(failure.server, 0) + 1
+            self._counted_failure = failure
         status.state, status.server, status.reason = state, server, reason
         status.since_wall = time.time()
         if server is None:

@@ -291,3 +291,86 @@ def test_lossy_link_does_not_fail_over(lab: LabUnderTest, daemon: LabDaemon) -> 
     assert status["last_failure"] is None, f"a false failover under loss: {status['last_failure']}"
     lab.observer.sync()
     assert_no_leaks(lab, mark)
+
+
+# A scrape as a Prometheus server would make it, from inside a lab namespace (optionally from a
+# given source address): the response body, or "" when nothing answered.
+SCRAPE = """
+import socket, sys
+host, port, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.settimeout(2)
+try:
+    if source:
+        s.bind((source, 0))
+    s.connect((host, port))
+    s.sendall(b"GET /metrics HTTP/1.1\\r\\nHost: tunlock\\r\\n\\r\\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    print(data.partition(b"\\r\\n\\r\\n")[2].decode(), end="")
+except OSError:
+    pass
+"""
+
+
+def scrape(lab: LabUnderTest, role: str, host: str, source: str = "") -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = lab.lab.run(role, sys.executable, "-c", SCRAPE, host, "9586", source, check=False)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_follow_the_daemon_and_reach_the_lan_only_through_inbound_tcp(lab: LabUnderTest) -> None:
+    from supervisor.lab.topology import CLIENT_V4, LAN_HOST_V4
+
+    config = lab.lab.dir / "metrics.toml"
+    text = lab.lab.config_path.read_text() + '\n[metrics]\nlisten = "0.0.0.0:9586"\n'
+    config.write_text(text)
+    mark = lab.observer.mark()
+    with LabDaemon(lab.lab, env=QUICK, config=str(config)) as daemon:
+        daemon.start()
+        assert lab.probes.ping()
+        assert not lab.probes.dns_udp("192.0.2.1"), "the ISP's resolver stays out of reach"
+        began = time.monotonic()
+        got = scrape(lab, "client", "127.0.0.1")
+        print(f"one scrape, starting a Python client in the namespace: {time.monotonic() - began:.3f} s")
+        assert got[("tunlock_connected", ())] == 1
+        assert got[("tunlock_state", (("state", "connected"),))] == 1
+        info = [dict(labels) for name, labels in got if name == "tunlock_server_info"]
+        assert info == [{"server": "vpn1", "endpoint": lab.lab.state.servers[0].endpoint}], got
+        assert got[("tunlock_tunnel_receive_bytes_total", ())] > 0
+        assert got[("tunlock_lock_installed", ())] == 1 and got[("tunlock_lock_matching", ())] == 1
+        assert got[("tunlock_lock_blocked_packets_total", (("where", "dns"),))] >= 1
+        assert got[("tunlock_servers", ())] == len(lab.lab.state.servers)
+        assert "metrics.listen 0.0.0.0:9586: the lock lets only this host scrape it" in daemon.log_tail(200)
+        assert scrape(lab, "isp", CLIENT_V4, source=LAN_HOST_V4) == {}, (
+            "not in inbound_tcp: the LAN is kept out"
+        )
+
+        faults.blackhole_server(lab.lab, "1")
+        daemon.wait_for(on("vpn2"), timeout=30, what="failover to vpn2")
+        got = scrape(lab, "client", "127.0.0.1")
+        assert got[("tunlock_server_failures_total", (("server", "vpn1"),))] == 1
+        assert got[("tunlock_state_entered_total", (("state", "connected"),))] == 2
+        assert [dict(labels)["server"] for name, labels in got if name == "tunlock_server_info"] == ["vpn2"]
+        lab.observer.sync()
+        assert_no_leaks(lab, mark)
+
+        opened = lab.observer.mark()
+        config.write_text(text.replace("[lock]\n", "[lock]\ninbound_tcp = [9586]\n"))
+        os.kill(daemon.pid, 1)  # SIGHUP
+        deadline = time.monotonic() + 10
+        while not (from_lan := scrape(lab, "isp", CLIENT_V4, source=LAN_HOST_V4)):
+            assert time.monotonic() < deadline, (
+                f"the LAN got no metrics after the reload\n{daemon.log_tail()}"
+            )
+            time.sleep(0.2)
+        assert from_lan[("tunlock_connected", ())] == 1
+        assert daemon.stop() == 0
+    seen = lab.observer.leaks(since=opened)
+    assert seen and all(e["kind"] == "tcp" and e["dst"] == LAN_HOST_V4 for e in seen), describe(seen)

@@ -59,6 +59,7 @@ def test_relative_control_socket_is_relative_to_the_config(write_config):
         ('[lock]\nmode = "forever"\n', 2, "lock.mode: Input should be 'permanent' or 'session'"),
         ("[lock]\nalow_lan = true\n", 2, "unknown key 'alow_lan' in [lock] (did you mean 'allow_lan'?)"),
         ("[tunel]\n", 1, "unknown key 'tunel' in the top level (did you mean 'tunnel'?)"),
+        ('[metrics]\nlisten = "localhost:9586"\n', 2, "metrics.listen: use IP:port or [IPv6]:port"),
         ('[tunnel]\nservers = ["nothing/*.conf"]\n', 2, "servers pattern 'nothing/*.conf' matches no file"),
         ("[tunnel]\nservers = []\n", 2, "tunnel.servers: List should have at least 1 item"),
         ("[tunnel\n", 1, "TOML: "),
@@ -96,6 +97,31 @@ def test_duplicate_server_names_across_patterns(write_config, tmp_path):
 def test_two_patterns_naming_one_file_read_it_once(write_config):
     path = write_config('[tunnel]\nservers = ["servers/*.conf", "./servers/vpn1.conf"]\n')
     assert [s.name for s in load_config(path, {}).servers] == ["vpn1"]
+
+
+@pytest.mark.parametrize(
+    ("text", "warned"),
+    [
+        ('[metrics]\nlisten = "0.0.0.0:9586"\n', True),
+        ('[metrics]\nlisten = "[::]:9586"\n[lock]\ninbound_tcp = [9586]\n', False),
+        ('[metrics]\nlisten = "127.0.0.1:9586"\n', False),
+        ('[metrics]\nlisten = "[::1]:9586"\n', False),
+    ],
+)
+def test_metrics_beyond_loopback_is_warned_about_unless_the_lock_lets_it_in(write_config, text, warned):
+    config = load_config(write_config(text), {})
+    found = [(p.line, p.message) for p in config.warnings if "metrics.listen" in p.message]
+    assert found == (
+        [
+            (
+                2,
+                "metrics.listen 0.0.0.0:9586: the lock lets only this host scrape it; add 9586 "
+                "to lock.inbound_tcp to let the LAN in",
+            )
+        ]
+        if warned
+        else []
+    )
 
 
 def test_env_overrides_every_kind_of_value(write_config):

@@ -1,0 +1,240 @@
+"""Prometheus metrics at ``[metrics] listen``: the daemon's state, the tunnel and the lock.
+
+The exposition is built per scrape from a ``Snapshot`` of the live daemon (the same answer
+``tunlock status --json`` gives, plus counts), so the metrics hold no copy of the state that
+could drift from it. ``exposition`` is pure: snapshot in, Prometheus text out.
+
+The HTTP side runs in the daemon's own task group (no thread, unlike prometheus_client's
+built-in server, which would outlive a cancelled daemon and read the state from another
+thread): an anyio TCP listener, h11 for HTTP/1.1, one request per connection. The lock is
+not opened for it: loopback always reaches it, the LAN only through ``lock.inbound_tcp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import anyio
+import anyio.abc
+import h11
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from supervisor.errors import TunlockError
+from supervisor.log import get_logger
+
+log = get_logger(__name__)
+
+STATES = ("blocked", "connecting", "connected", "offline", "stopped")
+REQUEST_TIMEOUT_S = 5.0
+MAX_REQUEST_HEAD_BYTES = 8192
+SNAPSHOT_TIMEOUT_S = 3.0  # inside REQUEST_TIMEOUT_S, so a stuck read still gets a 503
+
+
+class MetricsUnavailable(TunlockError):
+    """The metrics endpoint cannot listen where the configuration says."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one scrape shows."""
+
+    status: Mapping[str, Any]  # the `tunlock status --json` answer
+    version: str
+    servers: int  # configured
+    entered: Mapping[str, int] = field(default_factory=dict)  # times each state was entered
+    failures: Mapping[str, int] = field(default_factory=dict)  # failures declared, per server
+    lock_counters: Mapping[str, int] = field(default_factory=dict)  # packets the lock refused
+    lock_restores: int = 0  # times the guard put a tampered lock back
+
+
+def _families(snap: Snapshot) -> Iterator[Metric]:
+    status = snap.status
+    lock = status.get("lock", {})
+    info = GaugeMetricFamily(
+        "tunlock_info", "tunlock's version and tunnel backend.", labels=["version", "backend"]
+    )
+    info.add_metric([snap.version, status.get("backend") or ""], 1)
+    yield info
+
+    state = GaugeMetricFamily("tunlock_state", "1 for the daemon's current state.", labels=["state"])
+    for name in STATES:
+        state.add_metric([name], 1.0 if status.get("state") == name else 0.0)
+    yield state
+    yield GaugeMetricFamily(
+        "tunlock_connected",
+        "1 when traffic flows through a working tunnel.",
+        value=status.get("state") == "connected",
+    )
+    yield GaugeMetricFamily(
+        "tunlock_state_since_seconds", "Unix time the current state began.", value=status.get("since") or 0
+    )
+    entered = CounterMetricFamily("tunlock_state_entered", "Times each state was entered.", labels=["state"])
+    for name in STATES:
+        entered.add_metric([name], snap.entered.get(name, 0))
+    yield entered
+
+    yield GaugeMetricFamily("tunlock_servers", "Servers in the configuration.", value=snap.servers)
+    failures = CounterMetricFamily(
+        "tunlock_server_failures", "Servers declared dead or unreachable, per server.", labels=["server"]
+    )
+    for server, count in sorted(snap.failures.items()):
+        failures.add_metric([server], count)
+    yield failures
+
+    if status.get("server"):
+        current = GaugeMetricFamily(
+            "tunlock_server_info", "The server in use.", labels=["server", "endpoint"]
+        )
+        current.add_metric([status["server"], status.get("endpoint") or ""], 1)
+        yield current
+    # The tunnel's counters restart with each peer: Prometheus' rate() takes that as a reset.
+    if status.get("rx_bytes") is not None:
+        yield CounterMetricFamily(
+            "tunlock_tunnel_receive_bytes",
+            "Bytes received through the tunnel from the current peer.",
+            value=status["rx_bytes"],
+        )
+        yield CounterMetricFamily(
+            "tunlock_tunnel_transmit_bytes",
+            "Bytes sent through the tunnel to the current peer.",
+            value=status["tx_bytes"] or 0,
+        )
+    if status.get("handshake_age_s") is not None:
+        yield GaugeMetricFamily(
+            "tunlock_handshake_age_seconds",
+            "Seconds since the last WireGuard handshake.",
+            value=status["handshake_age_s"],
+        )
+
+    yield GaugeMetricFamily(
+        "tunlock_lock_installed", "1 when the lock table is in place.", value=bool(lock.get("installed"))
+    )
+    yield GaugeMetricFamily(
+        "tunlock_lock_matching",
+        "1 when the lock table is exactly what tunlock installed.",
+        value=bool(lock.get("matching")),
+    )
+    blocked = CounterMetricFamily(
+        "tunlock_lock_blocked_packets",
+        "Packets the lock refused, by where they were going.",
+        labels=["where"],
+    )
+    for counter, packets in sorted(snap.lock_counters.items()):
+        blocked.add_metric([counter.removeprefix("blocked_")], packets)
+    yield blocked
+    yield CounterMetricFamily(
+        "tunlock_lock_restores",
+        "Times the lock was changed or deleted by someone else and put back.",
+        value=snap.lock_restores,
+    )
+
+
+class _Once(Collector):
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+
+    def collect(self) -> Iterator[Metric]:
+        return _families(self.snap)
+
+
+def exposition(snap: Snapshot) -> bytes:
+    """The Prometheus text format for one snapshot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Once(snap))
+    return generate_latest(registry)
+
+
+# --- serving ------------------------------------------------------------------------------------
+
+SnapshotSource = Callable[[], Awaitable[Snapshot]]
+
+
+async def serve(
+    host: str,
+    port: int,
+    source: SnapshotSource,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer ``GET /metrics`` on ``host:port`` until cancelled."""
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as err:  # a port taken, an address not on this host: say so, not a traceback
+        raise MetricsUnavailable(
+            f"metrics.listen {host}:{port}: cannot listen: {err.strerror or err}"
+        ) from None
+    async with listener, anyio.create_task_group() as tg:
+        log.info("metrics listening", listen=f"{host}:{port}")
+        task_status.started()
+        await listener.serve(functools.partial(answer, source=source), task_group=tg)
+
+
+async def answer(stream: anyio.abc.ByteStream, source: SnapshotSource) -> None:
+    """One HTTP request on ``stream``, one response, then close."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+    request: h11.Request | None = None
+    async with stream:
+        try:
+            with anyio.fail_after(REQUEST_TIMEOUT_S):
+                request = await _read_request(conn, stream)
+                if request is None:
+                    return
+                status, headers, body = await _respond(request, source)
+        except h11.RemoteProtocolError as err:
+            status, headers, body = err.error_status_hint, [], f"bad request: {err}\n".encode()
+        except TimeoutError:
+            return  # a client that sends nothing gets nothing
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        headers = [
+            *headers,
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        phrase = HTTPStatus(status).phrase.encode()
+        out = conn.send(h11.Response(status_code=status, headers=headers, reason=phrase))
+        if request is not None and request.method == b"HEAD":
+            body = b""
+        out += conn.send(h11.Data(data=body)) if body else b""
+        out += conn.send(h11.EndOfMessage())
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await stream.send(out)
+
+
+async def _read_request(conn: h11.Connection, stream: anyio.abc.ByteStream) -> h11.Request | None:
+    while True:
+        event = conn.next_event()
+        if isinstance(event, h11.Request):
+            return event
+        if event is h11.NEED_DATA:
+            try:
+                conn.receive_data(await stream.receive(4096))
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                conn.receive_data(b"")
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+
+
+async def _respond(
+    request: h11.Request, source: SnapshotSource
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    text = [(b"content-type", b"text/plain; charset=utf-8")]
+    if request.method not in (b"GET", b"HEAD"):
+        return 405, [*text, (b"allow", b"GET, HEAD")], b"only GET and HEAD\n"
+    path = request.target.split(b"?", 1)[0]
+    if path != b"/metrics":
+        return 404, text, b"tunlock serves its metrics at /metrics\n"
+    try:
+        with anyio.fail_after(SNAPSHOT_TIMEOUT_S):
+            snap = await source()
+    except Exception as err:  # the scrape fails, the daemon goes on
+        log.warning("metrics unavailable", error=str(err) or type(err).__name__)
+        return 503, text, b"metrics unavailable for now\n"
+    return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], exposition(snap)

@@ -1,0 +1,150 @@
+"""The metrics: the exposition a scraper reads, and the HTTP answers it gets.
+
+The exposition is pure (a snapshot in, Prometheus text out); the HTTP side is driven over a
+unix socket pair, a real socket with no network in it. The lab test in test_daemon.py scrapes
+a running daemon.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import anyio
+import anyio.abc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from supervisor.metrics import MetricsUnavailable, Snapshot, answer, exposition, serve
+
+CONNECTED = {
+    "state": "connected",
+    "server": "se-sto-1",
+    "handshake_age_s": 12.5,
+    "lock": {"installed": True, "matching": True},
+    "since": 1764000000.0,
+    "endpoint": "198.51.100.11:51820",
+    "rx_bytes": 4096,
+    "tx_bytes": 1024,
+    "backend": "userspace",
+}
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as {(name, sorted labels): value}, as a scraper parses it."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+
+
+def test_a_connected_daemon_exposes_state_server_traffic_and_lock():
+    snap = Snapshot(
+        status=CONNECTED,
+        version="0.1.0",
+        servers=3,
+        entered={"blocked": 1, "connecting": 2, "connected": 2},
+        failures={"se-sto-2": 1},
+        lock_counters={"blocked_out": 7, "blocked_in": 3, "blocked_dns": 2, "blocked_forward": 0},
+        lock_restores=1,
+    )
+    got = samples(exposition(snap))
+    assert got[("tunlock_state", (("state", "connected"),))] == 1
+    assert got[("tunlock_state", (("state", "blocked"),))] == 0
+    assert got[("tunlock_connected", ())] == 1
+    assert got[("tunlock_state_entered_total", (("state", "connecting"),))] == 2
+    assert got[("tunlock_state_entered_total", (("state", "offline"),))] == 0
+    assert got[("tunlock_server_info", (("endpoint", "198.51.100.11:51820"), ("server", "se-sto-1")))] == 1
+    assert got[("tunlock_server_failures_total", (("server", "se-sto-2"),))] == 1
+    assert got[("tunlock_servers", ())] == 3
+    assert got[("tunlock_tunnel_receive_bytes_total", ())] == 4096
+    assert got[("tunlock_tunnel_transmit_bytes_total", ())] == 1024
+    assert got[("tunlock_handshake_age_seconds", ())] == 12.5
+    assert got[("tunlock_lock_installed", ())] == 1 and got[("tunlock_lock_matching", ())] == 1
+    assert got[("tunlock_lock_blocked_packets_total", (("where", "out"),))] == 7
+    assert got[("tunlock_lock_blocked_packets_total", (("where", "dns"),))] == 2
+    assert got[("tunlock_lock_restores_total", ())] == 1
+    assert got[("tunlock_info", (("backend", "userspace"), ("version", "0.1.0")))] == 1
+
+
+def test_a_blocked_daemon_has_no_server_and_no_traffic():
+    status = {"state": "blocked", "server": None, "handshake_age_s": None, "lock": {"installed": True}}
+    got = samples(exposition(Snapshot(status=status, version="0.1.0", servers=0)))
+    assert got[("tunlock_connected", ())] == 0
+    assert got[("tunlock_state", (("state", "blocked"),))] == 1
+    assert got[("tunlock_lock_matching", ())] == 0
+    names = {name for name, _ in got}
+    assert not names & {
+        "tunlock_server_info",
+        "tunlock_tunnel_receive_bytes_total",
+        "tunlock_handshake_age_seconds",
+    }
+
+
+async def exchange(request: bytes, snapshot=None) -> bytes:
+    """Send ``request`` to ``answer`` over a unix socket pair and read the whole response."""
+
+    async def source() -> Snapshot:
+        if snapshot is None:
+            raise RuntimeError("nft is not answering")
+        return snapshot
+
+    ours, theirs = socket.socketpair()
+    client = await anyio.abc.SocketStream.from_socket(ours)
+    server = await anyio.abc.SocketStream.from_socket(theirs)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(answer, server, source)
+        await client.send(request)
+        response = b""
+        with anyio.fail_after(10):
+            try:
+                while True:
+                    response += await client.receive()
+            except anyio.EndOfStream:
+                pass
+    await client.aclose()
+    return response
+
+
+SNAPSHOT = Snapshot(status=CONNECTED, version="0.1.0", servers=1)
+
+
+@pytest.mark.anyio
+async def test_get_metrics_answers_the_prometheus_text_format():
+    response = await exchange(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", SNAPSHOT)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"content-type: text/plain; version=" in head.lower()
+    assert samples(body)[("tunlock_connected", ())] == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "says"),
+    [
+        (b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"200", b""),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"404", b"at /metrics"),
+        (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"405", b"only GET and HEAD"),
+        (b"BLAH\r\n\r\n", b"400", b"bad request"),
+    ],
+)
+async def test_other_requests_get_plain_answers(request_bytes, status, says):
+    response = await exchange(request_bytes, SNAPSHOT)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split()[1] == status
+    assert says in body
+    if request_bytes.startswith(b"HEAD"):
+        assert body == b"" and b"content-length: " in head.lower()
+
+
+@pytest.mark.anyio
+async def test_a_snapshot_that_fails_is_a_503_not_a_dead_server():
+    response = await exchange(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", None)
+    assert response.split()[1] == b"503"
+
+
+@pytest.mark.anyio
+async def test_an_address_it_cannot_listen_on_is_a_clear_error():
+    # 192.0.2.1 (documentation range) is on no interface here: the bind fails before any traffic.
+    with pytest.raises(MetricsUnavailable, match=r"metrics.listen 192.0.2.1:9586: cannot listen: "):
+        await serve("192.0.2.1", 9586, None)  # type: ignore[arg-type]
