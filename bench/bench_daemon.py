@@ -7,7 +7,7 @@
 - false failovers with 20 % loss both ways on an idle tunnel (goal 0);
 - the idle connected daemon: CPU share of one core and RSS (goals <= 0.2 %, <= 50 MB), with
   the metrics endpoint on (the heavier case);
-- a metrics scrape over loopback: median and slowest of 50 (two nft reads of the lock each).
+- a metrics scrape over loopback: median and slowest of 50 (one nft read of the lock each).
 
     .venv/bin/python bench/bench_daemon.py [--runs 5] [--idle-s 60] [--loss-s 60]
 """

@@ -140,7 +140,7 @@ class GuardedLock:
             self._watch.cancel()  # or the guard would put it straight back
         await anyio.to_thread.run_sync(nft.remove, self.base.table)
 
-    async def state(self) -> tuple[bool, bool]:
+    async def state(self) -> tuple[bool, bool, dict[str, int]]:
         return await self.guard.state()
 
 
@@ -237,18 +237,18 @@ async def _serve_metrics(
 ) -> None:
     """Prometheus metrics at ``[metrics] listen``, read fresh from the runtime at each scrape."""
     # Imported here: a daemon without metrics does not carry prometheus_client and h11 (~2 MB).
+    # One `nft list` per scrape: the lock's state and counters come from the same reading.
     from supervisor import metrics
 
     async def snapshot() -> metrics.Snapshot:
         await runtime.refresh_lock_status()
-        counters = (await anyio.to_thread.run_sync(nft.status, config.settings.lock.table)).counters
         return metrics.Snapshot(
             status=runtime.status.as_json(),
             version=__version__,
             servers=len(runtime.servers),
             entered=dict(runtime.status.entered),
             failures=dict(runtime.status.failures),
-            lock_counters=counters,
+            lock_counters=dict(runtime.status.lock_counters),
             lock_restores=lock.guard.restores,
         )
 

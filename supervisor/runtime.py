@@ -60,8 +60,8 @@ class Lock(Protocol):
 
     async def remove(self) -> None: ...
 
-    async def state(self) -> tuple[bool, bool]:
-        """(installed, matching what was last applied)."""
+    async def state(self) -> tuple[bool, bool, dict[str, int]]:
+        """(installed, matching what was last applied, packets refused per named counter)."""
 
 
 class TunnelControl(Protocol):
@@ -93,6 +93,7 @@ class Status:
     last_failure: dict[str, Any] | None = None
     lock_installed: bool = False
     lock_matching: bool = False
+    lock_counters: dict[str, int] = field(default_factory=dict)
     backend: str | None = None
     # For the metrics: times each state was entered, and failures declared per server.
     entered: dict[str, int] = field(default_factory=dict)
@@ -326,10 +327,12 @@ class Runtime:
             log.error(f"could not {what}", error=str(err))
 
     async def refresh_lock_status(self) -> None:
-        """Read whether the lock is installed and matches (for a status request)."""
+        """Read whether the lock is installed and matches, and its counters (for a status request)."""
+        status = self.status
         try:
             with anyio.fail_after(LOCK_TIMEOUT_S):
-                self.status.lock_installed, self.status.lock_matching = await self.lock.state()
+                status.lock_installed, status.lock_matching, status.lock_counters = await self.lock.state()
         except Exception as err:  # the status says "not installed" then
             log.warning("could not read the lock", error=str(err))
-            self.status.lock_installed = self.status.lock_matching = False
+            status.lock_installed = status.lock_matching = False
+            status.lock_counters = {}

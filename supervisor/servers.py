@@ -128,25 +128,29 @@ def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-def interface_host(text: str) -> IPAddress:
-    """Validate ``address/prefix`` (the host bits may be set) and give back its address."""
+def _interface_parts(text: str) -> tuple[IPAddress, int]:
     address, slash, prefix = text.partition("/")
     host = parse_address(address)
-    if slash and (not _is_number(prefix) or int(prefix) > host.max_prefixlen):
+    if not slash:
+        return host, host.max_prefixlen
+    if not _is_number(prefix) or int(prefix) > host.max_prefixlen:
         raise ValueError(f"{text!r} has a bad prefix length")
-    return host
+    return host, int(prefix)
+
+
+def interface_host(text: str) -> IPAddress:
+    """Validate ``address/prefix`` (the host bits may be set) and give back its address."""
+    return _interface_parts(text)[0]
 
 
 @functools.lru_cache(maxsize=16384)
 def parse_interface(text: str) -> IPInterface:
     """``address/prefix`` as an interface address (the host bits may be set)."""
-    host = interface_host(text)
-    _address, slash, prefix = text.partition("/")
+    host, prefix = _interface_parts(text)
     # The family's own class: ipaddress.ip_interface tries IPv4 first and formats an error
     # message for every IPv6 address, which costs more than the parse.
     kind = IPv6Interface if host.version == 6 else IPv4Interface
-    # An int: from an object it would reparse its str().
-    return kind((int(host), int(prefix) if slash else host.max_prefixlen))
+    return kind((int(host), prefix))  # an int: from an object it would reparse its str()
 
 
 @functools.lru_cache(maxsize=4096)

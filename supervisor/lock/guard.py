@@ -80,13 +80,14 @@ class LockGuard:
             await self._on_tamper(reason)
         return reason
 
-    async def state(self) -> tuple[bool, bool]:
-        """(installed, identical to what this guard last installed), read without restoring."""
+    async def state(self) -> tuple[bool, bool, dict[str, int]]:
+        """(installed, identical to what this guard last installed, its counters), read without
+        restoring."""
         try:
-            current = await anyio.to_thread.run_sync(nft.listing, self.policy.table)
+            current, counters = await anyio.to_thread.run_sync(nft.reading, self.policy.table)
         except nft.LockError:
-            return False, False
-        return True, current == self._reference
+            return False, False, {}
+        return True, current == self._reference, counters
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow nftables events until cancelled; every change triggers a check."""

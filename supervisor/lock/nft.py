@@ -73,18 +73,26 @@ def status(table: str) -> LockStatus:
         raise
     # The text listing, not `nft -j`: nft 1.0.6's JSON leaves out the table's comment.
     match = re.search(r'comment "tunlock lock ([0-9a-f]{16})"', text)
-    counters = {
+    return LockStatus(installed=True, fingerprint=match.group(1) if match else None, counters=_counters(text))
+
+
+def _counters(text: str) -> dict[str, int]:
+    return {
         name: int(packets)
         for name, packets in re.findall(r"counter (\w+) \{\s*packets (\d+) bytes \d+", text)
         if name in COUNTERS
     }
-    return LockStatus(installed=True, fingerprint=match.group(1) if match else None, counters=counters)
+
+
+def reading(table: str) -> tuple[str, dict[str, int]]:
+    """One listing of the table: as a tamper check compares it (counters zeroed), and its counters."""
+    text = _nft(["list", "table", "inet", table])
+    return re.sub(r"packets \d+ bytes \d+", "packets 0 bytes 0", text), _counters(text)
 
 
 def listing(table: str) -> str:
     """The table as nft prints it, counters zeroed: what a tamper check compares."""
-    text = _nft(["list", "table", "inet", table])
-    return re.sub(r"packets \d+ bytes \d+", "packets 0 bytes 0", text)
+    return reading(table)[0]
 
 
 def remove(table: str) -> bool:

@@ -92,7 +92,6 @@ def test_connects_reports_status_and_keeps_the_lock_when_stopped(
     assert not lab.probes.ping(), "stopped and locked: nothing gets out"
     assert tunlock(lab, "health").returncode == 1
     assert tunlock(lab, "status").returncode == 3, "not running is exit 3"
-    lab.observer.sync()
     assert_no_leaks(lab, mark)
 
 
@@ -115,7 +114,6 @@ def test_silent_server_fails_over_to_the_next(lab: LabUnderTest, daemon: LabDaem
     record = pinger.stop()
     print(f"silent vpn1 -> vpn2 after {took:.2f} s; longest ping outage {record.longest_outage_s:.2f} s")
     assert status["last_failure"]["server"] == "vpn1" and "silent" in status["last_failure"]["reason"]
-    lab.observer.sync()
     assert_no_leaks(lab, mark)
 
 
@@ -125,7 +123,6 @@ def test_killed_server_fails_over(lab: LabUnderTest, daemon: LabDaemon) -> None:
     faults.kill_server(lab.lab, "1")
     daemon.wait_for(on("vpn2"), timeout=30, what="failover to vpn2")
     assert lab.probes.ping()
-    lab.observer.sync()
     assert_no_leaks(lab, mark)
 
 
@@ -153,7 +150,6 @@ def test_no_path_goes_offline_at_once_attempts_nothing_and_resumes(
     mend(lab.lab)
     daemon.wait_for(on("vpn1"), timeout=15, what="vpn1 again once a path is back")
     assert lab.probes.ping()
-    lab.observer.sync()
     assert_no_leaks(lab, mark)
 
 
@@ -164,7 +160,6 @@ def test_tunnel_interface_deleted_is_recreated(lab: LabUnderTest, daemon: LabDae
     daemon.wait_for(lambda s: s["last_failure"] is not None, timeout=10, what="the loss noticed")
     daemon.wait_for(on("vpn1"), timeout=20, what="connected again")
     assert lab.probes.ping(), "the tunnel works again"
-    lab.observer.sync()
     assert_no_leaks(lab, mark)
 
 
@@ -177,7 +172,6 @@ def test_wireguard_go_killed_is_restarted(lab: LabUnderTest, daemon: LabDaemon) 
     daemon.wait_for(on("vpn1"), timeout=20, what="connected again")
     assert faults.client_wireguard_pid(lab.lab) not in (None, before)
     assert lab.probes.ping()
-    lab.observer.sync()
     assert_no_leaks(lab, mark)
 
 
@@ -197,7 +191,6 @@ def test_sigkilled_daemon_leaves_lock_and_tunnel_and_the_next_adopts(lab: LabUnd
         assert any("adopted the running tunnel" in line for line in second.log_events())
         print(f"SIGKILL + restart: longest ping outage {record.longest_outage_s * 1000:.0f} ms")
         assert lab.probes.ping()
-    lab.observer.sync()
     assert_no_leaks(lab, mark)
 
 
@@ -211,7 +204,6 @@ def test_rotate_and_reconnect_on_request(lab: LabUnderTest, daemon: LabDaemon) -
     daemon.wait_for(lambda s: s["state"] == "connecting" or s["since"] > time.time() - 2, timeout=5)
     daemon.wait_for(on("vpn2"), timeout=15, what="vpn2 after reconnect")
     assert lab.probes.ping()
-    lab.observer.sync()
     assert_no_leaks(lab, mark)
 
 
@@ -226,7 +218,6 @@ def test_every_server_down_blocks_then_recovers(lab: LabUnderTest, daemon: LabDa
     faults.restore_server(lab.lab, "3")
     daemon.wait_for(on("vpn3"), timeout=40, what="vpn3 after it came back")
     assert lab.probes.ping()
-    lab.observer.sync()
     assert_no_leaks(lab, mark)
 
 
@@ -289,7 +280,6 @@ def test_lossy_link_does_not_fail_over(lab: LabUnderTest, daemon: LabDaemon) -> 
         faults.clear_loss(lab.lab)
     assert status is not None and status["state"] == "connected" and status["server"] == "vpn1", status
     assert status["last_failure"] is None, f"a false failover under loss: {status['last_failure']}"
-    lab.observer.sync()
     assert_no_leaks(lab, mark)
 
 
@@ -358,7 +348,6 @@ def test_metrics_follow_the_daemon_and_reach_the_lan_only_through_inbound_tcp(la
         assert got[("tunlock_server_failures_total", (("server", "vpn1"),))] == 1
         assert got[("tunlock_state_entered_total", (("state", "connected"),))] == 2
         assert [dict(labels)["server"] for name, labels in got if name == "tunlock_server_info"] == ["vpn2"]
-        lab.observer.sync()
         assert_no_leaks(lab, mark)
 
         opened = lab.observer.mark()
