@@ -1,0 +1,1 @@
+"""systemd integration: the sd_notify protocol, the service units, ``tunlock systemd install``."""
