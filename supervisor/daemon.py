@@ -7,6 +7,9 @@ Order at start, so that nothing leaves before the lock is in force:
 3. ``Start`` → the machine's first action installs the whole lock, letting through at most the
    adopted tunnel's server, and only then configures a peer; the lock guard starts watching;
 4. the control socket and the signal handlers.
+5. under systemd (``Type=notify``): READY=1 once the lock is in force and the control socket
+   answers (not once connected: an offline host must still finish booting), STATUS= on every
+   state change, WATCHDOG=1 from this event loop, STOPPING=1 on SIGTERM/SIGINT.
 
 Stopping (SIGTERM, SIGINT) is an event like any other: the machine tears the tunnel down and
 keeps the lock (``permanent``). A crash or SIGKILL skips all of that on purpose: the lock stays,
@@ -21,6 +24,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -28,6 +32,7 @@ import anyio.abc
 from supervisor import __version__
 from supervisor.config import Config, load_config
 from supervisor.control import server as control_server
+from supervisor.control.client import request as control_request
 from supervisor.errors import ConfigError, TunlockError
 from supervisor.health import IcmpProber
 from supervisor.lock import nft
@@ -38,9 +43,10 @@ from supervisor.machine import events as ev
 from supervisor.machine.settings import Settings
 from supervisor.machine.states import Machine
 from supervisor.net import monitor
-from supervisor.runtime import LockFailed, Runtime
+from supervisor.runtime import LockFailed, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
 from supervisor.servers import Server
+from supervisor.systemd.notify import Notifier
 from supervisor.wireguard import backend as wg
 from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
 
@@ -152,6 +158,12 @@ async def serve(config: Config) -> int:
     servers = {server.name: server for server in config.servers}
     tunnel_settings = TunnelSettings.from_config(settings)
     runtime_ref: list[Runtime] = []
+    notifier = Notifier.from_environ()
+    first_status = anyio.Event()
+
+    def published(status: Status) -> None:
+        notifier.status(status.state, status.server, status.reason)
+        first_status.set()
 
     async def backend_event(event: wg.BackendEvent) -> None:
         if not runtime_ref:
@@ -175,6 +187,7 @@ async def serve(config: Config) -> int:
             IcmpProber(),
             ifname=tunnel.ifname,
             probe_target=probe_target(config),
+            on_publish=published,
         )
         runtime.status.backend = tunnel.backend.kind
         runtime_ref.append(runtime)
@@ -212,7 +225,9 @@ async def serve(config: Config) -> int:
         await tg.start(control_server.serve, settings.control.socket, control)
         if settings.metrics.address is not None:
             await tg.start(_serve_metrics, config, runtime, lock)
-        tg.start_soon(_signals, runtime, config, lock, watcher)
+        tg.start_soon(_signals, runtime, config, lock, watcher, notifier)
+        tg.start_soon(_announce_ready, notifier, first_status, settings.control.socket)
+        tg.start_soon(notifier.keep_watchdog_fed)
         log.info(
             "tunlock running",
             interface=tunnel.ifname,
@@ -273,7 +288,27 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-async def _signals(runtime: Runtime, config: Config, lock: GuardedLock, watcher: monitor.PathMonitor) -> None:
+async def _announce_ready(notifier: Notifier, first_status: anyio.Event, socket_path: Path) -> None:
+    """READY=1 for systemd once the lock is in force and the control socket answers.
+
+    The machine's first status comes after its first action, the whole lock (a lock that fails
+    ends the daemon before any status); the socket is then asked, as ``tunlock status`` would.
+    """
+    if not notifier.enabled:
+        return
+    await first_status.wait()
+    await anyio.to_thread.run_sync(control_request, socket_path, "status")
+    notifier.ready()
+    log.info("ready: the lock is in place and the control socket answers")
+
+
+async def _signals(
+    runtime: Runtime,
+    config: Config,
+    lock: GuardedLock,
+    watcher: monitor.PathMonitor,
+    notifier: Notifier | None = None,
+) -> None:
     current = config
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
@@ -281,6 +316,8 @@ async def _signals(runtime: Runtime, config: Config, lock: GuardedLock, watcher:
                 current = await _reload(runtime, current, lock, watcher)
             else:
                 log.info("stopping", signal=signal.Signals(signum).name)
+                if notifier is not None:
+                    notifier.stopping()
                 await runtime.post(lambda now: ev.Stop(now))
 
 

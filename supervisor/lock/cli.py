@@ -33,6 +33,12 @@ WantedBy=sysinit.target
 """
 
 
+def export_text(config: Config) -> str:
+    """The nft file that installs the lock at boot: every configured server's endpoint allowed."""
+    header = f"#!/usr/sbin/nft -f\n# tunlock lock, exported from {config.path}\n"
+    return header + render(policy_from_config(config))
+
+
 def _load(config_path: Path) -> Config:
     return load_or_exit(config_path, exit_code=1, note="the lock was not changed")
 
@@ -119,8 +125,7 @@ def remove(config_path: Path, yes: bool) -> None:
 def export(config_path: Path, output: Path | None, systemd_unit: Path | None) -> None:
     """Print an nft file that installs the lock at boot (nft -f FILE)."""
     config = _load(config_path)
-    text = "#!/usr/sbin/nft -f\n# tunlock lock, exported from " + str(config.path) + "\n"
-    text += render(policy_from_config(config))
+    text = export_text(config)
     if output is None:
         click.echo(text, nl=False)
     else:

@@ -100,7 +100,9 @@ class Notifier:
     _failed: bool = False
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str] | None = None, pid: int | None = None) -> Notifier:
+    def from_environ(
+        cls, environ: MutableMapping[str, str] | None = None, pid: int | None = None
+    ) -> Notifier:
         """Read the protocol's variables and take them out of the environment, so that the
         processes the daemon starts (wireguard-go, hooks) do not inherit them (sd_notify(3)'s
         ``unset_environment``)."""

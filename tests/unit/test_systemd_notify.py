@@ -64,7 +64,10 @@ def test_encode_refuses_what_is_not_a_key(key: str) -> None:
 def test_status_names_state_server_and_reason() -> None:
     assert notify.status_text("connected", "vpn1") == "connected, server vpn1"
     assert notify.status_text("offline", None, "no route to any server") == "offline (no route to any server)"
-    assert notify.status("connecting", "vpn2", "vpn1 silent") == b"STATUS=connecting, server vpn2 (vpn1 silent)\n"
+    assert (
+        notify.status("connecting", "vpn2", "vpn1 silent")
+        == b"STATUS=connecting, server vpn2 (vpn1 silent)\n"
+    )
     assert len(notify.status_text("blocked", None, "x" * 1000)) == notify.MAX_STATUS_CHARS
 
 

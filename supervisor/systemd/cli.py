@@ -1,0 +1,105 @@
+"""``tunlock systemd install|uninstall``: the boot lock and the daemon as systemd units."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from supervisor.cli_common import CONFIG_OPTION, load_or_exit
+from supervisor.lock.cli import export_text
+from supervisor.systemd import units
+
+SYSTEMD_RUNNING = Path("/run/systemd/system")  # sd_booted(3)'s test
+
+
+def _systemctl(*args: str) -> None:
+    """systemctl, or exit 1 with its own words."""
+    binary = shutil.which("systemctl")
+    if binary is None:
+        click.echo("tunlock: systemctl not found: is this a systemd host?", err=True)
+        sys.exit(1)
+    done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        click.echo(f"tunlock: systemctl {' '.join(args)} failed: {done.stderr.strip()}", err=True)
+        sys.exit(1)
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.is_file() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    return True
+
+
+@click.group()
+def systemd() -> None:
+    """The boot lock and the daemon as systemd units."""
+
+
+@systemd.command()
+@CONFIG_OPTION
+@click.option("--dry-run", is_flag=True, help="Print the files instead of writing and enabling them.")
+@click.option(
+    "--lock-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=units.DEFAULT_LOCK_FILE,
+    show_default=True,
+    help="Where the boot lock's nft file goes.",
+)
+def install(config_path: Path, dry_run: bool, lock_file: Path) -> None:
+    """Write the boot lock (nft file and tunlock-lock.service) and tunlock.service, and enable both.
+
+    Idempotent: run it again after changing the servers, so that the boot lock lets through the
+    new endpoints. Nothing is started: `systemctl start tunlock` does that (the boot lock first).
+    """
+    config = load_or_exit(config_path, note="nothing was installed")
+    files = units.render_all(config, sys.executable, export_text(config), lock_file=lock_file.absolute())
+    if dry_run:
+        for path, text in files.files():
+            click.echo(f"# {path}\n{text}")
+        return
+    for path, text in files.files():
+        click.echo(f"{'wrote' if _write_if_changed(path, text) else 'unchanged'} {path}")
+    if SYSTEMD_RUNNING.is_dir():
+        _systemctl("daemon-reload")
+    _systemctl("enable", units.LOCK_UNIT_NAME, units.DAEMON_UNIT_NAME)
+    click.echo(
+        f"enabled {units.LOCK_UNIT_NAME} and {units.DAEMON_UNIT_NAME}; "
+        f"start them now with: systemctl start {units.DAEMON_UNIT_NAME}"
+    )
+
+
+@systemd.command()
+@click.option(
+    "--lock-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=units.DEFAULT_LOCK_FILE,
+    show_default=True,
+)
+def uninstall(lock_file: Path) -> None:
+    """Stop and disable both units and remove what install wrote.
+
+    The lock table itself stays until `tunlock lock remove --yes` (or a reboot without the
+    boot lock): uninstalling never opens it.
+    """
+    unit_dir = units.DEFAULT_UNIT_DIR
+    names = (units.DAEMON_UNIT_NAME, units.LOCK_UNIT_NAME)
+    present = [name for name in names if (unit_dir / name).exists()]
+    if present:
+        now = ["--now"] if SYSTEMD_RUNNING.is_dir() else []
+        _systemctl("disable", *now, *present)
+    for path in (*(unit_dir / name for name in names), lock_file):
+        if path.exists():
+            path.unlink()
+            click.echo(f"removed {path}")
+    if SYSTEMD_RUNNING.is_dir():
+        _systemctl("daemon-reload")
+    click.echo("the lock stays in force until `tunlock lock remove --yes` (or a reboot)")

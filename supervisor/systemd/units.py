@@ -1,0 +1,172 @@
+"""The two units tunlock installs, rendered from the configuration (pure: text in, text out).
+
+- ``tunlock-lock.service`` (``supervisor.lock.cli.BOOT_UNIT``): loads the exported nft file with
+  ``nft -f`` before ``network-pre.target``, so the lock is in force before any network is up.
+  No Python at boot: the file is plain nft.
+- ``tunlock.service``: the daemon, ``Type=notify``: systemd waits for READY=1 (the lock in place,
+  the control socket answering), shows the STATUS= line, and restarts a daemon whose event loop
+  stops sending WATCHDOG=1.
+
+The hardening is what the daemon still works under (checked in a booted Debian 12 by
+tests/systemd/): root, but only CAP_NET_ADMIN (nft, netlink, wireguard-go's tun device and
+fwmark) and CAP_NET_RAW (the ICMP probes); a read-only system except the paths it writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.config import Config
+from supervisor.lock.cli import BOOT_UNIT
+from supervisor.net.dns import DEFAULT_STATE_DIR
+
+LOCK_UNIT_NAME = "tunlock-lock.service"
+DAEMON_UNIT_NAME = "tunlock.service"
+DEFAULT_LOCK_FILE = Path("/etc/tunlock/lock.nft")
+DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
+NFT = Path("/usr/sbin/nft")
+# wireguard-go's UAPI sockets (/var/run/wireguard is a link to it on every systemd host).
+WIREGUARD_RUN_DIR = Path("/run/wireguard")
+WATCHDOG_S = 30
+
+DAEMON_UNIT = """\
+[Unit]
+Description=tunlock: WireGuard supervisor with a kill switch that never opens
+Documentation=file://{docs}
+# The boot lock first: it holds from before network-pre.target until the daemon takes over, and
+# stays when the daemon stops or fails.
+Requires={lock_unit}
+After={lock_unit} network-pre.target network.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={python} -m supervisor.cli run --config {config} --log-format json
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=1
+WatchdogSec={watchdog}
+TimeoutStartSec=60
+TimeoutStopSec=30
+# Only the daemon is stopped: wireguard-go, which it starts in a session of its own, keeps the
+# tunnel up across a restart (a watchdog restart included) and the next daemon adopts it. A
+# clean stop closes the tunnel itself.
+KillMode=process
+# A core dump of this process would hold the WireGuard private key.
+LimitCORE=0
+UMask=0077
+
+# Hardening (systemd-analyze security {daemon_unit}).
+CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
+AmbientCapabilities=
+NoNewPrivileges=yes
+DevicePolicy=closed
+DeviceAllow=/dev/net/tun rw
+ProtectSystem=strict
+RuntimeDirectory={runtime_dirs}
+RuntimeDirectoryMode=0700
+RuntimeDirectoryPreserve=yes
+{read_write_paths}ProtectHome=yes
+PrivateTmp=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+# Not ProtectKernelTunables: the daemon sets net.ipv4.conf.all.src_valid_mark, as wg-quick does.
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@dataclass(frozen=True)
+class UnitFiles:
+    """Everything ``tunlock systemd install`` writes: path -> text."""
+
+    lock_file: Path
+    lock_text: str
+    lock_unit: Path
+    lock_unit_text: str
+    daemon_unit: Path
+    daemon_unit_text: str
+
+    def files(self) -> list[tuple[Path, str]]:
+        return [
+            (self.lock_file, self.lock_text),
+            (self.lock_unit, self.lock_unit_text),
+            (self.daemon_unit, self.daemon_unit_text),
+        ]
+
+
+def writable_paths(config: Config) -> list[Path]:
+    """What the daemon writes outside the runtime directories: the control socket's directory
+    when it is not under /run/tunlock, and resolv.conf when the daemon rewrites the file."""
+    paths: list[Path] = []
+    socket_dir = config.settings.control.socket.parent
+    if not socket_dir.is_relative_to(DEFAULT_STATE_DIR):
+        paths.append(socket_dir)
+    dns = config.settings.dns
+    if dns.manage:
+        # A missing path would fail the unit's start; "-" makes it optional (resolvectl or
+        # resolvconf hosts do not write it).
+        paths.append(Path("-" + str(dns.resolv_conf)))
+    return paths
+
+
+def daemon_unit(
+    config: Config, python: str, *, watchdog_s: int = WATCHDOG_S, docs: str = "/usr/share/doc/tunlock"
+) -> str:
+    """The text of ``tunlock.service`` for this configuration, run by ``python``."""
+    extra = writable_paths(config)
+    return DAEMON_UNIT.format(
+        docs=docs,
+        lock_unit=LOCK_UNIT_NAME,
+        daemon_unit=DAEMON_UNIT_NAME,
+        python=python,
+        config=config.path.resolve(),
+        watchdog=watchdog_s,
+        runtime_dirs=f"{DEFAULT_STATE_DIR.name} {WIREGUARD_RUN_DIR.name}",
+        read_write_paths=_lines("ReadWritePaths", extra),
+    )
+
+
+def lock_unit(lock_file: Path) -> str:
+    """The text of ``tunlock-lock.service``: ``nft -f`` on the exported file, before the network."""
+    return BOOT_UNIT.format(nft=NFT, path=lock_file)
+
+
+def _lines(key: str, values: Iterable[Path]) -> str:
+    return "".join(f"{key}={value}\n" for value in values)
+
+
+def render_all(
+    config: Config,
+    python: str,
+    lock_text: str,
+    *,
+    lock_file: Path = DEFAULT_LOCK_FILE,
+    unit_dir: Path = DEFAULT_UNIT_DIR,
+) -> UnitFiles:
+    return UnitFiles(
+        lock_file=lock_file,
+        lock_text=lock_text,
+        lock_unit=unit_dir / LOCK_UNIT_NAME,
+        lock_unit_text=lock_unit(lock_file),
+        daemon_unit=unit_dir / DAEMON_UNIT_NAME,
+        daemon_unit_text=daemon_unit(config, python),
+    )
