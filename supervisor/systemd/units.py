@@ -44,7 +44,8 @@ After={lock_unit} network-pre.target network.target
 Type=notify
 NotifyAccess=main
 ExecStart={python} -m supervisor.cli run --config {config} --log-format json
-ExecReload=/bin/kill -HUP $MAINPID
+# SIGHUP reloads; the shell's kill, as minimal hosts have no /bin/kill.
+ExecReload=/bin/sh -c 'kill -HUP $MAINPID'
 Restart=on-failure
 RestartSec=1
 WatchdogSec={watchdog}
