@@ -86,6 +86,19 @@ def monotonic_us(system: BootedSystem, unit: str, prop: str) -> int:
     return int(system.show(unit, prop)[prop])
 
 
+def unit_processes(system: BootedSystem, unit: str = "tunlock.service") -> dict[str, str]:
+    """PID -> command name of every process in the unit's control group, as the system sees them."""
+    group = system.show(unit, "ControlGroup")["ControlGroup"]
+    # Read from /proc, whatever the cgroup layout (v2, or v1's name=systemd line).
+    found = system.sh(
+        "sh",
+        "-c",
+        f'for f in /proc/[0-9]*/cgroup; do grep -q ":{group}$" "$f" 2>/dev/null && '
+        'd=${f%/cgroup} && echo "${d#/proc/} $(cat "$d/comm")"; done; true',
+    ).stdout
+    return dict(line.split(" ", 1) for line in found.splitlines())
+
+
 def add_boot_chatter(system: BootedSystem) -> None:
     system.write("/usr/local/sbin/boot-chatter", BOOT_CHATTER, 0o755)
     system.write("/etc/systemd/system/boot-chatter.service", BOOT_CHATTER_UNIT)
@@ -188,6 +201,12 @@ def test_the_watchdog_restarts_a_hung_daemon_which_adopts_the_tunnel(
     after = system.wait_for("a restart by the watchdog", restarted, timeout=60)
     restart_s = time.monotonic() - hung_at
     assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
+
+    def without_the_hung_daemon() -> dict[str, str] | None:
+        processes = unit_processes(system)
+        return processes if before["MainPID"] not in processes else None
+
+    left = system.wait_for("the hung daemon gone", without_the_hung_daemon)
     assert "Watchdog timeout" in system.journal(lines=200)
     # The new daemon takes the running tunnel over: the same wireguard-go, the same server.
     assert system.sh("pidof", "wireguard-go").stdout.split() == wireguard_go
@@ -209,11 +228,13 @@ def test_the_watchdog_restarts_a_hung_daemon_which_adopts_the_tunnel(
     print(
         f"\nwatchdog (WatchdogSec=3, RestartSec=1; noisy, shared machine): SIGSTOP -> watchdog timeout "
         f"{watchdog_at - hung_at:.2f} s, -> new daemon READY {ready_at / 1e6 - hung_at:.2f} s; "
-        f"-> active as systemctl saw it {restart_s:.2f} s"
+        f"-> active as systemctl saw it {restart_s:.2f} s; the unit's processes after: {left}"
     )
 
 
-def test_stop_keeps_the_lock_and_restart_leaks_nothing(lab: LabUnderTest, system: BootedSystem) -> None:
+def test_restart_reload_stop_and_uninstall_leak_nothing_and_keep_the_lock(
+    lab: LabUnderTest, system: BootedSystem
+) -> None:
     system.boot()
     system.wait_for("connected", lambda: status_text(system).startswith("connected"))
     ifname = lab.lab.client_ifname
@@ -222,6 +243,8 @@ def test_stop_keeps_the_lock_and_restart_leaks_nothing(lab: LabUnderTest, system
     system.systemctl("restart", "tunlock.service")
     system.wait_for("connected after the restart", lambda: status_text(system).startswith("connected"))
     assert lab.probes.ping()
+    system.systemctl("reload", "tunlock.service")  # SIGHUP: the configuration read again
+    system.wait_for("the reload in the journal", lambda: "configuration reloaded" in system.journal())
     assert_no_leaks(lab, mark)
 
     system.systemctl("stop", "tunlock.service")
@@ -230,4 +253,13 @@ def test_stop_keeps_the_lock_and_restart_leaks_nothing(lab: LabUnderTest, system
     assert system.sh("nft", "list", "table", "inet", "tunlock").returncode == 0
     answered = {kind: ok for kind, ok in lab.probes.every_kind().items() if ok and kind != "udp-to-endpoint"}
     assert not answered, f"answers with the daemon stopped: {answered}"
+    assert_no_leaks(lab, mark)
+
+    # Uninstalling removes the units and their files, and never opens the lock.
+    removed = system.tunlock("systemd", "uninstall").stdout
+    assert "removed /etc/systemd/system/tunlock.service" in removed
+    for unit in ("tunlock.service", "tunlock-lock.service"):
+        assert system.show(unit, "LoadState")["LoadState"] == "not-found"
+    assert system.sh("nft", "list", "table", "inet", "tunlock").returncode == 0
+    assert not lab.probes.ping()
     assert_no_leaks(lab, mark)
