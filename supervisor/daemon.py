@@ -297,7 +297,12 @@ async def _announce_ready(notifier: Notifier, first_status: anyio.Event, socket_
     if not notifier.enabled:
         return
     await first_status.wait()
-    await anyio.to_thread.run_sync(control_request, socket_path, "status")
+    try:
+        await anyio.to_thread.run_sync(control_request, socket_path, "status")
+    except TunlockError as err:
+        # No READY then: systemd's start timeout fails the unit and restarts it, lock in place.
+        log.error("the control socket does not answer; not telling systemd ready", error=str(err))
+        return
     notifier.ready()
     log.info("ready: the lock is in place and the control socket answers")
 
