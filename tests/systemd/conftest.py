@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from supervisor.lab.topology import Lab
+from supervisor.lab.topology import LAB_ROOT, Lab, sweep_stale
 from tests.lab.conftest import LabUnderTest, lab_under_test
 from tests.systemd.machine import PYTHON, BootedSystem, debian_root
 
@@ -44,8 +45,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
+WORKDIR_PREFIX = "tunlock-systemd-"
+
+
+def sweep_stale_systems() -> None:
+    """Overlays of earlier runs that were killed before their clean-up: once their lab is gone
+    (sweep_stale ends the processes in a dead run's namespaces, the booted system's included),
+    unmount and remove them."""
+    sweep_stale()
+    for workdir in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        lab_id = workdir.name.removeprefix(WORKDIR_PREFIX).split("-", 1)[0]
+        if (LAB_ROOT / lab_id).exists():
+            continue  # a live lab: another run's system
+        merged = workdir / "merged"
+        if merged.is_mount():
+            subprocess.run(["umount", "--lazy", str(merged)], check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
+    sweep_stale_systems()
     return debian_root()
 
 
@@ -68,7 +88,7 @@ def lab_config(lab: Lab) -> str:
 @pytest.fixture
 def system(root: Path, lab: LabUnderTest) -> Iterator[BootedSystem]:
     """The root with tunlock installed by `tunlock systemd install`, ready to boot (not booted)."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"tunlock-systemd-{lab.lab.id}-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{lab.lab.id}-"))
     booted = BootedSystem(root, lab.lab, workdir)
     try:
         booted.mount()
