@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from supervisor.errors import TunlockError
+from supervisor.lock.onlink import read_onlink
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import COUNTERS, fingerprint, render, render_endpoint_swap
 from supervisor.safety import ensure_safe_to_lock
@@ -50,9 +51,13 @@ def _nft(args: list[str], script: str | None = None) -> str:
 
 
 def apply(policy: LockPolicy) -> None:
-    """Install or replace the whole table in one transaction (idempotent)."""
+    """Install or replace the whole table in one transaction (idempotent).
+
+    The LAN is narrowed to the subnets on-link at this moment (supervisor.lock.onlink).
+    """
     ensure_safe_to_lock()
-    _nft(["-f", "-"], render(policy))
+    onlink = read_onlink(exclude=(policy.tunnel_interface,))
+    _nft(["-f", "-"], render(replace(policy, onlink=onlink)))
 
 
 def swap_endpoints(policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:

@@ -26,6 +26,10 @@ class LockPolicy:
     allow_lan: bool = False
     lan_ranges: tuple[IPNetwork, ...] = ()
     inbound_tcp: tuple[int, ...] = ()
+    # The on-link subnets of the host's interfaces (the tunnel's aside), read when the lock is
+    # applied (supervisor.lock.onlink): LAN ranges count only where they are on-link, and
+    # neighbour discovery reaches unicast neighbours only in them. Empty: link-local only.
+    onlink: tuple[IPNetwork, ...] = ()
     # DHCP and NDP keep the physical link up; without them a lease or a neighbour expires.
     link_upkeep: bool = True
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)

@@ -15,31 +15,125 @@ output
      cannot forge it).
   5. DNS (UDP and TCP port 53) anywhere else, the LAN included: rejected and
      counted, so a program's fallback resolver fails at once instead of leaking.
-  6. link upkeep: DHCPv4/DHCPv6 client requests; router and neighbour
-     solicitations and neighbour advertisements with hop limit 255 (link-local
-     by construction).
-  7. with allow_lan: the LAN ranges; with inbound_tcp: replies from those ports
-     to the LAN.
-  8. the rest is rejected (a program fails fast instead of hanging) and counted.
+  6. a reject this host generated for a forwarded packet (see below).
+  7. link upkeep, each bound to a destination that never leaves the link:
+     DHCPv4 requests only to 255.255.255.255, DHCPv6 only to ff02::1:2,
+     router/neighbour solicitations and neighbour advertisements (hop limit
+     255) only to link-local (fe80::/10), link-scope multicast (ff02::/16) and
+     the physical links' own on-link subnets (``onlink6``).
+  8. with allow_lan: the LAN ranges that are on-link (``lan4``/``lan6``: the
+     configured ranges intersected, when the lock is applied, with the on-link
+     subnets of the host's interfaces; link-local and multicast ranges are
+     on-link by nature); with inbound_tcp: replies from those ports to them.
+  9. the rest is rejected (a program fails fast instead of hanging) and counted.
 
-input mirrors it (replies from endpoints as established; DHCP offers; router
-advertisements, neighbour messages and redirects with hop limit 255; the tunnel;
-the LAN with allow_lan; inbound_tcp ports from the LAN) and drops the rest;
-forward lets traffic out only through the tunnel and replies back in, so a host
-routing for containers or a LAN cannot leak their packets either.
+The holes link upkeep leaves, and why each is needed (a program with
+CAP_NET_RAW, CAP_NET_BIND_SERVICE or a low ``ip_unprivileged_port_start`` can
+put data in any of them, so each is limited to where the data stays on the link):
+
+* DHCPv4 (UDP 68 -> 67, to 255.255.255.255): getting and keeping a lease on the
+  physical link. Unicast renewal (RFC 2131 RENEWING, to the lease's server) is
+  not let through: the lock does not know the lease's server, and a rule for
+  "any unicast :67" is the hole the audit used. A client whose unicast renewal
+  fails broadcasts a REBIND at T2 (7/8 of the lease), which keeps the lease; a
+  limited broadcast is never forwarded by a router. Still allowed: data in a
+  broadcast datagram, seen by every host on the link, and by nothing beyond it.
+* DHCPv6 (UDP 546 -> 547, to ff02::1:2): RFC 8415 clients send every message
+  to that link-scope multicast address unless the server offered unicast
+  (rare; not let through). Still allowed: data to the link's DHCP agents.
+* NDP (RS, NS, NA; hop limit 255): without neighbour discovery no IPv6 packet,
+  the tunnel's own included, reaches the router. Solicitations and answers go to
+  multicast, to link-local addresses, and (unreachability detection and answers
+  to a router that solicits from its global address) to on-link unicast
+  addresses. Still allowed: data in an ICMPv6 ND message to a neighbour on the
+  link. A packet to an off-link address would be routed onward by the gateway,
+  which is what the destination limit forbids.
+
+input mirrors it (replies from endpoints as established; DHCP offers; DHCPv6
+replies from link-local sources; router advertisements, neighbour messages and
+redirects with hop limit 255, which a router never forwards so they can only
+come from the link; the tunnel; the on-link LAN with allow_lan; inbound_tcp
+ports from it) and drops the rest; input lets nothing leave, so its holes do
+not carry data out. forward lets traffic out only through the tunnel and replies
+back in, so a host routing for containers or a LAN cannot leak their packets
+either.
+
+The reject of a forwarded packet (DNS from a container, say) is a packet this
+host generates: the kernel sends it through the output hook, with the
+connection of the packet it answers attached as ``related``. Without rule 6 the
+output chain rejected the reject, and the container waited for a time-out
+instead of failing at once. Rule 6 lets through only a TCP reset or an ICMP
+destination-unreachable, related to a forwarded connection (``ct status`` not
+``confirmed`` is how a connection refused in forward looks: it never got past
+the hooks), so what leaves is an answer, with no payload of a local program's
+choosing, to the host that sent the refused packet.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import replace
+from ipaddress import ip_network
 
 from supervisor.lock.policy import LockPolicy
-from supervisor.servers import Endpoint
+from supervisor.servers import Endpoint, IPNetwork
 
 # Named counters, read back by `tunlock lock status` and the metrics.
 COUNTERS = ("blocked_out", "blocked_in", "blocked_forward", "blocked_dns")
 ENDPOINT_SETS = {4: "endpoints4", 6: "endpoints6"}
+
+# Link upkeep in output, each rule bound to a destination that stays on the link (see above).
+UPKEEP_OUT = (
+    "ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept",
+    "ip6 daddr ff02::1:2 udp sport 546 udp dport 547 accept",
+    "ip6 daddr { fe80::/10, ff02::/16 } icmpv6 type { nd-router-solicit, nd-neighbor-solicit, "
+    "nd-neighbor-advert } ip6 hoplimit 255 accept",
+    "ip6 daddr @onlink6 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept",
+)
+# The answer to a forwarded packet that forward refused (see above): a bare reset or an
+# unreachable, related to a connection the kernel never confirmed.
+FORWARD_REJECT_RULE = (
+    "ct state related ct direction reply ct status & confirmed == 0 "
+    "meta l4proto { tcp, icmp, ipv6-icmp } jump forward_reject"
+)
+# A TCP connection refused with a reset fails at once; Linux takes an ICMPv6 unreachable in
+# SYN-SENT as a soft error and retries after a second.
+DNS_REJECT_TCP = 'tcp dport 53 counter name "blocked_dns" reject with tcp reset'
+# Ranges that never leave the link whatever the routes say: link-local unicast (routers do not
+# forward it) and multicast (only a multicast router forwards it, and the LAN check in config
+# admits only link- and organisation-scoped groups).
+LINK_SCOPED = tuple(ip_network(n) for n in ("169.254.0.0/16", "224.0.0.0/4", "fe80::/10", "ff00::/8"))
+
+
+def onlink_lan(ranges: Iterable[IPNetwork], onlink: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """The configured LAN ranges narrowed to what is on-link: a range that is link-scoped by
+    nature stays; any other keeps only its overlap with an on-link subnet (the smaller of the
+    two). An off-link private destination goes through the gateway, which is the ISP's."""
+    onlink = tuple(onlink)
+    out: set[IPNetwork] = set()
+    for lan in ranges:
+        if any(lan.version == s.version and lan.subnet_of(s) for s in LINK_SCOPED):  # type: ignore[arg-type]
+            out.add(lan)
+            continue
+        for subnet in onlink:
+            if subnet.version != lan.version:
+                continue
+            if subnet.subnet_of(lan):  # type: ignore[arg-type]
+                out.add(subnet)
+            elif lan.subnet_of(subnet):  # type: ignore[arg-type]
+                out.add(lan)
+    return widest(out)
+
+
+def widest(networks: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """The networks without those nested in another (an interval set refuses overlaps)."""
+    kept = sorted(set(networks), key=lambda n: (n.version, n.prefixlen, int(n.network_address)))
+    return tuple(
+        n
+        for i, n in enumerate(kept)
+        if not any(k.version == n.version and n.subnet_of(k) for k in kept[:i])  # type: ignore[arg-type]
+    )
 
 
 def _quote(name: str) -> str:
@@ -56,8 +150,12 @@ def _endpoint_element(ep: Endpoint) -> str:
 
 
 def fingerprint(policy: LockPolicy) -> str:
-    """A short digest of the rendered policy, stored in the table's comment."""
-    return hashlib.sha256(_table_body(policy).encode()).hexdigest()[:16]
+    """A short digest of the rendered policy, stored in the table's comment.
+
+    The on-link subnets are left out: they are what the host's links looked like when the lock
+    was applied, not what the config asks, and `tunlock lock status` compares with the config.
+    """
+    return hashlib.sha256(_table_body(replace(policy, onlink=())).encode()).hexdigest()[:16]
 
 
 def render(policy: LockPolicy) -> str:
@@ -98,8 +196,10 @@ def _table_body(policy: LockPolicy) -> str:
     v6 = [e for e in policy.endpoints if e.family == 6]
     dns4 = [str(a) for a in policy.tunnel_dns if a.version == 4]
     dns6 = [str(a) for a in policy.tunnel_dns if a.version == 6]
-    lan4 = [str(n) for n in policy.lan_ranges if n.version == 4]
-    lan6 = [str(n) for n in policy.lan_ranges if n.version == 6]
+    lan = onlink_lan(policy.lan_ranges, policy.onlink)
+    lan4 = [str(n) for n in lan if n.version == 4]
+    lan6 = [str(n) for n in lan if n.version == 6]
+    onlink6 = [str(n) for n in widest(policy.onlink) if n.version == 6]
     ports = ", ".join(str(p) for p in sorted(policy.inbound_tcp))
     mark = f"0x{policy.fwmark:08x}"
 
@@ -111,6 +211,7 @@ def _table_body(policy: LockPolicy) -> str:
     add(f"\tset tunnel_dns6 {{ type ipv6_addr;{_elements(dns6)} }}")
     add(f"\tset lan4 {{ type ipv4_addr; flags interval;{_elements(lan4)} }}")
     add(f"\tset lan6 {{ type ipv6_addr; flags interval;{_elements(lan6)} }}")
+    add(f"\tset onlink6 {{ type ipv6_addr; flags interval;{_elements(onlink6)} }}")
     for counter in COUNTERS:
         add(f"\tcounter {counter} {{ }}")
 
@@ -123,7 +224,16 @@ def _table_body(policy: LockPolicy) -> str:
     add("\tchain tunnel_dns {")
     add("\t\tip daddr @tunnel_dns4 accept")
     add("\t\tip6 daddr @tunnel_dns6 accept")
+    add(f"\t\t{DNS_REJECT_TCP}")
     add('\t\tcounter name "blocked_dns" reject')
+    add("\t}")
+
+    add("\tchain forward_reject {")
+    # The kernel's reset is bare: 20 bytes of TCP header, no options, no data.
+    add("\t\tip length 40 tcp flags & rst == rst accept")
+    add("\t\tip6 length 20 tcp flags & rst == rst accept")
+    add("\t\ticmp type destination-unreachable accept")
+    add("\t\ticmpv6 type destination-unreachable accept")
     add("\t}")
 
     add("\tchain output {")
@@ -134,13 +244,10 @@ def _table_body(policy: LockPolicy) -> str:
     add(f"\t\tmeta mark {mark} ip daddr . udp dport @endpoints4 accept")
     add(f"\t\tmeta mark {mark} ip6 daddr . udp dport @endpoints6 accept")
     add('\t\tmeta l4proto { tcp, udp } th dport 53 counter name "blocked_dns" reject')
+    add(f"\t\t{FORWARD_REJECT_RULE}")
     if policy.link_upkeep:
-        add("\t\tudp sport 68 udp dport 67 accept")
-        add("\t\tip6 daddr ff02::1:2 udp sport 546 udp dport 547 accept")
-        add(
-            "\t\ticmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } "
-            "ip6 hoplimit 255 accept"
-        )
+        for rule in UPKEEP_OUT:
+            add(f"\t\t{rule}")
     if policy.allow_lan:
         add("\t\tip daddr @lan4 accept")
         add("\t\tip6 daddr @lan6 accept")
@@ -178,6 +285,7 @@ def _table_body(policy: LockPolicy) -> str:
     add(f"\t\toifname {tun} jump to_tunnel")
     add("\t\tct state invalid drop")
     add(f"\t\tiifname {tun} ct state established,related accept")
+    add(f"\t\t{DNS_REJECT_TCP}")
     add('\t\tmeta l4proto { tcp, udp } th dport 53 counter name "blocked_dns" reject')
     add('\t\tcounter name "blocked_forward" reject with icmpx admin-prohibited')
     add("\t}")

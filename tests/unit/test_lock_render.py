@@ -67,6 +67,7 @@ def test_dns_rejected_everywhere_but_the_tunnel_resolvers():
     assert chain(text, "tunnel_dns") == [
         "ip daddr @tunnel_dns4 accept",
         "ip6 daddr @tunnel_dns6 accept",
+        'tcp dport 53 counter name "blocked_dns" reject with tcp reset',
         'counter name "blocked_dns" reject',
     ]
     assert "elements = { 10.64.0.1 }" in text
@@ -101,6 +102,29 @@ def test_fingerprint_follows_the_policy():
     assert fingerprint(BASE) != fingerprint(BASE.with_endpoints({EP1}))
 
 
+LAN_CHOICES = [
+    ip_network(n)
+    for n in (
+        "192.168.0.0/16",
+        "10.0.0.0/8",
+        "192.0.2.0/24",
+        "169.254.0.0/16",
+        "fc00::/7",
+        "fe80::/10",
+        "ff02::/16",
+    )
+]
+ONLINK_CHOICES = [
+    ip_network(n)
+    for n in (
+        "192.168.1.0/24",
+        "10.0.0.0/8",
+        "192.0.2.0/24",
+        "203.0.113.0/24",
+        "fd00:1::/64",
+        "2001:db8:c::/64",
+    )
+]
 endpoints = st.builds(
     Endpoint,
     st.one_of(st.ip_addresses(v=4, network="198.51.100.0/24"), st.ip_addresses(v=6, network="2001:db8::/32")),
@@ -114,18 +138,19 @@ policies = st.builds(
     endpoints=st.frozensets(endpoints, max_size=5),
     tunnel_dns=st.frozensets(st.ip_addresses(network="10.64.0.0/16"), max_size=3),
     allow_lan=st.booleans(),
-    lan_ranges=st.lists(
-        st.sampled_from([ip_network("192.168.0.0/16"), ip_network("fc00::/7")]), max_size=2
-    ).map(tuple),
+    lan_ranges=st.lists(st.sampled_from(LAN_CHOICES), max_size=4, unique=True).map(tuple),
+    onlink=st.lists(st.sampled_from(ONLINK_CHOICES), max_size=4, unique=True).map(tuple),
     inbound_tcp=st.lists(st.integers(1, 65535), max_size=3, unique=True).map(tuple),
     link_upkeep=st.booleans(),
 )
 
 # What may accept packets in output without being bound to the tunnel interface or loopback.
 UPKEEP = (
-    "udp sport 68 udp dport 67 accept",
+    "ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept",
     "ip6 daddr ff02::1:2 udp sport 546 udp dport 547 accept",
-    "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept",
+    "ip6 daddr { fe80::/10, ff02::/16 } icmpv6 type { nd-router-solicit, nd-neighbor-solicit, "
+    "nd-neighbor-advert } ip6 hoplimit 255 accept",
+    "ip6 daddr @onlink6 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept",
 )
 
 
@@ -147,6 +172,7 @@ def test_no_output_accept_outside_the_tunnel_but_wireguard_upkeep_and_lan(policy
                 and "udp dport" in rule
             )
             or (policy.link_upkeep and rule in UPKEEP)
+            or rule.endswith("jump forward_reject")
             or (policy.allow_lan and rule in ("ip daddr @lan4 accept", "ip6 daddr @lan6 accept"))
             or (
                 policy.inbound_tcp
@@ -155,7 +181,9 @@ def test_no_output_accept_outside_the_tunnel_but_wireguard_upkeep_and_lan(policy
                 and "ct state established" in rule
             )
         )
-        assert allowed, f"output rule accepts outside the tunnel: {rule}"
+        assert allowed or rule.endswith("jump forward_reject"), (
+            f"output rule accepts outside the tunnel: {rule}"
+        )
     for name in ("output", "forward"):
         for rule in chain(text, name):
             if "jump to_tunnel" in rule:
@@ -163,3 +191,100 @@ def test_no_output_accept_outside_the_tunnel_but_wireguard_upkeep_and_lan(policy
             elif rule.endswith("accept") and name == "forward":
                 assert policy.tunnel_interface in rule, rule
     assert chain(text, "tunnel_dns")[-1].endswith("reject"), "DNS into the tunnel to other resolvers"
+
+
+# Where a packet leaving on the physical side may go: each accepting rule must name one of these
+# destinations. A rule without one (the audit's `udp sport 68 udp dport 67 accept`) lets a
+# program with CAP_NET_RAW or CAP_NET_BIND_SERVICE carry data to any address.
+DESTINATION_LIMITS = (
+    "ip daddr 255.255.255.255 ",
+    "ip6 daddr ff02::1:2 ",
+    "ip6 daddr { fe80::/10, ff02::/16 } ",
+    "ip6 daddr @onlink6 ",
+    "ip daddr @lan4 ",
+    "ip6 daddr @lan6 ",
+)
+# The kernel's answer to a forwarded packet that forward refused goes to that packet's sender:
+# the only accept without a destination, fenced by conntrack (related to a connection the kernel
+# never confirmed, which a program cannot make).
+KERNEL_ANSWER = "ct state related ct direction reply ct status & confirmed == 0 "
+
+
+def _accepting_paths(text: str, name: str) -> list[tuple[str, str]]:
+    """(guard rule, accepting rule) for every accept reachable from chain ``name``, one jump deep."""
+    paths = []
+    for rule in chain(text, name):
+        if rule.endswith(" accept") or rule == "accept":
+            paths.append(("", rule))
+        elif " jump " in rule:
+            target = rule.rsplit(" jump ", 1)[1]
+            paths += [(rule, r) for r in chain(text, target) if r.endswith("accept")]
+    return paths
+
+
+@settings(max_examples=300, deadline=None)
+@given(policies)
+def test_no_accept_on_the_physical_side_without_a_destination_limit(policy):
+    """Every accept in output and forward that is not into the tunnel or loopback names its
+    destination; the only exceptions are WireGuard with the fwmark, to exact endpoints, and the
+    kernel's reject of a refused forwarded packet."""
+    text = render(policy)
+    tun = f'oifname "{policy.tunnel_interface}" jump to_tunnel'
+    mark = f"meta mark 0x{policy.fwmark:08x} "
+    for name in ("output", "forward"):
+        for guard, rule in _accepting_paths(text, name):
+            if guard == tun or rule == "oif lo accept":
+                continue
+            if name == "forward" and rule.startswith(
+                f'iifname "{policy.tunnel_interface}" ct state established'
+            ):
+                continue  # into this host's forward path from the tunnel: replies, not out
+            if rule.startswith(mark) and (
+                "ip daddr . udp dport @endpoints4" in rule or "ip6 daddr . udp dport @endpoints6" in rule
+            ):
+                continue
+            if guard.startswith(KERNEL_ANSWER) and guard.endswith("jump forward_reject"):
+                assert name == "output"
+                continue
+            assert rule.startswith(DESTINATION_LIMITS), f"{name}: accept without a destination limit: {rule}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(policies)
+def test_lan_sets_hold_only_on_link_or_link_scoped_parts_of_the_configured_ranges(policy):
+    text = render(policy)
+    link_scoped = [ip_network(n) for n in ("169.254.0.0/16", "224.0.0.0/4", "fe80::/10", "ff00::/8")]
+    for set_name in ("lan4", "lan6"):
+        found = re.search(rf"set {set_name} {{[^}}]*?elements = {{ ([^}}]*) }}", text)
+        for element in found.group(1).split(", ") if found else []:
+            net = ip_network(element)
+            assert any(net.version == r.version and net.subnet_of(r) for r in policy.lan_ranges), net
+            assert any(
+                net.version == o.version and net.subnet_of(o) for o in (*policy.onlink, *link_scoped)
+            ), f"{net} is neither on-link nor link-scoped"
+
+
+def test_off_link_private_ranges_are_left_out_of_the_lan():
+    policy = LockPolicy(
+        table="t",
+        tunnel_interface="tl0",
+        fwmark=1,
+        allow_lan=True,
+        lan_ranges=tuple(ip_network(n) for n in ("10.0.0.0/8", "192.168.0.0/16", "fc00::/7", "fe80::/10")),
+        onlink=tuple(ip_network(n) for n in ("192.168.1.0/24", "2001:db8:c::/64", "fe80::/64")),
+    )
+    text = render(policy)
+    assert "set lan4 { type ipv4_addr; flags interval; elements = { 192.168.1.0/24 } }" in text
+    assert "set lan6 { type ipv6_addr; flags interval; elements = { fe80::/10 } }" in text
+    assert fingerprint(policy) == fingerprint(LockPolicy(**{**policy.__dict__, "onlink": ()}))
+
+
+def test_forwarded_dns_is_refused_with_a_reset_and_the_refusal_may_leave():
+    rules = chain(render(BASE), "forward")
+    assert 'tcp dport 53 counter name "blocked_dns" reject with tcp reset' in rules
+    assert chain(render(BASE), "forward_reject") == [
+        "ip length 40 tcp flags & rst == rst accept",
+        "ip6 length 20 tcp flags & rst == rst accept",
+        "icmp type destination-unreachable accept",
+        "icmpv6 type destination-unreachable accept",
+    ]
