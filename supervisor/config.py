@@ -15,7 +15,7 @@ import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,6 +36,28 @@ DEFAULT_LAN_RANGES = (
     "fc00::/7",
     "fe80::/10",
     "ff02::/16",
+)
+# What a LAN range may be (docs/configuration.md, "What LAN means"): inside one of these blocks,
+# none of which is routed on the internet. The lock narrows them further, to what is on-link
+# when it is applied (supervisor.lock.render.onlink_lan). A public range, let alone 0.0.0.0/0,
+# would let traffic leave outside the tunnel; CGNAT's 100.64.0.0/10 is the ISP's, not a LAN.
+LAN_BLOCKS = tuple(
+    ip_network(n)
+    for n in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "224.0.0.0/24",  # link-local multicast
+        "239.0.0.0/8",  # organisation-scoped multicast
+        "192.0.2.0/24",  # documentation ranges: labs and examples, when named explicitly
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "fc00::/7",
+        "fe80::/10",
+        "ff02::/16",  # link-scope multicast
+        "2001:db8::/32",
+    )
 )
 _IFNAME = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -96,6 +118,19 @@ class LockSection(_Section):
         default_factory=lambda: [_network(n) for n in DEFAULT_LAN_RANGES]
     )
     inbound_tcp: list[Port] = Field(default_factory=list)
+
+    @field_validator("lan_ranges")
+    @classmethod
+    def _lan_only(cls, value: list[IPv4Network | IPv6Network]) -> list[IPv4Network | IPv6Network]:
+        for net in value:
+            if not any(net.version == b.version and net.subnet_of(b) for b in LAN_BLOCKS):  # type: ignore[arg-type]
+                raise ValueError(
+                    f"{net} is not a LAN range: a LAN range lies inside a private, link-local, "
+                    "unique-local, scoped multicast or documentation block "
+                    f"({', '.join(str(b) for b in LAN_BLOCKS)}); anything else is the internet, "
+                    "and letting it through would bypass the tunnel"
+                )
+        return value
 
     @field_validator("inbound_tcp")
     @classmethod

@@ -3,8 +3,15 @@
 Runs inside the lab's ``isp`` namespace on its side of the client link (an
 AF_PACKET socket sees every frame the client sends, whatever the client's
 firewall thought of it) and writes one JSON line per packet that is neither a
-real WireGuard message to a configured endpoint nor link upkeep (ARP, DHCP,
-NDP, MLD). That count is the leak count, as the ISP would see it.
+real WireGuard message to a configured endpoint nor link upkeep. That count is
+the leak count, as the ISP would see it.
+
+Link upkeep is judged as the lock limits it (supervisor/lock/render.py), by
+where it goes, since anything may be written into it: ARP; DHCPv4 requests to
+255.255.255.255; DHCPv6 to ff02::1:2; NDP (hop limit 255) and MLD to a
+link-local or multicast address, or NDP to a unicast address in the sender's
+own /64 (a neighbour: the router's global address, say). A DHCP datagram to a
+unicast server or an NDP message to an address beyond the link is a leak.
 
 A "real WireGuard message" is UDP to an endpoint's exact address and port whose
 payload has WireGuard's shape: type 1-4, three zero bytes, and the exact size
@@ -36,6 +43,11 @@ ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 SYNC_ETHERTYPE = 0x88B5
 _WG_SIZES = {1: 148, 2: 92, 3: 64}
+_DHCP_CLIENT = {(68, 67, "255.255.255.255"), (546, 547, "ff02::1:2")}
+
+
+def _same_64(src: IPv4Address | IPv6Address, dst: IPv4Address | IPv6Address) -> bool:
+    return src.packed[:8] == dst.packed[:8]
 
 
 def is_wireguard(payload: bytes) -> bool:
@@ -72,9 +84,10 @@ def classify(frame: bytes, endpoints: set[tuple[str, int]]) -> dict | None:
             proto, l4 = l4[0], l4[(l4[1] + 1) * 8 :]
         if proto == 58 and l4:
             icmp_type = l4[0]
-            if icmp_type in (133, 134, 135, 136, 137) and hop_limit == 255:
+            on_link = dst.is_link_local or dst.is_multicast or _same_64(src, dst)
+            if icmp_type in (133, 134, 135, 136, 137) and hop_limit == 255 and on_link:
                 return None  # NDP
-            if icmp_type in (130, 131, 132, 143):
+            if icmp_type in (130, 131, 132, 143) and (dst.is_link_local or dst.is_multicast):
                 return None  # MLD
     else:
         return None  # ARP and other non-IP link traffic
@@ -83,7 +96,7 @@ def classify(frame: bytes, endpoints: set[tuple[str, int]]) -> dict | None:
         sport, dport = struct.unpack("!HH", l4[:4])
         leak.update(sport=sport, dport=dport)
         if proto == 17:
-            if (sport, dport) in ((68, 67), (546, 547)):
+            if (sport, dport, str(dst)) in _DHCP_CLIENT:
                 return None  # DHCP client
             if (str(dst), dport) in endpoints and is_wireguard(l4[8:]):
                 return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import sys
 from pathlib import Path
 
@@ -37,6 +39,32 @@ def export_text(config: Config) -> str:
     """The nft file that installs the lock at boot: every configured server's endpoint allowed."""
     header = f"#!/usr/sbin/nft -f\n# tunlock lock, exported from {config.path}\n"
     return header + render(policy_from_config(config))
+
+
+def running_daemon(socket_path: Path) -> int | None:
+    """The PID of a daemon listening on ``socket_path`` (0 if it cannot be told), or None.
+
+    A connect, no request: the kernel completes a connection to a listening Unix socket
+    whatever the daemon's event loop is doing, so a busy or stuck daemon is found as surely
+    as an idle one, and a socket file left by a dead daemon refuses. SO_PEERCRED names the
+    listener's PID. (A pid file under flock would need the daemon to hold one; the listening
+    socket is already that: it lives exactly as long as the daemon's process.)
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(socket_path))
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            return None
+        except (BlockingIOError, TimeoutError):
+            return 0  # a full backlog: something is listening
+        except OSError:
+            return None
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return 0
+        return struct.unpack("3i", creds)[0]
 
 
 def _load(config_path: Path) -> Config:
@@ -101,6 +129,24 @@ def remove(config_path: Path, yes: bool) -> None:
             err=True,
         )
         sys.exit(2)
+    pid = running_daemon(config.settings.control.socket)
+    if pid is not None:
+        who = f"the tunlock daemon (PID {pid})" if pid else "the tunlock daemon"
+        session = config.settings.lock.mode == "session"
+        click.echo(
+            f"tunlock: {who} is running (it answers on {config.settings.control.socket}) and keeps "
+            f"the lock: the lock was not removed. "
+            + (
+                'With lock.mode = "session", stopping the daemon removes the lock: '
+                "systemctl stop tunlock, or kill -TERM " + (str(pid) if pid else "<its PID>") + "."
+                if session
+                else "Stop the daemon first (systemctl stop tunlock, or kill -TERM "
+                + (str(pid) if pid else "<its PID>")
+                + '), then run this again; with lock.mode = "permanent" the lock stays after it.'
+            ),
+            err=True,
+        )
+        sys.exit(4)
     try:
         removed = nft.remove(table)
     except TunlockError as err:

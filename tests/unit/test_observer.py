@@ -82,6 +82,21 @@ def test_dns_and_dhcp():
     assert classify(ipv4_udp("255.255.255.255", 67, b"d", sport=68), ENDPOINTS) is None
 
 
+def test_dhcp_to_a_unicast_address_is_a_leak():
+    """What the lock no longer lets out: the audit's datagram from port 68 to a server anywhere."""
+    leak = classify(ipv4_udp("203.0.113.100", 67, b"data", sport=68), ENDPOINTS)
+    assert leak is not None and leak["kind"] == "udp"
+    assert classify(ipv6("ff02::1:2", 17, struct.pack("!HHHH", 546, 547, 9, 0) + b"x"), ENDPOINTS) is None
+    assert classify(ipv6("2001:db8:203::10", 17, struct.pack("!HHHH", 546, 547, 9, 0) + b"x"), ENDPOINTS)
+
+
+def test_ndp_beyond_the_link_is_a_leak():
+    ns = bytes([135, 0, 0, 0]) + bytes(20) + b"payload"
+    assert classify(ipv6("2001:db8:203::10", 58, ns, hop_limit=255), ENDPOINTS)["kind"] == "icmpv6"
+    assert classify(ipv6("2001:db8:c::1", 58, ns, hop_limit=255), ENDPOINTS) is None  # a neighbour
+    assert classify(ipv6("fe80::1", 58, ns, hop_limit=255), ENDPOINTS) is None
+
+
 def test_ndp_with_hop_limit_255_is_upkeep_but_not_otherwise():
     ns = bytes([135, 0, 0, 0]) + bytes(20)
     assert classify(ipv6("ff02::1:ff00:1", 58, ns, hop_limit=255), ENDPOINTS) is None
