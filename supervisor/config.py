@@ -22,9 +22,18 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supervisor.errors import ConfigError, Problem
-from supervisor.servers import Endpoint, Server, load_servers, parse_endpoint
+from supervisor.servers import (
+    Endpoint,
+    FileProblem,
+    Server,
+    load_servers,
+    parse_endpoint,
+    read_text,
+    shown_name,
+)
 
 ENV_PREFIX = "TUNLOCK_"
+MAX_CONFIG_FILE = 1024 * 1024
 # What allow_lan opens: RFC 1918, link-local, ULA and their multicast (DESIGN.md, [lock]).
 DEFAULT_LAN_RANGES = (
     "10.0.0.0/8",
@@ -258,7 +267,7 @@ def _unknown_key_message(loc: tuple[str | int, ...]) -> str:
     hint = difflib.get_close_matches(key, known, n=1)
     where = f"[{'.'.join(parents)}]" if parents else "the top level"
     more = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
-    return f"unknown key {key!r} in {where}{more}"
+    return f"unknown key {shown_name(key)} in {where}{more}"
 
 
 def load_config(
@@ -272,16 +281,15 @@ def load_config(
     environ = os.environ if environ is None else environ
     path = Path(path)
     problems: list[Problem] = []
+    if path.is_dir():
+        raise ConfigError([Problem(path, 0, "is a directory; give the path of tunlock.toml")])
+    if not path.exists():
+        raise ConfigError([Problem(path, 0, "no such file; write one (see configs/tunlock.toml)")])
     try:
-        text = path.read_text(encoding="utf-8")
-    except IsADirectoryError:
-        raise ConfigError([Problem(path, 0, "is a directory; give the path of tunlock.toml")]) from None
-    except FileNotFoundError:
-        raise ConfigError([Problem(path, 0, "no such file; write one (see configs/tunlock.toml)")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([Problem(path, 0, "not UTF-8 text")]) from None
-    except OSError as err:
-        raise ConfigError([Problem(path, 0, f"cannot read: {err.strerror or err}")]) from None
+        # A regular file only, of bounded size, a BOM allowed (servers.read_text says why).
+        text = read_text(os.fspath(path), MAX_CONFIG_FILE)[0]
+    except FileProblem as err:
+        raise ConfigError([Problem(path, err.line, err.message)]) from None
     try:
         data: dict[str, object] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

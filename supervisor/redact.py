@@ -14,7 +14,10 @@ from typing import Any
 REDACTED = "<redacted>"
 
 # A WireGuard key: 32 bytes as base64 (44 chars ending in '=') or hex (64 chars).
-_KEY_PATTERN = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=|\b[0-9a-f]{64}\b")
+# The '=' may have been split off (a key mistaken for "Key = value" loses it).
+_KEY_PATTERN = re.compile(
+    r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048](?:=|(?![A-Za-z0-9+/=]))|\b[0-9a-f]{64}\b"
+)
 _SECRET_FIELDS = ("private_key", "preshared_key", "privatekey", "presharedkey")
 # Public keys name a peer in logs; they are the only key-shaped values let through.
 _PUBLIC_FIELDS = ("public_key", "publickey", "peer")

@@ -105,8 +105,32 @@ _IGNORED_KEYS = {
     k.lower(): k for k in ("PreUp", "PostUp", "PreDown", "PostDown", "SaveConfig", "Table", "FwMark")
 }
 # wg-quick lets these be split over several lines; any other key twice is a mistake.
+_ALL_KEYS = {**_INTERFACE_KEYS, **_PEER_KEYS, **_IGNORED_KEYS}
 _REPEATABLE_KEYS = frozenset({"address", "dns", "allowedips"} | set(_IGNORED_KEYS))
 _HOSTNAME = re.compile(r"^[A-Za-z0-9.-]+$")
+# A server file holds a private key, and a mistyped line may be the key itself (on the line after
+# `PrivateKey =`, or as `PrivateKey: KEY`). Problems quote only what cannot be key material: a
+# name of letters short enough not to be a key's worth, or a value with no run of a dozen
+# base64 characters (an address, a port, a name with dots). Anything else is described, not shown.
+_SAFE_NAME = re.compile(r"[A-Za-z][A-Za-z_-]{0,23}")
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{12,}")
+# The largest server file read: provider files are a few hundred bytes.
+MAX_SERVER_FILE = 1024 * 1024
+
+
+def shown_name(name: str) -> str:
+    """``'Name'`` when it is safe to print, else a description that gives nothing away."""
+    return repr(name) if _SAFE_NAME.fullmatch(name) else "(not shown: it does not look like a key name)"
+
+
+def shown_value(value: str) -> str:
+    """``'value'`` when it cannot be key material (an address, a name with dots), else not shown."""
+    if len(value) <= 64 and not _BASE64_RUN.search(value):
+        return repr(value)
+    return VALUE_NOT_SHOWN
+
+
+VALUE_NOT_SHOWN = "(value not shown)"
 
 
 # Parsing addresses is most of what checking a server file costs (ipaddress parses strings
@@ -199,6 +223,14 @@ def parse_endpoint(text: str) -> Endpoint:
     return Endpoint(address, int(port))
 
 
+def _colon_hint(text: str) -> str:
+    """A hint for ``Key: value`` (YAML's habit), naming the key only when it is one we know."""
+    name = text.partition(":")[0].strip().lower()
+    if ":" in text and name in _ALL_KEYS:
+        return f" (write {_ALL_KEYS[name]} = value, with '=', not ':')"
+    return ""
+
+
 # One key line of a section: the key as written, its values, the line it stands on.
 _Entry = tuple[str, list[str], int]
 
@@ -274,9 +306,11 @@ class _ServerReader:
             if not stripped or stripped[0] == "#":
                 continue
             if stripped[0] == "[":
-                name = stripped[1:].partition("]")[0].strip().lower()
+                written = stripped[1:].partition("]")[0].strip()
+                name = written.lower()
                 if name not in ("interface", "peer") or not stripped.endswith("]"):
-                    self.error(number, f"unknown section {stripped!r}: only [Interface] and [Peer]")
+                    shown = repr(f"[{written}]") if _SAFE_NAME.fullmatch(written) else "(not shown)"
+                    self.error(number, f"unknown section {shown}: only [Interface] and [Peer]")
                     return False
                 if name == "interface" and any(s.name == "interface" for s in sections):
                     self.error(number, "a second [Interface] section")
@@ -285,10 +319,11 @@ class _ServerReader:
                 current = {}
                 sections.append(_Section(name, number, current))
                 continue
-            key, eq, _value = stripped.partition("=")
+            key, eq, value = stripped.partition("=")
             key = key.strip()
             if not eq or not key:
-                self.error(number, f"expected 'Key = value', found {stripped[:40]!r}")
+                # Never the line itself: it may be a key that belongs on the line above.
+                self.error(number, f"expected 'Key = value'{_colon_hint(stripped)}")
                 return False
             if not sections:
                 self.error(number, "a key before any [Interface] or [Peer] section")
@@ -297,12 +332,18 @@ class _ServerReader:
                 continue
             lower = key.lower()
             entry = current.get(lower)
+            if not value.partition("#")[0].strip() and lower in _ALL_KEYS:
+                self.error(number, f"{_ALL_KEYS[lower]} has no value: write it on the same line")
+                return False
             if entry is None:
                 current[lower] = (key, _values(stripped), number)
             elif lower in _REPEATABLE_KEYS:
                 entry[1].extend(_values(stripped))
             else:
-                self.error(number, f"{key} is given twice (first at line {entry[2]})")
+                self.error(
+                    number,
+                    f"{_ALL_KEYS.get(lower, shown_name(key))} is given twice (first at line {entry[2]})",
+                )
                 return False
         if not sections:
             self.error(0, "empty: no [Interface] and [Peer] sections")
@@ -329,7 +370,7 @@ class _ServerReader:
             else:
                 hint = difflib.get_close_matches(lower, list(known), n=1)
                 more = f" (did you mean {known[hint[0]]}?)" if hint else ""
-                self.error(line, f"unknown key {key!r}{more}")
+                self.error(line, f"unknown key {shown_name(key)}{more}{_colon_hint(key)}")
         return found
 
     def _required(
@@ -379,7 +420,12 @@ class _ServerReader:
             try:
                 endpoint = parse_endpoint(found[0])
             except ValueError as err:
-                self.error(found[1], str(err))
+                # parse_endpoint quotes the value: fine for an address, not for a stray key.
+                shown = shown_value(found[0].strip()) != VALUE_NOT_SHOWN
+                self.error(
+                    found[1],
+                    str(err) if shown else "Endpoint must be IP:port or [IPv6]:port (value not shown)",
+                )
         if self.errors or private_key is None or public_key is None or endpoint is None:
             return None
         if allowed and not any(n.prefixlen == 0 for n in allowed):
@@ -437,7 +483,8 @@ class _ServerReader:
                 out.append(parse(item))
             except ValueError:
                 self.error(
-                    line, f"{key} entry {item!r} is not an IP address with a prefix (e.g. 10.0.0.2/32)"
+                    line,
+                    f"{key} entry {shown_value(item)} is not an IP address with a prefix (e.g. 10.0.0.2/32)",
                 )
         if required and not out and not self.errors:
             self.error(line, f"{key} is empty")
@@ -457,7 +504,9 @@ class _ServerReader:
             try:
                 out.append(parse_address(item))
             except ValueError:
-                self.warn(line, f"DNS entry {item!r} is not an IP address (a search domain?); ignored")
+                self.warn(
+                    line, f"DNS entry {shown_value(item)} is not an IP address (a search domain?); ignored"
+                )
         return out
 
 
@@ -472,12 +521,9 @@ def read_server(path: Path, problems: list[Problem]) -> Server | None:
 
 def _read_file(reader: _ServerReader) -> Server | ServerDigest | None:
     try:
-        text, mode = _read_text(reader.path)
-    except UnicodeDecodeError:
-        reader.error(0, "not UTF-8 text")
-        return None
-    except OSError as err:
-        reader.error(0, f"cannot read: {err.strerror or err}")
+        text, mode = read_text(reader.path, MAX_SERVER_FILE)
+    except FileProblem as err:
+        reader.error(err.line, err.message)
         return None
     server = reader.read(text)
     if server is not None and mode & 0o077:
@@ -489,24 +535,65 @@ def _read_file(reader: _ServerReader) -> Server | ServerDigest | None:
     return server
 
 
-def _read_text(path: str) -> tuple[str, int]:
-    """The file's UTF-8 text and its mode, in four system calls.
+class FileProblem(Exception):
+    """A file that cannot be read as text: the line (0 when none) and what is wrong."""
 
-    Python's file objects cost half again as much for a 300-byte file, which is a tenth of
-    `tunlock check` over a provider directory.
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_text(path: str, limit: int) -> tuple[str, int]:
+    """A regular file's UTF-8 text (a leading BOM dropped) and its mode, at most ``limit`` bytes.
+
+    Opened with O_NONBLOCK so that a FIFO cannot hold the reader (a reload would block the
+    daemon), and refused unless fstat on the opened file says regular: a symlink is followed,
+    then judged by what it names (/dev/zero would read forever). Four system calls for a small
+    file: Python's file objects cost half again as much, a tenth of `tunlock check` over a
+    provider directory. Raises FileProblem.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        raise FileProblem(0, f"cannot read: {err.strerror or err}") from None
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            raise FileProblem(0, f"is {kind}, not a regular file: refused")
+        if st.st_size > limit:
+            raise FileProblem(0, f"too large: {st.st_size} bytes, the limit is {limit // 1024} KiB")
         data = os.read(fd, st.st_size + 1)
-        if len(data) > st.st_size:  # it grew, or it is a file whose size stat does not know
+        if len(data) > st.st_size:  # it grew while being read
             chunks = [data]
-            while chunk := os.read(fd, 65536):
+            total = len(data)
+            while total <= limit and (chunk := os.read(fd, 65536)):
                 chunks.append(chunk)
+                total += len(chunk)
+            if total > limit:
+                raise FileProblem(0, f"too large: over {limit // 1024} KiB")
             data = b"".join(chunks)
+    except OSError as err:
+        raise FileProblem(0, f"cannot read: {err.strerror or err}") from None
     finally:
         os.close(fd)
-    return data.decode("utf-8"), st.st_mode
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise FileProblem(line, f"not UTF-8 text (byte 0x{data[err.start]:02x})") from None
+    # Editors on Windows start a UTF-8 file with a byte order mark.
+    return text.removeprefix("\ufeff"), st.st_mode
 
 
 def load_server(path: Path) -> Server:

@@ -198,7 +198,7 @@ def test_unreadable_and_binary_files(write_server, tmp_path):
     assert errors and "cannot read" in errors[0][1]
     path = tmp_path / "bin.conf"
     path.write_bytes(b"\xff\xfe\x00")
-    assert errors_of(path) == [(0, "not UTF-8 text")]
+    assert errors_of(path) == [(1, "not UTF-8 text (byte 0xff)")]
 
 
 @pytest.mark.parametrize(
