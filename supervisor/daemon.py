@@ -122,7 +122,7 @@ class GuardedLock:
 
     async def _guard(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         with anyio.CancelScope() as self._watch:
-            await self.guard.run(task_status=task_status)
+            await self.guard.watch(task_status=task_status)
 
     async def set_servers(self, servers: tuple[Server, ...]) -> None:
         policy = self.base.with_servers(servers)

@@ -11,6 +11,11 @@ reports the tampering.
 the reference decoder of nftables messages, and the guard only needs "something
 changed", after which it reads the table back anyway.
 
+The lock's LAN and neighbour-discovery sets hold the on-link subnets read when it
+was applied (supervisor.lock.onlink); the guard also follows route changes
+(``ip monitor route``) and applies the lock again when those subnets change, so a
+new lease on another network neither stays closed nor leaves the old subnet open.
+
 Why not the ``owner`` flag: an owned table is removed by the kernel when the
 owning netlink socket closes, so a crashed or SIGKILLed daemon would take the
 lock with it. nft 1.0.6 cannot set ``persist`` (which keeps an owned table when
@@ -21,6 +26,7 @@ docs/lock.md for the measured figure and the trade-off).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -28,6 +34,7 @@ import anyio.abc
 from anyio.streams.text import TextReceiveStream
 
 from supervisor.lock import nft
+from supervisor.lock.onlink import read_onlink
 from supervisor.lock.policy import LockPolicy
 from supervisor.log import get_logger
 
@@ -44,14 +51,16 @@ class LockGuard:
         self._reference: str | None = None
         self._on_tamper = on_tamper
         self._lock = anyio.Lock()
+        self._onlink: tuple | None = None
         self.restores = 0
+        self.relinks = 0
 
     async def apply(self, policy: LockPolicy | None = None) -> None:
         """Install ``policy`` (or the current one) and remember what it looks like installed."""
         async with self._lock:
             if policy is not None:
                 self.policy = policy
-            await anyio.to_thread.run_sync(nft.apply, self.policy)
+            self._onlink = await anyio.to_thread.run_sync(nft.apply, self.policy)
             self._reference = await anyio.to_thread.run_sync(nft.listing, self.policy.table)
 
     async def swap_endpoints(self, policy: LockPolicy) -> None:
@@ -72,13 +81,41 @@ class LockGuard:
             if current is not None and current == self._reference:
                 return None
             reason = "the lock table was deleted" if current is None else "the lock table was changed"
-            await anyio.to_thread.run_sync(nft.apply, self.policy)
+            self._onlink = await anyio.to_thread.run_sync(nft.apply, self.policy)
             self._reference = await anyio.to_thread.run_sync(nft.listing, self.policy.table)
             self.restores += 1
         log.warning("lock tampered with; restored", reason=reason, table=self.policy.table)
         if self._on_tamper is not None:
             await self._on_tamper(reason)
         return reason
+
+    async def check_links(self) -> bool:
+        """Apply the lock again if the on-link subnets changed since it was applied; True if so."""
+        async with self._lock:
+            onlink = await anyio.to_thread.run_sync(
+                functools.partial(read_onlink, exclude=(self.policy.tunnel_interface,))
+            )
+            if self._onlink is None or onlink == self._onlink:
+                return False
+            self._onlink = await anyio.to_thread.run_sync(nft.apply, self.policy)
+            self._reference = await anyio.to_thread.run_sync(nft.listing, self.policy.table)
+            self.relinks += 1
+        log.info("on-link subnets changed; lock applied again", onlink=[str(n) for n in onlink])
+        return True
+
+    async def follow_links(self) -> None:
+        """Check the on-link subnets after every route change, until cancelled."""
+        async with await anyio.open_process(["ip", "monitor", "route"]) as process:
+            assert process.stdout is not None
+            try:
+                async for chunk in TextReceiveStream(process.stdout):
+                    if chunk.strip():
+                        await self.check_links()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    process.terminate()
+                    with anyio.move_on_after(2):
+                        await process.wait()
 
     async def state(self) -> tuple[bool, bool, dict[str, int]]:
         """(installed, identical to what this guard last installed, its counters), read without
@@ -88,6 +125,14 @@ class LockGuard:
         except nft.LockError:
             return False, False, {}
         return True, current == self._reference, counters
+
+    async def watch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Follow nftables events (``run``) and route changes (``follow_links``) until cancelled;
+        when ``run`` ends, so does the rest."""
+        async with anyio.create_task_group() as links:
+            links.start_soon(self.follow_links)
+            await self.run(task_status=task_status)
+            links.cancel_scope.cancel()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow nftables events until cancelled; every change triggers a check."""

@@ -18,7 +18,7 @@ from supervisor.lock.onlink import read_onlink
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import COUNTERS, fingerprint, render, render_endpoint_swap
 from supervisor.safety import ensure_safe_to_lock
-from supervisor.servers import Endpoint
+from supervisor.servers import Endpoint, IPNetwork
 
 NFT = "nft"
 _TIMEOUT_S = 10.0
@@ -50,14 +50,16 @@ def _nft(args: list[str], script: str | None = None) -> str:
     return done.stdout
 
 
-def apply(policy: LockPolicy) -> None:
+def apply(policy: LockPolicy) -> tuple[IPNetwork, ...]:
     """Install or replace the whole table in one transaction (idempotent).
 
-    The LAN is narrowed to the subnets on-link at this moment (supervisor.lock.onlink).
+    The LAN is narrowed to the subnets on-link at this moment (supervisor.lock.onlink), which
+    are returned so that a caller can tell when they change.
     """
     ensure_safe_to_lock()
     onlink = read_onlink(exclude=(policy.tunnel_interface,))
     _nft(["-f", "-"], render(replace(policy, onlink=onlink)))
+    return onlink
 
 
 def swap_endpoints(policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:

@@ -326,3 +326,43 @@ def test_a_containers_dns_query_is_refused_at_once_not_left_to_time_out(lab):
     # Refused (a reset or an unreachable reached the container), never a time-out.
     assert answers == ["refused"] * 4, answers
     assert leaks == [], describe(leaks)
+
+
+def _wait_for_relink(daemon: LabDaemon, count: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while sum("lock applied again" in line for line in daemon.log_events()) < count:
+        assert time.monotonic() < deadline, f"the lock did not follow the links:\n{daemon.log_tail()}"
+        time.sleep(0.05)
+
+
+def test_the_daemon_follows_on_link_subnets_as_they_come_and_go(lab):
+    """A subnet that becomes on-link is let in; once it is gone its addresses, now routed
+    through the gateway, are refused again (the guard applies the lock after route changes).
+    Pings are bound to the physical interface: the daemon's routing would otherwise carry them
+    through the tunnel."""
+    client, isp = lab.lab.ns("client"), lab.lab.ns("isp")
+    sh("ip", "-n", isp, "addr", "add", "10.9.9.9/24", "dev", "cl0")
+    try:
+        with LabDaemon(lab.lab, env=LAN_ENV) as daemon:
+            daemon.start()
+            mark = lab.observer.mark()
+            before = lab.probes.ping("10.9.9.9", interface="wan0")
+            leaks_before = lab.observer.leaks(since=mark)
+            sh("ip", "-n", client, "addr", "add", "10.9.9.2/24", "dev", "wan0")
+            try:
+                _wait_for_relink(daemon, 1)
+                while_on_link = lab.probes.ping("10.9.9.9", interface="wan0")
+            finally:
+                sh("ip", "-n", client, "addr", "del", "10.9.9.2/24", "dev", "wan0")
+            _wait_for_relink(daemon, 2)
+            mark = lab.observer.mark()
+            after = lab.probes.ping("10.9.9.9", interface="wan0")
+            leaks_after = lab.observer.leaks(since=mark)
+            status = daemon.status()
+    finally:
+        sh("ip", "-n", isp, "addr", "del", "10.9.9.9/24", "dev", "cl0", check=False)
+        tunlock_in_client(lab, "lock", "remove", "--yes", "--config", str(lab.lab.config_path))
+    assert not before and leaks_before == [], describe(leaks_before)
+    assert while_on_link, "an on-link LAN subnet must be reachable once it appears"
+    assert not after and leaks_after == [], describe(leaks_after)
+    assert status is not None and status["state"] == "connected"
