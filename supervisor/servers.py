@@ -106,6 +106,9 @@ _IGNORED_KEYS = {
 }
 # wg-quick lets these be split over several lines; any other key twice is a mistake.
 _ALL_KEYS = {**_INTERFACE_KEYS, **_PEER_KEYS, **_IGNORED_KEYS}
+# An empty value of one of these is an error at its own line: the value, a key perhaps, may be on
+# the next line, which must then not be mistaken for a key name.
+_SINGLE_VALUE_KEYS = frozenset({"privatekey", "publickey", "presharedkey", "endpoint"})
 _REPEATABLE_KEYS = frozenset({"address", "dns", "allowedips"} | set(_IGNORED_KEYS))
 _HOSTNAME = re.compile(r"^[A-Za-z0-9.-]+$")
 # A server file holds a private key, and a mistyped line may be the key itself (on the line after
@@ -332,7 +335,7 @@ class _ServerReader:
                 continue
             lower = key.lower()
             entry = current.get(lower)
-            if not value.partition("#")[0].strip() and lower in _ALL_KEYS:
+            if not value.partition("#")[0].strip() and lower in _SINGLE_VALUE_KEYS:
                 self.error(number, f"{_ALL_KEYS[lower]} has no value: write it on the same line")
                 return False
             if entry is None:
