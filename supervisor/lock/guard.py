@@ -26,6 +26,7 @@ docs/lock.md for the measured figure and the trade-off).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 
@@ -97,7 +98,11 @@ class LockGuard:
             )
             if self._onlink is None or onlink == self._onlink:
                 return False
-            self._onlink = await anyio.to_thread.run_sync(nft.apply, self.policy)
+            try:
+                self._onlink = await anyio.to_thread.run_sync(nft.apply, self.policy)
+            except nft.LockError as err:  # the old table stays in force; the next change retries
+                log.error("applying the lock for new on-link subnets failed", error=str(err))
+                return False
             self._reference = await anyio.to_thread.run_sync(nft.listing, self.policy.table)
             self.relinks += 1
         log.info("on-link subnets changed; lock applied again", onlink=[str(n) for n in onlink])
@@ -105,7 +110,12 @@ class LockGuard:
 
     async def follow_links(self) -> None:
         """Check the on-link subnets after every route change, until cancelled."""
-        async with await anyio.open_process(["ip", "monitor", "route"]) as process:
+        try:
+            process = await anyio.open_process(["ip", "monitor", "route"])
+        except OSError as err:  # no iproute2: the sets stay as applied (the LAN may stay closed)
+            log.warning("cannot follow route changes; on-link subnets read at apply only", error=str(err))
+            return
+        async with process:
             assert process.stdout is not None
             try:
                 async for chunk in TextReceiveStream(process.stdout):
@@ -113,7 +123,8 @@ class LockGuard:
                         await self.check_links()
             finally:
                 with anyio.CancelScope(shield=True):
-                    process.terminate()
+                    with contextlib.suppress(ProcessLookupError):  # it may have gone already
+                        process.terminate()
                     with anyio.move_on_after(2):
                         await process.wait()
 
