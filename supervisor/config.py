@@ -127,6 +127,9 @@ class LockSection(_Section):
         default_factory=lambda: [_network(n) for n in DEFAULT_LAN_RANGES]
     )
     inbound_tcp: list[Port] = Field(default_factory=list)
+    # Ports reachable from the internet through the tunnel (beyond replies and a forwarded port).
+    tunnel_inbound_tcp: list[Port] = Field(default_factory=list)
+    tunnel_inbound_udp: list[Port] = Field(default_factory=list)
 
     @field_validator("lan_ranges")
     @classmethod
@@ -141,7 +144,7 @@ class LockSection(_Section):
                 )
         return value
 
-    @field_validator("inbound_tcp")
+    @field_validator("inbound_tcp", "tunnel_inbound_tcp", "tunnel_inbound_udp")
     @classmethod
     def _unique(cls, value: list[int]) -> list[int]:
         if len(set(value)) != len(value):

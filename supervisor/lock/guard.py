@@ -72,6 +72,14 @@ class LockGuard:
             await anyio.to_thread.run_sync(nft.swap_endpoints, policy, old, policy.endpoints)
             self._reference = await anyio.to_thread.run_sync(nft.listing, policy.table)
 
+    async def swap_tunnel_inbound(self, policy: LockPolicy) -> None:
+        """Move to ``policy``'s inbound tunnel ports with element changes only."""
+        async with self._lock:
+            old = self.policy.tunnel_inbound
+            self.policy = policy
+            await anyio.to_thread.run_sync(nft.swap_tunnel_inbound, policy, old, policy.tunnel_inbound)
+            self._reference = await anyio.to_thread.run_sync(nft.listing, policy.table)
+
     async def check(self) -> str | None:
         """Compare the installed table with the reference; restore it if it differs. Why, or None."""
         async with self._lock:

@@ -16,7 +16,13 @@ from dataclasses import dataclass, replace
 from supervisor.errors import TunlockError
 from supervisor.lock.onlink import read_onlink
 from supervisor.lock.policy import LockPolicy
-from supervisor.lock.render import COUNTERS, fingerprint, render, render_endpoint_swap
+from supervisor.lock.render import (
+    COUNTERS,
+    fingerprint,
+    render,
+    render_endpoint_swap,
+    render_tunnel_inbound_swap,
+)
 from supervisor.safety import ensure_safe_to_lock
 from supervisor.servers import Endpoint, IPNetwork
 
@@ -66,6 +72,17 @@ def swap_endpoints(policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[
     """Let the tunnel reach ``new`` instead of ``old``: element changes in one transaction."""
     ensure_safe_to_lock()
     script = render_endpoint_swap(policy.table, old, new)
+    if script:
+        _nft(["-f", "-"], script)
+
+
+def swap_tunnel_inbound(
+    policy: LockPolicy, old: frozenset[tuple[str, int]], new: frozenset[tuple[str, int]]
+) -> None:
+    """Accept ``new`` instead of ``old`` (protocol, port) pairs through the tunnel, in one
+    transaction."""
+    ensure_safe_to_lock()
+    script = render_tunnel_inbound_swap(policy.table, old, new)
     if script:
         _nft(["-f", "-"], script)
 

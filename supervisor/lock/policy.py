@@ -30,6 +30,10 @@ class LockPolicy:
     # applied (supervisor.lock.onlink): LAN ranges count only where they are on-link, and
     # neighbour discovery reaches unicast neighbours only in them. Empty: link-local only.
     onlink: tuple[IPNetwork, ...] = ()
+    # What may arrive through the tunnel besides replies: ("tcp" | "udp", port) pairs, the
+    # configured ones plus those a plugin forwards (NAT-PMP). A provider that hands out a public
+    # address must not expose the host's SSH or web UI.
+    tunnel_inbound: frozenset[tuple[str, int]] = frozenset()
     # DHCP and NDP keep the physical link up; without them a lease or a neighbour expires.
     link_upkeep: bool = True
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
@@ -37,6 +41,10 @@ class LockPolicy:
     def with_endpoints(self, endpoints: Iterable[Endpoint]) -> LockPolicy:
         """The same policy letting the tunnel reach ``endpoints`` (a subset of the configured)."""
         return replace(self, endpoints=frozenset(endpoints))
+
+    def with_tunnel_inbound(self, extra: Iterable[tuple[str, int]]) -> LockPolicy:
+        """The same policy also accepting ``extra`` (protocol, port) pairs through the tunnel."""
+        return replace(self, tunnel_inbound=self.tunnel_inbound | frozenset(extra))
 
     def with_servers(self, servers: Iterable[Server]) -> LockPolicy:
         """The same policy narrowed to ``servers``: their endpoints and their tunnel DNS."""
@@ -63,4 +71,8 @@ def policy_from_config(config: Config, servers: Iterable[Server] | None = None) 
         allow_lan=settings.lock.allow_lan,
         lan_ranges=tuple(settings.lock.lan_ranges),
         inbound_tcp=tuple(settings.lock.inbound_tcp),
+        tunnel_inbound=frozenset(
+            [("tcp", p) for p in settings.lock.tunnel_inbound_tcp]
+            + [("udp", p) for p in settings.lock.tunnel_inbound_udp]
+        ),
     ).with_servers(chosen)

@@ -52,7 +52,9 @@ put data in any of them, so each is limited to where the data stays on the link)
 input mirrors it (replies from endpoints as established; DHCP offers; DHCPv6
 replies from link-local sources; router advertisements, neighbour messages and
 redirects with hop limit 255, which a router never forwards so they can only
-come from the link; the tunnel; the on-link LAN with allow_lan; inbound_tcp
+come from the link; from the tunnel only replies and the (protocol, port) pairs of
+the ``tunnel_inbound`` set, which a forwarded port joins and leaves by element
+changes, the rest counted and dropped; the on-link LAN with allow_lan; inbound_tcp
 ports from it) and drops the rest; input lets nothing leave, so its holes do
 not carry data out. forward lets traffic out only through the tunnel and replies
 back in, so a host routing for containers or a LAN cannot leak their packets
@@ -82,6 +84,7 @@ from supervisor.servers import Endpoint, IPNetwork
 # Named counters, read back by `tunlock lock status` and the metrics.
 COUNTERS = ("blocked_out", "blocked_in", "blocked_forward", "blocked_dns")
 ENDPOINT_SETS = {4: "endpoints4", 6: "endpoints6"}
+TUNNEL_INBOUND_SET = "tunnel_inbound"
 
 # Link upkeep in output, each rule bound to a destination that stays on the link (see above).
 UPKEEP_OUT = (
@@ -190,6 +193,25 @@ def render_endpoint_swap(table: str, old: Iterable[Endpoint], new: Iterable[Endp
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def _inbound_element(item: tuple[str, int]) -> str:
+    return f"{item[0]} . {item[1]}"
+
+
+def render_tunnel_inbound_swap(
+    table: str, old: Iterable[tuple[str, int]], new: Iterable[tuple[str, int]]
+) -> str:
+    """Open ``new`` and close ``old`` inbound ports on the tunnel in one transaction."""
+    old, new = set(old), set(new)
+    lines = []
+    if new - old:
+        items = ", ".join(sorted(map(_inbound_element, new - old)))
+        lines.append(f"add element inet {table} {TUNNEL_INBOUND_SET} {{ {items} }}")
+    if old - new:
+        items = ", ".join(sorted(map(_inbound_element, old - new)))
+        lines.append(f"delete element inet {table} {TUNNEL_INBOUND_SET} {{ {items} }}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def _table_body(policy: LockPolicy) -> str:
     tun = _quote(policy.tunnel_interface)
     v4 = [e for e in policy.endpoints if e.family == 4]
@@ -209,6 +231,8 @@ def _table_body(policy: LockPolicy) -> str:
     add(f"\tset endpoints6 {{ type ipv6_addr . inet_service;{_elements(map(_endpoint_element, v6))} }}")
     add(f"\tset tunnel_dns4 {{ type ipv4_addr;{_elements(dns4)} }}")
     add(f"\tset tunnel_dns6 {{ type ipv6_addr;{_elements(dns6)} }}")
+    inbound = map(_inbound_element, policy.tunnel_inbound)
+    add(f"\tset {TUNNEL_INBOUND_SET} {{ type inet_proto . inet_service;{_elements(inbound)} }}")
     add(f"\tset lan4 {{ type ipv4_addr; flags interval;{_elements(lan4)} }}")
     add(f"\tset lan6 {{ type ipv6_addr; flags interval;{_elements(lan6)} }}")
     add(f"\tset onlink6 {{ type ipv6_addr; flags interval;{_elements(onlink6)} }}")
@@ -236,6 +260,14 @@ def _table_body(policy: LockPolicy) -> str:
     add("\t\ticmpv6 type destination-unreachable accept")
     add("\t}")
 
+    # Through the tunnel only replies and the ports asked for: checked before the LAN rules,
+    # whose private ranges would otherwise take in the tunnel's own 10.x addresses.
+    add("\tchain from_tunnel {")
+    add("\t\tct state established,related accept")
+    add(f"\t\tmeta l4proto . th dport @{TUNNEL_INBOUND_SET} accept")
+    add('\t\tcounter name "blocked_in" drop')
+    add("\t}")
+
     add("\tchain output {")
     add("\t\ttype filter hook output priority filter; policy drop;")
     add("\t\toif lo accept")
@@ -260,7 +292,7 @@ def _table_body(policy: LockPolicy) -> str:
     add("\tchain input {")
     add("\t\ttype filter hook input priority filter; policy drop;")
     add("\t\tiif lo accept")
-    add(f"\t\tiifname {tun} accept")
+    add(f"\t\tiifname {tun} jump from_tunnel")
     add("\t\tct state invalid drop")
     add("\t\tip saddr . udp sport @endpoints4 ct state established accept")
     add("\t\tip6 saddr . udp sport @endpoints6 ct state established accept")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supervisor.lock.policy import LockPolicy
-from supervisor.lock.render import fingerprint, render, render_endpoint_swap
+from supervisor.lock.render import fingerprint, render, render_endpoint_swap, render_tunnel_inbound_swap
 from supervisor.servers import Endpoint
 
 EP1 = Endpoint(ip_address("198.51.100.11"), 51820)
@@ -288,3 +288,31 @@ def test_forwarded_dns_is_refused_with_a_reset_and_the_refusal_may_leave():
         "icmp type destination-unreachable accept",
         "icmpv6 type destination-unreachable accept",
     ]
+
+
+def test_tunnel_accepts_only_replies_and_the_ports_asked_for():
+    policy = LockPolicy(
+        table="tunlock",
+        tunnel_interface="tl0",
+        fwmark=0xCA6C,
+        tunnel_inbound=frozenset({("tcp", 51413), ("udp", 51413)}),
+    )
+    text = render(policy)
+    inbound = chain(text, "input")
+    assert 'iifname "tl0" accept' not in inbound
+    assert 'iifname "tl0" jump from_tunnel' in inbound
+    assert chain(text, "from_tunnel") == [
+        "ct state established,related accept",
+        "meta l4proto . th dport @tunnel_inbound accept",
+        'counter name "blocked_in" drop',
+    ]
+    assert "elements = { tcp . 51413, udp . 51413 }" in text
+
+
+def test_tunnel_inbound_swap_is_element_changes_in_one_script():
+    script = render_tunnel_inbound_swap("tunlock", {("tcp", 1000), ("udp", 1000)}, {("tcp", 2000)})
+    assert script.splitlines() == [
+        "add element inet tunlock tunnel_inbound { tcp . 2000 }",
+        "delete element inet tunlock tunnel_inbound { tcp . 1000, udp . 1000 }",
+    ]
+    assert render_tunnel_inbound_swap("tunlock", {("tcp", 1)}, {("tcp", 1)}) == ""
