@@ -180,6 +180,31 @@ class DnsSection(_Section):
     resolv_conf: Path = Path("/etc/resolv.conf")
 
 
+class PluginsSection(_Section):
+    """``enabled`` plugins by entry-point name; each one's options in ``[plugins.<name>]``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    enabled: list[str] = Field(default_factory=list)
+    # A plugin away from ctx.next() this long is hung: cancelled and restarted.
+    stall_timeout_s: Seconds = 60.0
+    backoff_initial_s: Seconds = 1.0
+    backoff_max_s: Seconds = 60.0
+    # How long plugins get at stop (give a mapping up, clear a port file) before the tunnel goes.
+    stop_timeout_s: Seconds = 5.0
+
+    @field_validator("enabled")
+    @classmethod
+    def _unique_names(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a plugin is enabled twice")
+        return value
+
+    @property
+    def options(self) -> dict[str, dict[str, object]]:
+        """The ``[plugins.<name>]`` tables."""
+        return {k: v for k, v in (self.model_extra or {}).items() if isinstance(v, dict)}
+
+
 class ConfigFile(_Section):
     tunnel: TunnelSection = Field(default_factory=TunnelSection)
     rotation: RotationSection = Field(default_factory=RotationSection)
@@ -188,6 +213,7 @@ class ConfigFile(_Section):
     control: ControlSection = Field(default_factory=ControlSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     dns: DnsSection = Field(default_factory=DnsSection)
+    plugins: PluginsSection = Field(default_factory=PluginsSection)
 
 
 @dataclass(frozen=True)
@@ -334,6 +360,22 @@ def load_config(
                 warning=True,
             )
         )
+    for name, value in (settings.plugins.model_extra or {}).items():
+        if not isinstance(value, dict):
+            problems.append(
+                Problem(path, lines.get(("plugins", name), 0), f"unknown key {name!r} in [plugins]")
+            )
+        elif name not in settings.plugins.enabled:
+            problems.append(
+                Problem(
+                    path,
+                    lines.get(("plugins", name), 0),
+                    f"[plugins.{name}] is set but {name!r} is not in plugins.enabled",
+                    warning=True,
+                )
+            )
+    if any(not p.warning for p in problems):
+        raise ConfigError(problems)
     control = settings.control.socket
     if not control.is_absolute():
         settings = settings.model_copy(

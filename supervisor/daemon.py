@@ -29,11 +29,11 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from supervisor import __version__
-from supervisor.config import Config, load_config
+from supervisor import __version__, plugins
+from supervisor.config import Config, key_lines, load_config
 from supervisor.control import server as control_server
 from supervisor.control.client import request as control_request
-from supervisor.errors import ConfigError, TunlockError
+from supervisor.errors import ConfigError, Problem, TunlockError
 from supervisor.health import IcmpProber
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard
@@ -43,6 +43,7 @@ from supervisor.machine import events as ev
 from supervisor.machine.settings import Settings
 from supervisor.machine.states import Machine
 from supervisor.net import monitor
+from supervisor.plugins import PluginHost
 from supervisor.runtime import LockFailed, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
 from supervisor.servers import Server
@@ -110,13 +111,18 @@ class GuardedLock:
         self._task_group = task_group
         self._post = runtime_post
         self._watch: anyio.CancelScope | None = None
+        # Ports plugins asked the tunnel to accept (a forwarded port): kept across whole applies.
+        self.tunnel_inbound: frozenset[tuple[str, int]] = frozenset()
+
+    def _policy(self, servers: tuple[Server, ...]) -> LockPolicy:
+        return self.base.with_servers(servers).with_tunnel_inbound(self.tunnel_inbound)
 
     async def _tampered(self, reason: str) -> None:
         await self._post(lambda now: ev.LockTampered(now, reason))
 
     async def apply(self, servers: tuple[Server, ...]) -> None:
         self.servers = servers
-        await self.guard.apply(self.base.with_servers(servers))
+        await self.guard.apply(self._policy(servers))
         if self._watch is None:
             await self._task_group.start(self._guard)
 
@@ -125,7 +131,7 @@ class GuardedLock:
             await self.guard.watch(task_status=task_status)
 
     async def set_servers(self, servers: tuple[Server, ...]) -> None:
-        policy = self.base.with_servers(servers)
+        policy = self._policy(servers)
         if policy.tunnel_dns != self.guard.policy.tunnel_dns:
             await self.guard.apply(policy)  # another resolver too: the whole table at once
         else:
@@ -138,8 +144,13 @@ class GuardedLock:
         machine moves off a dropped one next), and is re-applied only where it differs."""
         self.base = base
         self.servers = tuple(servers[s.name] for s in self.servers if s.name in servers)
-        if base.with_servers(self.servers) != self.guard.policy:
+        if self._policy(self.servers) != self.guard.policy:
             await self.apply(self.servers)
+
+    async def set_tunnel_inbound(self, pairs: frozenset[tuple[str, int]]) -> None:
+        """What a plugin may change: the ports accepted through the tunnel (element swap)."""
+        self.tunnel_inbound = pairs
+        await self.guard.swap_tunnel_inbound(self._policy(self.servers))
 
     async def remove(self) -> None:
         if self._watch is not None:
@@ -189,6 +200,9 @@ async def serve(config: Config) -> int:
             probe_target=probe_target(config),
             on_publish=published,
         )
+        host = _plugin_host(config, lock, runtime)
+        if host is not None:
+            runtime.subscribe(host.publish)
         runtime.status.backend = tunnel.backend.kind
         runtime_ref.append(runtime)
 
@@ -225,7 +239,9 @@ async def serve(config: Config) -> int:
         await tg.start(control_server.serve, settings.control.socket, control)
         if settings.metrics.address is not None:
             await tg.start(_serve_metrics, config, runtime, lock)
-        tg.start_soon(_signals, runtime, config, lock, watcher, notifier)
+        if host is not None:
+            await tg.start(host.run)
+        tg.start_soon(_signals, runtime, config, lock, watcher, notifier, host)
         tg.start_soon(_announce_ready, notifier, first_status, settings.control.socket)
         tg.start_soon(notifier.keep_watchdog_fed)
         log.info(
@@ -307,12 +323,37 @@ async def _announce_ready(notifier: Notifier, first_status: anyio.Event, socket_
     log.info("ready: the lock is in place and the control socket answers")
 
 
+def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginHost | None:
+    """The enabled plugins (ConfigError for an unknown one or bad options), or None."""
+    section = config.settings.plugins
+    if not section.enabled:
+        return None
+    lines = key_lines(config.path.read_text(encoding="utf-8"))
+
+    def origin(name: str) -> Problem:
+        line = lines.get(("plugins", name)) or lines.get(("plugins", "enabled"), 0)
+        return Problem(config.path, line, "")
+
+    made = plugins.load(section.enabled, section.options, origin)
+    return PluginHost(
+        made,
+        lock,
+        interface=config.settings.tunnel.interface,
+        server_of=lambda name: runtime.servers.get(name),
+        status=runtime.status,
+        stall_timeout_s=section.stall_timeout_s,
+        backoff_initial_s=section.backoff_initial_s,
+        backoff_max_s=section.backoff_max_s,
+    )
+
+
 async def _signals(
     runtime: Runtime,
     config: Config,
     lock: GuardedLock,
     watcher: monitor.PathMonitor,
     notifier: Notifier | None = None,
+    host: PluginHost | None = None,
 ) -> None:
     current = config
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -323,6 +364,9 @@ async def _signals(
                 log.info("stopping", signal=signal.Signals(signum).name)
                 if notifier is not None:
                     notifier.stopping()
+                if host is not None:
+                    # Plugins act on "stopping" while the tunnel still stands (unmap, clear files).
+                    await host.stopping(config.settings.plugins.stop_timeout_s)
                 await runtime.post(lambda now: ev.Stop(now))
 
 

@@ -98,6 +98,11 @@ class Status:
     # For the metrics: times each state was entered, and failures declared per server.
     entered: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    # Set by the plugin host: the forwarded port(s), since when (wall clock), plugin reports.
+    forwarded_port: int | None = None
+    forwarded_ports: list[int] = field(default_factory=list)
+    forwarded_since: float | None = None
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The ``status --json`` contract: state, server, handshake_age_s, lock.installed, and more."""
@@ -117,6 +122,14 @@ class Status:
             "tx_bytes": stats.tx_bytes if stats else None,
             "last_failure": self.last_failure,
             "backend": self.backend,
+            "forwarded_port": self.forwarded_port,
+            "forwarded_ports": list(self.forwarded_ports),
+            "forwarded_age_s": (
+                round(max(0.0, time.time() - self.forwarded_since), 1)
+                if self.forwarded_since is not None
+                else None
+            ),
+            "plugins": {name: dict(report) for name, report in self.plugins.items()},
         }
 
 
@@ -148,13 +161,17 @@ class Runtime:
         self.probe_target = probe_target
         self.clock = clock
         self.status = Status()
-        self._on_publish = on_publish
+        self._subscribers: list[Callable[[Status], None]] = [on_publish] if on_publish else []
         self._send, self._receive = anyio.create_memory_object_stream[Item](max_buffer_size=1024)
         self._timers: dict[str, tuple[int, anyio.CancelScope]] = {}
         self._generation = 0
         self._task_group: anyio.abc.TaskGroup | None = None
         self._done = False
         self._counted_failure: Failure | None = None
+
+    def subscribe(self, on_publish: Callable[[Status], None]) -> None:
+        """Call ``on_publish`` (synchronous, must not wait) after every status publish."""
+        self._subscribers.append(on_publish)
 
     # --- feeding ----------------------------------------------------------------------------
 
@@ -316,8 +333,8 @@ class Runtime:
                 "at": round(time.time() - (self.clock() - failure.at), 3),
             }
         log.info("state", state=state, server=server, reason=reason)
-        if self._on_publish is not None:
-            self._on_publish(status)
+        for subscriber in self._subscribers:
+            subscriber(status)
 
     async def _quietly(self, what: str, call: Callable[[], Any]) -> None:
         try:

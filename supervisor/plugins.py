@@ -1,0 +1,420 @@
+"""Plugins: optional behaviour that follows the daemon's state (port forwarding, hooks, pushes).
+
+A plugin is any object with ``async def run(self, ctx: PluginContext) -> None``, made by a factory
+``factory(options) -> plugin`` that the ``tunlock.plugins`` entry-point group names and
+``[plugins] enabled`` turns on; its options are the ``[plugins.<name>]`` table (see
+docs/plugins.md). What a plugin sees is a ``View``: the tunnel (state, server, interface,
+addresses, gateway) and the forwarded port(s). What it may ask for is what ``PluginContext``
+offers, nothing more: wait for the next view, ask the lock to accept inbound ports on the tunnel
+(``forward_ports``), and report fields for the status.
+
+Why the host is shaped like this:
+
+- The machine never waits for a plugin. The runtime's status publish is a synchronous call
+  that only replaces the current view and wakes the plugins; a plugin reads the *latest* view
+  when it is ready, so a slow plugin skips intermediate views instead of queueing them, and a
+  plugin that floods requests only overwrites its own last request.
+- The lock stays the daemon's. A port request is validated, coalesced, and applied by one host
+  task as an nft element swap with a timeout; the view announces the forwarded port only once
+  the lock accepts it.
+- A plugin that raises is logged and started again after a doubling backoff; one that does not
+  come back to ``ctx.next()`` within ``stall_timeout_s`` is hung: it is cancelled, logged and
+  restarted the same way. (A plugin that blocks the event loop itself cannot be stopped from
+  inside the process; the interface asks plugins to put blocking work in a thread.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from importlib.metadata import entry_points
+from ipaddress import IPv4Address
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from supervisor.errors import ConfigError, Problem
+from supervisor.log import get_logger
+from supervisor.servers import IPAddress, IPInterface, Server
+
+log = get_logger(__name__)
+
+ENTRY_POINT_GROUP = "tunlock.plugins"
+PROTOCOLS = ("tcp", "udp")
+MAX_FORWARDED_PORTS = 16
+LOCK_TIMEOUT_S = 15.0
+WATCHDOG_PERIOD_S = 0.5
+
+
+# --- what a plugin sees -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """The daemon's state as a plugin sees it.
+
+    ``state`` is ``blocked``, ``connecting``, ``connected``, ``offline``, ``stopping`` (the
+    daemon is about to tear the tunnel down: the last moment to give a mapping up) or
+    ``stopped``. ``session`` grows by one at every entry into ``connected`` (connect, failover,
+    rotation, reconnect): a plugin that holds per-connection state starts over when it changes.
+    """
+
+    state: str = "blocked"
+    server: str | None = None
+    interface: str = ""
+    addresses: tuple[IPInterface, ...] = ()
+    dns: tuple[IPAddress, ...] = ()
+    gateway: IPv4Address | None = None
+    session: int = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    @property
+    def address_v4(self) -> IPv4Address | None:
+        """The tunnel's own IPv4 address (NAT-PMP sends from it)."""
+        return next((a.ip for a in self.addresses if a.version == 4), None)  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """Ports the provider forwards to this host, accepted by the lock on the tunnel."""
+
+    ports: tuple[int, ...]
+    server: str | None
+    since: float  # wall clock, when these ports were first announced
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+
+@dataclass(frozen=True)
+class View:
+    tunnel: Tunnel = field(default_factory=Tunnel)
+    forwarded: Forwarded | None = None
+
+
+class Plugin(Protocol):
+    async def run(self, ctx: PluginContext) -> None:
+        """Follow ``await ctx.next()`` until cancelled; raise to be restarted (with backoff)."""
+
+
+PluginFactory = Callable[[Mapping[str, Any]], Plugin]
+
+
+class PluginOptionError(ValueError):
+    """A plugin's options are wrong; the message says which and why."""
+
+
+# --- what a plugin may ask --------------------------------------------------------------------
+
+
+class PluginContext:
+    """One plugin's handle on the daemon."""
+
+    def __init__(self, host: PluginHost, name: str) -> None:
+        self._host = host
+        self.name = name
+        self.log = get_logger(f"plugin.{name}")
+        self._seen = -1
+        self._waiting = True
+        self._since = host.clock()
+        self._wake = anyio.Event()
+
+    @property
+    def view(self) -> View:
+        return self._host.view
+
+    async def next(self, timeout: float | None = None) -> View | None:
+        """The current view if this plugin has not seen it, else wait for the next change.
+        ``None`` when ``timeout`` seconds pass without one (a plugin's own timers)."""
+        self._waiting = True
+        try:
+            with anyio.move_on_after(math.inf if timeout is None else max(0.0, timeout)):
+                while self._seen == self._host.version:
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+            if self._seen == self._host.version:
+                return None
+            self._seen = self._host.version
+            return self._host.view
+        finally:
+            self._waiting = False
+            self._since = self._host.clock()
+
+    async def forward_ports(self, ports: Sequence[int] | None, protocols: Sequence[str] = PROTOCOLS) -> None:
+        """Ask that ``ports`` (``protocols`` each) be accepted inbound on the tunnel, replacing
+        what this plugin asked before; ``None`` or ``()`` withdraws them. The view's
+        ``forwarded`` follows once the lock does."""
+        pairs = frozenset((proto, int(port)) for port in ports or () for proto in protocols)
+        if len(pairs) > MAX_FORWARDED_PORTS or any(
+            proto not in PROTOCOLS or not 1 <= port <= 65535 for proto, port in pairs
+        ):
+            raise ValueError(f"forward_ports: at most {MAX_FORWARDED_PORTS} tcp/udp ports in 1-65535")
+        self._host.request_ports(self.name, pairs)
+
+    def report(self, **fields: Any) -> None:
+        """Fields shown under ``plugins.<name>`` in ``tunlock status --json`` and the metrics."""
+        self._host.status_of(self.name).update(fields)
+
+    def _notify(self) -> None:
+        self._wake.set()
+
+
+# --- the host ---------------------------------------------------------------------------------
+
+
+class InboundLock(Protocol):
+    async def set_tunnel_inbound(self, pairs: frozenset[tuple[str, int]]) -> None: ...
+
+
+@dataclass
+class _Slot:
+    name: str
+    plugin: Plugin
+    ctx: PluginContext
+    restarts: int = 0
+    hung: bool = False
+
+
+class PluginHost:
+    """Runs the enabled plugins in the daemon's task group and feeds them views."""
+
+    def __init__(
+        self,
+        plugins: Iterable[tuple[str, Plugin]],
+        lock: InboundLock,
+        *,
+        interface: str,
+        server_of: Callable[[str], Server | None],
+        status: Any | None = None,
+        stall_timeout_s: float = 60.0,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lock = lock
+        self.interface = interface
+        self.server_of = server_of
+        self.status = status
+        self.stall_timeout_s = stall_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.clock = clock
+        self.view = View(Tunnel(interface=interface))
+        self.version = 0
+        self.reports: dict[str, dict[str, Any]] = {}
+        self._slots = [_Slot(name, plugin, PluginContext(self, name)) for name, plugin in plugins]
+        self._requested: dict[str, frozenset[tuple[str, int]]] = {}
+        self._applied: frozenset[tuple[str, int]] = frozenset()
+        self._lock_wake = anyio.Event()
+
+    @property
+    def names(self) -> list[str]:
+        return [slot.name for slot in self._slots]
+
+    # --- views in ------------------------------------------------------------------------
+
+    def publish(self, status: Any) -> None:
+        """The runtime's status publish (synchronous, never waits): a new view for the plugins."""
+        tunnel = self.view.tunnel
+        server = self.server_of(status.server) if status.server else None
+        session = tunnel.session
+        if status.state == "connected" and (not tunnel.connected or status.server != tunnel.server):
+            session += 1  # a new connection: connect, failover, rotation or reconnect
+        self._set_tunnel(
+            Tunnel(
+                state=status.state,
+                server=status.server,
+                interface=self.interface,
+                addresses=server.addresses if server else (),
+                dns=server.dns if server else (),
+                gateway=_gateway(server),
+                session=session,
+            )
+        )
+
+    def _set_tunnel(self, tunnel: Tunnel) -> None:
+        old = self.view.tunnel
+        forwarded = self.view.forwarded
+        if tunnel.session != old.session or not tunnel.connected:
+            # A forwarded port belongs to one connection: a new one starts without it.
+            if any(self._requested.values()):
+                self._requested.clear()
+                self._lock_wake.set()
+            forwarded = None
+        self._change(View(tunnel, forwarded))
+
+    def _change(self, view: View) -> None:
+        if view == self.view:
+            return
+        self.view = view
+        self.version += 1
+        if self.status is not None:
+            fw = view.forwarded
+            self.status.forwarded_port = fw.port if fw else None
+            self.status.forwarded_ports = list(fw.ports) if fw else []
+            self.status.forwarded_since = fw.since if fw else None
+        for slot in self._slots:
+            slot.ctx._notify()
+
+    async def stopping(self, timeout: float) -> None:
+        """Tell the plugins the tunnel is about to go and give them ``timeout`` seconds to act on
+        it (give a mapping up, clear a port file) before the machine tears it down."""
+        self._set_tunnel(replace(self.view.tunnel, state="stopping"))
+        version = self.version
+        with anyio.move_on_after(timeout):
+            while not all(s.ctx._seen >= version and s.ctx._waiting for s in self._slots if not s.hung):
+                await anyio.sleep(0.02)
+
+    # --- port requests -------------------------------------------------------------------
+
+    def request_ports(self, name: str, pairs: frozenset[tuple[str, int]]) -> None:
+        if self._requested.get(name, frozenset()) == pairs:
+            return
+        if not self.view.tunnel.connected and pairs:
+            return  # a request from a connection that is gone
+        self._requested[name] = pairs
+        self._lock_wake.set()
+
+    def status_of(self, name: str) -> dict[str, Any]:
+        report = self.reports.setdefault(name, {})
+        if self.status is not None:
+            self.status.plugins = self.reports
+        return report
+
+    async def _apply_ports(self) -> None:
+        """The one task that changes the lock for plugins: the latest request wins."""
+        while True:
+            await self._lock_wake.wait()
+            self._lock_wake = anyio.Event()
+            wanted = frozenset().union(*self._requested.values())
+            if wanted != self._applied:
+                try:
+                    with anyio.fail_after(LOCK_TIMEOUT_S):
+                        await self.lock.set_tunnel_inbound(wanted)
+                except Exception as err:  # the lock keeps its last ports; a later request retries
+                    log.error("could not change the ports accepted on the tunnel", error=str(err))
+                    continue
+                self._applied = wanted
+                log.info("inbound ports on the tunnel", ports=sorted(f"{p}/{proto}" for proto, p in wanted))
+            ports = tuple(sorted({port for _, port in wanted}))
+            old = self.view.forwarded
+            if not ports:
+                forwarded = None
+            elif old is not None and old.ports == ports:
+                forwarded = old
+            else:
+                forwarded = Forwarded(ports, self.view.tunnel.server, time.time())
+            self._change(View(self.view.tunnel, forwarded))
+
+    # --- running -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run every plugin (supervised) and the port applier until cancelled."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._apply_ports)
+            for slot in self._slots:
+                self.status_of(slot.name)
+                tg.start_soon(self._supervise, slot)
+            task_status.started()
+
+    async def _supervise(self, slot: _Slot) -> None:
+        delay = self.backoff_initial_s
+        while True:
+            started = self.clock()
+            slot.hung = False
+            slot.ctx._seen = -1  # a (re)started plugin begins with the current view
+            slot.ctx._waiting = True
+            failure: str
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch, slot, tg.cancel_scope)
+                    await slot.plugin.run(slot.ctx)
+                    tg.cancel_scope.cancel()
+                failure = "hung" if slot.hung else "returned"
+            except Exception as err:
+                failure = f"raised {type(err).__name__}: {_first(err)}"
+            if slot.hung:
+                failure = f"hung: did not come back within {self.stall_timeout_s:g} s"
+            slot.restarts += 1
+            self.status_of(slot.name).update(restarts=slot.restarts, last_error=failure)
+            if self.clock() - started > self.backoff_max_s:
+                delay = self.backoff_initial_s  # it ran well for a while: not a crash loop
+            log.error("plugin failed; restarting", plugin=slot.name, error=failure, after_s=delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, self.backoff_max_s)
+
+    async def _watch(self, slot: _Slot, scope: anyio.CancelScope) -> None:
+        ctx = slot.ctx
+        while True:
+            await anyio.sleep(WATCHDOG_PERIOD_S)
+            if not ctx._waiting and self.clock() - ctx._since > self.stall_timeout_s:
+                slot.hung = True
+                scope.cancel()
+                return
+
+
+def _first(error: BaseException) -> str:
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return str(error) or type(error).__name__
+
+
+def _gateway(server: Server | None) -> IPv4Address | None:
+    """Where a provider's port-forwarding service answers: its first IPv4 DNS address inside
+    the tunnel (Proton's 10.2.0.1 is both); ``[plugins.natpmp] gateway`` overrides it."""
+    if server is None:
+        return None
+    return next((a for a in server.dns if isinstance(a, IPv4Address)), None)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def available() -> dict[str, Any]:
+    """Installed plugins by name (entry points, not yet loaded)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load(
+    enabled: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]],
+    origin: Callable[[str], Problem],
+) -> list[tuple[str, Plugin]]:
+    """Make the enabled plugins; ConfigError (``file:line: why``) for an unknown name or bad
+    options. ``origin(name)`` places a problem at the name's line in the config."""
+    installed = available()
+    made: list[tuple[str, Plugin]] = []
+    problems: list[Problem] = []
+    for name in enabled:
+        where = origin(name)
+        entry = installed.get(name)
+        if entry is None:
+            known = ", ".join(sorted(installed)) or "none"
+            problems.append(replace(where, message=f"plugin {name!r} is not installed (installed: {known})"))
+            continue
+        try:
+            factory: PluginFactory = entry.load()
+            made.append((name, factory(dict(options.get(name, {})))))
+        except (PluginOptionError, ValueError, TypeError) as err:
+            problems.append(replace(where, message=f"[plugins.{name}]: {err}"))
+    if problems:
+        raise ConfigError(problems)
+    return made
+
+
+async def until(condition: Callable[[View], bool], ctx: PluginContext) -> View:
+    """Wait for a view that satisfies ``condition`` (a helper for plugins)."""
+    while True:
+        view = await ctx.next()
+        if view is not None and condition(view):
+            return view
+
+
+AsyncAction = Callable[[], Awaitable[None]]

@@ -1,0 +1,242 @@
+"""The plugin host with fakes: views in, port requests out, and misbehaving plugins contained.
+
+No lock and no daemon here: the lock is a fake that records what it was asked; the lab tests
+(tests/lab/test_port_forwarding.py) prove the same against nftables and a running daemon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, ip_address, ip_interface
+
+import anyio
+import pytest
+
+from supervisor.plugins import PluginContext, PluginHost, View
+from supervisor.runtime import Status
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class FakeServer:
+    addresses: tuple = (ip_interface("10.2.0.2/32"), ip_interface("fd00::2/128"))
+    dns: tuple = (ip_address("fd00::1"), ip_address("10.2.0.1"))
+
+
+class FakeLock:
+    def __init__(self) -> None:
+        self.calls: list[frozenset] = []
+
+    async def set_tunnel_inbound(self, pairs: frozenset) -> None:
+        self.calls.append(pairs)
+
+
+class Recorder:
+    """Records every view it takes; forwards ``port`` once per connection when given one."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.views: list[View] = []
+        self.port = port
+        self.starts = 0
+
+    async def run(self, ctx: PluginContext) -> None:
+        self.starts += 1
+        while True:
+            view = await ctx.next()
+            assert view is not None
+            self.views.append(view)
+            if self.port and view.tunnel.connected and view.forwarded is None:
+                await ctx.forward_ports([self.port])
+
+
+def host_with(*plugins, lock=None, status=None, **kw) -> PluginHost:
+    return PluginHost(
+        [(f"p{i}", p) for i, p in enumerate(plugins)],
+        lock or FakeLock(),
+        interface="tl0",
+        server_of=lambda name: FakeServer(),
+        status=status,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.05,
+        **kw,
+    )
+
+
+def publish(host: PluginHost, state: str, server: str | None = None) -> None:
+    status = Status()
+    status.state, status.server = state, server
+    host.publish(status)
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await anyio.sleep(0.005)
+
+
+async def test_views_carry_addresses_gateway_and_a_session_per_connection():
+    recorder = Recorder()
+    host = host_with(recorder)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        await settle()
+        publish(host, "connecting", "vpn1")
+        await settle()
+        publish(host, "connected", "vpn1")
+        await settle()
+        publish(host, "connected", "vpn2")  # a failover published straight as connected
+        await settle()
+        tg.cancel_scope.cancel()
+    tunnels = [v.tunnel for v in recorder.views]
+    assert [(t.state, t.server, t.session) for t in tunnels] == [
+        ("blocked", None, 0),
+        ("connecting", "vpn1", 0),
+        ("connected", "vpn1", 1),
+        ("connected", "vpn2", 2),
+    ]
+    assert tunnels[-1].gateway == IPv4Address("10.2.0.1")
+    assert tunnels[-1].address_v4 == IPv4Address("10.2.0.2")
+    assert tunnels[-1].interface == "tl0"
+
+
+async def test_forwarded_port_reaches_the_lock_then_every_plugin_and_the_status():
+    lock, status = FakeLock(), Status()
+    provider, consumer = Recorder(port=40000), Recorder()
+    host = host_with(provider, consumer, lock=lock, status=status)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await settle()
+        assert lock.calls == [frozenset({("tcp", 40000), ("udp", 40000)})]
+        assert consumer.views[-1].forwarded is not None
+        assert consumer.views[-1].forwarded.ports == (40000,)
+        assert status.as_json()["forwarded_port"] == 40000
+        # A new connection starts without the old port: the lock closes it, the status forgets it.
+        publish(host, "connecting", "vpn2")
+        await settle()
+        assert lock.calls[-1] == frozenset()
+        assert status.as_json()["forwarded_port"] is None
+        tg.cancel_scope.cancel()
+
+
+async def test_a_request_while_not_connected_is_ignored():
+    lock = FakeLock()
+
+    class Early:
+        async def run(self, ctx: PluginContext) -> None:
+            await ctx.next()
+            await ctx.forward_ports([1234])
+            await ctx.next()
+
+    host = host_with(Early(), lock=lock)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        await settle()
+        tg.cancel_scope.cancel()
+    assert lock.calls == []
+
+
+async def test_a_plugin_that_raises_is_restarted_and_the_others_go_on():
+    class Raises:
+        starts = 0
+
+        async def run(self, ctx: PluginContext) -> None:
+            self.starts += 1
+            await ctx.next()
+            raise RuntimeError("boom")
+
+    bad, good = Raises(), Recorder()
+    status = Status()
+    host = host_with(bad, good, status=status)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        for state in ("connecting", "connected", "offline"):
+            publish(host, state, "vpn1")
+            await settle()
+        tg.cancel_scope.cancel()
+    assert bad.starts >= 3
+    assert [v.tunnel.state for v in good.views][-3:] == ["connecting", "connected", "offline"]
+    report = status.as_json()["plugins"]["p0"]
+    assert report["restarts"] >= 2 and "boom" in report["last_error"]
+
+
+async def test_a_hung_plugin_is_cancelled_and_restarted():
+    class Hangs:
+        starts = 0
+
+        async def run(self, ctx: PluginContext) -> None:
+            self.starts += 1
+            await ctx.next()
+            await anyio.sleep_forever()
+
+    hangs, good = Hangs(), Recorder()
+    status = Status()
+    host = host_with(hangs, good, status=status, stall_timeout_s=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        with anyio.fail_after(10):
+            while hangs.starts < 2:
+                await anyio.sleep(0.01)
+        publish(host, "connected", "vpn1")
+        await settle()
+        tg.cancel_scope.cancel()
+    assert "hung" in status.as_json()["plugins"]["p0"]["last_error"]
+    assert good.views[-1].tunnel.state == "connected"
+
+
+async def test_a_flood_of_requests_ends_in_the_last_one_and_a_bounded_number_of_lock_changes():
+    lock = FakeLock()
+
+    class Floods:
+        async def run(self, ctx: PluginContext) -> None:
+            await ctx.next()
+            for port in range(1000, 6000):
+                await ctx.forward_ports([port])
+            await ctx.next()
+
+    host = host_with(Floods(), lock=lock)
+    publish(host, "connected", "vpn1")
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        await settle()
+        tg.cancel_scope.cancel()
+    assert lock.calls[-1] == frozenset({("tcp", 5999), ("udp", 5999)})
+    assert len(lock.calls) < 10
+    assert host.view.forwarded is not None and host.view.forwarded.ports == (5999,)
+
+
+async def test_bad_port_requests_are_refused_to_the_plugin():
+    host = host_with()
+    ctx = PluginContext(host, "x")
+    for bad in ([0], [70000], list(range(1, 40))):
+        with pytest.raises(ValueError):
+            await ctx.forward_ports(bad)
+    with pytest.raises(ValueError):
+        await ctx.forward_ports([80], protocols=("sctp",))
+
+
+async def test_stopping_waits_for_plugins_to_act_and_no_longer():
+    done: list[str] = []
+
+    class Unmaps:
+        async def run(self, ctx: PluginContext) -> None:
+            while True:
+                view = await ctx.next()
+                if view is not None and view.tunnel.state == "stopping":
+                    await anyio.sleep(0.05)
+                    done.append("unmapped")
+
+    class Hangs:
+        async def run(self, ctx: PluginContext) -> None:
+            await ctx.next()
+            await ctx.next()
+            await anyio.sleep_forever()
+
+    host = host_with(Unmaps(), Hangs())
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        await settle()
+        with anyio.fail_after(5):
+            await host.stopping(timeout=0.5)
+        tg.cancel_scope.cancel()
+    assert done == ["unmapped"]
