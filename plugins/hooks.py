@@ -1,0 +1,107 @@
+"""Commands run on changes: ``on_port`` (every new forwarded port, not only the first),
+``on_connected`` (every new connection) and ``on_disconnected`` (leaving ``connected``).
+
+Arguments may hold ``{port}``, ``{ports}`` (comma-separated), ``{interface}`` and ``{server}``;
+they are substituted per argument and no shell runs the command, so a value cannot inject one.
+Each command is a child process awaited asynchronously (never blocking the event loop) and
+killed when it outlives ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from plugins import _options
+from supervisor.plugins import PluginContext, PluginOptionError, View
+
+HOOKS = ("on_port", "on_connected", "on_disconnected")
+
+
+def placeholders(view: View) -> dict[str, str]:
+    ports = view.forwarded.ports if view.forwarded else ()
+    return {
+        "port": str(ports[0]) if ports else "",
+        "ports": ",".join(map(str, ports)),
+        "interface": view.tunnel.interface,
+        "server": view.tunnel.server or "",
+    }
+
+
+def expand(argv: Sequence[str], values: Mapping[str, str]) -> list[str]:
+    """Each argument with the placeholders filled in (``{{`` for a literal brace)."""
+    return [arg.format_map(values) for arg in argv]
+
+
+async def run_hook(argv: Sequence[str], timeout: float) -> tuple[int | None, str]:
+    """(exit status or None when killed at the timeout, the output's tail)."""
+    async with await anyio.open_process(
+        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as process:
+        output = b""
+        with anyio.move_on_after(timeout) as scope:
+            assert process.stdout is not None
+            async for chunk in process.stdout:
+                output = (output + chunk)[-2000:]
+            await process.wait()
+        if scope.cancelled_caught:
+            process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.wait()
+            return None, output.decode(errors="replace")
+        return process.returncode, output.decode(errors="replace")
+
+
+class HooksPlugin:
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        _options.only(options, (*HOOKS, "timeout_s"))
+        self.commands = {hook: _options.command(options, hook) for hook in HOOKS}
+        if not any(self.commands.values()):
+            raise PluginOptionError(f"set at least one of {', '.join(HOOKS)}")
+        self.timeout_s = _options.number(options, "timeout_s", 10, 0.1, 3600)
+        for argv in filter(None, self.commands.values()):
+            try:
+                expand(argv, dict.fromkeys(("port", "ports", "interface", "server"), ""))
+            except (KeyError, ValueError, IndexError) as err:
+                raise PluginOptionError(f"{' '.join(argv)}: unknown placeholder {err}") from None
+
+    async def _fire(self, ctx: PluginContext, hook: str, view: View) -> None:
+        argv = self.commands[hook]
+        if argv is None:
+            return
+        command = expand(argv, placeholders(view))
+        try:
+            status, output = await run_hook(command, self.timeout_s)
+        except OSError as err:
+            status, output = -1, str(err)
+        if status is None:
+            ctx.log.error("hook killed at its timeout", hook=hook, timeout_s=self.timeout_s)
+        elif status != 0:
+            ctx.log.warning("hook failed", hook=hook, status=status, output=output[-500:])
+        else:
+            ctx.log.info("hook ran", hook=hook)
+        ctx.report(**{hook: {"status": status, "killed": status is None}})
+
+    async def run(self, ctx: PluginContext) -> None:
+        session, ports, connected = 0, None, False
+        while True:
+            view = await ctx.next()
+            assert view is not None
+            tunnel = view.tunnel
+            if tunnel.connected and tunnel.session != session:
+                session, connected = tunnel.session, True
+                await self._fire(ctx, "on_connected", view)
+            elif not tunnel.connected and connected:
+                connected = False
+                await self._fire(ctx, "on_disconnected", view)
+            new_ports = view.forwarded.ports if view.forwarded else None
+            if new_ports and new_ports != ports:
+                await self._fire(ctx, "on_port", view)
+            ports = new_ports
+
+
+def factory(options: Mapping[str, Any]) -> HooksPlugin:
+    return HooksPlugin(options)

@@ -1,0 +1,232 @@
+"""Keeping a torrent client on the forwarded port: qBittorrent (Web API v2), Transmission (RPC).
+
+Each pusher reads the client's port, sets it when it differs, and reads it back: a push counts
+as done only when the client itself reports the forwarded port. It does so at every new port
+and then every ``reassert_s`` seconds, which also covers a client that restarted (its session
+and, for qBittorrent, its login are gone: both are renewed on the way). A failure is reported
+in the status and retried after ``retry_s``.
+
+The wire formats are pure functions (request bodies, reply parsing) under a thin httpx shell,
+in the daemon's event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from plugins import _options
+from supervisor.plugins import PluginContext, PluginOptionError
+
+
+class PushError(Exception):
+    """The client did not take the port; the message says what it answered."""
+
+
+# --- the wire formats (pure) ------------------------------------------------------------------
+
+
+def qbittorrent_set_body(port: int) -> dict[str, str]:
+    return {"json": json.dumps({"listen_port": port})}
+
+
+def qbittorrent_port(preferences: Mapping[str, Any]) -> int:
+    port = preferences.get("listen_port")
+    if not isinstance(port, int):
+        raise PushError(f"app/preferences has no listen_port: {str(preferences)[:100]}")
+    return port
+
+
+def transmission_request(method: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
+    return {"method": method, "arguments": dict(arguments)}
+
+
+def transmission_port(reply: Mapping[str, Any]) -> int:
+    if reply.get("result") != "success":
+        raise PushError(f"transmission answered {reply.get('result')!r}")
+    port = reply.get("arguments", {}).get("peer-port")
+    if not isinstance(port, int):
+        raise PushError("session-get has no peer-port")
+    return port
+
+
+# --- credentials ------------------------------------------------------------------------------
+
+
+def read_secret(options: Mapping[str, Any], key: str) -> str | None:
+    """``<key>_file`` (the file's first line) or ``<key>_env`` (a variable's name)."""
+    path, env = options.get(f"{key}_file"), options.get(f"{key}_env")
+    if path is not None:
+        return Path(path).read_text(encoding="utf-8").splitlines()[0] if Path(path).stat().st_size else ""
+    if env is not None:
+        if env not in os.environ:
+            raise PushError(f"{key}_env: ${env} is not set")
+        return os.environ[env]
+    return None
+
+
+# --- the clients (thin) -----------------------------------------------------------------------
+
+
+class QBittorrent:
+    """qBittorrent's Web API v2 with a login of its own (no reliance on the localhost bypass)."""
+
+    name = "qbittorrent"
+
+    def __init__(self, url: str, options: Mapping[str, Any]) -> None:
+        self.url = url.rstrip("/")
+        self.options = options
+        self._logged_in = False
+
+    async def _login(self, http: httpx.AsyncClient) -> None:
+        username = _options.text(self.options, "username", "admin") or ""
+        password = await anyio.to_thread.run_sync(read_secret, self.options, "password")
+        reply = await http.post(
+            f"{self.url}/api/v2/auth/login", data={"username": username, "password": password or ""}
+        )
+        if reply.status_code != 200 or reply.text.strip() != "Ok.":
+            raise PushError(f"login refused ({reply.status_code} {reply.text.strip()[:60]})")
+        self._logged_in = True
+
+    async def _call(self, http: httpx.AsyncClient, method: str, path: str, **kw: Any) -> httpx.Response:
+        if not self._logged_in:
+            await self._login(http)
+        reply = await http.request(method, f"{self.url}/api/v2/{path}", **kw)
+        if reply.status_code == 403:  # the session is gone (a restart): log in again once
+            await self._login(http)
+            reply = await http.request(method, f"{self.url}/api/v2/{path}", **kw)
+        if reply.status_code != 200:
+            raise PushError(f"{path}: HTTP {reply.status_code}")
+        return reply
+
+    async def port(self, http: httpx.AsyncClient) -> int:
+        return qbittorrent_port((await self._call(http, "GET", "app/preferences")).json())
+
+    async def set_port(self, http: httpx.AsyncClient, port: int) -> None:
+        await self._call(http, "POST", "app/setPreferences", data=qbittorrent_set_body(port))
+
+    def forget(self) -> None:
+        self._logged_in = False
+
+
+class Transmission:
+    """Transmission's RPC: session-get / session-set ``peer-port`` and the 409 session-id exchange."""
+
+    name = "transmission"
+
+    def __init__(self, url: str, options: Mapping[str, Any]) -> None:
+        self.url = url
+        self.options = options
+        self._session_id = ""
+
+    async def _rpc(
+        self, http: httpx.AsyncClient, method: str, arguments: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        username = _options.text(self.options, "username")
+        auth = None
+        if username is not None:
+            password = await anyio.to_thread.run_sync(read_secret, self.options, "password")
+            auth = httpx.BasicAuth(username, password or "")
+        body = transmission_request(method, arguments)
+        for _ in range(2):
+            reply = await http.post(
+                self.url, json=body, headers={"X-Transmission-Session-Id": self._session_id}, auth=auth
+            )
+            if reply.status_code == 409:  # a new (or restarted) daemon hands out a new id
+                self._session_id = reply.headers.get("X-Transmission-Session-Id", "")
+                continue
+            if reply.status_code != 200:
+                raise PushError(f"{method}: HTTP {reply.status_code}")
+            return reply.json()
+        raise PushError(f"{method}: the session id was refused twice")
+
+    async def port(self, http: httpx.AsyncClient) -> int:
+        return transmission_port(await self._rpc(http, "session-get", {"fields": ["peer-port"]}))
+
+    async def set_port(self, http: httpx.AsyncClient, port: int) -> None:
+        reply = await self._rpc(http, "session-set", {"peer-port": port, "peer-port-random-on-start": False})
+        if reply.get("result") != "success":
+            raise PushError(f"session-set: {reply.get('result')!r}")
+
+    def forget(self) -> None:
+        self._session_id = ""
+
+
+# --- the plugin -------------------------------------------------------------------------------
+
+
+class PortPusher:
+    def __init__(self, client: QBittorrent | Transmission, options: Mapping[str, Any]) -> None:
+        self.client = client
+        self.reassert_s = _options.number(options, "reassert_s", 15, 0.2, 86400)
+        self.retry_s = _options.number(options, "retry_s", 2, 0.1, 3600)
+        self.timeout_s = _options.number(options, "timeout_s", 10, 0.5, 120)
+
+    async def push(self, http: httpx.AsyncClient, port: int) -> bool:
+        """Make the client listen on ``port``; True when it had to be changed."""
+        if await self.client.port(http) == port:
+            return False
+        await self.client.set_port(http, port)
+        now = await self.client.port(http)
+        if now != port:
+            raise PushError(f"asked for port {port}, the client reports {now}")
+        return True
+
+    async def run(self, ctx: PluginContext) -> None:
+        port: int | None = None
+        due: float | None = None
+        async with httpx.AsyncClient(timeout=self.timeout_s, trust_env=False) as http:
+            while True:
+                view = await ctx.next(None if due is None else due - time.monotonic())
+                if view is not None:
+                    new = view.forwarded.port if view.forwarded else None
+                    if new == port and due is not None:
+                        continue  # nothing new; keep the re-assert schedule
+                    port = new
+                if port is None:
+                    due = None
+                    continue
+                try:
+                    with anyio.fail_after(self.timeout_s * 3):
+                        changed = await self.push(http, port)
+                except (httpx.HTTPError, PushError, OSError, ValueError, TimeoutError) as err:
+                    self.client.forget()
+                    ctx.log.warning("port push failed", client=self.client.name, port=port, error=str(err))
+                    ctx.report(port=port, result="error", error=str(err), at=round(time.time(), 3))
+                    due = time.monotonic() + self.retry_s
+                    continue
+                if changed:
+                    ctx.log.info(
+                        "client now listens on the forwarded port", client=self.client.name, port=port
+                    )
+                ctx.report(port=port, result="ok", changed=changed, at=round(time.time(), 3), error=None)
+                due = time.monotonic() + self.reassert_s
+
+
+def _url(options: Mapping[str, Any], default: str) -> str:
+    url = _options.text(options, "url", default) or default
+    if not url.startswith(("http://", "https://")):
+        raise PluginOptionError(f"url = {url!r}: an http:// or https:// address")
+    return url
+
+
+SECRET_KEYS = ("password_file", "password_env")
+
+
+def qbittorrent(options: Mapping[str, Any]) -> PortPusher:
+    _options.only(options, ("url", "username", *SECRET_KEYS, "reassert_s", "retry_s", "timeout_s"))
+    if not any(key in options for key in SECRET_KEYS):
+        raise PluginOptionError("set password_file or password_env (the localhost bypass is off by default)")
+    return PortPusher(QBittorrent(_url(options, "http://127.0.0.1:8080"), options), options)
+
+
+def transmission(options: Mapping[str, Any]) -> PortPusher:
+    _options.only(options, ("url", "username", *SECRET_KEYS, "reassert_s", "retry_s", "timeout_s"))
+    return PortPusher(Transmission(_url(options, "http://127.0.0.1:9091/transmission/rpc"), options), options)
