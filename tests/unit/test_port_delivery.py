@@ -1,0 +1,159 @@
+"""Delivering the forwarded port: the port file, hook commands and the torrent-client formats."""
+
+from __future__ import annotations
+
+import os
+import sys
+from ipaddress import ip_interface
+from pathlib import Path
+
+import anyio
+import pytest
+
+from plugins import hooks, portfile, torrent
+from supervisor.plugins import Forwarded, PluginContext, PluginHost, PluginOptionError, Tunnel, View
+
+
+def test_port_file_is_written_whole_and_removed_when_no_port(tmp_path: Path):
+    path = tmp_path / "forwarded_port"
+    portfile.write_port_file(path, (51413,))
+    assert path.read_text() == "51413\n"
+    portfile.write_port_file(path, (40000, 40001))
+    assert path.read_text() == "40000\n40001\n"
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    portfile.write_port_file(path, None)
+    assert not path.exists()
+    portfile.write_port_file(path, None)  # already gone: fine
+    assert os.listdir(tmp_path) == []  # no temporary file left behind
+
+
+def test_port_file_leaves_the_old_file_when_a_write_fails(tmp_path: Path, monkeypatch):
+    path = tmp_path / "forwarded_port"
+    portfile.write_port_file(path, (1000,))
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError):
+        portfile.write_port_file(path, (2000,))
+    assert path.read_text() == "1000\n"
+    assert os.listdir(tmp_path) == ["forwarded_port"]
+
+
+def test_port_file_needs_an_absolute_path():
+    with pytest.raises(PluginOptionError, match="absolute"):
+        portfile.factory({"path": "relative"})
+    with pytest.raises(PluginOptionError, match="unknown"):
+        portfile.factory({"path": "/x", "mode": 1})
+
+
+VIEW = View(
+    Tunnel("connected", "vpn2", "tl0", (ip_interface("10.2.0.2/32"),), session=3),
+    Forwarded((40000, 40001), "vpn2", 0.0),
+)
+
+
+def test_hook_placeholders_are_filled_per_argument_without_a_shell():
+    values = hooks.placeholders(VIEW)
+    assert values == {"port": "40000", "ports": "40000,40001", "interface": "tl0", "server": "vpn2"}
+    argv = hooks.expand(["echo", "{port}", "--on={interface}", "{server};rm -rf /", "{{literal}}"], values)
+    assert argv == ["echo", "40000", "--on=tl0", "vpn2;rm -rf /", "{literal}"]
+
+
+def test_a_hook_with_an_unknown_placeholder_is_refused_at_start():
+    with pytest.raises(PluginOptionError, match="placeholder"):
+        hooks.factory({"on_port": "echo {prot}"})
+    with pytest.raises(PluginOptionError, match="at least one"):
+        hooks.factory({})
+
+
+@pytest.mark.anyio
+async def test_a_hook_gets_its_arguments_and_a_hanging_one_is_killed_at_its_timeout(tmp_path: Path):
+    out = tmp_path / "out"
+    status, _ = await hooks.run_hook(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; open({str(out)!r}, 'w').write(' '.join(sys.argv[1:]))",
+            "40000",
+            "tl0",
+        ],
+        timeout=10,
+    )
+    assert status == 0 and out.read_text() == "40000 tl0"
+    status, _ = await hooks.run_hook([sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.3)
+    assert status is None  # killed at the timeout, not waited for
+
+
+class NoLock:
+    async def set_tunnel_inbound(self, pairs):
+        pass
+
+
+@pytest.mark.anyio
+async def test_hooks_plugin_runs_on_port_for_every_new_port_not_only_the_first(tmp_path: Path):
+    record = tmp_path / "record"
+    script = f"import sys; open({str(record)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')"
+    plugin = hooks.factory(
+        {
+            "on_port": [sys.executable, "-c", script, "port", "{port}", "{ports}", "{server}"],
+            "on_connected": [sys.executable, "-c", script, "up", "{server}", "{interface}"],
+            "on_disconnected": [sys.executable, "-c", script, "down"],
+        }
+    )
+    host = PluginHost([], NoLock(), interface="tl0", server_of=lambda n: None)
+    ctx = PluginContext(host, "hooks")
+
+    def show(view: View) -> None:
+        host.view, host.version = view, host.version + 1
+        ctx._notify()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(plugin.run, ctx)
+        for view in (
+            View(Tunnel("connected", "vpn1", "tl0", session=1)),
+            View(Tunnel("connected", "vpn1", "tl0", session=1), Forwarded((1000,), "vpn1", 0)),
+            View(Tunnel("connected", "vpn1", "tl0", session=1), Forwarded((2000,), "vpn1", 0)),
+            View(Tunnel("connecting", "vpn2", "tl0", session=1)),
+            View(Tunnel("connected", "vpn2", "tl0", session=2), Forwarded((3000,), "vpn2", 0)),
+        ):
+            show(view)
+            with anyio.fail_after(20):
+                while not (ctx._waiting and ctx._seen == host.version):
+                    await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert record.read_text().splitlines() == [
+        "up vpn1 tl0",
+        "port 1000 1000 vpn1",
+        "port 2000 2000 vpn1",
+        "down",
+        "up vpn2 tl0",
+        "port 3000 3000 vpn2",
+    ]
+
+
+def test_torrent_wire_formats():
+    assert torrent.qbittorrent_set_body(40000) == {"json": '{"listen_port": 40000}'}
+    assert torrent.qbittorrent_port({"listen_port": 40000, "upnp": False}) == 40000
+    with pytest.raises(torrent.PushError):
+        torrent.qbittorrent_port({})
+    assert torrent.transmission_request("session-set", {"peer-port": 5}) == {
+        "method": "session-set",
+        "arguments": {"peer-port": 5},
+    }
+    assert torrent.transmission_port({"result": "success", "arguments": {"peer-port": 51413}}) == 51413
+    with pytest.raises(torrent.PushError, match="denied"):
+        torrent.transmission_port({"result": "denied"})
+
+
+def test_qbittorrent_needs_credentials_and_reads_them_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    with pytest.raises(PluginOptionError, match="password"):
+        torrent.qbittorrent({})
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\nignored\n")
+    assert torrent.read_secret({"password_file": str(secret)}, "password") == "s3cret"
+    monkeypatch.setenv("QBT_PW", "from-env")
+    assert torrent.read_secret({"password_env": "QBT_PW"}, "password") == "from-env"
+    with pytest.raises(torrent.PushError, match="not set"):
+        torrent.read_secret({"password_env": "NOT_THERE_AT_ALL"}, "password")
