@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from ipaddress import IPv4Address
 from typing import Any, Protocol
 
@@ -387,7 +387,8 @@ def load(
     options: Mapping[str, Mapping[str, Any]],
     origin: Callable[[str], Problem],
 ) -> list[tuple[str, Plugin]]:
-    """Make the enabled plugins; ConfigError (``file:line: why``) for an unknown name or bad
+    """Make the enabled plugins (entry-point names, or ``module:factory`` import paths for a
+    plugin that is not installed); ConfigError (``file:line: why``) for an unknown name or bad
     options. ``origin(name)`` places a problem at the name's line in the config."""
     installed = available()
     made: list[tuple[str, Plugin]] = []
@@ -395,6 +396,9 @@ def load(
     for name in enabled:
         where = origin(name)
         entry = installed.get(name)
+        if entry is None and ":" in name:
+            # "package.module:factory": a plugin that is not installed as a distribution.
+            entry = EntryPoint(name=name, value=name, group=ENTRY_POINT_GROUP)
         if entry is None:
             known = ", ".join(sorted(installed)) or "none"
             problems.append(replace(where, message=f"plugin {name!r} is not installed (installed: {known})"))
@@ -402,7 +406,9 @@ def load(
         try:
             factory: PluginFactory = entry.load()
             made.append((name, factory(dict(options.get(name, {})))))
-        except (PluginOptionError, ValueError, TypeError) as err:
+        except ImportError as err:
+            problems.append(replace(where, message=f"plugin {name!r} cannot be imported: {err}"))
+        except (PluginOptionError, ValueError, TypeError, AttributeError) as err:
             problems.append(replace(where, message=f"[plugins.{name}]: {err}"))
     if problems:
         raise ConfigError(problems)

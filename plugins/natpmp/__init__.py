@@ -7,8 +7,9 @@ is an ordinary change: the lock and every consumer follow it. A failure is retri
 doubling delay while the connection lasts. At ``stopping`` it gives the mapping up.
 
 Providers such as Proton forward the external port to the *same* port on the tunnel address,
-so the external port is the one a torrent client must listen on; the internal port in the
-request (``internal_port``, 1 by default, as Proton documents) is a placeholder for them.
+so the external port is the one a torrent client must listen on. The first request of a
+connection asks for internal port ``internal_port`` (0 by default) and suggests external port 1,
+which is Proton's documented ``natpmpc -a 1 0 udp 60``; a refresh suggests the port it holds.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class NatPmpPlugin:
         except (AddressValueError, ValueError):
             raise PluginOptionError(f"gateway = {gateway!r}: an IPv4 address such as 10.2.0.1") from None
         self.lifetime_s = int(_number(options, "lifetime_s", 60, 2, 86400))
-        self.internal_port = int(_number(options, "internal_port", 1, 1, 65535))
+        self.internal_port = int(_number(options, "internal_port", 0, 0, 65535))
         self.tries = int(_number(options, "tries", 6, 1, codec.MAX_TRIES))
         servers = options.get("servers", [])
         if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
@@ -107,7 +108,7 @@ class NatPmpPlugin:
                 session, due = tunnel.session, None
                 continue
             try:
-                mapped, lifetime = await self._map(client, 0 if new_connection else port)
+                mapped, lifetime = await self._map(client, 1 if new_connection else port)
             except (OSError, codec.NatPmpError) as err:
                 ctx.log.warning(
                     "port mapping failed", gateway=str(client.gateway), error=str(err), retry_s=retry
