@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
@@ -46,6 +47,9 @@ ENTRY_POINT_GROUP = "tunlock.plugins"
 PROTOCOLS = ("tcp", "udp")
 MAX_FORWARDED_PORTS = 16
 LOCK_TIMEOUT_S = 15.0
+# At most this many lock changes a second for plugins: a plugin flooding requests costs the
+# daemon a few nft calls, not a busy loop (a real forwarded port changes a few times a day).
+LOCK_CHANGES_PER_S = 4
 WATCHDOG_PERIOD_S = 0.5
 
 
@@ -290,8 +294,11 @@ class PluginHost:
 
     async def _apply_ports(self) -> None:
         """The one task that changes the lock for plugins: the latest request wins."""
+        recent: deque[float] = deque(maxlen=LOCK_CHANGES_PER_S)
         while True:
             await self._lock_wake.wait()
+            if len(recent) == recent.maxlen:
+                await anyio.sleep(max(0.0, recent[0] + 1.0 - self.clock()))
             self._lock_wake = anyio.Event()
             wanted = frozenset().union(*self._requested.values())
             if wanted != self._applied:
@@ -302,6 +309,7 @@ class PluginHost:
                     log.error("could not change the ports accepted on the tunnel", error=str(err))
                     continue
                 self._applied = wanted
+                recent.append(self.clock())
                 log.info("inbound ports on the tunnel", ports=sorted(f"{p}/{proto}" for proto, p in wanted))
             ports = tuple(sorted({port for _, port in wanted}))
             old = self.view.forwarded

@@ -194,5 +194,8 @@ def test_misbehaving_plugins_do_not_stop_failover_or_touch_the_lock(lab: LabUnde
         )
         elements = [e for item in answer["nftables"] if "set" in item for e in item["set"].get("elem", [])]
         assert len(elements) <= 2 * 16
-        assert daemon.status()["lock"]["matching"]
+        rules = lab.lab.run("client", "nft", "list", "chain", "inet", "tunlock", "input")
+        assert f'iifname "{lab.lab.client_ifname}" jump from_tunnel' in rules
+        assert f'iifname "{lab.lab.client_ifname}" accept' not in rules
+    assert not any("lock tampered" in line for line in daemon.log_events())
     assert_no_leaks(lab, mark)
