@@ -71,9 +71,13 @@ CONNECT = textwrap.dedent(
     import socket, sys
     try:
         c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5)
-        print(c.recv(64).decode().strip())
     except OSError as e:
         print("refused" if isinstance(e, ConnectionRefusedError) else "no answer")
+        sys.exit()
+    try:
+        print(c.recv(64).decode().strip() or "connected")
+    except OSError:
+        print("connected")  # a torrent client waits for the peer's handshake
     """
 )
 
