@@ -134,6 +134,40 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
         "Times the lock was changed or deleted by someone else and put back.",
         value=snap.lock_restores,
     )
+    yield from _port_forwarding_families(status)
+
+
+def _port_forwarding_families(status: Mapping[str, Any]) -> Iterator[Metric]:
+    """The forwarded port, its age, and per plugin its last push result and restarts."""
+    yield GaugeMetricFamily(
+        "tunlock_forwarded_port",
+        "The port the provider forwards through the tunnel (0 when none).",
+        value=status.get("forwarded_port") or 0,
+    )
+    if status.get("forwarded_age_s") is not None:
+        yield GaugeMetricFamily(
+            "tunlock_forwarded_port_age_seconds",
+            "Seconds since the forwarded port was first handed out.",
+            value=status["forwarded_age_s"],
+        )
+    plugins: Mapping[str, Mapping[str, Any]] = status.get("plugins") or {}
+    pushed = GaugeMetricFamily(
+        "tunlock_port_push_ok", "1 when the last port push to the client succeeded.", labels=["plugin"]
+    )
+    pushed_at = GaugeMetricFamily(
+        "tunlock_port_push_timestamp_seconds", "Unix time of the last port push.", labels=["plugin"]
+    )
+    restarts = CounterMetricFamily(
+        "tunlock_plugin_restarts", "Times a plugin was restarted.", labels=["plugin"]
+    )
+    for name, report in sorted(plugins.items()):
+        if "result" in report:
+            pushed.add_metric([name], 1.0 if report["result"] == "ok" else 0.0)
+            pushed_at.add_metric([name], report.get("at") or 0)
+        restarts.add_metric([name], report.get("restarts", 0))
+    yield pushed
+    yield pushed_at
+    yield restarts
 
 
 class _Once(Collector):

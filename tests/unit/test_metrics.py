@@ -148,3 +148,30 @@ async def test_an_address_it_cannot_listen_on_is_a_clear_error():
     # 192.0.2.1 (documentation range) is on no interface here: the bind fails before any traffic.
     with pytest.raises(MetricsUnavailable, match=r"metrics.listen 192.0.2.1:9586: cannot listen: "):
         await serve("192.0.2.1", 9586, None)  # type: ignore[arg-type]
+
+
+def test_forwarded_port_its_age_and_each_clients_last_push():
+    status = {
+        **CONNECTED,
+        "forwarded_port": 40001,
+        "forwarded_age_s": 93.5,
+        "plugins": {
+            "natpmp": {"port": 40001, "restarts": 1},
+            "qbittorrent": {"port": 40001, "result": "ok", "at": 1764000100.0},
+            "transmission": {"port": 40001, "result": "error", "at": 1764000101.0, "error": "HTTP 401"},
+        },
+    }
+    got = samples(exposition(Snapshot(status=status, version="0.1.0", servers=2)))
+    assert got[("tunlock_forwarded_port", ())] == 40001
+    assert got[("tunlock_forwarded_port_age_seconds", ())] == 93.5
+    assert got[("tunlock_port_push_ok", (("plugin", "qbittorrent"),))] == 1
+    assert got[("tunlock_port_push_ok", (("plugin", "transmission"),))] == 0
+    assert ("tunlock_port_push_ok", (("plugin", "natpmp"),)) not in got
+    assert got[("tunlock_port_push_timestamp_seconds", (("plugin", "transmission"),))] == 1764000101.0
+    assert got[("tunlock_plugin_restarts_total", (("plugin", "natpmp"),))] == 1
+
+
+def test_no_forwarded_port_is_zero_and_no_age():
+    got = samples(exposition(Snapshot(status=CONNECTED, version="0.1.0", servers=2)))
+    assert got[("tunlock_forwarded_port", ())] == 0
+    assert ("tunlock_forwarded_port_age_seconds", ()) not in got
