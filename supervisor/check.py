@@ -48,11 +48,39 @@ def check(config_path: Path, quiet: bool) -> None:
         errors = sum(1 for p in err.problems if not p.warning)
         click.echo(f"tunlock check: {errors} problem{'s' if errors != 1 else ''}", err=True)
         sys.exit(1)
+    try:
+        _check_plugins(config)
+    except ConfigError as err:
+        for problem in err.problems:
+            click.echo(str(problem), err=True)
+        click.echo(
+            f"tunlock check: {len(err.problems)} problem{'s' if len(err.problems) != 1 else ''}", err=True
+        )
+        sys.exit(1)
     if not quiet:
         for warning in config.warnings:
             click.echo(str(warning), err=True)
         click.echo(summary(config))
     _exit_soon()
+
+
+def _check_plugins(config: Config) -> None:
+    """The enabled plugins are installed and take their options (ConfigError otherwise)."""
+    section = config.settings.plugins
+    if not section.enabled:
+        return
+    from supervisor import plugins
+    from supervisor.config import key_lines
+    from supervisor.errors import Problem
+
+    lines = key_lines(config.path.read_text(encoding="utf-8"))
+    plugins.load(
+        section.enabled,
+        section.options,
+        lambda name: Problem(
+            config.path, lines.get(("plugins", name)) or lines.get(("plugins", "enabled"), 0), ""
+        ),
+    )
 
 
 def _exit_soon() -> None:

@@ -94,3 +94,12 @@ def test_a_large_directory_read_in_shares_reports_like_a_small_one(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"{loose}: warning: holds a private key but is readable" in result.stderr
     assert f"ok: {count} servers, {count} endpoints over IPv4+IPv6" in result.stdout
+
+
+def test_plugins_are_checked_by_name_and_options_with_their_lines(write_config):
+    path = write_config('[plugins]\nenabled = ["natpmp", "nosuch"]\n\n[plugins.natpmp]\ngateway = "nope"\n')
+    result = tunlock("check", "--config", str(path))
+    assert result.returncode == 1
+    assert f"{path}:2: plugin 'nosuch' is not installed" in result.stderr
+    assert f"{path}:4: [plugins.natpmp]: gateway = 'nope'" in result.stderr
+    assert "Traceback" not in result.stderr
