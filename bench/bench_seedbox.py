@@ -1,6 +1,8 @@
 """From a failover to the torrent client listening on the new forwarded port: the timeline.
 
-Run (root, from the repository): PYTHONPATH=. .venv/bin/python bench/bench_seedbox.py [qbittorrent|transmission] [RUNS]
+Run (root, from the repository):
+    PYTHONPATH=. .venv/bin/python bench/bench_seedbox.py [qbittorrent|transmission] [RUNS]
+
 Builds a lab with two servers, each with the lab's NAT-PMP gateway (vpn1 hands out 40001,
 vpn2 40002), starts the torrent client and ``tunlock run`` with the natpmp plugin and the
 client's plugin, kills vpn1's wireguard-go, and prints for each run when (seconds after the

@@ -12,6 +12,7 @@ in the daemon's event loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -55,6 +56,34 @@ def transmission_port(reply: Mapping[str, Any]) -> int:
     if not isinstance(port, int):
         raise PushError("session-get has no peer-port")
     return port
+
+
+def listening_tcp_ports(proc_net_tcp: str) -> set[int]:
+    """Ports in LISTEN state (``0A``) in a ``/proc/net/tcp`` or ``tcp6`` text."""
+    ports = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A":
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def _listens(port: int, tries: int = 10) -> bool:
+    """Whether something in this namespace listens on TCP ``port`` (a client binds just after it
+    answers, so a few looks over a second)."""
+    for _ in range(tries):
+        if port in await anyio.to_thread.run_sync(_listening_here):
+            return True
+        await anyio.sleep(0.1)
+    return False
+
+
+def _listening_here() -> set[int]:
+    ports: set[int] = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            ports |= listening_tcp_ports(Path(name).read_text())
+    return ports
 
 
 # --- credentials ------------------------------------------------------------------------------
@@ -168,16 +197,33 @@ class PortPusher:
         self.reassert_s = _options.number(options, "reassert_s", 15, 0.2, 86400)
         self.retry_s = _options.number(options, "retry_s", 2, 0.1, 3600)
         self.timeout_s = _options.number(options, "timeout_s", 10, 0.5, 120)
+        # The client shares this network namespace when its API is on loopback: then the kernel's
+        # socket table says whether it really listens (a client that failed to bind still
+        # reports the new port through its API).
+        verify = options.get("verify_listening", _is_loopback(client.url))
+        if not isinstance(verify, bool):
+            raise PluginOptionError("verify_listening: true or false")
+        self.verify_listening = verify
 
     async def push(self, http: httpx.AsyncClient, port: int) -> bool:
         """Make the client listen on ``port``; True when it had to be changed."""
-        if await self.client.port(http) == port:
-            return False
-        await self.client.set_port(http, port)
-        now = await self.client.port(http)
-        if now != port:
-            raise PushError(f"asked for port {port}, the client reports {now}")
-        return True
+        changed = False
+        if await self.client.port(http) != port:
+            await self.client.set_port(http, port)
+            now = await self.client.port(http)
+            if now != port:
+                raise PushError(f"asked for port {port}, the client reports {now}")
+            changed = True
+        if self.verify_listening and not await _listens(port):
+            # The client took the port but did not bind it (it was busy at the time): setting the
+            # same port again is a no-op for the clients, so step to a neighbour and back to make
+            # them bind anew. The neighbour is not accepted through the tunnel: nothing is exposed.
+            await self.client.set_port(http, port + 1 if port < 65535 else port - 1)
+            await self.client.set_port(http, port)
+            if not await _listens(port):
+                raise PushError(f"the client reports port {port} but nothing listens on it")
+            changed = True
+        return changed
 
     async def run(self, ctx: PluginContext) -> None:
         port: int | None = None
@@ -210,6 +256,11 @@ class PortPusher:
                 due = time.monotonic() + self.reassert_s
 
 
+def _is_loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+
+
 def _url(options: Mapping[str, Any], default: str) -> str:
     url = _options.text(options, "url", default) or default
     if not url.startswith(("http://", "https://")):
@@ -218,15 +269,16 @@ def _url(options: Mapping[str, Any], default: str) -> str:
 
 
 SECRET_KEYS = ("password_file", "password_env")
+PUSH_KEYS = ("reassert_s", "retry_s", "timeout_s", "verify_listening")
 
 
 def qbittorrent(options: Mapping[str, Any]) -> PortPusher:
-    _options.only(options, ("url", "username", *SECRET_KEYS, "reassert_s", "retry_s", "timeout_s"))
+    _options.only(options, ("url", "username", *SECRET_KEYS, *PUSH_KEYS))
     if not any(key in options for key in SECRET_KEYS):
         raise PluginOptionError("set password_file or password_env (the localhost bypass is off by default)")
     return PortPusher(QBittorrent(_url(options, "http://127.0.0.1:8080"), options), options)
 
 
 def transmission(options: Mapping[str, Any]) -> PortPusher:
-    _options.only(options, ("url", "username", *SECRET_KEYS, "reassert_s", "retry_s", "timeout_s"))
+    _options.only(options, ("url", "username", *SECRET_KEYS, *PUSH_KEYS))
     return PortPusher(Transmission(_url(options, "http://127.0.0.1:9091/transmission/rpc"), options), options)

@@ -59,8 +59,11 @@ def _state(lab: Lab, index: int) -> Path:
 LISTENER = textwrap.dedent(
     """
     import socket, sys
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
+    s = socket.socket(socket.AF_INET6)  # dual stack: IPv4 and IPv6 alike
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    if len(sys.argv) < 3:  # "exclusive": no SO_REUSEADDR, as a program that holds the port would
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", int(sys.argv[1]))); s.listen(16)
     while True:
         c, _ = s.accept(); c.sendall(b"seedbox " + sys.argv[1].encode() + b"\\n"); c.close()
     """
@@ -82,9 +85,10 @@ CONNECT = textwrap.dedent(
 )
 
 
-def listen(lab: Lab, port: int) -> subprocess.Popen:
+def listen(lab: Lab, port: int, exclusive: bool = False) -> subprocess.Popen:
     """A TCP listener in the client namespace on every address, answering ``seedbox <port>``."""
-    proc = lab.spawn("client", [sys.executable, "-c", LISTENER, str(port)], f"listener-{port}.log")
+    argv = [sys.executable, "-c", LISTENER, str(port), *(["exclusive"] if exclusive else [])]
+    proc = lab.spawn("client", argv, f"listener-{port}.log")
     wait_until(
         lambda: f":{port} " in lab.run("client", "ss", "-ltnH", f"sport = :{port}"), f"a listener on {port}"
     )

@@ -18,7 +18,7 @@ import pytest
 from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
 from tests.lab.conftest import LabUnderTest, lab_under_test
-from tests.lab.seedbox import QUICK, connect, set_gateway, start_gateways, wait_until, write_config
+from tests.lab.seedbox import QUICK, connect, listen, set_gateway, start_gateways, wait_until, write_config
 from tests.lab.torrent_clients import QBT_PASSWORD as QBT_SECRET
 from tests.lab.torrent_clients import (
     QBT_USER,
@@ -124,3 +124,34 @@ def test_torrent_client_follows_the_forwarded_port(lab: LabUnderTest, client: st
         daemon.wait_for(lambda s: s["plugins"][client].get("result") == "ok", 10, "the push reported")
     leaks = lab.observer.leaks(since=mark)
     assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel"
+
+
+def test_qbittorrent_that_could_not_bind_the_port_is_made_to_bind_it_again(lab: LabUnderTest) -> None:
+    """gluetun #1407's symptom: the API reports the new port while nothing listens on it.
+
+    Another program holds 40001 when qBittorrent is told to move there, so qBittorrent fails to
+    bind (its API still says 40001). Once the port is free, the re-assert finds nothing
+    listening and makes qBittorrent bind again.
+    """
+    start_gateways(lab.lab, {1: 40001})
+    proc = start_qbittorrent(lab.lab)
+    password_file = write_secret(lab.lab, "qbt-password", QBT_SECRET)
+    config = write_config(
+        lab.lab,
+        '[plugins]\nenabled = ["natpmp", "qbittorrent"]\n\n[plugins.qbittorrent]\n'
+        + textwrap.dedent(CLIENTS["qbittorrent"][2]).format(
+            api=QBT_WEBUI_PORT, user=QBT_USER, password_file=password_file
+        ),
+    )
+    wait_until(lambda: listening_ports(lab.lab, proc.pid, QBT_WEBUI_PORT), "qBittorrent listening")
+    blocker = listen(lab.lab, 40001, exclusive=True)
+    with LabDaemon(lab.lab, env=QUICK, config=config) as daemon:
+        daemon.start()
+        daemon.wait_for(lambda s: s["plugins"]["qbittorrent"].get("port") == 40001, 20, "the push")
+        time.sleep(1)  # qBittorrent has tried and failed to bind by now
+        assert listening_ports(lab.lab, proc.pid, QBT_WEBUI_PORT) == set(), "it failed to bind (the finding)"
+        stop(blocker)
+        wait_until(
+            lambda: listening_ports(lab.lab, proc.pid, QBT_WEBUI_PORT) == {40001}, "qBittorrent on 40001"
+        )
+        daemon.wait_for(lambda s: s["plugins"]["qbittorrent"].get("result") == "ok", 10, "the push reported")

@@ -157,3 +157,23 @@ def test_qbittorrent_needs_credentials_and_reads_them_from_a_file_or_the_environ
     assert torrent.read_secret({"password_env": "QBT_PW"}, "password") == "from-env"
     with pytest.raises(torrent.PushError, match="not set"):
         torrent.read_secret({"password_env": "NOT_THERE_AT_ALL"}, "password")
+
+
+PROC_NET_TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid timeout
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1
+   1: 00000000:9C41 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2
+   2: 0200630A:9C42 0A01630A:C350 01 00000000:00000000 00:00000000 00000000     0        0 3
+"""
+
+
+def test_listening_ports_come_from_the_kernels_socket_table_in_listen_state_only():
+    assert torrent.listening_tcp_ports(PROC_NET_TCP) == {8080, 40001}  # not 40002: established
+
+
+def test_listening_is_verified_by_default_only_for_a_client_on_loopback():
+    secret = {"password_env": "X"}
+    assert torrent.qbittorrent(secret).verify_listening
+    assert not torrent.qbittorrent({**secret, "url": "http://192.0.2.9:8080"}).verify_listening
+    assert torrent.transmission({"verify_listening": False}).verify_listening is False
+    with pytest.raises(PluginOptionError):
+        torrent.transmission({"verify_listening": "yes"})
