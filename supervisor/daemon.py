@@ -388,6 +388,8 @@ async def _reload(
         log.error("reload refused: these settings need a restart", settings=changed)
         return config
     _log_warnings(new)
+    if new.settings.plugins != config.settings.plugins:
+        log.warning("reload: plugin settings take effect at the next start; the running ones go on")
     runtime.servers = {server.name: server for server in new.servers}
     runtime.probe_target = probe_target(new)
     watcher.set_endpoints(s.endpoint for s in new.servers)
