@@ -89,8 +89,8 @@ def main(argv: list[str]) -> int:
             reply = struct.pack("!BBHIHHI", 0, 128 + op, result, epoch, internal, port, granted)
         else:
             reply = struct.pack("!BBHI", 0, 128 + op, 5, epoch)
+        save(state_path, state)  # before the reply: whoever got the reply may read it at once
         sock.sendto(reply, (source, source_port))
-        save(state_path, state)
 
 
 if __name__ == "__main__":
