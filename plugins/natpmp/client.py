@@ -16,6 +16,9 @@ from typing import TypeVar
 import anyio
 
 from plugins.natpmp import codec
+from supervisor.log import get_logger
+
+log = get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -43,7 +46,11 @@ class NatPmpClient:
             self.port,
             local_host=str(self.source) if self.source else None,
         ) as sock:
-            for timeout in self.timeouts:
+            for attempt, timeout in enumerate(self.timeouts, start=1):
+                if attempt > 1:
+                    log.debug(
+                        "NAT-PMP try unanswered; sending again", gateway=str(self.gateway), attempt=attempt
+                    )
                 await sock.send(request)
                 with anyio.move_on_after(timeout):
                     while True:
