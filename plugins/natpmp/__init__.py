@@ -83,6 +83,7 @@ class NatPmpPlugin:
         session: int | None = None  # the connection the current mapping belongs to
         port = 0
         due: float | None = None  # when to (re)map next, monotonic
+        expires = 0.0  # when the current mapping's lease ends, monotonic
         retry = RETRY_INITIAL_S
         tunnel = ctx.view.tunnel
         while True:
@@ -108,21 +109,31 @@ class NatPmpPlugin:
                 session, due = tunnel.session, None
                 continue
             try:
-                mapped, lifetime = await self._map(client, 1 if new_connection else port)
+                mapped, lifetime = await self._map(client, 1 if new_connection or not port else port)
             except (OSError, codec.NatPmpError) as err:
                 ctx.log.warning(
                     "port mapping failed", gateway=str(client.gateway), error=str(err), retry_s=retry
                 )
                 ctx.report(last_error=str(err), last_error_at=round(time.time(), 3))
+                if port and time.monotonic() >= expires:
+                    # The lease ran out unrenewed: the port no longer reaches us; stop announcing it.
+                    ctx.log.warning("mapping expired", port=port)
+                    port = 0
+                    await ctx.forward_ports(None)
+                    ctx.report(port=None)
                 due, retry = time.monotonic() + retry, min(retry * 2, RETRY_MAX_S)
                 continue
             retry = RETRY_INITIAL_S
             if mapped != port or new_connection:
                 ctx.log.info("port forwarded", port=mapped, server=tunnel.server, lifetime_s=lifetime)
-            session, port = tunnel.session, mapped
+            session, port, expires = tunnel.session, mapped, time.monotonic() + lifetime
             await ctx.forward_ports([port])
             ctx.report(
-                port=port, gateway=str(client.gateway), lifetime_s=lifetime, mapped_at=round(time.time(), 3)
+                port=port,
+                gateway=str(client.gateway),
+                lifetime_s=lifetime,
+                mapped_at=round(time.time(), 3),
+                last_error=None,
             )
             # Renew halfway to expiry (RFC 6886 section 3.3), never more often than once a second.
             due = time.monotonic() + max(1.0, lifetime / 2)

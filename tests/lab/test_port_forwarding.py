@@ -96,6 +96,7 @@ def test_forwarded_port_reaches_a_listener_through_the_tunnel_and_follows_failov
 
         [plugins.natpmp]
         lifetime_s = 4
+        tries = 3
 
         [plugins.portfile]
         path = "{port_file}"
@@ -135,14 +136,22 @@ def test_forwarded_port_reaches_a_listener_through_the_tunnel_and_follows_failov
         assert connect(lab.lab, "inet", vpn2, 40003) == "seedbox 40003"
         assert wait_until(lambda: port_file.read_text() == "40003\n", "the changed port in the file")
 
-        # A gateway that refuses, then goes silent: the mapping is lost, the daemon stays up.
+        # A gateway that refuses, then goes silent: once the lease has run out unrenewed the port
+        # is no longer announced (status, port file); the daemon stays connected throughout.
         set_gateway(lab.lab, 2, "refuse", 40003)
         daemon.wait_for(
             lambda s: "refused" in (s["plugins"]["natpmp"].get("last_error") or ""), 20, "refusal"
         )
+        daemon.wait_for(lambda s: s["forwarded_port"] is None, 20, "the expired port withdrawn")
+        assert wait_until(lambda: not port_file.exists(), "the port file removed")
         set_gateway(lab.lab, 2, "silent", 40003)
+        daemon.wait_for(
+            lambda s: "no NAT-PMP answer" in (s["plugins"]["natpmp"].get("last_error") or ""), 30, "silence"
+        )
         assert daemon.status()["state"] == "connected"
         set_gateway(lab.lab, 2, "ok", 40003)
+        daemon.wait_for(lambda s: s["forwarded_port"] == 40003, 60, "the port back")
+        assert connect(lab.lab, "inet", vpn2, 40003) == "seedbox 40003"
         unmaps_before = gateway_state(lab.lab, 2)["unmaps"]
         assert daemon.stop() == 0
     assert not port_file.exists(), "the port file is removed at stop"
