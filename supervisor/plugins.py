@@ -162,6 +162,12 @@ class PluginContext:
             raise ValueError(f"forward_ports: at most {MAX_FORWARDED_PORTS} tcp/udp ports in 1-65535")
         self._host.request_ports(self.name, pairs)
 
+    async def wait_for_change(self) -> None:
+        """Return at the next change of the view, without taking it (``next()`` still returns
+        it): for cancelling work that a change makes moot, e.g. an exchange with a server that
+        was just left."""
+        await self._host._changed.wait()
+
     def report(self, **fields: Any) -> None:
         """Fields shown under ``plugins.<name>`` in ``tunlock status --json`` and the metrics."""
         self._host.status_of(self.name).update(fields)
@@ -217,6 +223,7 @@ class PluginHost:
         self._requested: dict[str, frozenset[tuple[str, int]]] = {}
         self._applied: frozenset[tuple[str, int]] = frozenset()
         self._lock_wake = anyio.Event()
+        self._changed = anyio.Event()
 
     @property
     def names(self) -> list[str]:
@@ -266,6 +273,8 @@ class PluginHost:
             self.status.forwarded_since = fw.since if fw else None
         for slot in self._slots:
             slot.ctx._notify()
+        self._changed.set()
+        self._changed = anyio.Event()
 
     async def stopping(self, timeout: float) -> None:
         """Tell the plugins the tunnel is about to go and give them ``timeout`` seconds to act on

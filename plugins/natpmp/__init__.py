@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
+import anyio
+
 from plugins.natpmp import codec
 from plugins.natpmp.client import NatPmpClient
 from supervisor.plugins import PluginContext, PluginOptionError, Tunnel
@@ -67,6 +69,27 @@ class NatPmpPlugin:
             raise codec.NatPmpError(f"TCP got port {tcp.external_port}, UDP {udp.external_port}")
         return udp.external_port, min(udp.lifetime_s, tcp.lifetime_s)
 
+    async def _map_while(
+        self, ctx: PluginContext, tunnel: Tunnel, client: NatPmpClient, suggested: int
+    ) -> tuple[int, int] | None:
+        """``_map``, abandoned (None) as soon as the connection it was for is gone: retries to a
+        server just left must not hold up the mapping at the next one, nor answer for it."""
+        granted: tuple[int, int] | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                while True:
+                    await ctx.wait_for_change()
+                    now = ctx.view.tunnel
+                    if now.session != tunnel.session or not now.connected:
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch)
+            granted = await self._map(client, suggested)
+            tg.cancel_scope.cancel()
+        return granted
+
     async def _unmap(self, ctx: PluginContext, tunnel: Tunnel) -> None:
         gateway = self.gateway or tunnel.gateway
         if gateway is None:
@@ -109,7 +132,12 @@ class NatPmpPlugin:
                 session, due = tunnel.session, None
                 continue
             try:
-                mapped, lifetime = await self._map(client, 1 if new_connection or not port else port)
+                granted = await self._map_while(
+                    ctx, tunnel, client, 1 if new_connection or not port else port
+                )
+                if granted is None:
+                    continue  # the connection changed meanwhile: the next view says what to do
+                mapped, lifetime = granted
             except (OSError, codec.NatPmpError) as err:
                 ctx.log.warning(
                     "port mapping failed", gateway=str(client.gateway), error=str(err), retry_s=retry

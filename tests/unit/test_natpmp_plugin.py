@@ -21,10 +21,13 @@ class FakeGateway:
     def __init__(self, port: int) -> None:
         self.port = port
         self.refuse = False
+        self.silent = False
         self.calls: list[tuple[str, int, int]] = []  # (protocol, suggested, lifetime)
 
     async def map(self, protocol: str, internal: int, suggested: int, lifetime: int) -> codec.Mapping:
         self.calls.append((protocol, suggested, lifetime))
+        if self.silent:
+            await anyio.sleep_forever()  # a server that died: every retry goes unanswered
         if self.refuse:
             raise codec.NatPmpRefused(2)
         port = self.port if lifetime else 0
@@ -106,6 +109,27 @@ async def test_a_refusing_gateway_is_retried_and_nothing_is_forwarded_meanwhile(
         assert host.view.forwarded is None and lock.calls == []
         gateway.refuse = False
         await wait_for(lambda: host.view.forwarded is not None, timeout=15)  # the 2 s retry
+        tg.cancel_scope.cancel()
+
+
+async def test_an_exchange_with_a_server_just_left_is_abandoned_at_the_failover(monkeypatch):
+    gateway, lock = FakeGateway(40001), FakeLock()
+    gateway.silent = True
+    host = PluginHost(
+        [("natpmp", plugin_with(gateway, monkeypatch))],
+        lock,
+        interface="tl0",
+        server_of=lambda n: FakeServer(),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await wait_for(lambda: gateway.calls)  # stuck retrying the dead server
+        gateway.silent, gateway.port = False, 40002
+        publish(host, "connecting", "vpn2")
+        publish(host, "connected", "vpn2")
+        await wait_for(lambda: host.view.forwarded is not None)
+        assert host.view.forwarded.ports == (40002,) and host.view.forwarded.server == "vpn2"
         tg.cancel_scope.cancel()
 
 
