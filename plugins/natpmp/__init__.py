@@ -75,6 +75,7 @@ class NatPmpPlugin:
         """``_map``, abandoned (None) as soon as the connection it was for is gone: retries to a
         server just left must not hold up the mapping at the next one, nor answer for it."""
         granted: tuple[int, int] | None = None
+        failure: Exception | None = None
         async with anyio.create_task_group() as tg:
 
             async def watch() -> None:
@@ -86,8 +87,13 @@ class NatPmpPlugin:
                         return
 
             tg.start_soon(watch)
-            granted = await self._map(client, suggested)
+            try:
+                granted = await self._map(client, suggested)
+            except (OSError, codec.NatPmpError) as err:
+                failure = err  # raised below, not as a group from the task group
             tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         return granted
 
     async def _unmap(self, ctx: PluginContext, tunnel: Tunnel) -> None:

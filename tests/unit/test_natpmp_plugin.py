@@ -110,6 +110,7 @@ async def test_a_refusing_gateway_is_retried_and_nothing_is_forwarded_meanwhile(
         gateway.refuse = False
         await wait_for(lambda: host.view.forwarded is not None, timeout=15)  # the 2 s retry
         tg.cancel_scope.cancel()
+    assert "restarts" not in host.reports["natpmp"], "a refusal is handled, not a crash"
 
 
 async def test_an_exchange_with_a_server_just_left_is_abandoned_at_the_failover(monkeypatch):
