@@ -248,6 +248,21 @@ def write_page(compare: list[dict] | None, soak: dict | None, timeline: bool) ->
             "![RSS and descriptors over the soak](figures/soak-resources.png)",
             "",
         ]
+    alone = FIGURES / "alone.txt"
+    if alone.exists():
+        parts += [
+            "## tunlock alone",
+            "",
+            "What the benchmarks printed in the same session (bench/performance runs them): link event "
+            "to `offline`, failover, false switches under loss, idle CPU and RSS, CPU with the tunnel "
+            "saturated, peer swap, lock apply and throughput with and without the lock (paired runs), "
+            "and `tunlock check` over 10,000 server files.",
+            "",
+            "```",
+            alone.read_text().strip(),
+            "```",
+            "",
+        ]
     parts += [
         "## Other figures",
         "",
