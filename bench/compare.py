@@ -36,7 +36,7 @@ from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.probes import ContinuousPing, Observer, Probes
 from supervisor.lab.soak import _ProbeLoop
-from supervisor.lab.topology import TUNNEL_SERVER_V4, Lab
+from supervisor.lab.topology import TUNNEL_SERVER_V4, Lab, LabError
 from supervisor.safety import LAB_ONLY_ENV
 
 WATCHDOG = Path(__file__).resolve().parent / "baseline" / "wg-quick-watchdog"
@@ -159,8 +159,11 @@ class Outcome:
 def _wait_tunnel(probes: Probes, limit: float) -> float | None:
     began = time.monotonic()
     while time.monotonic() - began < limit:
-        if probes.ping(TUNNEL_SERVER_V4):
-            return time.monotonic() - began
+        try:
+            if probes.ping(TUNNEL_SERVER_V4):
+                return time.monotonic() - began
+        except (LabError, subprocess.TimeoutExpired):
+            pass  # a ping that could not even run (a loaded machine) is an unanswered one
         time.sleep(0.1)
     return None
 
