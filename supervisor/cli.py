@@ -79,14 +79,21 @@ def run(config_path: Path, log_level: str, log_format: str) -> None:
 
 
 @main.command()
-def demo() -> None:
+@click.option(
+    "--png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="tunlock-demo-timeline.png",
+    show_default=True,
+    help="Where to draw the timeline (states, answered pings, faults); '' for none.",
+)
+def demo(png: Path) -> None:
     """Build the lab, run the lock in it, inject faults, count leaks, tear down.
 
     Exit 0 when nothing leaked with the lock in place.
     """
     from supervisor.lab.demo import run_demo
 
-    sys.exit(1 if run_demo(click.echo) else 0)
+    sys.exit(1 if run_demo(click.echo, png=png if str(png) else None) else 0)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,23 @@ def fault(name: str, args: tuple[str, ...], lab_id: str | None) -> None:
     except (LabError, IndexError, ValueError, OSError) as err:
         click.echo(f"tunlock lab: {err}", err=True)
         sys.exit(1)
+
+
+@lab.command()
+@click.option("--minutes", default=3.0, show_default=True, type=click.FloatRange(0.1, 24 * 60))
+@click.option("--seed", type=int, help="Replay a soak (the seed it printed).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here.")
+def soak(minutes: float, seed: int | None, json_path: str | None) -> None:
+    """The daemon in a lab of its own under a random fault every few seconds; exit 1 on any problem."""
+    from pathlib import Path
+
+    from supervisor.lab.soak import run_soak
+
+    report = run_soak(minutes, seed, say=click.echo)
+    click.echo(report.table())
+    if json_path:
+        report.save(Path(json_path))
+    problems = report.problems()
+    for problem in problems:
+        click.echo(f"tunlock lab soak: {problem}", err=True)
+    sys.exit(1 if problems else 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 
-from supervisor.lab.topology import Lab, LabError, sh, uapi_pid
+from supervisor.lab.topology import Lab, LabError, process_alive, sh, uapi_pid
 
 _FAULT_TABLE = "labfault"
 
@@ -43,6 +43,16 @@ def kill_server(lab: Lab, index: str = "1") -> str:
         return f"deleted the WireGuard interface of {server.name}"
     os.kill(server.wg_pid, signal.SIGKILL)
     return f"killed wireguard-go of {server.name} (pid {server.wg_pid})"
+
+
+def restart_server(lab: Lab, index: str = "1") -> str:
+    """Start a killed server again: its wireguard-go, keys, peer and tunnel addresses, as built."""
+    server = lab.servers[int(index) - 1]
+    if process_alive(server.wg_pid):
+        return f"{server.name} is running"
+    lab.start_server_tunnel(server)
+    lab.state.save()
+    return f"{server.name} started again (pid {server.wg_pid})"
 
 
 def blackhole_server(lab: Lab, index: str = "1") -> str:
@@ -171,6 +181,7 @@ FAULTS = {
     f.__name__.replace("_", "-"): f
     for f in (
         kill_server,
+        restart_server,
         blackhole_server,
         restore_server,
         loss,

@@ -404,32 +404,7 @@ class Lab:
             key_file = self.dir / f"{s.name}.key"
             key_file.write_text(keys[s.name])
             key_file.chmod(0o600)
-            if self.state.wireguard == "kernel":
-                self.run(s.ns, "ip", "link", "add", s.ifname, "type", "wireguard")
-            else:
-                self._start_wireguard_go(s)
-            self.run(
-                s.ns,
-                "wg",
-                "set",
-                s.ifname,
-                "listen-port",
-                str(WG_PORT),
-                "private-key",
-                str(key_file),
-                "peer",
-                client_public,
-                "allowed-ips",
-                f"{TUNNEL_CLIENT_V4}/32,{TUNNEL_CLIENT_V6}/128",
-            )
-            ip_batch(
-                s.ns,
-                [
-                    f"addr add {TUNNEL_SERVER_V4}/24 dev {s.ifname}",
-                    f"addr add {TUNNEL_SERVER_V6}/64 dev {s.ifname} nodad",
-                    f"link set {s.ifname} up",
-                ],
-            )
+            self.start_server_tunnel(s, client_public)
             sh(
                 "ip",
                 "netns",
@@ -449,6 +424,42 @@ class Lab:
         with ThreadPoolExecutor(max_workers=max(1, len(self.servers))) as pool:
             list(pool.map(start_server, self.servers))
         self.state.save()
+
+    def start_server_tunnel(self, s: LabServer, client_public: str | None = None) -> None:
+        """A server's WireGuard interface with its key, the client as peer, its tunnel addresses.
+
+        Also what starts a killed server again (``faults.restart_server``)."""
+        if client_public is None:
+            client_public = sh("wg", "pubkey", input=(self.dir / "client.key").read_text()).strip()
+        if self.state.wireguard == "kernel":
+            self.run(s.ns, "ip", "link", "add", s.ifname, "type", "wireguard")
+        else:
+            # A killed wireguard-go leaves its socket behind: waiting for it to exist would
+            # return at once, before the new process listens.
+            (UAPI_DIR / f"{s.ifname}.sock").unlink(missing_ok=True)
+            self._start_wireguard_go(s)
+        self.run(
+            s.ns,
+            "wg",
+            "set",
+            s.ifname,
+            "listen-port",
+            str(WG_PORT),
+            "private-key",
+            str(self.dir / f"{s.name}.key"),
+            "peer",
+            client_public,
+            "allowed-ips",
+            f"{TUNNEL_CLIENT_V4}/32,{TUNNEL_CLIENT_V6}/128",
+        )
+        ip_batch(
+            s.ns,
+            [
+                f"addr add {TUNNEL_SERVER_V4}/24 dev {s.ifname}",
+                f"addr add {TUNNEL_SERVER_V6}/64 dev {s.ifname} nodad",
+                f"link set {s.ifname} up",
+            ],
+        )
 
     def _start_wireguard_go(self, s: LabServer) -> None:
         wg = self.spawn(
