@@ -43,6 +43,72 @@ def _answered(reply: bytes, query: bytes) -> bool:
     return len(reply) >= 12 and reply[:2] == query[:2] and reply[3] & 0x0F == 0
 
 
+def dns_udp_answered(server: str = ISP_V4, name: str = LAB_DOMAIN) -> bool:
+    """A DNS query over UDP from this thread's namespace; True when answered."""
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(PROBE_TIMEOUT_S)
+        q = dns_query(name)
+        sock.sendto(q, (server, 53))
+        return _answered(sock.recv(512), q)
+
+
+def dns_tcp_answered(server: str = ISP_V4, name: str = LAB_DOMAIN) -> bool:
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(PROBE_TIMEOUT_S)
+        sock.connect((server, 53))
+        q = dns_query(name)
+        sock.sendall(struct.pack("!H", len(q)) + q)
+        reply = sock.recv(514)
+        return _answered(reply[2:], q)
+
+
+def tcp_answered(target: str = INTERNET_V4, port: int = 80) -> bool:
+    """A TCP connection to the lab's responder; True when it greeted us."""
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(PROBE_TIMEOUT_S)
+        sock.connect((target, port))
+        return sock.recv(64).startswith(b"tunlock-lab ok")
+
+
+def udp_echoed(target: str = INTERNET_V4, port: int = 7) -> bool:
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(PROBE_TIMEOUT_S)
+        token = os.urandom(8)
+        sock.sendto(token, (target, port))
+        return sock.recv(64) == token
+
+
+def plain_udp_sent(host: str, port: int = 51820) -> bool:
+    """A plain program's UDP to a server's WireGuard port: no fwmark, must never leave."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # Not WireGuard-shaped: a forged 148-byte initiation is indistinguishable on the wire.
+        sock.sendto(b"plain program, not wireguard", (host, port))
+        return True  # sent; whether it leaked is the observer's to say
+
+
+def icmp_echoed(target: str = INTERNET_V4, interface: str | None = None) -> bool:
+    """One echo from a raw socket (CAP_NET_RAW), for where no ``ping`` is installed (a container)."""
+    from supervisor.health import _is_our_reply, echo_request
+
+    v6 = ":" in target
+    family, proto = (socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP)
+    ident, seq = os.getpid() & 0xFFFF, secrets.randbits(16)
+    with socket.socket(family, socket.SOCK_RAW, proto) as sock:
+        sock.settimeout(PROBE_TIMEOUT_S)
+        if interface:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        sock.sendto(echo_request(ident, seq, b"tunlock-lab", v6), (target, 0))
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if _is_our_reply(sock.recv(2048), v6, ident, seq):
+                return True
+    return False
+
+
 class Probes:
     """The probe kinds of issue 3, each a method returning True when answered."""
 
@@ -77,62 +143,20 @@ class Probes:
         return " 0% packet loss" in out
 
     def dns_udp(self, server: str = ISP_V4, name: str = LAB_DOMAIN) -> bool:
-        def query() -> bool:
-            family = socket.AF_INET6 if ":" in server else socket.AF_INET
-            with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                sock.settimeout(PROBE_TIMEOUT_S)
-                q = dns_query(name)
-                sock.sendto(q, (server, 53))
-                return _answered(sock.recv(512), q)
-
-        return self._in_client(query)
+        return self._in_client(dns_udp_answered, server, name)
 
     def dns_tcp(self, server: str = ISP_V4, name: str = LAB_DOMAIN) -> bool:
-        def query() -> bool:
-            family = socket.AF_INET6 if ":" in server else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.settimeout(PROBE_TIMEOUT_S)
-                sock.connect((server, 53))
-                q = dns_query(name)
-                sock.sendall(struct.pack("!H", len(q)) + q)
-                reply = sock.recv(514)
-                return _answered(reply[2:], q)
-
-        return self._in_client(query)
+        return self._in_client(dns_tcp_answered, server, name)
 
     def tcp(self, target: str = INTERNET_V4, port: int = 80) -> bool:
-        def connect() -> bool:
-            family = socket.AF_INET6 if ":" in target else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.settimeout(PROBE_TIMEOUT_S)
-                sock.connect((target, port))
-                return sock.recv(64).startswith(b"tunlock-lab ok")
-
-        return self._in_client(connect)
+        return self._in_client(tcp_answered, target, port)
 
     def udp(self, target: str = INTERNET_V4, port: int = 7) -> bool:
-        def echo() -> bool:
-            family = socket.AF_INET6 if ":" in target else socket.AF_INET
-            with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                sock.settimeout(PROBE_TIMEOUT_S)
-                token = os.urandom(8)
-                sock.sendto(token, (target, port))
-                return sock.recv(64) == token
-
-        return self._in_client(echo)
+        return self._in_client(udp_echoed, target, port)
 
     def udp_to_endpoint(self, index: int = 1) -> bool:
         """A plain program's UDP to a server's WireGuard port: no fwmark, must never leave."""
-        server = self.lab.servers[index - 1]
-
-        def send() -> bool:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.settimeout(PROBE_TIMEOUT_S)
-                # Not WireGuard-shaped: a forged 148-byte initiation is indistinguishable on the wire.
-                sock.sendto(b"plain program, not wireguard", (server.endpoint_v4, 51820))
-                return True  # sent; whether it leaked is the observer's to say
-
-        return self._in_client(send)
+        return self._in_client(plain_udp_sent, self.lab.servers[index - 1].endpoint_v4)
 
     def every_kind(self) -> dict[str, bool]:
         """Run each probe kind once; the names are the issue's list."""
