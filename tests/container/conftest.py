@@ -1,0 +1,78 @@
+"""Fixtures of the container tier (helpers in tier.py): the image, a lab per test, and the
+removal of every container, pod and secret a test made, also when it fails."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from supervisor.lab.topology import process_alive
+from tests.container.tier import FIGURES, OWNER_LABEL, PODMAN, Created, SkipTier, build_image, podman_rc
+from tests.lab.conftest import LabUnderTest, lab_under_test
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    """The tunlock image built from the Containerfile (layers cached between runs)."""
+    try:
+        return build_image()
+    except SkipTier as reason:
+        pytest.skip(str(reason))
+
+
+@pytest.fixture
+def lab() -> Iterator[LabUnderTest]:
+    """A lab of two servers for each test."""
+    yield from lab_under_test(servers=2)
+
+
+@pytest.fixture
+def created(lab: LabUnderTest) -> Iterator[Created]:
+    """What the test makes with podman; it depends on the lab so that it goes before the lab."""
+    made = Created()
+    try:
+        yield made
+    finally:
+        made.remove()
+
+
+def _sweep_stale() -> None:
+    """Containers and pods of earlier runs whose process is gone (a crash): removed by name."""
+    for kind in ("pod", "container"):
+        owner = f'{{{{index .Labels "{OWNER_LABEL}"}}}}'
+        every = ["--all"] if kind == "container" else []  # `pod ps` lists every pod anyway
+        rc, out, _ = podman_rc(
+            kind, "ps", *every, "--filter", f"label={OWNER_LABEL}", "--format", f"{{{{.Name}}}} {owner}"
+        )
+        for line in out.splitlines() if rc == 0 else ():
+            name, _, pid = line.partition(" ")
+            if pid.strip().isdigit() and not process_alive(int(pid)):
+                podman_rc(kind, "rm", "--force", "--time", "0", name)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/container/" in str(item.fspath):
+            item.add_marker(pytest.mark.container)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "container: runs the image with podman (tests/container/run)")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() == 0 and shutil.which("podman") and PODMAN.exists():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            _sweep_stale()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FIGURES:
+        terminalreporter.section("container tier figures (a shared 2-vCPU machine: indicative only)")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
