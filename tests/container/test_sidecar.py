@@ -60,28 +60,32 @@ class Pod:
         self.sidecar = f"tl{lab.lab.id}{prefix}-tunlock"
         self.app = f"tl{lab.lab.id}{prefix}-app"
 
-    def start_sidecar(self, *extra: str) -> float:
-        """``podman run -d`` the sidecar; the wall-clock time it was asked for."""
+    def create_sidecar(self, *extra: str) -> None:
         self.created.containers.append(self.sidecar)
         servers = self.lab.lab.dir / "servers"
-        asked = time.time()
         podman(
-            "run", "--detach", "--name", self.sidecar, *self.created.label,
+            "create", "--name", self.sidecar, *self.created.label,
             "--network", lab_network(self.lab.lab), *SIDECAR_PRIVILEGES, *NO_HEALTH_TIMER,
             "--volume", f"{servers}:/etc/tunlock/servers:ro", *extra, IMAGE,
         )  # fmt: skip
-        return asked
 
-    def start_app(self, network: str | None = None) -> None:
-        """The app, at once: it shares the sidecar's namespace and probes from its first moment."""
+    def create_app(self, network: str | None = None) -> None:
+        """The app: it shares the sidecar's namespace and probes from its first moment."""
         self.created.containers.append(self.app)
         podman(
-            "run", "--detach", "--name", self.app, *self.created.label,
+            "create", "--name", self.app, *self.created.label,
             "--network", network or f"container:{self.sidecar}",
             "--cap-drop", "all", "--cap-add", "NET_RAW",  # its raw-socket pings
             "--volume", f"{TIER}:/tier:ro", "--entrypoint", "python", IMAGE,
             "/tier/app.py", self.lab.lab.servers[0].endpoint_v4,
         )  # fmt: skip
+
+    def start_both(self) -> float:
+        """Both at once, the app right after the sidecar without waiting for its health (a compose
+        file without ``depends_on`` does just that); the wall-clock time they were asked for."""
+        asked = time.time()
+        podman("start", self.sidecar, self.app)
+        return asked
 
     def rounds(self) -> list[Round]:
         rounds = []
@@ -129,8 +133,9 @@ def test_sidecar_locks_from_the_first_packet_through_failover_kill_restart_and_s
     mark = lab.observer.mark()
 
     # Start: the app right after the sidecar, without waiting for its health.
-    asked = pod.start_sidecar()
-    pod.start_app()
+    pod.create_sidecar()
+    pod.create_app()
+    asked = pod.start_both()
     first = wait_for("the app's traffic through the tunnel", lambda: pod.through_tunnel_after(0), 90)
     started = int(pod.state(".State.StartedAt.UnixNano")) / 1e9
     locked = pod.log_time("tunlock-entrypoint: locked")
@@ -193,8 +198,9 @@ def test_a_broken_configuration_exits_with_its_line_and_leaves_the_namespace_loc
     bad.write_text('[tunnel]\nservers = ["servers/*.conf"]\n\n[lock]\ninbound_tcp = [8080, 70000]\n')
     pod = Pod(lab, created)
     mark = lab.observer.mark()
-    pod.start_sidecar("--volume", f"{bad}:/etc/tunlock/tunlock.toml:ro")
-    pod.start_app(network=lab_network(lab.lab))  # the sidecar does not stay to be joined
+    pod.create_sidecar("--volume", f"{bad}:/etc/tunlock/tunlock.toml:ro")
+    pod.create_app(network=lab_network(lab.lab))  # the sidecar does not stay to be joined
+    pod.start_both()
     wait_for("the sidecar to exit", lambda: pod.state(".State.Running") == "false", 60)
     _, logs, errors = podman_rc("logs", pod.sidecar)
     assert pod.state(".State.ExitCode") == "2", logs + errors
@@ -213,11 +219,12 @@ def test_health_is_unhealthy_while_no_server_answers_and_healthy_after(
         blackhole_server(lab.lab, str(server.index))
     pod = Pod(lab, created)
     # Short waits between attempts, so the restored servers are tried again soon.
-    pod.start_sidecar(
+    pod.create_sidecar(
         "--env", "TUNLOCK_HEALTH_CONNECT_TIMEOUTS_S=2",
         "--env", "TUNLOCK_ROTATION_COOLDOWN_S=1",
         "--env", "TUNLOCK_ROTATION_BACKOFF_MAX_S=2",
     )  # fmt: skip
+    podman("start", pod.sidecar)
     wait_for("the daemon running", lambda: pod.log_time('"event": "tunlock running"'), 60)
     rc, out, err = podman_rc("healthcheck", "run", pod.sidecar)
     assert (rc, out.strip()) == (1, "unhealthy"), (rc, out, err)

@@ -188,11 +188,17 @@ class Created:
         return ["--label", f"{OWNER_LABEL}={os.getpid()}"]
 
     def remove(self) -> None:
-        for pod in self.pods:
-            podman_rc("pod", "rm", "--force", "--time", "0", pod)
-        for name in self.containers:
-            podman_rc("rm", "--force", "--time", "0", name)
+        """Everything, dependents first (an app sharing a sidecar's namespace before the sidecar);
+        what cannot be removed fails the test, so that nothing is left behind unseen."""
+        left = []
+        for kind, names in (("pod", self.pods), ("container", self.containers[::-1])):
+            for name in names:
+                rc, _, err = podman_rc(kind, "rm", "--force", "--time", "0", name)
+                if rc != 0 and "no such" not in err and "no pod with name" not in err:
+                    left.append(f"{kind} {name}: {err.strip()}")
         for secret in self.secrets:
             podman_rc("secret", "rm", secret)
         for name in self.netns:
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+        if left:
+            raise PodmanError("could not remove: " + "; ".join(left))
