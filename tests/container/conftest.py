@@ -55,16 +55,6 @@ def _sweep_stale() -> None:
                 podman_rc(kind, "rm", "--force", "--time", "0", name)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/container/" in str(item.fspath):
-            item.add_marker(pytest.mark.container)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "container: runs the image with podman (tests/container/run)")
-
-
 def pytest_sessionstart(session: pytest.Session) -> None:
     if os.geteuid() == 0 and shutil.which("podman") and PODMAN.exists():
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -30,6 +30,7 @@ import json
 import os
 import time
 
+import pytest
 import yaml
 
 from supervisor.lab.probes import describe
@@ -46,6 +47,8 @@ from tests.container.tier import (
     wait_for,
 )
 from tests.lab.conftest import LabUnderTest
+
+pytestmark = pytest.mark.container
 
 EXAMPLE = ROOT / "examples" / "kubernetes" / "tunlock-sidecar.yaml"
 

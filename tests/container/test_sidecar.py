@@ -12,6 +12,8 @@ import json
 import time
 from dataclasses import dataclass
 
+import pytest
+
 from supervisor.lab.faults import blackhole_server, restore_server
 from supervisor.lab.probes import describe
 from supervisor.lab.topology import sh
@@ -27,6 +29,8 @@ from tests.container.tier import (
     wait_for,
 )
 from tests.lab.conftest import LabUnderTest
+
+pytestmark = pytest.mark.container
 
 # Only NET_ADMIN (lock, interface, routes) and /dev/net/tun (wireguard-go): nothing else.
 SIDECAR_PRIVILEGES = ["--cap-drop", "all", "--cap-add", "NET_ADMIN", "--device", "/dev/net/tun"]
