@@ -64,13 +64,13 @@ class Pod:
         self.sidecar = f"tl{lab.lab.id}{prefix}-tunlock"
         self.app = f"tl{lab.lab.id}{prefix}-app"
 
-    def create_sidecar(self, *extra: str) -> None:
+    def create_sidecar(self, *extra: str, command: tuple[str, ...] = ()) -> None:
         self.created.containers.append(self.sidecar)
         servers = self.lab.lab.dir / "servers"
         podman(
             "create", "--name", self.sidecar, *self.created.label,
             "--network", lab_network(self.lab.lab), *SIDECAR_PRIVILEGES, *NO_HEALTH_TIMER,
-            "--volume", f"{servers}:/etc/tunlock/servers:ro", *extra, IMAGE,
+            "--volume", f"{servers}:/etc/tunlock/servers:ro", *extra, IMAGE, *command,
         )  # fmt: skip
 
     def create_app(self, network: str | None = None) -> None:
