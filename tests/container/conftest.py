@@ -44,10 +44,11 @@ def created(lab: LabUnderTest) -> Iterator[Created]:
 def _sweep_stale() -> None:
     """Containers and pods of earlier runs whose process is gone (a crash): removed by name."""
     for kind in ("pod", "container"):
+        # `pod ps` lists every pod and names one .Name; `ps` needs --all and says .Names.
+        every, name = (["--all"], "{{.Names}}") if kind == "container" else ([], "{{.Name}}")
         owner = f'{{{{index .Labels "{OWNER_LABEL}"}}}}'
-        every = ["--all"] if kind == "container" else []  # `pod ps` lists every pod anyway
         rc, out, _ = podman_rc(
-            kind, "ps", *every, "--filter", f"label={OWNER_LABEL}", "--format", f"{{{{.Name}}}} {owner}"
+            kind, "ps", *every, "--filter", f"label={OWNER_LABEL}", "--format", f"{name} {owner}"
         )
         for line in out.splitlines() if rc == 0 else ():
             name, _, pid = line.partition(" ")
