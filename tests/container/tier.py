@@ -165,7 +165,7 @@ def build_image() -> str:
     size = int(podman("image", "inspect", "--format", "{{.Size}}", IMAGE))
     base_size = int(podman("image", "inspect", "--format", "{{.Size}}", base))
     FIGURES.append(
-        f"image built in {time.monotonic() - started:.0f} s (cached layers reused); "
+        f"image built in {time.monotonic() - started:.0f} s (from the layers cached in .cache, if any); "
         f"{size / 1e6:.0f} MB, of which the base {base_size / 1e6:.0f} MB"
     )
     return IMAGE
