@@ -3,23 +3,24 @@ removal of every container, pod and secret a test made, also when it fails."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
 from supervisor.lab.topology import process_alive
-from tests.container.tier import FIGURES, OWNER_LABEL, PODMAN, Created, SkipTier, build_image, podman_rc
+from tests.container.tier import FIGURES, OWNER_LABEL, Created, SkipTier, build_image, podman_rc
 from tests.lab.conftest import LabUnderTest, lab_under_test
 
 
 @pytest.fixture(scope="session")
 def image() -> str:
-    """The tunlock image built from the Containerfile (layers cached between runs)."""
+    """The tunlock image built from the Containerfile (layers cached between runs); first, what
+    a crashed earlier run left behind is removed."""
     try:
+        if os.geteuid() == 0 and shutil.which("podman"):
+            _sweep_stale()
         return build_image()
     except SkipTier as reason:
         pytest.skip(str(reason))
@@ -54,12 +55,6 @@ def _sweep_stale() -> None:
             name, _, pid = line.partition(" ")
             if pid.strip().isdigit() and not process_alive(int(pid)):
                 podman_rc(kind, "rm", "--force", "--time", "0", name)
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    if os.geteuid() == 0 and shutil.which("podman") and PODMAN.exists():
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            _sweep_stale()
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -181,7 +181,6 @@ class Created:
         self.containers: list[str] = []
         self.pods: list[str] = []
         self.secrets: list[str] = []
-        self.netns: list[str] = []
 
     @property
     def label(self) -> list[str]:
@@ -198,7 +197,5 @@ class Created:
                     left.append(f"{kind} {name}: {err.strip()}")
         for secret in self.secrets:
             podman_rc("secret", "rm", secret)
-        for name in self.netns:
-            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
         if left:
             raise PodmanError("could not remove: " + "; ".join(left))
