@@ -9,6 +9,7 @@ lab's observer in the ISP counts every packet that leaves outside the tunnel: th
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import pytest
 
 from supervisor.lab.faults import blackhole_server, restore_server
 from supervisor.lab.probes import describe
-from supervisor.lab.topology import sh
+from supervisor.lab.topology import CLIENT_V4, LAN_HOST_V4, sh
 from tests.container.tier import (
     FIGURES,
     IMAGE,
@@ -240,3 +241,45 @@ def test_health_is_unhealthy_while_no_server_answers_and_healthy_after(
         "a healthy check", lambda: podman_rc("healthcheck", "run", pod.sidecar)[0] == 0, 90, interval=0.5
     )
     assert pod.status()["state"] == "connected"
+
+
+WEB_UI = (
+    "import socket\n"
+    "server = socket.create_server(('0.0.0.0', 8080))\n"
+    "while True:\n"
+    "    conn, _ = server.accept(); conn.sendall(b'webui'); conn.close()\n"
+)
+
+
+def _connect(lab: LabUnderTest, role: str, source: str | None = None) -> str:
+    """What a TCP client in ``role`` reads from the client's port 8080 ("" when refused)."""
+    code = (
+        "import socket\ns = socket.socket(); s.settimeout(1)\n"
+        + (f"s.bind(({source!r}, 0))\n" if source else "")
+        + f"try:\n s.connect(({CLIENT_V4!r}, 8080)); print(s.recv(16).decode(), end='')\n"
+        "except OSError:\n pass\n"
+    )
+    return sh("ip", "netns", "exec", lab.lab.ns(role), sys.executable, "-c", code, check=False)
+
+
+def test_the_apps_web_ui_is_reachable_from_the_lan_through_inbound_tcp_only(
+    image: str, lab: LabUnderTest, created: Created
+) -> None:
+    pod = Pod(lab, created)
+    # The lab's LAN is a documentation range, not RFC 1918: named as the lab's own config does.
+    lan = "TUNLOCK_LOCK_LAN_RANGES=192.0.2.0/24,2001:db8:c::/64"
+    pod.create_sidecar("--env", "TUNLOCK_LOCK_INBOUND_TCP=8080", "--env", lan)
+    created.containers.append(pod.app)
+    podman(
+        "create", "--name", pod.app, *created.label, "--network", f"container:{pod.sidecar}",
+        "--cap-drop", "all", "--entrypoint", "python", IMAGE, "-c", WEB_UI,
+    )  # fmt: skip
+    mark = lab.observer.mark()
+    podman("start", pod.sidecar, pod.app)
+    wait_for("connected", lambda: pod.status().get("state") == "connected", 60)
+    from_lan = wait_for("the web UI from the LAN", lambda: _connect(lab, "isp", source=LAN_HOST_V4), 30)
+    assert from_lan == "webui"
+    assert _connect(lab, "inet") == "", "the internet reached the web UI past the lock"
+    # What left outside the tunnel is the web UI's answer to the LAN host, and only that.
+    seen = lab.observer.leaks(since=mark)
+    assert seen and all(e["kind"] == "tcp" and e["dst"] == LAN_HOST_V4 for e in seen), describe(seen)
