@@ -28,6 +28,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+from pyroute2 import AsyncIPRoute
 
 from supervisor import __version__, plugins
 from supervisor.config import Config, key_lines, load_config
@@ -54,6 +55,7 @@ from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
 log = get_logger(__name__)
 
 ADOPT_TIMEOUT_S = 15.0
+PATHS_TIMEOUT_S = 5.0
 # Settings that name things already built (the interface, the table, the socket): changing
 # them needs a restart, so a reload that changes them is refused as a whole.
 RESTART_ONLY = (
@@ -392,12 +394,32 @@ async def _reload(
         log.warning("reload: plugin settings take effect at the next start; the running ones go on")
     runtime.servers = {server.name: server for server in new.servers}
     runtime.probe_target = probe_target(new)
-    watcher.set_endpoints(s.endpoint for s in new.servers)
     await lock.rebase(policy_from_config(new, servers=()), runtime.servers)
     settings = machine_settings(new)
-    await runtime.post(lambda now: ev.ConfigReloaded(now, settings))
+    reachable = await _reachable_now(new, runtime.ifname)
+    await runtime.post(lambda now: ev.ConfigReloaded(now, settings, reachable))
+    # Only now: the monitor's report for the new list must not reach the machine before the
+    # list itself (it would name servers the machine does not know yet).
+    watcher.set_endpoints(s.endpoint for s in new.servers)
     log.info("configuration reloaded", servers=len(new.servers))
     return new
+
+
+async def _reachable_now(config: Config, tunnel_ifname: str) -> frozenset[str] | None:
+    """Which of ``config``'s servers have a path right now, for the reload to act on at once
+    (the monitor reports only changes of the endpoints' reachability, not of their names);
+    ``None`` (the machine keeps what it knows) if the lookup fails."""
+    endpoints = frozenset(server.endpoint for server in config.servers)
+    try:
+        with anyio.fail_after(PATHS_TIMEOUT_S):
+            async with AsyncIPRoute() as ipr:
+                reachable = await monitor.reachable_endpoints(
+                    ipr, endpoints, config.settings.tunnel.fwmark, tunnel_ifname
+                )
+    except Exception as err:  # the monitor's next report corrects it
+        log.warning("could not look up the paths to the reloaded servers", error=str(err))
+        return None
+    return frozenset(server.name for server in config.servers if server.endpoint in reachable)
 
 
 def _first_error(error: BaseException) -> BaseException:
