@@ -7,12 +7,20 @@ whole process group (systemd's default, Ctrl-C) ends it with status 0 and the lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
 from tests.lab.conftest import LabUnderTest, lab_under_test
 from tests.lab.test_daemon import QUICK, assert_no_leaks, on, tunlock
@@ -23,6 +31,24 @@ pytestmark = pytest.mark.lab
 @pytest.fixture
 def lab() -> Iterator[LabUnderTest]:
     yield from lab_under_test()
+
+
+@pytest.fixture
+def daemon(lab: LabUnderTest) -> Iterator[LabDaemon]:
+    running = LabDaemon(lab.lab, env=QUICK)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def tunlock_with(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_reload_dropping_the_current_server_moves_to_one_still_configured(lab: LabUnderTest) -> None:
@@ -43,3 +69,187 @@ def test_reload_dropping_the_current_server_moves_to_one_still_configured(lab: L
         states = [json.loads(line).get("state") for line in daemon.log_events() if '"state"' in line]
         assert "offline" not in states, "the path to vpn1 was there all along"
         assert_no_leaks(lab, mark)
+
+
+# --- after each attack: what a user relies on -------------------------------------------------
+
+
+def still_serving(lab: LabUnderTest, daemon: LabDaemon) -> None:
+    """The daemon answers, and still fails over when its server goes silent."""
+    status = daemon.status()
+    assert status is not None, f"the daemon does not answer\n{daemon.log_tail()}"
+    assert status["state"] == "connected", status
+    current = status["server"]
+    index = current.removeprefix("vpn")
+    faults.blackhole_server(lab.lab, index)
+    try:
+        daemon.wait_for(
+            lambda s: s["state"] == "connected" and s["server"] != current, timeout=30, what="failover"
+        )
+    finally:
+        faults.restore_server(lab.lab, index)
+    assert lab.probes.ping()
+
+
+def stop_the_group(lab: LabUnderTest, daemon: LabDaemon, signum: int = signal.SIGTERM) -> int:
+    """The signal to the daemon's whole process group, as systemd's stop and Ctrl-C send it (the
+    lab starts it in a session of its own: the group is the daemon and its children)."""
+    assert daemon.process is not None
+    os.killpg(daemon.pid, signum)
+    code = daemon.process.wait(15)
+    assert "table inet tunlock" in lab.lab.run("client", "nft", "list", "tables"), "the lock stays"
+    assert lab.lab.client_ifname not in lab.lab.run("client", "ip", "-o", "link"), "the tunnel is down"
+    return code
+
+
+def children(pid: int) -> dict[int, str]:
+    """The process's children: pid -> command line."""
+    found: dict[int, str] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            listed = (task / "children").read_text().split()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        for child in listed:
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                found[int(child)] = cmdline.replace(b"\0", b" ").decode().strip()
+    return found
+
+
+def nft_monitor_pid(daemon: LabDaemon) -> int | None:
+    return next((pid for pid, cmd in children(daemon.pid).items() if cmd.endswith("nft monitor")), None)
+
+
+def exchange(path: Path, data: bytes, *, close: bool = True, timeout: float = 10.0) -> bytes:
+    """Send raw bytes to the control socket (then end the sending side) and read the answer."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        if data:
+            sock.sendall(data)
+        if close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+# --- item 3: ways to crash the daemon ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_sent_to_the_whole_process_group_exits_0_and_keeps_the_lock(
+    lab: LabUnderTest, signum: int
+) -> None:
+    mark = lab.observer.mark()
+    for _ in range(3):
+        with LabDaemon(lab.lab, env=QUICK) as daemon:
+            daemon.start()
+            code = stop_the_group(lab, daemon, signum)
+            assert code == 0, f"exit {code}\n{daemon.log_tail()}"
+            assert "crashed" not in daemon.log_tail(200)
+        assert not lab.probes.ping(), "stopped and locked: nothing gets out"
+    assert_no_leaks(lab, mark)
+
+
+def test_the_nft_monitor_dying_is_restarted_and_the_guard_keeps_guarding(
+    lab: LabUnderTest, daemon: LabDaemon
+) -> None:
+    daemon.start()
+    mark = lab.observer.mark()
+    for signum in (signal.SIGKILL, signal.SIGTERM):
+        first = nft_monitor_pid(daemon)
+        assert first is not None, children(daemon.pid)
+        os.kill(first, signum)
+        deadline = time.monotonic() + 10
+        while (again := nft_monitor_pid(daemon)) in (None, first):
+            assert daemon.process is not None and daemon.process.poll() is None, daemon.log_tail()
+            assert time.monotonic() < deadline, f"no new nft monitor\n{daemon.log_tail()}"
+            time.sleep(0.05)
+        assert again != first
+    assert any("nft monitor" in line and "restart" in line for line in daemon.log_events())
+    faults.flush_client_ruleset(lab.lab)
+    daemon.wait_for(
+        lambda s: "restored" in (s["last_failure"] or {}).get("reason", ""), timeout=10, what="restored"
+    )
+    assert "table inet tunlock" in lab.lab.run("client", "nft", "list", "tables")
+    still_serving(lab, daemon)
+    assert stop_the_group(lab, daemon) == 0
+    assert_no_leaks(lab, mark)
+
+
+DEEP = b"[" * 1000
+MALFORMED = {
+    "deep-list": DEEP + b"\n",
+    "deep-list-unended": DEEP,
+    "deep-object": b'{"a":' * 1000 + b"1" + b"}" * 1000,
+    "deep-in-command": b'{"command": ' + DEEP + b"}\n",
+    "not-utf8": b'{"command": "\xff\xfe"}\n',
+    "not-json": b"status\n",
+    "a-list": b"[]\n",
+    "a-string": b'"status"\n',
+    "no-command": b"{}\n",
+    "command-not-a-string": b'{"command": ["status"]}\n',
+    "command-an-object": b'{"command": {"a": 1}}\n',
+    "huge-number": b'{"command": 1' + b"0" * 5000 + b"}\n",
+    "nan": b'{"command": NaN}\n',
+    "too-long": b'{"command": "' + b"x" * 10000 + b'"}\n',
+    "nul": b"\0\0\0\n",
+    "empty": b"",
+}
+
+
+def test_malformed_control_requests_get_a_clear_error_and_the_daemon_keeps_serving(
+    lab: LabUnderTest, daemon: LabDaemon
+) -> None:
+    daemon.start()
+    mark = lab.observer.mark()
+    for name, data in MALFORMED.items():
+        raw = exchange(daemon.socket, data)
+        assert daemon.process is not None and daemon.process.poll() is None, f"{name}:\n{daemon.log_tail()}"
+        answer = json.loads(raw)
+        assert answer["ok"] is False and answer["error"].startswith("bad request: "), (name, answer)
+        assert len(answer["error"]) > len("bad request: ") + 5, (name, answer)
+    still_serving(lab, daemon)
+    assert stop_the_group(lab, daemon) == 0
+    assert_no_leaks(lab, mark)
+
+
+PROBE_TARGET = '[health]\nprobe_target = "not-an-ip"\n'
+
+
+def test_a_probe_target_that_is_not_an_address_is_a_file_and_line_error(lab: LabUnderTest) -> None:
+    config = lab.lab.dir / "probe.toml"
+    config.write_text(lab.lab.config_path.read_text() + "\n" + PROBE_TARGET)
+    line = config.read_text().splitlines().index('probe_target = "not-an-ip"') + 1
+    checked = tunlock_with(config, "check")
+    assert checked.returncode != 0 and f"{config}:{line}: health.probe_target" in checked.stderr, checked
+    ran = subprocess.run(
+        ["ip", "netns", "exec", lab.lab.ns("client"), sys.executable, "-m", "supervisor.cli", "run",
+         "--config", str(config)],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "TUNLOCK_LAB_ONLY": "1"},
+    )  # fmt: skip
+    assert ran.returncode == 2, ran
+    assert f"{config}:{line}: health.probe_target" in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_a_reload_with_a_bad_probe_target_keeps_the_running_config(lab: LabUnderTest) -> None:
+    config = lab.lab.dir / "reload.toml"
+    text = lab.lab.config_path.read_text()
+    config.write_text(text)
+    mark = lab.observer.mark()
+    with LabDaemon(lab.lab, env=QUICK, config=str(config)) as daemon:
+        daemon.start()
+        config.write_text(text + "\n" + PROBE_TARGET)
+        os.kill(daemon.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not any("reload refused" in line for line in daemon.log_events()):
+            assert daemon.process is not None and daemon.process.poll() is None, daemon.log_tail()
+            assert time.monotonic() < deadline, daemon.log_tail()
+            time.sleep(0.05)
+        assert any("probe_target" in line for line in daemon.log_events() if "reload refused" in line)
+        still_serving(lab, daemon)
+        assert stop_the_group(lab, daemon) == 0
+    assert_no_leaks(lab, mark)
