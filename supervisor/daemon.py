@@ -34,6 +34,7 @@ from supervisor import __version__, plugins
 from supervisor.config import Config, key_lines, load_config
 from supervisor.control import server as control_server
 from supervisor.control.client import request as control_request
+from supervisor.control.socket_path import config_problem as control_socket_problem
 from supervisor.errors import ConfigError, Problem, TunlockError
 from supervisor.health import IcmpProber
 from supervisor.lock import nft
@@ -56,6 +57,7 @@ log = get_logger(__name__)
 
 ADOPT_TIMEOUT_S = 15.0
 PATHS_TIMEOUT_S = 5.0
+RELOAD_READ_TIMEOUT_S = 30.0
 # Settings that name things already built (the interface, the table, the socket): changing
 # them needs a restart, so a reload that changes them is refused as a whole.
 RESTART_ONLY = (
@@ -358,18 +360,30 @@ async def _signals(
     host: PluginHost | None = None,
 ) -> None:
     current = config
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
+    reloading = anyio.Lock()
+
+    async def reload() -> None:
+        nonlocal current
+        async with reloading:  # one at a time, in the order the signals came
+            try:
                 current = await _reload(runtime, current, lock, watcher)
-            else:
-                log.info("stopping", signal=signal.Signals(signum).name)
-                if notifier is not None:
-                    notifier.stopping()
-                if host is not None:
-                    # Plugins act on "stopping" while the tunnel still stands (unmap, clear files).
-                    await host.stopping(config.settings.plugins.stop_timeout_s)
-                await runtime.post(lambda now: ev.Stop(now))
+            except Exception:  # a bug in a reload must cost the reload, not the daemon
+                log.exception("reload failed; still running on the configuration before it")
+
+    async with anyio.create_task_group() as reloads:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    # In a task of its own: a stop is heard even while a reload is under way.
+                    reloads.start_soon(reload)
+                else:
+                    log.info("stopping", signal=signal.Signals(signum).name)
+                    if notifier is not None:
+                        notifier.stopping()
+                    if host is not None:
+                        # Plugins act on "stopping" while the tunnel still stands (unmap, clear files).
+                        await host.stopping(config.settings.plugins.stop_timeout_s)
+                    await runtime.post(lambda now: ev.Stop(now))
 
 
 async def _reload(
@@ -377,9 +391,14 @@ async def _reload(
 ) -> Config:
     """Read the configuration again; keep running on the old one if the new one is bad."""
     try:
-        new = await anyio.to_thread.run_sync(load_config, config.path)
+        with anyio.fail_after(RELOAD_READ_TIMEOUT_S):
+            # Abandoned, not waited for, if a file blocks the read: the daemon goes on.
+            new = await anyio.to_thread.run_sync(load_config, config.path, abandon_on_cancel=True)
     except ConfigError as err:
         log.error("reload refused: the configuration has errors", problems=[str(p) for p in err.problems])
+        return config
+    except TimeoutError:
+        log.error(f"reload refused: reading the configuration took over {RELOAD_READ_TIMEOUT_S:g} s")
         return config
     changed = [
         ".".join(key)
@@ -389,13 +408,16 @@ async def _reload(
     if changed:
         log.error("reload refused: these settings need a restart", settings=changed)
         return config
+    # Everything that can fail on the new configuration, before anything of it is used.
+    targets = probe_target(new)
+    base = policy_from_config(new, servers=())
+    settings = machine_settings(new)
     _log_warnings(new)
     if new.settings.plugins != config.settings.plugins:
         log.warning("reload: plugin settings take effect at the next start; the running ones go on")
     runtime.servers = {server.name: server for server in new.servers}
-    runtime.probe_target = probe_target(new)
-    await lock.rebase(policy_from_config(new, servers=()), runtime.servers)
-    settings = machine_settings(new)
+    runtime.probe_target = targets
+    await lock.rebase(base, runtime.servers)
     reachable = await _reachable_now(new, runtime.ifname)
     await runtime.post(lambda now: ev.ConfigReloaded(now, settings, reachable))
     # Only now: the monitor's report for the new list must not reach the machine before the
@@ -430,8 +452,13 @@ def _first_error(error: BaseException) -> BaseException:
 
 
 def run_daemon(config: Config) -> int:
-    """``tunlock run``: serve until stopped. 0 after a clean stop; 1 (logged) after an error,
-    with the lock left exactly as it was."""
+    """``tunlock run``: serve until stopped. 0 after a clean stop; 2 for a control socket path
+    that cannot be used (a configuration error, as ``check`` reports it); 1 (logged) after an
+    error, with the lock left exactly as it was."""
+    problem = control_socket_problem(config)
+    if problem is not None:
+        log.error("tunlock cannot start: the configuration has errors", problems=[str(problem)])
+        return 2
     try:
         return anyio.run(serve, config, backend="asyncio")
     except (Exception, BaseExceptionGroup) as caught:
