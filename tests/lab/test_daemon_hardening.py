@@ -15,10 +15,13 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
@@ -253,3 +256,182 @@ def test_a_reload_with_a_bad_probe_target_keeps_the_running_config(lab: LabUnder
         still_serving(lab, daemon)
         assert stop_the_group(lab, daemon) == 0
     assert_no_leaks(lab, mark)
+
+
+# --- hunting: whatever a careless admin writes, then SIGHUP -----------------------------------
+
+
+def toml_value(value: object) -> str:
+    """``value`` as TOML source (invalid TOML is fine too: it is one more bad file)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value).replace("inf", "inf")
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+SCALARS = (
+    st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
+    | st.sampled_from([0, 0.05, 0.5, 2, 60, 86400, -1])
+    | st.text(max_size=12)
+)
+VALUES = SCALARS | st.lists(SCALARS, max_size=4)
+GLOBS = st.sampled_from(
+    ["servers/*.conf", "servers/vpn1.conf", "servers/vpn[23].conf", "fuzz/*.conf", "missing/*.conf", "*"]
+)
+
+
+def key(plausible: list[object], junk: st.SearchStrategy = VALUES) -> st.SearchStrategy:
+    """Mostly a value a user would write (valid or nearly), sometimes anything at all."""
+    return st.one_of(st.sampled_from(plausible), st.sampled_from(plausible), junk)
+
+
+KEYS = {
+    "tunnel": {"servers": st.lists(GLOBS, min_size=1, max_size=3) | VALUES, "fwmark": key([51820, 0])},
+    "rotation": {"strategy": key(["sequential", "random", "roundrobin"]), "cooldown_s": key([1, 60, 0]),
+                 "backoff_initial_s": key([1, 0.5, -1])},
+    "health": {"probe_target": key(["10.99.0.1", "fd00:99::1", "not-an-ip", "fe80::1%eth0", ""]),
+               "interval_s": key([0.5, 1, -1, "x"]), "dead_after_s": key([3, 5, 0, "3"]),
+               "handshake_max_age_s": key([180, 1e9])},
+    "lock": {"inbound_tcp": st.lists(st.integers(-5, 70000), max_size=3) | VALUES,
+             "mode": key(["permanent"])},
+    "control": {"socket": VALUES},
+    "metrics": {"listen": key(["127.0.0.1:9586", "nonsense", ""])},
+    "nonsense": {"key": VALUES},
+}  # fmt: skip
+# The sections a reload can change, twice as often as those where any change is refused.
+SECTIONS = ["tunnel", "rotation", "health", "lock"] * 2 + ["control", "metrics", "nonsense"]
+# Lines a server file may gain: the plausible, the hostile and the broken.
+SERVER_LINES = st.sampled_from(
+    [
+        "PostUp = touch /tmp/tunlock-fuzz-pwned",
+        "Endpoint = [::1]:0",
+        "Endpoint = 198.51.100.1:99999",
+        "PrivateKey =",
+        "AllowedIPs = 300.0.0.0/0",
+        "[Peer]",
+        "[Interface]",
+        "MTU = 1",
+        "DNS = not-an-address",
+        "Table = off",
+        "=",
+        "[",
+    ]
+) | st.text(max_size=40)
+
+
+@st.composite
+def reload_cases(draw: st.DrawFn, base_config: str, base_server: str) -> tuple[bytes, list[bytes]]:
+    """A config file and the server files under ``fuzz/``: the lab's own, changed."""
+    data = tomllib.loads(base_config)
+    for _ in range(draw(st.integers(0, 2))):
+        section = draw(st.sampled_from(SECTIONS))
+        key = draw(st.sampled_from(sorted(KEYS[section])))
+        data.setdefault(section, {})[key] = draw(KEYS[section][key])
+    text = "\n".join(
+        f"[{section}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in keys.items())
+        for section, keys in data.items()
+    )
+    config = text.encode("utf-8", "surrogatepass")
+    match draw(st.integers(0, 19)):
+        case 0:
+            config = draw(st.binary(max_size=200))
+        case 1:
+            config = b"\xef\xbb\xbf" + config  # a BOM, as editors on Windows write
+        case 2:
+            config += b"\n\xff\xfe"
+        case 3:
+            config = b""
+    servers = []
+    for _ in range(draw(st.integers(0, 3))):
+        server = base_server.splitlines()
+        for _ in range(draw(st.integers(0, 3))):
+            where = draw(st.integers(0, len(server)))
+            match draw(st.sampled_from(["drop", "insert", "duplicate"])):
+                case "drop" if server:
+                    del server[min(where, len(server) - 1)]
+                case "duplicate" if server:
+                    server.insert(where, server[min(where, len(server) - 1)])
+                case _:
+                    server.insert(where, draw(SERVER_LINES))
+        servers.append("\n".join(server).encode("utf-8", "surrogatepass"))
+    return config, servers
+
+
+OUTCOMES = ("configuration reloaded", "reload refused", "reload failed")
+
+
+def outcomes(daemon: LabDaemon) -> list[str]:
+    return [o for line in daemon.log_events() for o in OUTCOMES if f'"event": "{o}' in line]
+
+
+def sighup_and_wait(daemon: LabDaemon) -> str:
+    """SIGHUP, then the reload's outcome as the log says it (never a hang, never a crash)."""
+    before = len(outcomes(daemon))
+    os.kill(daemon.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 45  # past the daemon's own 30 s limit on reading the files
+    while len(seen := outcomes(daemon)) == before:
+        assert daemon.process is not None and daemon.process.poll() is None, f"crashed\n{daemon.log_tail()}"
+        assert time.monotonic() < deadline, f"the reload hangs\n{daemon.log_tail()}"
+        time.sleep(0.02)
+    return seen[before]
+
+
+def test_sighup_with_any_config_and_server_files_never_crashes_or_hangs(lab: LabUnderTest) -> None:
+    """Hypothesis writes configs and server files (a few dozen: one daemon serves them all), the
+    daemon is told to reload each: it answers throughout, keeps the running configuration on
+    every error, and afterwards still fails over and stops cleanly."""
+    config = lab.lab.dir / "fuzz.toml"
+    base_config = lab.lab.config_path.read_text()
+    base_server = (lab.lab.dir / "servers" / "vpn2.conf").read_text()
+    fuzz_dir = lab.lab.dir / "fuzz"
+    fuzz_dir.mkdir()
+    config.write_text(base_config)
+    tally: dict[str, int] = {}
+    with LabDaemon(lab.lab, env=QUICK, config=str(config)) as daemon:
+        daemon.start()
+
+        @settings(
+            max_examples=int(os.environ.get("TUNLOCK_RELOAD_FUZZ_EXAMPLES", "40")),
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=reload_cases(base_config, base_server))
+        # What once crashed or stranded the daemon, tried every run before the random ones.
+        @example(case=((base_config + '\n[health]\nprobe_target = "not-an-ip"\n').encode(), []))
+        @example(case=(base_config.replace("servers/*.conf", "servers/vpn2.conf").encode(), []))
+        @example(case=(base_config.replace("servers/*.conf", "fuzz/*.conf").encode(), [b"[Peer]\n"]))
+        @example(case=(b"\xef\xbb\xbf" + base_config.encode(), []))
+        def reload_with(case: tuple[bytes, list[bytes]]) -> None:
+            text, servers = case
+            for old in fuzz_dir.iterdir():
+                old.unlink()
+            for number, server in enumerate(servers):
+                (fuzz_dir / f"f{number}.conf").write_bytes(server)
+                (fuzz_dir / f"f{number}.conf").chmod(0o600)
+            config.write_bytes(text)
+            outcome = sighup_and_wait(daemon)
+            tally[outcome] = tally.get(outcome, 0) + 1
+            assert outcome != "reload failed", f"a reload raised\n{daemon.log_tail()}"
+            assert daemon.status() is not None, f"no answer after the reload\n{daemon.log_tail()}"
+
+        reload_with()
+        print(f"\nreload outcomes: {tally}")
+        assert tally.get("configuration reloaded") and tally.get("reload refused"), "both kinds were tried"
+        assert not Path("/tmp/tunlock-fuzz-pwned").exists(), "a PostUp command ran"
+
+        config.write_text(base_config)
+        assert sighup_and_wait(daemon) == "configuration reloaded"
+        daemon.wait_for(lambda s: s["state"] == "connected", timeout=30, what="connected on the lab's config")
+        mark = lab.observer.mark()
+        still_serving(lab, daemon)
+        assert_no_leaks(lab, mark)
+        assert stop_the_group(lab, daemon) == 0
+    assert "Traceback" not in "\n".join(daemon.log_events())
