@@ -22,6 +22,8 @@ import contextlib
 import ctypes
 import os
 import signal
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
@@ -58,6 +60,7 @@ log = get_logger(__name__)
 ADOPT_TIMEOUT_S = 15.0
 PATHS_TIMEOUT_S = 5.0
 RELOAD_READ_TIMEOUT_S = 30.0
+STUCK_THREAD_GRACE_S = 1.0
 # Settings that name things already built (the interface, the table, the socket): changing
 # them needs a restart, so a reload that changes them is refused as a whole.
 RESTART_ONLY = (
@@ -393,7 +396,11 @@ async def _reload(
     try:
         with anyio.fail_after(RELOAD_READ_TIMEOUT_S):
             # Abandoned, not waited for, if a file blocks the read: the daemon goes on.
-            new = await anyio.to_thread.run_sync(load_config, config.path, abandon_on_cancel=True)
+            # One reader at a time, apart from the threads the lock and the tunnel need: reads that
+            # block for good cannot pile up and starve them.
+            new = await anyio.to_thread.run_sync(
+                load_config, config.path, abandon_on_cancel=True, limiter=_config_readers()
+            )
     except ConfigError as err:
         log.error("reload refused: the configuration has errors", problems=[str(p) for p in err.problems])
         return config
@@ -425,6 +432,15 @@ async def _reload(
     watcher.set_endpoints(s.endpoint for s in new.servers)
     log.info("configuration reloaded", servers=len(new.servers))
     return new
+
+
+_CONFIG_READERS: list[anyio.CapacityLimiter] = []
+
+
+def _config_readers() -> anyio.CapacityLimiter:
+    if not _CONFIG_READERS:  # made inside the event loop, once
+        _CONFIG_READERS.append(anyio.CapacityLimiter(1))
+    return _CONFIG_READERS[0]
 
 
 async def _reachable_now(config: Config, tunnel_ifname: str) -> frozenset[str] | None:
@@ -460,13 +476,31 @@ def run_daemon(config: Config) -> int:
         log.error("tunlock cannot start: the configuration has errors", problems=[str(problem)])
         return 2
     try:
-        return anyio.run(serve, config, backend="asyncio")
+        code = anyio.run(serve, config, backend="asyncio")
     except (Exception, BaseExceptionGroup) as caught:
         error = _first_error(caught)
         if isinstance(error, KeyboardInterrupt):
-            return 130
-        if isinstance(error, (TunlockError, LockFailed)):
+            code = 130
+        elif isinstance(error, (TunlockError, LockFailed)):
             log.error("tunlock failed; the lock stays as it is", error=str(error))
+            code = 1
         else:
             log.exception("tunlock crashed; the lock stays as it is", exc_info=error)
-        return 1
+            code = 1
+    _exit_past_stuck_threads(code)
+    return code
+
+
+def _exit_past_stuck_threads(code: int) -> None:
+    """End the process now if a worker thread is stuck (a reload abandoned a read that blocks
+    for good): Python would otherwise wait for it at exit, and a stopped daemon would never
+    end. The daemon's own teardown is done by now; only the interpreter's is skipped."""
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in stuck:
+        thread.join(STUCK_THREAD_GRACE_S)  # idle workers end on their own in a moment
+    if any(thread.is_alive() for thread in stuck):
+        log.warning("a worker thread is stuck (a file that blocks reading?); exiting without it")
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)

@@ -260,6 +260,25 @@ def test_a_reload_with_a_bad_probe_target_keeps_the_running_config(lab: LabUnder
     assert_no_leaks(lab, mark)
 
 
+def test_a_stop_during_a_reload_that_blocks_ends_the_daemon(lab: LabUnderTest) -> None:
+    """A FIFO in the server glob blocked the reload's read for good, and with it every signal
+    after it (issue #11, item 8 is the read itself): the daemon answers meanwhile and a stop
+    ends it with 0, whatever the read does."""
+    config = lab.lab.dir / "fifo.toml"
+    text = lab.lab.config_path.read_text()
+    config.write_text(text)
+    (lab.lab.dir / "fifo").mkdir()
+    os.mkfifo(lab.lab.dir / "fifo" / "pipe.conf")
+    with LabDaemon(lab.lab, env=QUICK, config=str(config)) as daemon:
+        daemon.start()
+        config.write_text(text.replace('"servers/*.conf"', '"servers/*.conf", "fifo/*.conf"'))
+        os.kill(daemon.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        status = daemon.status()
+        assert status is not None and status["state"] == "connected", daemon.log_tail()
+        assert stop_the_group(lab, daemon) == 0, daemon.log_tail()
+
+
 # --- hunting: whatever a careless admin writes, then SIGHUP -----------------------------------
 
 
