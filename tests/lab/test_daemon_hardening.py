@@ -83,7 +83,7 @@ def still_serving(lab: LabUnderTest, daemon: LabDaemon) -> None:
     """The daemon answers, and still fails over when its server goes silent."""
     status = daemon.status()
     assert status is not None, f"the daemon does not answer\n{daemon.log_tail()}"
-    assert status["state"] == "connected", status
+    status = daemon.wait_for(lambda s: s["state"] == "connected", timeout=30, what="connected")
     current = status["server"]
     index = current.removeprefix("vpn")
     faults.blackhole_server(lab.lab, index)
@@ -187,9 +187,10 @@ def test_the_nft_monitor_dying_is_restarted_and_the_guard_keeps_guarding(
         assert again != first
     assert any("nft monitor" in line and "restart" in line for line in daemon.log_events())
     faults.flush_client_ruleset(lab.lab)
-    daemon.wait_for(
-        lambda s: "restored" in (s["last_failure"] or {}).get("reason", ""), timeout=10, what="restored"
-    )
+    deadline = time.monotonic() + 10
+    while not any("lock tampered with; restored" in line for line in daemon.log_events()):
+        assert time.monotonic() < deadline, f"the new monitor did not see the flush\n{daemon.log_tail()}"
+        time.sleep(0.05)
     assert "table inet tunlock" in lab.lab.run("client", "nft", "list", "tables")
     still_serving(lab, daemon)
     assert stop_the_group(lab, daemon) == 0
