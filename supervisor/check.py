@@ -11,7 +11,8 @@ import click
 
 from supervisor.cli_common import CONFIG_OPTION
 from supervisor.config import Config, load_config
-from supervisor.errors import ConfigError
+from supervisor.control import socket_path
+from supervisor.errors import ConfigError, Problem
 from supervisor.servers import ServerDigest
 
 
@@ -42,21 +43,16 @@ def check(config_path: Path, quiet: bool) -> None:
     try:
         config = load_config(config_path, digest_only=True)
     except ConfigError as err:
-        _exit_soon()
-        for problem in err.problems:
-            click.echo(str(problem), err=True)
-        errors = sum(1 for p in err.problems if not p.warning)
-        click.echo(f"tunlock check: {errors} problem{'s' if errors != 1 else ''}", err=True)
-        sys.exit(1)
+        _fail(err.problems)
     try:
         _check_plugins(config)
     except ConfigError as err:
-        for problem in err.problems:
-            click.echo(str(problem), err=True)
-        click.echo(
-            f"tunlock check: {len(err.problems)} problem{'s' if len(err.problems) != 1 else ''}", err=True
-        )
-        sys.exit(1)
+        _fail(err.problems)
+    # Not a key's value but what is at the path: the daemon refuses to replace anything but a
+    # leftover socket there, so `check` says so before `run` does.
+    socket_problem = socket_path.config_problem(config)
+    if socket_problem is not None:
+        _fail([socket_problem])
     if not quiet:
         for warning in config.warnings:
             click.echo(str(warning), err=True)
@@ -81,6 +77,15 @@ def _check_plugins(config: Config) -> None:
             config.path, lines.get(("plugins", name)) or lines.get(("plugins", "enabled"), 0), ""
         ),
     )
+
+
+def _fail(problems: list[Problem]) -> typing.NoReturn:
+    _exit_soon()
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    errors = sum(1 for p in problems if not p.warning)
+    click.echo(f"tunlock check: {errors} problem{'s' if errors != 1 else ''}", err=True)
+    sys.exit(1)
 
 
 def _exit_soon() -> None:

@@ -15,7 +15,7 @@ import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -117,6 +117,25 @@ class HealthSection(_Section):
     probe_target: str | None = None
     handshake_max_age_s: Seconds = 180.0
     connect_timeouts_s: list[Seconds] = Field(default_factory=lambda: [4.0, 8.0, 15.0], min_length=1)
+
+    @field_validator("probe_target")
+    @classmethod
+    def _an_address(cls, value: str | None) -> str | None:
+        # Checked here, not where probes start: a bad one once passed `check` and then killed
+        # `run` with a traceback, and a running daemon on SIGHUP (issue #11).
+        if value is not None:
+            if "%" in value:
+                raise ValueError(
+                    f"{value!r}: a probe goes through the tunnel; give an address without a scope"
+                )
+            try:
+                ip_address(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not an IP address; give an address inside the tunnel that answers "
+                    "ping, such as 10.64.0.1, or leave it out to probe the server's DNS address"
+                ) from None
+        return value
 
 
 class LockSection(_Section):

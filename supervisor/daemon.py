@@ -22,17 +22,21 @@ import contextlib
 import ctypes
 import os
 import signal
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
 import anyio
 import anyio.abc
+from pyroute2 import AsyncIPRoute
 
 from supervisor import __version__, plugins
 from supervisor.config import Config, key_lines, load_config
 from supervisor.control import server as control_server
 from supervisor.control.client import request as control_request
+from supervisor.control.socket_path import config_problem as control_socket_problem
 from supervisor.errors import ConfigError, Problem, TunlockError
 from supervisor.health import IcmpProber
 from supervisor.lock import nft
@@ -54,6 +58,9 @@ from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
 log = get_logger(__name__)
 
 ADOPT_TIMEOUT_S = 15.0
+PATHS_TIMEOUT_S = 5.0
+RELOAD_READ_TIMEOUT_S = 30.0
+STUCK_THREAD_GRACE_S = 1.0
 # Settings that name things already built (the interface, the table, the socket): changing
 # them needs a restart, so a reload that changes them is refused as a whole.
 RESTART_ONLY = (
@@ -356,18 +363,30 @@ async def _signals(
     host: PluginHost | None = None,
 ) -> None:
     current = config
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
+    reloading = anyio.Lock()
+
+    async def reload() -> None:
+        nonlocal current
+        async with reloading:  # one at a time, in the order the signals came
+            try:
                 current = await _reload(runtime, current, lock, watcher)
-            else:
-                log.info("stopping", signal=signal.Signals(signum).name)
-                if notifier is not None:
-                    notifier.stopping()
-                if host is not None:
-                    # Plugins act on "stopping" while the tunnel still stands (unmap, clear files).
-                    await host.stopping(config.settings.plugins.stop_timeout_s)
-                await runtime.post(lambda now: ev.Stop(now))
+            except Exception:  # a bug in a reload must cost the reload, not the daemon
+                log.exception("reload failed; still running on the configuration before it")
+
+    async with anyio.create_task_group() as reloads:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    # In a task of its own: a stop is heard even while a reload is under way.
+                    reloads.start_soon(reload)
+                else:
+                    log.info("stopping", signal=signal.Signals(signum).name)
+                    if notifier is not None:
+                        notifier.stopping()
+                    if host is not None:
+                        # Plugins act on "stopping" while the tunnel still stands (unmap, clear files).
+                        await host.stopping(config.settings.plugins.stop_timeout_s)
+                    await runtime.post(lambda now: ev.Stop(now))
 
 
 async def _reload(
@@ -375,9 +394,18 @@ async def _reload(
 ) -> Config:
     """Read the configuration again; keep running on the old one if the new one is bad."""
     try:
-        new = await anyio.to_thread.run_sync(load_config, config.path)
+        with anyio.fail_after(RELOAD_READ_TIMEOUT_S):
+            # Abandoned, not waited for, if a file blocks the read: the daemon goes on.
+            # One reader at a time, apart from the threads the lock and the tunnel need: reads that
+            # block for good cannot pile up and starve them.
+            new = await anyio.to_thread.run_sync(
+                load_config, config.path, abandon_on_cancel=True, limiter=_config_readers()
+            )
     except ConfigError as err:
         log.error("reload refused: the configuration has errors", problems=[str(p) for p in err.problems])
+        return config
+    except TimeoutError:
+        log.error(f"reload refused: reading the configuration took over {RELOAD_READ_TIMEOUT_S:g} s")
         return config
     changed = [
         ".".join(key)
@@ -387,17 +415,49 @@ async def _reload(
     if changed:
         log.error("reload refused: these settings need a restart", settings=changed)
         return config
+    # Everything that can fail on the new configuration, before anything of it is used.
+    targets = probe_target(new)
+    base = policy_from_config(new, servers=())
+    settings = machine_settings(new)
     _log_warnings(new)
     if new.settings.plugins != config.settings.plugins:
         log.warning("reload: plugin settings take effect at the next start; the running ones go on")
     runtime.servers = {server.name: server for server in new.servers}
-    runtime.probe_target = probe_target(new)
+    runtime.probe_target = targets
+    await lock.rebase(base, runtime.servers)
+    reachable = await _reachable_now(new, runtime.ifname)
+    await runtime.post(lambda now: ev.ConfigReloaded(now, settings, reachable))
+    # Only now: the monitor's report for the new list must not reach the machine before the
+    # list itself (it would name servers the machine does not know yet).
     watcher.set_endpoints(s.endpoint for s in new.servers)
-    await lock.rebase(policy_from_config(new, servers=()), runtime.servers)
-    settings = machine_settings(new)
-    await runtime.post(lambda now: ev.ConfigReloaded(now, settings))
     log.info("configuration reloaded", servers=len(new.servers))
     return new
+
+
+_CONFIG_READERS: list[anyio.CapacityLimiter] = []
+
+
+def _config_readers() -> anyio.CapacityLimiter:
+    if not _CONFIG_READERS:  # made inside the event loop, once
+        _CONFIG_READERS.append(anyio.CapacityLimiter(1))
+    return _CONFIG_READERS[0]
+
+
+async def _reachable_now(config: Config, tunnel_ifname: str) -> frozenset[str] | None:
+    """Which of ``config``'s servers have a path right now, for the reload to act on at once
+    (the monitor reports only changes of the endpoints' reachability, not of their names);
+    ``None`` (the machine keeps what it knows) if the lookup fails."""
+    endpoints = frozenset(server.endpoint for server in config.servers)
+    try:
+        with anyio.fail_after(PATHS_TIMEOUT_S):
+            async with AsyncIPRoute() as ipr:
+                reachable = await monitor.reachable_endpoints(
+                    ipr, endpoints, config.settings.tunnel.fwmark, tunnel_ifname
+                )
+    except Exception as err:  # the monitor's next report corrects it
+        log.warning("could not look up the paths to the reloaded servers", error=str(err))
+        return None
+    return frozenset(server.name for server in config.servers if server.endpoint in reachable)
 
 
 def _first_error(error: BaseException) -> BaseException:
@@ -408,16 +468,39 @@ def _first_error(error: BaseException) -> BaseException:
 
 
 def run_daemon(config: Config) -> int:
-    """``tunlock run``: serve until stopped. 0 after a clean stop; 1 (logged) after an error,
-    with the lock left exactly as it was."""
+    """``tunlock run``: serve until stopped. 0 after a clean stop; 2 for a control socket path
+    that cannot be used (a configuration error, as ``check`` reports it); 1 (logged) after an
+    error, with the lock left exactly as it was."""
+    problem = control_socket_problem(config)
+    if problem is not None:
+        log.error("tunlock cannot start: the configuration has errors", problems=[str(problem)])
+        return 2
     try:
-        return anyio.run(serve, config, backend="asyncio")
+        code = anyio.run(serve, config, backend="asyncio")
     except (Exception, BaseExceptionGroup) as caught:
         error = _first_error(caught)
         if isinstance(error, KeyboardInterrupt):
-            return 130
-        if isinstance(error, (TunlockError, LockFailed)):
+            code = 130
+        elif isinstance(error, (TunlockError, LockFailed)):
             log.error("tunlock failed; the lock stays as it is", error=str(error))
+            code = 1
         else:
             log.exception("tunlock crashed; the lock stays as it is", exc_info=error)
-        return 1
+            code = 1
+    _exit_past_stuck_threads(code)
+    return code
+
+
+def _exit_past_stuck_threads(code: int) -> None:
+    """End the process now if a worker thread is stuck (a reload abandoned a read that blocks
+    for good): Python would otherwise wait for it at exit, and a stopped daemon would never
+    end. The daemon's own teardown is done by now; only the interpreter's is skipped."""
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in stuck:
+        thread.join(STUCK_THREAD_GRACE_S)  # idle workers end on their own in a moment
+    if any(thread.is_alive() for thread in stuck):
+        log.warning("a worker thread is stuck (a file that blocks reading?); exiting without it")
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)

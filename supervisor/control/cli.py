@@ -10,18 +10,36 @@ from typing import Any
 
 import click
 
-from supervisor.cli_common import CONFIG_OPTION, load_or_exit
+from supervisor.cli_common import CONFIG_OPTION
+from supervisor.config import load_config
 from supervisor.control.client import NotRunning, request
-from supervisor.errors import TunlockError
+from supervisor.control.socket_path import lenient_socket
+from supervisor.errors import ConfigError, TunlockError
 
 # Exit statuses a script can tell apart: 3 is the LSB "not running" for status queries.
 EXIT_NOT_RUNNING = 3
 
 
-def _ask(config_path: Path, command: str) -> dict[str, Any]:
-    config = load_or_exit(config_path)
+def socket_of(config_path: Path) -> Path:
+    """The daemon's control socket as the configuration names it. A configuration with errors
+    does not stop a client (the daemon may run on the version before them): its socket is read
+    leniently, and the user told so."""
     try:
-        return request(config.settings.control.socket, command)
+        return load_config(config_path).settings.control.socket
+    except ConfigError as err:
+        path, source = lenient_socket(config_path)
+        first = err.problems[0] if err.problems else config_path
+        click.echo(
+            f"tunlock: note: the configuration has errors ({first}; `tunlock check` lists them); "
+            f"asking the daemon on {path} ({source})",
+            err=True,
+        )
+        return path
+
+
+def _ask(config_path: Path, command: str) -> dict[str, Any]:
+    try:
+        return request(socket_of(config_path), command)
     except NotRunning as err:
         click.echo(f"tunlock: {err}", err=True)
         sys.exit(EXIT_NOT_RUNNING)
@@ -104,9 +122,8 @@ def reconnect(config_path: Path) -> None:
 @CONFIG_OPTION
 def health(config_path: Path) -> None:
     """Exit 0 when connected, 1 otherwise (a container healthcheck)."""
-    config = load_or_exit(config_path)
     try:
-        answer = request(config.settings.control.socket, "status")
+        answer = request(socket_of(config_path), "status")
     except TunlockError as err:
         click.echo(f"unhealthy: {err}", err=True)
         sys.exit(1)

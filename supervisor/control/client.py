@@ -26,6 +26,10 @@ def request(path: Path, command: str, timeout: float = TIMEOUT_S) -> dict[str, A
             raise NotRunning(f"tunlock is not running: no daemon answers on {path}") from None
         except PermissionError:
             raise TunlockError(f"{path}: permission denied (the control socket is root's)") from None
+        except (OSError, ValueError) as err:  # not a socket, a name too long, a NUL in it...
+            raise TunlockError(
+                f"cannot reach the daemon on {path}: {getattr(err, 'strerror', None) or err}"
+            ) from None
         sock.sendall(json.dumps({"command": command}).encode() + b"\n")
         data = b""
         try:

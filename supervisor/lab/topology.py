@@ -471,7 +471,9 @@ class Lab:
         s.wg_pid = wg.pid
         sock = UAPI_DIR / f"{s.ifname}.sock"
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        # Until it accepts, not until it exists: the file appears at bind(), before listen(), and
+        # a `wg set` in between is refused and falls back to the kernel ("Protocol not supported").
+        while not _accepts(sock):
             if time.monotonic() > deadline or wg.poll() is not None:
                 raise LabError(f"wireguard-go for {s.name} did not start (see {self.dir}/{s.name}-wg.log)")
             time.sleep(0.01)
@@ -514,6 +516,15 @@ class Lab:
                 sh("ip", "netns", "del", ns, check=False)
         shutil.rmtree(Path("/etc/netns") / self.ns("client"), ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def uapi_pid(ifname: str) -> int | None:

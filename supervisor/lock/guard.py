@@ -22,12 +22,20 @@ lock with it. nft 1.0.6 cannot set ``persist`` (which keeps an owned table when
 its owner goes), so here the lock stays an ordinary table that outlives the
 daemon, and the guard restores it within milliseconds of any change (see
 docs/lock.md for the measured figure and the trade-off).
+
+The ``nft monitor`` child can die without the daemon meaning to stop: killed by an admin or
+the OOM killer, or by a SIGTERM/SIGINT sent to the daemon's whole process group (systemd's
+stop, Ctrl-C). That must never take the daemon down (its death once crashed it with
+ProcessLookupError), nor leave the lock unwatched: the guard starts a new monitor after a
+short pause that grows while monitors keep dying at once, and checks the table straight away,
+since a change made while nothing watched would otherwise go unseen.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import subprocess
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -43,6 +51,19 @@ log = get_logger(__name__)
 
 OnTamper = Callable[[str], Awaitable[None]]
 
+# Pauses before starting a new ``nft monitor``: doubled while each dies at once (a broken nft
+# must not spin), back to the start once one has run for a while.
+WATCH_RESTART_INITIAL_S = 0.1
+WATCH_RESTART_MAX_S = 10.0
+WATCH_STEADY_S = 30.0
+
+
+def next_restart_delay(previous: float | None, lived_s: float) -> float:
+    """The pause before the next monitor, given the last pause and how long the monitor lived."""
+    if previous is None or lived_s >= WATCH_STEADY_S:
+        return WATCH_RESTART_INITIAL_S
+    return min(WATCH_RESTART_MAX_S, previous * 2)
+
 
 class LockGuard:
     """Owns applying the lock while the daemon runs, and restores it after tampering."""
@@ -55,6 +76,7 @@ class LockGuard:
         self._onlink: tuple | None = None
         self.restores = 0
         self.relinks = 0
+        self.watch_restarts = 0  # times ``nft monitor`` died under us and was started again
 
     async def apply(self, policy: LockPolicy | None = None) -> None:
         """Install ``policy`` (or the current one) and remember what it looks like installed."""
@@ -154,20 +176,48 @@ class LockGuard:
             links.cancel_scope.cancel()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Follow nftables events until cancelled; every change triggers a check."""
-        async with await anyio.open_process([nft.NFT, "monitor"]) as process:
-            assert process.stdout is not None
-            # nft monitor subscribes before it prints anything; check once after it is up so a
-            # change in between cannot be missed.
-            await anyio.sleep(0.05)
-            await self.check()
-            task_status.started()
+        """Follow nftables events until cancelled; every change triggers a check. A monitor that
+        dies is replaced (see the module's docstring); only failing to start the first is an
+        error, since then the guard has never watched."""
+        lived_s = await self._follow(task_status.started)
+        delay: float | None = None
+        while True:
+            delay = next_restart_delay(delay, lived_s)
+            self.watch_restarts += 1
+            log.warning(
+                "nft monitor ended; the lock guard restarts it", after_s=delay, lived_s=round(lived_s, 3)
+            )
+            await anyio.sleep(delay)
             try:
+                lived_s = await self._follow(lambda: None)
+            except OSError as err:
+                log.error("could not restart nft monitor; trying again", error=str(err))
+                lived_s = 0.0
+
+    async def _follow(self, started: Callable[[], None]) -> float:
+        """Run one ``nft monitor`` and check the table on each change, until it ends: how long
+        it lived. Cancelled, it ends the child."""
+        began = anyio.current_time()
+        process = await anyio.open_process(
+            [nft.NFT, "monitor"], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        async with process:
+            assert process.stdout is not None
+            try:
+                # nft monitor subscribes before it prints anything; check once after it is up so
+                # a change in between cannot be missed.
+                await anyio.sleep(0.05)
+                await self.check()
+                started()
                 async for chunk in TextReceiveStream(process.stdout):
                     if chunk.strip():
                         await self.check()
             finally:
                 with anyio.CancelScope(shield=True):
-                    process.terminate()
+                    if process.returncode is None:
+                        # Gone already (and reaped) is fine: that is what ended the loop.
+                        with contextlib.suppress(ProcessLookupError):
+                            process.terminate()
                     with anyio.move_on_after(2):
                         await process.wait()
+        return anyio.current_time() - began

@@ -85,7 +85,7 @@ def _connect(
 def _offline(m: Machine, now: float) -> tuple[Machine, Actions]:
     """No path to any server: stop every clock and attempt nothing until a path returns."""
     current = m.state
-    if isinstance(current, (Connecting, Connected)):
+    if isinstance(current, (Connecting, Connected)) and current.server in m.context.settings.servers:
         state = Offline(since=now, resume=current.server, intact=True)
     elif isinstance(current, Offline):
         return m, []
@@ -206,13 +206,18 @@ def paths_while_tunnelled(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Acti
 def paths_while_offline(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Actions]:
     """A path is back: check the intact peer, or set up the server to resume, or pick one."""
     m = Machine(m.state, replace(m.context, reachable=e.reachable))
+    return _back_online(m, e.now, "a path is back")
+
+
+def _back_online(m: Machine, now: float, reason: str) -> tuple[Machine, Actions]:
+    """Offline: stay while no configured server has a path; else resume or pick one."""
     state = m.state
     assert isinstance(state, Offline)
     if not _any_reachable(m.context):
         return m, []
     if state.resume is not None and _reachable(m.context, state.resume):
-        return _connect(m, e.now, state.resume, "a path is back", configure=not state.intact)
-    return _pick_and_connect(m, e.now, "a path is back")
+        return _connect(m, now, state.resume, reason, configure=not state.intact)
+    return _pick_and_connect(m, now, reason)
 
 
 def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actions]:
@@ -372,29 +377,54 @@ def request_while_blocked(
 
 
 def reload_while_tunnelled(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
-    """Keep the tunnel if its server is still configured; otherwise move to one that is."""
+    """Keep the tunnel if its server is still listed and reachable; else another, or offline.
+
+    ``reachable`` comes with the event, looked up for the new list (see ``ConfigReloaded``)."""
     m = _with_settings(m, e)
     server = m.state.server
-    if server in m.context.settings.servers:
-        return m, []
+    assert server is not None
     if not m.context.settings.servers:
         return _every_server_failed(m, e.now)
-    return _pick_and_connect(m, e.now, f"{server} is no longer configured")
+    if server not in m.context.settings.servers:
+        return _pick_and_connect(m, e.now, f"{server} is no longer configured")
+    if not _any_reachable(m.context):
+        return _offline(m, e.now)
+    if not _reachable(m.context, server):
+        return _pick_and_connect(m, e.now, f"no route to {server}", exclude=(server,))
+    return m, []
 
 
 def reload_while_offline(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
-    """Forget a resume server that is no longer configured."""
+    """Forget a resume server no longer listed; connect if a listed server has a path now.
+
+    No later path report would say so if the endpoints' reachability did not change, or if it
+    reached the machine before these settings (it was offline for good once: issue #11)."""
     m = _with_settings(m, e)
     state = m.state
     assert isinstance(state, Offline)
     if state.resume is not None and state.resume not in m.context.settings.servers:
-        return Machine(Offline(state.since, None, False), m.context), []
-    return m, []
+        m = Machine(Offline(state.since, None, False), m.context)
+    if not m.context.settings.servers:
+        return _every_server_failed(m, e.now)
+    return _back_online(m, e.now, "the reloaded configuration has a reachable server")
 
 
 def reload_while_blocked(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
-    """New settings; a running backoff keeps its schedule."""
-    return _with_settings(m, e), []
+    """New settings; a running backoff keeps its schedule. Given servers after none: connect.
+
+    No path to any server of the new list: offline, as a path report would do."""
+    m = _with_settings(m, e)
+    state = m.state
+    assert isinstance(state, Blocked)
+    if not m.context.started:
+        return m, []
+    if not m.context.settings.servers:
+        return (m, []) if state.retry_at is None else _every_server_failed(m, e.now)
+    if not _any_reachable(m.context):
+        return _offline(m, e.now)
+    if state.retry_at is None:
+        return _pick_and_connect(m, e.now, "servers are configured again")
+    return m, []
 
 
 def _with_settings(m: Machine, e: ev.ConfigReloaded) -> Machine:
@@ -402,7 +432,10 @@ def _with_settings(m: Machine, e: ev.ConfigReloaded) -> Machine:
     ctx = m.context
     cooling = type(ctx.cooling)({k: v for k, v in ctx.cooling.items() if k in known})
     last = ctx.last_server if ctx.last_server in known else None
-    return Machine(m.state, replace(ctx, settings=e.settings, cooling=cooling, last_server=last))
+    reachable = ctx.reachable if e.reachable is None else e.reachable
+    return Machine(
+        m.state, replace(ctx, settings=e.settings, cooling=cooling, last_server=last, reachable=reachable)
+    )
 
 
 # --- the table -------------------------------------------------------------------------------

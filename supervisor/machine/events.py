@@ -112,10 +112,15 @@ class ReconnectRequested:
 
 @dataclass(frozen=True)
 class ConfigReloaded:
-    """SIGHUP read a valid configuration; the runtime has re-applied the lock's base policy."""
+    """SIGHUP read a valid configuration; the runtime has re-applied the lock's base policy.
+
+    ``reachable`` is where paths exist under the new server list, looked up as it was read (a
+    server new to the machine has no report yet); ``None`` keeps what the machine knows.
+    """
 
     now: float
     settings: Settings
+    reachable: frozenset[str] | None = None
 
 
 Event = (

@@ -494,3 +494,69 @@ def test_a_reload_while_offline_forgets_a_removed_resume_server() -> None:
     assert isinstance(run.state, Offline) and run.state.resume is None
     actions = run.feed(ev.PathsChanged(run.at(1), frozenset({"b"})))
     assert configured(actions) == ["b"]
+
+
+# A reload that drops the current server (issue #11, item 2): the monitor's report for the new
+# server list can reach the machine before the new settings do, naming servers it does not know
+# yet. Neither order may leave it offline with a configured server reachable.
+
+
+def test_paths_for_the_new_servers_ahead_of_the_reload_do_not_strand_the_machine() -> None:
+    run = Run(Settings(servers=("b", "c")))
+    run.start(reachable=frozenset({"b", "c"}))
+    run.connect()
+    run.feed(ev.PathsChanged(run.at(0.1), frozenset({"a"})))  # the new list's paths, old settings
+    actions = run.feed(ev.ConfigReloaded(run.at(0.1), Settings(servers=("a",))))
+    assert isinstance(run.state, Connecting) and run.state.server == "a", run.state
+    assert act.SetLockServers(("a",)) in actions and configured(actions) == ["a"]
+
+
+def test_a_reload_with_the_paths_of_its_servers_moves_at_once_without_going_offline() -> None:
+    run = Run(Settings(servers=("b", "c")))
+    run.start(reachable=frozenset({"b", "c"}))
+    run.connect()
+    actions = run.feed(ev.ConfigReloaded(run.at(0.1), Settings(servers=("a",)), reachable=frozenset({"a"})))
+    assert isinstance(run.state, Connecting) and run.state.server == "a", run.state
+    assert configured(actions) == ["a"]
+    assert all(a.state != "offline" for a in actions if isinstance(a, act.PublishStatus))
+
+
+def test_a_reload_whose_paths_leave_no_server_reachable_goes_offline() -> None:
+    run = Run().started_connected()
+    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("d",)), reachable=frozenset({"a"})))
+    assert isinstance(run.state, Offline) and run.state.resume is None
+    assert not configured(actions)
+    actions = run.feed(ev.PathsChanged(run.at(1), frozenset({"d"})))
+    assert configured(actions) == ["d"]
+
+
+def test_a_reload_while_offline_connects_when_a_new_server_is_reachable() -> None:
+    run = Run().started_connected()
+    run.feed(ev.PathsChanged(run.at(0.1), frozenset({"d"})))  # none of a, b, c: offline
+    assert isinstance(run.state, Offline)
+    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("d",))))
+    assert configured(actions) == ["d"] and isinstance(run.state, Connecting)
+
+
+def test_a_reload_adding_servers_to_an_empty_list_connects() -> None:
+    run = Run(Settings(servers=()))
+    run.feed(ev.Start(0.0, seed=7))
+    assert isinstance(run.state, Blocked) and run.state.reason == "no servers configured"
+    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("a",))))
+    assert configured(actions) == ["a"] and isinstance(run.state, Connecting)
+
+
+def test_a_reload_emptying_the_list_while_backing_off_says_so() -> None:
+    run = Run(Settings(servers=("a",), connect_timeouts_s=(4.0,)))
+    run.start(reachable=frozenset({"a"}))
+    run.feed(ev.TimerFired(run.at(4), "connect"))
+    assert isinstance(run.state, Blocked) and run.state.retry_at is not None
+    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=())))
+    assert isinstance(run.state, Blocked) and run.state.reason == "no servers configured"
+    assert act.CancelTimer("backoff") in actions
+
+
+def test_a_reload_before_start_only_remembers() -> None:
+    run = Run()
+    assert run.feed(ev.ConfigReloaded(0.0, Settings(servers=("b",)), reachable=frozenset({"b"}))) == []
+    assert run.machine.context.reachable == frozenset({"b"})

@@ -19,9 +19,11 @@ from supervisor.machine import events as ev
 from supervisor.machine.core import step
 from supervisor.machine.rotation import nominal_backoff
 from supervisor.machine.settings import Settings
-from supervisor.machine.states import Machine, Offline, Stopped
+from supervisor.machine.states import Blocked, Machine, Offline, Stopped
 
 SERVERS = ("a", "b", "c", "d")
+# Names a reload may bring in: the monitor can report paths for them before the reload lands.
+NAMES_EVER = (*SERVERS, "e", "f")
 NAMES = {"blocked", "connecting", "connected", "offline", "stopped"}
 
 
@@ -98,6 +100,22 @@ class MachineUnderEvents(RuleBasedStateMachine):
             assert isinstance(self.machine.state, Stopped) == self.exited
 
     @invariant()
+    def never_stranded(self) -> None:
+        """Offline only while no configured server has a path; blocked without a retry only for
+        want of servers (issue #11: a reload once left the daemon offline for good)."""
+        machine = self.machine
+        if machine is None or not machine.context.started:
+            return
+        ctx = machine.context
+        reachable = ctx.reachable
+        if isinstance(machine.state, Offline):
+            assert reachable is not None and not (reachable & set(ctx.settings.servers)), (
+                f"offline with {sorted(reachable or ())} reachable among {ctx.settings.servers}"
+            )
+        if isinstance(machine.state, Blocked) and machine.state.retry_at is None:
+            assert not ctx.settings.servers, f"blocked for good: {machine.state.reason}"
+
+    @invariant()
     def backoff_grows_and_is_capped(self) -> None:
         rounds = sorted(self.nominal_by_round)
         nominals = [self.nominal_by_round[r] for r in rounds]
@@ -110,7 +128,7 @@ class MachineUnderEvents(RuleBasedStateMachine):
     def time_passes(self, dt: float) -> None:
         self.now += dt
 
-    @rule(reachable=st.frozensets(st.sampled_from(SERVERS)))
+    @rule(reachable=st.frozensets(st.sampled_from(NAMES_EVER)))
     def paths(self, reachable: frozenset[str]) -> None:
         self.feed(ev.PathsChanged(self.now, reachable))
 
@@ -153,15 +171,19 @@ class MachineUnderEvents(RuleBasedStateMachine):
     def user(self, rotate: bool) -> None:
         self.feed(ev.RotateRequested(self.now) if rotate else ev.ReconnectRequested(self.now))
 
-    @rule(order=st.permutations(SERVERS))
-    def reload(self, order: list[str]) -> None:
+    @rule(
+        order=st.permutations(NAMES_EVER),
+        keep=st.integers(0, len(NAMES_EVER)),
+        reachable=st.none() | st.frozensets(st.sampled_from(NAMES_EVER)),
+    )
+    def reload(self, order: list[str], keep: int, reachable: frozenset[str] | None) -> None:
         self.settings = Settings(
-            servers=tuple(order),
+            servers=tuple(order[:keep]),
             strategy=self.settings.strategy,
             lock_mode=self.settings.lock_mode,
             cooldown_s=self.settings.cooldown_s,
         )
-        self.feed(ev.ConfigReloaded(self.now, self.settings))
+        self.feed(ev.ConfigReloaded(self.now, self.settings, reachable))
 
     @precondition(lambda self: not self.exited)
     @rule()
