@@ -86,8 +86,11 @@ def machine_settings(config: Config) -> Settings:
         interval_s=s.health.interval_s,
         idle_interval_s=s.health.idle_interval_s,
         probe_interval_s=s.health.probe_interval_s,
-        dead_after_s=s.health.dead_after_s,
         idle_probe_s=s.health.idle_probe_s,
+        doubt_probe_interval_s=s.health.doubt_probe_interval_s,
+        min_unanswered_probes=s.health.min_unanswered_probes,
+        dead_after_s=s.health.dead_after_s,
+        probe_reply_s=s.health.probe_reply_s,
         handshake_max_age_s=s.health.handshake_max_age_s,
         connect_timeouts_s=tuple(s.health.connect_timeouts_s),
         lock_mode=s.lock.mode,
@@ -192,7 +195,11 @@ async def serve(config: Config) -> int:
         elif isinstance(event, wg.BackendRestarted):
             await runtime.post(lambda now: ev.BackendUp(now))
 
-    async with anyio.create_task_group() as tg, open_tunnel(tunnel_settings, report=backend_event) as tunnel:
+    async with (
+        anyio.create_task_group() as tg,
+        open_tunnel(tunnel_settings, report=backend_event) as tunnel,
+        IcmpProber() as prober,
+    ):
         with anyio.fail_after(ADOPT_TIMEOUT_S):
             adopted = await tunnel.adopt(config.servers)
         runtime: Runtime
@@ -202,7 +209,7 @@ async def serve(config: Config) -> int:
             servers,
             lock,
             tunnel,
-            IcmpProber(),
+            prober,
             ifname=tunnel.ifname,
             probe_target=probe_target(config),
             on_publish=published,

@@ -41,7 +41,6 @@ CONFIGURE_TIMEOUT_S = 15.0
 STATS_TIMEOUT_S = 2.0
 TEARDOWN_TIMEOUT_S = 15.0
 LOCK_TIMEOUT_S = 15.0
-PROBE_TIMEOUT_S = 1.0
 
 
 class LockFailed(RuntimeError):
@@ -75,7 +74,8 @@ class TunnelControl(Protocol):
 
 
 class Prober(Protocol):
-    async def probe(self, target: IPv4Address | IPv6Address, ifname: str, timeout: float) -> bool: ...
+    def send(self, target: IPv4Address | IPv6Address, ifname: str) -> None:
+        """Send one probe through the tunnel without waiting (non-blocking); the answer is rx."""
 
 
 # --- what the runtime tells the world ---------------------------------------------------------
@@ -286,18 +286,15 @@ class Runtime:
         return ev.StatsRead(self.clock(), stats.rx_bytes, stats.tx_bytes, stats.handshake_age_s)
 
     def _probe(self) -> None:
+        """One non-blocking send, no task: in doubt the machine asks for tens a second."""
         server = self.servers.get(self.machine.state.server or "")
         target = self.probe_target(server) if server else None
-        if target is None or self._task_group is None:
+        if target is None:
             return
-
-        async def send() -> None:
-            try:
-                await self.prober.probe(target, self.ifname, PROBE_TIMEOUT_S)
-            except OSError as err:
-                log.debug("probe not sent", error=str(err))
-
-        self._task_group.start_soon(send)
+        try:
+            self.prober.send(target, self.ifname)
+        except OSError as err:  # a probe that cannot go is a lost probe: the counters tell
+            log.debug("probe not sent", error=str(err))
 
     def _start_timer(self, timer: str, delay: float) -> None:
         previous = self._timers.pop(timer, None)

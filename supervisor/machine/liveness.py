@@ -1,22 +1,36 @@
-"""Is the server still answering? A judgement from counter samples, pure.
+"""Is the server still answering? A judgement from counter samples, pure, escalating on doubt.
 
 Handshake age alone finds a dead server only after WireGuard's 180 s reject timer. Instead the
-machine compares the counters between samples, rx against tx:
+machine compares the counters between samples, rx against tx, and pays for certainty only when
+there is doubt:
 
-- rx grew: the server answers; the next sample after ``interval_s`` (``ALIVE``);
+- rx grew: the server answers; the next sample after ``interval_s`` (``ALIVE``), no probe;
 - neither grew: nothing was sent, so nothing was owed; the link is idle (``IDLE``): samples
   slow down to ``idle_interval_s``, and a light probe goes out only every ``idle_probe_s``,
   which keeps an idle daemon nearly free while its picture never gets staler than that;
-- tx grew but rx did not: something went unanswered (``QUIET``): each sample now sends a probe
-  through the tunnel (its answer shows up as rx) and samples come every ``probe_interval_s``.
+- tx grew but rx did not: doubt (``DOUBT``). From this sample on, every sample sends a probe
+  through the tunnel (its answer shows up as rx) and samples come every
+  ``doubt_probe_interval_s`` (tens a second). The first rx growth clears the doubt, and the
+  pace falls back to ``interval_s`` with no probe.
 
-The server is dead once rx has not grown for ``dead_after_s`` *and* at least
-``min_unanswered_probes`` probes went out in that silence: a lossy but working link answers
-some of a dozen probes, so it never reaches that verdict.
+Why a count *and* a window. Certainty grows with the number of probes, not with seconds: with
+a loss ``p`` each way a probe's round trip is lost with ``1 - (1 - p)^2``, and independent
+probes are all lost with that to the power of their number (``chance_all_lost``). The count
+``min_unanswered_probes`` is chosen so that this is negligible at the loss one wants to ride
+out (``probes_needed``: 31 at 30 % each way for at most 1e-9). Independence is what a burst
+breaks: a link that drops *everything* for half a second loses every probe sent in it however
+many there are, so the doubt must also have lasted ``dead_after_s``, the longest burst to ride
+out. A probe counts as unanswered only once ``probe_reply_s`` has passed since it went out (its
+answer may still be on its way), so the probes in flight never add to the count.
+
+The server is dead when, in one doubt, at least ``min_unanswered_probes`` probes went out at
+least ``probe_reply_s`` ago without rx growing, and the doubt began at least ``dead_after_s``
+ago. Time is event data (each sample's ``now``), so the machine reads no clock.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -25,11 +39,27 @@ from supervisor.machine.settings import Settings
 
 
 class Verdict(Enum):
-    ALIVE = "alive"  # rx grew: sample again after interval_s
+    ALIVE = "alive"  # rx grew: sample again after interval_s, no probe
     IDLE = "idle"  # nothing sent, nothing received: sample again after idle_interval_s
     IDLE_PROBE = "idle-probe"  # idle for idle_probe_s: one probe, then sample after interval_s
-    QUIET = "quiet"  # sent but not answered: probe, and sample again soon
+    DOUBT = "doubt"  # sent but not answered: probe, and sample again after doubt_probe_interval_s
     DEAD = "dead"
+
+
+def round_trip_loss(loss_each_way: float) -> float:
+    """The chance that a probe or its answer is lost, with ``loss_each_way`` independent loss."""
+    return 1 - (1 - loss_each_way) ** 2
+
+
+def chance_all_lost(probes: int, loss_each_way: float) -> float:
+    """The chance that ``probes`` independent probes on a working link all go unanswered."""
+    return round_trip_loss(loss_each_way) ** probes
+
+
+def probes_needed(loss_each_way: float, false_verdict: float) -> int:
+    """The fewest consecutive unanswered probes that a working link with ``loss_each_way``
+    produces with a chance of at most ``false_verdict`` (the default count's derivation)."""
+    return math.ceil(math.log(false_verdict) / math.log(round_trip_loss(loss_each_way)))
 
 
 @dataclass(frozen=True)
@@ -40,9 +70,28 @@ class Liveness:
     rx_bytes: int | None = None  # last sample's counters; None before the first
     tx_bytes: int | None = None
     settled_at: float | None = None  # last sample that owed nothing: rx grew, or nothing was sent
-    unanswered: int = 0  # samples (each with a probe) that found something owed
     ever_answered: bool = False  # rx grew, or a handshake completed, since ``since``
     idle_since: float | None = None  # nothing sent since then (the idle probe's clock)
+    # The doubt: when each of its probes went out (one per sample); empty when there is none.
+    probes: tuple[float, ...] = ()
+
+    @property
+    def in_doubt(self) -> bool:
+        return bool(self.probes)
+
+    @property
+    def doubt_since(self) -> float | None:
+        """When the doubt began (its first probe), or None."""
+        return self.probes[0] if self.probes else None
+
+    @property
+    def unanswered(self) -> int:
+        """Probes out in this doubt, answered or not yet (0 when there is no doubt)."""
+        return len(self.probes)
+
+    def overdue(self, now: float, settings: Settings) -> int:
+        """This doubt's probes whose answer is overdue at ``now``: out for ``probe_reply_s``."""
+        return sum(1 for sent in self.probes if now - sent >= settings.probe_reply_s)
 
     def judge(self, sample: StatsRead, settings: Settings) -> tuple[Liveness, Verdict, str | None]:
         """The new liveness, the verdict, and (when dead) why."""
@@ -53,28 +102,31 @@ class Liveness:
         if self.rx_bytes is None or self.tx_bytes is None or rx < self.rx_bytes or tx < self.tx_bytes:
             # First sample, or the counters restarted (a new peer or a restarted backend):
             # a baseline, not a judgement of silence.
-            new = Liveness(self.since, rx, tx, now, 0, answered)
-            verdict = Verdict.ALIVE if answered else Verdict.QUIET
+            new = Liveness(self.since, rx, tx, now, answered)
+            verdict = Verdict.ALIVE if answered else Verdict.DOUBT
+            if verdict is Verdict.DOUBT:
+                new = replace(new, probes=(now,))
         elif rx > self.rx_bytes:
-            new = Liveness(self.since, rx, tx, now, 0, True)
+            # Any answer, to a probe or to anything else, clears the doubt at once.
+            new = Liveness(self.since, rx, tx, now, True)
             verdict = Verdict.ALIVE
-        else:
+        elif tx == self.tx_bytes and not self.in_doubt:
+            # Idle: nothing owed, so silence starts counting only from the next thing sent.
             settled_at = self.settled_at if self.settled_at is not None else now
-            if tx == self.tx_bytes and self.unanswered == 0:
-                # Idle: nothing owed, so silence starts counting only from the next thing sent.
-                idle_since = self.idle_since if self.idle_since is not None else settled_at
-                new = Liveness(self.since, rx, tx, now, 0, answered, idle_since)
-                idle_probe = now - idle_since >= settings.idle_probe_s
-                verdict = Verdict.IDLE_PROBE if idle_probe else Verdict.IDLE
-                if idle_probe:
-                    new = replace(new, idle_since=now)
-            else:
-                new = Liveness(self.since, rx, tx, settled_at, self.unanswered + 1, answered)
-                verdict = Verdict.QUIET
-                silent_for = now - settled_at
-                # ``self.unanswered`` counts the probes already out, before this sample's own.
-                if silent_for >= settings.dead_after_s and self.unanswered >= settings.min_unanswered_probes:
-                    return new, Verdict.DEAD, f"silent for {silent_for:.1f} s while probing"
+            idle_since = self.idle_since if self.idle_since is not None else settled_at
+            idle_probe = now - idle_since >= settings.idle_probe_s
+            new = Liveness(self.since, rx, tx, now, answered, now if idle_probe else idle_since)
+            verdict = Verdict.IDLE_PROBE if idle_probe else Verdict.IDLE
+        else:
+            # Owed and unanswered: doubt. The verdict counts the probes already out, before this
+            # sample's own, and only those whose answer is overdue.
+            overdue = self.overdue(now, settings)
+            began = self.doubt_since if self.doubt_since is not None else now
+            if overdue >= settings.min_unanswered_probes and now - began >= settings.dead_after_s:
+                why = f"{overdue} probes unanswered over {now - began:.1f} s"
+                return replace(self, rx_bytes=rx, tx_bytes=tx), Verdict.DEAD, why
+            new = Liveness(self.since, rx, tx, self.settled_at, answered, None, (*self.probes, now))
+            verdict = Verdict.DOUBT
         if age is not None and age > settings.handshake_max_age_s:
             return new, Verdict.DEAD, f"no handshake for {age:.0f} s"
         return new, verdict, None

@@ -6,11 +6,14 @@ would, never built by hand, so a test cannot start from a state the machine coul
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev
 from supervisor.machine.core import TRANSITIONS, UnknownEvent, describe, ignore, step
+from supervisor.machine.liveness import chance_all_lost, probes_needed, round_trip_loss
 from supervisor.machine.rotation import nominal_backoff
 from supervisor.machine.settings import Settings
 from supervisor.machine.states import STATE_TYPES, Blocked, Connected, Connecting, Machine, Offline, Stopped
@@ -58,16 +61,16 @@ class Run:
         self.connect()
         return self
 
-    def silence(self, seconds: float, tx_growth: int = 100) -> list[act.Action]:
-        """Samples every 0.25 s in which tx grows and rx does not; every action they caused."""
+    def silence(self, seconds: float, tx_growth: int = 100, step: float = 0.25) -> list[act.Action]:
+        """Samples every ``step`` s in which tx grows and rx does not; every action they caused."""
         assert isinstance(self.state, (Connected, Connecting))
         rx = self.state.liveness.rx_bytes or 0
         tx = self.state.liveness.tx_bytes or 0
         caused: list[act.Action] = []
-        steps = round(seconds / 0.25)
+        steps = round(seconds / step)
         for _ in range(steps):
             tx += tx_growth
-            caused += self.feed(ev.StatsRead(self.at(0.25), rx, tx, 1.0))
+            caused += self.feed(ev.StatsRead(self.at(step), rx, tx, 1.0))
             if not isinstance(self.state, Connected):
                 break
         return caused
@@ -210,49 +213,85 @@ def test_an_idle_tunnel_is_probed_every_idle_probe_s() -> None:
     assert isinstance(run.state, Connected), "idle is not silence: nothing was owed"
 
 
-def test_unanswered_traffic_is_probed_fast_and_a_silent_server_is_dead_after_3_s() -> None:
+DOUBT = SETTINGS.doubt_probe_interval_s
+
+
+def test_default_count_and_window_are_derived_from_the_loss_to_ride_out() -> None:
+    # 30 % loss each way loses 51 % of round trips; 31 in a row at most once in 1e9 doubts.
+    assert round_trip_loss(0.30) == pytest.approx(0.51)
+    assert probes_needed(0.30, 1e-9) == SETTINGS.min_unanswered_probes == 31
+    assert chance_all_lost(31, 0.30) <= 1e-9 < chance_all_lost(30, 0.30)
+    assert chance_all_lost(31, 0.20) < 1e-13
+    # The window is at least the time the count takes at the default pace (a burst of total loss
+    # shorter than it never decides), and the pace is "tens a second".
+    assert SETTINGS.dead_after_s >= (SETTINGS.min_unanswered_probes - 1) * DOUBT - 1e-9
+    assert 10 <= 1 / DOUBT <= 50
+
+
+def test_doubt_escalates_to_fast_probes_and_a_silent_server_is_dead_on_count_and_window() -> None:
     run = Run().started_connected()
+    actions = run.silence(0.5, step=0.5)  # the calm pace finds tx grown, rx not: doubt
+    assert actions == [act.Probe(), act.StartTimer("sample", DOUBT)]
     began = run.now
-    actions = run.silence(5)
-    assert actions[:2] == [act.Probe(), act.StartTimer("sample", 0.25)]
+    actions = run.silence(5, step=DOUBT)
     assert isinstance(run.state, Connecting) and run.state.server == "b"
-    assert run.now - began == pytest.approx(3.0)
+    # The 31st probe went out 1.2 s into the doubt; its answer was overdue 0.25 s later.
+    assert run.now - began == pytest.approx(37 * DOUBT)
     failure = run.machine.context.last_failure
-    assert failure.server == "a" and "silent for 3.0 s while probing" in failure.reason
+    assert failure.server == "a" and "31 probes unanswered over 1.5 s" in failure.reason
+    assert actions.count(act.Probe()) == 36 + 1  # 36 more in doubt, then the new server's first
     assert act.SetLockServers(("b",)) in actions and configured(actions) == ["b"]
 
 
-def test_one_answered_probe_in_the_window_keeps_a_lossy_server() -> None:
+def test_any_rx_clears_the_doubt_at_once_and_the_pace_falls_back() -> None:
     run = Run().started_connected()
-    for _ in range(20):  # 10 s: every 8th sample something comes back
-        run.silence(1.75)
+    run.silence(1.0, step=DOUBT)
+    assert run.state.liveness.in_doubt
+    rx = run.state.liveness.rx_bytes + 92
+    actions = run.feed(ev.StatsRead(run.at(DOUBT), rx, run.state.liveness.tx_bytes + 100, 1.0))
+    assert actions == [act.StartTimer("sample", SETTINGS.interval_s)], "no probe once answered"
+    assert not run.state.liveness.in_doubt and run.state.liveness.unanswered == 0
+
+
+def test_one_answered_probe_in_thirty_keeps_a_lossy_server() -> None:
+    run = Run().started_connected()
+    for _ in range(40):  # every 30th probe comes back, for 48 s
+        run.silence(29 * DOUBT, step=DOUBT)
         rx = run.state.liveness.rx_bytes + 92
-        run.feed(ev.StatsRead(run.at(0.25), rx, run.state.liveness.tx_bytes + 100, 1.0))
+        run.feed(ev.StatsRead(run.at(DOUBT), rx, run.state.liveness.tx_bytes + 100, 1.0))
     assert isinstance(run.state, Connected) and run.state.server == "a"
     assert run.machine.context.last_failure is None
 
 
-def test_silence_needs_enough_unanswered_probes_not_just_time() -> None:
-    run = Run().started_connected()
-    # idle for a long time (nothing owed), then traffic goes unanswered: the idle time does not
-    # count as silence, the probes after it do.
-    run.feed(ev.StatsRead(run.at(30), 100, 100, 1.0))
-    run.silence(1.0)
-    assert isinstance(run.state, Connected)
-    run.silence(3.0)
+def test_a_short_burst_never_decides_however_many_probes_it_swallowed() -> None:
+    fast = replace(SETTINGS, doubt_probe_interval_s=0.01)  # 31 probes in 0.3 s
+    run = Run(fast).started_connected()
+    run.silence(1.15, step=0.01)
+    assert isinstance(run.state, Connected), "the count is met, the window is not"
+    assert run.state.liveness.overdue(run.now, fast) > 2 * fast.min_unanswered_probes
+    run.silence(0.1, step=0.01)
     assert isinstance(run.state, Connecting) and run.state.server == "b"
 
 
-def test_silence_after_an_idle_spell_waits_for_eight_unanswered_probes() -> None:
+def test_probes_still_in_flight_are_not_counted() -> None:
+    slow_path = replace(SETTINGS, probe_reply_s=1.0)  # a satellite link: answers take a second
+    run = Run(slow_path).started_connected()
+    run.silence(2.15, step=DOUBT)  # 31 probes by 1.2 s and the window met: the answers are not due
+    assert isinstance(run.state, Connected)
+    run.silence(0.2, step=DOUBT)
+    assert isinstance(run.state, Connecting) and run.state.server == "b"
+
+
+def test_silence_after_an_idle_spell_counts_from_the_first_doubt_not_the_last_answer() -> None:
     run = Run().started_connected()
     run.feed(ev.StatsRead(run.at(0.5), 100, 100, 1.0))  # idle: the next sample comes 2 s later
-    settled = run.now
-    run.feed(ev.StatsRead(run.at(2.0), 100, 200, 1.0))  # tx grew: owed, probing starts
-    run.silence(1.0)  # 3 s since the last settled sample, but only 5 probes out
-    assert isinstance(run.state, Connected), "3 s of silence with too few probes is not death"
-    run.silence(1.0)
-    assert isinstance(run.state, Connecting) and run.state.server == "b"
-    assert run.now - settled == pytest.approx(4.0)
+    run.feed(ev.StatsRead(run.at(30), 100, 100, 1.0))  # long idle: nothing owed
+    run.feed(ev.StatsRead(run.at(2.0), 100, 200, 1.0))  # tx grew: doubt, its first probe
+    began = run.now
+    run.silence(1.4, step=DOUBT)
+    assert isinstance(run.state, Connected), "the idle time is not silence"
+    run.silence(0.2, step=DOUBT)
+    assert isinstance(run.state, Connecting) and run.now - began == pytest.approx(37 * DOUBT)
 
 
 def test_an_expired_handshake_is_dead_even_with_rx() -> None:

@@ -222,3 +222,89 @@ def test_every_server_is_tried_before_any_backoff(strategy: str, count: int, see
     assert tried_before_backoff is not None, "every server failed: the machine must back off"
     assert sorted(tried_before_backoff) == sorted(servers), f"first round tried {tried_before_backoff}"
     assert len(tried) > count, "attempts go on after the backoff"
+
+
+# --- escalating liveness: the doubt, its pace and its verdict ------------------------------
+
+# One sample of a connected tunnel: how long after the last, whether rx grew (any answer) and
+# whether tx grew (something sent).
+samples = st.lists(
+    st.tuples(st.floats(0.001, 0.6), st.booleans(), st.booleans()),
+    min_size=1,
+    max_size=150,
+)
+detection = st.builds(
+    lambda pace, count, window, reply: Settings(
+        servers=SERVERS,
+        doubt_probe_interval_s=pace,
+        min_unanswered_probes=count,
+        dead_after_s=window,
+        probe_reply_s=reply,
+    ),
+    pace=st.floats(0.005, 0.2),
+    count=st.integers(1, 40),
+    window=st.floats(0.05, 2.0),
+    reply=st.floats(0.0, 1.0),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(config=detection, samples=samples)
+def test_doubt_probes_fast_decides_only_on_count_and_window_and_any_answer_resets(
+    config: Settings, samples: list[tuple[float, bool, bool]]
+) -> None:
+    """Whatever the samples: no verdict before the count of overdue probes *and* the window; any
+    rx growth clears the doubt with no probe and the calm pace; in doubt every sample probes at
+    the doubt pace."""
+    machine = Machine.initial(config)
+    now, rx, tx = 0.0, 100, 100
+    machine, _ = step(machine, ev.Start(now, seed=1))
+    now += 0.1
+    machine, _ = step(machine, ev.StatsRead(now, rx, tx, 0.05))
+    assert machine.state.name == "connected"
+    probes: list[float] = []  # this doubt's probes, as the test saw the actions ask for them
+    for dt, rx_grew, tx_grew in samples:
+        now += dt
+        rx += 92 if rx_grew else 0
+        tx += 100 if tx_grew or probes else 0  # in doubt, the last sample's probe went out
+        machine, actions = step(machine, ev.StatsRead(now, rx, tx, 1.0))
+        if machine.state.name != "connected":
+            overdue = [t for t in probes if now - t >= config.probe_reply_s]
+            assert not rx_grew, "an answer never kills"
+            assert len(overdue) >= config.min_unanswered_probes, f"verdict on {len(overdue)} probes"
+            assert probes and now - probes[0] >= config.dead_after_s, "verdict before the window"
+            return
+        if rx_grew:
+            assert actions == [act.StartTimer("sample", config.interval_s)], "the pace falls back"
+            assert not machine.state.liveness.in_doubt
+            probes = []
+        elif tx_grew or probes:
+            assert actions == [act.Probe(), act.StartTimer("sample", config.doubt_probe_interval_s)]
+            probes.append(now)
+            assert machine.state.liveness.unanswered == len(probes)
+        else:
+            assert act.StartTimer("sample", config.doubt_probe_interval_s) not in actions, "idle"
+
+
+@settings(max_examples=100, deadline=None)
+@given(config=detection)
+def test_a_silent_server_is_declared_dead_once_count_and_window_are_met(config: Settings) -> None:
+    """Sampled at the doubt pace with nothing coming back, the verdict comes within one sample
+    after both the count of overdue probes and the window are met, never before."""
+    machine = Machine.initial(config)
+    now, tx = 0.0, 100
+    machine, _ = step(machine, ev.Start(now, seed=1))
+    now += 0.1
+    machine, _ = step(machine, ev.StatsRead(now, 100, tx, 0.05))
+    began = None
+    for _ in range(100_000):
+        now += config.doubt_probe_interval_s
+        tx += 100
+        machine, _ = step(machine, ev.StatsRead(now, 100, tx, 1.0))
+        began = began if began is not None else now
+        if machine.state.name != "connected":
+            break
+    pace = config.doubt_probe_interval_s
+    count_met = began + (config.min_unanswered_probes - 1) * pace + config.probe_reply_s
+    due = max(count_met, began + config.dead_after_s)
+    assert due - 1e-6 <= now <= due + pace + 1e-6
