@@ -1,15 +1,20 @@
 """The daemon's figures, measured in the lab (run as root; nothing touches this machine itself).
 
 - failover: a server goes silent (blackholed at the ISP) -> first ping answered through the next
-  server (goal <= 4 s), under a 10 ms ping; also when the daemon declared it dead;
+  server (goal: median <= 2 s, max <= 3 s over >= 10 failovers), under a 10 ms ping; also when
+  the daemon declared it dead;
+- the probe traffic while in doubt: packets and bytes a second on the client's physical link
+  in the middle of a doubt (a silent server, no other traffic);
 - link down -> the daemon's ``offline`` (goal <= 50 ms), from the fault to the state change the
   daemon logs;
-- false failovers with 20 % loss both ways on an idle tunnel (goal 0);
+- false failovers under 20 % and 30 % loss both ways, with a light ping through the tunnel so
+  that lost packets keep putting the daemon in doubt (goal 0; the issue's figure is 10 minutes
+  each, ``--loss-s 600``, the default);
 - the idle connected daemon: CPU share of one core and RSS (goals <= 0.2 %, <= 50 MB), with
   the metrics endpoint on (the heavier case);
 - a metrics scrape over loopback: median and slowest of 50 (one nft read of the lock each).
 
-    .venv/bin/python bench/bench_daemon.py [--runs 5] [--idle-s 60] [--loss-s 60]
+    .venv/bin/python bench/bench_daemon.py [--runs 10] [--idle-s 60] [--loss-s 600] [--loss 20,30]
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
-from supervisor.lab.probes import ContinuousPing
+from supervisor.lab.probes import INTERNET_V4, ContinuousPing
 from supervisor.lab.topology import Lab
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -79,7 +85,8 @@ def failover(lab: Lab, daemon: LabDaemon, runs: int) -> None:
         )
     print(
         f"failover: first answered ping via the next server: median {statistics.median(answers):.2f} s, "
-        f"max {max(answers):.2f} s (goal <= 4 s); declared dead: median {statistics.median(declared):.2f} s"
+        f"max {max(answers):.2f} s (goal: median <= 2 s, max <= 3 s); declared dead: median "
+        f"{statistics.median(declared):.2f} s, max {max(declared):.2f} s"
     )
 
 
@@ -160,25 +167,87 @@ def scrapes(lab: Lab, count: int) -> None:
     print(f"metrics scrape over loopback: median {median} ms, slowest {slowest} ms of {count}; {size} bytes")
 
 
-def lossy(lab: Lab, daemon: LabDaemon, seconds: float) -> None:
+def lossy(lab: Lab, daemon: LabDaemon, seconds: float, percent: str) -> None:
     before = len(state_changes(daemon))
-    faults.loss(lab, "20")
+    faults.loss(lab, percent)
+    pinger = ContinuousPing(lab, interval=0.2)
     try:
         time.sleep(seconds)
     finally:
+        record = pinger.stop()
         faults.clear_loss(lab)
     changes = state_changes(daemon)[before:]
+    sent = max(1, round(seconds / 0.2))
     print(
-        f"20 % loss both ways for {seconds:.0f} s on an idle tunnel: {len(changes)} state changes, "
+        f"{percent} % loss both ways for {seconds:.0f} s, a ping every 0.2 s ({record.answered} of "
+        f"~{sent} answered): {len(changes)} state changes, "
         f"{sum(1 for _, r in changes if r['state'] == 'connecting')} false failovers (goal 0)"
     )
 
 
+# Reads the client's physical link's counters every 10 ms: "monotonic-as-wall packets bytes".
+COUNTERS = """
+import sys, time
+end = time.time() + float(sys.argv[1])
+base = "/sys/class/net/wan0/statistics/"
+while time.time() < end:
+    packets = open(base + "tx_packets").read().strip()
+    size = open(base + "tx_bytes").read().strip()
+    print(f"{time.time():.4f} {packets} {size}", flush=True)
+    time.sleep(0.01)
+"""
+
+
+def doubt_traffic(lab: Lab, daemon: LabDaemon, runs: int) -> None:
+    """A silent server and no other traffic: one ping starts the doubt; the probe traffic is read
+    off the physical link from 0.9 s to 0.1 s before the verdict (the doubt lasts at least
+    ``dead_after_s``, 1 s, so that stretch is all doubt)."""
+    rates = []
+    for _ in range(runs):
+        daemon.wait_for(lambda s: s["state"] == "connected", 15, "connected")
+        current = daemon.status()["server"]
+        index = current.removeprefix("vpn")
+        time.sleep(3)  # idle: nothing owed
+        result: list[str] = []
+        reader = threading.Thread(
+            target=lambda out=result: out.append(
+                lab.run("client", sys.executable, "-c", COUNTERS, "6", timeout=15)
+            )
+        )
+        reader.start()
+        time.sleep(0.3)
+        moment = time.time()
+        faults.blackhole_server(lab, index)
+        lab.run("client", "ping", "-n", "-c", "1", "-W", "1", INTERNET_V4, check=False)
+        reader.join()
+        faults.restore_server(lab, index)
+        verdict = first_state_after(daemon, moment, "connecting")
+        if verdict is None or not result:
+            print("  doubt traffic: no verdict within the reading")
+            continue
+        samples = [tuple(map(float, line.split())) for line in result[0].splitlines() if line]
+        inside = [p for p in samples if verdict[0] - 0.9 <= p[0] <= verdict[0] - 0.1]
+        if len(inside) < 2:
+            continue
+        (t0, p0, b0), (t1, p1, b1) = inside[0], inside[-1]
+        rates.append(((p1 - p0) / (t1 - t0), (b1 - b0) / (t1 - t0)))
+        time.sleep(2.5)  # the cooldown (2 s here) runs out before the next run
+    if rates:
+        packets = statistics.median(r[0] for r in rates)
+        size = statistics.median(r[1] for r in rates)
+        print(
+            "probe traffic while in doubt (physical link with Ethernet headers, IPv4 endpoint): "
+            f"median {packets:.1f} packets/s, {size:.0f} bytes/s ({size / max(packets, 1):.0f} bytes each), "
+            f"over {len(rates)} doubts"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--idle-s", type=float, default=60)
-    parser.add_argument("--loss-s", type=float, default=60)
+    parser.add_argument("--loss-s", type=float, default=600, help="seconds at each loss rate")
+    parser.add_argument("--loss", default="20,30", help="loss rates in %% both ways, comma-separated")
     parser.add_argument("--no-metrics", action="store_true", help="leave [metrics] listen unset")
     args = parser.parse_args()
     os.environ["TUNLOCK_LAB_ONLY"] = "1"
@@ -187,15 +256,23 @@ def main() -> None:
     env = {"TUNLOCK_ROTATION_COOLDOWN_S": "2"}
     if not args.no_metrics:
         env["TUNLOCK_METRICS_LISTEN"] = "127.0.0.1:9586"
+    print(
+        f"# {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at start: "
+        "the machine may be shared, timings are noisy"
+    )
     with Lab.up(servers=3) as lab, LabDaemon(lab, env=env) as daemon:
         daemon.start()
         failover(lab, daemon, args.runs)
+        doubt_traffic(lab, daemon, 3)
         offline(lab, daemon, args.runs)
         daemon.wait_for(lambda s: s["state"] == "connected", 15, "connected")
         idle(daemon, args.idle_s)
         if not args.no_metrics:
             scrapes(lab, 50)
-        lossy(lab, daemon, args.loss_s)
+        for percent in args.loss.split(","):
+            daemon.wait_for(lambda s: s["state"] == "connected", 15, "connected")
+            lossy(lab, daemon, args.loss_s, percent.strip())
+    print(f"# load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -109,15 +109,15 @@ class RotationSection(_Section):
 
 
 class HealthSection(_Section):
-    interval_s: Seconds = 0.5
+    interval_s: Seconds = 0.25
     idle_interval_s: Seconds = 2.0
     probe_interval_s: Seconds = 0.25
     idle_probe_s: Seconds = 10.0
     # In doubt (tx grew, rx did not): a probe this often; dead after a count AND a window of
     # unanswered probes (defaults derived in docs/configuration.md and supervisor/machine/liveness.py).
-    doubt_probe_interval_s: Seconds = 0.04
+    doubt_probe_interval_s: Seconds = 0.03
     min_unanswered_probes: int = Field(default=31, ge=1, le=10000)
-    dead_after_s: Seconds = 1.2
+    dead_after_s: Seconds = 1.0
     probe_reply_s: Seconds = 0.25
     probe_target: str | None = None
     handshake_max_age_s: Seconds = 180.0

@@ -123,7 +123,7 @@ class Liveness:
             overdue = self.overdue(now, settings)
             began = self.doubt_since if self.doubt_since is not None else now
             if overdue >= settings.min_unanswered_probes and now - began >= settings.dead_after_s:
-                why = f"{overdue} probes unanswered over {now - began:.1f} s"
+                why = f"silent: {overdue} probes unanswered over {now - began:.1f} s"
                 return replace(self, rx_bytes=rx, tx_bytes=tx), Verdict.DEAD, why
             new = Liveness(self.since, rx, tx, self.settled_at, answered, None, (*self.probes, now))
             verdict = Verdict.DOUBT

@@ -15,19 +15,22 @@ class Settings:
     backoff_initial_s: float = 2.0
     backoff_max_s: float = 60.0
     # detection (see ``supervisor.machine.liveness`` for why a count and a window)
-    interval_s: float = 0.5  # samples while rx keeps pace, no probe
+    # Samples while rx keeps pace, no probe. A silent server shows as doubt at the second sample
+    # after it fell silent (the first still sees the answers from before), so this sets the
+    # delay before the doubt: 0.25-0.5 s. Idle tunnels sample at idle_interval_s instead.
+    interval_s: float = 0.25
     idle_interval_s: float = 2.0
     probe_interval_s: float = 0.25  # connecting: a sample and a probe this often
     idle_probe_s: float = 10.0
-    # In doubt (tx grew, rx did not): a sample and a probe this often (25 a second).
-    doubt_probe_interval_s: float = 0.04
+    # In doubt (tx grew, rx did not): a sample and a probe this often (33 a second).
+    doubt_probe_interval_s: float = 0.03
     # The verdict needs this many probes in a row unanswered: 31 is the fewest that a working
     # link with 30 % loss each way (51 % of round trips lost) all loses with a chance of at most
     # 1e-9, ``probes_needed(0.30, 1e-9)``; at 20 % each way the chance is 2e-14.
     min_unanswered_probes: int = 31
     # ...and a doubt that lasted this long: a burst of total loss shorter than this never
-    # decides, however many probes it swallowed. 31 probes at 25 a second span 1.2 s as well.
-    dead_after_s: float = 1.2
+    # decides, however many probes it swallowed (31 probes at 33 a second span 0.9 s).
+    dead_after_s: float = 1.0
     # A probe counts as unanswered only this long after it went out: above the path's RTT.
     probe_reply_s: float = 0.25
     handshake_max_age_s: float = 180.0
