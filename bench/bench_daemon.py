@@ -79,8 +79,11 @@ def failover(lab: Lab, daemon: LabDaemon, runs: int) -> None:
         answers.append(first if first is not None else float("nan"))
         declared.append(dead[0] - moment if dead else float("nan"))
         outages.append(record.longest_outage_s)
+        # The verdict's own account ("silent: 31 probes unanswered over 1.2 s"): the rest of the
+        # time to the verdict is the fault's own setup and the wait for the first sign of doubt.
+        why = dead[1]["reason"].split("failed: ", 1)[-1] if dead else "?"
         print(
-            f"  run {run + 1}: {current} silent -> declared dead after {declared[-1]:.2f} s, "
+            f"  run {run + 1}: {current} silent -> declared dead after {declared[-1]:.2f} s ({why}), "
             f"first ping answered after {answers[-1]:.2f} s (longest outage {outages[-1]:.2f} s)"
         )
     print(

@@ -243,8 +243,9 @@ def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actio
 def sample_while_connected(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actions]:
     """rx grew or idle: sample at the calm pace (idle long: one probe). Doubt: probe fast. Dead: fail over.
 
-    In doubt (tx grew, rx did not) every sample sends a probe and the next comes after
-    ``doubt_probe_interval_s``; the first rx growth falls back to ``interval_s`` without a probe.
+    In doubt (tx grew, rx did not) every sample sends a probe and the next comes
+    ``doubt_probe_interval_s`` after the last was due (``Liveness.next_probe_in``); the first rx
+    growth falls back to ``interval_s`` without a probe.
     The verdict (a count of overdue probes *and* a window) is ``Liveness.judge``'s."""
     state = m.state
     assert isinstance(state, Connected)
@@ -259,7 +260,7 @@ def sample_while_connected(m: Machine, e: ev.StatsRead) -> tuple[Machine, Action
         return m, [act.StartTimer("sample", settings.idle_interval_s)]
     if verdict is Verdict.IDLE_PROBE:
         return m, [act.Probe(), act.StartTimer("sample", settings.interval_s)]
-    return m, [act.Probe(), act.StartTimer("sample", settings.doubt_probe_interval_s)]
+    return m, [act.Probe(), act.StartTimer("sample", liveness.next_probe_in(e.now, settings))]
 
 
 def timer_while_connecting(m: Machine, e: ev.TimerFired) -> tuple[Machine, Actions]:

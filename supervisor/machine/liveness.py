@@ -10,8 +10,9 @@ there is doubt:
   which keeps an idle daemon nearly free while its picture never gets staler than that;
 - tx grew but rx did not: doubt (``DOUBT``). From this sample on, every sample sends a probe
   through the tunnel (its answer shows up as rx) and samples come every
-  ``doubt_probe_interval_s`` (tens a second). The first rx growth clears the doubt, and the
-  pace falls back to ``interval_s`` with no probe.
+  ``doubt_probe_interval_s`` (tens a second), kept on schedule from the doubt's start (a late
+  sample makes the next one sooner). The first rx growth clears the doubt, and the pace falls
+  back to ``interval_s`` with no probe.
 
 Why a count *and* a window. Certainty grows with the number of probes, not with seconds: with
 a loss ``p`` each way a probe's round trip is lost with ``1 - (1 - p)^2``, and independent
@@ -88,6 +89,15 @@ class Liveness:
     def unanswered(self) -> int:
         """Probes out in this doubt, answered or not yet (0 when there is no doubt)."""
         return len(self.probes)
+
+    def next_probe_in(self, now: float, settings: Settings) -> float:
+        """The delay to the doubt's next sample and probe: on a fixed schedule from the doubt's
+        start, so that a late timer or a slow counter read (a busy machine) is made up on the
+        next interval rather than stretching every one; between a third of the pace and the pace."""
+        pace = settings.doubt_probe_interval_s
+        began = self.doubt_since if self.doubt_since is not None else now
+        due = began + len(self.probes) * pace
+        return round(min(pace, max(pace / 3, due - now)), 6)
 
     def overdue(self, now: float, settings: Settings) -> int:
         """This doubt's probes whose answer is overdue at ``now``: out for ``probe_reply_s``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -24,6 +25,12 @@ from supervisor.machine.states import Blocked, Machine, Offline, Stopped
 SERVERS = ("a", "b", "c", "d")
 # Names a reload may bring in: the monitor can report paths for them before the reload lands.
 NAMES_EVER = (*SERVERS, "e", "f")
+
+
+def kinds(actions: list[act.Action]) -> list[type]:
+    return [type(a) for a in actions]
+
+
 NAMES = {"blocked", "connecting", "connected", "offline", "stopped"}
 
 
@@ -279,11 +286,19 @@ def test_doubt_probes_fast_decides_only_on_count_and_window_and_any_answer_reset
             assert not machine.state.liveness.in_doubt
             probes = []
         elif tx_grew or probes:
-            assert actions == [act.Probe(), act.StartTimer("sample", config.doubt_probe_interval_s)]
+            assert kinds(actions) == [act.Probe, act.StartTimer], actions
+            timer = actions[1]
+            assert timer.timer == "sample"
+            pace = config.doubt_probe_interval_s
+            assert pace / 3 - 1e-6 <= timer.delay_s <= pace + 1e-6, "the doubt pace, caught up"
             probes.append(now)
+            # On schedule from the doubt's first probe: a late sample makes the next one sooner.
+            due = probes[0] + len(probes) * pace - now
+            assert timer.delay_s == pytest.approx(min(pace, max(pace / 3, due)), abs=1e-6)
             assert machine.state.liveness.unanswered == len(probes)
         else:
-            assert act.StartTimer("sample", config.doubt_probe_interval_s) not in actions, "idle"
+            assert act.Probe() not in actions or config.idle_probe_s <= now, "idle: no doubt pace"
+            assert all(a.delay_s >= config.interval_s for a in actions if isinstance(a, act.StartTimer))
 
 
 @settings(max_examples=100, deadline=None)
