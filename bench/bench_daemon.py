@@ -64,6 +64,7 @@ def failover(lab: Lab, daemon: LabDaemon, runs: int) -> None:
         time.sleep(0.5)
         moment = time.time()
         faults.blackhole_server(lab, index)
+        applied = time.time() - moment  # the nft call in the ISP: part of every figure below
         daemon.wait_for(lambda s, c=current: s["state"] == "connected" and s["server"] != c, 30, "failover")
         time.sleep(0.3)
         record = pinger.stop()
@@ -83,7 +84,8 @@ def failover(lab: Lab, daemon: LabDaemon, runs: int) -> None:
         # time to the verdict is the fault's own setup and the wait for the first sign of doubt.
         why = dead[1]["reason"].split("failed: ", 1)[-1] if dead else "?"
         print(
-            f"  run {run + 1}: {current} silent -> declared dead after {declared[-1]:.2f} s ({why}), "
+            f"  run {run + 1}: {current} silent (fault in place after {applied:.2f} s) -> declared dead "
+            f"after {declared[-1]:.2f} s ({why}), "
             f"first ping answered after {answers[-1]:.2f} s (longest outage {outages[-1]:.2f} s)"
         )
     print(
