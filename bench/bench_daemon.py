@@ -260,6 +260,7 @@ def main() -> None:
     parser.add_argument("--loss-s", type=float, default=600, help="seconds at each loss rate")
     parser.add_argument("--loss", default="20,30", help="loss rates in %% both ways, comma-separated")
     parser.add_argument("--no-metrics", action="store_true", help="leave [metrics] listen unset")
+    parser.add_argument("--loss-only", action="store_true", help="only the false-failover runs")
     args = parser.parse_args()
     os.environ["TUNLOCK_LAB_ONLY"] = "1"
     # A short cooldown, waited out between runs, so every run measures a plain failover (not the
@@ -273,6 +274,10 @@ def main() -> None:
     )
     with Lab.up(servers=3) as lab, LabDaemon(lab, env=env) as daemon:
         daemon.start()
+        if args.loss_only:
+            for percent in args.loss.split(","):
+                lossy(lab, daemon, args.loss_s, percent.strip())
+            return
         failover(lab, daemon, args.runs, 2.5, "traffic flowing for 2.5 s before the fault")
         failover(lab, daemon, max(3, args.runs // 3), 0.3, "traffic starting 0.3 s before, after idle")
         doubt_traffic(lab, daemon, 3)
