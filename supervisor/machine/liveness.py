@@ -116,8 +116,9 @@ class Liveness:
             verdict = Verdict.ALIVE if answered else Verdict.DOUBT
             if verdict is Verdict.DOUBT:
                 new = replace(new, probes=(now,))
-        elif rx > self.rx_bytes:
-            # Any answer, to a probe or to anything else, clears the doubt at once.
+        elif rx > self.rx_bytes or (answered and not self.ever_answered):
+            # Any answer, to a probe or to anything else, clears the doubt at once; so does a
+            # first handshake (connecting's probes must not count against a server that answered).
             new = Liveness(self.since, rx, tx, now, True)
             verdict = Verdict.ALIVE
         elif tx == self.tx_bytes and not self.in_doubt:

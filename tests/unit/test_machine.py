@@ -285,6 +285,18 @@ def test_probes_still_in_flight_are_not_counted() -> None:
     assert isinstance(run.state, Connecting) and run.state.server == "b"
 
 
+def test_the_probes_of_a_slow_connect_do_not_count_once_the_handshake_answered() -> None:
+    run = Run()
+    run.start()
+    for _ in range(40):  # 10 s of connecting: probes out, nothing back
+        run.feed(ev.StatsRead(run.at(0.25), 0, 100 * (_ + 1), None))
+    assert isinstance(run.state, Connecting)
+    run.feed(ev.StatsRead(run.at(0.25), 0, 4200, 0.1))  # a handshake just completed
+    assert isinstance(run.state, Connected) and not run.state.liveness.in_doubt
+    run.silence(0.5, step=DOUBT)
+    assert isinstance(run.state, Connected) and run.state.server == "a", "a fresh doubt, not a verdict"
+
+
 def test_silence_after_an_idle_spell_counts_from_the_first_doubt_not_the_last_answer() -> None:
     run = Run().started_connected()
     run.feed(ev.StatsRead(run.at(0.5), 100, 100, 1.0))  # idle: the next sample comes 2 s later
