@@ -66,6 +66,9 @@ class Lock(Protocol):
 class TunnelControl(Protocol):
     async def connect(self, server: Server) -> None: ...
 
+    async def restart_handshake(self, server: Server) -> None:
+        """Set ``server``'s peer again as it is, so that its next packet starts a handshake."""
+
     async def disconnect(self) -> None: ...
 
     async def close(self, keep_interface: bool = False) -> None: ...
@@ -232,6 +235,10 @@ class Runtime:
                     await self.lock.remove()
             case act.ConfigurePeer(name):
                 return await self._configure(name)
+            case act.RestartHandshake(name):
+                server = self.servers.get(name)
+                if server is not None:
+                    await self._quietly("restart the handshake", lambda: self.tunnel.restart_handshake(server))
             case act.RemovePeer():
                 await self._quietly("remove the peer", self.tunnel.disconnect)
             case act.CloseTunnel():

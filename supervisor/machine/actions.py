@@ -40,6 +40,14 @@ class ConfigurePeer:
 
 
 @dataclass(frozen=True)
+class RestartHandshake:
+    """Set ``server``'s peer again, as it is: a new peer has no handshake history, so the probe
+    after it sends an initiation now instead of after WireGuard's 5 s retry timer."""
+
+    server: str
+
+
+@dataclass(frozen=True)
 class RemovePeer:
     """Leave the interface without a peer: nothing passes, nothing leaks."""
 
@@ -91,6 +99,7 @@ Action = (
     | SetLockServers
     | RemoveLock
     | ConfigurePeer
+    | RestartHandshake
     | RemovePeer
     | CloseTunnel
     | ReadStats

@@ -63,20 +63,30 @@ def _reachable(ctx: Context, server: str) -> bool:
 
 
 def _connect(
-    m: Machine, now: float, server: str, reason: str, *, configure: bool = True
+    m: Machine, now: float, server: str, reason: str, *, configure: bool = True, fresh: bool = False
 ) -> tuple[Machine, Actions]:
     """Go to ``connecting(server)``: narrow the lock to it, set the peer (unless it is already the
-    intact peer and only needs checking), provoke a handshake and start the clocks."""
+    intact peer and only needs checking), provoke a handshake and start the clocks.
+
+    ``ConfigurePeer`` leaves a peer that is already exactly this server's alone (a second
+    initiation milliseconds after the first is dropped by the server); ``fresh`` asks for a new
+    handshake all the same (a reconnect). While connecting, the samples start the handshake
+    afresh whenever the last went unanswered for ``handshake_retry`` (WireGuard would wait 5 s).
+    """
     ctx = replace(m.context, last_server=server)
-    timeout = ctx.settings.connect_timeout(ctx.failures)
-    state = Connecting(since=now, server=server, attempt=ctx.failures, liveness=Liveness(since=now))
+    settings = ctx.settings
+    state = Connecting(
+        since=now, server=server, attempt=ctx.failures, liveness=Liveness(since=now), initiated_at=now
+    )
     actions: Actions = [act.CancelTimer("backoff")]
     if configure:
         actions += [act.SetLockServers((server,)), act.ConfigurePeer(server)]
+    if fresh:
+        actions.append(act.RestartHandshake(server))
     actions += [
         act.Probe(),
-        act.StartTimer("connect", timeout),
-        act.StartTimer("sample", ctx.settings.probe_interval_s),
+        act.StartTimer("connect", settings.connect_timeout(ctx.failures)),
+        act.StartTimer("sample", settings.probe_interval_s),
         _publish(state, reason),
     ]
     return Machine(state, ctx), actions
@@ -221,10 +231,12 @@ def _back_online(m: Machine, now: float, reason: str) -> tuple[Machine, Actions]
 
 
 def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actions]:
-    """A fresh handshake or any rx: connected. Otherwise probe again (the connect timer decides)."""
+    """A fresh handshake or any rx: connected. Otherwise probe again, after starting the handshake
+    afresh when it went unanswered too long (the connect timer decides)."""
     state = m.state
     assert isinstance(state, Connecting)
-    liveness, _verdict, _why = state.liveness.judge(e, m.context.settings)
+    settings = m.context.settings
+    liveness, _verdict, _why = state.liveness.judge(e, settings)
     if liveness.ever_answered:
         ctx = m.context
         ctx = replace(ctx, failures=0, rounds=0, cooling=ctx.warmed(state.server))
@@ -234,9 +246,17 @@ def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actio
             act.StartTimer("sample", ctx.settings.interval_s),
             _publish(connected),
         ]
+    restart: Actions = []
+    if e.now - state.initiated_at >= settings.handshake_retry(state.attempt):
+        # Unanswered (this sample saw no answer, judged above): lost on the way, or dropped by the
+        # server's limit of one initiation per peer per 20 ms. WireGuard would send the next one
+        # only 5 s after the last; a peer set anew sends it with the probe that follows.
+        restart = [act.RestartHandshake(state.server)]
+        state = replace(state, initiated_at=e.now)
     return Machine(replace(state, liveness=liveness), m.context), [
+        *restart,
         act.Probe(),
-        act.StartTimer("sample", m.context.settings.probe_interval_s),
+        act.StartTimer("sample", settings.probe_interval_s),
     ]
 
 
@@ -361,14 +381,14 @@ def rotate_while_tunnelled(m: Machine, e: ev.RotateRequested) -> tuple[Machine, 
             return _pick_and_connect(
                 m, e.now, "rotate requested", exclude=(server,), ignore_cooldown=ignore_cooldown
             )
-    return _connect(m, e.now, server, "rotate requested; no other server is reachable")
+    return _connect(m, e.now, server, "rotate requested; no other server is reachable", fresh=True)
 
 
 def reconnect_while_tunnelled(m: Machine, e: ev.ReconnectRequested) -> tuple[Machine, Actions]:
     """The same server's peer set up afresh (a new handshake)."""
     server = m.state.server
     assert server is not None
-    return _connect(m, e.now, server, "reconnect requested")
+    return _connect(m, e.now, server, "reconnect requested", fresh=True)
 
 
 def request_while_blocked(

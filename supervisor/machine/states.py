@@ -43,6 +43,8 @@ class Connecting:
     server: str
     attempt: int
     liveness: Liveness
+    # When the handshake in flight began (the connect, or the last restart of it).
+    initiated_at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,24 @@ tunnel running, exactly as a crash would, so the next daemon can adopt it.
 Every operation is idempotent and serialised by one lock, so a backend restart
 (wireguard-go died: the interface is new and bare) and a swap the runtime
 asked for at the same moment cannot interleave.
+
+**One handshake initiation per server per 20 ms.** A WireGuard server drops an
+initiation that comes within 20 ms of the last one it accepted from the same
+peer (``HandshakeInitationRate`` in wireguard-go, ``INITIATIONS_PER_SECOND`` in
+the kernel), and one whose TAI64N timestamp, kept at 2**24 ns (16.8 ms) grain,
+is not later than the last. A new peer sends its initiation with its first
+packet, and the initiator tries again only after ``REKEY_TIMEOUT`` (5 s). So a
+peer set twice within milliseconds costs seconds: ``connect`` keeps a peer that
+is already exactly the server's (a swap to the same peer, a restarted backend
+that re-applied it), and a peer is never set anew sooner than
+``MIN_PEER_RENEWAL_S`` after it was last set. ``restart_handshake`` is the one
+way to ask for a new handshake with the same server on purpose.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +61,10 @@ from supervisor.wireguard.backend import (
 from supervisor.wireguard.selection import BackendKind, make_backend, resolve_backend
 
 log = get_logger(__name__)
+
+# Longer than the server's 20 ms between initiations of one peer and its 16.8 ms timestamp grain
+# (see the module docstring), with room for the new peer's first packet coming a little later.
+MIN_PEER_RENEWAL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,10 @@ class Tunnel:
         self._dns_servers: tuple[Any, ...] | None = None
         self._lock = anyio.Lock()
         self._log = log.bind(ifname=settings.ifname, backend=backend.kind)
+        # What we last set on the backend, and (peer key, monotonic time) of the last time a peer
+        # was set: a peer is kept when unchanged and renewed no sooner than MIN_PEER_RENEWAL_S.
+        self._configured: DeviceConfig | None = None
+        self._renewed: tuple[str, float] | None = None
 
     @property
     def ifname(self) -> str:
@@ -134,19 +155,48 @@ class Tunnel:
         """
         async with self._lock:
             created = await self.backend.ensure_interface()
-            await self.backend.configure(DeviceConfig.for_server(server, self.settings.fwmark))
+            config = DeviceConfig.for_server(server, self.settings.fwmark)
+            kept = not created and await self._has_peer(config)
+            if not kept:
+                await self._set_peer(config)
             previous, self.server = self.server, server
             await self._plumb(server)
             self._log.info(
-                "tunnel connected" if created or previous is None else "peer swapped",
+                "tunnel connected"
+                if created or previous is None
+                else "peer kept (unchanged)"
+                if kept
+                else "peer swapped",
                 server=server.name,
                 endpoint=str(server.endpoint),
                 previous=previous.name if previous else None,
             )
 
+    async def restart_handshake(self, server: Server) -> None:
+        """Set ``server``'s peer again as it is: its handshake state starts over, so the next
+        packet sends an initiation at once (WireGuard's own retry comes only after 5 s)."""
+        async with self._lock:
+            await self._set_peer(DeviceConfig.for_server(server, self.settings.fwmark))
+            self._log.debug("handshake restarted", server=server.name)
+
+    async def _has_peer(self, config: DeviceConfig) -> bool:
+        """Whether the backend runs exactly ``config`` already (as we set it, with its peer)."""
+        if self._configured != config:
+            return False
+        return (await self.backend.stats()).public_key == config.peer.public_key
+
+    async def _set_peer(self, config: DeviceConfig) -> None:
+        renewed = self._renewed
+        if renewed is not None and renewed[0] == config.peer.public_key:
+            await anyio.sleep(max(0.0, renewed[1] + MIN_PEER_RENEWAL_S - time.monotonic()))
+        self._configured = None  # unknown until the set succeeded
+        await self.backend.configure(config)
+        self._configured, self._renewed = config, (config.peer.public_key, time.monotonic())
+
     async def disconnect(self) -> None:
         """Remove the peer; interface, addresses and routes stay, so nothing leaves outside it."""
         async with self._lock:
+            self._configured = None
             await self.backend.remove_peer()
             self.server = None
             self._log.info("peer removed")
@@ -174,12 +224,15 @@ class Tunnel:
                 await self._routing((4, 6)).remove(ipr)
             await self.backend.close(keep_interface=False)
             self.server = None
+            self._configured = None
             self._log.info("tunnel closed")
 
     async def on_backend_event(self, event: BackendEvent) -> None:
         """Put addresses and routes back on the new interface of a restarted backend."""
         if isinstance(event, BackendRestarted) and self.server is not None:
             async with self._lock:
+                if self._configured is not None:  # re-applied by the backend: a peer set just now
+                    self._renewed = (self._configured.peer.public_key, time.monotonic())
                 if self.server is not None:
                     await self._plumb(self.server)
 

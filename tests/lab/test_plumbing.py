@@ -8,6 +8,7 @@ after the tunnel is closed. Parametrized over the backends like the backend test
 from __future__ import annotations
 
 import dataclasses
+import socket
 import subprocess
 from collections.abc import Iterator
 from ipaddress import ip_interface
@@ -121,6 +122,8 @@ async def test_a_swap_changes_addresses_and_mtu_only_where_the_server_differs(
     other = dataclasses.replace(
         plain, name="vpn1-alt", addresses=(*plain.addresses, ip_interface("10.98.0.2/32")), mtu=1380
     )
+    # Both share one peer (key and endpoint): the swaps keep it rather than set it again within
+    # milliseconds, which the server would punish (see the next test).
     async with open_tunnel(settings) as tunnel:
         await tunnel.connect(plain)
         index = ifindex(settings.ifname)
@@ -136,6 +139,26 @@ async def test_a_swap_changes_addresses_and_mtu_only_where_the_server_differs(
         assert "10.98.0.2" not in shown and "mtu 1420" in shown
         assert ifindex(settings.ifname) == index  # the same interface throughout
         assert ping(TUNNEL_SERVER_V4) == 3
+        await tunnel.close()
+
+
+async def test_handshakes_restarted_in_quick_succession_still_connect_at_once(
+    lab: WgLab, settings: TunnelSettings
+) -> None:
+    """The rule: a WireGuard server drops an initiation that follows the last one it accepted
+    from the same peer within 20 ms (or carries a timestamp in the same 16.8 ms grain), and the
+    initiator sends its next one only 5 s later. A peer set anew sends its initiation with its
+    first packet; three of them set back to back, each with a packet behind it, must still leave
+    a tunnel that answers within a second or two, not after 5 s."""
+    server = lab.server(1)
+    async with open_tunnel(settings) as tunnel:
+        await tunnel.connect(server)
+        assert ping(TUNNEL_SERVER_V4) == 3
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            for _ in range(3):
+                await tunnel.restart_handshake(server)
+                udp.sendto(b"initiate", (str(TUNNEL_SERVER_V4), 9))  # the new peer's first packet
+        assert ping(TUNNEL_SERVER_V4, count=1, wait=2) == 1
         await tunnel.close()
 
 

@@ -194,6 +194,58 @@ def test_a_peer_that_will_not_configure_counts_as_a_failed_server() -> None:
     assert run.feed(ev.ConnectFailed(0.2, "zz", "stale")) == [], "a failure for another server is stale"
 
 
+def test_an_unanswered_handshake_is_started_afresh_until_the_connect_limit() -> None:
+    """WireGuard retries only after 5 s, more than the 4 s window: the machine restarts the
+    handshake every 0.5 s (8 initiations in the window) so that one lost packet fails nothing."""
+    run = Run()
+    run.start()
+    restarts = []
+    for _ in range(15):  # samples every 0.25 s up to 3.75 s, none answered
+        actions = run.feed(ev.StatsRead(run.at(0.25), 0, 148, None))
+        assert act.Probe() in actions and act.StartTimer("sample", 0.25) in actions
+        restarts += [run.now for a in actions if a == act.RestartHandshake("a")]
+    assert restarts == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5], "eight initiations before the 4 s limit"
+    assert isinstance(run.state, Connecting) and run.state.server == "a"
+    actions = run.feed(ev.StatsRead(run.at(0.1), 92, 148, 0.05))
+    assert isinstance(run.state, Connected) and act.RestartHandshake("a") not in actions
+
+
+def test_a_sample_that_sees_the_answer_connects_instead_of_restarting_the_handshake() -> None:
+    """An intact peer (a path back, an adopted tunnel) answers the probe: the sample that sees it
+    connects, though the handshake clock ran out at the same moment."""
+    run = Run()
+    run.start()
+    run.feed(ev.StatsRead(run.at(0.25), 500, 500, 30.0))  # the baseline: an old session's counters
+    actions = run.feed(ev.StatsRead(run.at(0.25), 592, 548, 30.0))
+    assert isinstance(run.state, Connected) and act.RestartHandshake("a") not in actions
+
+
+def test_the_handshake_pace_slows_with_each_consecutive_failed_attempt() -> None:
+    """A restart drops the answer still on its way, so a slow path gets longer per initiation."""
+    run = Run()
+    run.start()
+    paces = []
+    for _ in range(2):
+        run.feed(ev.TimerFired(run.at(4), "connect"))  # failed: the next server, one attempt on
+        began = run.now
+        restarts = []
+        for _ in range(12):
+            actions = run.feed(ev.StatsRead(run.at(0.25), 0, 148, None))
+            restarts += [run.now - began for a in actions if isinstance(a, act.RestartHandshake)]
+        paces.append(restarts[0])
+    assert paces == [1.0, 2.0]
+
+
+def test_reconnect_asks_for_a_new_handshake_and_a_path_back_does_not() -> None:
+    run = Run().started_connected()
+    actions = run.feed(ev.ReconnectRequested(run.at(1)))
+    assert configured(actions) == ["a"] and act.RestartHandshake("a") in actions
+    run.connect(rx=300)
+    run.feed(ev.PathsChanged(run.at(0.1), frozenset()))
+    actions = run.feed(ev.PathsChanged(run.at(0.1), ALL))
+    assert isinstance(run.state, Connecting) and not any(isinstance(a, act.RestartHandshake) for a in actions)
+
+
 # --- connected: detection ---------------------------------------------------------------------
 
 
@@ -381,7 +433,7 @@ def test_rotate_goes_to_another_server_and_reconnect_to_the_same() -> None:
     assert configured(actions) == ["b"] and act.SetLockServers(("b",)) in actions
     run.connect(rx=300)
     actions = run.feed(ev.ReconnectRequested(run.at(1)))
-    assert configured(actions) == ["b"]
+    assert configured(actions) == ["b"] and act.RestartHandshake("b") in actions
     assert run.machine.context.last_failure is None, "a request is not a failure"
 
 
@@ -412,7 +464,7 @@ def test_no_path_goes_offline_at_once_and_stops_every_clock() -> None:
     run = Run().started_connected()
     actions = run.feed(ev.PathsChanged(run.at(0.1), frozenset()))
     assert isinstance(run.state, Offline) and run.state.resume == "a" and run.state.intact
-    assert set(actions[:3]) == {act.CancelTimer(t) for t in ev.TIMERS}
+    assert set(actions[: len(ev.TIMERS)]) == {act.CancelTimer(t) for t in ev.TIMERS}
     assert run.feed(ev.TimerFired(run.at(5), "connect")) == []
     assert run.feed(ev.StatsRead(run.at(5), 0, 0, None)) == []
 
