@@ -238,7 +238,8 @@ class Runtime:
             case act.RestartHandshake(name):
                 server = self.servers.get(name)
                 if server is not None:
-                    await self._quietly("restart the handshake", lambda: self.tunnel.restart_handshake(server))
+                    restart = self.tunnel.restart_handshake
+                    await self._quietly("restart the handshake", lambda: restart(server))
             case act.RemovePeer():
                 await self._quietly("remove the peer", self.tunnel.disconnect)
             case act.CloseTunnel():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,7 +93,9 @@ def test_wireguard_go_killed_ten_times_comes_back_through_the_same_server(
     assert server_failures(daemon) == []
 
 
-def test_twenty_reconnects_under_loss_never_fail_a_healthy_server(lab: LabUnderTest, daemon: LabDaemon) -> None:
+def test_twenty_reconnects_under_loss_never_fail_a_healthy_server(
+    lab: LabUnderTest, daemon: LabDaemon
+) -> None:
     """20 % loss each way: a handshake (one packet each way) fails about one time in three, so a
     connect window that holds one initiation fails a healthy server that often."""
     daemon.start()
@@ -117,7 +120,7 @@ def test_twenty_reconnects_under_loss_never_fail_a_healthy_server(lab: LabUnderT
 
 
 def rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
