@@ -71,23 +71,23 @@ class PathMonitor:
         self, report: Report, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Report the current paths, then every change, until cancelled."""
-        async with AsyncIPRoute() as events, AsyncIPRoute() as queries:
+        async with AsyncIPRoute() as events:
             await events.bind()
             events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-            await self._check(queries, report)
+            await self._check(report)
             task_status.started()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._recheck_on_request, queries, report)
-                await self._follow(events, queries, report)
+                tg.start_soon(self._recheck_on_request, report)
+                await self._follow(events, report)
                 tg.cancel_scope.cancel()
 
-    async def _recheck_on_request(self, queries: AsyncIPRoute, report: Report) -> None:
+    async def _recheck_on_request(self, report: Report) -> None:
         while True:
             await self._recheck.wait()
             self._recheck = anyio.Event()
-            await self._check(queries, report)
+            await self._check(report)
 
-    async def _follow(self, events: AsyncIPRoute, queries: AsyncIPRoute, report: Report) -> None:
+    async def _follow(self, events: AsyncIPRoute, report: Report) -> None:
         while True:
             relevant = False
             try:
@@ -103,10 +103,15 @@ class PathMonitor:
                 log.warning("netlink events were dropped (ENOBUFS); re-reading the state")
                 relevant = True
             if relevant:
-                await self._check(queries, report)
+                await self._check(report)
 
-    async def _check(self, queries: AsyncIPRoute, report: Report) -> None:
-        reachable = await reachable_endpoints(queries, self._endpoints, self._fwmark, self._tunnel_ifname)
+    async def _check(self, report: Report) -> None:
+        # A socket per check, not one for the daemon's life: pyroute2 (0.9) files the kernel's
+        # ACK that follows each ``route get`` answer under a sequence number it has already
+        # released, in a queue nobody reads, so a long-lived query socket grows by one message
+        # per lookup for as long as the daemon runs. Opening one costs ~3 ms, once per burst.
+        async with AsyncIPRoute() as queries:
+            reachable = await reachable_endpoints(queries, self._endpoints, self._fwmark, self._tunnel_ifname)
         if reachable != self._last:
             self._last = reachable
             await report(PathsChanged(reachable))
