@@ -231,8 +231,9 @@ def _back_online(m: Machine, now: float, reason: str) -> tuple[Machine, Actions]
 
 
 def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actions]:
-    """A fresh handshake or any rx: connected. Otherwise probe again, after starting the handshake
-    afresh when it went unanswered too long (the connect timer decides)."""
+    """A fresh handshake or any rx: connected. Otherwise probe; restart a handshake unanswered too long.
+
+    The connect timer decides when the server has failed."""
     state = m.state
     assert isinstance(state, Connecting)
     settings = m.context.settings
