@@ -84,6 +84,9 @@ def _connect(
     if fresh:
         actions.append(act.RestartHandshake(server))
     actions += [
+        # The counters before the probe: the sample 0.25 s later can then tell an intact peer's
+        # answer from what was there before, instead of taking that sample as its baseline.
+        act.ReadStats(),
         act.Probe(),
         act.StartTimer("connect", settings.connect_timeout(ctx.failures)),
         act.StartTimer("sample", settings.probe_interval_s),

@@ -220,6 +220,18 @@ def test_a_sample_that_sees_the_answer_connects_instead_of_restarting_the_handsh
     assert isinstance(run.state, Connected) and act.RestartHandshake("a") not in actions
 
 
+def test_an_intact_peer_that_answers_connects_at_the_first_sample_after_the_probe() -> None:
+    """Connecting reads the counters before its probe goes out, so the sample 0.25 s later sees
+    the answer (rather than taking it as its baseline and connecting only a sample later)."""
+    run = Run().started_connected()
+    run.feed(ev.PathsChanged(run.at(0.1), frozenset()))
+    actions = run.feed(ev.PathsChanged(run.at(2), ALL))
+    assert kinds(actions).index(act.ReadStats) < kinds(actions).index(act.Probe)
+    run.feed(ev.StatsRead(run.now, 500, 500, 30.0))  # the reading, taken before the probe
+    run.feed(ev.StatsRead(run.at(0.25), 592, 548, 30.0))
+    assert isinstance(run.state, Connected)
+
+
 def test_the_handshake_pace_slows_with_each_consecutive_failed_attempt() -> None:
     """A restart drops the answer still on its way, so a slow path gets longer per initiation."""
     run = Run()
