@@ -39,24 +39,24 @@ def daemon(lab: LabUnderTest) -> Iterator[LabDaemon]:
         running.stop()
 
 
-def states(daemon: LabDaemon) -> list[dict[str, Any]]:
-    """Every state the daemon published, in order, from its JSON log."""
-    published = []
+def logged(daemon: LabDaemon, event: str) -> list[dict[str, Any]]:
+    """Every entry of the daemon's JSON log with this event name."""
+    entries = []
     for line in daemon.log_events():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if entry.get("event") == "state":
-            published.append(entry)
-    return published
+        if entry.get("event") == event:
+            entries.append(entry)
+    return entries
 
 
 def server_failures(daemon: LabDaemon) -> list[str]:
     """The reasons of every state change that blamed a server, or gave up on all of them."""
     return [
         s["reason"]
-        for s in states(daemon)
+        for s in logged(daemon, "state")
         if s.get("reason") and (" failed: " in s["reason"] or "every server failed" in s["reason"])
     ]
 
@@ -91,6 +91,10 @@ def test_wireguard_go_killed_ten_times_comes_back_through_the_same_server(
         assert lab.probes.ping(), f"kill {kill + 1}: no traffic through the tunnel"
     print(f"outage per kill (kill -> connected seen): {', '.join(f'{o:.2f}' for o in outages)} s")
     assert server_failures(daemon) == []
+    # The cause, seen whatever the timing: the restart re-applies the peer, and the deleted
+    # interface's repair must keep it rather than set the same peer again milliseconds later.
+    resets = [e for e in logged(daemon, "peer swapped") if e.get("server") == e.get("previous")]
+    assert resets == [], f"the same peer set again after a restart: {resets}"
 
 
 def test_twenty_reconnects_under_loss_never_fail_a_healthy_server(
@@ -134,26 +138,29 @@ def flap(lab: LabUnderTest, daemon: LabDaemon) -> None:
     daemon.wait_for(lambda s: s["state"] == "connected", timeout=15, what="connected after the flap")
 
 
-# The first cycles fill caches, pools and the allocator's arenas for good: warm up first, then
-# compare the least resident size seen over the last flaps of each stretch (one reading can
-# catch a transient buffer).
-WARM_UP_FLAPS = 20
-MEASURED_FLAPS = 100
+# The first cycles fill caches, pools and the allocator's arenas for good. Measured in this lab
+# (RSS after every 10 flaps, 2 shared cores): the daemon before the fixes grew 1.7, 1.0, 0.4 MB
+# over its first 30 flaps and then still ~15 kB a flap (+1.2 MB between flap 50 and 110); with
+# them it grew 1.1, 1.0, 0.6, 0.4, 0.2 MB and then stayed within ~0.1 MB from flap 70 to 120.
+# So: warm up 50 flaps, then allow 1 MB over the next 70 (fixed: ~0.5 MB measured; before: ~1.7
+# MB), comparing the least of the last readings of each stretch (one reading can catch a
+# transient buffer).
+WARM_UP_FLAPS = 50
+MEASURED_FLAPS = 70
 READINGS = 5
 RSS_GROWTH_LIMIT_KIB = 1024
 
 
-def test_rss_levels_off_over_a_hundred_link_flaps(lab: LabUnderTest, daemon: LabDaemon) -> None:
+def test_rss_levels_off_over_link_flaps(lab: LabUnderTest, daemon: LabDaemon) -> None:
     """Memory that grows with each link cycle runs an unattended host out of it in the end."""
     daemon.start()
     trail = []
-    for number in range(1, WARM_UP_FLAPS + MEASURED_FLAPS + 1):
+    for _ in range(WARM_UP_FLAPS + MEASURED_FLAPS):
         flap(lab, daemon)
         trail.append(rss_kib(daemon.pid))
-        if number % 10 == 0:
-            print(f"after {number} flaps: {trail[-1]} KiB")
     warm = min(trail[WARM_UP_FLAPS - READINGS : WARM_UP_FLAPS])
     after = min(trail[-READINGS:])
+    print(f"RSS every 10 flaps: {trail[9::10]} KiB")
     print(f"RSS after {WARM_UP_FLAPS} warm-up flaps {warm} KiB; after {MEASURED_FLAPS} more {after} KiB")
     assert after - warm < RSS_GROWTH_LIMIT_KIB, f"grew {after - warm} KiB over {MEASURED_FLAPS} flaps"
 
