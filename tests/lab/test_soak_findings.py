@@ -1,4 +1,4 @@
-"""What a 21-minute soak found (issue #11, items 10-13), each kept found by a shorter run.
+"""What the 21-minute soak of issue #11 found (items 10-13), each kept found by a shorter run.
 
 Every test drives a real ``tunlock run`` in a lab of its own, with real wireguard-go on both
 ends, and asserts what a user would see: the state and server the daemon reports, pings answered
