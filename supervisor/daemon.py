@@ -158,6 +158,7 @@ class GuardedLock:
     async def apply(self, servers: tuple[Server, ...]) -> None:
         if not self._owner_checked:
             await self._open_owner()
+        self._removed = False
         self.servers = servers
         await self.guard.apply(self._policy(servers))
         if self._watch is None:
