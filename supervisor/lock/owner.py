@@ -105,8 +105,13 @@ def probe_script(table: str) -> str:
 
 
 def apply_script(policy: LockPolicy) -> str:
-    """Both tables, installed or replaced in one transaction."""
-    return render(policy) + render_owned(policy)
+    """Both tables, installed or replaced in one transaction.
+
+    The twin first: of base chains at one hook and priority, the kernel runs the one registered
+    last first, so the ordinary table sees every packet and its counters (what status and the
+    metrics report) count every refusal; the twin only ever sees what the ordinary one let by.
+    """
+    return render_owned(policy) + render(policy)
 
 
 def swap_script(policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> str:

@@ -37,6 +37,11 @@ def tables(lab: LabUnderTest) -> str:
     return lab.lab.run("client", "nft", "list", "tables")
 
 
+def refused_dns(lab: LabUnderTest) -> int:
+    listing = lab.lab.run("client", "nft", "list", "counter", "inet", "tunlock", "blocked_dns")
+    return int(listing.split("packets ")[1].split()[0])
+
+
 def owned_and_restored(status: dict) -> bool:
     return status["lock"] == {"installed": True, "matching": True, "owned": True}
 
@@ -56,6 +61,11 @@ def test_flush_while_running_leaks_nothing_and_the_twin_is_nobody_elses(lab: Lab
         assert not leaks, f"{len(leaks)} packets leaked after {FLUSHES} flushes:\n{describe(leaks)}"
         # Probes that should fail did fail; those through the tunnel may answer (that is no leak).
         assert not any(a["dns-udp-isp"] or a["icmp4-bound-to-wan0"] for a in answered), answered
+
+        # The restored ordinary table still runs before the twin, so its counters see refusals.
+        before = refused_dns(lab)
+        assert not lab.probes.dns_udp("192.0.2.1")
+        assert refused_dns(lab) > before
 
         with pytest.raises(LabError, match="Operation not permitted"):
             lab.lab.run("client", "nft", "delete", "table", "inet", OWNED)

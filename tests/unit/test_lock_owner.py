@@ -22,7 +22,7 @@ POLICY = LockPolicy(table="tunlock", tunnel_interface="tl0", fwmark=0xCA6C)
 
 
 def test_a_missing_library_is_reported_as_owner_unavailable():
-    with pytest.raises(OwnerUnavailable, match="libnftables-absent.so.9 cannot be loaded"):
+    with pytest.raises(OwnerUnavailable, match=r"libnftables-absent\.so\.9 cannot be loaded"):
         Libnftables("libnftables-absent.so.9")
 
 
