@@ -14,6 +14,9 @@ Order at start, so that nothing leaves before the lock is in force:
 Stopping (SIGTERM, SIGINT) is an event like any other: the machine tears the tunnel down and
 keeps the lock (``permanent``). A crash or SIGKILL skips all of that on purpose: the lock stays,
 wireguard-go (its own session) keeps the tunnel up, and the next start adopts it.
+The lock's owned twin (the copy no other program can flush, docs/lock.md) lives only as long
+as the daemon's libnftables context: it goes at any exit, SIGKILL included; the ordinary table
+stays.
 """
 
 from __future__ import annotations
