@@ -46,7 +46,7 @@ from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard
 from supervisor.lock.owner import OwnerUnavailable, OwningContext
 from supervisor.lock.policy import LockPolicy, policy_from_config
-from supervisor.lock.render import owned_table, render
+from supervisor.lock.render import owned_table
 from supervisor.log import get_logger
 from supervisor.machine import events as ev
 from supervisor.machine.settings import Settings
@@ -215,7 +215,7 @@ class GuardedLock:
         try:
             if not self._removed:
                 with anyio.fail_after(LOCK_CLOSE_TIMEOUT_S):
-                    await anyio.to_thread.run_sync(owner.run, render(self.guard.policy))
+                    await anyio.to_thread.run_sync(nft.apply, self.guard.policy)
         except Exception as err:  # exiting anyway: say so, the ordinary table is as it was
             log.error("could not re-apply the lock at exit", error=str(err))
         finally:
