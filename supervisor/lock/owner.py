@@ -209,10 +209,15 @@ class OwningContext:
     def apply(self, policy: LockPolicy) -> tuple[IPNetwork, ...]:
         """Install or replace both tables in one transaction; like ``nft.apply``, the LAN narrowed
         to the subnets on-link now, which are returned."""
-        ensure_safe_to_lock()
-        onlink = read_onlink(exclude=(policy.tunnel_interface,))
-        self.run(apply_script(replace(policy, onlink=onlink)))
-        return onlink
+
+        def install(nft: Libnftables) -> tuple[IPNetwork, ...]:
+            # In the owning thread: the subnets are read in the namespace the tables live in.
+            ensure_safe_to_lock()
+            onlink = read_onlink(exclude=(policy.tunnel_interface,))
+            nft.run(apply_script(replace(policy, onlink=onlink)))
+            return onlink
+
+        return self._call(install)
 
     def swap_endpoints(self, policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:
         script = swap_script(policy, old, new)

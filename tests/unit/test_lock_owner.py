@@ -41,7 +41,7 @@ class GuardAlone:
     async def apply(self, policy: LockPolicy) -> None:
         self.applied.append(policy)
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def watch(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         task_status.started()
         await anyio.sleep_forever()
 
