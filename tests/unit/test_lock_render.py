@@ -9,7 +9,13 @@ from ipaddress import ip_address, ip_network
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.lock.owner import apply_script, probe_script, remove_script, swap_script
+from supervisor.lock.owner import (
+    apply_script,
+    probe_script,
+    remove_script,
+    swap_script,
+    tunnel_inbound_swap_script,
+)
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import (
     fingerprint,
@@ -358,6 +364,10 @@ def test_owning_context_scripts_change_both_tables_in_one_transaction():
         "delete table inet tunlock",
         "add table inet tunlock_owned { flags owner; }",
         "delete table inet tunlock_owned",
+    ]
+    assert tunnel_inbound_swap_script(BASE, frozenset(), frozenset({("tcp", 51413)})).splitlines() == [
+        "add element inet tunlock tunnel_inbound { tcp . 51413 }",
+        "add element inet tunlock_owned tunnel_inbound { tcp . 51413 }",
     ]
     assert probe_script("tunlock").splitlines() == [
         "add table inet tunlock_ownercheck { flags owner; }",
