@@ -1,5 +1,10 @@
 """How long applying the lock takes with many endpoints (goal: 10,000 endpoints <= 1 s).
 
+Also what the owned twin costs (both tables through the daemon's libnftables context against
+the ordinary table alone through `nft`), and what leaks after another program's `nft flush
+ruleset` followed at once by every kind of probe: the guard alone (before issue 12) against the
+guard with the owned twin.
+
 Also the tunnel's throughput with and without the lock (goal: >= 98 %), iperf3 through
 wireguard-go in the lab. Run as root: .venv/bin/python bench/bench_lock.py [ENDPOINTS]
 The lock is applied inside a lab namespace, never on this machine itself.
@@ -11,13 +16,20 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from ipaddress import IPv4Address, IPv6Address
 
+import anyio
+
 from supervisor.config import load_config
+from supervisor.lab import faults
+from supervisor.lab.probes import Observer, Probes
 from supervisor.lab.topology import Lab, sh
 from supervisor.lab.tunnel import hand_tunnel
 from supervisor.lock import nft
+from supervisor.lock.guard import LockGuard
+from supervisor.lock.owner import OwningContext
 from supervisor.lock.policy import LockPolicy, policy_from_config
 from supervisor.servers import Endpoint
 
@@ -56,6 +68,97 @@ def main() -> None:
         f"lock: apply with {count} endpoints {min(times):.3f} s (best of 3, worst {max(times):.3f}); "
         f"endpoint swap {swap * 1000:.1f} ms; status read {read * 1000:.1f} ms"
     )
+
+
+def best_of(times: int, work) -> float:
+    spent = []
+    for _ in range(times):
+        start = time.perf_counter()
+        work()
+        spent.append(time.perf_counter() - start)
+    return min(spent)
+
+
+def bench_owned(count: int = 10_000) -> None:
+    """Per-apply and per-swap cost of the owned twin: both tables in one transaction through the
+    owning context, against the ordinary table alone through the nft tool (today's fallback)."""
+    os.environ["TUNLOCK_LAB_ONLY"] = "1"
+    policy = LockPolicy(table="tunlock", tunnel_interface="tl0", fwmark=0xCA6C, endpoints=endpoints(count))
+    old = policy.endpoints
+    new = frozenset(list(old)[:-1]) | {Endpoint(IPv4Address("203.0.113.99"), 51820)}
+    small = LockPolicy(table="tunlock", tunnel_interface="tl0", fwmark=0xCA6C, endpoints=endpoints(3))
+
+    def swap_both_ways(target) -> None:  # there and back, so each run finds the same table
+        target.swap_endpoints(policy, old, new)
+        target.swap_endpoints(policy, new, old)
+
+    with Lab.up(servers=1) as lab, lab.inside("client"):
+        owner = OwningContext.open(policy.table)
+        try:
+            figures = {
+                "nft, ordinary table alone": (
+                    best_of(3, lambda: nft.apply(policy)),
+                    best_of(5, lambda: swap_both_ways(nft)) / 2,
+                    best_of(5, lambda: nft.apply(small)),
+                ),
+                "libnftables, both tables": (
+                    best_of(3, lambda: owner.apply(policy)),
+                    best_of(5, lambda: swap_both_ways(owner)) / 2,
+                    best_of(5, lambda: owner.apply(small)),
+                ),
+            }
+        finally:
+            owner.close()
+    for how, (apply, swap, apply_small) in figures.items():
+        print(
+            f"owned twin: {how}: apply with {count} endpoints {apply:.3f} s; endpoint swap "
+            f"{swap * 1000:.1f} ms; apply with 3 endpoints {apply_small * 1000:.1f} ms (best of 3-5)"
+        )
+
+
+def bench_flush(rounds: int = 20) -> None:
+    """Leaks after `nft flush ruleset` run by another program, each flush followed at once by
+    every kind of probe, with the guard alone and with the owned twin."""
+    os.environ["TUNLOCK_LAB_ONLY"] = "1"
+    with Lab.up(servers=1) as lab:
+        observer = Observer.start(lab)
+        probes = Probes(lab)
+        policy = policy_from_config(load_config(lab.config_path, {}))
+        for owned in (False, True):
+            leaked: list[int] = []
+
+            async def scenario(owner: OwningContext | None, leaked: list[int] = leaked) -> None:
+                guard = LockGuard(policy, owner=owner)
+                async with anyio.create_task_group() as tg:
+                    await guard.apply()
+                    await tg.start(guard.run)
+                    for round_ in range(rounds):
+                        mark = await anyio.to_thread.run_sync(observer.mark)
+                        await anyio.to_thread.run_sync(faults.flush_client_ruleset, lab)
+                        await anyio.to_thread.run_sync(probes.every_kind)
+                        while guard.restores <= round_:
+                            await anyio.sleep(0.01)
+                        leaked.append(len(await anyio.to_thread.run_sync(observer.leaks, mark)))
+                    tg.cancel_scope.cancel()
+
+            def run(owned: bool = owned) -> None:
+                with lab.inside("client"):
+                    owner = OwningContext.open(policy.table) if owned else None
+                    try:
+                        anyio.run(scenario, owner)
+                    finally:
+                        if owner is not None:
+                            owner.close()
+
+            worker = threading.Thread(target=run)
+            worker.start()
+            worker.join()
+            lab.run("client", "nft", "delete", "table", "inet", policy.table, check=False)
+            print(
+                f"flush + every probe kind, {rounds} rounds, "
+                f"{'guard + owned twin' if owned else 'guard alone (before)'}: "
+                f"{sum(leaked)} packets leaked, in {sum(1 for n in leaked if n)} of {rounds} rounds"
+            )
 
 
 def throughput(lab: Lab, seconds: int = 3) -> float:
@@ -105,4 +208,6 @@ def bench_throughput(rounds: int = 8, seconds: int = 2) -> None:
 
 if __name__ == "__main__":
     main()
+    bench_owned()
+    bench_flush()
     bench_throughput()

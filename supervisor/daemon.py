@@ -14,6 +14,9 @@ Order at start, so that nothing leaves before the lock is in force:
 Stopping (SIGTERM, SIGINT) is an event like any other: the machine tears the tunnel down and
 keeps the lock (``permanent``). A crash or SIGKILL skips all of that on purpose: the lock stays,
 wireguard-go (its own session) keeps the tunnel up, and the next start adopts it.
+The lock's owned twin (the copy no other program can flush, docs/lock.md) lives only as long
+as the daemon's libnftables context: it goes at any exit, SIGKILL included; the ordinary table
+stays.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from supervisor.errors import ConfigError, Problem, TunlockError
 from supervisor.health import IcmpProber
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard
+from supervisor.lock.owner import OwnerUnavailable, OwningContext
 from supervisor.lock.policy import LockPolicy, policy_from_config
+from supervisor.lock.render import owned_table
 from supervisor.log import get_logger
 from supervisor.machine import events as ev
 from supervisor.machine.settings import Settings
@@ -62,6 +67,7 @@ ADOPT_TIMEOUT_S = 15.0
 PATHS_TIMEOUT_S = 5.0
 RELOAD_READ_TIMEOUT_S = 30.0
 STUCK_THREAD_GRACE_S = 1.0
+LOCK_CLOSE_TIMEOUT_S = 15.0
 # Settings that name things already built (the interface, the table, the socket): changing
 # them needs a restart, so a reload that changes them is refused as a whole.
 RESTART_ONLY = (
@@ -113,7 +119,12 @@ def probe_target(config: Config) -> Callable[[Server], IPv4Address | IPv6Address
 
 
 class GuardedLock:
-    """The lock as the runtime drives it: the guard applies and swaps, and watches between."""
+    """The lock as the runtime drives it: the guard applies and swaps, and watches between.
+
+    While the daemon runs, the lock is also held in an owned twin table that no other program
+    can flush or delete (supervisor/lock/owner.py), when the kernel and nft here allow it; the
+    first apply finds out and says so once, either way.
+    """
 
     def __init__(self, base: LockPolicy, task_group: anyio.abc.TaskGroup, runtime_post) -> None:
         self.base = base
@@ -124,6 +135,8 @@ class GuardedLock:
         self._watch: anyio.CancelScope | None = None
         # Ports plugins asked the tunnel to accept (a forwarded port): kept across whole applies.
         self.tunnel_inbound: frozenset[tuple[str, int]] = frozenset()
+        self._owner_checked = False
+        self._removed = False
 
     def _policy(self, servers: tuple[Server, ...]) -> LockPolicy:
         return self.base.with_servers(servers).with_tunnel_inbound(self.tunnel_inbound)
@@ -131,7 +144,25 @@ class GuardedLock:
     async def _tampered(self, reason: str) -> None:
         await self._post(lambda now: ev.LockTampered(now, reason))
 
+    async def _open_owner(self) -> None:
+        self._owner_checked = True
+        table = self.base.table
+        try:
+            self.guard.owner = await anyio.to_thread.run_sync(OwningContext.open, table)
+        except OwnerUnavailable as err:
+            log.warning(
+                "the nf_tables owner flag is not available here: the lock is the ordinary table and its "
+                "guard alone, so another program's `nft flush ruleset` opens it until the guard restores "
+                "it (~50 ms)",
+                reason=str(err),
+            )
+            return
+        log.info("the lock is held twice while running", table=table, owned_table=owned_table(table))
+
     async def apply(self, servers: tuple[Server, ...]) -> None:
+        if not self._owner_checked:
+            await self._open_owner()
+        self._removed = False
         self.servers = servers
         await self.guard.apply(self._policy(servers))
         if self._watch is None:
@@ -166,9 +197,32 @@ class GuardedLock:
     async def remove(self) -> None:
         if self._watch is not None:
             self._watch.cancel()  # or the guard would put it straight back
-        await anyio.to_thread.run_sync(nft.remove, self.base.table)
+        owner = self.guard.owner
+        if owner is not None:
+            await anyio.to_thread.run_sync(owner.remove, self.base.table)  # both tables, one transaction
+        else:
+            await anyio.to_thread.run_sync(nft.remove, self.base.table)
+        self._removed = True
 
-    async def state(self) -> tuple[bool, bool, dict[str, int]]:
+    async def close(self) -> None:
+        """At exit: the owned twin goes with the context. Unless the lock was removed, the
+        ordinary table is put in place first, so that a flush just before the end cannot leave
+        the host open."""
+        if self._watch is not None:
+            self._watch.cancel()
+        owner, self.guard.owner = self.guard.owner, None
+        if owner is None:
+            return
+        try:
+            if not self._removed:
+                with anyio.fail_after(LOCK_CLOSE_TIMEOUT_S):
+                    await anyio.to_thread.run_sync(nft.apply, self.guard.policy)
+        except Exception as err:  # exiting anyway: say so, the ordinary table is as it was
+            log.error("could not re-apply the lock at exit", error=str(err))
+        finally:
+            await anyio.to_thread.run_sync(owner.close)
+
+    async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
         return await self.guard.state()
 
 
@@ -268,7 +322,11 @@ async def serve(config: Config) -> int:
             pid=os.getpid(),
         )
         _return_freed_memory()
-        await runtime.run(tg)
+        try:
+            await runtime.run(tg)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await lock.close()
         tg.cancel_scope.cancel()
     log.info("tunlock stopped", lock="kept" if settings.lock.mode == "permanent" else "removed")
     return 0

@@ -121,6 +121,11 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
         "1 when the lock table is exactly what tunlock installed.",
         value=bool(lock.get("matching")),
     )
+    yield GaugeMetricFamily(
+        "tunlock_lock_owned",
+        "1 while the daemon holds the owned twin table that no other program can flush.",
+        value=bool(lock.get("owned")),
+    )
     blocked = CounterMetricFamily(
         "tunlock_lock_blocked_packets",
         "Packets the lock refused, by where they were going.",

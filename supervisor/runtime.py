@@ -59,8 +59,9 @@ class Lock(Protocol):
 
     async def remove(self) -> None: ...
 
-    async def state(self) -> tuple[bool, bool, dict[str, int]]:
-        """(installed, matching what was last applied, packets refused per named counter)."""
+    async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
+        """(installed, matching what was last applied, owned twin held, packets refused per
+        named counter)."""
 
 
 class TunnelControl(Protocol):
@@ -96,6 +97,7 @@ class Status:
     last_failure: dict[str, Any] | None = None
     lock_installed: bool = False
     lock_matching: bool = False
+    lock_owned: bool = False  # the flush-proof twin table, held while the daemon runs
     lock_counters: dict[str, int] = field(default_factory=dict)
     backend: str | None = None
     # For the metrics: times each state was entered, and failures declared per server.
@@ -117,7 +119,11 @@ class Status:
             "state": self.state,
             "server": self.server,
             "handshake_age_s": age,
-            "lock": {"installed": self.lock_installed, "matching": self.lock_matching},
+            "lock": {
+                "installed": self.lock_installed,
+                "matching": self.lock_matching,
+                "owned": self.lock_owned,
+            },
             "since": round(self.since_wall, 3),
             "reason": self.reason,
             "endpoint": str(stats.endpoint) if stats and stats.endpoint else None,
@@ -353,8 +359,13 @@ class Runtime:
         status = self.status
         try:
             with anyio.fail_after(LOCK_TIMEOUT_S):
-                status.lock_installed, status.lock_matching, status.lock_counters = await self.lock.state()
+                (
+                    status.lock_installed,
+                    status.lock_matching,
+                    status.lock_owned,
+                    status.lock_counters,
+                ) = await self.lock.state()
         except Exception as err:  # the status says "not installed" then
             log.warning("could not read the lock", error=str(err))
-            status.lock_installed = status.lock_matching = False
+            status.lock_installed = status.lock_matching = status.lock_owned = False
             status.lock_counters = {}

@@ -76,6 +76,8 @@ def describe(answer: dict[str, Any], now: float | None = None) -> str:
     lock = answer.get("lock") or {}
     if lock.get("installed"):
         lock_text = "installed" + ("" if lock.get("matching") else ", but NOT as the daemon set it")
+        if lock.get("owned"):
+            lock_text += " (and owned: flush-proof while running)"
     else:
         lock_text = "NOT INSTALLED"
     lines.append(f"lock:      {lock_text}")

@@ -64,7 +64,7 @@ class LabDaemon:
         """The daemon's status, or None while it does not answer."""
         try:
             return request(self.socket, "status", timeout=2.0)
-        except TunlockError:
+        except (TunlockError, ConnectionResetError):  # reset: it died mid-answer (wait_for says why)
             return None
 
     def ask(self, command: str) -> dict[str, Any]:

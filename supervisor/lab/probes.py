@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from supervisor.lab.daemon import TIME_SCALE
 from supervisor.lab.observer import SYNC_ETHERTYPE
 from supervisor.lab.topology import (
     INTERNET_V4,
@@ -193,7 +194,8 @@ class Observer:
             [sys.executable, "-m", "supervisor.lab.observer", "cl0", str(record), *endpoints],
             "observer.log",
         )
-        deadline = time.monotonic() + 10
+        # Scaled like every lab wait: under the VM tier's emulation Python alone starts in seconds.
+        deadline = time.monotonic() + 10 * TIME_SCALE
         while not (record.exists() and record.read_text()):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"the observer did not start (see {lab.dir}/observer.log)")
@@ -214,10 +216,10 @@ class Observer:
                 sock.send(frame)
 
         Probes(self.lab)._in_client(send)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 5 * TIME_SCALE
         while f'"sync": "{token}"' not in self.record.read_text():
             if time.monotonic() > deadline:
-                raise RuntimeError("the observer did not see the sync frame within 5 s")
+                raise RuntimeError(f"the observer did not see the sync frame within {5 * TIME_SCALE:g} s")
             time.sleep(0.005)
 
     def mark(self) -> int:

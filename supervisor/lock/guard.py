@@ -16,12 +16,12 @@ was applied (supervisor.lock.onlink); the guard also follows route changes
 (``ip monitor route``) and applies the lock again when those subnets change, so a
 new lease on another network neither stays closed nor leaves the old subnet open.
 
-Why not the ``owner`` flag: an owned table is removed by the kernel when the
-owning netlink socket closes, so a crashed or SIGKILLed daemon would take the
-lock with it. nft 1.0.6 cannot set ``persist`` (which keeps an owned table when
-its owner goes), so here the lock stays an ordinary table that outlives the
-daemon, and the guard restores it within milliseconds of any change (see
-docs/lock.md for the measured figure and the trade-off).
+With an owner (supervisor/lock/owner.py) every change goes through the daemon's own
+libnftables context and covers both tables in one transaction: the ordinary one, which outlives
+the daemon (a crash, SIGKILL, boot), and its owned twin, which no other program can flush or
+delete. After a flush the twin keeps everything closed while the guard restores the ordinary
+table. Without one (kernel or nft too old) the ordinary table and this guard are all there is,
+and a flush opens the host until the restore (~50 ms; docs/lock.md).
 
 The ``nft monitor`` child can die without the daemon meaning to stop: killed by an admin or
 the OOM killer, or by a SIGTERM/SIGINT sent to the daemon's whole process group (systemd's
@@ -44,6 +44,7 @@ from anyio.streams.text import TextReceiveStream
 
 from supervisor.lock import nft
 from supervisor.lock.onlink import read_onlink
+from supervisor.lock.owner import OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.log import get_logger
 
@@ -68,8 +69,11 @@ def next_restart_delay(previous: float | None, lived_s: float) -> float:
 class LockGuard:
     """Owns applying the lock while the daemon runs, and restores it after tampering."""
 
-    def __init__(self, policy: LockPolicy, on_tamper: OnTamper | None = None) -> None:
+    def __init__(
+        self, policy: LockPolicy, on_tamper: OnTamper | None = None, owner: OwningContext | None = None
+    ) -> None:
         self.policy = policy
+        self.owner = owner
         self._reference: str | None = None
         self._on_tamper = on_tamper
         self._lock = anyio.Lock()
@@ -83,15 +87,19 @@ class LockGuard:
         async with self._lock:
             if policy is not None:
                 self.policy = policy
-            self._onlink = await anyio.to_thread.run_sync(nft.apply, self.policy)
+            self._onlink = await anyio.to_thread.run_sync(self._apply, self.policy)
             self._reference = await anyio.to_thread.run_sync(nft.listing, self.policy.table)
+
+    def _apply(self, policy: LockPolicy) -> tuple:
+        """Both tables through the owner, else the ordinary one through nft; the on-link subnets."""
+        return (self.owner or nft).apply(policy)
 
     async def swap_endpoints(self, policy: LockPolicy) -> None:
         """Move to ``policy``'s endpoints with element changes only (no moment without them)."""
         async with self._lock:
             old = self.policy.endpoints
             self.policy = policy
-            await anyio.to_thread.run_sync(nft.swap_endpoints, policy, old, policy.endpoints)
+            await anyio.to_thread.run_sync((self.owner or nft).swap_endpoints, policy, old, policy.endpoints)
             self._reference = await anyio.to_thread.run_sync(nft.listing, policy.table)
 
     async def swap_tunnel_inbound(self, policy: LockPolicy) -> None:
@@ -99,7 +107,9 @@ class LockGuard:
         async with self._lock:
             old = self.policy.tunnel_inbound
             self.policy = policy
-            await anyio.to_thread.run_sync(nft.swap_tunnel_inbound, policy, old, policy.tunnel_inbound)
+            await anyio.to_thread.run_sync(
+                (self.owner or nft).swap_tunnel_inbound, policy, old, policy.tunnel_inbound
+            )
             self._reference = await anyio.to_thread.run_sync(nft.listing, policy.table)
 
     async def check(self) -> str | None:
@@ -112,7 +122,7 @@ class LockGuard:
             if current is not None and current == self._reference:
                 return None
             reason = "the lock table was deleted" if current is None else "the lock table was changed"
-            self._onlink = await anyio.to_thread.run_sync(nft.apply, self.policy)
+            self._onlink = await anyio.to_thread.run_sync(self._apply, self.policy)
             self._reference = await anyio.to_thread.run_sync(nft.listing, self.policy.table)
             self.restores += 1
         log.warning("lock tampered with; restored", reason=reason, table=self.policy.table)
@@ -129,7 +139,7 @@ class LockGuard:
             if self._onlink is None or onlink == self._onlink:
                 return False
             try:
-                self._onlink = await anyio.to_thread.run_sync(nft.apply, self.policy)
+                self._onlink = await anyio.to_thread.run_sync(self._apply, self.policy)
             except nft.LockError as err:  # the old table stays in force; the next change retries
                 log.error("applying the lock for new on-link subnets failed", error=str(err))
                 return False
@@ -158,14 +168,15 @@ class LockGuard:
                     with anyio.move_on_after(2):
                         await process.wait()
 
-    async def state(self) -> tuple[bool, bool, dict[str, int]]:
-        """(installed, identical to what this guard last installed, its counters), read without
-        restoring."""
+    async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
+        """(ordinary table installed, identical to what this guard last installed, owned twin
+        in place, the ordinary table's counters), read without restoring."""
+        owned = self.owner is not None and await anyio.to_thread.run_sync(self.owner.owns, self.policy.table)
         try:
             current, counters = await anyio.to_thread.run_sync(nft.reading, self.policy.table)
         except nft.LockError:
-            return False, False, {}
-        return True, current == self._reference, counters
+            return False, False, owned, {}
+        return True, current == self._reference, owned, counters
 
     async def watch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow nftables events (``run``) and route changes (``follow_links``) until cancelled;

@@ -179,6 +179,30 @@ def render(policy: LockPolicy) -> str:
     )
 
 
+def owned_table(table: str) -> str:
+    """The name of the owned twin of ``table`` (held by the running daemon, see supervisor/lock/owner.py)."""
+    return f"{table}_owned"
+
+
+def render_owned(policy: LockPolicy) -> str:
+    """The same policy as :func:`render`, in the owned twin table (``flags owner``).
+
+    Only the daemon's own netlink socket can change or delete an owned table, and another
+    program's ``nft flush ruleset`` leaves it alone. Its ``add table`` must carry the flag too:
+    the kernel refuses to change an existing table's owner flag (EOPNOTSUPP).
+    """
+    name = owned_table(policy.table)
+    return (
+        f"add table inet {name} {{ flags owner; }}\n"
+        f"delete table inet {name}\n"
+        f"table inet {name} {{\n"
+        f"\tflags owner\n"
+        f"\tcomment {_quote('tunlock lock ' + fingerprint(policy))}\n"
+        f"{_table_body(policy)}"
+        f"}}\n"
+    )
+
+
 def render_endpoint_swap(table: str, old: Iterable[Endpoint], new: Iterable[Endpoint]) -> str:
     """Add ``new`` and drop ``old`` endpoints in one transaction: no gap, never a wildcard."""
     old, new = set(old), set(new)

@@ -9,8 +9,22 @@ from ipaddress import ip_address, ip_network
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from supervisor.lock.owner import (
+    apply_script,
+    probe_script,
+    remove_script,
+    swap_script,
+    tunnel_inbound_swap_script,
+)
 from supervisor.lock.policy import LockPolicy
-from supervisor.lock.render import fingerprint, render, render_endpoint_swap, render_tunnel_inbound_swap
+from supervisor.lock.render import (
+    fingerprint,
+    owned_table,
+    render,
+    render_endpoint_swap,
+    render_owned,
+    render_tunnel_inbound_swap,
+)
 from supervisor.servers import Endpoint
 
 EP1 = Endpoint(ip_address("198.51.100.11"), 51820)
@@ -316,3 +330,46 @@ def test_tunnel_inbound_swap_is_element_changes_in_one_script():
         "delete element inet tunlock tunnel_inbound { tcp . 1000, udp . 1000 }",
     ]
     assert render_tunnel_inbound_swap("tunlock", {("tcp", 1)}, {("tcp", 1)}) == ""
+
+
+def test_owned_twin_carries_the_same_policy_under_its_own_name_with_the_owner_flag():
+    ordinary, owned = render(BASE), render_owned(BASE)
+    assert owned_table("tunlock") == "tunlock_owned"
+    assert owned.splitlines()[:5] == [
+        "add table inet tunlock_owned { flags owner; }",  # the flag here too, or the kernel refuses
+        "delete table inet tunlock_owned",
+        "table inet tunlock_owned {",
+        "\tflags owner",
+        f'\tcomment "tunlock lock {fingerprint(BASE)}"',
+    ]
+    # Same body, line for line: only the header differs.
+    assert ordinary.split("\tcomment", 1)[1] == owned.split("\tcomment", 1)[1]
+    assert "flags owner" not in ordinary
+
+
+def test_owning_context_scripts_change_both_tables_in_one_transaction():
+    # The twin registered first, so the ordinary table runs first and its counters count.
+    assert apply_script(BASE) == render_owned(BASE) + render(BASE)
+    new = frozenset({EP1, Endpoint(ip_address("203.0.113.5"), 51820)})
+    swap = swap_script(BASE, BASE.endpoints, new).splitlines()
+    assert swap == [
+        "add element inet tunlock endpoints4 { 203.0.113.5 . 51820 }",
+        "delete element inet tunlock endpoints6 { 2001:db8:100::12 . 51821 }",
+        "add element inet tunlock_owned endpoints4 { 203.0.113.5 . 51820 }",
+        "delete element inet tunlock_owned endpoints6 { 2001:db8:100::12 . 51821 }",
+    ]
+    assert swap_script(BASE, BASE.endpoints, BASE.endpoints) == ""
+    assert remove_script("tunlock").splitlines() == [
+        "add table inet tunlock",
+        "delete table inet tunlock",
+        "add table inet tunlock_owned { flags owner; }",
+        "delete table inet tunlock_owned",
+    ]
+    assert tunnel_inbound_swap_script(BASE, frozenset(), frozenset({("tcp", 51413)})).splitlines() == [
+        "add element inet tunlock tunnel_inbound { tcp . 51413 }",
+        "add element inet tunlock_owned tunnel_inbound { tcp . 51413 }",
+    ]
+    assert probe_script("tunlock").splitlines() == [
+        "add table inet tunlock_ownercheck { flags owner; }",
+        "delete table inet tunlock_ownercheck",
+    ]

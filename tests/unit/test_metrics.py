@@ -20,7 +20,7 @@ CONNECTED = {
     "state": "connected",
     "server": "se-sto-1",
     "handshake_age_s": 12.5,
-    "lock": {"installed": True, "matching": True},
+    "lock": {"installed": True, "matching": True, "owned": True},
     "since": 1764000000.0,
     "endpoint": "198.51.100.11:51820",
     "rx_bytes": 4096,
@@ -61,6 +61,7 @@ def test_a_connected_daemon_exposes_state_server_traffic_and_lock():
     assert got[("tunlock_tunnel_transmit_bytes_total", ())] == 1024
     assert got[("tunlock_handshake_age_seconds", ())] == 12.5
     assert got[("tunlock_lock_installed", ())] == 1 and got[("tunlock_lock_matching", ())] == 1
+    assert got[("tunlock_lock_owned", ())] == 1
     assert got[("tunlock_lock_blocked_packets_total", (("where", "out"),))] == 7
     assert got[("tunlock_lock_blocked_packets_total", (("where", "dns"),))] == 2
     assert got[("tunlock_lock_restores_total", ())] == 1
@@ -73,6 +74,7 @@ def test_a_blocked_daemon_has_no_server_and_no_traffic():
     assert got[("tunlock_connected", ())] == 0
     assert got[("tunlock_state", (("state", "blocked"),))] == 1
     assert got[("tunlock_lock_matching", ())] == 0
+    assert got[("tunlock_lock_owned", ())] == 0, "no owned twin reported when the status has none"
     names = {name for name, _ in got}
     assert not names & {
         "tunlock_server_info",
