@@ -96,9 +96,11 @@ UPKEEP_OUT = (
 )
 # The answer to a forwarded packet that forward refused (see above): a bare reset or an
 # unreachable, related to a connection the kernel never confirmed.
+# Protocol names nft knows by itself (tcp, icmp, icmpv6): `ipv6-icmp` needs /etc/protocols,
+# which minimal systems lack (Debian minbase, containers), and the boot lock would not load.
 FORWARD_REJECT_RULE = (
     "ct state related ct direction reply ct status & confirmed == 0 "
-    "meta l4proto { tcp, icmp, ipv6-icmp } jump forward_reject"
+    "meta l4proto { tcp, icmp, icmpv6 } jump forward_reject"
 )
 # A TCP connection refused with a reset fails at once; Linux takes an ICMPv6 unreachable in
 # SYN-SENT as a soft error and retries after a second.
