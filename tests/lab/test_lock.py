@@ -218,7 +218,8 @@ def without_protocols(lab, *argv: str) -> str:
     empty = lab.lab.dir / "empty-protocols"
     empty.write_text("")
     script = 'mount --bind "$0" /etc/protocols && exec "$@"'
-    return sh("ip", "netns", "exec", lab.lab.ns("client"), "unshare", "-m", "sh", "-c", script, str(empty), *argv)
+    client = lab.lab.ns("client")
+    return sh("ip", "netns", "exec", client, "unshare", "-m", "sh", "-c", script, str(empty), *argv)
 
 
 def test_every_rule_loads_without_etc_protocols(lab, tmp_path):
