@@ -168,6 +168,7 @@ def test_start_returns_after_ready_and_the_status_line_follows_a_failover(
     # the control socket answers.
     first = system.status()
     assert first["lock"]["installed"]
+    assert first["lock"]["owned"], "the flush-proof twin (libnftables) works under the unit's hardening"
     assert system.show("tunlock.service", "ActiveState")["ActiveState"] == "active"
 
     system.wait_for("connected to vpn1", lambda: status_text(system) == "connected, server vpn1")
