@@ -19,6 +19,13 @@ that counts is the one WireGuard already counted.
 
 ICMP echo is built by hand because it is eight bytes and a checksum; a library
 for it would bring far more than it saves.
+
+Without CAP_NET_RAW (podman grants no NET_RAW by default; a hardened unit may drop it) a raw
+socket cannot be had. The prober then sends a DNS query (the root's NS, 17 bytes) over UDP
+to port 53 of the target instead, which the default target, the server's tunnel resolver,
+answers, and the answer moves rx the same way. The lock lets DNS through the tunnel only to
+the server's resolvers, so a custom ``probe_target`` that is not one of them needs CAP_NET_RAW;
+the prober says so once in the log when it falls back.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ import struct
 import time
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Protocol
+
+from supervisor.log import get_logger
+
+log = get_logger(__name__)
 
 _ICMP_ECHO_REQUEST = 8
 _ICMP6_ECHO_REQUEST = 128
@@ -67,24 +78,33 @@ def echo_request(ident: int, seq: int, payload: bytes, v6: bool) -> bytes:
     return struct.pack("!BBHHH", kind, 0, csum, ident, seq) + payload
 
 
+def dns_probe(ident: int) -> bytes:
+    """A DNS query for the root's NS records, recursion desired: what the UDP fallback sends."""
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + b"\x00" + struct.pack("!HH", 2, 1)
+
+
 class IcmpProber:
     """Echo requests from raw sockets bound to the tunnel interface (needs CAP_NET_RAW), one per
-    address family, kept open between probes."""
+    address family, kept open between probes; DNS queries over UDP where raw sockets are refused."""
 
     def __init__(self) -> None:
         self._ident = os.getpid() & 0xFFFF
         self._seq = 0
         self._sockets: dict[tuple[int, str], socket.socket] = {}
+        self.raw = True  # False once raw sockets were refused: the UDP fallback is in use
 
     def send(self, target: IPv4Address | IPv6Address, ifname: str) -> None:
-        """Send one echo request; raises ``OSError`` when it cannot go (no interface, refused)."""
+        """Send one probe; raises ``OSError`` when it cannot go (no interface, refused)."""
         target = ip_address(target)
         v6 = target.version == 6
         self._seq = (self._seq + 1) & 0xFFFF
         payload = struct.pack("!d", time.monotonic())
         sock = self._socket(v6, ifname)
         try:
-            sock.sendto(echo_request(self._ident, self._seq, payload, v6), (str(target), 0))
+            if self.raw:
+                sock.sendto(echo_request(self._ident, self._seq, payload, v6), (str(target), 0))
+            else:
+                sock.sendto(dns_probe(self._seq), (str(target), 53))
         except BlockingIOError:
             pass  # the socket's send buffer is full: this probe is lost, as on a lossy link
         except OSError:
@@ -99,11 +119,25 @@ class IcmpProber:
             family, proto = (
                 (socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP)
             )
-            sock = socket.socket(family, socket.SOCK_RAW, proto)
+            if self.raw:
+                try:
+                    sock = socket.socket(family, socket.SOCK_RAW, proto)
+                except PermissionError:
+                    self.raw = False
+                    log.warning(
+                        "no raw socket (CAP_NET_RAW): probing with DNS queries to the probe target "
+                        "instead; the target must be one of the server's tunnel resolvers (the "
+                        "default), since the lock lets DNS through the tunnel to those alone"
+                    )
+            if not self.raw:
+                sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, ifname.encode())
-                if v6:
+                if not self.raw:
+                    # Answers are not read (rx already counted them): keep the queue tiny.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+                elif v6:
                     sock.setsockopt(socket.IPPROTO_ICMPV6, _ICMP6_FILTER, _BLOCK_ALL_V6)
                 else:
                     sock.setsockopt(_SOL_RAW, _ICMP_FILTER, _BLOCK_ALL_V4)

@@ -84,3 +84,24 @@ def test_close_closes_every_socket(prober) -> None:
     prober.send(ip_address("fd00::1"), "tl0")
     prober.close()
     assert all(s.closed for s in FakeSocket.made)
+
+
+def test_without_cap_net_raw_the_probes_are_dns_queries_over_udp(monkeypatch) -> None:
+    """podman grants no NET_RAW by default: the prober must still probe, not give up."""
+    FakeSocket.made = []
+
+    def no_raw(family: int, kind: int, proto: int) -> FakeSocket:
+        if kind == socket.SOCK_RAW:
+            raise PermissionError(1, "Operation not permitted")
+        return FakeSocket(family, kind, proto)
+
+    monkeypatch.setattr(health.socket, "socket", no_raw)
+    prober = health.IcmpProber()
+    for _ in range(3):
+        prober.send(ip_address("10.64.0.1"), "tl0")
+    (udp,) = FakeSocket.made
+    assert (udp.kind, udp.proto) == (socket.SOCK_DGRAM, socket.IPPROTO_UDP) and not prober.raw
+    assert udp.options[(socket.SOL_SOCKET, health._SO_BINDTODEVICE)] == b"tl0", "into the tunnel"
+    data, address = udp.sent[0]
+    assert address == ("10.64.0.1", 53) and len(udp.sent) == 3
+    assert data[2:6] == b"\x01\x00\x00\x01" and data[-5:] == b"\x00\x00\x02\x00\x01"  # RD, one question: . NS

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import anyio
@@ -73,7 +74,11 @@ async def test_a_monitor_that_ends_is_started_again_and_the_table_checked(
 async def test_a_monitor_killed_from_outside_is_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    starts = fake_nft(tmp_path, monkeypatch, "exec sleep 60")
+    # A sleeper that dies of SIGINT even when started from a shell that ignores it (a background
+    # job of a non-interactive shell inherits SIGINT ignored, and sh cannot undo that).
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_DFL); time.sleep(60)"
+    sleeper = f"exec {sys.executable} -c '{code}'"
+    starts = fake_nft(tmp_path, monkeypatch, sleeper)
     guard = CountingGuard()
     async with anyio.create_task_group() as tg:
         await tg.start(guard.run)
