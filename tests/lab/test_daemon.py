@@ -283,8 +283,11 @@ def test_lossy_link_does_not_fail_over(lab: LabUnderTest, daemon: LabDaemon, per
         record = pinger.stop()
         faults.clear_loss(lab.lab)
     assert record.answered > 0, "the pings went through the lossy tunnel at all"
-    assert status is not None and status["state"] == "connected" and status["server"] == "vpn1", status
-    assert status["last_failure"] is None, f"a false failover under loss: {status['last_failure']}"
+    # On a switch, say why (the daemon's reasons) and how busy the machine was: CPU starvation of
+    # the userspace tunnels is the one thing the loss arithmetic does not cover.
+    why = f"{status}\nload {os.getloadavg()}\n{daemon.log_tail(15)}"
+    assert status is not None and status["state"] == "connected" and status["server"] == "vpn1", why
+    assert status["last_failure"] is None, f"a false failover under loss: {why}"
     assert_no_leaks(lab, mark)
 
 
