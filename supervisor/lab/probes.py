@@ -91,9 +91,19 @@ def plain_udp_sent(host: str, port: int = 51820) -> bool:
         return True  # sent; whether it leaked is the observer's to say
 
 
+def _is_our_reply(data: bytes, v6: bool, ident: int, seq: int) -> bool:
+    """An echo reply to our ``ident`` and ``seq`` (raw IPv4 sockets hand the IP header over too)."""
+    if not v6:
+        data = data[(data[0] & 0x0F) * 4 :]
+    if len(data) < 8:
+        return False
+    kind, _code, _csum, rident, rseq = struct.unpack("!BBHHH", data[:8])
+    return kind == (129 if v6 else 0) and rident == ident and rseq == seq
+
+
 def icmp_echoed(target: str = INTERNET_V4, interface: str | None = None) -> bool:
     """One echo from a raw socket (CAP_NET_RAW), for where no ``ping`` is installed (a container)."""
-    from supervisor.health import _is_our_reply, echo_request
+    from supervisor.health import echo_request
 
     v6 = ":" in target
     family, proto = (socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP)
