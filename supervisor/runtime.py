@@ -142,7 +142,16 @@ class Status:
         }
 
 
-Item = ev.Event | tuple[str, int]  # an event, or (timer, generation) from a timer task
+@dataclass(frozen=True)
+class TimerDue:
+    """A timer task's report that ``timer`` ran out; stale unless ``generation`` is still the
+    one armed (the timer was cancelled or re-armed after it fired)."""
+
+    timer: ev.Timer
+    generation: int
+
+
+Item = ev.Event | TimerDue
 
 
 class Runtime:
@@ -172,7 +181,7 @@ class Runtime:
         self.status = Status()
         self._subscribers: list[Callable[[Status], None]] = [on_publish] if on_publish else []
         self._send, self._receive = anyio.create_memory_object_stream[Item](max_buffer_size=1024)
-        self._timers: dict[str, tuple[int, anyio.CancelScope]] = {}
+        self._timers: dict[ev.Timer, tuple[int, anyio.CancelScope]] = {}
         self._generation = 0
         self._task_group: anyio.abc.TaskGroup | None = None
         self._done = False
@@ -200,14 +209,14 @@ class Runtime:
         self._task_group = task_group
         receive: MemoryObjectReceiveStream[Item] = self._receive
         async for item in receive:
-            if isinstance(item, tuple):
-                timer, generation = item
-                current = self._timers.get(timer)
-                if current is None or current[0] != generation:
+            if isinstance(item, TimerDue):
+                current = self._timers.get(item.timer)
+                if current is None or current[0] != item.generation:
                     continue  # cancelled or re-armed after it fired: stale
-                del self._timers[timer]
-                item = ev.TimerFired(self.clock(), timer)  # type: ignore[arg-type]
-            await self._handle(item)
+                del self._timers[item.timer]
+                await self._handle(ev.TimerFired(self.clock(), item.timer))
+            else:
+                await self._handle(item)
             if self._done:
                 return
 
@@ -310,7 +319,7 @@ class Runtime:
         except OSError as err:  # a probe that cannot go is a lost probe: the counters tell
             log.debug("probe not sent", error=str(err))
 
-    def _start_timer(self, timer: str, delay: float) -> None:
+    def _start_timer(self, timer: ev.Timer, delay: float) -> None:
         previous = self._timers.pop(timer, None)
         if previous is not None:
             previous[1].cancel()
@@ -320,10 +329,10 @@ class Runtime:
         self._timers[timer] = (self._generation, scope)
         self._task_group.start_soon(self._timer, timer, self._generation, delay, scope)
 
-    async def _timer(self, timer: str, generation: int, delay: float, scope: anyio.CancelScope) -> None:
+    async def _timer(self, timer: ev.Timer, generation: int, delay: float, scope: anyio.CancelScope) -> None:
         with scope:
             await anyio.sleep(delay)
-            await self._send.send((timer, generation))
+            await self._send.send(TimerDue(timer, generation))
 
     async def _publish(self, state: str, server: str | None, reason: str | None) -> None:
         failure = self.machine.context.last_failure

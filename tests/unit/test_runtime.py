@@ -1,0 +1,531 @@
+"""The runtime driven without root: fake adapters, a fake clock, events in, calls out.
+
+As h11 is tested by feeding it bytes, the runtime is fed events through its stream and the test
+reads what it asked of the world: every call on the lock, the tunnel and the prober lands in one
+ordered log, every published status in a stream. The adapters are fakes because the point is
+the runtime's own logic (order of actions, timer generations, failures of an adapter); the real
+adapters are exercised in the lab tier.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from supervisor import runtime as runtime_module
+from supervisor.machine import events as ev
+from supervisor.machine.settings import Settings
+from supervisor.machine.states import Machine
+from supervisor.redact import Secret
+from supervisor.runtime import LockFailed, Runtime, Status, TimerDue
+from supervisor.servers import Endpoint, Peer, Server
+from supervisor.wireguard.backend import TunnelStats
+
+GUARD_S = 10.0  # only stops a broken test from hanging; nothing here measures time
+
+
+def server(name: str, last_octet: int) -> Server:
+    endpoint = Endpoint(ip_address(f"198.51.100.{last_octet}"), 51820)
+    peer = Peer(public_key=f"{name}-key", endpoint=endpoint, allowed_ips=())
+    return Server(
+        name=name, path=Path(f"/nowhere/{name}.conf"), private_key=Secret("x"), addresses=(), peer=peer
+    )
+
+
+SERVERS = {"a": server("a", 1), "b": server("b", 2)}
+# Timers far beyond any test's life unless a test asks for a short one.
+SLOW = Settings(
+    servers=("a", "b"),
+    probe_interval_s=3600,
+    interval_s=3600,
+    idle_interval_s=3600,
+    backoff_initial_s=3600,
+    backoff_max_s=3600,
+    connect_timeouts_s=(3600,),
+)
+
+
+class World:
+    """Fake lock, tunnel and prober sharing one ordered log of what the runtime asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.failing: dict[str, BaseException] = {}
+        self.failing_once: dict[str, BaseException] = {}
+        self.stats_answers: list[TunnelStats] = []
+        self.lock_reading: tuple[bool, bool, dict[str, int]] = (True, True, {"refused": 3})
+        self.stats_read = anyio.Event()
+
+    def _call(self, *call: Any) -> None:
+        self.calls.append(call)
+        error = self.failing_once.pop(call[0], None) or self.failing.get(call[0])
+        if error is not None:
+            raise error
+
+    # Lock
+    async def apply(self, servers: tuple[Server, ...]) -> None:
+        self._call("apply", tuple(s.name for s in servers))
+
+    async def set_servers(self, servers: tuple[Server, ...]) -> None:
+        self._call("set_servers", tuple(s.name for s in servers))
+
+    async def remove(self) -> None:
+        self._call("remove")
+
+    async def state(self) -> tuple[bool, bool, dict[str, int]]:
+        self._call("state")
+        return self.lock_reading
+
+    # TunnelControl
+    async def connect(self, server: Server) -> None:
+        self._call("connect", server.name)
+
+    async def disconnect(self) -> None:
+        self._call("disconnect")
+
+    async def close(self, keep_interface: bool = False) -> None:
+        self._call("close")
+
+    async def stats(self) -> TunnelStats:
+        self.stats_read.set()
+        self.stats_read = anyio.Event()
+        self._call("stats")
+        return self.stats_answers.pop(0)
+
+    # Prober
+    async def probe(self, target: IPv4Address | IPv6Address, ifname: str, timeout: float) -> bool:
+        self._call("probe", str(target), ifname)
+        return True
+
+    def without_probes(self) -> list[tuple[Any, ...]]:
+        """The calls in order, probes left out (they run as tasks, so they interleave freely)."""
+        return [call for call in self.calls if call[0] != "probe"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stats(rx: int, tx: int, age: float | None) -> TunnelStats:
+    endpoint = SERVERS["a"].endpoint
+    return TunnelStats("a-key", endpoint, None if age is None else time.time() - age, age, rx, tx)
+
+
+def probe_target(server: Server) -> IPv4Address | IPv6Address | None:
+    return ip_address("10.64.0.1") if server.name != "b" else None
+
+
+Scenario = Callable[[Runtime, World, MemoryObjectReceiveStream[Status]], Awaitable[None]]
+
+
+def run(scenario: Scenario, settings: Settings = SLOW, world: World | None = None) -> tuple[Runtime, World]:
+    """Run the runtime against ``world`` while ``scenario`` feeds it; it must end by itself."""
+    world = world or World()
+    published_send, published = anyio.create_memory_object_stream[Status](math.inf)
+    runtime = Runtime(
+        Machine.initial(settings),
+        SERVERS,
+        world,
+        world,
+        world,
+        ifname="tun-test",
+        probe_target=probe_target,
+        clock=Clock(),
+        on_publish=lambda status: published_send.send_nowait(_copy(status)),
+    )
+
+    async def main() -> None:
+        ended = anyio.Event()
+
+        async def run_runtime(tg: anyio.abc.TaskGroup) -> None:
+            await runtime.run(tg)
+            ended.set()
+
+        with anyio.fail_after(GUARD_S):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_runtime, tg)
+                await scenario(runtime, world, published)
+                await ended.wait()
+                # As the daemon does once the runtime returned: timers a test reported by hand
+                # (their own tasks still asleep) go with the task group.
+                tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    return runtime, world
+
+
+def _copy(status: Status) -> Status:
+    return Status(**{**status.__dict__, "entered": dict(status.entered), "failures": dict(status.failures)})
+
+
+async def next_state(published: MemoryObjectReceiveStream[Status]) -> str:
+    return (await published.receive()).state
+
+
+async def stop(runtime: Runtime, published: MemoryObjectReceiveStream[Status]) -> None:
+    await runtime.post(lambda now: ev.Stop(now))
+    assert await next_state(published) == "stopped"
+
+
+# --- order of actions -------------------------------------------------------------------------
+
+
+def test_start_locks_before_anything_then_narrows_then_configures() -> None:
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        await stop(runtime, published)
+
+    runtime, world = run(scenario)
+    assert world.without_probes() == [("apply", ()), ("set_servers", ("a",)), ("connect", "a"), ("close",)]
+    assert ("probe", "10.64.0.1", "tun-test") in world.calls
+    assert runtime.status.state == "stopped"
+    assert runtime.status.entered == {"connecting": 1, "stopped": 1}
+
+
+def test_stop_in_session_mode_removes_the_lock_after_closing_the_tunnel() -> None:
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        await stop(runtime, published)
+
+    session = Settings(**{**SLOW.__dict__, "lock_mode": "session"})
+    _, world = run(scenario, session)
+    assert world.without_probes()[-2:] == [("close",), ("remove",)]
+
+
+def test_a_peer_that_will_not_configure_is_answered_at_once_with_the_next_server() -> None:
+    world = World()
+    world.failing_once["connect"] = OSError("wireguard-go refused")
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        first = await published.receive()
+        second = await published.receive()
+        # The failure is handled ahead of the stream: "a" fails, "b" is tried, before any Stop.
+        assert (first.state, first.server) == ("connecting", "a")
+        assert (second.state, second.server) == ("connecting", "b")
+        assert second.last_failure is not None
+        assert second.last_failure["server"] == "a"
+        assert second.last_failure["reason"] == "wireguard-go refused"
+        assert second.failures == {"a": 1}
+        await stop(runtime, published)
+
+    _, world = run(scenario, world=world)
+    assert world.without_probes()[:5] == [
+        ("apply", ()),
+        ("set_servers", ("a",)),
+        ("connect", "a"),
+        ("set_servers", ("b",)),
+        ("connect", "b"),
+    ]
+
+
+def test_a_server_missing_from_the_runtime_fails_as_not_configured() -> None:
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        runtime.servers = {"b": SERVERS["b"]}
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        second = await published.receive()
+        assert second.server == "b"
+        assert second.last_failure is not None
+        assert second.last_failure["reason"] == "not configured"
+        await stop(runtime, published)
+
+    _, world = run(scenario)
+    # "a" is unknown: the lock is narrowed to nothing, never to a server the runtime cannot name.
+    assert world.without_probes()[:4] == [
+        ("apply", ()),
+        ("set_servers", ()),
+        ("set_servers", ("b",)),
+        ("connect", "b"),
+    ]
+
+
+def test_every_server_failing_drops_the_peer_and_publishes_blocked() -> None:
+    world = World()
+    world.failing["connect"] = OSError("no")
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        states = [await next_state(published) for _ in range(3)]
+        assert states == ["connecting", "connecting", "blocked"]
+        assert runtime.status.server is None
+        await stop(runtime, published)
+
+    _, world = run(scenario, world=world)
+    assert ("disconnect",) in world.calls
+
+
+# --- the lock's failures ----------------------------------------------------------------------
+
+
+def test_a_lock_that_cannot_be_installed_ends_the_runtime() -> None:
+    world = World()
+    world.failing["apply"] = RuntimeError("nft: permission denied")
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+
+    with pytest.raises(BaseExceptionGroup) as caught:
+        run(scenario, world=world)
+    (error,) = caught.value.exceptions
+    assert isinstance(error, LockFailed)
+    assert "nft: permission denied" in str(error)
+
+
+def test_a_failed_endpoint_swap_falls_back_to_the_whole_lock() -> None:
+    world = World()
+    world.failing["set_servers"] = RuntimeError("element missing")
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        await stop(runtime, published)
+
+    _, world = run(scenario, world=world)
+    assert world.without_probes()[:4] == [
+        ("apply", ()),
+        ("set_servers", ("a",)),
+        ("apply", ("a",)),
+        ("connect", "a"),
+    ]
+
+
+def test_teardown_failures_are_logged_and_the_stop_goes_on() -> None:
+    world = World()
+    world.failing["close"] = OSError("interface busy")
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        await stop(runtime, published)
+
+    runtime, _ = run(scenario, world=world)
+    assert runtime.status.state == "stopped"
+
+
+# --- timers -----------------------------------------------------------------------------------
+
+
+def test_a_timer_that_runs_out_reads_the_counters_and_a_fresh_handshake_connects() -> None:
+    world = World()
+    world.stats_answers = [stats(rx=148, tx=92, age=0.0)]
+    quick = Settings(servers=("a", "b"), probe_interval_s=0.001, interval_s=3600, connect_timeouts_s=(3600,))
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        connected = await published.receive()
+        assert (connected.state, connected.server) == ("connected", "a")
+        assert connected.stats is not None
+        assert runtime.status.as_json()["rx_bytes"] == 148
+        assert runtime.status.as_json()["handshake_age_s"] is not None
+        await stop(runtime, published)
+
+    _, world = run(scenario, quick, world)
+    assert world.without_probes() == [
+        ("apply", ()),
+        ("set_servers", ("a",)),
+        ("connect", "a"),
+        ("stats",),
+        ("close",),
+    ]
+
+
+def test_stale_and_cancelled_timers_are_dropped_and_the_current_one_acts() -> None:
+    world = World()
+    world.stats_answers = [stats(rx=10, tx=10, age=None)]
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        # Start armed "connect" (generation 1), then "sample" (generation 2).
+        read = world.stats_read
+        await runtime.events.send(TimerDue("sample", 1))  # a generation that is not sample's: stale
+        await runtime.events.send(TimerDue("backoff", 2))  # never armed: stale
+        await runtime.events.send(TimerDue("sample", 2))  # the current one: read the counters
+        await read.wait()
+        # A fired timer is forgotten: the same report again is dropped. The answer re-armed
+        # "sample" as generation 3, which acts.
+        read = world.stats_read
+        world.stats_answers.append(stats(rx=10, tx=10, age=None))
+        await runtime.events.send(TimerDue("sample", 2))
+        await runtime.events.send(TimerDue("sample", 3))
+        await read.wait()
+        await stop(runtime, published)
+        # Stop cancelled every timer: what they would report now is stale.
+        await runtime.events.send(TimerDue("connect", 1))
+
+    _, world = run(scenario, world=world)
+    assert [call for call in world.without_probes() if call[0] == "stats"] == [("stats",), ("stats",)]
+    assert world.without_probes()[-1] == ("close",)
+
+
+def test_the_connect_timer_running_out_fails_the_server_and_moves_on() -> None:
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        await runtime.events.send(TimerDue("connect", 1))
+        moved = await published.receive()
+        assert (moved.state, moved.server) == ("connecting", "b")
+        assert moved.last_failure is not None
+        assert moved.last_failure["reason"] == "no handshake within 3600 s"
+        await stop(runtime, published)
+
+    _, world = run(scenario)
+    assert world.without_probes()[3:5] == [("set_servers", ("b",)), ("connect", "b")]
+
+
+# --- a stats read that fails ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["raises", "hangs"])
+def test_an_unreadable_tunnel_reads_as_silence_and_keeps_the_last_counters(
+    failure: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime_module, "STATS_TIMEOUT_S", 0.01)
+    world = World()
+    world.stats_answers = [stats(rx=148, tx=92, age=0.0)]
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        await runtime.events.send(TimerDue("sample", 2))
+        assert await next_state(published) == "connected"
+        if failure == "raises":
+            world.failing["stats"] = OSError("uapi socket gone")
+        else:
+
+            async def never() -> TunnelStats:
+                await anyio.sleep_forever()
+                raise AssertionError
+
+            world.stats = never  # type: ignore[method-assign]
+        await runtime.events.send(TimerDue("sample", 3))
+        await runtime.events.send(TimerDue("sample", 4))  # re-armed after the failed read
+        # Published only once both reads above were handled (one stream, in order).
+        await runtime.post(lambda now: ev.LockTampered(now, "a marker"))
+        after = await published.receive()
+        # The machine got the old counters and no handshake: that is idle, not dead; the status
+        # keeps the last counters it read.
+        assert (after.state, after.server) == ("connected", "a")
+        assert after.stats is not None
+        assert (after.stats.rx_bytes, after.stats.tx_bytes) == (148, 92)
+        await stop(runtime, published)
+
+    _, world = run(scenario, world=world)
+    reads = [call for call in world.calls if call[0] == "stats"]
+    assert reads == [("stats",)] * (3 if failure == "raises" else 1)
+
+
+# --- probes -----------------------------------------------------------------------------------
+
+
+def test_a_probe_that_cannot_be_sent_is_dropped_and_a_server_without_target_gets_none() -> None:
+    world = World()
+    world.failing["probe"] = OSError("network unreachable")
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        await runtime.post(lambda now: ev.RotateRequested(now))  # to "b", which has no target
+        assert (await published.receive()).server == "b"
+        await stop(runtime, published)
+
+    _, world = run(scenario, world=world)
+    assert [call for call in world.calls if call[0] == "probe"] == [("probe", "10.64.0.1", "tun-test")]
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def test_lock_status_is_read_on_request_and_a_failed_read_says_not_installed() -> None:
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.refresh_lock_status()
+        assert runtime.status.as_json()["lock"] == {"installed": True, "matching": True}
+        assert runtime.status.lock_counters == {"refused": 3}
+        world.failing["state"] = RuntimeError("nft missing")
+        await runtime.refresh_lock_status()
+        assert runtime.status.as_json()["lock"] == {"installed": False, "matching": False}
+        assert runtime.status.lock_counters == {}
+        await stop(runtime, published)
+
+    run(scenario)
+
+
+def test_status_json_before_anything_happened() -> None:
+    status = Status()
+    assert status.as_json() == {
+        "state": "blocked",
+        "server": None,
+        "handshake_age_s": None,
+        "lock": {"installed": False, "matching": False},
+        "since": round(status.since_wall, 3),
+        "reason": None,
+        "endpoint": None,
+        "rx_bytes": None,
+        "tx_bytes": None,
+        "last_failure": None,
+        "backend": None,
+    }
+
+
+def test_tamper_is_published_with_the_same_state_and_counted_once() -> None:
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        await runtime.post(lambda now: ev.LockTampered(now, "the lock table was deleted"))
+        again = await published.receive()
+        assert (again.state, again.server) == ("connecting", "a")
+        assert again.reason == "lock tampered with and restored: the lock table was deleted"
+        assert again.entered == {"connecting": 1}  # the same state published again is no new entry
+        assert again.failures == {}  # no server is to blame
+        await stop(runtime, published)
+
+    run(scenario)
+
+
+# --- reload -----------------------------------------------------------------------------------
+
+
+def test_reload_without_the_current_server_moves_to_a_configured_one() -> None:
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        # What the daemon does on SIGHUP: new servers for the runtime, then the event.
+        runtime.servers = {"b": SERVERS["b"]}
+        reloaded = Settings(**{**SLOW.__dict__, "servers": ("b",)})
+        await runtime.post(lambda now: ev.ConfigReloaded(now, reloaded))
+        moved = await published.receive()
+        assert (moved.state, moved.server, moved.reason) == ("connecting", "b", "a is no longer configured")
+        await stop(runtime, published)
+
+    _, world = run(scenario)
+    assert world.without_probes()[3:5] == [("set_servers", ("b",)), ("connect", "b")]
+
+
+def test_reload_keeping_the_current_server_does_nothing_visible() -> None:
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        reloaded = Settings(**{**SLOW.__dict__, "servers": ("a",)})
+        await runtime.post(lambda now: ev.ConfigReloaded(now, reloaded))
+        await stop(runtime, published)
+        assert runtime.machine.context.settings.servers == ("a",)
+
+    _, world = run(scenario)
+    assert world.without_probes() == [("apply", ()), ("set_servers", ("a",)), ("connect", "a"), ("close",)]
