@@ -11,6 +11,7 @@ import errno
 from pathlib import Path
 from typing import Literal
 
+import anyio
 from pyroute2 import AsyncWireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -29,7 +30,7 @@ async def kernel_available(module_dir: Path = _MODULE_DIR) -> bool:
     The family lookup also covers a built-in WireGuard and lets the kernel load the module on
     demand; no link is created to find out.
     """
-    if module_dir.exists():
+    if await anyio.Path(module_dir).exists():
         return True
     wg = AsyncWireGuard()
     try:

@@ -218,8 +218,9 @@ class Tunnel:
                 await self.backend.close(keep_interface=True)
                 return
             if self._dns is not None:
+                # resolvectl or resolvconf runs, or a file write: off the loop, never cut short.
                 with anyio.CancelScope(shield=True):
-                    self._dns.restore()
+                    await anyio.to_thread.run_sync(self._dns.restore)
             async with AsyncIPRoute() as ipr:
                 await self._routing((4, 6)).remove(ipr)
             await self.backend.close(keep_interface=False)
@@ -242,7 +243,8 @@ class Tunnel:
             await configure_link(ipr, self.ifname, server.addresses, server.mtu)
             await self._routing(families).apply(ipr)
         if self._dns is not None and server.dns and server.dns != self._dns_servers:
-            self._dns.apply(server.dns)
+            # Up to three resolvectl runs: in a thread, so the loop (and the lock guard) goes on.
+            await anyio.to_thread.run_sync(self._dns.apply, server.dns)
             self._dns_servers = server.dns
 
 

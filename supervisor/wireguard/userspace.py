@@ -310,7 +310,7 @@ class UserspaceBackend:
             process.release()
             return False
         self._set_process(process)
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        comm = (await anyio.Path(f"/proc/{pid}/comm").read_text()).strip()
         self._log.info("adopted the running wireguard-go", pid=pid, program=comm)
         return True
 
@@ -322,14 +322,16 @@ class UserspaceBackend:
     async def _spawn(self) -> None:
         """Start wireguard-go for our interface and wait until its UAPI socket answers."""
         with anyio.move_on_after(1.0):  # a dead wireguard-go's TUN may take a moment to go
-            while link_exists(self.ifname):
+            while link_exists(self.ifname):  # noqa: ASYNC110 (the kernel sends no event we follow here)
                 await anyio.sleep(0.01)
         if link_exists(self.ifname):
             raise InterfaceTaken(f"interface {self.ifname} exists and is not served by wireguard-go")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         ours.setblocking(False)
         try:
-            popen = subprocess.Popen(
+            # Popen, not anyio.open_process: the child must outlive us in its own session and is
+            # followed through a pidfd; the fork and exec of one small binary take microseconds.
+            popen = subprocess.Popen(  # noqa: ASYNC220
                 [self._binary, "-f", self.ifname],
                 stdin=subprocess.DEVNULL,
                 stdout=theirs,
@@ -382,14 +384,16 @@ class UserspaceBackend:
     async def _stop(self, process: _Process) -> None:
         """SIGTERM (wireguard-go removes its TUN and socket), SIGKILL if it lingers."""
         process.signal(signal.SIGTERM)
+        # Polled, not awaited on the pidfd: the watcher task already waits on it (one waiter per
+        # descriptor), and a stop lasts milliseconds.
         with anyio.move_on_after(STOP_TIMEOUT_S):
-            while not process.exited():
+            while not process.exited():  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         if not process.exited():
             self._log.warning("wireguard-go ignored SIGTERM; killing it", pid=process.pid)
             process.signal(signal.SIGKILL)
             with anyio.move_on_after(STOP_TIMEOUT_S):
-                while not process.exited():
+                while not process.exited():  # noqa: ASYNC110
                     await anyio.sleep(0.01)
         self._log.info("stopped wireguard-go", pid=process.pid)
 
