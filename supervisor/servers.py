@@ -257,7 +257,8 @@ def _values(line: str) -> list[str]:
         return [line.partition("=")[2].partition("#")[0].strip()]
     if type(values[0]) is int:  # wgconfig turns a lone number into an int
         return [str(values[0])]
-    return [v for v in values if v] if "" in values else values
+    strings = typing.cast(list[str], values)  # not a lone number: a list of strings
+    return [v for v in strings if v] if "" in strings else strings
 
 
 _parse_line = WGConfig.parse_line
@@ -445,11 +446,11 @@ class _ServerReader:
             name=_stem(self.path),
             path=Path(self.path),
             private_key=Secret(private_key),
-            addresses=tuple(addresses),  # type: ignore[arg-type]
+            addresses=tuple(addresses),
             peer=Peer(
                 public_key=public_key,
                 endpoint=endpoint,
-                allowed_ips=tuple(allowed),  # type: ignore[arg-type]
+                allowed_ips=tuple(allowed),
                 preshared_key=preshared,
                 persistent_keepalive=keepalive or None,
             ),
@@ -664,8 +665,10 @@ class ServerDigest(NamedTuple):
     families: tuple[int, ...]
 
 
-def _read_chunk(paths: list[str], digest_only: bool) -> list[tuple[object, list[Problem]]]:
-    out: list[tuple[object, list[Problem]]] = []
+def _read_chunk(
+    paths: list[str], digest_only: bool
+) -> list[tuple[Server | ServerDigest | None, list[Problem]]]:
+    out: list[tuple[Server | ServerDigest | None, list[Problem]]] = []
     # Reading makes many small objects and no cycles; for `tunlock check` the collector's passes
     # over the growing result list cost a sixth of the time, so it rests until the end.
     pause_gc = digest_only and gc.isenabled()
@@ -681,7 +684,9 @@ def _read_chunk(paths: list[str], digest_only: bool) -> list[tuple[object, list[
     return out
 
 
-def _read_many(paths: list[str], digest_only: bool) -> list[tuple[object, list[Problem]]]:
+def _read_many(
+    paths: list[str], digest_only: bool
+) -> list[tuple[Server | ServerDigest | None, list[Problem]]]:
     shares = min(len(os.sched_getaffinity(0)), 8)
     parallel = digest_only and len(paths) >= PARALLEL_FROM_FILES and shares > 1
     if not parallel or "fork" not in mp.get_all_start_methods():

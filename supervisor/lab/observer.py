@@ -66,6 +66,8 @@ def classify(frame: bytes, endpoints: set[tuple[str, int]]) -> dict | None:
         return None
     ethertype = struct.unpack("!H", frame[12:14])[0]
     data = frame[14:]
+    src: IPv4Address | IPv6Address
+    dst: IPv4Address | IPv6Address
     if ethertype == SYNC_ETHERTYPE:
         return {"sync": data.rstrip(b"\0").decode(errors="replace")}
     if ethertype == 0x0800 and len(data) >= 20:

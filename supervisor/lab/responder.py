@@ -38,6 +38,7 @@ def main(argv: list[str]) -> int:
     while True:
         for key, _ in sel.select():
             sock = key.fileobj
+            assert isinstance(sock, socket.socket)  # only sockets are registered
             try:
                 if key.data == "tcp":
                     conn, _ = sock.accept()

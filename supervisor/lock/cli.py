@@ -6,6 +6,7 @@ import socket
 import struct
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -71,7 +72,7 @@ def _load(config_path: Path) -> Config:
     return load_or_exit(config_path, exit_code=1, note="the lock was not changed")
 
 
-def _fail(err: TunlockError) -> None:
+def _fail(err: TunlockError) -> NoReturn:
     click.echo(f"tunlock: {err}", err=True)
     sys.exit(1)
 

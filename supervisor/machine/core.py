@@ -468,7 +468,7 @@ def _with_settings(m: Machine, e: ev.ConfigReloaded) -> Machine:
 
 # --- the table -------------------------------------------------------------------------------
 
-TRANSITIONS: dict[type, dict[type, Handler]] = {
+TRANSITIONS: dict[type[State], dict[type, Handler]] = {
     Blocked: {
         ev.Start: start,
         ev.Stop: stop,

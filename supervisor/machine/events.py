@@ -9,7 +9,7 @@ server is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from supervisor.machine.settings import Settings
 
@@ -138,4 +138,4 @@ Event = (
     | ReconnectRequested
     | ConfigReloaded
 )
-EVENT_TYPES: tuple[type, ...] = Event.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: tuple[type, ...] = get_args(Event)

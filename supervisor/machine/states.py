@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar
+from typing import ClassVar, get_args
 
 from supervisor.machine.liveness import Liveness
 from supervisor.machine.settings import Settings
@@ -76,7 +76,7 @@ class Stopped(_NoPeer):
 
 
 State = Blocked | Connecting | Connected | Offline | Stopped
-STATE_TYPES: tuple[type, ...] = State.__args__  # type: ignore[attr-defined]
+STATE_TYPES: tuple[type, ...] = get_args(State)
 
 
 @dataclass(frozen=True)

@@ -334,8 +334,8 @@ class UserspaceBackend:
             popen = subprocess.Popen(  # noqa: ASYNC220
                 [self._binary, "-f", self.ifname],
                 stdin=subprocess.DEVNULL,
-                stdout=theirs,
-                stderr=theirs,
+                stdout=theirs.fileno(),
+                stderr=theirs.fileno(),
                 env=self._child_env(),
                 start_new_session=True,  # survives our death and our process group's signals
                 close_fds=True,

@@ -1,0 +1,6 @@
+from typing import Any
+
+class WGConfig:
+    def __init__(self, file: str | None = None, *args: Any, **kwargs: Any) -> None: ...
+    @staticmethod
+    def parse_line(line: str) -> tuple[str, list[int] | list[str], str]: ...
