@@ -9,7 +9,7 @@ test writes into a FIFO, one line per change. The real nft is exercised by the l
 from __future__ import annotations
 
 import os
-from ipaddress import ip_address
+from ipaddress import IPv4Network, ip_address
 from pathlib import Path
 
 import anyio
@@ -31,15 +31,17 @@ class FakeNft:
 
     def __init__(self) -> None:
         self.installed: str | None = None
+        self.onlink: tuple[IPv4Network, ...] = (IPv4Network("192.0.2.0/24"),)
         self.applied: list[LockPolicy] = []
         self.swaps: list[tuple[frozenset[Endpoint], frozenset[Endpoint]]] = []
 
     def render(self, policy: LockPolicy) -> str:
         return f"table {policy.table} endpoints {sorted(map(str, policy.endpoints))}"
 
-    def apply(self, policy: LockPolicy) -> None:
+    def apply(self, policy: LockPolicy) -> tuple[IPv4Network, ...]:
         self.applied.append(policy)
         self.installed = self.render(policy)
+        return self.onlink  # what the real one read as on-link while applying
 
     def swap_endpoints(self, policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:
         self.swaps.append((old, new))
@@ -60,6 +62,39 @@ def fake_nft(monkeypatch: pytest.MonkeyPatch) -> FakeNft:
     for name in ("apply", "swap_endpoints", "listing", "reading"):
         monkeypatch.setattr(guard_module.nft, name, getattr(fake, name))
     return fake
+
+
+@pytest.fixture
+def onlink_now(fake_nft: FakeNft, monkeypatch: pytest.MonkeyPatch) -> list[tuple[IPv4Network, ...]]:
+    """The on-link subnets as ``ip route`` would show them now (a one-item list to change)."""
+    now = [fake_nft.onlink]
+    monkeypatch.setattr(guard_module, "read_onlink", lambda exclude=(): now[0])
+    return now
+
+
+def fake_tool(directory: Path, name: str, fifo: Path) -> None:
+    script = directory / name
+    script.write_text(f'#!/bin/sh\nexec cat "{fifo}"\n')
+    script.chmod(0o755)
+
+
+@pytest.fixture
+def route_fifo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in ``ip`` (first on PATH) whose ``ip monitor route`` prints the FIFO's lines."""
+    fifo = tmp_path / "routes"
+    os.mkfifo(fifo)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    fake_tool(tools, "ip", fifo)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    return fifo
+
+
+def write_lines(fifo: Path, *lines: str) -> None:
+    with open(fifo, "w") as writer:  # blocks until the stand-in opened it
+        for line in lines:
+            writer.write(line + "\n")
+            writer.flush()
 
 
 @pytest.fixture
@@ -124,12 +159,6 @@ def test_run_checks_once_on_start_and_after_every_monitor_line(fake_nft: FakeNft
         reports.append(reason)
         restored.set()
 
-    def write_lines(*lines: str) -> None:
-        with open(monitor_fifo, "w") as fifo:  # blocks until the stand-in opened it
-            for line in lines:
-                fifo.write(line + "\n")
-                fifo.flush()
-
     async def main() -> None:
         nonlocal restored
         guard = LockGuard(POLICY, on_tamper)
@@ -142,7 +171,9 @@ def test_run_checks_once_on_start_and_after_every_monitor_line(fake_nft: FakeNft
                 assert reports == ["the lock table was changed"]
                 restored = anyio.Event()
                 fake_nft.installed = None
-                await anyio.to_thread.run_sync(write_lines, "delete table inet tunlock_test", "")
+                await anyio.to_thread.run_sync(
+                    write_lines, monitor_fifo, "delete table inet tunlock_test", ""
+                )
                 await restored.wait()
         # The stand-in ended when the FIFO closed; the guard's run returned with it.
 
@@ -164,3 +195,75 @@ def test_run_ends_the_monitor_process_when_cancelled(fake_nft: FakeNft, monitor_
     # The stand-in (cat on the FIFO) was terminated: a writer now finds no reader at all.
     with pytest.raises(OSError):
         os.open(monitor_fifo, os.O_WRONLY | os.O_NONBLOCK)
+
+
+def test_check_links_applies_again_only_when_the_onlink_subnets_changed(
+    fake_nft: FakeNft, onlink_now: list[tuple[IPv4Network, ...]]
+) -> None:
+    async def main() -> None:
+        guard = LockGuard(POLICY)
+        assert await guard.check_links() is False  # never applied: nothing to compare with
+        await guard.apply()
+        assert await guard.check_links() is False  # the same subnets
+        onlink_now[0] = fake_nft.onlink = (IPv4Network("198.51.100.0/24"),)
+        assert await guard.check_links() is True
+        assert len(fake_nft.applied) == 2
+        assert await guard.check_links() is False  # remembered what the new apply read
+        assert guard.relinks == 1
+
+    anyio.run(main)
+
+
+def test_a_failed_apply_for_new_subnets_keeps_the_old_table_and_retries_next_time(
+    fake_nft: FakeNft, onlink_now: list[tuple[IPv4Network, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        guard = LockGuard(POLICY)
+        await guard.apply()
+        before = fake_nft.installed
+        onlink_now[0] = (IPv4Network("198.51.100.0/24"),)
+
+        def refuse(policy: LockPolicy) -> None:
+            raise nft.LockError("nft: busy")
+
+        monkeypatch.setattr(guard_module.nft, "apply", refuse)
+        assert await guard.check_links() is False
+        assert fake_nft.installed == before
+        monkeypatch.setattr(guard_module.nft, "apply", fake_nft.apply)
+        fake_nft.onlink = onlink_now[0]
+        assert await guard.check_links() is True
+
+    anyio.run(main)
+
+
+def test_watch_follows_route_changes_and_ends_with_nft_monitor(
+    fake_nft: FakeNft, onlink_now: list[tuple[IPv4Network, ...]], monitor_fifo: Path, route_fifo: Path
+) -> None:
+    async def main() -> None:
+        guard = LockGuard(POLICY)
+        await guard.apply()
+        with anyio.fail_after(GUARD_S):
+            async with anyio.create_task_group() as tg:
+                await tg.start(guard.watch)
+                onlink_now[0] = fake_nft.onlink = (IPv4Network("198.51.100.0/24"),)
+                await anyio.to_thread.run_sync(write_lines, route_fifo, "10.0.0.0/8 dev eth1 proto kernel")
+                with anyio.fail_after(GUARD_S):
+                    while guard.relinks == 0:
+                        await anyio.sleep(0.01)
+                # nft monitor ends (its FIFO closes): watch returns, taking the route follower along.
+                await anyio.to_thread.run_sync(write_lines, monitor_fifo)
+        assert guard.relinks == 1
+
+    anyio.run(main)
+
+
+def test_without_the_ip_tool_routes_are_not_followed_and_nothing_fails(
+    fake_nft: FakeNft, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+
+    async def main() -> None:
+        with anyio.fail_after(GUARD_S):
+            await LockGuard(POLICY).follow_links()  # returns at once
+
+    anyio.run(main)
