@@ -25,13 +25,15 @@ from supervisor.servers import Endpoint
 
 GUARD_S = 10.0  # only stops a broken test from hanging
 FWMARK = 0x5154
+BLACKHOLE = -1
 
 
 def endpoint(host: str) -> Endpoint:
     return Endpoint(ip_address(host), 51820)
 
 
-A, B, V6 = endpoint("198.51.100.1"), endpoint("203.0.113.1"), endpoint("2001:db8::1")
+A, B, C = endpoint("198.51.100.1"), endpoint("203.0.113.1"), endpoint("192.0.2.1")
+V6 = endpoint("2001:db8::1")
 
 
 class Msg(dict[str, Any]):
@@ -91,6 +93,8 @@ class FakeIPRoute:
         oif = self.kernel.routes.get(dst)
         if oif is None:
             raise NetlinkError(errno.ENETUNREACH, "Network is unreachable")
+        if oif == BLACKHOLE:
+            return [Msg({"RTA_TABLE": 254})]  # a route with no outgoing interface
         return [Msg({"RTA_OIF": oif})]
 
     async def link(self, command: str) -> AsyncIterator[Msg]:
@@ -174,15 +178,16 @@ def test_events_that_do_not_touch_paths_cause_no_recheck(kernel: Kernel) -> None
     run(kernel, [A], scenario)
 
 
-def test_a_route_through_the_tunnel_or_none_at_all_is_no_path(kernel: Kernel) -> None:
+def test_a_route_through_the_tunnel_a_blackhole_or_none_at_all_is_no_path(kernel: Kernel) -> None:
     kernel.links[7] = ("tun-test", 1, "UNKNOWN")
     kernel.route_everything_via(7, A)  # back through the tunnel: useless to reach the server
     kernel.route_everything_via(2, V6)  # B: no route
+    kernel.route_everything_via(BLACKHOLE, C)
 
     async def scenario(_: PathMonitor, reports: MemoryObjectReceiveStream[monitor.Observation]) -> None:
         assert await reports.receive() == PathsChanged(frozenset({V6}))
 
-    run(kernel, [A, B, V6], scenario)
+    run(kernel, [A, B, C, V6], scenario)
 
 
 def test_enobufs_rereads_the_whole_state_and_other_netlink_errors_end_the_monitor(kernel: Kernel) -> None:
