@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev
@@ -41,6 +41,39 @@ from supervisor.machine.states import (
 
 Actions = list[act.Action]
 Handler = Callable[[Machine, Any], tuple[Machine, Actions]]
+
+
+class Stays:
+    """In a handler's declared targets: the state it was called in (it may leave it unchanged)."""
+
+    name = "(stays)"
+
+
+STAYS = Stays
+Target = type[State] | type[Stays]
+_TARGETS: dict[Callable[..., Any], tuple[Target, ...]] = {}
+_H = TypeVar("_H", bound=Callable[..., Any])
+
+
+def leads_to(*targets: Target) -> Callable[[_H], _H]:
+    """Declare the states ``handler`` may leave the machine in: the table shows them, and the
+    property test fails when a handler reaches a state it did not declare."""
+
+    def declare(handler: _H) -> _H:
+        _TARGETS[handler] = targets
+        return handler
+
+    return declare
+
+
+def targets(handler: Callable[..., Any], state: type[State]) -> tuple[type[State], ...]:
+    """The states ``handler`` may lead to when called in ``state``, in declaration order."""
+    resolved: list[type[State]] = []
+    for target in _TARGETS[handler]:
+        chosen = state if issubclass(target, Stays) else target
+        if chosen not in resolved:
+            resolved.append(chosen)
+    return tuple(resolved)
 
 
 # --- small pieces shared by the handlers -----------------------------------------------------
@@ -160,11 +193,13 @@ def _note_failure(m: Machine, now: float, server: str | None, reason: str) -> Ma
 # --- handlers, one per entry of the table ----------------------------------------------------
 
 
+@leads_to(STAYS)
 def ignore(m: Machine, _event: Any) -> tuple[Machine, Actions]:
     """Nothing to do in this state."""
     return m, []
 
 
+@leads_to(Connecting, Blocked, Offline)
 def start(m: Machine, e: ev.Start) -> tuple[Machine, Actions]:
     """Ensure the lock (letting through only an adopted tunnel's server), then connect or adopt."""
     if m.context.started:
@@ -183,6 +218,7 @@ def start(m: Machine, e: ev.Start) -> tuple[Machine, Actions]:
     return m, lock + actions
 
 
+@leads_to(Stopped)
 def stop(m: Machine, e: ev.Stop) -> tuple[Machine, Actions]:
     """Tear the tunnel down; the lock stays (``permanent``) unless the mode is ``session``."""
     state = Stopped(since=e.now)
@@ -196,6 +232,7 @@ def stop(m: Machine, e: ev.Stop) -> tuple[Machine, Actions]:
     ]
 
 
+@leads_to(STAYS, Offline)
 def paths_while_blocked(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Actions]:
     """Remember the paths; with none left, go offline (the backoff must not run down meanwhile)."""
     m = Machine(m.state, replace(m.context, reachable=e.reachable))
@@ -204,6 +241,7 @@ def paths_while_blocked(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Action
     return m, []
 
 
+@leads_to(STAYS, Connecting, Blocked, Offline)
 def paths_while_tunnelled(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Actions]:
     """No path at all: offline. No path to this server only: another server (not its fault)."""
     m = Machine(m.state, replace(m.context, reachable=e.reachable))
@@ -216,6 +254,7 @@ def paths_while_tunnelled(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Acti
     return m, []
 
 
+@leads_to(STAYS, Connecting, Blocked)
 def paths_while_offline(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Actions]:
     """A path is back: check the intact peer, or set up the server to resume, or pick one."""
     m = Machine(m.state, replace(m.context, reachable=e.reachable))
@@ -233,6 +272,7 @@ def _back_online(m: Machine, now: float, reason: str) -> tuple[Machine, Actions]
     return _pick_and_connect(m, now, reason)
 
 
+@leads_to(STAYS, Connected)
 def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actions]:
     """A fresh handshake or any rx: connected. Otherwise probe; restart a handshake unanswered too long.
 
@@ -264,6 +304,7 @@ def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actio
     ]
 
 
+@leads_to(STAYS, Connecting, Blocked, Offline)
 def sample_while_connected(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actions]:
     """rx grew or idle: sample at the calm pace (idle long: one probe). Doubt: probe fast. Dead: fail over.
 
@@ -287,6 +328,7 @@ def sample_while_connected(m: Machine, e: ev.StatsRead) -> tuple[Machine, Action
     return m, [act.Probe(), act.StartTimer("sample", liveness.next_probe_in(e.now, settings))]
 
 
+@leads_to(STAYS, Connecting, Blocked, Offline)
 def timer_while_connecting(m: Machine, e: ev.TimerFired) -> tuple[Machine, Actions]:
     """``connect``: no handshake in time, the server failed. ``sample``: read the counters."""
     state = m.state
@@ -299,11 +341,13 @@ def timer_while_connecting(m: Machine, e: ev.TimerFired) -> tuple[Machine, Actio
     return m, []
 
 
+@leads_to(STAYS)
 def timer_while_connected(m: Machine, e: ev.TimerFired) -> tuple[Machine, Actions]:
     """``sample``: read the counters; the other timers are not running here."""
     return (m, [act.ReadStats()]) if e.timer == "sample" else (m, [])
 
 
+@leads_to(STAYS, Connecting, Offline)
 def timer_while_blocked(m: Machine, e: ev.TimerFired) -> tuple[Machine, Actions]:
     """``backoff`` ran out: try again, cooldowns ignored (they would all still be running)."""
     state = m.state
@@ -313,6 +357,7 @@ def timer_while_blocked(m: Machine, e: ev.TimerFired) -> tuple[Machine, Actions]
     return m, []
 
 
+@leads_to(Connecting)
 def tunnel_lost_while_tunnelled(m: Machine, e: ev.TunnelLost) -> tuple[Machine, Actions]:
     """The interface was deleted: set the same server up again (which recreates it)."""
     server = m.state.server
@@ -321,6 +366,7 @@ def tunnel_lost_while_tunnelled(m: Machine, e: ev.TunnelLost) -> tuple[Machine, 
     return _connect(m, e.now, server, "the tunnel interface was deleted; recreating it")
 
 
+@leads_to(STAYS)
 def tunnel_lost_while_offline(m: Machine, e: ev.TunnelLost) -> tuple[Machine, Actions]:
     """Remember that the peer must be set up anew when a path returns."""
     state = m.state
@@ -329,11 +375,13 @@ def tunnel_lost_while_offline(m: Machine, e: ev.TunnelLost) -> tuple[Machine, Ac
     return Machine(replace(state, intact=False), m.context), []
 
 
+@leads_to(STAYS)
 def note_tunnel_lost(m: Machine, e: ev.TunnelLost) -> tuple[Machine, Actions]:
     """No peer now anyway; the next connect recreates the interface."""
     return _note_failure(m, e.now, None, "the tunnel interface was deleted"), []
 
 
+@leads_to(Connecting)
 def backend_down_while_tunnelled(m: Machine, e: ev.BackendDown) -> tuple[Machine, Actions]:
     """The backend restarts itself with the same peer: check that server again, clocks running."""
     server = m.state.server
@@ -342,16 +390,19 @@ def backend_down_while_tunnelled(m: Machine, e: ev.BackendDown) -> tuple[Machine
     return _connect(m, e.now, server, "the WireGuard backend died; waiting for it", configure=False)
 
 
+@leads_to(STAYS)
 def note_backend_down(m: Machine, e: ev.BackendDown) -> tuple[Machine, Actions]:
     """Recorded for the status; the backend restarts itself."""
     return _note_failure(m, e.now, None, f"the WireGuard backend died: {e.reason}"), []
 
 
+@leads_to(STAYS)
 def backend_up_while_connecting(m: Machine, _e: ev.BackendUp) -> tuple[Machine, Actions]:
     """The restarted backend has the peer again: provoke the handshake now rather than later."""
     return m, [act.Probe()]
 
 
+@leads_to(STAYS, Connecting, Blocked, Offline)
 def connect_failed_while_connecting(m: Machine, e: ev.ConnectFailed) -> tuple[Machine, Actions]:
     """Setting this server up failed: it counts as a failed server."""
     state = m.state
@@ -361,12 +412,14 @@ def connect_failed_while_connecting(m: Machine, e: ev.ConnectFailed) -> tuple[Ma
     return _server_failed(m, e.now, e.server, e.reason)
 
 
+@leads_to(STAYS)
 def lock_tampered(m: Machine, e: ev.LockTampered) -> tuple[Machine, Actions]:
     """The guard restored the lock already; record it where the status shows it."""
     m = _note_failure(m, e.now, None, f"lock tampered with and restored: {e.reason}")
     return m, [_publish(m.state, f"lock tampered with and restored: {e.reason}")]
 
 
+@leads_to(Connecting)
 def rotate_while_tunnelled(m: Machine, e: ev.RotateRequested) -> tuple[Machine, Actions]:
     """Another server: one not cooling down if any, else any other, else this one afresh."""
     server = m.state.server
@@ -388,6 +441,7 @@ def rotate_while_tunnelled(m: Machine, e: ev.RotateRequested) -> tuple[Machine, 
     return _connect(m, e.now, server, "rotate requested; no other server is reachable", fresh=True)
 
 
+@leads_to(Connecting)
 def reconnect_while_tunnelled(m: Machine, e: ev.ReconnectRequested) -> tuple[Machine, Actions]:
     """The same server's peer set up afresh (a new handshake)."""
     server = m.state.server
@@ -395,6 +449,7 @@ def reconnect_while_tunnelled(m: Machine, e: ev.ReconnectRequested) -> tuple[Mac
     return _connect(m, e.now, server, "reconnect requested", fresh=True)
 
 
+@leads_to(STAYS, Connecting, Offline)
 def request_while_blocked(
     m: Machine, e: ev.RotateRequested | ev.ReconnectRequested
 ) -> tuple[Machine, Actions]:
@@ -404,6 +459,7 @@ def request_while_blocked(
     return _pick_and_connect(m, e.now, "requested by the user", ignore_cooldown=True)
 
 
+@leads_to(STAYS, Connecting, Blocked, Offline)
 def reload_while_tunnelled(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
     """Keep the tunnel if its server is still listed and reachable; else another, or offline.
 
@@ -422,6 +478,7 @@ def reload_while_tunnelled(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, A
     return m, []
 
 
+@leads_to(STAYS)
 def reload_while_offline(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
     """Forget a resume server no longer listed; connect if a listed server has a path now.
 
@@ -437,6 +494,7 @@ def reload_while_offline(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Act
     return _back_online(m, e.now, "the reloaded configuration has a reachable server")
 
 
+@leads_to(STAYS)
 def reload_while_blocked(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
     """New settings; a running backoff keeps its schedule. Given servers after none: connect.
 
@@ -546,13 +604,21 @@ def step(machine: Machine, event: ev.Event) -> tuple[Machine, Actions]:
     return handler(machine, event)
 
 
+def _one_line(doc: str | None) -> str:
+    """A docstring as one table cell: every line, joined (a cell cannot hold a line break)."""
+    return " ".join(line.strip() for line in (doc or "").strip().splitlines() if line.strip())
+
+
 def describe() -> str:
-    """The table as Markdown: state, event, what happens (the handler's first docstring line)."""
-    rows = ["| state | event | what happens |", "| --- | --- | --- |"]
+    """The table as Markdown: state, event, the states it can lead to, and what happens (the
+    handler's docstring). Entries that do nothing (``ignore``) are left out."""
+    rows = ["| state | event | leads to | what happens |", "| --- | --- | --- | --- |"]
     for state_type, row in TRANSITIONS.items():
         for event_type, handler in row.items():
             if handler is ignore:
                 continue
-            doc = (handler.__doc__ or "").strip().splitlines()[0]
-            rows.append(f"| {state_type.name} | {event_type.__name__} | {doc} |")
+            leads = ", ".join(t.name for t in targets(handler, state_type))
+            rows.append(
+                f"| {state_type.name} | {event_type.__name__} | {leads} | {_one_line(handler.__doc__)} |"
+            )
     return "\n".join(rows)

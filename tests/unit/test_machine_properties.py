@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev
-from supervisor.machine.core import step
+from supervisor.machine.core import TRANSITIONS, step, targets
 from supervisor.machine.rotation import nominal_backoff
 from supervisor.machine.settings import Settings
 from supervisor.machine.states import Blocked, Machine, Offline, Stopped
@@ -70,6 +70,12 @@ class MachineUnderEvents(RuleBasedStateMachine):
 
     def check(self, before: Machine, event: ev.Event, actions: list[act.Action]) -> None:
         assert self.machine is not None
+        handler = TRANSITIONS[type(before.state)][type(event)]
+        declared = targets(handler, type(before.state))
+        assert type(self.machine.state) in declared, (
+            f"{handler.__name__} led {before.state.name} to {self.machine.state.name}, "
+            f"declared: {[t.name for t in declared]}"
+        )
         if self.exited:
             assert actions == [], "a stopped machine does nothing"
         for action in actions:
