@@ -35,7 +35,6 @@ import socket
 import struct
 import time
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Protocol
 
 from supervisor.log import get_logger
 
@@ -51,12 +50,6 @@ _ICMP_FILTER = 1
 _ICMP6_FILTER = 1
 _BLOCK_ALL_V4 = struct.pack("=I", 0xFFFFFFFF)
 _BLOCK_ALL_V6 = b"\xff" * 32
-
-
-class Prober(Protocol):
-    """Sends one probe through the tunnel, without waiting: the answer shows up as rx."""
-
-    def send(self, target: IPv4Address | IPv6Address, ifname: str) -> None: ...
 
 
 def _checksum(data: bytes) -> int:

@@ -79,7 +79,8 @@ class TunnelControl(Protocol):
 
 class Prober(Protocol):
     def send(self, target: IPv4Address | IPv6Address, ifname: str) -> None:
-        """Send one probe through the tunnel without waiting (non-blocking); the answer is rx."""
+        """Send one probe through the tunnel without waiting (non-blocking); the answer is rx.
+        (health.IcmpProber is the real one.)"""
 
 
 # --- what the runtime tells the world ---------------------------------------------------------

@@ -20,7 +20,7 @@ import socket
 import stat
 import typing
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -79,8 +79,6 @@ class Server:
     dns: tuple[IPAddress, ...] = ()
     mtu: int | None = None
     listen_port: int | None = None
-    fwmark: int | None = None
-    source_lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def endpoint(self) -> Endpoint:

@@ -8,7 +8,7 @@ that a property test can check every policy the machine could produce.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from supervisor.config import Config
 from supervisor.servers import Endpoint, IPAddress, IPNetwork, Server
@@ -36,7 +36,6 @@ class LockPolicy:
     tunnel_inbound: frozenset[tuple[str, int]] = frozenset()
     # DHCP and NDP keep the physical link up; without them a lease or a neighbour expires.
     link_upkeep: bool = True
-    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def with_endpoints(self, endpoints: Iterable[Endpoint]) -> LockPolicy:
         """The same policy letting the tunnel reach ``endpoints`` (a subset of the configured)."""

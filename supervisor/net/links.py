@@ -8,7 +8,6 @@ tunnel alike (the last changes nothing at all).
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections.abc import Iterable
 from ipaddress import ip_interface
@@ -88,14 +87,3 @@ async def configure_link(
         raise LinkError(f"cannot configure {ifname}: {err}") from None
     if wanted != have:
         log.info("tunnel addresses set", ifname=ifname, addresses=sorted(str(a) for a in wanted))
-
-
-async def delete_link(ipr: AsyncIPRoute, ifname: str) -> bool:
-    """Delete ``ifname``; False when it was already gone."""
-    try:
-        await ipr.link("del", ifname=ifname)
-    except NetlinkError as err:
-        if err.code == errno.ENODEV:
-            return False
-        raise LinkError(f"cannot delete {ifname}: {err}") from None
-    return True

@@ -34,7 +34,7 @@ import pytest
 import structlog
 
 from supervisor.lab.probes import Observer
-from supervisor.lab.topology import Lab, process_alive, uapi_pid
+from supervisor.lab.topology import Lab, process_alive, sh, uapi_pid
 from supervisor.servers import Endpoint, Server, load_server
 from supervisor.wireguard.uapi import UAPI_DIR
 
@@ -42,13 +42,6 @@ TUNNEL_SERVER_V4 = ip_address("10.99.0.1")
 TUNNEL_SERVER_V6 = ip_address("fd00:99::1")
 PHYSICAL = "wan0"  # the client's link to the ISP
 ISP_SIDE = "cl0"  # the ISP's end of it
-
-
-def sh(*argv: str, input: str | None = None, check: bool = True) -> str:
-    done = subprocess.run(argv, input=input, text=True, capture_output=True, timeout=30)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
-    return done.stdout
 
 
 def stop_wireguard_go(ifname: str) -> None:
