@@ -3,12 +3,14 @@
 ``pyroute2/__init__.py`` imports every protocol the library speaks (NDB with sqlite3, IPDB,
 conntrack, nl80211, devlink, plan9...): about 5 MB of a daemon that must stay under 50 MB and
 uses three of them (idle connected daemon in the lab, pyroute2 0.9.7: 46 MB RSS with this, 51
-without). It depends on where pyroute2 keeps those names: pyproject.toml pins the tested
-releases and tests/unit/test_lean_pyroute2.py fails when a release moves them. No option of pyroute2's skips that, so before anything imports it we
-register a light package module with the same search path: submodules import as usual
+without). No option of pyroute2's skips that, so before anything imports it we register a light
+package module with the same search path: submodules import as usual
 (``pyroute2.iproute.linux``), the few names we take from the top level load on first use
 (PEP 562), and any other top-level name runs the real initialiser into the module first, so
 nothing that expects the full package breaks; it only pays the cost it asked for.
+
+It depends on where pyroute2 keeps those names: pyproject.toml pins the tested releases, and
+tests/unit/test_lean_pyroute2.py fails when a release moves them.
 """
 
 from __future__ import annotations
