@@ -159,7 +159,7 @@ class Transmission:
         self, http: httpx.AsyncClient, method: str, arguments: Mapping[str, Any]
     ) -> dict[str, Any]:
         username = _options.text(self.options, "username")
-        auth = None
+        auth = httpx.Auth()  # the base class sends a request as it is: no credentials
         if username is not None:
             password = await anyio.to_thread.run_sync(read_secret, self.options, "password")
             auth = httpx.BasicAuth(username, password or "")

@@ -81,7 +81,7 @@ class Tunnel:
     @property
     def address_v4(self) -> IPv4Address | None:
         """The tunnel's own IPv4 address (NAT-PMP sends from it)."""
-        return next((a.ip for a in self.addresses if a.version == 4), None)  # type: ignore[misc]
+        return next((a.ip for a in self.addresses if a.version == 4), None)
 
 
 @dataclass(frozen=True)
@@ -281,8 +281,9 @@ class PluginHost:
         it (give a mapping up, clear a port file) before the machine tears it down."""
         self._set_tunnel(replace(self.view.tunnel, state="stopping"))
         version = self.version
+        # Polled: a plugin coming back to ``next()`` sets no event, and this runs only on stop.
         with anyio.move_on_after(timeout):
-            while not all(s.ctx._seen >= version and s.ctx._waiting for s in self._slots if not s.hung):
+            while not all(s.ctx._seen >= version and s.ctx._waiting for s in self._slots if not s.hung):  # noqa: ASYNC110
                 await anyio.sleep(0.02)
 
     # --- port requests -------------------------------------------------------------------

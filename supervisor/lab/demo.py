@@ -55,6 +55,7 @@ def run_demo(echo: Callable[[str], None] = print, png: Path | None = None) -> in
             began = time.monotonic()
             mark_fault("tunlock run")
             status = daemon.start()
+            assert status is not None  # start() waited for "connected"
             # Started once the lock is in place: before it, a ping would itself be a leak.
             tunnel_pings = ContinuousPing(lab, TUNNEL_SERVER_V4, interval=0.05)
             internet = probes.ping(INTERNET_V4) and probes.tcp(INTERNET_V4) and probes.dns_udp("10.99.0.1")
@@ -95,7 +96,9 @@ def _draw(timeline: Timeline, png: Path, say: Callable[[str], None]) -> None:
 
 
 def _failover(lab: Lab, daemon: LabDaemon, say: Callable[[str], None], mark: Mark) -> None:
-    current = daemon.status()["server"]
+    before = daemon.status()
+    assert before is not None
+    current = before["server"]
     pinger = ContinuousPing(lab, interval=0.01)
     time.sleep(0.3)
     mark(f"{current} silent")
@@ -152,6 +155,7 @@ def _restarted(lab: Lab, daemon: LabDaemon, say: Callable[[str], None], mark: Ma
     mark("SIGKILL + start")
     daemon.kill()
     status = daemon.start()
+    assert status is not None  # start() waited for "connected"
     time.sleep(0.2)
     record = pinger.stop()
     say(

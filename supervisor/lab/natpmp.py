@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from supervisor.lab.topology import TUNNEL_SERVER_V4
 
@@ -35,11 +36,11 @@ def forward(port: int | None, client: str, extra: list[int]) -> None:
     ``extra`` ports go to the client too, as a provider that hands out a whole address would."""
     script = f"add table ip {TABLE}\ndelete table ip {TABLE}\n"
     if port is not None:
-        port = ", ".join(str(p) for p in sorted({port, *extra}))
+        ports = ", ".join(str(p) for p in sorted({port, *extra}))
         script += (
             f"table ip {TABLE} {{\n"
             f"  chain pre {{\n    type nat hook prerouting priority dstnat;\n"
-            f'    iifname "eth0" meta l4proto {{ tcp, udp }} th dport {{ {port} }} dnat to {client}\n  }}\n'
+            f'    iifname "eth0" meta l4proto {{ tcp, udp }} th dport {{ {ports} }} dnat to {client}\n  }}\n'
             f"}}\n"
         )
     subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True)
@@ -61,7 +62,9 @@ def main(argv: list[str]) -> int:
     save(state_path, state)
     while True:
         data, (source, source_port) = sock.recvfrom(64)
-        settings = json.loads(control.read_text()) if control.exists() else {"mode": "ok", "port": 40001}
+        settings: dict[str, Any] = (
+            json.loads(control.read_text()) if control.exists() else {"mode": "ok", "port": 40001}
+        )
         state["requests"] += 1
         epoch = int(time.monotonic() - EPOCH_START)
         if settings["mode"] == "silent" or len(data) < 2 or data[0] != 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 
 from supervisor.plugins import PluginContext
 
@@ -30,7 +31,7 @@ class Floods:
                 port = port % 60000 + 1
                 await ctx.forward_ports([port, port + 1])
                 ctx.report(asked=port)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
 
 
 def raises(options) -> Raises:

@@ -34,6 +34,7 @@ class FakeNft:
         self.onlink: tuple[IPv4Network, ...] = (IPv4Network("192.0.2.0/24"),)
         self.applied: list[LockPolicy] = []
         self.swaps: list[tuple[frozenset[Endpoint], frozenset[Endpoint]]] = []
+        self.inbound_swaps: list[tuple[frozenset[tuple[str, int]], frozenset[tuple[str, int]]]] = []
 
     def render(self, policy: LockPolicy) -> str:
         return f"table {policy.table} endpoints {sorted(map(str, policy.endpoints))}"
@@ -47,6 +48,12 @@ class FakeNft:
         self.swaps.append((old, new))
         self.installed = self.render(policy)
 
+    def swap_tunnel_inbound(
+        self, policy: LockPolicy, old: frozenset[tuple[str, int]], new: frozenset[tuple[str, int]]
+    ) -> None:
+        self.inbound_swaps.append((old, new))
+        self.installed = self.render(policy) + f" inbound {sorted(policy.tunnel_inbound)}"
+
     def listing(self, table: str) -> str:
         if self.installed is None:
             raise nft.LockError(f"no table {table}")
@@ -59,7 +66,7 @@ class FakeNft:
 @pytest.fixture
 def fake_nft(monkeypatch: pytest.MonkeyPatch) -> FakeNft:
     fake = FakeNft()
-    for name in ("apply", "swap_endpoints", "listing", "reading"):
+    for name in ("apply", "swap_endpoints", "swap_tunnel_inbound", "listing", "reading"):
         monkeypatch.setattr(guard_module.nft, name, getattr(fake, name))
     return fake
 
@@ -120,6 +127,11 @@ def test_apply_swap_and_state_follow_what_the_guard_installed(fake_nft: FakeNft)
         assert fake_nft.swaps == [(frozenset(), frozenset({ENDPOINT}))]
         assert await guard.state() == (True, True, {"refused_out": 12})
         assert await guard.check() is None  # unchanged: nothing to restore
+        forwarded = wider.with_tunnel_inbound([("tcp", 40001)])
+        await guard.swap_tunnel_inbound(forwarded)
+        assert fake_nft.inbound_swaps == [(frozenset(), frozenset({("tcp", 40001)}))]
+        assert guard.policy == forwarded
+        assert await guard.check() is None  # the swap's result is the new reference
         fake_nft.installed = "table tunlock_test with a rule someone added"
         assert await guard.state() == (True, False, {"refused_out": 12})  # reading never restores
         assert guard.restores == 0

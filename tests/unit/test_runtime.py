@@ -481,11 +481,17 @@ def test_status_json_before_anything_happened() -> None:
         "tx_bytes": None,
         "last_failure": None,
         "backend": None,
+        "forwarded_port": None,
+        "forwarded_ports": [],
+        "forwarded_age_s": None,
+        "plugins": {},
     }
 
 
 def test_tamper_is_published_with_the_same_state_and_counted_once() -> None:
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        heard: list[str] = []
+        runtime.subscribe(lambda status: heard.append(status.state))  # as the plugins do
         await runtime.post(lambda now: ev.Start(now, seed=1))
         assert await next_state(published) == "connecting"
         await runtime.post(lambda now: ev.LockTampered(now, "the lock table was deleted"))
@@ -495,6 +501,7 @@ def test_tamper_is_published_with_the_same_state_and_counted_once() -> None:
         assert again.entered == {"connecting": 1}  # the same state published again is no new entry
         assert again.failures == {}  # no server is to blame
         await stop(runtime, published)
+        assert heard == ["connecting", "connecting", "stopped"]
 
     run(scenario)
 
