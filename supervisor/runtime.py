@@ -301,11 +301,9 @@ class Runtime:
         try:
             with anyio.fail_after(STATS_TIMEOUT_S):
                 stats = await self.tunnel.stats()
-        except Exception as err:  # an unreadable tunnel is a silent one
+        except Exception as err:  # what an unreadable tunnel means is the machine's to decide
             log.warning("could not read the tunnel's counters", error=str(err))
-            last = self.status.stats
-            rx, tx = (last.rx_bytes, last.tx_bytes) if last else (0, 0)
-            return ev.StatsRead(self.clock(), rx, tx, None)
+            return ev.StatsUnreadable(self.clock(), str(err) or type(err).__name__)
         self.status.stats = stats
         return ev.StatsRead(self.clock(), stats.rx_bytes, stats.tx_bytes, stats.handshake_age_s)
 

@@ -59,7 +59,8 @@ class CloseTunnel:
 
 @dataclass(frozen=True)
 class ReadStats:
-    """Read handshake age and counters; the answer comes back as ``StatsRead``."""
+    """Read handshake age and counters; the answer comes back as ``StatsRead`` (or
+    ``StatsUnreadable``)."""
 
 
 @dataclass(frozen=True)

@@ -328,6 +328,30 @@ def sample_while_connected(m: Machine, e: ev.StatsRead) -> tuple[Machine, Action
     return m, [act.Probe(), act.StartTimer("sample", liveness.next_probe_in(e.now, settings))]
 
 
+def _unreadable(
+    m: Machine, e: ev.StatsUnreadable, judge: Callable[[Machine, ev.StatsRead], tuple[Machine, Actions]]
+) -> tuple[Machine, Actions]:
+    state = m.state
+    assert isinstance(state, (Connecting, Connected))
+    rx, tx = state.liveness.rx_bytes, state.liveness.tx_bytes
+    if rx is None or tx is None:  # no reading yet to repeat: probe, and read again soon
+        return m, [act.Probe(), act.StartTimer("sample", m.context.settings.probe_interval_s)]
+    return judge(m, ev.StatsRead(e.now, rx, tx, None))
+
+
+@leads_to(STAYS, Connected)
+def unreadable_while_connecting(m: Machine, e: ev.StatsUnreadable) -> tuple[Machine, Actions]:
+    """An unreadable tunnel is a silent one: the last counters again, no handshake (before any
+    reading: probe and read again). The connect timer decides."""
+    return _unreadable(m, e, sample_while_connecting)
+
+
+@leads_to(STAYS, Connecting, Blocked, Offline)
+def unreadable_while_connected(m: Machine, e: ev.StatsUnreadable) -> tuple[Machine, Actions]:
+    """An unreadable tunnel is a silent one: judged as the last counters again, no handshake."""
+    return _unreadable(m, e, sample_while_connected)
+
+
 @leads_to(STAYS, Connecting, Blocked, Offline)
 def timer_while_connecting(m: Machine, e: ev.TimerFired) -> tuple[Machine, Actions]:
     """``connect``: no handshake in time, the server failed. ``sample``: read the counters."""
@@ -532,6 +556,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.Stop: stop,
         ev.PathsChanged: paths_while_blocked,
         ev.StatsRead: ignore,
+        ev.StatsUnreadable: ignore,
         ev.TimerFired: timer_while_blocked,
         ev.TunnelLost: note_tunnel_lost,
         ev.BackendDown: note_backend_down,
@@ -547,6 +572,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.Stop: stop,
         ev.PathsChanged: paths_while_tunnelled,
         ev.StatsRead: sample_while_connecting,
+        ev.StatsUnreadable: unreadable_while_connecting,
         ev.TimerFired: timer_while_connecting,
         ev.TunnelLost: tunnel_lost_while_tunnelled,
         ev.BackendDown: backend_down_while_tunnelled,
@@ -562,6 +588,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.Stop: stop,
         ev.PathsChanged: paths_while_tunnelled,
         ev.StatsRead: sample_while_connected,
+        ev.StatsUnreadable: unreadable_while_connected,
         ev.TimerFired: timer_while_connected,
         ev.TunnelLost: tunnel_lost_while_tunnelled,
         ev.BackendDown: backend_down_while_tunnelled,
@@ -577,6 +604,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.Stop: stop,
         ev.PathsChanged: paths_while_offline,
         ev.StatsRead: ignore,
+        ev.StatsUnreadable: ignore,
         ev.TimerFired: ignore,
         ev.TunnelLost: tunnel_lost_while_offline,
         ev.BackendDown: note_backend_down,

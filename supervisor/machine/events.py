@@ -52,6 +52,14 @@ class StatsRead:
 
 
 @dataclass(frozen=True)
+class StatsUnreadable:
+    """``ReadStats`` failed: the tunnel could not be read in time (the answer instead of ``StatsRead``)."""
+
+    now: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class TimerFired:
     now: float
     timer: Timer
@@ -128,6 +136,7 @@ Event = (
     | Stop
     | PathsChanged
     | StatsRead
+    | StatsUnreadable
     | TimerFired
     | TunnelLost
     | BackendDown

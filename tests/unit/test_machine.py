@@ -269,6 +269,33 @@ def test_rx_growth_keeps_the_normal_pace_and_idle_slows_down() -> None:
     assert run.feed(ev.StatsRead(run.at(0.5), 200, 200, 1.0)) == [act.StartTimer("sample", 2.0)]
 
 
+def test_an_unreadable_tunnel_is_judged_as_the_last_counters_without_a_handshake() -> None:
+    run = Run().started_connected()
+    # Nothing sent since the last reading: the same verdict a reading of those counters gets.
+    assert run.feed(ev.StatsUnreadable(run.at(0.5), "uapi socket gone")) == [act.StartTimer("sample", 2.0)]
+    assert isinstance(run.state, Connected)
+    # Something went unanswered before the tunnel stopped answering reads: probing goes on, and
+    # silence that lasts fails the server over, as it would with readings.
+    run.feed(ev.StatsRead(run.at(0.25), 100, 300, None))
+    for _ in range(40):
+        run.feed(ev.StatsUnreadable(run.at(0.25), "uapi socket gone"))
+        if not isinstance(run.state, Connected):
+            break
+    assert isinstance(run.state, Connecting) and run.state.server != "a"
+    assert run.machine.context.last_failure is not None
+    assert run.machine.context.last_failure.reason.startswith("silent for")
+
+
+def test_an_unreadable_tunnel_before_any_reading_is_probed_and_read_again() -> None:
+    run = Run()
+    run.start()
+    assert run.feed(ev.StatsUnreadable(run.at(0.25), "timed out")) == [
+        act.Probe(),
+        act.StartTimer("sample", SETTINGS.probe_interval_s),
+    ]
+    assert isinstance(run.state, Connecting)
+
+
 def test_an_idle_tunnel_is_probed_every_idle_probe_s() -> None:
     run = Run().started_connected()
     probes = 0

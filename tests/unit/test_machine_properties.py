@@ -159,6 +159,11 @@ class MachineUnderEvents(RuleBasedStateMachine):
         self.now += 0.25
         self.feed(ev.StatsRead(self.now, self.rx, self.tx, age))
 
+    @rule()
+    def stats_unreadable(self) -> None:
+        self.now += 0.25
+        self.feed(ev.StatsUnreadable(self.now, "uapi socket gone"))
+
     @rule(timer=st.sampled_from(ev.TIMERS))
     def timer_fires(self, timer: ev.Timer) -> None:
         self.now += 1
