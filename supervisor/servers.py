@@ -255,8 +255,7 @@ def _values(line: str) -> list[str]:
         return [line.partition("=")[2].partition("#")[0].strip()]
     if type(values[0]) is int:  # wgconfig turns a lone number into an int
         return [str(values[0])]
-    strings = typing.cast(list[str], values)  # not a lone number: a list of strings
-    return [v for v in strings if v] if "" in strings else strings
+    return [v for v in values if v] if "" in values else values
 
 
 _parse_line = WGConfig.parse_line
