@@ -502,7 +502,7 @@ def reload_while_tunnelled(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, A
     return m, []
 
 
-@leads_to(STAYS)
+@leads_to(STAYS, Connecting, Blocked)
 def reload_while_offline(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
     """Forget a resume server no longer listed; connect if a listed server has a path now.
 
@@ -518,7 +518,7 @@ def reload_while_offline(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Act
     return _back_online(m, e.now, "the reloaded configuration has a reachable server")
 
 
-@leads_to(STAYS)
+@leads_to(STAYS, Connecting, Offline)
 def reload_while_blocked(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
     """New settings; a running backoff keeps its schedule. Given servers after none: connect.
 

@@ -163,7 +163,9 @@ def test_check_restores_a_changed_or_deleted_table_and_reports_it(fake_nft: Fake
     assert reports == ["the lock table was changed", "the lock table was deleted"]
 
 
-def test_run_checks_once_on_start_and_after_every_monitor_line(fake_nft: FakeNft, monitor_fifo: Path) -> None:
+def test_run_checks_once_on_start_after_every_monitor_line_and_outlives_its_monitor(
+    fake_nft: FakeNft, monitor_fifo: Path
+) -> None:
     reports: list[str] = []
     restored = anyio.Event()
 
@@ -187,10 +189,24 @@ def test_run_checks_once_on_start_and_after_every_monitor_line(fake_nft: FakeNft
                     write_lines, monitor_fifo, "delete table inet tunlock_test", ""
                 )
                 await restored.wait()
-        # The stand-in ended when the FIFO closed; the guard's run returned with it.
+                # The stand-in ended when the FIFO closed: the guard starts another monitor, and
+                # a change after that is caught as well.
+                while guard.watch_restarts == 0:
+                    await anyio.sleep(0.01)
+                restored = anyio.Event()
+                fake_nft.installed = "table tunlock_test accept everything"
+                await anyio.to_thread.run_sync(
+                    write_lines, monitor_fifo, "add rule inet tunlock_test out accept"
+                )
+                await restored.wait()
+                tg.cancel_scope.cancel()
 
     anyio.run(main)
-    assert reports == ["the lock table was changed", "the lock table was deleted"]
+    assert reports == [
+        "the lock table was changed",
+        "the lock table was deleted",
+        "the lock table was changed",
+    ]
 
 
 def test_run_ends_the_monitor_process_when_cancelled(fake_nft: FakeNft, monitor_fifo: Path) -> None:
@@ -248,7 +264,7 @@ def test_a_failed_apply_for_new_subnets_keeps_the_old_table_and_retries_next_tim
     anyio.run(main)
 
 
-def test_watch_follows_route_changes_and_ends_with_nft_monitor(
+def test_watch_follows_route_changes(
     fake_nft: FakeNft, onlink_now: list[tuple[IPv4Network, ...]], monitor_fifo: Path, route_fifo: Path
 ) -> None:
     async def main() -> None:
@@ -262,8 +278,7 @@ def test_watch_follows_route_changes_and_ends_with_nft_monitor(
                 with anyio.fail_after(GUARD_S):
                     while guard.relinks == 0:
                         await anyio.sleep(0.01)
-                # nft monitor ends (its FIFO closes): watch returns, taking the route follower along.
-                await anyio.to_thread.run_sync(write_lines, monitor_fifo)
+                tg.cancel_scope.cancel()
         assert guard.relinks == 1
 
     anyio.run(main)
