@@ -14,6 +14,7 @@ with a generation so that a timer cancelled just as it fired is dropped, not act
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -198,6 +199,11 @@ class Runtime:
     def events(self) -> MemoryObjectSendStream[Item]:
         return self._send
 
+    @property
+    def armed_timers(self) -> dict[ev.Timer, int]:
+        """The timers running now, each with its generation (what a ``TimerDue`` must carry)."""
+        return {timer: generation for timer, (generation, _scope) in self._timers.items()}
+
     async def post(self, make: Callable[[float], ev.Event]) -> None:
         """Queue an event, stamped now: ``await runtime.post(lambda now: ev.Stop(now))``."""
         await self._send.send(make(self.clock()))
@@ -255,7 +261,7 @@ class Runtime:
                 server = self.servers.get(name)
                 if server is not None:
                     restart = self.tunnel.restart_handshake
-                    await self._quietly("restart the handshake", lambda: restart(server))
+                    await self._quietly("restart the handshake", functools.partial(restart, server))
             case act.RemovePeer():
                 await self._quietly("remove the peer", self.tunnel.disconnect)
             case act.CloseTunnel():

@@ -62,7 +62,7 @@ class World:
         self.failing: dict[str, BaseException] = {}
         self.failing_once: dict[str, BaseException] = {}
         self.stats_answers: list[TunnelStats] = []
-        self.lock_reading: tuple[bool, bool, dict[str, int]] = (True, True, {"refused": 3})
+        self.lock_reading: tuple[bool, bool, bool, dict[str, int]] = (True, True, True, {"refused": 3})
         self.stats_read = anyio.Event()
 
     def _call(self, *call: Any) -> None:
@@ -81,13 +81,16 @@ class World:
     async def remove(self) -> None:
         self._call("remove")
 
-    async def state(self) -> tuple[bool, bool, dict[str, int]]:
+    async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
         self._call("state")
         return self.lock_reading
 
     # TunnelControl
     async def connect(self, server: Server) -> None:
         self._call("connect", server.name)
+
+    async def restart_handshake(self, server: Server) -> None:
+        self._call("restart_handshake", server.name)
 
     async def disconnect(self) -> None:
         self._call("disconnect")
@@ -99,16 +102,20 @@ class World:
         self.stats_read.set()
         self.stats_read = anyio.Event()
         self._call("stats")
-        return self.stats_answers.pop(0)
+        # Unless a test says otherwise: a peer that has not answered yet.
+        return self.stats_answers.pop(0) if self.stats_answers else stats(rx=0, tx=0, age=None)
 
     # Prober
-    async def probe(self, target: IPv4Address | IPv6Address, ifname: str, timeout: float) -> bool:
+    def send(self, target: IPv4Address | IPv6Address, ifname: str) -> None:
         self._call("probe", str(target), ifname)
-        return True
 
     def without_probes(self) -> list[tuple[Any, ...]]:
-        """The calls in order, probes left out (they run as tasks, so they interleave freely)."""
-        return [call for call in self.calls if call[0] != "probe"]
+        """The lock and peer calls in order: probes and counter reads left out (tests that are
+        not about them; the machine asks for both at its own pace)."""
+        return [call for call in self.calls if call[0] not in ("probe", "stats")]
+
+    def reads(self) -> int:
+        return sum(1 for call in self.calls if call[0] == "stats")
 
 
 class Clock:
@@ -173,6 +180,13 @@ def _copy(status: Status) -> Status:
 
 async def next_state(published: MemoryObjectReceiveStream[Status]) -> str:
     return (await published.receive()).state
+
+
+async def settle(runtime: Runtime, published: MemoryObjectReceiveStream[Status]) -> Status:
+    """Wait until everything queued so far was handled: a marker event, published in its turn
+    (one stream, handled in order)."""
+    await runtime.post(lambda now: ev.LockTampered(now, "a marker"))
+    return await published.receive()
 
 
 async def stop(runtime: Runtime, published: MemoryObjectReceiveStream[Status]) -> None:
@@ -323,13 +337,13 @@ def test_teardown_failures_are_logged_and_the_stop_goes_on() -> None:
 
 def test_a_timer_that_runs_out_reads_the_counters_and_a_fresh_handshake_connects() -> None:
     world = World()
-    world.stats_answers = [stats(rx=148, tx=92, age=0.0)]
     quick = Settings(servers=("a", "b"), probe_interval_s=0.001, interval_s=3600, connect_timeouts_s=(3600,))
 
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.post(lambda now: ev.Start(now, seed=1))
         assert await next_state(published) == "connecting"
-        connected = await published.receive()
+        world.stats_answers.append(stats(rx=148, tx=92, age=0.0))  # the next read: an answer
+        connected = await published.receive()  # read when the (short) sample timer ran out
         assert (connected.state, connected.server) == ("connected", "a")
         assert connected.stats is not None
         assert runtime.status.as_json()["rx_bytes"] == 148
@@ -337,41 +351,36 @@ def test_a_timer_that_runs_out_reads_the_counters_and_a_fresh_handshake_connects
         await stop(runtime, published)
 
     _, world = run(scenario, quick, world)
-    assert world.without_probes() == [
-        ("apply", ()),
-        ("set_servers", ("a",)),
-        ("connect", "a"),
-        ("stats",),
-        ("close",),
-    ]
+    assert world.without_probes() == [("apply", ()), ("set_servers", ("a",)), ("connect", "a"), ("close",)]
+    assert world.reads() >= 2  # at the connect, then on the timer
 
 
 def test_stale_and_cancelled_timers_are_dropped_and_the_current_one_acts() -> None:
-    world = World()
-    world.stats_answers = [stats(rx=10, tx=10, age=None)]
-
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.post(lambda now: ev.Start(now, seed=1))
         assert await next_state(published) == "connecting"
-        # Start armed "connect" (generation 1), then "sample" (generation 2).
-        read = world.stats_read
-        await runtime.events.send(TimerDue("sample", 1))  # a generation that is not sample's: stale
-        await runtime.events.send(TimerDue("backoff", 2))  # never armed: stale
-        await runtime.events.send(TimerDue("sample", 2))  # the current one: read the counters
-        await read.wait()
-        # A fired timer is forgotten: the same report again is dropped. The answer re-armed
-        # "sample" as generation 3, which acts.
-        read = world.stats_read
-        world.stats_answers.append(stats(rx=10, tx=10, age=None))
-        await runtime.events.send(TimerDue("sample", 2))
-        await runtime.events.send(TimerDue("sample", 3))
-        await read.wait()
+        await settle(runtime, published)
+        armed = runtime.armed_timers
+        assert set(armed) == {"connect", "sample"}
+        reads = world.reads()
+        await runtime.events.send(TimerDue("sample", armed["connect"]))  # not sample's: stale
+        await runtime.events.send(TimerDue("backoff", armed["sample"]))  # never armed: stale
+        await settle(runtime, published)
+        assert world.reads() == reads
+        await runtime.events.send(TimerDue("sample", armed["sample"]))  # the current one: a read
+        await settle(runtime, published)
+        assert world.reads() == reads + 1
+        # A fired timer is forgotten (the read armed "sample" anew): its report again is stale.
+        assert runtime.armed_timers["sample"] != armed["sample"]
+        await runtime.events.send(TimerDue("sample", armed["sample"]))
+        await settle(runtime, published)
+        assert world.reads() == reads + 1
         await stop(runtime, published)
         # Stop cancelled every timer: what they would report now is stale.
-        await runtime.events.send(TimerDue("connect", 1))
+        assert runtime.armed_timers == {}
+        await runtime.events.send(TimerDue("connect", armed["connect"]))
 
-    _, world = run(scenario, world=world)
-    assert [call for call in world.without_probes() if call[0] == "stats"] == [("stats",), ("stats",)]
+    _, world = run(scenario)
     assert world.without_probes()[-1] == ("close",)
 
 
@@ -404,8 +413,7 @@ def test_an_unreadable_tunnel_reads_as_silence_and_keeps_the_last_counters(
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.post(lambda now: ev.Start(now, seed=1))
         assert await next_state(published) == "connecting"
-        await runtime.events.send(TimerDue("sample", 2))
-        assert await next_state(published) == "connected"
+        assert await next_state(published) == "connected"  # the read at the connect answered
         if failure == "raises":
             world.failing["stats"] = OSError("uapi socket gone")
         else:
@@ -415,21 +423,19 @@ def test_an_unreadable_tunnel_reads_as_silence_and_keeps_the_last_counters(
                 raise AssertionError
 
             world.stats = never  # type: ignore[method-assign]
-        await runtime.events.send(TimerDue("sample", 3))
-        await runtime.events.send(TimerDue("sample", 4))  # re-armed after the failed read
-        # Published only once both reads above were handled (one stream, in order).
-        await runtime.post(lambda now: ev.LockTampered(now, "a marker"))
-        after = await published.receive()
-        # The machine got the old counters and no handshake: that is idle, not dead; the status
-        # keeps the last counters it read.
+        for _ in range(2):  # two reads that fail, each re-arming the sample timer
+            await settle(runtime, published)
+            await runtime.events.send(TimerDue("sample", runtime.armed_timers["sample"]))
+        after = await settle(runtime, published)
+        # The machine got its own last counters and no handshake: that is idle, not dead; the
+        # status keeps the last counters it read.
         assert (after.state, after.server) == ("connected", "a")
         assert after.stats is not None
         assert (after.stats.rx_bytes, after.stats.tx_bytes) == (148, 92)
         await stop(runtime, published)
 
     _, world = run(scenario, world=world)
-    reads = [call for call in world.calls if call[0] == "stats"]
-    assert reads == [("stats",)] * (3 if failure == "raises" else 1)
+    assert world.reads() == (3 if failure == "raises" else 1)  # the hanging reads never got to log
 
 
 # --- probes -----------------------------------------------------------------------------------
@@ -442,25 +448,26 @@ def test_a_probe_that_cannot_be_sent_is_dropped_and_a_server_without_target_gets
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.post(lambda now: ev.Start(now, seed=1))
         assert await next_state(published) == "connecting"
+        await settle(runtime, published)
+        probes_to_a = [call for call in world.calls if call[0] == "probe"]
+        assert probes_to_a and set(probes_to_a) == {("probe", "10.64.0.1", "tun-test")}
         await runtime.post(lambda now: ev.RotateRequested(now))  # to "b", which has no target
         assert (await published.receive()).server == "b"
+        await settle(runtime, published)
+        assert [call for call in world.calls if call[0] == "probe"] == probes_to_a
         await stop(runtime, published)
 
-    _, world = run(scenario, world=world)
-    assert [call for call in world.calls if call[0] == "probe"] == [("probe", "10.64.0.1", "tun-test")]
-
-
-# --- status -----------------------------------------------------------------------------------
+    run(scenario, world=world)
 
 
 def test_lock_status_is_read_on_request_and_a_failed_read_says_not_installed() -> None:
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.refresh_lock_status()
-        assert runtime.status.as_json()["lock"] == {"installed": True, "matching": True}
+        assert runtime.status.as_json()["lock"] == {"installed": True, "matching": True, "owned": True}
         assert runtime.status.lock_counters == {"refused": 3}
         world.failing["state"] = RuntimeError("nft missing")
         await runtime.refresh_lock_status()
-        assert runtime.status.as_json()["lock"] == {"installed": False, "matching": False}
+        assert runtime.status.as_json()["lock"] == {"installed": False, "matching": False, "owned": False}
         assert runtime.status.lock_counters == {}
         await stop(runtime, published)
 
@@ -473,7 +480,7 @@ def test_status_json_before_anything_happened() -> None:
         "state": "blocked",
         "server": None,
         "handshake_age_s": None,
-        "lock": {"installed": False, "matching": False},
+        "lock": {"installed": False, "matching": False, "owned": False},
         "since": round(status.since_wall, 3),
         "reason": None,
         "endpoint": None,
