@@ -95,7 +95,10 @@ def _reachable(ctx: Context, server: str) -> bool:
     return ctx.reachable is None or server in ctx.reachable
 
 
-def _connect(
+# --- entries: each builds one state and the actions that go with entering it ------------------
+
+
+def enter_connecting(
     m: Machine, now: float, server: str, reason: str, *, configure: bool = True, fresh: bool = False
 ) -> tuple[Machine, Actions]:
     """Go to ``connecting(server)``: narrow the lock to it, set the peer (unless it is already the
@@ -128,7 +131,7 @@ def _connect(
     return Machine(state, ctx), actions
 
 
-def _offline(m: Machine, now: float) -> tuple[Machine, Actions]:
+def enter_offline(m: Machine, now: float) -> tuple[Machine, Actions]:
     """No path to any server: stop every clock and attempt nothing until a path returns."""
     current = m.state
     if isinstance(current, (Connecting, Connected)) and current.server in m.context.settings.servers:
@@ -145,19 +148,20 @@ def _pick_and_connect(
 ) -> tuple[Machine, Actions]:
     ctx = m.context
     if not _any_reachable(ctx):
-        return _offline(m, now)
+        return enter_offline(m, now)
     candidates = eligible(
         ctx.settings, ctx.reachable, ctx.cooling, now, exclude=exclude, ignore_cooldown=ignore_cooldown
     )
     server, rng = choose(ctx.settings, candidates, ctx.last_server, ctx.rng)
     m = Machine(m.state, replace(ctx, rng=rng))
     if server is None:
-        return _every_server_failed(m, now)
-    return _connect(m, now, server, reason)
+        return enter_blocked(m, now)
+    return enter_connecting(m, now, server, reason)
 
 
-def _every_server_failed(m: Machine, now: float) -> tuple[Machine, Actions]:
-    """Nothing left to try: drop the peer and wait a growing, capped, jittered delay."""
+def enter_blocked(m: Machine, now: float) -> tuple[Machine, Actions]:
+    """Nothing left to try: drop the peer and wait a growing, capped, jittered delay (or, with no
+    server configured, just wait)."""
     ctx = m.context
     if not ctx.settings.servers:
         state = Blocked(since=now, reason="no servers configured")
@@ -212,7 +216,7 @@ def start(m: Machine, e: ev.Start) -> tuple[Machine, Actions]:
         state = Offline(since=e.now, resume=adopted, intact=adopted is not None)
         return Machine(state, m.context), [*lock, _publish(state, "no route to any server")]
     if adopted and _reachable(m.context, adopted):
-        m, actions = _connect(m, e.now, adopted, "adopting the running tunnel", configure=False)
+        m, actions = enter_connecting(m, e.now, adopted, "adopting the running tunnel", configure=False)
     else:
         m, actions = _pick_and_connect(m, e.now, "starting")
     return m, lock + actions
@@ -237,7 +241,7 @@ def paths_while_blocked(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Action
     """Remember the paths; with none left, go offline (the backoff must not run down meanwhile)."""
     m = Machine(m.state, replace(m.context, reachable=e.reachable))
     if m.context.started and not _any_reachable(m.context):
-        return _offline(m, e.now)
+        return enter_offline(m, e.now)
     return m, []
 
 
@@ -248,7 +252,7 @@ def paths_while_tunnelled(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Acti
     server = m.state.server
     assert server is not None
     if not _any_reachable(m.context):
-        return _offline(m, e.now)
+        return enter_offline(m, e.now)
     if not _reachable(m.context, server):
         return _pick_and_connect(m, e.now, f"no route to {server}", exclude=(server,))
     return m, []
@@ -268,7 +272,7 @@ def _back_online(m: Machine, now: float, reason: str) -> tuple[Machine, Actions]
     if not _any_reachable(m.context):
         return m, []
     if state.resume is not None and _reachable(m.context, state.resume):
-        return _connect(m, now, state.resume, reason, configure=not state.intact)
+        return enter_connecting(m, now, state.resume, reason, configure=not state.intact)
     return _pick_and_connect(m, now, reason)
 
 
@@ -387,7 +391,7 @@ def tunnel_lost_while_tunnelled(m: Machine, e: ev.TunnelLost) -> tuple[Machine, 
     server = m.state.server
     assert server is not None
     m = _note_failure(m, e.now, server, "the tunnel interface was deleted")
-    return _connect(m, e.now, server, "the tunnel interface was deleted; recreating it")
+    return enter_connecting(m, e.now, server, "the tunnel interface was deleted; recreating it")
 
 
 @leads_to(STAYS)
@@ -411,7 +415,7 @@ def backend_down_while_tunnelled(m: Machine, e: ev.BackendDown) -> tuple[Machine
     server = m.state.server
     assert server is not None
     m = _note_failure(m, e.now, server, f"the WireGuard backend died: {e.reason}")
-    return _connect(m, e.now, server, "the WireGuard backend died; waiting for it", configure=False)
+    return enter_connecting(m, e.now, server, "the WireGuard backend died; waiting for it", configure=False)
 
 
 @leads_to(STAYS)
@@ -462,7 +466,7 @@ def rotate_while_tunnelled(m: Machine, e: ev.RotateRequested) -> tuple[Machine, 
             return _pick_and_connect(
                 m, e.now, "rotate requested", exclude=(server,), ignore_cooldown=ignore_cooldown
             )
-    return _connect(m, e.now, server, "rotate requested; no other server is reachable", fresh=True)
+    return enter_connecting(m, e.now, server, "rotate requested; no other server is reachable", fresh=True)
 
 
 @leads_to(Connecting)
@@ -470,7 +474,7 @@ def reconnect_while_tunnelled(m: Machine, e: ev.ReconnectRequested) -> tuple[Mac
     """The same server's peer set up afresh (a new handshake)."""
     server = m.state.server
     assert server is not None
-    return _connect(m, e.now, server, "reconnect requested", fresh=True)
+    return enter_connecting(m, e.now, server, "reconnect requested", fresh=True)
 
 
 @leads_to(STAYS, Connecting, Offline)
@@ -492,11 +496,11 @@ def reload_while_tunnelled(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, A
     server = m.state.server
     assert server is not None
     if not m.context.settings.servers:
-        return _every_server_failed(m, e.now)
+        return enter_blocked(m, e.now)
     if server not in m.context.settings.servers:
         return _pick_and_connect(m, e.now, f"{server} is no longer configured")
     if not _any_reachable(m.context):
-        return _offline(m, e.now)
+        return enter_offline(m, e.now)
     if not _reachable(m.context, server):
         return _pick_and_connect(m, e.now, f"no route to {server}", exclude=(server,))
     return m, []
@@ -514,7 +518,7 @@ def reload_while_offline(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Act
     if state.resume is not None and state.resume not in m.context.settings.servers:
         m = Machine(Offline(state.since, None, False), m.context)
     if not m.context.settings.servers:
-        return _every_server_failed(m, e.now)
+        return enter_blocked(m, e.now)
     return _back_online(m, e.now, "the reloaded configuration has a reachable server")
 
 
@@ -529,9 +533,9 @@ def reload_while_blocked(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Act
     if not m.context.started:
         return m, []
     if not m.context.settings.servers:
-        return (m, []) if state.retry_at is None else _every_server_failed(m, e.now)
+        return (m, []) if state.retry_at is None else enter_blocked(m, e.now)
     if not _any_reachable(m.context):
-        return _offline(m, e.now)
+        return enter_offline(m, e.now)
     if state.retry_at is None:
         return _pick_and_connect(m, e.now, "servers are configured again")
     return m, []
