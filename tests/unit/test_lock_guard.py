@@ -294,3 +294,24 @@ def test_without_the_ip_tool_routes_are_not_followed_and_nothing_fails(
             await LockGuard(POLICY).follow_links()  # returns at once
 
     anyio.run(main)
+
+
+def test_a_monitor_that_cannot_be_restarted_is_tried_again(
+    fake_nft: FakeNft, monitor_fifo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(guard_module, "WATCH_RESTART_MAX_S", 0.01)
+    monkeypatch.setattr(guard_module, "WATCH_RESTART_INITIAL_S", 0.01)
+
+    async def main() -> None:
+        guard = LockGuard(POLICY)
+        await guard.apply()
+        with anyio.fail_after(GUARD_S):
+            async with anyio.create_task_group() as tg:
+                await tg.start(guard.run)
+                monkeypatch.setattr(guard_module.nft, "NFT", str(tmp_path / "no-such-nft"))
+                await anyio.to_thread.run_sync(write_lines, monitor_fifo)  # the first monitor ends
+                while guard.watch_restarts < 3:  # each failed start is followed by another try
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+
+    anyio.run(main)

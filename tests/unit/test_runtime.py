@@ -543,3 +543,17 @@ def test_reload_keeping_the_current_server_does_nothing_visible() -> None:
 
     _, world = run(scenario)
     assert world.without_probes() == [("apply", ()), ("set_servers", ("a",)), ("connect", "a"), ("close",)]
+
+
+def test_a_reconnect_sets_the_same_peer_again_and_restarts_its_handshake() -> None:
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        await runtime.post(lambda now: ev.ReconnectRequested(now))
+        again = await published.receive()
+        assert (again.state, again.server, again.reason) == ("connecting", "a", "reconnect requested")
+        await stop(runtime, published)
+
+    _, world = run(scenario)
+    assert ("restart_handshake", "a") in world.without_probes()
+    assert world.without_probes()[-1] == ("close",)
