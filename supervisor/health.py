@@ -124,6 +124,7 @@ class IcmpProber:
                     )
             if not self.raw:
                 sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+            assert sock is not None  # the raw socket, or else the datagram one
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, ifname.encode())
