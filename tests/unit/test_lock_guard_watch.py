@@ -75,9 +75,14 @@ async def test_a_monitor_killed_from_outside_is_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A sleeper that dies of SIGINT even when started from a shell that ignores it (a background
-    # job of a non-interactive shell inherits SIGINT ignored, and sh cannot undo that).
-    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_DFL); time.sleep(60)"
-    sleeper = f"exec {sys.executable} -c '{code}'"
+    # job of a non-interactive shell inherits SIGINT ignored, and sh cannot undo that). It says
+    # when its handler is in place: a signal sent before that would find SIGINT still ignored.
+    ready = tmp_path / "ready"
+    code = (
+        "import os, signal, time; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        f"open({str(ready)!r}, 'a').write(str(os.getpid()) + chr(10)); time.sleep(60)"
+    )
+    sleeper = f'exec {sys.executable} -c "{code}"'
     starts = fake_nft(tmp_path, monkeypatch, sleeper)
     guard = CountingGuard()
     async with anyio.create_task_group() as tg:
@@ -85,6 +90,7 @@ async def test_a_monitor_killed_from_outside_is_replaced(
         for signum in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT):
             await wait_until(lambda: started(starts), "a start")
             current = started(starts)[-1]
+            await wait_until(lambda pid=current: pid in started(ready), "the sleeper's handler")
             os.kill(current, signum)
             await wait_until(lambda gone=current: started(starts)[-1] != gone, "a new monitor")
         tg.cancel_scope.cancel()
