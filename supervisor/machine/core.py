@@ -251,10 +251,16 @@ def paths_while_tunnelled(m: Machine, e: ev.PathsChanged) -> tuple[Machine, Acti
     m = Machine(m.state, replace(m.context, reachable=e.reachable))
     server = m.state.server
     assert server is not None
+    return _follow_paths(m, e.now, server)
+
+
+def _follow_paths(m: Machine, now: float, server: str) -> tuple[Machine, Actions]:
+    """While tunnelled through ``server``: no path at all is offline; no path to this server only
+    moves to another (not its fault); otherwise nothing to do."""
     if not _any_reachable(m.context):
-        return enter_offline(m, e.now)
+        return enter_offline(m, now)
     if not _reachable(m.context, server):
-        return _pick_and_connect(m, e.now, f"no route to {server}", exclude=(server,))
+        return _pick_and_connect(m, now, f"no route to {server}", exclude=(server,))
     return m, []
 
 
@@ -499,11 +505,7 @@ def reload_while_tunnelled(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, A
         return enter_blocked(m, e.now)
     if server not in m.context.settings.servers:
         return _pick_and_connect(m, e.now, f"{server} is no longer configured")
-    if not _any_reachable(m.context):
-        return enter_offline(m, e.now)
-    if not _reachable(m.context, server):
-        return _pick_and_connect(m, e.now, f"no route to {server}", exclude=(server,))
-    return m, []
+    return _follow_paths(m, e.now, server)
 
 
 @leads_to(STAYS, Connecting, Blocked)
