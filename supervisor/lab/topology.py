@@ -50,6 +50,17 @@ TUNNEL_SERVER_V4, TUNNEL_SERVER_V6 = "10.99.0.1", "fd00:99::1"
 TUNNEL_CLIENT_V4, TUNNEL_CLIENT_V6 = "10.99.0.2", "fd00:99::2"
 LAB_DOMAIN = "lab.test"
 # Each server hides the tunnel's inner addresses behind its own, as a provider does.
+# The client's side of its link: addresses and default routes (also what a test that moves the
+# link into another namespace, a pod's, sets up again).
+CLIENT_LINK = [
+    "link set lo up",
+    "link set wan0 up",
+    "addr add 192.0.2.2/24 dev wan0",
+    "addr add 2001:db8:c::2/64 dev wan0 nodad",
+    "route add default via 192.0.2.1",
+    "route add default via 2001:db8:c::1",
+]
+
 LAB_NAT = """table inet labnat {
   chain post {
     type nat hook postrouting priority srcnat;
@@ -308,17 +319,7 @@ class Lab:
                 f"addr add 2001:db8:100:{s.index}::1/64 dev v{s.index} nodad",
             ]
         ip_batch(isp, isp_cmds)
-        ip_batch(
-            client,
-            [
-                "link set lo up",
-                "link set wan0 up",
-                "addr add 192.0.2.2/24 dev wan0",
-                "addr add 2001:db8:c::2/64 dev wan0 nodad",
-                "route add default via 192.0.2.1",
-                "route add default via 2001:db8:c::1",
-            ],
-        )
+        ip_batch(client, CLIENT_LINK)
         ip_batch(
             inet,
             [

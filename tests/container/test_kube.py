@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from supervisor.lab.probes import describe
-from supervisor.lab.topology import INTERNET_V6, ip_batch, sh
+from supervisor.lab.topology import CLIENT_LINK, INTERNET_V6, ip_batch, sh
 from tests.container.tier import (
     FIGURES,
     IMAGE,
@@ -105,17 +105,7 @@ def move_client_link_into(lab: LabUnderTest, pid: int) -> None:
     sh("ip", "netns", "delete", client)
     sh("ip", "netns", "attach", client, str(pid))
     sh("ip", "netns", "exec", client, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0")
-    ip_batch(
-        client,
-        [
-            "link set lo up",
-            "link set wan0 up",
-            "addr add 192.0.2.2/24 dev wan0",
-            "addr add 2001:db8:c::2/64 dev wan0 nodad",
-            "route add default via 192.0.2.1",
-            "route add default via 2001:db8:c::1",
-        ],
-    )
+    ip_batch(client, CLIENT_LINK)
     # Neighbours answer a moment after the link comes up: wait until IPv6 reaches the internet.
     out = sh("ip", "netns", "exec", client, "ping", "-n", "-c1", "-i0.05", "-w5", INTERNET_V6, check=False)
     assert " 1 received" in out, out
