@@ -16,6 +16,7 @@
 - a metrics scrape over loopback: median and slowest of 50 (one nft read of the lock each).
 
     .venv/bin/python bench/bench_daemon.py [--runs 10] [--idle-s 60] [--loss-s 600] [--loss 20,30]
+    .venv/bin/python bench/bench_daemon.py --idle-only [--no-metrics] [--idle-s 60]
 """
 
 from __future__ import annotations
@@ -261,6 +262,7 @@ def main() -> None:
     parser.add_argument("--loss", default="20,30", help="loss rates in %% both ways, comma-separated")
     parser.add_argument("--no-metrics", action="store_true", help="leave [metrics] listen unset")
     parser.add_argument("--loss-only", action="store_true", help="only the false-failover runs")
+    parser.add_argument("--idle-only", action="store_true", help="only the idle CPU and RSS")
     args = parser.parse_args()
     os.environ["TUNLOCK_LAB_ONLY"] = "1"
     # A short cooldown, waited out between runs, so every run measures a plain failover (not the
@@ -277,6 +279,11 @@ def main() -> None:
         if args.loss_only:
             for percent in args.loss.split(","):
                 lossy(lab, daemon, args.loss_s, percent.strip())
+            return
+        if args.idle_only:
+            daemon.wait_for(lambda s: s["state"] == "connected", 15, "connected")
+            time.sleep(5)  # past the connect's own work and into idle sampling
+            idle(daemon, args.idle_s)
             return
         failover(lab, daemon, args.runs, 2.5, "traffic flowing for 2.5 s before the fault")
         failover(lab, daemon, max(3, args.runs // 3), 0.3, "traffic starting 0.3 s before, after idle")
