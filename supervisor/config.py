@@ -4,7 +4,9 @@ The section and key names are a public contract (DESIGN.md and
 docs/configuration.md): extend them, never rename them. ``load_config`` reads
 the file, applies ``TUNLOCK_<SECTION>_<KEY>`` environment overrides (for
 containers), validates every key and loads the server files, reporting every
-problem as ``file:line: what is wrong``.
+problem as ``file:line: what is wrong``. It is two halves, ``load_settings`` and
+``Settings.settle``, around the server reading, so that ``tunlock check`` can read
+the servers its own way (supervisor.check) and report exactly what ``run`` would.
 """
 
 from __future__ import annotations
@@ -22,15 +24,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supervisor.errors import ConfigError, Problem
-from supervisor.servers import (
-    Endpoint,
-    FileProblem,
-    Server,
-    load_servers,
-    parse_endpoint,
-    read_text,
-    shown_name,
-)
+from supervisor.servers import Endpoint, Server
+from supervisor.wgquick import FileProblem, load_servers, parse_endpoint, read_text, shown_name
 
 ENV_PREFIX = "TUNLOCK_"
 MAX_CONFIG_FILE = 1024 * 1024
@@ -288,8 +283,10 @@ def _env_overrides(
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
         if section not in sections or not key:
             continue  # TUNLOCK_CONFIG, TUNLOCK_LAB_ONLY and friends are not config keys
-        model = typing.get_args(sections[section].annotation) or (sections[section].annotation,)
-        fields = typing.cast(type[BaseModel], model[0]).model_fields
+        model = sections[section].annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        fields = model.model_fields
         if key not in fields:
             hint = difflib.get_close_matches(key, list(fields), n=1)
             more = f" (did you mean {ENV_PREFIX}{section.upper()}_{hint[0].upper()}?)" if hint else ""
@@ -323,13 +320,53 @@ def _unknown_key_message(loc: tuple[str | int, ...]) -> str:
     return f"unknown key {shown_name(key)} in {where}{more}"
 
 
-def load_config(
-    path: Path, environ: typing.Mapping[str, str] | None = None, *, digest_only: bool = False
-) -> Config:
-    """Read and validate ``path`` and its server files; raise ConfigError with every problem.
+@dataclass(frozen=True)
+class Settings:
+    """tunlock.toml validated, its server files not read yet: the half ``run`` and ``check`` share.
 
-    ``digest_only`` (for ``tunlock check``) fills ``servers`` with ServerDigest values instead of
-    full servers, which is what lets very large server directories be checked in parallel.
+    ``settle`` takes the problems of the server files (appended to ``problems``) and gives the
+    verdict on the whole, so that both report the same problems in the same order.
+    """
+
+    path: Path
+    settings: ConfigFile
+    # The config file and line of tunnel.servers: where a pattern that matches no file is reported.
+    servers_origin: tuple[Path, int]
+    # What the environment overrides got wrong: reported first, before the servers' problems.
+    problems: tuple[Problem, ...]
+    # Judged on the settings but reported only once the servers have none: metrics and plugins.
+    later_problems: tuple[Problem, ...]
+
+    def settle(self, problems: list[Problem], servers_found: int) -> tuple[Problem, ...]:
+        """The warnings, once ``problems`` (``self.problems`` and the servers') hold no error and
+        some server was found; else raise ConfigError with every problem."""
+        problems = list(problems)
+        if not servers_found and not any(not p.warning for p in problems):
+            problems.append(Problem(*self.servers_origin, "no usable server file"))
+        if any(not p.warning for p in problems):
+            raise ConfigError(problems)
+        problems.extend(self.later_problems)
+        if any(not p.warning for p in problems):
+            raise ConfigError(problems)
+        return tuple(problems)
+
+
+def load_config(path: Path, environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Read and validate ``path`` and its server files; raise ConfigError with every problem."""
+    settings = load_settings(path, environ)
+    problems = list(settings.problems)
+    servers = load_servers(
+        settings.settings.tunnel.servers, settings.path.parent, problems, settings.servers_origin
+    )
+    warnings = settings.settle(problems, len(servers))
+    return Config(path=settings.path, settings=settings.settings, servers=servers, warnings=warnings)
+
+
+def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -> Settings:
+    """Read and validate ``path`` alone; raise ConfigError when it cannot be validated.
+
+    Problems that do not stop validation come back in the Settings, for ``settle`` to report
+    with the servers' problems.
     """
     environ = os.environ if environ is None else environ
     path = Path(path)
@@ -339,7 +376,7 @@ def load_config(
     if not path.exists():
         raise ConfigError([Problem(path, 0, "no such file; write one (see configs/tunlock.toml)")])
     try:
-        # A regular file only, of bounded size, a BOM allowed (servers.read_text says why).
+        # A regular file only, of bounded size, a BOM allowed (wgquick.read_text says why).
         text = read_text(os.fspath(path), MAX_CONFIG_FILE)[0]
     except FileProblem as err:
         raise ConfigError([Problem(path, err.line, err.message)]) from None
@@ -367,17 +404,10 @@ def load_config(
                 message = f"{'.'.join(loc)}: {detail['msg'].removeprefix('Value error, ')}"
             problems.append(Problem(origin, line if origin == path else 0, message))
         raise ConfigError(problems) from None
-    servers_key = (path, lines.get(("tunnel", "servers"), lines.get(("tunnel",), 0)))
-    servers = load_servers(
-        settings.tunnel.servers, path.parent, problems, servers_key, digest_only=digest_only
-    )
-    if not servers and not any(not p.warning for p in problems):
-        problems.append(Problem(servers_key[0], servers_key[1], "no usable server file"))
-    if any(not p.warning for p in problems):
-        raise ConfigError(problems)
+    later: list[Problem] = []
     metrics = settings.metrics.address
     if metrics and not metrics.host.is_loopback and metrics.port not in settings.lock.inbound_tcp:
-        problems.append(
+        later.append(
             Problem(
                 path,
                 lines.get(("metrics", "listen"), 0),
@@ -388,11 +418,9 @@ def load_config(
         )
     for name, value in (settings.plugins.model_extra or {}).items():
         if not isinstance(value, dict):
-            problems.append(
-                Problem(path, lines.get(("plugins", name), 0), f"unknown key {name!r} in [plugins]")
-            )
+            later.append(Problem(path, lines.get(("plugins", name), 0), f"unknown key {name!r} in [plugins]"))
         elif name not in settings.plugins.enabled:
-            problems.append(
+            later.append(
                 Problem(
                     path,
                     lines.get(("plugins", name), 0),
@@ -400,14 +428,15 @@ def load_config(
                     warning=True,
                 )
             )
-    if any(not p.warning for p in problems):
-        raise ConfigError(problems)
     control = settings.control.socket
     if not control.is_absolute():
         settings = settings.model_copy(
             update={"control": settings.control.model_copy(update={"socket": path.parent / control})}
         )
-    # With digest_only the tuple holds ServerDigests (tunlock check's fast path, which casts them
-    # back in check.py): a second type in Config that issue #13 asks to give its own pipeline.
-    servers = typing.cast(tuple[Server, ...], servers)
-    return Config(path=path, settings=settings, servers=servers, warnings=tuple(problems))
+    return Settings(
+        path=path,
+        settings=settings,
+        servers_origin=(path, lines.get(("tunnel", "servers"), lines.get(("tunnel",), 0))),
+        problems=tuple(problems),
+        later_problems=tuple(later),
+    )

@@ -14,8 +14,9 @@ import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
-from supervisor.config import ENV_PREFIX, Config, ControlSection, key_lines
+from supervisor.config import ENV_PREFIX, ConfigFile, ControlSection, key_lines
 from supervisor.errors import Problem
 
 _KINDS = (
@@ -58,7 +59,17 @@ def problem(path: Path) -> str | None:
     )
 
 
-def config_problem(config: Config, environ: dict[str, str] | None = None) -> Problem | None:
+class _Configured(Protocol):
+    """A validated configuration: a Config, or what ``tunlock check`` reads (check.Checked)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def settings(self) -> ConfigFile: ...
+
+
+def config_problem(config: _Configured, environ: dict[str, str] | None = None) -> Problem | None:
     """``problem`` for ``config``'s socket, as ``file:line: control.socket: ...``."""
     path = config.settings.control.socket
     why = problem(path)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterable
+from ipaddress import ip_network
 
-from supervisor.servers import IPNetwork, parse_network
+from supervisor.servers import IPNetwork
 
 _TIMEOUT_S = 5.0
 
@@ -40,7 +41,7 @@ def onlink_subnets(routes: Iterable[dict], exclude: Iterable[str] = ()) -> tuple
         ):
             continue
         try:
-            out.append(parse_network(dst))
+            out.append(ip_network(dst, strict=False))
         except ValueError:
             continue
     return tuple(sorted(set(out), key=lambda n: (n.version, n.network_address, n.prefixlen)))

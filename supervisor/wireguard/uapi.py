@@ -33,7 +33,8 @@ import anyio
 import anyio.abc
 
 from supervisor.redact import Secret
-from supervisor.servers import Endpoint, IPNetwork, parse_endpoint
+from supervisor.servers import Endpoint, IPNetwork
+from supervisor.wgquick import parse_endpoint
 from supervisor.wireguard.backend import BackendError, DeviceConfig
 
 UAPI_DIR = Path("/var/run/wireguard")

@@ -3,7 +3,7 @@
 client ── isp ── vpn1..vpnN (wireguard-go servers), built by ``supervisor.lab.topology.Lab``;
 every server gives the client the same tunnel address (10.99.0.2, fd00:99::2), the way a
 provider gives a device one address on all its servers, so a swap changes only the peer. The
-server files the lab writes are read with ``supervisor.servers.load_server``, as the daemon reads
+server files the lab writes are read with ``supervisor.wgquick.load_server``, as the daemon reads
 them. Tests enter the client namespace with ``Lab.inside`` (a per-thread ``setns``), so the code
 under test runs exactly as the daemon does in its namespace; each test gets an interface name of
 its own (unique machine-wide: the lab's id is in it).
@@ -35,7 +35,8 @@ import structlog
 
 from supervisor.lab.probes import Observer
 from supervisor.lab.topology import Lab, process_alive, sh, uapi_pid
-from supervisor.servers import Endpoint, Server, load_server
+from supervisor.servers import Endpoint, Server
+from supervisor.wgquick import load_server
 from supervisor.wireguard.uapi import UAPI_DIR
 
 TUNNEL_SERVER_V4 = ip_address("10.99.0.1")

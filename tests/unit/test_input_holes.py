@@ -14,7 +14,7 @@ import pytest
 from supervisor.config import load_config
 from supervisor.errors import ConfigError
 from supervisor.redact import scrub
-from supervisor.servers import MAX_SERVER_FILE, read_server
+from supervisor.wgquick import MAX_SERVER_FILE, read_server
 
 from .samples import PRIVATE_KEY, VALID_SERVER, make_key
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from supervisor.config import load_config
 from supervisor.errors import ConfigError
-from supervisor.servers import load_server
+from supervisor.wgquick import load_server
 
 from .samples import PRESHARED_KEY, PRIVATE_KEY, VALID_SERVER
 

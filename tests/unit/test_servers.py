@@ -7,7 +7,8 @@ from ipaddress import ip_address, ip_network
 import pytest
 
 from supervisor.errors import ConfigError
-from supervisor.servers import Endpoint, load_server, parse_endpoint, read_server
+from supervisor.servers import Endpoint
+from supervisor.wgquick import load_server, parse_endpoint, read_server
 
 from .samples import PRESHARED_KEY, PRIVATE_KEY, PUBLIC_KEY, VALID_SERVER
 

@@ -19,7 +19,8 @@ import anyio
 import pytest
 
 from supervisor.redact import Secret
-from supervisor.servers import Peer, parse_endpoint
+from supervisor.servers import Peer
+from supervisor.wgquick import parse_endpoint
 from supervisor.wireguard.backend import DeviceConfig
 from supervisor.wireguard.uapi import (
     UapiClient,

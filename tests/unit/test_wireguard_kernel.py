@@ -21,7 +21,8 @@ from pyroute2.netlink.generic.wireguard import (
 )
 
 from supervisor.redact import Secret
-from supervisor.servers import Peer, parse_endpoint
+from supervisor.servers import Peer
+from supervisor.wgquick import parse_endpoint
 from supervisor.wireguard.backend import DeviceConfig
 from supervisor.wireguard.kernel import (
     get_device_message,

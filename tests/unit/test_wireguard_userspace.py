@@ -9,7 +9,8 @@ import pytest
 import structlog
 
 from supervisor.redact import Secret
-from supervisor.servers import Peer, Server, parse_endpoint
+from supervisor.servers import Peer, Server
+from supervisor.wgquick import parse_endpoint
 from supervisor.wireguard.backend import BackendError, DeviceConfig, handshake_age
 from supervisor.wireguard.userspace import UserspaceBackend, _Process
 
