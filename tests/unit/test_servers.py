@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from ipaddress import ip_address, ip_network
 
 import pytest
@@ -213,3 +215,13 @@ def test_parse_endpoint_round_trips(text, expected):
 def test_a_single_value_key_given_twice(write_server):
     text = replace("Endpoint = 198.51.100.11:51820", "Endpoint = 198.51.100.11:51820\nPublicKey = x")
     assert (10, "PublicKey is given twice (first at line 7)") in errors_of(write_server(text))
+
+
+def test_the_plain_data_does_not_import_the_reader():
+    # The lock, net and wireguard import supervisor.servers for the types alone.
+    probe = (
+        "import sys, supervisor.servers; "
+        "print(sorted(m for m in sys.modules if 'wgquick' in m or 'wgconfig' in m))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
