@@ -8,6 +8,7 @@ bench/bench_check.py, which measures `tunlock check` over 10,000 files.
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import difflib
@@ -201,7 +202,7 @@ _parse_line = WGConfig.parse_line
 Item = TypeVar("Item")
 
 
-class _Reader(Generic[Item]):
+class _Reader(abc.ABC, Generic[Item]):
     """Turns one wg-quick file into an Item, collecting every problem with its line.
 
     Both subclasses check a file alike and report the same problems; they differ only in what a
@@ -382,10 +383,11 @@ class _Reader(Generic[Item]):
             private_key, addresses, dns, mtu, listen_port, public_key, endpoint, allowed, preshared, keepalive
         )
 
+    @abc.abstractmethod
     def _interface_address(self, text: str) -> object:
         """An Address entry, validated alike by both readers (ValueError)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _make(
         self,
         private_key: str,
@@ -400,7 +402,6 @@ class _Reader(Generic[Item]):
         keepalive: int | None,
     ) -> Item:
         """What a file that passed every check becomes."""
-        raise NotImplementedError
 
     def _key(self, section: dict, key: str, where: str) -> str | None:
         found = self._required(section, key, where)
