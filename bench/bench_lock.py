@@ -28,9 +28,10 @@ from supervisor.lab.probes import Observer, Probes
 from supervisor.lab.topology import Lab, sh
 from supervisor.lab.tunnel import hand_tunnel
 from supervisor.lock import nft
+from supervisor.lock.configured import policy_from_config
 from supervisor.lock.guard import LockGuard
 from supervisor.lock.owner import OwningContext
-from supervisor.lock.policy import LockPolicy, policy_from_config
+from supervisor.lock.policy import LockPolicy
 from supervisor.servers import Endpoint
 
 

@@ -44,9 +44,10 @@ from supervisor.control.socket_path import config_problem as control_socket_prob
 from supervisor.errors import ConfigError, Problem, TunlockError
 from supervisor.health import IcmpProber
 from supervisor.lock import nft
+from supervisor.lock.configured import policy_from_config
 from supervisor.lock.guard import LockGuard
 from supervisor.lock.owner import OwnerUnavailable, OwningContext
-from supervisor.lock.policy import LockPolicy, policy_from_config
+from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import owned_table
 from supervisor.log import get_logger
 from supervisor.machine import events as ev

@@ -14,7 +14,7 @@ from supervisor.cli_common import CONFIG_OPTION, load_or_exit
 from supervisor.config import Config
 from supervisor.errors import TunlockError
 from supervisor.lock import nft
-from supervisor.lock.policy import policy_from_config
+from supervisor.lock.configured import policy_from_config
 from supervisor.lock.render import render
 
 BOOT_UNIT = """\

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from supervisor.config import Config
 from supervisor.servers import Endpoint, IPAddress, IPNetwork, Server
 
 
@@ -53,25 +52,3 @@ class LockPolicy:
             endpoints=frozenset(s.endpoint for s in servers),
             tunnel_dns=frozenset(d for s in servers for d in s.dns),
         )
-
-
-def policy_from_config(config: Config, servers: Iterable[Server] | None = None) -> LockPolicy:
-    """The lock for ``config``, letting the tunnel reach ``servers`` (default: every server).
-
-    The daemon narrows it to the server it is connecting to; ``tunlock lock apply`` and the
-    boot file allow every configured server so that any of them can be reached at start.
-    """
-    settings = config.settings
-    chosen = config.servers if servers is None else tuple(servers)
-    return LockPolicy(
-        table=settings.lock.table,
-        tunnel_interface=settings.tunnel.interface,
-        fwmark=settings.tunnel.fwmark,
-        allow_lan=settings.lock.allow_lan,
-        lan_ranges=tuple(settings.lock.lan_ranges),
-        inbound_tcp=tuple(settings.lock.inbound_tcp),
-        tunnel_inbound=frozenset(
-            [("tcp", p) for p in settings.lock.tunnel_inbound_tcp]
-            + [("udp", p) for p in settings.lock.tunnel_inbound_udp]
-        ),
-    ).with_servers(chosen)

@@ -14,7 +14,7 @@ from supervisor.config import load_config
 from supervisor.lab.probes import describe
 from supervisor.lab.topology import INTERNET_V4, INTERNET_V6, ISP_V4, LAN_HOST_V4, TUNNEL_SERVER_V4, sh
 from supervisor.lab.tunnel import hand_tunnel
-from supervisor.lock.policy import policy_from_config
+from supervisor.lock.configured import policy_from_config
 
 pytestmark = pytest.mark.lab
 

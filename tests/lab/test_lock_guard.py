@@ -14,8 +14,8 @@ from supervisor.config import load_config
 from supervisor.lab.probes import describe
 from supervisor.lab.topology import INTERNET_V4, sh
 from supervisor.lock import nft
+from supervisor.lock.configured import policy_from_config
 from supervisor.lock.guard import LockGuard
-from supervisor.lock.policy import policy_from_config
 
 pytestmark = pytest.mark.lab
 

@@ -22,7 +22,7 @@ from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.probes import describe
 from supervisor.lab.topology import INTERNET_V4, INTERNET_V6, ISP_V6, LAN_HOST_V4, sh
 from supervisor.lock import nft
-from supervisor.lock.policy import policy_from_config
+from supervisor.lock.configured import policy_from_config
 from supervisor.servers import Endpoint
 
 from .test_lock import tunlock_in_client

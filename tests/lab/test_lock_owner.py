@@ -21,9 +21,10 @@ from supervisor.config import load_config
 from supervisor.lab import faults
 from supervisor.lab.probes import describe
 from supervisor.lock import nft
+from supervisor.lock.configured import policy_from_config
 from supervisor.lock.guard import LockGuard
 from supervisor.lock.owner import OwningContext
-from supervisor.lock.policy import LockPolicy, policy_from_config
+from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import owned_table
 from tests.lab.conftest import LabUnderTest
 
