@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
@@ -40,22 +40,19 @@ from supervisor import __version__, plugins
 from supervisor.config import Config, key_lines, load_config
 from supervisor.control import server as control_server
 from supervisor.control.client import request as control_request
+from supervisor.control.commands import ControlCommands
 from supervisor.control.socket_path import config_problem as control_socket_problem
 from supervisor.errors import ConfigError, Problem, TunlockError
 from supervisor.health import IcmpProber
-from supervisor.lock import nft
 from supervisor.lock.configured import policy_from_config
-from supervisor.lock.guard import LockGuard
-from supervisor.lock.owner import OwnerUnavailable, OwningContext
-from supervisor.lock.policy import LockPolicy
-from supervisor.lock.render import owned_table
+from supervisor.lock.guarded import GuardedLock
 from supervisor.log import get_logger
 from supervisor.machine import events as ev
 from supervisor.machine.settings import Settings
 from supervisor.machine.states import Machine
 from supervisor.net import monitor
 from supervisor.plugins import PluginHost
-from supervisor.runtime import LockFailed, Runtime, Status
+from supervisor.runtime import Inbox, LockFailed, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
 from supervisor.servers import Server
 from supervisor.systemd.notify import Notifier
@@ -68,7 +65,6 @@ ADOPT_TIMEOUT_S = 15.0
 PATHS_TIMEOUT_S = 5.0
 RELOAD_READ_TIMEOUT_S = 30.0
 STUCK_THREAD_GRACE_S = 1.0
-LOCK_CLOSE_TIMEOUT_S = 15.0
 # Settings that name things already built (the interface, the table, the socket): changing
 # them needs a restart, so a reload that changes them is refused as a whole.
 RESTART_ONLY = (
@@ -119,114 +115,6 @@ def probe_target(config: Config) -> Callable[[Server], IPv4Address | IPv6Address
     return for_server
 
 
-class GuardedLock:
-    """The lock as the runtime drives it: the guard applies and swaps, and watches between.
-
-    While the daemon runs, the lock is also held in an owned twin table that no other program
-    can flush or delete (supervisor/lock/owner.py), when the kernel and nft here allow it; the
-    first apply finds out and says so once, either way.
-    """
-
-    def __init__(self, base: LockPolicy, task_group: anyio.abc.TaskGroup, runtime_post) -> None:
-        self.base = base
-        self.servers: tuple[Server, ...] = ()
-        self.guard = LockGuard(base, self._tampered)
-        self._task_group = task_group
-        self._post = runtime_post
-        self._watch: anyio.CancelScope | None = None
-        # Ports plugins asked the tunnel to accept (a forwarded port): kept across whole applies.
-        self.tunnel_inbound: frozenset[tuple[str, int]] = frozenset()
-        self._owner_checked = False
-        self._removed = False
-
-    def _policy(self, servers: tuple[Server, ...]) -> LockPolicy:
-        return self.base.with_servers(servers).with_tunnel_inbound(self.tunnel_inbound)
-
-    async def _tampered(self, reason: str) -> None:
-        await self._post(lambda now: ev.LockTampered(now, reason))
-
-    async def _open_owner(self) -> None:
-        self._owner_checked = True
-        table = self.base.table
-        try:
-            self.guard.owner = await anyio.to_thread.run_sync(OwningContext.open, table)
-        except OwnerUnavailable as err:
-            log.warning(
-                "the nf_tables owner flag is not available here: the lock is the ordinary table and its "
-                "guard alone, so another program's `nft flush ruleset` opens it until the guard restores "
-                "it (~50 ms)",
-                reason=str(err),
-            )
-            return
-        log.info("the lock is held twice while running", table=table, owned_table=owned_table(table))
-
-    async def apply(self, servers: tuple[Server, ...]) -> None:
-        if not self._owner_checked:
-            await self._open_owner()
-        self._removed = False
-        self.servers = servers
-        await self.guard.apply(self._policy(servers))
-        if self._watch is None:
-            await self._task_group.start(self._guard)
-
-    async def _guard(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        with anyio.CancelScope() as self._watch:
-            await self.guard.watch(task_status=task_status)
-
-    async def set_servers(self, servers: tuple[Server, ...]) -> None:
-        policy = self._policy(servers)
-        if policy.tunnel_dns != self.guard.policy.tunnel_dns:
-            await self.guard.apply(policy)  # another resolver too: the whole table at once
-        else:
-            await self.guard.swap_endpoints(policy)
-        self.servers = servers
-
-    async def rebase(self, base: LockPolicy, servers: Mapping[str, Server]) -> None:
-        """A reload: the policy around the endpoints (LAN, ports) and the servers as now read.
-        The lock keeps letting through the servers it did that are still configured (the
-        machine moves off a dropped one next), and is re-applied only where it differs."""
-        self.base = base
-        self.servers = tuple(servers[s.name] for s in self.servers if s.name in servers)
-        if self._policy(self.servers) != self.guard.policy:
-            await self.apply(self.servers)
-
-    async def set_tunnel_inbound(self, pairs: frozenset[tuple[str, int]]) -> None:
-        """What a plugin may change: the ports accepted through the tunnel (element swap)."""
-        self.tunnel_inbound = pairs
-        await self.guard.swap_tunnel_inbound(self._policy(self.servers))
-
-    async def remove(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()  # or the guard would put it straight back
-        owner = self.guard.owner
-        if owner is not None:
-            await anyio.to_thread.run_sync(owner.remove, self.base.table)  # both tables, one transaction
-        else:
-            await anyio.to_thread.run_sync(nft.remove, self.base.table)
-        self._removed = True
-
-    async def close(self) -> None:
-        """At exit: the owned twin goes with the context. Unless the lock was removed, the
-        ordinary table is put in place first, so that a flush just before the end cannot leave
-        the host open."""
-        if self._watch is not None:
-            self._watch.cancel()
-        owner, self.guard.owner = self.guard.owner, None
-        if owner is None:
-            return
-        try:
-            if not self._removed:
-                with anyio.fail_after(LOCK_CLOSE_TIMEOUT_S):
-                    await anyio.to_thread.run_sync(nft.apply, self.guard.policy)
-        except Exception as err:  # exiting anyway: say so, the ordinary table is as it was
-            log.error("could not re-apply the lock at exit", error=str(err))
-        finally:
-            await anyio.to_thread.run_sync(owner.close)
-
-    async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
-        return await self.guard.state()
-
-
 async def serve(config: Config) -> int:
     """Run the daemon until stopped; the exit status."""
     ensure_safe_to_lock()
@@ -234,22 +122,24 @@ async def serve(config: Config) -> int:
     settings = config.settings
     servers = {server.name: server for server in config.servers}
     tunnel_settings = TunnelSettings.from_config(settings)
-    runtime_ref: list[Runtime] = []
     notifier = Notifier.from_environ()
     first_status = anyio.Event()
+    # The machine's queue, made first: the tunnel backend and the lock guard report into it from
+    # the moment they exist, and the runtime takes what waits there once it runs.
+    inbox = Inbox()
 
     def published(status: Status) -> None:
         notifier.status(status.state, status.server, status.reason)
         first_status.set()
 
     async def backend_event(event: wg.BackendEvent) -> None:
-        if not runtime_ref:
-            return
-        runtime = runtime_ref[0]
         if isinstance(event, wg.BackendDied):
-            await runtime.post(lambda now: ev.BackendDown(now, event.reason))
+            await inbox.post(lambda now: ev.BackendDown(now, event.reason))
         elif isinstance(event, wg.BackendRestarted):
-            await runtime.post(lambda now: ev.BackendUp(now))
+            await inbox.post(lambda now: ev.BackendUp(now))
+
+    async def lock_tampered(reason: str) -> None:
+        await inbox.post(lambda now: ev.LockTampered(now, reason))
 
     async with (
         anyio.create_task_group() as tg,
@@ -258,8 +148,7 @@ async def serve(config: Config) -> int:
     ):
         with anyio.fail_after(ADOPT_TIMEOUT_S):
             adopted = await tunnel.adopt(config.servers)
-        runtime: Runtime
-        lock = GuardedLock(policy_from_config(config, servers=()), tg, lambda make: runtime.post(make))
+        lock = GuardedLock(policy_from_config(config, servers=()), tg, lock_tampered)
         runtime = Runtime(
             Machine.initial(machine_settings(config)),
             servers,
@@ -268,13 +157,13 @@ async def serve(config: Config) -> int:
             prober,
             ifname=tunnel.ifname,
             probe_target=probe_target(config),
+            inbox=inbox,
             on_publish=published,
         )
         host = _plugin_host(config, lock, runtime)
         if host is not None:
             runtime.subscribe(host.publish)
         runtime.status.backend = tunnel.backend.kind
-        runtime_ref.append(runtime)
 
         async def paths(observation: monitor.Observation) -> None:
             if isinstance(observation, monitor.TunnelLinkGone):
@@ -292,21 +181,7 @@ async def serve(config: Config) -> int:
         await runtime.post(
             lambda now: ev.Start(now, int.from_bytes(os.urandom(8), "big"), adopted.name if adopted else None)
         )
-
-        async def control(request: dict) -> dict:
-            command = request.get("command")
-            if command == "status":
-                await runtime.refresh_lock_status()
-                return runtime.status.as_json()
-            if command == "rotate":
-                await runtime.post(lambda now: ev.RotateRequested(now))
-                return {"ok": True}
-            if command == "reconnect":
-                await runtime.post(lambda now: ev.ReconnectRequested(now))
-                return {"ok": True}
-            return {"ok": False, "error": f"unknown command {command!r} (status, rotate, reconnect)"}
-
-        await tg.start(control_server.serve, settings.control.socket, control)
+        await tg.start(control_server.serve, settings.control.socket, ControlCommands(runtime))
         if settings.metrics.address is not None:
             await tg.start(_serve_metrics, config, runtime, lock)
         if host is not None:
@@ -354,7 +229,7 @@ async def _serve_metrics(
             entered=dict(runtime.status.entered),
             failures=dict(runtime.status.failures),
             lock_counters=dict(runtime.status.lock_counters),
-            lock_restores=lock.guard.restores,
+            lock_restores=lock.restores,
         )
 
     address = config.settings.metrics.address

@@ -156,6 +156,23 @@ class TimerDue:
 Item = ev.Event | TimerDue
 
 
+class Inbox:
+    """The one stream every event reaches the machine through, and the clock that stamps them.
+
+    Made before the runtime, so that the adapters the runtime drives can report into it from
+    the moment they exist: the tunnel backend (a wireguard-go that died), the lock guard (a
+    table restored after tampering). What they post waits here until the runtime runs.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.send, self.receive = anyio.create_memory_object_stream[Item](max_buffer_size=1024)
+
+    async def post(self, make: Callable[[float], ev.Event]) -> None:
+        """Queue an event, stamped now: ``await inbox.post(lambda now: ev.Stop(now))``."""
+        await self.send.send(make(self.clock()))
+
+
 class Runtime:
     """One machine, its event stream, and the adapters its actions drive."""
 
@@ -169,9 +186,17 @@ class Runtime:
         *,
         ifname: str,
         probe_target: Callable[[Server], IPv4Address | IPv6Address | None],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
+        inbox: Inbox | None = None,
         on_publish: Callable[[Status], None] | None = None,
     ) -> None:
+        """``inbox``: where events queue (made beforehand when adapters report into it), else a
+        new one on ``clock`` (default ``time.monotonic``); give one or the other, not both."""
+        if inbox is None:
+            inbox = Inbox(clock or time.monotonic)
+        elif clock is not None:
+            raise TypeError("give the clock to the inbox: the runtime stamps with the inbox's clock")
+        self.inbox = inbox
         self.machine = machine
         self.servers = dict(servers)
         self.lock = lock
@@ -179,10 +204,10 @@ class Runtime:
         self.prober = prober
         self.ifname = ifname
         self.probe_target = probe_target
-        self.clock = clock
+        self.clock = inbox.clock
         self.status = Status()
         self._subscribers: list[Callable[[Status], None]] = [on_publish] if on_publish else []
-        self._send, self._receive = anyio.create_memory_object_stream[Item](max_buffer_size=1024)
+        self._send, self._receive = inbox.send, inbox.receive
         self._timers: dict[ev.Timer, tuple[int, anyio.CancelScope]] = {}
         self._generation = 0
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -206,7 +231,7 @@ class Runtime:
 
     async def post(self, make: Callable[[float], ev.Event]) -> None:
         """Queue an event, stamped now: ``await runtime.post(lambda now: ev.Stop(now))``."""
-        await self._send.send(make(self.clock()))
+        await self.inbox.post(make)
 
     # --- the loop ---------------------------------------------------------------------------
 
