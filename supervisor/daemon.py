@@ -79,6 +79,15 @@ RESTART_ONLY = (
 )
 
 
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The settings of ``RESTART_ONLY`` that differ between ``old`` and ``new`` ("lock.table")."""
+    return [
+        f"{section}.{name}"
+        for section, name in RESTART_ONLY
+        if getattr(getattr(new.settings, section), name) != getattr(getattr(old.settings, section), name)
+    ]
+
+
 def machine_settings(config: Config) -> Settings:
     s = config.settings
     return Settings(
@@ -377,11 +386,7 @@ async def _reload(
     except TimeoutError:
         log.error(f"reload refused: reading the configuration took over {RELOAD_READ_TIMEOUT_S:g} s")
         return config
-    changed = [
-        ".".join(key)
-        for key in RESTART_ONLY
-        if getattr(getattr(new.settings, key[0]), key[1]) != getattr(getattr(config.settings, key[0]), key[1])
-    ]
+    changed = restart_only_changes(config, new)
     if changed:
         log.error("reload refused: these settings need a restart", settings=changed)
         return config
