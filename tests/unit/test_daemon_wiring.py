@@ -207,3 +207,73 @@ def test_a_reload_of_a_broken_file_keeps_the_running_configuration(write_config,
     [refused] = [entry for entry in logs if entry["log_level"] == "error"]
     assert refused["event"] == "reload refused: the configuration has errors"
     assert any("rotation.cooldown_s" in problem for problem in refused["problems"])
+
+
+# --- run_daemon's exit status ------------------------------------------------------------------
+
+
+@pytest.fixture
+def quiet_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_daemon tunes glibc's allocator for a long-running daemon: not for the test runner."""
+    monkeypatch.setattr(daemon, "_fix_allocator_thresholds", lambda: None)
+
+
+def serving(outcome: BaseException | int) -> Callable[[Config], Any]:
+    async def serve(config: Config) -> int:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    return serve
+
+
+FAILED = "tunlock failed; the lock stays as it is"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code", "said"),
+    [
+        (0, 0, None),
+        (
+            daemon.LockFailed("could not install the lock: nft exited 1"),
+            1,
+            FAILED,
+        ),
+        (
+            BaseExceptionGroup("task group", [ExceptionGroup("inner", [daemon.TunlockError("no nft")])]),
+            1,
+            FAILED,
+        ),
+        (RuntimeError("a bug"), 1, "tunlock crashed; the lock stays as it is"),
+        (BaseExceptionGroup("task group", [KeyboardInterrupt()]), 130, None),
+    ],
+)
+def test_the_exit_status_says_how_the_daemon_ended(
+    write_config,
+    tmp_path,
+    monkeypatch,
+    quiet_process,
+    outcome: BaseException | int,
+    code: int,
+    said: str | None,
+) -> None:
+    config = load_config(write_config(f'[control]\nsocket = "{tmp_path}/control.sock"\n'), {})
+    monkeypatch.setattr(daemon, "serve", serving(outcome))
+    with structlog.testing.capture_logs() as logs:
+        assert daemon.run_daemon(config) == code
+    errors = [entry["event"] for entry in logs if entry["log_level"] == "error"]
+    assert errors == ([said] if said else [])
+
+
+def test_a_control_socket_path_that_cannot_be_used_ends_it_as_a_configuration_error(
+    write_config, tmp_path, monkeypatch, quiet_process
+) -> None:
+    taken = tmp_path / "control.sock"
+    taken.write_text("not a socket")
+    config = load_config(write_config(f'[control]\nsocket = "{taken}"\n'), {})
+    monkeypatch.setattr(daemon, "serve", serving(AssertionError("must not start")))
+    with structlog.testing.capture_logs() as logs:
+        assert daemon.run_daemon(config) == 2
+    [refused] = [entry for entry in logs if entry["log_level"] == "error"]
+    assert refused["event"] == "tunlock cannot start: the configuration has errors"
+    assert str(taken) in refused["problems"][0]
