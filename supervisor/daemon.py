@@ -2,8 +2,10 @@
 
 Order at start, so that nothing leaves before the lock is in force:
 
-1. open the tunnel backend and *adopt* a tunnel left running by an earlier daemon (read only);
-2. start the path monitor (read only): its first report is queued before anything else;
+1. make the runtime's inbox (its event queue), then open the tunnel backend and *adopt* a tunnel
+   left running by an earlier daemon (read only); a backend report (wireguard-go died) from now
+   on waits in the inbox, and before ``Start`` the machine only records it for the status;
+2. start the path monitor (read only): its first report is queued before ``Start``;
 3. ``Start`` → the machine's first action installs the whole lock, letting through at most the
    adopted tunnel's server, and only then configures a peer; the lock guard starts watching;
 4. the control socket and the signal handlers.
