@@ -361,5 +361,6 @@ def test_with_the_owner_flag_the_lock_is_held_twice_and_said_once() -> None:
         said = [entry for entry in logs if entry["event"] == "the lock is held twice while running"]
         assert len(said) == 1 and said[0]["owned_table"] != said[0]["table"]
         assert isinstance(lock.guard.owner, FakeOwner)
+        assert await lock.state() == (True, True, True, {})  # the guard's reading, owned twin held
 
     run(scenario)
