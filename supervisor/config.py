@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supervisor.errors import ConfigError, Problem
-from supervisor.servers import Endpoint, Server
+from supervisor.servers import Endpoint, Server, network_within
 from supervisor.wgquick import FileProblem, load_servers, parse_endpoint, read_text, shown_name
 
 ENV_PREFIX = "TUNLOCK_"
@@ -154,7 +154,7 @@ class LockSection(_Section):
     @classmethod
     def _lan_only(cls, value: list[IPv4Network | IPv6Network]) -> list[IPv4Network | IPv6Network]:
         for net in value:
-            if not any(net.version == b.version and net.subnet_of(b) for b in LAN_BLOCKS):  # type: ignore[arg-type]
+            if not any(network_within(net, block) for block in LAN_BLOCKS):
                 raise ValueError(
                     f"{net} is not a LAN range: a LAN range lies inside a private, link-local, "
                     "unique-local, scoped multicast or documentation block "

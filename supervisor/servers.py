@@ -16,6 +16,15 @@ IPInterface = IPv4Interface | IPv6Interface
 IPNetwork = IPv4Network | IPv6Network
 
 
+def network_within(inner: IPNetwork, outer: IPNetwork) -> bool:
+    """Whether ``inner`` lies inside ``outer``; never across IP versions (where ipaddress raises)."""
+    if isinstance(inner, IPv4Network) and isinstance(outer, IPv4Network):
+        return inner.subnet_of(outer)
+    if isinstance(inner, IPv6Network) and isinstance(outer, IPv6Network):
+        return inner.subnet_of(outer)
+    return False
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """A server's UDP endpoint: always a literal IP (a hostname would need DNS outside the tunnel)."""

@@ -79,7 +79,7 @@ from dataclasses import replace
 from ipaddress import ip_network
 
 from supervisor.lock.policy import LockPolicy
-from supervisor.servers import Endpoint, IPNetwork
+from supervisor.servers import Endpoint, IPNetwork, network_within
 
 # Named counters, read back by `tunlock lock status` and the metrics.
 COUNTERS = ("blocked_out", "blocked_in", "blocked_forward", "blocked_dns")
@@ -118,15 +118,15 @@ def onlink_lan(ranges: Iterable[IPNetwork], onlink: Iterable[IPNetwork]) -> tupl
     onlink = tuple(onlink)
     out: set[IPNetwork] = set()
     for lan in ranges:
-        if any(lan.version == s.version and lan.subnet_of(s) for s in LINK_SCOPED):  # type: ignore[arg-type]
+        if any(network_within(lan, scoped) for scoped in LINK_SCOPED):
             out.add(lan)
             continue
         for subnet in onlink:
             if subnet.version != lan.version:
                 continue
-            if subnet.subnet_of(lan):  # type: ignore[arg-type]
+            if network_within(subnet, lan):
                 out.add(subnet)
-            elif lan.subnet_of(subnet):  # type: ignore[arg-type]
+            elif network_within(lan, subnet):
                 out.add(lan)
     return widest(out)
 
@@ -134,11 +134,7 @@ def onlink_lan(ranges: Iterable[IPNetwork], onlink: Iterable[IPNetwork]) -> tupl
 def widest(networks: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
     """The networks without those nested in another (an interval set refuses overlaps)."""
     kept = sorted(set(networks), key=lambda n: (n.version, n.prefixlen, int(n.network_address)))
-    return tuple(
-        n
-        for i, n in enumerate(kept)
-        if not any(k.version == n.version and n.subnet_of(k) for k in kept[:i])  # type: ignore[arg-type]
-    )
+    return tuple(n for i, n in enumerate(kept) if not any(network_within(n, k) for k in kept[:i]))
 
 
 def _quote(name: str) -> str:

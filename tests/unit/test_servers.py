@@ -9,7 +9,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 
 from supervisor.errors import ConfigError
-from supervisor.servers import Endpoint
+from supervisor.servers import Endpoint, network_within
 from supervisor.wgquick import load_server, parse_endpoint, read_server
 
 from .samples import PRESHARED_KEY, PRIVATE_KEY, PUBLIC_KEY, VALID_SERVER
@@ -225,3 +225,17 @@ def test_the_plain_data_does_not_import_the_reader():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("inner", "outer", "within"),
+    [
+        ("10.1.2.0/24", "10.0.0.0/8", True),
+        ("10.0.0.0/8", "10.1.2.0/24", False),
+        ("fd00:1::/64", "fd00::/8", True),
+        ("10.0.0.0/8", "::/0", False),  # across versions: no, where ipaddress would raise
+        ("fe80::/10", "0.0.0.0/0", False),
+    ],
+)
+def test_network_within(inner: str, outer: str, within: bool) -> None:
+    assert network_within(ip_network(inner), ip_network(outer)) is within
