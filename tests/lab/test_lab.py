@@ -9,7 +9,7 @@ import pytest
 from supervisor.lab import faults
 from supervisor.lab.probes import ContinuousPing, Observer, Probes, describe
 from supervisor.lab.topology import INTERNET_V4, Lab, process_alive, sh
-from supervisor.lab.tunnel import FWMARK, hand_tunnel
+from tests.lab.hand_tunnel import FWMARK, hand_tunnel
 
 pytestmark = pytest.mark.lab
 

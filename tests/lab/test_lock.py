@@ -13,8 +13,8 @@ import pytest
 from supervisor.config import load_config
 from supervisor.lab.probes import describe
 from supervisor.lab.topology import INTERNET_V4, INTERNET_V6, ISP_V4, LAN_HOST_V4, TUNNEL_SERVER_V4, sh
-from supervisor.lab.tunnel import hand_tunnel
 from supervisor.lock.configured import policy_from_config
+from tests.lab.hand_tunnel import hand_tunnel
 
 pytestmark = pytest.mark.lab
 
