@@ -8,13 +8,18 @@ the lab (a fault, a lock) restores it or asks for its own lab.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 
+from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.probes import Observer, Probes
 from supervisor.lab.topology import Lab, labs, sh, sweep_stale
 from supervisor.safety import LAB_NETNS_PREFIX, NETNS_DIR
+
+# Every wait of the lab's daemon and observer is multiplied by this: the VM tier (tests/vm/guest)
+# sets 6, as under software emulation starting Python alone takes seconds.
+TIME_SCALE = float(os.environ.get("TUNLOCK_TEST_TIME_SCALE", "1"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -28,10 +33,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 class LabUnderTest:
     """A lab with its observer and probes, as tests use it."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, time_scale: float = TIME_SCALE) -> None:
         self.lab = lab
-        self.observer = Observer.start(lab)
+        self.time_scale = time_scale
+        self.observer = Observer.start(lab, time_scale=time_scale)
         self.probes = Probes(lab)
+
+    def daemon(self, env: Mapping[str, str] | None = None, config: str | None = None) -> LabDaemon:
+        """A ``tunlock run`` for this lab (not started yet), its waits scaled like the observer's."""
+        return LabDaemon(self.lab, env=env, config=config, time_scale=self.time_scale)
 
 
 def lab_under_test(servers: int = 3) -> Iterator[LabUnderTest]:

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import pytest
 
 from supervisor.lab import faults
-from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.probes import describe
 from supervisor.lab.topology import LabError
 from supervisor.lock.render import owned_table
@@ -47,7 +46,7 @@ def owned_and_restored(status: dict) -> bool:
 
 
 def test_flush_while_running_leaks_nothing_and_the_twin_is_nobody_elses(lab: LabUnderTest) -> None:
-    with LabDaemon(lab.lab) as daemon:
+    with lab.daemon() as daemon:
         status = daemon.start()
         assert owned_and_restored(status)
         assert any("the lock is held twice while running" in line for line in daemon.log_events())
@@ -78,7 +77,7 @@ def test_flush_while_running_leaks_nothing_and_the_twin_is_nobody_elses(lab: Lab
 
 
 def test_sigkilled_daemon_takes_the_twin_and_leaves_the_ordinary_table(lab: LabUnderTest) -> None:
-    daemon = LabDaemon(lab.lab)
+    daemon = lab.daemon()
     try:
         assert owned_and_restored(daemon.start())
         mark = lab.observer.mark()

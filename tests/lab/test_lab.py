@@ -163,7 +163,7 @@ def test_kill_server(lab):
 
 def test_two_labs_side_by_side_do_not_interfere(lab):
     with Lab.up(servers=1) as other:
-        other_observer = Observer.start(other)
+        other_observer = Observer.start(other, time_scale=lab.time_scale)
         mark_here, mark_there = lab.observer.mark(), other_observer.mark()
         assert Probes(other).ping(INTERNET_V4)
         here, there = lab.observer.leaks(since=mark_here), other_observer.leaks(since=mark_there)

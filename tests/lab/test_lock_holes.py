@@ -93,7 +93,7 @@ def test_link_upkeep_carries_no_data_off_the_link_with_the_lock_alone(locked):
 
 
 def test_link_upkeep_carries_no_data_off_the_link_with_the_daemon_connected(lab):
-    with LabDaemon(lab.lab) as daemon:
+    with lab.daemon() as daemon:
         daemon.start()
         leaks = _smuggle_and_count(lab)
     tunlock_in_client(lab, "lock", "remove", "--yes", "--config", str(lab.lab.config_path))
@@ -226,7 +226,7 @@ def test_a_public_or_default_lan_range_is_refused_and_the_lock_left_alone(locked
 
 def test_lock_remove_refuses_while_the_daemon_runs(lab):
     config = str(lab.lab.config_path)
-    with LabDaemon(lab.lab) as daemon:
+    with lab.daemon() as daemon:
         daemon.start()
         mark = lab.observer.mark()
         pinger = lab.lab.spawn(
@@ -247,7 +247,7 @@ def test_lock_remove_refuses_while_the_daemon_runs(lab):
 
 def test_lock_remove_goes_ahead_when_the_daemon_left_a_stale_socket(lab):
     config = str(lab.lab.config_path)
-    with LabDaemon(lab.lab) as daemon:
+    with lab.daemon() as daemon:
         daemon.start()
         daemon.kill()  # a crash leaves the socket file behind, nobody listening
     assert (lab.lab.dir / "control.sock").exists()
@@ -343,7 +343,7 @@ def test_the_daemon_follows_on_link_subnets_as_they_come_and_go(lab):
     client, isp = lab.lab.ns("client"), lab.lab.ns("isp")
     sh("ip", "-n", isp, "addr", "add", "10.9.9.9/24", "dev", "cl0")
     try:
-        with LabDaemon(lab.lab, env=LAN_ENV) as daemon:
+        with lab.daemon(env=LAN_ENV) as daemon:
             daemon.start()
             mark = lab.observer.mark()
             before = lab.probes.ping("10.9.9.9", interface="wan0")

@@ -32,7 +32,7 @@ def lab() -> Iterator[LabUnderTest]:
 @pytest.fixture
 def daemon(lab: LabUnderTest) -> Iterator[LabDaemon]:
     """The daemon with the default timings: the 4 s connect limit is what the soak ran into."""
-    running = LabDaemon(lab.lab)
+    running = lab.daemon()
     try:
         yield running
     finally:
