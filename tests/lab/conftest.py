@@ -1,14 +1,23 @@
-"""The lab fixture every lab test uses, and the check that nothing of ours survives.
+"""The lab fixtures every lab test uses, and the check that nothing of ours survives.
 
 Lab tests need root (namespaces, nftables); they are skipped with the reason
 otherwise. One lab per test module keeps the suite fast; a test that changes
-the lab (a fault, a lock) restores it or asks for its own lab.
+the lab (a fault, a lock) restores it, or its module asks for a lab per test.
+
+A module says which lab its tests get with arguments to its ``lab`` marker, all optional::
+
+    pytestmark = pytest.mark.lab(servers=1, per_test=True, daemon_env={"TUNLOCK_...": "2"})
+
+``servers`` (3): the lab's VPN servers; ``per_test`` (False): a lab of each test's own instead
+of one for the module, for tests that break it on purpose; ``daemon_env`` (none): the
+environment overrides of the ``daemon`` fixture's ``tunlock run``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -53,9 +62,54 @@ def lab_under_test(servers: int = 3) -> Iterator[LabUnderTest]:
         built.down()
 
 
+@dataclass(frozen=True)
+class LabSetup:
+    """What a module's ``lab`` marker asks for (see the module docstring)."""
+
+    servers: int = 3
+    per_test: bool = False
+    daemon_env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, node: pytest.Item | pytest.Collector) -> LabSetup:
+        """The closest ``lab`` marker's arguments: the test's own, else its module's."""
+        marker = node.get_closest_marker("lab")
+        if marker is None:
+            return cls()
+        if marker.args:
+            raise pytest.UsageError(f"{node.nodeid}: the lab marker takes keyword arguments only")
+        try:
+            return cls(**marker.kwargs)
+        except TypeError as e:
+            raise pytest.UsageError(f"{node.nodeid}: lab marker: {e}") from None
+
+
 @pytest.fixture(scope="module")
-def lab() -> Iterator[LabUnderTest]:
-    yield from lab_under_test()
+def module_lab(request: pytest.FixtureRequest) -> Iterator[LabUnderTest]:
+    """The lab every test of a module shares (built on first use, removed after the module)."""
+    yield from lab_under_test(LabSetup.of(request.node).servers)
+
+
+@pytest.fixture
+def lab(request: pytest.FixtureRequest) -> Iterator[LabUnderTest]:
+    """The test's lab: the module's shared one, or one of its own where the module says
+    ``per_test=True``."""
+    setup = LabSetup.of(request.node)
+    if setup.per_test:
+        yield from lab_under_test(setup.servers)
+    else:
+        yield request.getfixturevalue("module_lab")
+
+
+@pytest.fixture
+def daemon(request: pytest.FixtureRequest, lab: LabUnderTest) -> Iterator[LabDaemon]:
+    """A ``tunlock run`` in the test's lab with the marker's ``daemon_env``: not started (the
+    test starts it, and may wait for another state than ``connected``), stopped after the test."""
+    running = lab.daemon(env=LabSetup.of(request.node).daemon_env)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -14,16 +14,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.probes import ContinuousPing, describe
-from tests.lab.conftest import LabUnderTest, lab_under_test
-
-pytestmark = pytest.mark.lab
+from tests.lab.conftest import LabUnderTest
 
 # Short limits so that the tests wait seconds, not minutes, where every server is down.
 QUICK = {
@@ -32,20 +29,9 @@ QUICK = {
     "TUNLOCK_ROTATION_BACKOFF_MAX_S": "4",
 }
 
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    """A lab of the test's own (the module-wide one would not survive these faults)."""
-    yield from lab_under_test()
-
-
-@pytest.fixture
-def daemon(lab: LabUnderTest) -> Iterator[LabDaemon]:
-    running = lab.daemon(env=QUICK)
-    try:
-        yield running
-    finally:
-        running.stop()
+# A lab of each test's own (a module-wide one would not survive these faults); the `daemon`
+# fixture runs with the QUICK limits.
+pytestmark = pytest.mark.lab(per_test=True, daemon_env=QUICK)
 
 
 def assert_no_leaks(lab: LabUnderTest, mark: int) -> None:

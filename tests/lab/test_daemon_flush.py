@@ -10,7 +10,6 @@ ordinary table stays.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,18 +17,13 @@ from supervisor.lab import faults
 from supervisor.lab.probes import describe
 from supervisor.lab.topology import LabError
 from supervisor.lock.render import owned_table
-from tests.lab.conftest import LabUnderTest, lab_under_test
+from tests.lab.conftest import LabUnderTest
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.lab(servers=1, per_test=True)
 
 OWNED = owned_table("tunlock")
 # Flushes per test; the VM tier (software emulation, each probe seconds) runs fewer.
 FLUSHES = int(os.environ.get("TUNLOCK_TEST_FLUSHES", "5"))
-
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    yield from lab_under_test(servers=1)
 
 
 def tables(lab: LabUnderTest) -> str:

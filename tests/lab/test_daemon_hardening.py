@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,24 +24,10 @@ from hypothesis import strategies as st
 
 from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
-from tests.lab.conftest import LabUnderTest, lab_under_test
+from tests.lab.conftest import LabUnderTest
 from tests.lab.test_daemon import QUICK, assert_no_leaks, on, tunlock
 
-pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    yield from lab_under_test()
-
-
-@pytest.fixture
-def daemon(lab: LabUnderTest) -> Iterator[LabDaemon]:
-    running = lab.daemon(env=QUICK)
-    try:
-        yield running
-    finally:
-        running.stop()
+pytestmark = pytest.mark.lab(per_test=True, daemon_env=QUICK)
 
 
 def tunlock_with(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -19,14 +19,9 @@ from pathlib import Path
 import pytest
 
 from supervisor.control.client import request
-from tests.lab.conftest import LabUnderTest, lab_under_test
+from tests.lab.conftest import LabUnderTest
 
-pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    yield from lab_under_test(servers=1)
+pytestmark = pytest.mark.lab(servers=1, per_test=True)
 
 
 @pytest.fixture

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from supervisor.lab import faults
 from supervisor.lab.topology import CLIENT_V4
-from tests.lab.conftest import LabUnderTest, lab_under_test
+from tests.lab.conftest import LabUnderTest
 from tests.lab.seedbox import (
     GATEWAY,
     QUICK,
@@ -31,12 +30,7 @@ from tests.lab.seedbox import (
     write_config,
 )
 
-pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    yield from lab_under_test(servers=2)
+pytestmark = pytest.mark.lab(servers=2, per_test=True)
 
 
 def assert_no_leaks(lab: LabUnderTest, mark: int) -> None:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import textwrap
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from supervisor.lab import faults
-from tests.lab.conftest import LabUnderTest, lab_under_test
+from tests.lab.conftest import LabUnderTest
 from tests.lab.seedbox import QUICK, connect, listen, set_gateway, start_gateways, wait_until, write_config
 from tests.lab.torrent_clients import QBT_PASSWORD as QBT_SECRET
 from tests.lab.torrent_clients import (
@@ -32,12 +31,7 @@ from tests.lab.torrent_clients import (
     write_secret,
 )
 
-pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    yield from lab_under_test(servers=2)
+pytestmark = pytest.mark.lab(servers=2, per_test=True)
 
 
 CLIENTS = {
