@@ -16,6 +16,8 @@ environment overrides of the ``daemon`` fixture's ``tunlock run``.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -110,6 +112,40 @@ def daemon(request: pytest.FixtureRequest, lab: LabUnderTest) -> Iterator[LabDae
         yield running
     finally:
         running.stop()
+
+
+def tunlock_in_client(
+    lab: LabUnderTest, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the tunlock CLI inside the lab's client namespace, as a user would."""
+    settings = [f"{k}={v}" for k, v in (env or {}).items()]
+    return subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.lab.ns("client"),
+            "env",
+            "TUNLOCK_LAB_ONLY=1",
+            *settings,
+            sys.executable,
+            "-m",
+            "supervisor.cli",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def locked(lab: LabUnderTest) -> Iterator[LabUnderTest]:
+    """The lock applied by `tunlock lock apply` in a separate process that has exited."""
+    result = tunlock_in_client(lab, "lock", "apply", "--config", str(lab.lab.config_path))
+    assert result.returncode == 0, result.stderr
+    yield lab
+    tunlock_in_client(lab, "lock", "remove", "--yes", "--config", str(lab.lab.config_path))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -24,8 +24,7 @@ from supervisor.lab.topology import INTERNET_V4, INTERNET_V6, ISP_V6, LAN_HOST_V
 from supervisor.lock import nft
 from supervisor.lock.configured import policy_from_config
 from supervisor.servers import Endpoint
-
-from .test_lock import tunlock_in_client
+from tests.lab.conftest import tunlock_in_client
 
 pytestmark = pytest.mark.lab
 
@@ -77,14 +76,6 @@ def _smuggle_and_count(lab) -> list[dict]:
     mark = lab.observer.mark()
     _python_in(lab, "client", SMUGGLE)
     return lab.observer.leaks(since=mark)
-
-
-@pytest.fixture
-def locked(lab):
-    result = tunlock_in_client(lab, "lock", "apply", "--config", str(lab.lab.config_path))
-    assert result.returncode == 0, result.stderr
-    yield lab
-    tunlock_in_client(lab, "lock", "remove", "--yes", "--config", str(lab.lab.config_path))
 
 
 def test_link_upkeep_carries_no_data_off_the_link_with_the_lock_alone(locked):
