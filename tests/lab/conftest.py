@@ -99,8 +99,11 @@ def lab(request: pytest.FixtureRequest) -> Iterator[LabUnderTest]:
     setup = LabSetup.of(request.node)
     if setup.per_test:
         yield from lab_under_test(setup.servers)
-    else:
-        yield request.getfixturevalue("module_lab")
+        return
+    shared = LabSetup.of(request.node.getparent(pytest.Module) or request.node)
+    if setup.servers != shared.servers:  # a test's own marker cannot resize the module's lab
+        raise pytest.UsageError(f"{request.node.nodeid}: servers={setup.servers} needs per_test=True")
+    yield request.getfixturevalue("module_lab")
 
 
 @pytest.fixture
