@@ -1,6 +1,7 @@
 """The sidecar's start: time to the lock and to connected, and what an app started with it leaks.
 
-Run (root; builds the image like tests/container/run): .venv/bin/python bench/bench_container.py [RUNS]
+Run as root from the repository (it builds the image like tests/container/run):
+    PYTHONPATH=. .venv/bin/python bench/bench_container.py [RUNS]
 
 Each run builds a lab, creates the tunlock sidecar and an app container that shares its
 namespace and probes from its first moment (tests/container/app.py), starts both in one

@@ -6,7 +6,8 @@ ruleset` followed at once by every kind of probe: the guard alone (before issue 
 guard with the owned twin.
 
 Also the tunnel's throughput with and without the lock (goal: >= 98 %), iperf3 through
-wireguard-go in the lab. Run as root: .venv/bin/python bench/bench_lock.py [ENDPOINTS]
+wireguard-go in the lab, through the tests' hand-made tunnel (tests/lab/hand_tunnel.py). Run as
+root from the repository: PYTHONPATH=. .venv/bin/python bench/bench_lock.py [ENDPOINTS]
 The lock is applied inside a lab namespace, never on this machine itself.
 """
 
@@ -26,13 +27,13 @@ from supervisor.config import load_config
 from supervisor.lab import faults
 from supervisor.lab.probes import Observer, Probes
 from supervisor.lab.topology import Lab, sh
-from supervisor.lab.tunnel import hand_tunnel
 from supervisor.lock import nft
 from supervisor.lock.configured import policy_from_config
 from supervisor.lock.guard import LockGuard
 from supervisor.lock.owner import OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.servers import Endpoint
+from tests.lab.hand_tunnel import hand_tunnel
 
 
 def endpoints(count: int) -> frozenset[Endpoint]:

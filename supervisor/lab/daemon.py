@@ -21,17 +21,25 @@ from supervisor.lab.topology import Lab
 from supervisor.safety import LAB_ONLY_ENV
 
 POLL_S = 0.01
-# Every wait is multiplied by this: the VM tier runs under software emulation, where starting
-# Python alone takes seconds.
-TIME_SCALE = float(os.environ.get("TUNLOCK_TEST_TIME_SCALE", "1"))
 
 
 class LabDaemon:
-    """One ``tunlock run`` in a lab's client namespace."""
+    """One ``tunlock run`` in a lab's client namespace.
 
-    def __init__(self, lab: Lab, env: Mapping[str, str] | None = None, config: str | None = None) -> None:
+    ``time_scale`` multiplies every wait: a slower machine passes more than 1 (the tests' VM tier
+    runs under software emulation, where starting Python alone takes seconds).
+    """
+
+    def __init__(
+        self,
+        lab: Lab,
+        env: Mapping[str, str] | None = None,
+        config: str | None = None,
+        time_scale: float = 1.0,
+    ) -> None:
         self.lab = lab
         self.env = dict(env or {})
+        self.time_scale = time_scale
         self.config = config or str(lab.config_path)
         self.socket = lab.dir / "control.sock"
         self.process: subprocess.Popen | None = None
@@ -74,7 +82,7 @@ class LabDaemon:
         self, condition: Callable[[dict[str, Any]], bool], timeout: float = 20.0, what: str = "the condition"
     ) -> dict[str, Any]:
         """Poll the status until ``condition`` holds; on timeout say what was seen and the log's tail."""
-        timeout *= TIME_SCALE
+        timeout *= self.time_scale
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:

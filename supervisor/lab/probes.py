@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisor.lab.daemon import TIME_SCALE
 from supervisor.lab.observer import SYNC_ETHERTYPE
 from supervisor.lab.topology import (
     INTERNET_V4,
@@ -193,10 +192,11 @@ class Observer:
     lab: Lab
     record: Path
     pid: int = 0
+    time_scale: float = 1.0  # multiplies every wait, as LabDaemon's does
     _offset: int = field(default=0, repr=False)
 
     @classmethod
-    def start(cls, lab: Lab) -> Observer:
+    def start(cls, lab: Lab, time_scale: float = 1.0) -> Observer:
         record = lab.dir / "observer.jsonl"
         endpoints = [s.endpoint for s in lab.servers] + [f"[{s.endpoint_v6}]:51820" for s in lab.servers]
         proc = lab.spawn(
@@ -205,12 +205,12 @@ class Observer:
             "observer.log",
         )
         # Scaled like every lab wait: under the VM tier's emulation Python alone starts in seconds.
-        deadline = time.monotonic() + 10 * TIME_SCALE
+        deadline = time.monotonic() + 10 * time_scale
         while not (record.exists() and record.read_text()):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"the observer did not start (see {lab.dir}/observer.log)")
             time.sleep(0.01)
-        return cls(lab=lab, record=record, pid=proc.pid)
+        return cls(lab=lab, record=record, pid=proc.pid, time_scale=time_scale)
 
     def sync(self) -> None:
         """Return once every frame the client sent before this call has been recorded."""
@@ -226,10 +226,11 @@ class Observer:
                 sock.send(frame)
 
         Probes(self.lab)._in_client(send)
-        deadline = time.monotonic() + 5 * TIME_SCALE
+        wait = 5 * self.time_scale
+        deadline = time.monotonic() + wait
         while f'"sync": "{token}"' not in self.record.read_text():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the observer did not see the sync frame within {5 * TIME_SCALE:g} s")
+                raise RuntimeError(f"the observer did not see the sync frame within {wait:g} s")
             time.sleep(0.005)
 
     def mark(self) -> int:

@@ -14,16 +14,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.probes import ContinuousPing, describe
-from tests.lab.conftest import LabUnderTest, lab_under_test
-
-pytestmark = pytest.mark.lab
+from tests.lab.conftest import LabUnderTest
 
 # Short limits so that the tests wait seconds, not minutes, where every server is down.
 QUICK = {
@@ -32,20 +29,9 @@ QUICK = {
     "TUNLOCK_ROTATION_BACKOFF_MAX_S": "4",
 }
 
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    """A lab of the test's own (the module-wide one would not survive these faults)."""
-    yield from lab_under_test()
-
-
-@pytest.fixture
-def daemon(lab: LabUnderTest) -> Iterator[LabDaemon]:
-    running = LabDaemon(lab.lab, env=QUICK)
-    try:
-        yield running
-    finally:
-        running.stop()
+# A lab of each test's own (a module-wide one would not survive these faults); the `daemon`
+# fixture runs with the QUICK limits.
+pytestmark = pytest.mark.lab(per_test=True, daemon_env=QUICK)
 
 
 def assert_no_leaks(lab: LabUnderTest, mark: int) -> None:
@@ -96,7 +82,7 @@ def test_connects_reports_status_and_keeps_the_lock_when_stopped(
 
 
 def test_session_mode_removes_the_lock_on_stop(lab: LabUnderTest) -> None:
-    with LabDaemon(lab.lab, env={**QUICK, "TUNLOCK_LOCK_MODE": "session"}) as daemon:
+    with lab.daemon(env={**QUICK, "TUNLOCK_LOCK_MODE": "session"}) as daemon:
         daemon.start()
         assert daemon.stop() == 0
     assert "tunlock" not in lab.lab.run("client", "nft", "list", "tables")
@@ -176,7 +162,7 @@ def test_wireguard_go_killed_is_restarted(lab: LabUnderTest, daemon: LabDaemon) 
 
 
 def test_sigkilled_daemon_leaves_lock_and_tunnel_and_the_next_adopts(lab: LabUnderTest) -> None:
-    first = LabDaemon(lab.lab, env=QUICK)
+    first = lab.daemon(env=QUICK)
     first.start()
     mark = lab.observer.mark()
     pinger = ContinuousPing(lab.lab, interval=0.05)
@@ -184,7 +170,7 @@ def test_sigkilled_daemon_leaves_lock_and_tunnel_and_the_next_adopts(lab: LabUnd
     assert "table inet tunlock" in lab.lab.run("client", "nft", "list", "tables")
     assert lab.probes.ping(), "the tunnel outlives the daemon"
     assert not lab.probes.dns_udp("192.0.2.1"), "and so does the lock"
-    with LabDaemon(lab.lab, env=QUICK) as second:
+    with lab.daemon(env=QUICK) as second:
         status = second.start()
         assert status["server"] == "vpn1"
         record = pinger.stop()
@@ -225,7 +211,7 @@ def test_reload_moves_off_a_server_removed_from_the_config(lab: LabUnderTest) ->
     config = lab.lab.dir / "reload.toml"
     text = lab.lab.config_path.read_text()
     config.write_text(text)
-    with LabDaemon(lab.lab, env=QUICK, config=str(config)) as daemon:
+    with lab.daemon(env=QUICK, config=str(config)) as daemon:
         daemon.start()
         config.write_text(text.replace('servers = ["servers/*.conf"]', 'servers = ["servers/vpn3.conf"]'))
         os.kill(daemon.pid, 1)  # SIGHUP
@@ -239,7 +225,7 @@ def test_reload_moves_off_a_server_removed_from_the_config(lab: LabUnderTest) ->
 
 
 def test_bad_config_exits_with_file_and_line_and_leaves_the_lock(lab: LabUnderTest) -> None:
-    with LabDaemon(lab.lab, env=QUICK) as daemon:
+    with lab.daemon(env=QUICK) as daemon:
         daemon.start()
     broken = lab.lab.dir / "broken.toml"
     broken.write_text(lab.lab.config_path.read_text().replace('backend = "userspace"', 'backend = "kernal"'))
@@ -330,7 +316,7 @@ def test_metrics_follow_the_daemon_and_reach_the_lan_only_through_inbound_tcp(la
     text = lab.lab.config_path.read_text() + '\n[metrics]\nlisten = "0.0.0.0:9586"\n'
     config.write_text(text)
     mark = lab.observer.mark()
-    with LabDaemon(lab.lab, env=QUICK, config=str(config)) as daemon:
+    with lab.daemon(env=QUICK, config=str(config)) as daemon:
         daemon.start()
         assert lab.probes.ping()
         assert not lab.probes.dns_udp("192.0.2.1"), "the ISP's resolver stays out of reach"

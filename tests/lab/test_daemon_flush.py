@@ -10,27 +10,20 @@ ordinary table stays.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 
 from supervisor.lab import faults
-from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.probes import describe
 from supervisor.lab.topology import LabError
 from supervisor.lock.render import owned_table
-from tests.lab.conftest import LabUnderTest, lab_under_test
+from tests.lab.conftest import LabUnderTest
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.lab(servers=1, per_test=True)
 
 OWNED = owned_table("tunlock")
 # Flushes per test; the VM tier (software emulation, each probe seconds) runs fewer.
 FLUSHES = int(os.environ.get("TUNLOCK_TEST_FLUSHES", "5"))
-
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    yield from lab_under_test(servers=1)
 
 
 def tables(lab: LabUnderTest) -> str:
@@ -47,7 +40,7 @@ def owned_and_restored(status: dict) -> bool:
 
 
 def test_flush_while_running_leaks_nothing_and_the_twin_is_nobody_elses(lab: LabUnderTest) -> None:
-    with LabDaemon(lab.lab) as daemon:
+    with lab.daemon() as daemon:
         status = daemon.start()
         assert owned_and_restored(status)
         assert any("the lock is held twice while running" in line for line in daemon.log_events())
@@ -78,7 +71,7 @@ def test_flush_while_running_leaks_nothing_and_the_twin_is_nobody_elses(lab: Lab
 
 
 def test_sigkilled_daemon_takes_the_twin_and_leaves_the_ordinary_table(lab: LabUnderTest) -> None:
-    daemon = LabDaemon(lab.lab)
+    daemon = lab.daemon()
     try:
         assert owned_and_restored(daemon.start())
         mark = lab.observer.mark()

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,24 +24,10 @@ from hypothesis import strategies as st
 
 from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
-from tests.lab.conftest import LabUnderTest, lab_under_test
+from tests.lab.conftest import LabUnderTest
 from tests.lab.test_daemon import QUICK, assert_no_leaks, on, tunlock
 
-pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    yield from lab_under_test()
-
-
-@pytest.fixture
-def daemon(lab: LabUnderTest) -> Iterator[LabDaemon]:
-    running = LabDaemon(lab.lab, env=QUICK)
-    try:
-        yield running
-    finally:
-        running.stop()
+pytestmark = pytest.mark.lab(per_test=True, daemon_env=QUICK)
 
 
 def tunlock_with(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -60,7 +45,7 @@ def test_reload_dropping_the_current_server_moves_to_one_still_configured(lab: L
     config = lab.lab.dir / "reload.toml"
     text = lab.lab.config_path.read_text()
     config.write_text(text.replace('servers = ["servers/*.conf"]', 'servers = ["servers/vpn[23].conf"]'))
-    with LabDaemon(lab.lab, env=QUICK, config=str(config)) as daemon:
+    with lab.daemon(env=QUICK, config=str(config)) as daemon:
         daemon.start()
         mark = lab.observer.mark()
         daemon.wait_for(on("vpn2"), timeout=15, what="vpn2")
@@ -159,7 +144,7 @@ def test_a_stop_sent_to_the_whole_process_group_exits_0_and_keeps_the_lock(
     `nft monitor` child too, and the guard raised ProcessLookupError ending it."""
     mark = lab.observer.mark()
     for _ in range(3):
-        with LabDaemon(lab.lab, env={**QUICK, "TUNLOCK_LOCK_MODE": mode}) as daemon:
+        with lab.daemon(env={**QUICK, "TUNLOCK_LOCK_MODE": mode}) as daemon:
             daemon.start()
             code = stop_the_group(lab, daemon, signum, lock_kept=mode == "permanent")
             assert code == 0, f"exit {code}\n{daemon.log_tail()}"
@@ -257,7 +242,7 @@ def test_a_reload_with_a_bad_probe_target_keeps_the_running_config(lab: LabUnder
     text = lab.lab.config_path.read_text()
     config.write_text(text)
     mark = lab.observer.mark()
-    with LabDaemon(lab.lab, env=QUICK, config=str(config)) as daemon:
+    with lab.daemon(env=QUICK, config=str(config)) as daemon:
         daemon.start()
         config.write_text(text + "\n" + PROBE_TARGET)
         os.kill(daemon.pid, signal.SIGHUP)
@@ -281,7 +266,7 @@ def test_a_stop_during_a_reload_that_blocks_ends_the_daemon(lab: LabUnderTest) -
     config.write_text(text)
     (lab.lab.dir / "fifo").mkdir()
     os.mkfifo(lab.lab.dir / "fifo" / "pipe.conf")
-    with LabDaemon(lab.lab, env=QUICK, config=str(config)) as daemon:
+    with lab.daemon(env=QUICK, config=str(config)) as daemon:
         daemon.start()
         config.write_text(text.replace('"servers/*.conf"', '"servers/*.conf", "fifo/*.conf"'))
         os.kill(daemon.pid, signal.SIGHUP)
@@ -427,7 +412,7 @@ def test_sighup_with_any_config_and_server_files_never_crashes_or_hangs(lab: Lab
     fuzz_dir.mkdir()
     config.write_text(base_config)
     tally: dict[str, int] = {}
-    with LabDaemon(lab.lab, env=QUICK, config=str(config)) as daemon:
+    with lab.daemon(env=QUICK, config=str(config)) as daemon:
         daemon.start()
 
         @settings(

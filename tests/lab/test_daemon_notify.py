@@ -19,15 +19,9 @@ from pathlib import Path
 import pytest
 
 from supervisor.control.client import request
-from supervisor.lab.daemon import LabDaemon
-from tests.lab.conftest import LabUnderTest, lab_under_test
+from tests.lab.conftest import LabUnderTest
 
-pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    yield from lab_under_test(servers=1)
+pytestmark = pytest.mark.lab(servers=1, per_test=True)
 
 
 @pytest.fixture
@@ -60,7 +54,7 @@ def test_ready_after_the_lock_then_status_watchdog_and_stopping(
     lab: LabUnderTest, notify_socket: tuple[socket.socket, Path]
 ) -> None:
     sock, path = notify_socket
-    daemon = LabDaemon(lab.lab, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
+    daemon = lab.daemon(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
     try:
         daemon.start(wait_for=None)
         before_ready = receive_until(sock, b"READY=1\n")

@@ -36,7 +36,7 @@ def test_a_reload_with_a_misplaced_private_key_logs_no_key_and_keeps_running(lab
         "next-line.conf": VALID_SERVER.replace(private_line, f"PrivateKey =\n{key}"),
         "colon.conf": VALID_SERVER.replace(private_line, f"PrivateKey: {key}"),
     }
-    with LabDaemon(lab.lab) as daemon:
+    with lab.daemon() as daemon:
         daemon.start()
         try:
             for name, text in texts.items():
@@ -58,7 +58,7 @@ def test_a_reload_with_a_misplaced_private_key_logs_no_key_and_keeps_running(lab
 
 def test_a_fifo_in_the_server_glob_does_not_hang_a_reload(lab):
     fifo = lab.lab.dir / "servers" / "zz-fifo.conf"
-    with LabDaemon(lab.lab) as daemon:
+    with lab.daemon() as daemon:
         daemon.start()
         os.mkfifo(fifo)
         try:

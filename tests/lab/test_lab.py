@@ -9,7 +9,7 @@ import pytest
 from supervisor.lab import faults
 from supervisor.lab.probes import ContinuousPing, Observer, Probes, describe
 from supervisor.lab.topology import INTERNET_V4, Lab, process_alive, sh
-from supervisor.lab.tunnel import FWMARK, hand_tunnel
+from tests.lab.hand_tunnel import FWMARK, hand_tunnel
 
 pytestmark = pytest.mark.lab
 
@@ -163,7 +163,7 @@ def test_kill_server(lab):
 
 def test_two_labs_side_by_side_do_not_interfere(lab):
     with Lab.up(servers=1) as other:
-        other_observer = Observer.start(other)
+        other_observer = Observer.start(other, time_scale=lab.time_scale)
         mark_here, mark_there = lab.observer.mark(), other_observer.mark()
         assert Probes(other).ping(INTERNET_V4)
         here, there = lab.observer.leaks(since=mark_here), other_observer.leaks(since=mark_there)

@@ -13,42 +13,11 @@ import pytest
 from supervisor.config import load_config
 from supervisor.lab.probes import describe
 from supervisor.lab.topology import INTERNET_V4, INTERNET_V6, ISP_V4, LAN_HOST_V4, TUNNEL_SERVER_V4, sh
-from supervisor.lab.tunnel import hand_tunnel
 from supervisor.lock.configured import policy_from_config
+from tests.lab.conftest import tunlock_in_client
+from tests.lab.hand_tunnel import hand_tunnel
 
 pytestmark = pytest.mark.lab
-
-
-def tunlock_in_client(lab, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the tunlock CLI inside the lab's client namespace, as a user would."""
-    settings = [f"{k}={v}" for k, v in (env or {}).items()]
-    return subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            lab.lab.ns("client"),
-            "env",
-            "TUNLOCK_LAB_ONLY=1",
-            *settings,
-            sys.executable,
-            "-m",
-            "supervisor.cli",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-@pytest.fixture
-def locked(lab):
-    """The lock applied by `tunlock lock apply` in a separate process that has exited."""
-    result = tunlock_in_client(lab, "lock", "apply", "--config", str(lab.lab.config_path))
-    assert result.returncode == 0, result.stderr
-    yield lab
-    tunlock_in_client(lab, "lock", "remove", "--yes", "--config", str(lab.lab.config_path))
 
 
 def test_lock_alone_leaks_nothing_for_every_probe_kind(locked):

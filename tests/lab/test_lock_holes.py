@@ -24,8 +24,7 @@ from supervisor.lab.topology import INTERNET_V4, INTERNET_V6, ISP_V6, LAN_HOST_V
 from supervisor.lock import nft
 from supervisor.lock.configured import policy_from_config
 from supervisor.servers import Endpoint
-
-from .test_lock import tunlock_in_client
+from tests.lab.conftest import tunlock_in_client
 
 pytestmark = pytest.mark.lab
 
@@ -79,21 +78,13 @@ def _smuggle_and_count(lab) -> list[dict]:
     return lab.observer.leaks(since=mark)
 
 
-@pytest.fixture
-def locked(lab):
-    result = tunlock_in_client(lab, "lock", "apply", "--config", str(lab.lab.config_path))
-    assert result.returncode == 0, result.stderr
-    yield lab
-    tunlock_in_client(lab, "lock", "remove", "--yes", "--config", str(lab.lab.config_path))
-
-
 def test_link_upkeep_carries_no_data_off_the_link_with_the_lock_alone(locked):
     leaks = _smuggle_and_count(locked)
     assert leaks == [], f"link upkeep carried data past the lock:\n{describe(leaks)}"
 
 
 def test_link_upkeep_carries_no_data_off_the_link_with_the_daemon_connected(lab):
-    with LabDaemon(lab.lab) as daemon:
+    with lab.daemon() as daemon:
         daemon.start()
         leaks = _smuggle_and_count(lab)
     tunlock_in_client(lab, "lock", "remove", "--yes", "--config", str(lab.lab.config_path))
@@ -226,7 +217,7 @@ def test_a_public_or_default_lan_range_is_refused_and_the_lock_left_alone(locked
 
 def test_lock_remove_refuses_while_the_daemon_runs(lab):
     config = str(lab.lab.config_path)
-    with LabDaemon(lab.lab) as daemon:
+    with lab.daemon() as daemon:
         daemon.start()
         mark = lab.observer.mark()
         pinger = lab.lab.spawn(
@@ -247,7 +238,7 @@ def test_lock_remove_refuses_while_the_daemon_runs(lab):
 
 def test_lock_remove_goes_ahead_when_the_daemon_left_a_stale_socket(lab):
     config = str(lab.lab.config_path)
-    with LabDaemon(lab.lab) as daemon:
+    with lab.daemon() as daemon:
         daemon.start()
         daemon.kill()  # a crash leaves the socket file behind, nobody listening
     assert (lab.lab.dir / "control.sock").exists()
@@ -343,7 +334,7 @@ def test_the_daemon_follows_on_link_subnets_as_they_come_and_go(lab):
     client, isp = lab.lab.ns("client"), lab.lab.ns("isp")
     sh("ip", "-n", isp, "addr", "add", "10.9.9.9/24", "dev", "cl0")
     try:
-        with LabDaemon(lab.lab, env=LAN_ENV) as daemon:
+        with lab.daemon(env=LAN_ENV) as daemon:
             daemon.start()
             mark = lab.observer.mark()
             before = lab.probes.ping("10.9.9.9", interface="wan0")

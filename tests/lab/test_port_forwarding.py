@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from supervisor.lab import faults
-from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.topology import CLIENT_V4
-from tests.lab.conftest import LabUnderTest, lab_under_test
+from tests.lab.conftest import LabUnderTest
 from tests.lab.seedbox import (
     GATEWAY,
     QUICK,
@@ -32,12 +30,7 @@ from tests.lab.seedbox import (
     write_config,
 )
 
-pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    yield from lab_under_test(servers=2)
+pytestmark = pytest.mark.lab(servers=2, per_test=True)
 
 
 def assert_no_leaks(lab: LabUnderTest, mark: int) -> None:
@@ -58,7 +51,7 @@ def natpmpc(lab: LabUnderTest, *args: str) -> str:
 def test_natpmpc_gets_the_port_from_the_lab_gateway_through_the_tunnel(lab: LabUnderTest) -> None:
     """The lab's gateway against an independent client: Debian's natpmpc (libnatpmp)."""
     start_gateways(lab.lab, {1: 40001})
-    with LabDaemon(lab.lab, env=QUICK) as daemon:  # no plugins: natpmpc does the asking
+    with lab.daemon(env=QUICK) as daemon:  # no plugins: natpmpc does the asking
         daemon.start()
         out = natpmpc(lab, "-a", "1", "0", "udp", "60")  # Proton's documented command
         assert "Mapped public port 40001 protocol UDP to local port 0 liftime 60" in out, out
@@ -110,7 +103,7 @@ def test_forwarded_port_reaches_a_listener_through_the_tunnel_and_follows_failov
     for port in (40001, 40002, 40003, 2222):
         listen(lab.lab, port)
     mark = lab.observer.mark()
-    with LabDaemon(lab.lab, env=QUICK, config=config) as daemon:
+    with lab.daemon(env=QUICK, config=config) as daemon:
         daemon.start()
         status = daemon.wait_for(lambda s: s["forwarded_port"] == 40001, what="forwarded port 40001")
         assert status["server"] == "vpn1" and status["plugins"]["natpmp"]["port"] == 40001
@@ -182,7 +175,7 @@ def test_misbehaving_plugins_do_not_stop_failover_or_touch_the_lock(lab: LabUnde
     )
     listen(lab.lab, 40002)
     mark = lab.observer.mark()
-    with LabDaemon(lab.lab, env=QUICK, config=config) as daemon:
+    with lab.daemon(env=QUICK, config=config) as daemon:
         daemon.start()
         daemon.wait_for(lambda s: s["forwarded_port"] == 40001, what="forwarded port 40001")
         faults.kill_server(lab.lab, "1")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +17,11 @@ import pytest
 
 from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
-from tests.lab.conftest import LabUnderTest, lab_under_test
+from tests.lab.conftest import LabUnderTest
 
-pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    """A lab of the test's own: these tests break it on purpose."""
-    yield from lab_under_test()
-
-
-@pytest.fixture
-def daemon(lab: LabUnderTest) -> Iterator[LabDaemon]:
-    """The daemon with the default timings: the 4 s connect limit is what the soak ran into."""
-    running = LabDaemon(lab.lab)
-    try:
-        yield running
-    finally:
-        running.stop()
+# A lab of each test's own: these tests break it on purpose. The `daemon` fixture runs with the
+# default timings (no daemon_env): the 4 s connect limit is what the soak ran into.
+pytestmark = pytest.mark.lab(per_test=True)
 
 
 def logged(daemon: LabDaemon, event: str) -> list[dict[str, Any]]:

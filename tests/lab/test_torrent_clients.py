@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import textwrap
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from supervisor.lab import faults
-from supervisor.lab.daemon import LabDaemon
-from tests.lab.conftest import LabUnderTest, lab_under_test
+from tests.lab.conftest import LabUnderTest
 from tests.lab.seedbox import QUICK, connect, listen, set_gateway, start_gateways, wait_until, write_config
 from tests.lab.torrent_clients import QBT_PASSWORD as QBT_SECRET
 from tests.lab.torrent_clients import (
@@ -33,12 +31,7 @@ from tests.lab.torrent_clients import (
     write_secret,
 )
 
-pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def lab() -> Iterator[LabUnderTest]:
-    yield from lab_under_test(servers=2)
+pytestmark = pytest.mark.lab(servers=2, per_test=True)
 
 
 CLIENTS = {
@@ -94,7 +87,7 @@ def test_torrent_client_follows_the_forwarded_port(lab: LabUnderTest, client: st
     wait_until(lambda: listening_ports(lab.lab, proc.pid, api_port), f"{client} listening")
     mark = lab.observer.mark()
     env = {**QUICK, "SEEDBOX_TRANSMISSION_PASSWORD": TRANSMISSION_PASSWORD}
-    with LabDaemon(lab.lab, env=env, config=config) as daemon:
+    with lab.daemon(env=env, config=config) as daemon:
         daemon.start()
         wait_until(lambda: on_port(40001), f"{client} on 40001", 30)
         daemon.wait_for(lambda s: s["plugins"][client].get("result") == "ok", 10, "the push reported")
@@ -145,7 +138,7 @@ def test_qbittorrent_that_could_not_bind_the_port_is_made_to_bind_it_again(lab: 
     )
     wait_until(lambda: listening_ports(lab.lab, proc.pid, QBT_WEBUI_PORT), "qBittorrent listening")
     blocker = listen(lab.lab, 40001, exclusive=True)
-    with LabDaemon(lab.lab, env=QUICK, config=config) as daemon:
+    with lab.daemon(env=QUICK, config=config) as daemon:
         daemon.start()
         daemon.wait_for(lambda s: s["plugins"]["qbittorrent"].get("port") == 40001, 20, "the push")
         time.sleep(1)  # qBittorrent has tried and failed to bind by now

@@ -319,6 +319,6 @@ def logs_to_the_current_stdout() -> None:
 
 
 @pytest.fixture(scope="module", name="lab")
-def wg_lab_fixture(lab: Any) -> WgLab:
-    """The shared lab fixture (tests/lab/conftest.py) seen through the WireGuard tests' helpers."""
-    return WgLab(lab.lab, observer=lab.observer)
+def wg_lab_fixture(module_lab: Any) -> WgLab:
+    """The module's lab (tests/lab/conftest.py) seen through the WireGuard tests' helpers."""
+    return WgLab(module_lab.lab, observer=module_lab.observer)

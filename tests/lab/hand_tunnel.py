@@ -1,6 +1,8 @@
 """A tunnel set up by hand in the lab's client (wireguard-go + wg + ip), as wg-quick would.
 
-For the lab's own tests, the lock's tests and benchmarks: nothing of tunlock's backends in it.
+For the lab's own tests, the lock's tests and bench/bench_lock.py: nothing of tunlock's backends
+in it, so what they measure or assert is the lab's or the lock's alone. Test code: the product
+(`tunlock lab`) never builds a tunnel by hand.
 """
 
 from __future__ import annotations
