@@ -196,9 +196,16 @@ def check_errno(reply: bytes, ifname: str, operation: str) -> list[tuple[int, st
 
 
 class _PeerBuilder:
+    """A peer's values as the reply's lines give them, one by one."""
+
     def __init__(self, public_key: str) -> None:
         self.public_key = public_key
-        self.values: dict[str, object] = {}
+        self.endpoint: Endpoint | None = None
+        self.preshared_key: Secret | None = None
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.persistent_keepalive = 0
+        self.protocol_version: int | None = None
         self.allowed: list[IPNetwork] = []
         self.handshake_sec = 0
         self.handshake_nsec = 0
@@ -209,9 +216,14 @@ class _PeerBuilder:
             last = self.handshake_sec + self.handshake_nsec / 1e9
         return UapiPeer(
             public_key=self.public_key,
+            endpoint=self.endpoint,
             last_handshake=last,
+            rx_bytes=self.rx_bytes,
+            tx_bytes=self.tx_bytes,
+            persistent_keepalive=self.persistent_keepalive,
             allowed_ips=tuple(self.allowed),
-            **self.values,  # type: ignore[arg-type]
+            preshared_key=self.preshared_key,
+            protocol_version=self.protocol_version,
         )
 
 
@@ -237,7 +249,9 @@ def _network(text: str) -> IPNetwork:
 
 def parse_get_reply(reply: bytes, ifname: str) -> UapiDevice:
     """Turn a ``get`` reply into a :class:`UapiDevice`; raise a UapiError on anything malformed."""
-    device: dict[str, object] = {}
+    private_key: Secret | None = None
+    listen_port: int | None = None
+    fwmark = 0
     peers: list[UapiPeer] = []
     peer: _PeerBuilder | None = None
     for number, key, value in check_errno(reply, ifname, "get"):
@@ -247,9 +261,9 @@ def parse_get_reply(reply: bytes, ifname: str) -> UapiDevice:
                 hex_key = key_from_hex(value)
                 secret = None if int(value, 16) == 0 else Secret(hex_key)
                 if key == "private_key" and peer is None:
-                    device["private_key"] = secret
+                    private_key = secret
                 elif key == "preshared_key" and peer is not None:
-                    peer.values["preshared_key"] = secret
+                    peer.preshared_key = secret
                 else:
                     raise UapiProtocolError(f"{where}: {key} out of place")
             elif key == "public_key":
@@ -258,31 +272,33 @@ def parse_get_reply(reply: bytes, ifname: str) -> UapiDevice:
                 peer = _PeerBuilder(key_from_hex(value))
             elif peer is None:
                 if key == "listen_port":
-                    device["listen_port"] = _number(ifname, number, key, value, 65535)
+                    listen_port = _number(ifname, number, key, value, 65535)
                 elif key == "fwmark":
-                    device["fwmark"] = _number(ifname, number, key, value, 0xFFFFFFFF)
+                    fwmark = _number(ifname, number, key, value, 0xFFFFFFFF)
                 elif key in _PEER_FIELDS:
                     raise UapiProtocolError(f"{where}: {key} before any public_key")
             elif key == "endpoint":
-                peer.values["endpoint"] = _endpoint(value)
+                peer.endpoint = _endpoint(value)
             elif key == "allowed_ip":
                 peer.allowed.append(_network(value))
             elif key == "last_handshake_time_sec":
                 peer.handshake_sec = _number(ifname, number, key, value, 2**63)
             elif key == "last_handshake_time_nsec":
                 peer.handshake_nsec = _number(ifname, number, key, value, 999_999_999)
-            elif key in ("rx_bytes", "tx_bytes"):
-                peer.values[key] = _number(ifname, number, key, value, 2**64 - 1)
+            elif key == "rx_bytes":
+                peer.rx_bytes = _number(ifname, number, key, value, 2**64 - 1)
+            elif key == "tx_bytes":
+                peer.tx_bytes = _number(ifname, number, key, value, 2**64 - 1)
             elif key == "persistent_keepalive_interval":
-                peer.values["persistent_keepalive"] = _number(ifname, number, key, value, 65535)
+                peer.persistent_keepalive = _number(ifname, number, key, value, 65535)
             elif key == "protocol_version":
-                peer.values["protocol_version"] = _number(ifname, number, key, value, 2**32 - 1)
+                peer.protocol_version = _number(ifname, number, key, value, 2**32 - 1)
             # Any other key is from a newer WireGuard: skipped, the ones we rely on were checked.
         except ValueError as err:  # a bad key, endpoint or network; the message holds no key
             raise UapiProtocolError(f"{where}: {key} is malformed: {err}") from None
     if peer is not None:
         peers.append(peer.build())
-    return UapiDevice(peers=tuple(peers), **device)  # type: ignore[arg-type]
+    return UapiDevice(private_key=private_key, listen_port=listen_port, fwmark=fwmark, peers=tuple(peers))
 
 
 _PEER_FIELDS = frozenset(
