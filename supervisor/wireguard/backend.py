@@ -18,8 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol
 
 from supervisor.errors import TunlockError
 from supervisor.redact import Secret
@@ -126,19 +125,14 @@ async def ignore_events(_event: BackendEvent) -> None:
 class WireGuardBackend(Protocol):
     """What the tunnel needs from a WireGuard implementation.
 
-    Backends are async context managers: entering starts whatever watches them (a task that
-    reads wireguard-go's output and restarts it), leaving stops watching but leaves the interface
-    as it is, exactly as a crash would; :meth:`close` is the explicit teardown.
+    A backend lives inside the ``async with`` of the function that opens it
+    (``supervisor.wireguard.selection.open_backend``): its tasks (one that reads wireguard-go's
+    output and restarts it) run there; leaving it stops watching but leaves the interface as it
+    is, exactly as a crash would; :meth:`close` is the explicit teardown.
     """
 
     kind: str
     ifname: str
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None: ...
 
     async def adopt(self) -> bool:
         """Take over an interface that already exists and is served; True when there was one.

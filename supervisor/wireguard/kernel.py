@@ -16,11 +16,11 @@ no events of its own.
 
 from __future__ import annotations
 
+import contextlib
 import errno
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from ipaddress import ip_address
 from socket import AF_INET, AF_INET6
-from types import TracebackType
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, AsyncWireGuard
@@ -161,42 +161,26 @@ class KernelUnavailable(BackendError):
 
 
 class KernelBackend:
-    """Kernel WireGuard for one interface. Use as an async context manager."""
+    """Kernel WireGuard for one interface; :func:`open_kernel_backend` gives one with its socket.
+
+    Without a generic netlink socket (``wg``) only the rtnetlink half works: adopt, create and
+    delete the link, which needs no WireGuard module.
+    """
 
     kind = "kernel"
 
-    def __init__(self, ifname: str, *, report: Report = ignore_events) -> None:
+    def __init__(
+        self, ifname: str, *, report: Report = ignore_events, wg: AsyncWireGuard | None = None
+    ) -> None:
         self.ifname = ifname
         self._report = report  # a kernel link does not die on its own: nothing to report
-        self._wg: AsyncWireGuard | None = None
-        self._log = log.bind(ifname=ifname, backend=self.kind)
-
-    async def __aenter__(self) -> KernelBackend:
-        wg = AsyncWireGuard()
-        try:
-            await wg.setup_endpoint()
-        except NetlinkError as err:
-            wg.close()
-            if err.code == errno.ENOENT:
-                raise KernelUnavailable(
-                    "this kernel has no WireGuard (generic netlink family 'wireguard' not found): "
-                    'load the module (modprobe wireguard) or set tunnel.backend = "userspace"'
-                ) from None
-            raise BackendError(f"cannot open the kernel's WireGuard netlink: {err}") from None
         self._wg = wg
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._wg is not None:
-            self._wg.close()
-            self._wg = None
+        self._log = log.bind(ifname=ifname, backend=self.kind)
 
     @property
     def _socket(self) -> AsyncWireGuard:
         if self._wg is None:
-            raise RuntimeError("KernelBackend is used outside its 'async with'")
+            raise RuntimeError("KernelBackend is used without its netlink socket (open_kernel_backend)")
         return self._wg
 
     async def _link_kind(self) -> str | None:
@@ -279,3 +263,26 @@ class KernelBackend:
                 if err.code != errno.ENODEV:
                     raise BackendError(f"cannot delete {self.ifname}: {err}") from None
         self._log.info("deleted the interface")
+
+
+@contextlib.asynccontextmanager
+async def open_kernel_backend(ifname: str, *, report: Report = ignore_events) -> AsyncIterator[KernelBackend]:
+    """The kernel backend for ``ifname`` with its generic netlink socket open for the body.
+
+    Raises KernelUnavailable when this kernel has no WireGuard. Leaving it closes the socket and
+    leaves the interface as it is.
+    """
+    wg = AsyncWireGuard()
+    try:
+        try:
+            await wg.setup_endpoint()
+        except NetlinkError as err:
+            if err.code == errno.ENOENT:
+                raise KernelUnavailable(
+                    "this kernel has no WireGuard (generic netlink family 'wireguard' not found): "
+                    'load the module (modprobe wireguard) or set tunnel.backend = "userspace"'
+                ) from None
+            raise BackendError(f"cannot open the kernel's WireGuard netlink: {err}") from None
+        yield KernelBackend(ifname, report=report, wg=wg)
+    finally:
+        wg.close()

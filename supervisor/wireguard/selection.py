@@ -7,18 +7,20 @@ has WireGuard: it is faster and has no process to die.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 from pyroute2 import AsyncWireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
 from supervisor.wireguard.backend import Report, WireGuardBackend, ignore_events
-from supervisor.wireguard.kernel import KernelBackend
+from supervisor.wireguard.kernel import open_kernel_backend
 from supervisor.wireguard.uapi import UAPI_DIR
-from supervisor.wireguard.userspace import UserspaceBackend, link_exists
+from supervisor.wireguard.userspace import link_exists, open_userspace_backend
 
 BackendKind = Literal["auto", "kernel", "userspace"]
 _MODULE_DIR = Path("/sys/module/wireguard")
@@ -72,12 +74,18 @@ async def resolve_backend(wanted: BackendKind, ifname: str, uapi_dir: Path = UAP
     )
 
 
-def make_backend(
-    kind: str, ifname: str, report: Report = ignore_events, **userspace: object
-) -> WireGuardBackend:
-    """An (unentered) backend of ``kind``; ``userspace`` options go to UserspaceBackend."""
+@contextlib.asynccontextmanager
+async def open_backend(
+    kind: str, ifname: str, report: Report = ignore_events, **userspace: Any
+) -> AsyncIterator[WireGuardBackend]:
+    """The backend of ``kind`` for the ``async with`` body; ``userspace`` options go to
+    :func:`open_userspace_backend`. Leaving it leaves the interface as it is."""
+    opened: contextlib.AbstractAsyncContextManager[WireGuardBackend]
     if kind == "kernel":
-        return KernelBackend(ifname, report=report)
-    if kind == "userspace":
-        return UserspaceBackend(ifname, report=report, **userspace)  # type: ignore[arg-type]
-    raise ValueError(f"unknown backend {kind!r}: auto, kernel or userspace")
+        opened = open_kernel_backend(ifname, report=report)
+    elif kind == "userspace":
+        opened = open_userspace_backend(ifname, report=report, **userspace)
+    else:
+        raise ValueError(f"unknown backend {kind!r}: auto, kernel or userspace")
+    async with opened as backend:
+        yield backend

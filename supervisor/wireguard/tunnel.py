@@ -58,7 +58,7 @@ from supervisor.wireguard.backend import (
     WireGuardBackend,
     ignore_events,
 )
-from supervisor.wireguard.selection import BackendKind, make_backend, resolve_backend
+from supervisor.wireguard.selection import BackendKind, open_backend, resolve_backend
 
 log = get_logger(__name__)
 
@@ -265,12 +265,11 @@ async def open_tunnel(
             await tunnel.on_backend_event(event)
         await report(event)
 
-    backend = make_backend(kind, settings.ifname, relay, **backend_options)
     dns = (
         detect_dns_manager(settings.ifname, settings.resolv_conf, settings.state_dir)
         if settings.manage_dns
         else None
     )
-    async with backend:
+    async with open_backend(kind, settings.ifname, relay, **backend_options) as backend:
         tunnel = Tunnel(settings, backend, dns)
         yield tunnel

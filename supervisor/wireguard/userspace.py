@@ -32,9 +32,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import anyio
 import anyio.abc
@@ -85,9 +85,13 @@ def link_exists(ifname: str) -> bool:
     return True
 
 
-@dataclass
+@dataclass(eq=False)  # each one is itself: kept in a set, compared by identity
 class _Process:
-    """A wireguard-go serving our interface: our child (``popen``) or an adopted one."""
+    """A wireguard-go serving our interface: our child (``popen``) or an adopted one.
+
+    Its exit is awaited on its pidfd by one task only (:meth:`UserspaceBackend._follow`): anyio
+    allows one waiter per descriptor, so everyone else (the watcher, a stop) waits on ``gone``.
+    """
 
     pid: int
     pidfd: int
@@ -95,19 +99,28 @@ class _Process:
     output: socket.socket | None = None
     started: float = field(default_factory=time.monotonic)
     last_lines: list[str] = field(default_factory=list)
+    gone: anyio.Event = field(default_factory=anyio.Event)
 
     @classmethod
-    def watch(cls, pid: int, popen: subprocess.Popen[bytes] | None = None, output=None) -> _Process:
+    def watch(
+        cls, pid: int, popen: subprocess.Popen[bytes] | None = None, output: socket.socket | None = None
+    ) -> _Process:
         return cls(pid=pid, pidfd=os.pidfd_open(pid), popen=popen, output=output)
 
     def exited(self) -> bool:
-        if self.pidfd < 0:
+        """Whether it has exited (or was released), right now: no waiting, no task switch."""
+        if self.gone.is_set() or self.pidfd < 0:
             return True  # released: no longer watched, which happens once its exit was seen
-        # A pidfd turns readable when its process exits, child or not.
+        # A pidfd turns readable when its process exits, child or not. A zero timeout: this asks
+        # once, for a decision taken now (the follower task may not have run yet).
         gone = bool(select.select([self.pidfd], [], [], 0)[0])
-        if gone and self.popen is not None:
-            self.popen.poll()  # reap our child, which also records its exit status
+        if gone:
+            self.reap()
         return gone
+
+    def reap(self) -> None:
+        if self.popen is not None:
+            self.popen.poll()  # reap our child, which also records its exit status
 
     def exit_reason(self) -> str:
         if self.popen is not None:
@@ -125,30 +138,33 @@ class _Process:
                 signal.pidfd_send_signal(self.pidfd, signum)
 
     def release(self) -> None:
-        """Close our descriptors; the process itself is left alone."""
-        for fd_owner in (self.output,):
-            if fd_owner is not None:
-                with contextlib.suppress(OSError):
-                    anyio.notify_closing(fd_owner)
-                fd_owner.close()
-        self.output = None
+        """Close our descriptors; the process itself is left alone.
+
+        ``notify_closing`` first: it wakes the task waiting on a descriptor (with
+        ClosedResourceError) and unregisters it, so a number reused at once is not mistaken.
+        """
+        if self.output is not None:
+            with contextlib.suppress(OSError):
+                anyio.notify_closing(self.output)
+            self.output.close()
+            self.output = None
         if self.pidfd >= 0:
             with contextlib.suppress(OSError):
                 anyio.notify_closing(self.pidfd)
             with contextlib.suppress(OSError):
                 os.close(self.pidfd)
             self.pidfd = -1
-        if self.popen is not None:
-            self.popen.poll()  # reap it if it is gone, so no zombie stays
+        self.reap()  # reap it if it is gone, so no zombie stays
 
 
 class UserspaceBackend:
     """wireguard-go for one interface: spawn or adopt, configure over UAPI, restart on death.
 
-    Use as an async context manager; inside it a watcher task reads wireguard-go's output into
-    our log and restarts it when it dies, reporting :class:`BackendDied`, then
-    :class:`BackendRestarted` (or :class:`BackendRestartFailed` per failed attempt) to ``report``.
-    Leaving the context stops watching and leaves wireguard-go running (as a crash would);
+    Made by :func:`open_userspace_backend`, which runs its tasks: a watcher that reads
+    wireguard-go's output into our log and restarts it when it dies, reporting
+    :class:`BackendDied`, then :class:`BackendRestarted` (or :class:`BackendRestartFailed` per
+    failed attempt) to ``report``, and one task per process that waits for its exit on its pidfd.
+    Leaving that context stops watching and leaves wireguard-go running (as a crash would);
     :meth:`close` stops it.
     """
 
@@ -172,37 +188,14 @@ class UserspaceBackend:
         self._start_timeout = start_timeout
         self._uapi = UapiClient(ifname, directory=uapi_dir)
         self._process: _Process | None = None
+        self._followed: set[_Process] = set()
         self._config: DeviceConfig | None = None
         self._has_peer = False
         self._lock = anyio.Lock()
         self._process_changed = anyio.Event()
         self._closing = False
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._followers: anyio.abc.TaskGroup | None = None  # where each process's follower runs
         self._log = log.bind(ifname=ifname, backend=self.kind)
-
-    # --- context ------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> UserspaceBackend:
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._watch)
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        assert self._task_group is not None
-        self._task_group.cancel_scope.cancel()
-        try:
-            # The body's own exception goes on as it is (not wrapped in a group); only the
-            # watcher's failure, if any, comes out of the task group.
-            await self._task_group.__aexit__(None, None, None)
-            return None
-        finally:
-            self._task_group = None
-            if self._process is not None:
-                self._process.release()  # wireguard-go keeps running: the next daemon adopts it
-                self._process = None
 
     # --- the backend interface ----------------------------------------------------------------
 
@@ -265,9 +258,11 @@ class UserspaceBackend:
                     process, self._process = self._process, None
                 if process is None:
                     return
-            if not keep_interface:
-                await self._stop(process)
-            process.release()
+            try:
+                if not keep_interface:
+                    await self._stop(process)
+            finally:
+                process.release()
 
     # --- inside -------------------------------------------------------------------------------
 
@@ -306,10 +301,15 @@ class UserspaceBackend:
             process = _Process.watch(pid)
         except ProcessLookupError:
             return False
-        if await listener_pid(path) != pid:  # the PID was reused between the two looks
+        try:
+            reused = await listener_pid(path) != pid  # the PID was reused between the two looks
+        except BaseException:
+            process.release()
+            raise
+        if reused:
             process.release()
             return False
-        self._set_process(process)
+        self._set_process(self._follow(process))
         comm = (await anyio.Path(f"/proc/{pid}/comm").read_text()).strip()
         self._log.info("adopted the running wireguard-go", pid=pid, program=comm)
         return True
@@ -321,8 +321,11 @@ class UserspaceBackend:
 
     async def _spawn(self) -> None:
         """Start wireguard-go for our interface and wait until its UAPI socket answers."""
-        with anyio.move_on_after(1.0):  # a dead wireguard-go's TUN may take a moment to go
-            while link_exists(self.ifname):  # noqa: ASYNC110 (the kernel sends no event we follow here)
+        # A dead wireguard-go's TUN may take a moment to go. Polled, bounded: the event for it is
+        # an RTM_DELLINK on an rtnetlink socket subscribed to link changes, a second monitor
+        # opened for a rare wait that is usually over at the first look.
+        with anyio.move_on_after(1.0):
+            while link_exists(self.ifname):  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         if link_exists(self.ifname):
             raise InterfaceTaken(f"interface {self.ifname} exists and is not served by wireguard-go")
@@ -345,7 +348,7 @@ class UserspaceBackend:
             raise BackendError(f"cannot start {self._binary}: {err.strerror or err}") from None
         finally:
             theirs.close()
-        process = _Process.watch(popen.pid, popen=popen, output=ours)
+        process = self._follow(_Process.watch(popen.pid, popen=popen, output=ours))
         self._log.info("started wireguard-go", pid=popen.pid)
         try:
             await self._wait_served(process)
@@ -357,6 +360,9 @@ class UserspaceBackend:
         self._set_process(process)
 
     async def _wait_served(self, process: _Process) -> None:
+        # Polled, bounded by start_timeout: nothing tells us that wireguard-go's UAPI socket now
+        # listens (a file appearing needs inotify, which the standard library lacks, and a
+        # connect would still be needed to know it answers); its exit cuts the wait short.
         with anyio.move_on_after(self._start_timeout):
             while not process.exited():
                 try:
@@ -384,18 +390,43 @@ class UserspaceBackend:
     async def _stop(self, process: _Process) -> None:
         """SIGTERM (wireguard-go removes its TUN and socket), SIGKILL if it lingers."""
         process.signal(signal.SIGTERM)
-        # Polled, not awaited on the pidfd: the watcher task already waits on it (one waiter per
-        # descriptor), and a stop lasts milliseconds.
-        with anyio.move_on_after(STOP_TIMEOUT_S):
-            while not process.exited():  # noqa: ASYNC110
-                await anyio.sleep(0.01)
-        if not process.exited():
+        if not await self._wait_exit(process, STOP_TIMEOUT_S):
             self._log.warning("wireguard-go ignored SIGTERM; killing it", pid=process.pid)
             process.signal(signal.SIGKILL)
-            with anyio.move_on_after(STOP_TIMEOUT_S):
-                while not process.exited():  # noqa: ASYNC110
-                    await anyio.sleep(0.01)
+            await self._wait_exit(process, STOP_TIMEOUT_S)
         self._log.info("stopped wireguard-go", pid=process.pid)
+
+    async def _wait_exit(self, process: _Process, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) for ``process`` to exit, as its follower sees it."""
+        if process.exited():
+            return True
+        with anyio.move_on_after(timeout):
+            await process.gone.wait()
+        return process.exited()
+
+    def _follow(self, process: _Process) -> _Process:
+        """Start the one task that waits for ``process``'s exit on its pidfd; returns ``process``."""
+        if self._followers is None:
+            process.release()
+            raise RuntimeError("UserspaceBackend is used outside open_userspace_backend()")
+        self._followed.add(process)
+        self._followers.start_soon(self._follow_exit, process)
+        return process
+
+    async def _follow_exit(self, process: _Process) -> None:
+        # Shielded: a stop that must finish (shielded itself) waits on ``gone``, also while our
+        # task group is being cancelled. It ends when the process exits or is released.
+        try:
+            if process.pidfd < 0:
+                return  # released before this task ran
+            with anyio.CancelScope(shield=True):
+                await anyio.wait_readable(process.pidfd)
+        except (anyio.ClosedResourceError, OSError):
+            return  # released: we no longer follow it
+        finally:
+            self._followed.discard(process)
+        process.reap()
+        process.gone.set()
 
     # --- the watcher --------------------------------------------------------------------------
 
@@ -424,20 +455,16 @@ class UserspaceBackend:
             await self._restart()
 
     async def _wait_exit_or_change(self, process: _Process) -> None:
+        """Until ``process`` exited (its follower says so) or another one serves the interface."""
         changed = self._process_changed
         async with anyio.create_task_group() as tg:
 
-            async def exit_seen() -> None:
-                with contextlib.suppress(anyio.ClosedResourceError, OSError):
-                    await anyio.wait_readable(process.pidfd)  # closed when replaced: look again
+            async def wait_then_stop(event: anyio.Event) -> None:
+                await event.wait()
                 tg.cancel_scope.cancel()
 
-            async def change_seen() -> None:
-                await changed.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(exit_seen)
-            tg.start_soon(change_seen)
+            tg.start_soon(wait_then_stop, process.gone)
+            tg.start_soon(wait_then_stop, changed)
 
     async def _restart(self) -> None:
         """Bring wireguard-go back with the last configuration; report how it went.
@@ -471,7 +498,10 @@ class UserspaceBackend:
     async def _read_output(self, process: _Process) -> None:
         assert process.output is not None
         while True:
-            await anyio.wait_readable(process.output)
+            try:
+                await anyio.wait_readable(process.output)
+            except anyio.ClosedResourceError:
+                return  # released
             if not self._drain_output(process):
                 return
 
@@ -499,3 +529,53 @@ class UserspaceBackend:
         method = _LOG_LEVELS.get(level, "info")
         process.last_lines = [*process.last_lines[-9:], message or line]
         getattr(self._log, method)("wireguard-go", pid=process.pid, output=message or line)
+
+
+@contextlib.asynccontextmanager
+async def open_userspace_backend(
+    ifname: str,
+    *,
+    report: Report = ignore_events,
+    binary: str = DEFAULT_BINARY,
+    uapi_dir: Path = UAPI_DIR,
+    log_level: str = "error",
+    start_timeout: float = START_TIMEOUT_S,
+) -> AsyncIterator[UserspaceBackend]:
+    """The userspace backend for ``ifname`` with its watcher running, for the ``async with`` body.
+
+    Leaving it stops watching and leaves wireguard-go running, exactly as a crash would (the
+    next daemon adopts it); the body's own exception goes on as it is.
+    """
+    backend = UserspaceBackend(
+        ifname,
+        report=report,
+        binary=binary,
+        uapi_dir=uapi_dir,
+        log_level=log_level,
+        start_timeout=start_timeout,
+    )
+    body_error: BaseException | None = None
+    async with anyio.create_task_group() as followers:
+        backend._followers = followers
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(backend._watch)
+                try:
+                    yield backend
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as err:
+                    # Carried past the task groups, which would wrap it in an exception group.
+                    body_error = err
+                finally:
+                    tasks.cancel_scope.cancel()
+        finally:
+            # The watcher is done, a start it had under way stopped (shielded, with its follower
+            # still there to see the exit). What runs on is left running: the next daemon adopts
+            # it. Releasing wakes the followers, which are shielded.
+            backend._followers = None
+            backend._process = None
+            for process in list(backend._followed):
+                process.release()
+    if body_error is not None:
+        raise body_error

@@ -26,11 +26,11 @@ from supervisor.lab.probes import describe
 from supervisor.lock import nft as lock
 from supervisor.lock.policy import LockPolicy
 from supervisor.wireguard.backend import BackendDied, BackendRestarted, InterfaceTaken
-from supervisor.wireguard.kernel import KernelBackend, KernelUnavailable
+from supervisor.wireguard.kernel import KernelBackend, KernelUnavailable, open_kernel_backend
 from supervisor.wireguard.selection import kernel_available
 from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
 from supervisor.wireguard.uapi import UapiClient, UapiErrno
-from supervisor.wireguard.userspace import UserspaceBackend
+from supervisor.wireguard.userspace import open_userspace_backend
 
 from .wg_agent import server_spec
 from .wg_lab import (  # noqa: F401  (two of these are fixtures, registered by import)
@@ -313,7 +313,7 @@ async def test_interface_name_served_from_another_namespace_is_not_adopted(
     if backend_kind != "userspace":
         pytest.skip("the shared UAPI socket directory is wireguard-go's")
     taken = lab.vpn[0].ifname  # served by the server's wireguard-go, in the server's namespace
-    async with UserspaceBackend(taken) as backend:
+    async with open_userspace_backend(taken) as backend:
         with pytest.raises(InterfaceTaken, match="another network namespace"):
             await backend.ensure_interface()
     assert lab.vpn[0].pid is not None  # and it was left alone
@@ -323,7 +323,7 @@ async def test_kernel_backend_link_handling_works_without_the_module(
     lab: WgLab, settings: TunnelSettings
 ) -> None:
     """The rtnetlink half of the kernel backend, which needs no WireGuard module to run."""
-    backend = KernelBackend(settings.ifname)  # not entered: that needs the module
+    backend = KernelBackend(settings.ifname)  # no netlink socket: that needs the module
     assert await backend.adopt() is False  # no link of that name
     subprocess.run(["ip", "link", "add", settings.ifname, "type", "bridge"], check=True)
     with pytest.raises(InterfaceTaken, match="is a 'bridge' link, not WireGuard"):
@@ -335,5 +335,5 @@ async def test_kernel_backend_link_handling_works_without_the_module(
         with pytest.raises(KernelUnavailable, match="cannot create wireguard links"):
             await backend.ensure_interface()
         with pytest.raises(KernelUnavailable, match="modprobe wireguard"):
-            async with KernelBackend(settings.ifname):
+            async with open_kernel_backend(settings.ifname):
                 pass

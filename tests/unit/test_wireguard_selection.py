@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.wireguard.kernel import KernelBackend
-from supervisor.wireguard.selection import choose_backend, kernel_available, make_backend
+from supervisor.wireguard.selection import choose_backend, kernel_available, open_backend
 from supervisor.wireguard.userspace import UserspaceBackend
 
 
@@ -34,8 +33,10 @@ async def test_a_loaded_module_means_available(tmp_path: Path) -> None:
     assert await kernel_available(module_dir=tmp_path)
 
 
-def test_make_backend_builds_the_named_kind() -> None:
-    assert isinstance(make_backend("kernel", "tl0"), KernelBackend)
-    assert isinstance(make_backend("userspace", "tl0"), UserspaceBackend)
+@pytest.mark.anyio
+async def test_open_backend_opens_the_named_kind(tmp_path: Path) -> None:
+    async with open_backend("userspace", "tl0", uapi_dir=tmp_path) as backend:
+        assert isinstance(backend, UserspaceBackend) and backend.kind == "userspace"
     with pytest.raises(ValueError, match="unknown backend"):
-        make_backend("bsd", "tl0")
+        async with open_backend("bsd", "tl0"):
+            pass

@@ -12,7 +12,7 @@ from supervisor.redact import Secret
 from supervisor.servers import Peer, Server
 from supervisor.wgquick import parse_endpoint
 from supervisor.wireguard.backend import BackendError, DeviceConfig, handshake_age
-from supervisor.wireguard.userspace import UserspaceBackend, _Process
+from supervisor.wireguard.userspace import UserspaceBackend, _Process, open_userspace_backend
 
 KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 
@@ -70,7 +70,9 @@ def test_handshake_age() -> None:
 
 @pytest.mark.anyio
 async def test_a_missing_wireguard_go_is_a_clear_error(tmp_path: Path) -> None:
-    async with UserspaceBackend("tlnone0", binary=str(tmp_path / "wireguard-go"), uapi_dir=tmp_path) as b:
+    async with open_userspace_backend(
+        "tlnone0", binary=str(tmp_path / "wireguard-go"), uapi_dir=tmp_path
+    ) as b:
         with pytest.raises(BackendError, match=r"cannot start .*wireguard-go: No such file"):
             await b.ensure_interface()
 
@@ -81,7 +83,7 @@ async def test_a_wireguard_go_that_exits_at_start_says_how(tmp_path: Path) -> No
     line = "ERROR: (tl0) 2026/11/24 23:40:02 Failed to create TUN device: busy"
     fake.write_text(f"#!/bin/sh\necho '{line}' >&2\nexit 1\n")
     fake.chmod(0o755)
-    async with UserspaceBackend("tlnone0", binary=str(fake), uapi_dir=tmp_path) as backend:
+    async with open_userspace_backend("tlnone0", binary=str(fake), uapi_dir=tmp_path) as backend:
         with pytest.raises(BackendError) as err:
             await backend.ensure_interface()
     assert "exited with status 1 at start: Failed to create TUN device: busy" in str(err.value)
