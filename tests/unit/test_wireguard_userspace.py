@@ -1,17 +1,37 @@
-"""The userspace backend's pure parts: the child's environment, its log lines, DeviceConfig."""
+"""The userspace backend without root: the child's environment, its log lines, DeviceConfig, and
+how it follows a process (exit, restart, stop, adoption) with a stand-in for wireguard-go."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+from collections.abc import Iterator
 from ipaddress import ip_interface, ip_network
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
 import structlog
 
 from supervisor.redact import Secret
 from supervisor.servers import Peer, Server
 from supervisor.wgquick import parse_endpoint
-from supervisor.wireguard.backend import BackendError, DeviceConfig, handshake_age
+from supervisor.wireguard.backend import (
+    BackendDied,
+    BackendError,
+    BackendEvent,
+    BackendRestarted,
+    DeviceConfig,
+    handshake_age,
+)
 from supervisor.wireguard.userspace import UserspaceBackend, _Process, open_userspace_backend
 
 KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
@@ -87,3 +107,189 @@ async def test_a_wireguard_go_that_exits_at_start_says_how(tmp_path: Path) -> No
         with pytest.raises(BackendError) as err:
             await backend.ensure_interface()
     assert "exited with status 1 at start: Failed to create TUN device: busy" in str(err.value)
+
+
+# --- the process, without root: a stand-in for wireguard-go ----------------------------------
+#
+# A stand-in, not wireguard-go: wireguard-go needs root to create its TUN device. The stand-in
+# does what the backend watches: it listens on the UAPI socket (the backend knows a start is done
+# when that socket names its PID) and lives until a signal ends it. No TUN: the interface name
+# never exists here.
+
+FAKE_WIREGUARD_GO = """#!{python}
+import os, signal, socket, sys
+path = os.path.join({directory!r}, sys.argv[-1] + ".sock")
+if os.path.exists(path):
+    os.unlink(path)  # a killed one leaves its socket file behind, as wireguard-go would
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path)
+server.listen()
+print("INFO: (" + sys.argv[-1] + ") 2026/11/25 10:00:00 UAPI listener started", file=sys.stderr, flush=True)
+while True:
+    server.accept()[0].close()
+"""
+
+
+class Recorded:
+    """The backend's reports, and a way to wait for the n-th one."""
+
+    def __init__(self) -> None:
+        self.events: list[BackendEvent] = []
+        self.sleeps: SleepCounter | None = None
+        self.sleeps_at: list[int] = []  # anyio.sleep calls so far, at each report
+        self._changed = anyio.Event()
+
+    async def __call__(self, event: BackendEvent) -> None:
+        self.events.append(event)
+        self.sleeps_at.append(self.sleeps.calls if self.sleeps else 0)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_for(self, count: int) -> list[BackendEvent]:
+        while len(self.events) < count:
+            await self._changed.wait()
+        return self.events
+
+
+class SleepCounter:
+    """Counts anyio.sleep calls: a wait that polls sleeps, one that waits on an event does not."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real_sleep = anyio.sleep
+
+        async def counting_sleep(delay: float, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return await real_sleep(delay, *args, **kwargs)
+
+        monkeypatch.setattr(anyio, "sleep", counting_sleep)
+
+
+@pytest.fixture
+def uapi_dir() -> Iterator[Path]:
+    # Short: a unix socket's path has at most 107 bytes, and pytest's tmp_path can be longer.
+    directory = Path(tempfile.mkdtemp(prefix="tlu-", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_wireguard_go(uapi_dir: Path) -> Iterator[tuple[str, list[int]]]:
+    """The stand-in's path, and a list where the test notes every PID it started."""
+    binary = uapi_dir / "fake-wireguard-go"
+    binary.write_text(FAKE_WIREGUARD_GO.format(python=sys.executable, directory=str(uapi_dir)))
+    binary.chmod(0o755)
+    pids: list[int] = []
+    yield str(binary), pids
+    for pid in pids:  # our own stand-ins only, by PID, also when the test failed
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.anyio
+async def test_a_killed_wireguard_go_is_seen_through_its_pidfd_and_restarted(
+    uapi_dir: Path, fake_wireguard_go: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binary, pids = fake_wireguard_go
+    reports = Recorded()
+    async with open_userspace_backend("tlfake0", report=reports, binary=binary, uapi_dir=uapi_dir) as backend:
+        assert await backend.ensure_interface() is True  # started, its socket answered
+        first = backend.pid
+        assert first is not None
+        pids.append(first)
+        reports.sleeps = SleepCounter(monkeypatch)
+        with anyio.fail_after(30):  # a guard against a hang, not a speed limit
+            os.kill(first, signal.SIGKILL)
+            died = (await reports.wait_for(1))[0]
+            assert died == BackendDied("tlfake0", "killed by SIGKILL")
+            assert reports.sleeps_at[0] == 0  # the exit came from the pidfd, not from a polling loop
+            restarted = (await reports.wait_for(2))[1]
+        assert restarted == BackendRestarted("tlfake0")
+        second = backend.pid
+        assert second is not None and second != first
+        pids.append(second)
+        assert listener_pid_of(uapi_dir / "tlfake0.sock") == second
+        with anyio.fail_after(30):
+            await backend.close(keep_interface=False)
+        assert not process_alive(second)
+    assert len(reports.events) == 2  # the stop on purpose is not reported as a death
+
+
+@pytest.mark.anyio
+async def test_a_stop_and_the_watcher_wait_for_the_same_exit(
+    uapi_dir: Path, fake_wireguard_go: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """anyio lets one task wait on a descriptor; the watcher follows the process while a stop
+    (here: the interface vanished, so ensure_interface replaces wireguard-go) waits for it too."""
+    binary, pids = fake_wireguard_go
+    reports = Recorded()
+    async with open_userspace_backend("tlfake0", report=reports, binary=binary, uapi_dir=uapi_dir) as backend:
+        await backend.ensure_interface()
+        first = backend._process
+        assert first is not None and first.popen is not None
+        pids.append(first.pid)
+        await wait_until_watched(backend, first)
+        # The stand-in has no TUN device, so to ensure_interface its interface is gone: it stops
+        # the running one (SIGTERM, then waits for the exit) and starts another.
+        with anyio.fail_after(30):
+            assert await backend.ensure_interface() is True
+        assert first.popen.returncode == -signal.SIGTERM  # stopped, and reaped
+        second = backend.pid
+        assert second is not None and second != first.pid
+        pids.append(second)
+        sleeps = SleepCounter(monkeypatch)
+        with anyio.fail_after(30):
+            await backend.close(keep_interface=False)
+        assert sleeps.calls == 0  # the stop waited for the exit, it did not poll for it
+        assert not process_alive(second)
+
+
+@pytest.mark.anyio
+async def test_leaving_the_context_leaves_wireguard_go_running_for_the_next_to_adopt(
+    uapi_dir: Path, fake_wireguard_go: tuple[str, list[int]]
+) -> None:
+    binary, pids = fake_wireguard_go
+    async with open_userspace_backend("tlfake0", binary=binary, uapi_dir=uapi_dir) as backend:
+        await backend.ensure_interface()
+        pid = backend.pid
+        assert pid is not None
+        pids.append(pid)
+    assert process_alive(pid)  # as after a crash of the daemon
+    reports = Recorded()
+    async with open_userspace_backend("tlfake0", report=reports, binary=binary, uapi_dir=uapi_dir) as backend:
+        assert await backend.adopt() is True
+        assert backend.pid == pid
+        with anyio.fail_after(30):
+            os.kill(pid, signal.SIGTERM)
+            assert (await reports.wait_for(1))[0] == BackendDied(
+                "tlfake0", "exited (adopted process: status unknown)"
+            )
+            assert (await reports.wait_for(2))[1] == BackendRestarted("tlfake0")
+        assert backend.pid not in (None, pid)
+        pids.append(backend.pid)  # type: ignore[arg-type]
+        with anyio.fail_after(30):
+            await backend.close(keep_interface=False)
+
+
+async def wait_until_watched(backend: UserspaceBackend, process: _Process) -> None:
+    """Let the watcher and the process's follower reach their waits (a few task switches)."""
+    while process not in backend._followed:
+        await anyio.lowlevel.checkpoint()
+    for _ in range(10):
+        await anyio.lowlevel.checkpoint()
+
+
+def listener_pid_of(path: Path) -> int:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(path))
+        pid, _uid, _gid = struct.unpack("3i", client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone: it has exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
