@@ -14,7 +14,9 @@ How the process is kept:
   line, so lines never need reassembly.
 - **Death seen through a pidfd** (``pidfd_open``), which works the same for our
   child and for an adopted process that is not our child, and cannot be fooled
-  by PID reuse. A dead wireguard-go takes its TUN device with it; the watcher
+  by PID reuse. One task per process waits on it (anyio allows one waiter per
+  descriptor) and sets an event; the watcher and a stop wait on that event, so
+  nothing polls. A dead wireguard-go takes its TUN device with it; the watcher
   starts a new one, re-applies the last configuration (key, fwmark, peer) and
   reports :class:`BackendRestarted` so the tunnel puts addresses and routes back.
 - **Adoption**: the UAPI socket answers, ``SO_PEERCRED`` names the process
