@@ -265,11 +265,11 @@ async def open_tunnel(
             await tunnel.on_backend_event(event)
         await report(event)
 
-    dns = (
-        detect_dns_manager(settings.ifname, settings.resolv_conf, settings.state_dir)
-        if settings.manage_dns
-        else None
-    )
+    dns = None
+    if settings.manage_dns:  # a symlink resolved, PATH searched: file system work, off the loop
+        dns = await anyio.to_thread.run_sync(
+            detect_dns_manager, settings.ifname, settings.resolv_conf, settings.state_dir
+        )
     async with open_backend(kind, settings.ifname, relay, **backend_options) as backend:
         tunnel = Tunnel(settings, backend, dns)
         yield tunnel
