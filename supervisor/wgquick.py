@@ -202,6 +202,21 @@ _parse_line = WGConfig.parse_line
 Item = TypeVar("Item")
 
 
+class _Checked(NamedTuple):
+    """A server file's values once every check passed: what each reader makes its item of."""
+
+    private_key: str
+    addresses: list[Any]  # interfaces (run) or bare hosts (check): see _interface_address
+    dns: list[IPAddress]
+    mtu: int | None
+    listen_port: int | None
+    public_key: str
+    endpoint: Endpoint
+    allowed: list[IPNetwork]
+    preshared: Secret | None
+    keepalive: int | None
+
+
 class _Reader(abc.ABC, Generic[Item]):
     """Turns one wg-quick file into an Item, collecting every problem with its line.
 
@@ -380,7 +395,18 @@ class _Reader(abc.ABC, Generic[Item]):
                 "not routed around the tunnel",
             )
         return self._make(
-            private_key, addresses, dns, mtu, listen_port, public_key, endpoint, allowed, preshared, keepalive
+            _Checked(
+                private_key,
+                addresses,
+                dns,
+                mtu,
+                listen_port,
+                public_key,
+                endpoint,
+                allowed,
+                preshared,
+                keepalive,
+            )
         )
 
     @abc.abstractmethod
@@ -388,19 +414,7 @@ class _Reader(abc.ABC, Generic[Item]):
         """An Address entry, validated alike by both readers (ValueError)."""
 
     @abc.abstractmethod
-    def _make(
-        self,
-        private_key: str,
-        addresses: list[Any],
-        dns: list[IPAddress],
-        mtu: int | None,
-        listen_port: int | None,
-        public_key: str,
-        endpoint: Endpoint,
-        allowed: list[IPNetwork],
-        preshared: Secret | None,
-        keepalive: int | None,
-    ) -> Item:
+    def _make(self, fields: _Checked) -> Item:
         """What a file that passed every check becomes."""
 
     def _key(self, section: dict, key: str, where: str) -> str | None:
@@ -460,34 +474,22 @@ class _ServerReader(_Reader[Server]):
     def _interface_address(self, text: str) -> IPInterface:
         return parse_interface(text)
 
-    def _make(
-        self,
-        private_key: str,
-        addresses: list[Any],
-        dns: list[IPAddress],
-        mtu: int | None,
-        listen_port: int | None,
-        public_key: str,
-        endpoint: Endpoint,
-        allowed: list[IPNetwork],
-        preshared: Secret | None,
-        keepalive: int | None,
-    ) -> Server:
+    def _make(self, fields: _Checked) -> Server:
         return Server(
             name=_stem(self.path),
             path=Path(self.path),
-            private_key=Secret(private_key),
-            addresses=tuple(addresses),
+            private_key=Secret(fields.private_key),
+            addresses=tuple(fields.addresses),
             peer=Peer(
-                public_key=public_key,
-                endpoint=endpoint,
-                allowed_ips=tuple(allowed),
-                preshared_key=preshared,
-                persistent_keepalive=keepalive or None,
+                public_key=fields.public_key,
+                endpoint=fields.endpoint,
+                allowed_ips=tuple(fields.allowed),
+                preshared_key=fields.preshared,
+                persistent_keepalive=fields.keepalive or None,
             ),
-            dns=tuple(dns),
-            mtu=mtu,
-            listen_port=listen_port,
+            dns=tuple(fields.dns),
+            mtu=fields.mtu,
+            listen_port=fields.listen_port,
         )
 
 
@@ -505,20 +507,9 @@ class _DigestReader(_Reader[ServerDigest]):
     def _interface_address(self, text: str) -> IPAddress:
         return interface_host(text)
 
-    def _make(
-        self,
-        private_key: str,
-        addresses: list[Any],
-        dns: list[IPAddress],
-        mtu: int | None,
-        listen_port: int | None,
-        public_key: str,
-        endpoint: Endpoint,
-        allowed: list[IPNetwork],
-        preshared: Secret | None,
-        keepalive: int | None,
-    ) -> ServerDigest:
-        families = tuple(sorted({a.version for a in addresses}))
+    def _make(self, fields: _Checked) -> ServerDigest:
+        endpoint = fields.endpoint
+        families = tuple(sorted({a.version for a in fields.addresses}))
         return ServerDigest(_stem(self.path), (endpoint.family, int(endpoint.host), endpoint.port), families)
 
 
