@@ -284,14 +284,29 @@ def _back_online(m: Machine, now: float, reason: str) -> tuple[Machine, Actions]
 
 @leads_to(STAYS, Connected)
 def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actions]:
-    """A fresh handshake or any rx: connected. Otherwise probe; restart a handshake unanswered too long.
+    """Connected once rx grows after a sample that found the handshake complete (or rx grows with
+    no handshake reading): the server answers through the session. Otherwise probe; restart a
+    handshake unanswered too long.
 
-    The connect timer decides when the server has failed."""
+    A handshake response alone is not enough: initiations of ours held back together (behind an
+    unresolved neighbour after a link came back, say) reach the server at once, and its workers
+    may accept more than one; the session it keeps is the last, which need not be the one whose
+    response we took, and then it drops everything we send. The connect timer decides when the
+    server has failed."""
     state = m.state
     assert isinstance(state, Connecting)
     settings = m.context.settings
     liveness, _verdict, _why = state.liveness.judge(e, settings)
-    if liveness.ever_answered:
+    before = state.liveness
+    restarted = (
+        before.rx_bytes is None
+        or before.tx_bytes is None
+        or e.rx_bytes < before.rx_bytes
+        or e.tx_bytes < before.tx_bytes
+    )
+    session_rx = None if restarted else state.session_rx
+    grew = before.rx_bytes is not None and not restarted and e.rx_bytes > before.rx_bytes
+    if grew and (session_rx is not None or e.handshake_age_s is None):
         ctx = m.context
         ctx = replace(ctx, failures=0, rounds=0, cooling=ctx.warmed(state.server))
         connected = Connected(since=e.now, server=state.server, liveness=liveness)
@@ -300,13 +315,18 @@ def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actio
             act.StartTimer("sample", ctx.settings.interval_s),
             _publish(connected),
         ]
+    if session_rx is None and e.handshake_age_s is not None:
+        # A session now: its first answer (to the probe below) gets a full retry window.
+        state = replace(state, session_rx=e.rx_bytes, initiated_at=e.now)
+    else:
+        state = replace(state, session_rx=session_rx)
     restart: Actions = []
     if e.now - state.initiated_at >= settings.handshake_retry(state.attempt):
         # Unanswered (this sample saw no answer, judged above): lost on the way, or dropped by the
         # server's limit of one initiation per peer per 20 ms. WireGuard would send the next one
         # only 5 s after the last; a peer set anew sends it with the probe that follows.
         restart = [act.RestartHandshake(state.server)]
-        state = replace(state, initiated_at=e.now)
+        state = replace(state, initiated_at=e.now, session_rx=None)
     return Machine(replace(state, liveness=liveness), m.context), [
         *restart,
         act.Probe(),

@@ -36,15 +36,22 @@ class Blocked(_NoPeer):
 
 @dataclass(frozen=True)
 class Connecting:
-    """``server`` is the peer; waiting for the first sign of life (a fresh handshake or rx)."""
+    """``server`` is the peer; waiting for the server to answer through a session (rx after a
+    handshake)."""
 
     name: ClassVar[str] = "connecting"
     since: float
     server: str
     attempt: int
     liveness: Liveness
-    # When the handshake in flight began (the connect, or the last restart of it).
+    # When the handshake in flight began (the connect, the last restart of it, or the sample that
+    # found it complete: its session then has as long to carry an answer).
     initiated_at: float = 0.0
+    # The rx counter at the first sample that found a handshake complete (None before, and again
+    # when the counters restart with a new peer). Only rx beyond it is the server answering
+    # through the session: a handshake response alone is not, as the server may have taken
+    # another initiation of ours after it (see ``sample_while_connecting``).
+    session_rx: int | None = None
 
 
 @dataclass(frozen=True)

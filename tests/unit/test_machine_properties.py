@@ -266,6 +266,15 @@ detection = st.builds(
 )
 
 
+def connect(machine: Machine, now: float, rx: int, tx: int) -> Machine:
+    """From connecting, at ``now + 0.1``: the reading at entry, the handshake complete, and rx
+    beyond it (the server answering through the session), ending at counters ``rx``, ``tx``."""
+    machine, _ = step(machine, ev.StatsRead(now, 0, 0, None))
+    machine, _ = step(machine, ev.StatsRead(now + 0.05, rx // 2, tx // 2, 0.01))
+    machine, _ = step(machine, ev.StatsRead(now + 0.1, rx, tx, 0.05))
+    return machine
+
+
 @settings(max_examples=300, deadline=None)
 @given(config=detection, samples=samples)
 def test_doubt_probes_fast_decides_only_on_count_and_window_and_any_answer_resets(
@@ -277,8 +286,8 @@ def test_doubt_probes_fast_decides_only_on_count_and_window_and_any_answer_reset
     machine = Machine.initial(config)
     now, rx, tx = 0.0, 100, 100
     machine, _ = step(machine, ev.Start(now, seed=1))
+    machine = connect(machine, now, rx, tx)
     now += 0.1
-    machine, _ = step(machine, ev.StatsRead(now, rx, tx, 0.05))
     assert machine.state.name == "connected"
     probes: list[float] = []  # this doubt's probes, as the test saw the actions ask for them
     for dt, rx_grew, tx_grew in samples:
@@ -320,8 +329,8 @@ def test_a_silent_server_is_declared_dead_once_count_and_window_are_met(config: 
     machine = Machine.initial(config)
     now, tx = 0.0, 100
     machine, _ = step(machine, ev.Start(now, seed=1))
+    machine = connect(machine, now, 100, tx)
     now += 0.1
-    machine, _ = step(machine, ev.StatsRead(now, 100, tx, 0.05))
     began = None
     for _ in range(100_000):
         now += config.doubt_probe_interval_s

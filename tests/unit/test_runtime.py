@@ -335,15 +335,16 @@ def test_teardown_failures_are_logged_and_the_stop_goes_on() -> None:
 # --- timers -----------------------------------------------------------------------------------
 
 
-def test_a_timer_that_runs_out_reads_the_counters_and_a_fresh_handshake_connects() -> None:
+def test_a_timer_that_runs_out_reads_the_counters_and_an_answer_after_the_handshake_connects() -> None:
     world = World()
     quick = Settings(servers=("a", "b"), probe_interval_s=0.001, interval_s=3600, connect_timeouts_s=(3600,))
 
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.post(lambda now: ev.Start(now, seed=1))
         assert await next_state(published) == "connecting"
-        world.stats_answers.append(stats(rx=148, tx=92, age=0.0))  # the next read: an answer
-        connected = await published.receive()  # read when the (short) sample timer ran out
+        # The next reads: the handshake complete, then rx beyond it (an answer through it).
+        world.stats_answers += [stats(rx=92, tx=92, age=0.0), stats(rx=148, tx=184, age=0.0)]
+        connected = await published.receive()  # read when the (short) sample timers ran out
         assert (connected.state, connected.server) == ("connected", "a")
         assert connected.stats is not None
         assert runtime.status.as_json()["rx_bytes"] == 148
@@ -352,7 +353,7 @@ def test_a_timer_that_runs_out_reads_the_counters_and_a_fresh_handshake_connects
 
     _, world = run(scenario, quick, world)
     assert world.without_probes() == [("apply", ()), ("set_servers", ("a",)), ("connect", "a"), ("close",)]
-    assert world.reads() >= 2  # at the connect, then on the timer
+    assert world.reads() >= 3  # at the connect, then on the timers
 
 
 def test_stale_and_cancelled_timers_are_dropped_and_the_current_one_acts() -> None:
@@ -408,12 +409,15 @@ def test_an_unreadable_tunnel_reads_as_silence_and_keeps_the_last_counters(
 ) -> None:
     monkeypatch.setattr(runtime_module, "STATS_TIMEOUT_S", 0.01)
     world = World()
-    world.stats_answers = [stats(rx=148, tx=92, age=0.0)]
+    world.stats_answers = [stats(rx=92, tx=46, age=0.0), stats(rx=148, tx=92, age=0.0)]
 
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.post(lambda now: ev.Start(now, seed=1))
         assert await next_state(published) == "connecting"
-        assert await next_state(published) == "connected"  # the read at the connect answered
+        # The read at the connect found the handshake; the sample after it, an answer through it.
+        await settle(runtime, published)
+        await runtime.events.send(TimerDue("sample", runtime.armed_timers["sample"]))
+        assert await next_state(published) == "connected"
         if failure == "raises":
             world.failing["stats"] = OSError("uapi socket gone")
         else:
@@ -435,7 +439,7 @@ def test_an_unreadable_tunnel_reads_as_silence_and_keeps_the_last_counters(
         await stop(runtime, published)
 
     _, world = run(scenario, world=world)
-    assert world.reads() == (3 if failure == "raises" else 1)  # the hanging reads never got to log
+    assert world.reads() == (4 if failure == "raises" else 2)  # the hanging reads never got to log
 
 
 # --- probes -----------------------------------------------------------------------------------
