@@ -285,8 +285,8 @@ def _back_online(m: Machine, now: float, reason: str) -> tuple[Machine, Actions]
 @leads_to(STAYS, Connected)
 def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actions]:
     """Connected once rx grows after a sample that found the handshake complete (or rx grows with
-    no handshake reading): the server answers through the session. Otherwise probe; restart a
-    handshake unanswered too long.
+    no handshake reading): the server answers through the session. Otherwise probe (at the doubt
+    pace once there is a session); restart a handshake unanswered too long.
 
     A handshake response alone is not enough: initiations of ours held back together (behind an
     unresolved neighbour after a link came back, say) reach the server at once, and its workers
@@ -327,10 +327,13 @@ def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actio
         # only 5 s after the last; a peer set anew sends it with the probe that follows.
         restart = [act.RestartHandshake(state.server)]
         state = replace(state, initiated_at=e.now, session_rx=None)
+    # With a session to check, probe at the doubt pace: a lossy path answers one of the many
+    # probes within the retry window, a session the server dropped answers none of them.
+    pace = settings.probe_interval_s if state.session_rx is None else settings.doubt_probe_interval_s
     return Machine(replace(state, liveness=liveness), m.context), [
         *restart,
         act.Probe(),
-        act.StartTimer("sample", settings.probe_interval_s),
+        act.StartTimer("sample", pace),
     ]
 
 

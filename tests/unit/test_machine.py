@@ -155,13 +155,14 @@ def test_start_twice_does_nothing_the_second_time() -> None:
 def test_a_handshake_connects_only_once_the_server_answers_through_it() -> None:
     run = Run()
     run.start()
-    # age 5 s at t=0.25: the handshake predates this connect (since t=0): not a sign of life
-    actions = run.feed(ev.StatsRead(run.at(0.25), 0, 0, 5.0))
+    actions = run.feed(ev.StatsRead(run.at(0.25), 0, 0, None))  # no handshake yet
     assert isinstance(run.state, Connecting)
     assert act.Probe() in actions and act.StartTimer("sample", 0.25) in actions
-    actions = run.feed(ev.StatsRead(run.at(0.25), 0, 148, 0.1))
-    assert isinstance(run.state, Connecting), "a handshake without rx: nothing answered yet"
-    actions = run.feed(ev.StatsRead(run.at(0.25), 64, 228, 0.35))  # the probe's answer
+    actions = run.feed(ev.StatsRead(run.at(0.25), 92, 148, 0.1))
+    assert isinstance(run.state, Connecting), "a handshake response without more rx: nothing answered yet"
+    pace = SETTINGS.doubt_probe_interval_s
+    assert act.Probe() in actions and act.StartTimer("sample", pace) in actions, "a session: probe fast"
+    actions = run.feed(ev.StatsRead(run.at(0.03), 156, 228, 0.13))  # the probe's answer
     assert isinstance(run.state, Connected)
     assert act.CancelTimer("connect") in actions and act.StartTimer("sample", SETTINGS.interval_s) in actions
 
