@@ -109,6 +109,7 @@ def machine_settings(config: Config) -> Settings:
         handshake_max_age_s=s.health.handshake_max_age_s,
         connect_timeouts_s=tuple(s.health.connect_timeouts_s),
         lock_mode=s.lock.mode,
+        unprobed=frozenset(server.name for server in config.servers if probe_target(config)(server) is None),
     )
 
 

@@ -291,8 +291,9 @@ def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actio
     A handshake response alone is not enough: initiations of ours held back together (behind an
     unresolved neighbour after a link came back, say) reach the server at once, and its workers
     may accept more than one; the session it keeps is the last, which need not be the one whose
-    response we took, and then it drops everything we send. The connect timer decides when the
-    server has failed."""
+    response we took, and then it drops everything we send. A server with nothing to probe
+    (``Settings.unprobed``) connects on the handshake alone: waiting for an answer it cannot ask
+    for would fail it. The connect timer decides when the server has failed."""
     state = m.state
     assert isinstance(state, Connecting)
     settings = m.context.settings
@@ -306,7 +307,8 @@ def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actio
     )
     session_rx = None if restarted else state.session_rx
     grew = before.rx_bytes is not None and not restarted and e.rx_bytes > before.rx_bytes
-    if grew and (session_rx is not None or e.handshake_age_s is None):
+    answered = grew and (session_rx is not None or e.handshake_age_s is None)
+    if answered or (state.server in settings.unprobed and liveness.ever_answered):
         ctx = m.context
         ctx = replace(ctx, failures=0, rounds=0, cooling=ctx.warmed(state.server))
         connected = Connected(since=e.now, server=state.server, liveness=liveness)

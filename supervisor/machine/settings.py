@@ -46,6 +46,9 @@ class Settings:
     # initiations in their 8 s and 15 s windows) for a path slower than half a second.
     handshake_retries_s: tuple[float, ...] = (0.5, 1.0, 2.0)
     lock_mode: Literal["permanent", "session"] = "permanent"
+    # Servers with nothing to probe (no tunnel DNS and no health.probe_target): no answer can be
+    # asked for through their session, so connecting ends on the handshake response alone.
+    unprobed: frozenset[str] = frozenset()
 
     def connect_timeout(self, attempt: int) -> float:
         """The limit for a first handshake on the ``attempt``-th consecutive try (0-based)."""

@@ -72,6 +72,19 @@ def test_the_machine_gets_every_setting_it_acts_on_and_the_servers_in_file_order
     )
 
 
+def test_servers_with_nothing_to_probe_are_named_to_the_machine(write_config) -> None:
+    """Without tunnel DNS and without health.probe_target there is no answer to ask for while
+    connecting: the machine must know, or it would wait for one until the server failed."""
+    config = load_config(write_config("", servers=3), {})
+    first, second, third = config.servers
+    no_dns = replace(config, servers=(first, replace(second, dns=()), third))
+    assert daemon.machine_settings(config).unprobed == frozenset()
+    assert daemon.machine_settings(no_dns).unprobed == frozenset({"vpn2"})
+    fixed = load_config(write_config('[health]\nprobe_target = "10.64.0.1"\n', servers=3), {})
+    fixed_no_dns = replace(fixed, servers=tuple(replace(s, dns=()) for s in fixed.servers))
+    assert daemon.machine_settings(fixed_no_dns).unprobed == frozenset()
+
+
 def test_probes_go_to_the_servers_dns_inside_the_tunnel_by_default(write_config, write_server) -> None:
     config = load_config(write_config("", servers=1), {})
     [server] = config.servers

@@ -191,6 +191,24 @@ def test_a_handshake_response_whose_session_the_server_dropped_is_not_connected(
     assert run.machine.context.last_failure is None, "the server was never blamed"
 
 
+def test_a_server_with_nothing_to_probe_connects_on_the_handshake_alone() -> None:
+    """No tunnel DNS and no probe_target: no answer can be asked for, so waiting for one would
+    fail a working server at the connect timeout."""
+    run = Run(Settings(servers=SERVERS, unprobed=frozenset({"a"})))
+    run.start()
+    run.feed(ev.StatsRead(run.now, 0, 0, None))
+    run.feed(ev.StatsRead(run.at(0.25), 92, 148, 0.01))  # the handshake response, nothing more
+    assert isinstance(run.state, Connected) and run.state.server == "a"
+
+
+def test_a_probed_server_is_not_connected_by_the_handshake_alone() -> None:
+    run = Run(Settings(servers=SERVERS, unprobed=frozenset({"b"})))
+    run.start()
+    run.feed(ev.StatsRead(run.now, 0, 0, None))
+    run.feed(ev.StatsRead(run.at(0.25), 92, 148, 0.01))
+    assert isinstance(run.state, Connecting)
+
+
 def test_received_bytes_connect_even_without_a_handshake_reading() -> None:
     run = Run()
     run.start()
