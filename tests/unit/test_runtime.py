@@ -26,7 +26,7 @@ from supervisor.machine import events as ev
 from supervisor.machine.settings import Settings
 from supervisor.machine.states import Machine
 from supervisor.redact import Secret
-from supervisor.runtime import LockFailed, Runtime, Status, TimerDue
+from supervisor.runtime import Inbox, LockFailed, Runtime, Status, TimerDue
 from supervisor.servers import Endpoint, Peer, Server
 from supervisor.wireguard.backend import TunnelStats
 
@@ -135,14 +135,17 @@ def probe_target(server: Server) -> IPv4Address | IPv6Address | None:
     return ip_address("10.64.0.1") if server.name != "b" else None
 
 
-Scenario = Callable[[Runtime, World, MemoryObjectReceiveStream[Status]], Awaitable[None]]
-
-
-def run(scenario: Scenario, settings: Settings = SLOW, world: World | None = None) -> tuple[Runtime, World]:
-    """Run the runtime against ``world`` while ``scenario`` feeds it; it must end by itself."""
-    world = world or World()
-    published_send, published = anyio.create_memory_object_stream[Status](math.inf)
-    runtime = Runtime(
+def make_runtime(
+    world: World,
+    publish: Callable[[Status], None],
+    settings: Settings = SLOW,
+    *,
+    clock: Clock | None = None,
+    inbox: Inbox | None = None,
+) -> Runtime:
+    """The runtime with ``world`` as its lock, tunnel and prober; each status published as a copy
+    (the runtime goes on changing its own)."""
+    return Runtime(
         Machine.initial(settings),
         SERVERS,
         world,
@@ -150,9 +153,20 @@ def run(scenario: Scenario, settings: Settings = SLOW, world: World | None = Non
         world,
         ifname="tun-test",
         probe_target=probe_target,
-        clock=Clock(),
-        on_publish=lambda status: published_send.send_nowait(_copy(status)),
+        clock=clock,
+        inbox=inbox,
+        on_publish=lambda status: publish(_copy(status)),
     )
+
+
+Scenario = Callable[[Runtime, World, MemoryObjectReceiveStream[Status]], Awaitable[None]]
+
+
+def run(scenario: Scenario, settings: Settings = SLOW, world: World | None = None) -> tuple[Runtime, World]:
+    """Run the runtime against ``world`` while ``scenario`` feeds it; it must end by itself."""
+    world = world or World()
+    published_send, published = anyio.create_memory_object_stream[Status](math.inf)
+    runtime = make_runtime(world, published_send.send_nowait, settings, clock=Clock())
 
     async def main() -> None:
         ended = anyio.Event()

@@ -11,10 +11,9 @@ import anyio
 import pytest
 
 from supervisor.machine import events as ev
-from supervisor.machine.states import Machine
 from supervisor.runtime import Inbox, Runtime, Status
 
-from .test_runtime import GUARD_S, SERVERS, SLOW, Clock, World, probe_target
+from .test_runtime import GUARD_S, Clock, World, make_runtime
 
 
 def test_a_report_queued_before_the_runtime_exists_is_handled_first_stamped_when_posted() -> None:
@@ -26,19 +25,7 @@ def test_a_report_queued_before_the_runtime_exists_is_handled_first_stamped_when
         inbox = Inbox(clock)
         # The backend died while the daemon was still adopting the tunnel.
         await inbox.post(lambda now: ev.BackendDown(now, "wireguard-go exited (status 2)"))
-        runtime = Runtime(
-            Machine.initial(SLOW),
-            SERVERS,
-            world,
-            world,
-            world,
-            ifname="tun-test",
-            probe_target=probe_target,
-            inbox=inbox,
-            on_publish=lambda status: published.append(
-                Status(**{**status.__dict__, "last_failure": status.last_failure})
-            ),
-        )
+        runtime = make_runtime(world, published.append, inbox=inbox)
         assert runtime.clock is clock
         clock.now += 5.0  # the runtime came later
         await runtime.post(lambda now: ev.Start(now, 7, None))
@@ -62,16 +49,6 @@ def test_a_report_queued_before_the_runtime_exists_is_handled_first_stamped_when
 def test_a_runtime_takes_a_clock_or_an_inbox_not_both() -> None:
     async def main() -> None:
         with pytest.raises(TypeError, match="give the clock to the inbox"):
-            Runtime(
-                Machine.initial(SLOW),
-                SERVERS,
-                World(),
-                World(),
-                World(),
-                ifname="tun-test",
-                probe_target=probe_target,
-                clock=Clock(),
-                inbox=Inbox(Clock()),
-            )
+            make_runtime(World(), lambda status: None, clock=Clock(), inbox=Inbox(Clock()))
 
     anyio.run(main)
