@@ -299,12 +299,7 @@ def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actio
     settings = m.context.settings
     liveness, _verdict, _why = state.liveness.judge(e, settings)
     before = state.liveness
-    restarted = (
-        before.rx_bytes is None
-        or before.tx_bytes is None
-        or e.rx_bytes < before.rx_bytes
-        or e.tx_bytes < before.tx_bytes
-    )
+    restarted = before.restarted_by(e)
     session_rx = None if restarted else state.session_rx
     grew = before.rx_bytes is not None and not restarted and e.rx_bytes > before.rx_bytes
     answered = grew and (session_rx is not None or e.handshake_age_s is None)

@@ -90,6 +90,12 @@ class Liveness:
         """Probes out in this doubt, answered or not yet (0 when there is no doubt)."""
         return len(self.probes)
 
+    def restarted_by(self, sample: StatsRead) -> bool:
+        """The first sample, or counters that went back (a new peer or a restarted backend):
+        a baseline, not a judgement of silence."""
+        old_rx, old_tx = self.rx_bytes, self.tx_bytes
+        return old_rx is None or old_tx is None or sample.rx_bytes < old_rx or sample.tx_bytes < old_tx
+
     def next_probe_in(self, now: float, settings: Settings) -> float:
         """The delay to the doubt's next sample and probe: on a fixed schedule from the doubt's
         start, so that a late timer or a slow counter read (a busy machine) is made up on the
@@ -109,9 +115,7 @@ class Liveness:
         age = sample.handshake_age_s
         answered = self.ever_answered or (age is not None and age <= now - self.since)
         rx, tx = sample.rx_bytes, sample.tx_bytes
-        if self.rx_bytes is None or self.tx_bytes is None or rx < self.rx_bytes or tx < self.tx_bytes:
-            # First sample, or the counters restarted (a new peer or a restarted backend):
-            # a baseline, not a judgement of silence.
+        if self.restarted_by(sample) or self.rx_bytes is None:  # (the second only narrows the type)
             new = Liveness(self.since, rx, tx, now, answered)
             verdict = Verdict.ALIVE if answered else Verdict.DOUBT
             if verdict is Verdict.DOUBT:
