@@ -54,7 +54,7 @@ from supervisor.machine.settings import Settings
 from supervisor.machine.states import Machine
 from supervisor.net import monitor
 from supervisor.plugins import PluginHost
-from supervisor.runtime import Inbox, LockFailed, Runtime, Status
+from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
 from supervisor.servers import Server
 from supervisor.systemd.notify import Notifier
@@ -198,7 +198,7 @@ async def serve(config: Config) -> int:
             await tg.start(_serve_metrics, config, runtime, lock)
         if host is not None:
             await tg.start(host.run)
-        tg.start_soon(_signals, runtime, config, lock, watcher, notifier, host)
+        tg.start_soon(_signals, runtime, config, watcher, notifier, host)
         tg.start_soon(_announce_ready, notifier, first_status, settings.control.socket)
         tg.start_soon(notifier.keep_watchdog_fed)
         log.info(
@@ -339,7 +339,6 @@ def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginH
 async def _signals(
     runtime: Runtime,
     config: Config,
-    lock: GuardedLock,
     watcher: monitor.PathMonitor,
     notifier: Notifier | None = None,
     host: PluginHost | None = None,
@@ -351,7 +350,7 @@ async def _signals(
         nonlocal current
         async with reloading:  # one at a time, in the order the signals came
             try:
-                current = await _reload(runtime, current, lock, watcher)
+                current = await _reload(runtime, current, watcher)
             except Exception:  # a bug in a reload must cost the reload, not the daemon
                 log.exception("reload failed; still running on the configuration before it")
 
@@ -371,9 +370,7 @@ async def _signals(
                     await runtime.post(lambda now: ev.Stop(now))
 
 
-async def _reload(
-    runtime: Runtime, config: Config, lock: GuardedLock, watcher: monitor.PathMonitor
-) -> Config:
+async def _reload(runtime: Runtime, config: Config, watcher: monitor.PathMonitor) -> Config:
     """Read the configuration again; keep running on the old one if the new one is bad."""
     try:
         with anyio.fail_after(RELOAD_READ_TIMEOUT_S):
@@ -400,11 +397,12 @@ async def _reload(
     _log_warnings(new)
     if new.settings.plugins != config.settings.plugins:
         log.warning("reload: plugin settings take effect at the next start; the running ones go on")
-    runtime.servers = {server.name: server for server in new.servers}
-    runtime.probe_target = targets
-    await lock.rebase(base, runtime.servers)
     reachable = await _reachable_now(new, runtime.ifname)
-    await runtime.post(lambda now: ev.ConfigReloaded(now, settings, reachable))
+    # Through the runtime's loop, between two events: the lock, the servers and the machine
+    # follow the new configuration together, never half of it while an action is on its way.
+    change = Reconfiguration({s.name: s for s in new.servers}, targets, base, settings, reachable)
+    if not await runtime.reconfigure(change):
+        return config
     # Only now: the monitor's report for the new list must not reach the machine before the
     # list itself (it would name servers the machine does not know yet).
     watcher.set_endpoints(s.endpoint for s in new.servers)

@@ -26,10 +26,12 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from supervisor.lock.policy import LockPolicy
 from supervisor.log import get_logger
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev
 from supervisor.machine.core import step
+from supervisor.machine.settings import Settings
 from supervisor.machine.states import Failure, Machine
 from supervisor.servers import Server
 from supervisor.wireguard.backend import TunnelStats
@@ -56,7 +58,10 @@ class Lock(Protocol):
         """Install the whole lock letting the tunnel reach ``servers``."""
 
     async def set_servers(self, servers: tuple[Server, ...]) -> None:
-        """Swap the reachable endpoints to ``servers``' without a moment between."""
+        """Let the tunnel reach ``servers`` instead, in one transaction (the cheapest that is)."""
+
+    async def rebase(self, base: LockPolicy, servers: Mapping[str, Server]) -> None:
+        """A reload: the policy around the endpoints, and the servers as now configured."""
 
     async def remove(self) -> None: ...
 
@@ -153,7 +158,30 @@ class TimerDue:
     generation: int
 
 
-Item = ev.Event | TimerDue
+@dataclass(frozen=True)
+class Reconfiguration:
+    """A reload as it reaches the loop: the lock's new base, the servers and probe targets the
+    runtime acts on, and the machine's new settings. Taken between two events like any other
+    item, so the lock, the runtime and the machine move to the new configuration together and
+    no action of the old one runs half on the new (issue #22)."""
+
+    servers: Mapping[str, Server]
+    probe_target: Callable[[Server], IPv4Address | IPv6Address | None]
+    lock_base: LockPolicy
+    settings: Settings
+    reachable: frozenset[str] | None  # for ``ConfigReloaded``: paths under the new list, or unknown
+
+
+@dataclass(eq=False)
+class PendingReconfiguration:
+    """A reconfiguration in the stream, and the loop's answer: whether it was applied."""
+
+    change: Reconfiguration
+    done: anyio.Event = field(default_factory=anyio.Event)
+    applied: bool = False
+
+
+Item = ev.Event | TimerDue | PendingReconfiguration
 
 
 class Inbox:
@@ -233,6 +261,14 @@ class Runtime:
         """Queue an event, stamped now: ``await runtime.post(lambda now: ev.Stop(now))``."""
         await self.inbox.post(make)
 
+    async def reconfigure(self, change: Reconfiguration) -> bool:
+        """Hand a reload to the loop and wait until it took it: True once the lock, the servers
+        and the machine follow ``change``; False if the lock refused it (nothing changed then)."""
+        pending = PendingReconfiguration(change)
+        await self._send.send(pending)
+        await pending.done.wait()
+        return pending.applied
+
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self, task_group: anyio.abc.TaskGroup) -> None:
@@ -247,6 +283,8 @@ class Runtime:
                     continue  # cancelled or re-armed after it fired: stale
                 del self._timers[item.timer]
                 await self._handle(ev.TimerFired(self.clock(), item.timer))
+            elif isinstance(item, PendingReconfiguration):
+                await self._reconfigure(item)
             else:
                 await self._handle(item)
             if self._done:
@@ -263,6 +301,24 @@ class Runtime:
                 if answer is not None:
                     pending.append(answer)
 
+    async def _reconfigure(self, pending: PendingReconfiguration) -> None:
+        """The lock first (a reload that widens it must be in force before the machine acts on
+        it), then the runtime's servers, then the machine."""
+        change = pending.change
+        try:
+            try:
+                with anyio.fail_after(LOCK_TIMEOUT_S):
+                    await self.lock.rebase(change.lock_base, change.servers)
+            except Exception as err:  # the table as it was: still the old configuration throughout
+                log.error("reload refused: the lock could not be applied for it", error=str(err))
+                return
+            self.servers = dict(change.servers)
+            self.probe_target = change.probe_target
+            pending.applied = True
+            await self._handle(ev.ConfigReloaded(self.clock(), change.settings, change.reachable))
+        finally:
+            pending.done.set()
+
     # --- the actions ------------------------------------------------------------------------
 
     async def _execute(self, action: act.Action) -> ev.Event | None:
@@ -270,13 +326,8 @@ class Runtime:
             case act.ApplyLock(names):
                 await self._lock_call(self.lock.apply, names)
             case act.SetLockServers(names):
-                try:
-                    await self._lock_call(self.lock.set_servers, names)
-                except LockFailed as err:
-                    # An element swap can fail on a table someone changed; the whole lock in one
-                    # transaction always replaces what is there.
-                    log.warning("endpoint swap failed; applying the whole lock", error=str(err))
-                    await self._lock_call(self.lock.apply, names)
+                # The lock falls back to the whole table itself when an element swap is refused.
+                await self._lock_call(self.lock.set_servers, names)
             case act.RemoveLock():
                 with anyio.CancelScope(shield=True), anyio.move_on_after(LOCK_TIMEOUT_S):
                     await self.lock.remove()

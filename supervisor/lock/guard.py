@@ -85,9 +85,11 @@ class LockGuard:
     async def apply(self, policy: LockPolicy | None = None) -> None:
         """Install ``policy`` (or the current one) and remember what it looks like installed."""
         async with self._lock:
-            if policy is not None:
-                self.policy = policy
-            self._onlink = await anyio.to_thread.run_sync(self._apply, self.policy)
+            # Remembered only once installed: a refused transaction leaves the old table in force,
+            # and a restore after tampering must put back what is there, not what was refused.
+            wanted = self.policy if policy is None else policy
+            self._onlink = await anyio.to_thread.run_sync(self._apply, wanted)
+            self.policy = wanted
             self._reference = await anyio.to_thread.run_sync(nft.listing, self.policy.table)
 
     def _apply(self, policy: LockPolicy) -> tuple:
@@ -98,18 +100,18 @@ class LockGuard:
         """Move to ``policy``'s endpoints with element changes only (no moment without them)."""
         async with self._lock:
             old = self.policy.endpoints
-            self.policy = policy
             await anyio.to_thread.run_sync((self.owner or nft).swap_endpoints, policy, old, policy.endpoints)
+            self.policy = policy
             self._reference = await anyio.to_thread.run_sync(nft.listing, policy.table)
 
     async def swap_tunnel_inbound(self, policy: LockPolicy) -> None:
         """Move to ``policy``'s inbound tunnel ports with element changes only."""
         async with self._lock:
             old = self.policy.tunnel_inbound
-            self.policy = policy
             await anyio.to_thread.run_sync(
                 (self.owner or nft).swap_tunnel_inbound, policy, old, policy.tunnel_inbound
             )
+            self.policy = policy
             self._reference = await anyio.to_thread.run_sync(nft.listing, policy.table)
 
     async def check(self) -> str | None:

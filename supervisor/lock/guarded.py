@@ -1,10 +1,19 @@
-"""The lock as the daemon's runtime drives it: a guard that applies, swaps and watches between.
+"""The lock's one owner while the daemon runs: one wanted value, compared with what is installed.
 
-``GuardedLock`` is the runtime's ``Lock`` (supervisor/runtime.py). It knows which servers the
-lock lets through now, and chooses the cheapest change that is still one transaction: moving
-to other servers swaps the endpoint elements when their tunnel DNS stays the same, and applies
-the whole table when it does not (another resolver means other rules). Between changes the
-guard (supervisor/lock/guard.py) watches the table and restores it after tampering.
+``GuardedLock`` is the runtime's ``Lock`` (supervisor/runtime.py) and the only writer of the
+lock table while the daemon runs. What the lock should let through is one frozen value, a
+``LockIntent`` (the base policy from the configuration, the servers the machine lets the tunnel
+reach, the ports plugins asked the tunnel to accept). Every change, whoever asks for it (the
+machine's actions through the runtime, a reload through the runtime's loop, a plugin's port
+request), is an edit of that value made under one mutex: the new value is computed from the
+current one, compared with what is installed, and installed by the cheapest change that is still
+one transaction (an element swap of endpoints or inbound ports, else the whole table). Reading
+the wanted value and installing it never interleave with another change, so the table, the
+guard's memory of it and the wanted value always agree (the shape of Mullvad's firewall, where
+every ``AllowEndpoint`` goes through the tunnel state machine to one ``apply_policy``).
+
+Between changes the guard (supervisor/lock/guard.py) watches the table and restores what was
+last installed after tampering.
 
 While the daemon runs, the lock is also held in an owned twin table that no other program can
 flush or delete (supervisor/lock/owner.py), when the kernel and nft here allow it; the first
@@ -18,6 +27,7 @@ real ones) so that these decisions are tested without root, against stand-ins.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import anyio
@@ -35,6 +45,21 @@ log = get_logger(__name__)
 
 # At exit, putting the ordinary table back in place may not hold the daemon up longer than this.
 LOCK_CLOSE_TIMEOUT_S = 15.0
+
+InboundPorts = frozenset[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class LockIntent:
+    """What the lock should let through now: the one value every change edits."""
+
+    base: LockPolicy  # from the configuration: everything around the endpoints
+    servers: tuple[Server, ...] = ()  # the servers the tunnel may reach (the machine's choice)
+    tunnel_inbound: InboundPorts = frozenset()  # ports plugins asked the tunnel to accept
+
+    def policy(self) -> LockPolicy:
+        """The policy to install for this intent."""
+        return self.base.with_servers(self.servers).with_tunnel_inbound(self.tunnel_inbound)
 
 
 class Guard(Protocol):
@@ -66,8 +91,24 @@ class OrdinaryTable(Protocol):
     def remove(self, table: str) -> object: ...
 
 
+def cheapest_change(installed: LockPolicy | None, wanted: LockPolicy) -> str | None:
+    """How to go from ``installed`` to ``wanted`` in one transaction: ``"endpoints"`` or
+    ``"inbound"`` (an element swap, when that is all that differs), ``"whole"`` (the table
+    replaced: another resolver means other rules), or None when nothing differs."""
+    if installed is None:
+        return "whole"
+    if installed == wanted:
+        return None
+    if replace(installed, endpoints=wanted.endpoints) == wanted:
+        return "endpoints"
+    if replace(installed, tunnel_inbound=wanted.tunnel_inbound) == wanted:
+        return "inbound"
+    return "whole"
+
+
 class GuardedLock:
-    """The lock as the runtime drives it: the guard applies and swaps, and watches between."""
+    """The lock's one writer while the daemon runs: edits of one ``LockIntent``, each installed
+    under one mutex; the guard watches between."""
 
     def __init__(
         self,
@@ -81,24 +122,24 @@ class GuardedLock:
     ) -> None:
         """``base``: the policy around the endpoints; ``on_tamper``: told why, after each restore;
         the guard's watch runs in ``task_group`` from the first apply on."""
-        self.base = base
-        self.servers: tuple[Server, ...] = ()
+        self.intent = LockIntent(base)
         self.guard = make_guard(base, on_tamper)
         self._task_group = task_group
         self._open_owner_context = open_owner
         self._ordinary = ordinary
         self._watch: anyio.CancelScope | None = None
-        # Ports plugins asked the tunnel to accept (a forwarded port): kept across whole applies.
-        self.tunnel_inbound: frozenset[tuple[str, int]] = frozenset()
+        self._changing = anyio.Lock()
+        self._installed = False  # the intent is in the table (False before the first apply, after remove)
         self._owner_checked = False
-        self._removed = False
 
-    def _policy(self, servers: tuple[Server, ...]) -> LockPolicy:
-        return self.base.with_servers(servers).with_tunnel_inbound(self.tunnel_inbound)
+    @property
+    def servers(self) -> tuple[Server, ...]:
+        """The servers the lock lets the tunnel reach."""
+        return self.intent.servers
 
     async def _open_owner(self) -> None:
         self._owner_checked = True
-        table = self.base.table
+        table = self.intent.base.table
         try:
             self.guard.owner = await anyio.to_thread.run_sync(self._open_owner_context, table)
         except OwnerUnavailable as err:
@@ -111,50 +152,72 @@ class GuardedLock:
             return
         log.info("the lock is held twice while running", table=table, owned_table=owned_table(table))
 
-    async def apply(self, servers: tuple[Server, ...]) -> None:
-        if not self._owner_checked:
-            await self._open_owner()
-        self._removed = False
-        self.servers = servers
-        await self.guard.apply(self._policy(servers))
-        if self._watch is None:
-            await self._task_group.start(self._guard)
+    async def _change(self, edit: Callable[[LockIntent], LockIntent], *, whole: bool = False) -> None:
+        """Edit the intent and install it, all under the one mutex. Until the first apply (and
+        after a removal) an edit is only remembered: the next apply installs it."""
+        async with self._changing:
+            wanted = edit(self.intent)
+            if not self._installed and not whole:
+                self.intent = wanted
+                return
+            if not self._owner_checked:
+                await self._open_owner()
+            policy = wanted.policy()
+            change = "whole" if whole or not self._installed else cheapest_change(self.guard.policy, policy)
+            if change == "endpoints" or change == "inbound":
+                try:
+                    if change == "endpoints":
+                        await self.guard.swap_endpoints(policy)
+                    else:
+                        await self.guard.swap_tunnel_inbound(policy)
+                except Exception as err:  # a table someone changed: the whole table replaces it
+                    log.warning(f"{change} swap failed; applying the whole lock", error=str(err))
+                    change = "whole"
+            if change == "whole":
+                await self.guard.apply(policy)
+            self.intent = wanted
+            self._installed = True
+            if self._watch is None:
+                await self._task_group.start(self._guard)
 
     async def _guard(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         with anyio.CancelScope() as self._watch:
             await self.guard.watch(task_status=task_status)
 
+    async def apply(self, servers: tuple[Server, ...]) -> None:
+        """Install the whole table letting the tunnel reach ``servers`` (at start, after doubt)."""
+        await self._change(lambda intent: replace(intent, servers=servers), whole=True)
+
     async def set_servers(self, servers: tuple[Server, ...]) -> None:
-        policy = self._policy(servers)
-        if policy.tunnel_dns != self.guard.policy.tunnel_dns:
-            await self.guard.apply(policy)  # another resolver too: the whole table at once
-        else:
-            await self.guard.swap_endpoints(policy)
-        self.servers = servers
+        """Let the tunnel reach ``servers`` instead, by the cheapest single transaction."""
+        await self._change(lambda intent: replace(intent, servers=servers))
 
     async def rebase(self, base: LockPolicy, servers: Mapping[str, Server]) -> None:
         """A reload: the policy around the endpoints (LAN, ports) and the servers as now read.
         The lock keeps letting through the servers it did that are still configured (the
         machine moves off a dropped one next), and is re-applied only where it differs."""
-        self.base = base
-        self.servers = tuple(servers[s.name] for s in self.servers if s.name in servers)
-        if self._policy(self.servers) != self.guard.policy:
-            await self.apply(self.servers)
 
-    async def set_tunnel_inbound(self, pairs: frozenset[tuple[str, int]]) -> None:
+        def rebased(intent: LockIntent) -> LockIntent:
+            kept = tuple(servers[s.name] for s in intent.servers if s.name in servers)
+            return replace(intent, base=base, servers=kept)
+
+        await self._change(rebased)
+
+    async def set_tunnel_inbound(self, pairs: InboundPorts) -> None:
         """What a plugin may change: the ports accepted through the tunnel (element swap)."""
-        self.tunnel_inbound = pairs
-        await self.guard.swap_tunnel_inbound(self._policy(self.servers))
+        await self._change(lambda intent: replace(intent, tunnel_inbound=pairs))
 
     async def remove(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()  # or the guard would put it straight back
-        owner = self.guard.owner
-        if owner is not None:
-            await anyio.to_thread.run_sync(owner.remove, self.base.table)  # both tables, one transaction
-        else:
-            await anyio.to_thread.run_sync(self._ordinary.remove, self.base.table)
-        self._removed = True
+        async with self._changing:
+            if self._watch is not None:
+                self._watch.cancel()  # or the guard would put it straight back
+            owner = self.guard.owner
+            table = self.intent.base.table
+            if owner is not None:
+                await anyio.to_thread.run_sync(owner.remove, table)  # both tables, one transaction
+            else:
+                await anyio.to_thread.run_sync(self._ordinary.remove, table)
+            self._installed = False
 
     async def close(self) -> None:
         """At exit: the owned twin goes with the context. Unless the lock was removed, the
@@ -162,17 +225,18 @@ class GuardedLock:
         the host open."""
         if self._watch is not None:
             self._watch.cancel()
-        owner, self.guard.owner = self.guard.owner, None
-        if owner is None:
-            return
-        try:
-            if not self._removed:
-                with anyio.fail_after(LOCK_CLOSE_TIMEOUT_S):
-                    await anyio.to_thread.run_sync(self._ordinary.apply, self.guard.policy)
-        except Exception as err:  # exiting anyway: say so, the ordinary table is as it was
-            log.error("could not re-apply the lock at exit", error=str(err))
-        finally:
-            await anyio.to_thread.run_sync(owner.close)
+        async with self._changing:
+            owner, self.guard.owner = self.guard.owner, None
+            if owner is None:
+                return
+            try:
+                if self._installed:
+                    with anyio.fail_after(LOCK_CLOSE_TIMEOUT_S):
+                        await anyio.to_thread.run_sync(self._ordinary.apply, self.guard.policy)
+            except Exception as err:  # exiting anyway: say so, the ordinary table is as it was
+                log.error("could not re-apply the lock at exit", error=str(err))
+            finally:
+                await anyio.to_thread.run_sync(owner.close)
 
     async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
         return await self.guard.state()

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.lock import guard as guard_module
+
+from .memory_nft import MemoryNft
 from .samples import VALID_SERVER
 
 
@@ -31,3 +34,12 @@ def write_config(tmp_path: Path, write_server):
         return path
 
     return write
+
+
+@pytest.fixture
+def memory_nft(monkeypatch: pytest.MonkeyPatch) -> MemoryNft:
+    """``supervisor.lock.nft`` as the lock guard calls it, replaced by a table held in memory."""
+    fake = MemoryNft()
+    for name in ("apply", "swap_endpoints", "swap_tunnel_inbound", "listing", "reading"):
+        monkeypatch.setattr(guard_module.nft, name, getattr(fake, name))
+    return fake

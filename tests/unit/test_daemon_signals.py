@@ -90,7 +90,7 @@ def test_a_stop_is_heard_while_a_reload_is_still_reading(write_config, monkeypat
         trail = Trail()
         release = anyio.Event()
 
-        async def reload_stuck_reading(runtime: Any, current: Config, lock: Any, watcher: Any) -> Config:
+        async def reload_stuck_reading(runtime: Any, current: Config, watcher: Any) -> Config:
             trail.add("reload began")
             await release.wait()  # a file that blocks reading
             return current
@@ -99,7 +99,7 @@ def test_a_stop_is_heard_while_a_reload_is_still_reading(write_config, monkeypat
         notifier, plugins = FakeNotifier(trail), FakePlugins(trail)
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(daemon._signals, FakeRuntime(trail), config, None, None, notifier, plugins)
+                tg.start_soon(daemon._signals, FakeRuntime(trail), config, None, notifier, plugins)
                 await wait_all_tasks_blocked()  # the handlers are installed
                 os.kill(os.getpid(), signal.SIGHUP)
                 await trail.until(lambda steps: "reload began" in steps)
@@ -120,7 +120,7 @@ def test_a_reload_that_raises_costs_the_reload_not_the_daemon(write_config, monk
         trail = Trail()
         calls = 0
 
-        async def reload_with_a_bug(runtime: Any, current: Config, lock: Any, watcher: Any) -> Config:
+        async def reload_with_a_bug(runtime: Any, current: Config, watcher: Any) -> Config:
             nonlocal calls
             calls += 1
             trail.add(f"reload {calls}")
@@ -131,7 +131,7 @@ def test_a_reload_that_raises_costs_the_reload_not_the_daemon(write_config, monk
         monkeypatch.setattr(daemon, "_reload", reload_with_a_bug)
         with structlog.testing.capture_logs() as logs, anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(daemon._signals, FakeRuntime(trail), config, None, None, None, None)
+                tg.start_soon(daemon._signals, FakeRuntime(trail), config, None, None, None)
                 await wait_all_tasks_blocked()
                 os.kill(os.getpid(), signal.SIGHUP)
                 await trail.until(lambda steps: "reload 1" in steps)

@@ -23,8 +23,8 @@ import structlog
 from supervisor import daemon
 from supervisor.config import Config, load_config
 from supervisor.lock.configured import policy_from_config
-from supervisor.machine import events as ev
 from supervisor.machine.settings import Settings
+from supervisor.runtime import Reconfiguration
 
 TUNED = """\
 [rotation]
@@ -139,12 +139,14 @@ class Recorder:
         self.servers = {s.name: s for s in config.servers}
         self.probe_target: Callable[..., Any] = daemon.probe_target(config)
         self.ifname = "tl-test"
+        self.lock_refuses = False
 
-    async def post(self, make: Callable[[float], ev.Event]) -> None:
-        self.calls.append(("post", make(1.0)))
-
-    async def rebase(self, base: Any, servers: dict[str, Any]) -> None:
-        self.calls.append(("rebase", base, sorted(servers)))
+    async def reconfigure(self, change: Reconfiguration) -> bool:
+        self.calls.append(("reconfigure", change))
+        if self.lock_refuses:
+            return False
+        self.servers = dict(change.servers)
+        return True
 
     def set_endpoints(self, endpoints: Any) -> None:
         self.calls.append(("set_endpoints", sorted(str(e) for e in endpoints)))
@@ -152,7 +154,7 @@ class Recorder:
 
 def reload(config: Config, world: Recorder) -> tuple[Config, list[dict[str, Any]]]:
     async def main() -> Config:
-        return await daemon._reload(world, config, world, world)
+        return await daemon._reload(world, config, world)
 
     with structlog.testing.capture_logs() as logs:
         new = anyio.run(main)
@@ -183,15 +185,29 @@ def test_a_reload_hands_the_machine_the_new_list_before_the_monitor_follows_it(
 
     assert [s.name for s in new.servers] == ["vpn1", "vpn2"]
     assert sorted(world.servers) == ["vpn1", "vpn2"]
-    rebase, posted, followed = world.calls
-    assert rebase == ("rebase", policy_from_config(new, servers=()), ["vpn1", "vpn2"])
-    assert posted == (
-        "post",
-        ev.ConfigReloaded(1.0, daemon.machine_settings(new), frozenset({"vpn1", "vpn2"})),
-    )
+    (_, change), followed = world.calls
+    assert change.lock_base == policy_from_config(new, servers=())
+    assert sorted(change.servers) == ["vpn1", "vpn2"]
+    assert change.settings == daemon.machine_settings(new)
+    assert change.reachable == frozenset({"vpn1", "vpn2"})
     assert followed == ("set_endpoints", ["198.51.100.11:51820", "198.51.100.12:51820"])
     assert no_netlink == [(new, "tl-test")]
     assert any(entry["event"] == "configuration reloaded" for entry in logs)
+
+
+def test_a_reload_the_lock_refuses_keeps_the_running_configuration_and_the_monitor_as_they_are(
+    write_config, no_netlink
+) -> None:
+    path = write_config("", servers=1)
+    old = load_config(path, {})
+    world = Recorder(old)
+    world.lock_refuses = True
+    write_config("", servers=2)
+
+    kept, _ = reload(old, world)
+
+    assert kept is old
+    assert [call[0] for call in world.calls] == ["reconfigure"]  # the monitor keeps the old list
 
 
 def test_a_reload_that_changes_a_restart_only_setting_is_refused_whole(write_config, no_netlink) -> None:

@@ -20,61 +20,17 @@ from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard
 from supervisor.lock.policy import LockPolicy
 from supervisor.servers import Endpoint
+from tests.unit.memory_nft import MemoryNft
 
 GUARD_S = 10.0  # only stops a broken test from hanging
 POLICY = LockPolicy(table="tunlock_test", tunnel_interface="tun-test", fwmark=0x5154)
 ENDPOINT = Endpoint(ip_address("198.51.100.7"), 51820)
 
 
-class FakeNft:
-    """One table, rendered as text from the policy; counters per name."""
-
-    def __init__(self) -> None:
-        self.installed: str | None = None
-        self.onlink: tuple[IPv4Network, ...] = (IPv4Network("192.0.2.0/24"),)
-        self.applied: list[LockPolicy] = []
-        self.swaps: list[tuple[frozenset[Endpoint], frozenset[Endpoint]]] = []
-        self.inbound_swaps: list[tuple[frozenset[tuple[str, int]], frozenset[tuple[str, int]]]] = []
-
-    def render(self, policy: LockPolicy) -> str:
-        return f"table {policy.table} endpoints {sorted(map(str, policy.endpoints))}"
-
-    def apply(self, policy: LockPolicy) -> tuple[IPv4Network, ...]:
-        self.applied.append(policy)
-        self.installed = self.render(policy)
-        return self.onlink  # what the real one read as on-link while applying
-
-    def swap_endpoints(self, policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:
-        self.swaps.append((old, new))
-        self.installed = self.render(policy)
-
-    def swap_tunnel_inbound(
-        self, policy: LockPolicy, old: frozenset[tuple[str, int]], new: frozenset[tuple[str, int]]
-    ) -> None:
-        self.inbound_swaps.append((old, new))
-        self.installed = self.render(policy) + f" inbound {sorted(policy.tunnel_inbound)}"
-
-    def listing(self, table: str) -> str:
-        if self.installed is None:
-            raise nft.LockError(f"no table {table}")
-        return self.installed
-
-    def reading(self, table: str) -> tuple[str, dict[str, int]]:
-        return self.listing(table), {"refused_out": 12}
-
-
 @pytest.fixture
-def fake_nft(monkeypatch: pytest.MonkeyPatch) -> FakeNft:
-    fake = FakeNft()
-    for name in ("apply", "swap_endpoints", "swap_tunnel_inbound", "listing", "reading"):
-        monkeypatch.setattr(guard_module.nft, name, getattr(fake, name))
-    return fake
-
-
-@pytest.fixture
-def onlink_now(fake_nft: FakeNft, monkeypatch: pytest.MonkeyPatch) -> list[tuple[IPv4Network, ...]]:
+def onlink_now(memory_nft: MemoryNft, monkeypatch: pytest.MonkeyPatch) -> list[tuple[IPv4Network, ...]]:
     """The on-link subnets as ``ip route`` would show them now (a one-item list to change)."""
-    now = [fake_nft.onlink]
+    now = [memory_nft.onlink]
     monkeypatch.setattr(guard_module, "read_onlink", lambda exclude=(): now[0])
     return now
 
@@ -116,7 +72,7 @@ def monitor_fifo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return fifo
 
 
-def test_apply_swap_and_state_follow_what_the_guard_installed(fake_nft: FakeNft) -> None:
+def test_apply_swap_and_state_follow_what_the_guard_installed(memory_nft: MemoryNft) -> None:
     async def main() -> None:
         guard = LockGuard(POLICY)
         assert await guard.state() == (False, False, False, {})  # nothing installed yet
@@ -124,22 +80,22 @@ def test_apply_swap_and_state_follow_what_the_guard_installed(fake_nft: FakeNft)
         assert await guard.state() == (True, True, False, {"refused_out": 12})  # no owned twin here
         wider = POLICY.with_endpoints([ENDPOINT])
         await guard.swap_endpoints(wider)
-        assert fake_nft.swaps == [(frozenset(), frozenset({ENDPOINT}))]
+        assert memory_nft.swaps == [(frozenset(), frozenset({ENDPOINT}))]
         assert await guard.state() == (True, True, False, {"refused_out": 12})  # no owned twin here
         assert await guard.check() is None  # unchanged: nothing to restore
         forwarded = wider.with_tunnel_inbound([("tcp", 40001)])
         await guard.swap_tunnel_inbound(forwarded)
-        assert fake_nft.inbound_swaps == [(frozenset(), frozenset({("tcp", 40001)}))]
+        assert memory_nft.inbound_swaps == [(frozenset(), frozenset({("tcp", 40001)}))]
         assert guard.policy == forwarded
         assert await guard.check() is None  # the swap's result is the new reference
-        fake_nft.installed = "table tunlock_test with a rule someone added"
+        memory_nft.installed = "table tunlock_test with a rule someone added"
         assert await guard.state() == (True, False, False, {"refused_out": 12})  # reading never restores
         assert guard.restores == 0
 
     anyio.run(main)
 
 
-def test_check_restores_a_changed_or_deleted_table_and_reports_it(fake_nft: FakeNft) -> None:
+def test_check_restores_a_changed_or_deleted_table_and_reports_it(memory_nft: MemoryNft) -> None:
     reports: list[str] = []
 
     async def on_tamper(reason: str) -> None:
@@ -148,23 +104,23 @@ def test_check_restores_a_changed_or_deleted_table_and_reports_it(fake_nft: Fake
     async def main() -> None:
         guard = LockGuard(POLICY, on_tamper)
         await guard.apply(POLICY.with_endpoints([ENDPOINT]))
-        expected = fake_nft.installed
-        fake_nft.installed = "table tunlock_test accept everything"
+        expected = memory_nft.installed
+        memory_nft.installed = "table tunlock_test accept everything"
         assert await guard.check() == "the lock table was changed"
-        assert fake_nft.installed == expected
-        fake_nft.installed = None
+        assert memory_nft.installed == expected
+        memory_nft.installed = None
         assert await guard.check() == "the lock table was deleted"
-        assert fake_nft.installed == expected
+        assert memory_nft.installed == expected
         assert guard.restores == 2
         # Restored from the last policy the guard was given, endpoints included.
-        assert fake_nft.applied[-1].endpoints == {ENDPOINT}
+        assert memory_nft.applied[-1].endpoints == {ENDPOINT}
 
     anyio.run(main)
     assert reports == ["the lock table was changed", "the lock table was deleted"]
 
 
 def test_run_checks_once_on_start_after_every_monitor_line_and_outlives_its_monitor(
-    fake_nft: FakeNft, monitor_fifo: Path
+    memory_nft: MemoryNft, monitor_fifo: Path
 ) -> None:
     reports: list[str] = []
     restored = anyio.Event()
@@ -177,14 +133,14 @@ def test_run_checks_once_on_start_after_every_monitor_line_and_outlives_its_moni
         nonlocal restored
         guard = LockGuard(POLICY, on_tamper)
         await guard.apply()
-        fake_nft.installed = "changed while the daemon was starting"
+        memory_nft.installed = "changed while the daemon was starting"
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
                 await tg.start(guard.run)
                 # The check on start found the change made before the monitor was up.
                 assert reports == ["the lock table was changed"]
                 restored = anyio.Event()
-                fake_nft.installed = None
+                memory_nft.installed = None
                 await anyio.to_thread.run_sync(
                     write_lines, monitor_fifo, "delete table inet tunlock_test", ""
                 )
@@ -194,7 +150,7 @@ def test_run_checks_once_on_start_after_every_monitor_line_and_outlives_its_moni
                 while guard.watch_restarts == 0:
                     await anyio.sleep(0.01)
                 restored = anyio.Event()
-                fake_nft.installed = "table tunlock_test accept everything"
+                memory_nft.installed = "table tunlock_test accept everything"
                 await anyio.to_thread.run_sync(
                     write_lines, monitor_fifo, "add rule inet tunlock_test out accept"
                 )
@@ -209,7 +165,7 @@ def test_run_checks_once_on_start_after_every_monitor_line_and_outlives_its_moni
     ]
 
 
-def test_run_ends_the_monitor_process_when_cancelled(fake_nft: FakeNft, monitor_fifo: Path) -> None:
+def test_run_ends_the_monitor_process_when_cancelled(memory_nft: MemoryNft, monitor_fifo: Path) -> None:
     async def main() -> None:
         guard = LockGuard(POLICY)
         await guard.apply()
@@ -226,16 +182,16 @@ def test_run_ends_the_monitor_process_when_cancelled(fake_nft: FakeNft, monitor_
 
 
 def test_check_links_applies_again_only_when_the_onlink_subnets_changed(
-    fake_nft: FakeNft, onlink_now: list[tuple[IPv4Network, ...]]
+    memory_nft: MemoryNft, onlink_now: list[tuple[IPv4Network, ...]]
 ) -> None:
     async def main() -> None:
         guard = LockGuard(POLICY)
         assert await guard.check_links() is False  # never applied: nothing to compare with
         await guard.apply()
         assert await guard.check_links() is False  # the same subnets
-        onlink_now[0] = fake_nft.onlink = (IPv4Network("198.51.100.0/24"),)
+        onlink_now[0] = memory_nft.onlink = (IPv4Network("198.51.100.0/24"),)
         assert await guard.check_links() is True
-        assert len(fake_nft.applied) == 2
+        assert len(memory_nft.applied) == 2
         assert await guard.check_links() is False  # remembered what the new apply read
         assert guard.relinks == 1
 
@@ -243,12 +199,12 @@ def test_check_links_applies_again_only_when_the_onlink_subnets_changed(
 
 
 def test_a_failed_apply_for_new_subnets_keeps_the_old_table_and_retries_next_time(
-    fake_nft: FakeNft, onlink_now: list[tuple[IPv4Network, ...]], monkeypatch: pytest.MonkeyPatch
+    memory_nft: MemoryNft, onlink_now: list[tuple[IPv4Network, ...]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def main() -> None:
         guard = LockGuard(POLICY)
         await guard.apply()
-        before = fake_nft.installed
+        before = memory_nft.installed
         onlink_now[0] = (IPv4Network("198.51.100.0/24"),)
 
         def refuse(policy: LockPolicy) -> None:
@@ -256,16 +212,16 @@ def test_a_failed_apply_for_new_subnets_keeps_the_old_table_and_retries_next_tim
 
         monkeypatch.setattr(guard_module.nft, "apply", refuse)
         assert await guard.check_links() is False
-        assert fake_nft.installed == before
-        monkeypatch.setattr(guard_module.nft, "apply", fake_nft.apply)
-        fake_nft.onlink = onlink_now[0]
+        assert memory_nft.installed == before
+        monkeypatch.setattr(guard_module.nft, "apply", memory_nft.apply)
+        memory_nft.onlink = onlink_now[0]
         assert await guard.check_links() is True
 
     anyio.run(main)
 
 
 def test_watch_follows_route_changes(
-    fake_nft: FakeNft, onlink_now: list[tuple[IPv4Network, ...]], monitor_fifo: Path, route_fifo: Path
+    memory_nft: MemoryNft, onlink_now: list[tuple[IPv4Network, ...]], monitor_fifo: Path, route_fifo: Path
 ) -> None:
     async def main() -> None:
         guard = LockGuard(POLICY)
@@ -273,7 +229,7 @@ def test_watch_follows_route_changes(
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
                 await tg.start(guard.watch)
-                onlink_now[0] = fake_nft.onlink = (IPv4Network("198.51.100.0/24"),)
+                onlink_now[0] = memory_nft.onlink = (IPv4Network("198.51.100.0/24"),)
                 await anyio.to_thread.run_sync(write_lines, route_fifo, "10.0.0.0/8 dev eth1 proto kernel")
                 with anyio.fail_after(GUARD_S):
                     while guard.relinks == 0:
@@ -285,7 +241,7 @@ def test_watch_follows_route_changes(
 
 
 def test_without_the_ip_tool_routes_are_not_followed_and_nothing_fails(
-    fake_nft: FakeNft, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    memory_nft: MemoryNft, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
 
@@ -297,7 +253,7 @@ def test_without_the_ip_tool_routes_are_not_followed_and_nothing_fails(
 
 
 def test_a_monitor_that_cannot_be_restarted_is_tried_again(
-    fake_nft: FakeNft, monitor_fifo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    memory_nft: MemoryNft, monitor_fifo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(guard_module, "WATCH_RESTART_MAX_S", 0.01)
     monkeypatch.setattr(guard_module, "WATCH_RESTART_INITIAL_S", 0.01)

@@ -10,6 +10,7 @@ tests/lab/test_lock_owner.py and tests/lab/test_daemon_flush.py; a kernel withou
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable
 from ipaddress import ip_address
 from pathlib import Path
@@ -21,12 +22,15 @@ import pytest
 import structlog
 from anyio import wait_all_tasks_blocked
 
-from supervisor.lock.guard import OnTamper
-from supervisor.lock.guarded import GuardedLock
+from supervisor.lock import guard as guard_module
+from supervisor.lock import nft
+from supervisor.lock.guard import LockGuard, OnTamper
+from supervisor.lock.guarded import GuardedLock, cheapest_change
 from supervisor.lock.owner import OwnerUnavailable
 from supervisor.lock.policy import LockPolicy
 from supervisor.redact import Secret
 from supervisor.servers import Endpoint, Peer, Server
+from tests.unit.memory_nft import MemoryNft
 
 BASE = LockPolicy(table="tunlock", tunnel_interface="tl0", fwmark=0xCA6C)
 GUARD_S = 10.0  # only stops a broken test from hanging; nothing here measures time
@@ -251,7 +255,7 @@ def test_a_reload_that_changes_nothing_in_the_lock_applies_nothing() -> None:
     assert world.names() == ["apply"]
 
 
-def test_a_reload_that_changes_a_kept_server_applies_its_new_endpoint() -> None:
+def test_a_reload_that_changes_a_kept_server_swaps_in_its_new_endpoint() -> None:
     a_moved = server("a", 9)
 
     async def scenario(lock: GuardedLock, world: World) -> None:
@@ -260,7 +264,7 @@ def test_a_reload_that_changes_a_kept_server_applies_its_new_endpoint() -> None:
         assert lock.servers == (a_moved,)
 
     world = run(scenario)
-    assert world.calls[1:] == [("apply", BASE.with_servers((a_moved,)))]
+    assert world.calls[1:] == [("swap_endpoints", BASE.with_servers((a_moved,)))]
 
 
 # --- the guard's watch -------------------------------------------------------------------------
@@ -364,3 +368,114 @@ def test_with_the_owner_flag_the_lock_is_held_twice_and_said_once() -> None:
         assert await lock.state() == (True, True, True, {})  # the guard's reading, owned twin held
 
     run(scenario)
+
+
+# --- one writer ---------------------------------------------------------------------------------
+
+
+class UnwatchedGuard(LockGuard):
+    """The real guard (its mutex, its memory of what it installed, its restore) over the
+    in-memory nft; its watch (``nft monitor``, which needs root) is not what these tests drive."""
+
+    async def watch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await anyio.sleep_forever()
+
+
+def test_a_port_request_during_a_server_swap_leaves_table_guard_and_intent_agreeing(
+    memory_nft: MemoryNft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #22's race: a plugin's port request arriving while the move to B is on its way. With
+    two writers the guard ended up remembering A (the port request's policy was built from the
+    servers before the move), so the next restore after tampering cut the tunnel to B."""
+    forwarded = frozenset({("tcp", 40001)})
+    swap_entered, swap_may_finish = threading.Event(), threading.Event()
+    swap_endpoints = memory_nft.swap_endpoints
+
+    def slow_swap(policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:
+        swap_entered.set()
+        swap_may_finish.wait(GUARD_S)
+        swap_endpoints(policy, old, new)
+
+    monkeypatch.setattr(guard_module.nft, "swap_endpoints", slow_swap)
+
+    async def on_tamper(reason: str) -> None:
+        pass
+
+    async def main() -> GuardedLock:
+        with anyio.fail_after(GUARD_S):
+            async with anyio.create_task_group() as tg:
+                lock = GuardedLock(BASE, tg, on_tamper, make_guard=UnwatchedGuard, open_owner=no_owner)
+                await lock.apply((A,))
+                async with anyio.create_task_group() as writers:
+                    writers.start_soon(lock.set_servers, (B,))
+                    await anyio.to_thread.run_sync(swap_entered.wait)
+                    writers.start_soon(lock.set_tunnel_inbound, forwarded)
+                    await wait_all_tasks_blocked()  # the port request waits on the swap
+                    swap_may_finish.set()
+                memory_nft.installed = None  # another program deletes the table
+                assert await lock.guard.check() == "the lock table was deleted"
+                tg.cancel_scope.cancel()
+        return lock
+
+    lock = anyio.run(main)
+    wanted = BASE.with_servers((B,)).with_tunnel_inbound(forwarded)
+    assert lock.intent.policy() == wanted
+    assert lock.guard.policy == wanted
+    assert memory_nft.applied[-1] == wanted, "the restore put back another policy than the one wanted"
+
+
+def test_a_refused_swap_falls_back_to_the_whole_table_and_the_guard_remembers_what_is_installed(
+    memory_nft: MemoryNft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:
+        raise nft.LockError("nft: Error: Could not process rule: No such file or directory")
+
+    monkeypatch.setattr(guard_module.nft, "swap_endpoints", refuse)
+
+    async def on_tamper(reason: str) -> None:
+        pass
+
+    async def main() -> GuardedLock:
+        with anyio.fail_after(GUARD_S):
+            async with anyio.create_task_group() as tg:
+                lock = GuardedLock(BASE, tg, on_tamper, make_guard=UnwatchedGuard, open_owner=no_owner)
+                await lock.apply((A,))
+                with structlog.testing.capture_logs() as logs:
+                    await lock.set_servers((B,))
+                assert [e["event"] for e in logs] == ["endpoints swap failed; applying the whole lock"]
+                tg.cancel_scope.cancel()
+        return lock
+
+    lock = anyio.run(main)
+    assert memory_nft.applied == [BASE.with_servers((A,)), BASE.with_servers((B,))]
+    assert lock.guard.policy == BASE.with_servers((B,))
+
+
+def test_a_port_request_before_the_first_apply_is_installed_with_it() -> None:
+    forwarded = frozenset({("udp", 40001)})
+
+    async def scenario(lock: GuardedLock, world: World) -> None:
+        await lock.set_tunnel_inbound(forwarded)
+        assert world.calls == []  # nothing installed yet: nothing to swap
+        await lock.apply((A,))
+
+    world = run(scenario)
+    assert world.calls == [("apply", BASE.with_servers((A,)).with_tunnel_inbound(forwarded))]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "change"),
+    [
+        (BASE.with_servers((A,)), None),
+        (BASE.with_servers((B,)), "endpoints"),
+        (BASE.with_servers((A,)).with_tunnel_inbound({("tcp", 1)}), "inbound"),
+        (BASE.with_servers((C_OTHER_DNS,)), "whole"),
+        (BASE.with_servers((B,)).with_tunnel_inbound({("tcp", 1)}), "whole"),
+    ],
+)
+def test_the_cheapest_change_is_a_swap_only_when_that_is_all_that_differs(
+    wanted: LockPolicy, change: str | None
+) -> None:
+    assert cheapest_change(BASE.with_servers((A,)), wanted) == change
+    assert cheapest_change(None, wanted) == "whole"

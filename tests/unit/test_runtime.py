@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
@@ -19,14 +19,16 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from supervisor import runtime as runtime_module
+from supervisor.lock.policy import LockPolicy
 from supervisor.machine import events as ev
 from supervisor.machine.settings import Settings
 from supervisor.machine.states import Machine
 from supervisor.redact import Secret
-from supervisor.runtime import Inbox, LockFailed, Runtime, Status, TimerDue
+from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status, TimerDue
 from supervisor.servers import Endpoint, Peer, Server
 from supervisor.wireguard.backend import TunnelStats
 
@@ -64,6 +66,7 @@ class World:
         self.stats_answers: list[TunnelStats] = []
         self.lock_reading: tuple[bool, bool, bool, dict[str, int]] = (True, True, True, {"refused": 3})
         self.stats_read = anyio.Event()
+        self.lock_gates: dict[str, anyio.Event] = {}  # a lock call waits on its gate, if it has one
 
     def _call(self, *call: Any) -> None:
         self.calls.append(call)
@@ -77,6 +80,11 @@ class World:
 
     async def set_servers(self, servers: tuple[Server, ...]) -> None:
         self._call("set_servers", tuple(s.name for s in servers))
+        if "set_servers" in self.lock_gates:
+            await self.lock_gates["set_servers"].wait()
+
+    async def rebase(self, base: LockPolicy, servers: Mapping[str, Server]) -> None:
+        self._call("rebase", base.table, tuple(sorted(servers)))
 
     async def remove(self) -> None:
         self._call("remove")
@@ -315,22 +323,20 @@ def test_a_lock_that_cannot_be_installed_ends_the_runtime() -> None:
     assert "nft: permission denied" in str(error)
 
 
-def test_a_failed_endpoint_swap_falls_back_to_the_whole_lock() -> None:
+def test_a_server_change_the_lock_refuses_ends_the_runtime() -> None:
+    """The lock falls back to the whole table itself when a swap is refused (tested with it); a
+    change it cannot install at all leaves the daemon nothing fail-closed to go on with."""
     world = World()
-    world.failing["set_servers"] = RuntimeError("element missing")
+    world.failing["set_servers"] = RuntimeError("nft: Error: Could not process rule")
 
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.post(lambda now: ev.Start(now, seed=1))
-        assert await next_state(published) == "connecting"
-        await stop(runtime, published)
 
-    _, world = run(scenario, world=world)
-    assert world.without_probes()[:4] == [
-        ("apply", ()),
-        ("set_servers", ("a",)),
-        ("apply", ("a",)),
-        ("connect", "a"),
-    ]
+    with pytest.raises(BaseExceptionGroup) as caught:
+        run(scenario, world=world)
+    (error,) = caught.value.exceptions
+    assert isinstance(error, LockFailed) and "Could not process rule" in str(error)
+    assert world.without_probes() == [("apply", ()), ("set_servers", ("a",))]
 
 
 def test_teardown_failures_are_logged_and_the_stop_goes_on() -> None:
@@ -534,33 +540,103 @@ def test_tamper_is_published_with_the_same_state_and_counted_once() -> None:
 # --- reload -----------------------------------------------------------------------------------
 
 
+BASE = LockPolicy(table="tunlock-test", tunnel_interface="tun-test", fwmark=0x5154)
+
+
+def reload_to(names: tuple[str, ...], reachable: frozenset[str] | None = None) -> Reconfiguration:
+    """What the daemon hands the runtime on SIGHUP: the new list, its lock base and settings."""
+    return Reconfiguration(
+        {name: SERVERS[name] for name in names},
+        probe_target,
+        BASE,
+        Settings(**{**SLOW.__dict__, "servers": names}),
+        reachable,
+    )
+
+
 def test_reload_without_the_current_server_moves_to_a_configured_one() -> None:
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.post(lambda now: ev.Start(now, seed=1))
         assert await next_state(published) == "connecting"
-        # What the daemon does on SIGHUP: new servers for the runtime, then the event.
-        runtime.servers = {"b": SERVERS["b"]}
-        reloaded = Settings(**{**SLOW.__dict__, "servers": ("b",)})
-        await runtime.post(lambda now: ev.ConfigReloaded(now, reloaded))
+        assert await runtime.reconfigure(reload_to(("b",)))
+        assert runtime.servers == {"b": SERVERS["b"]}
         moved = await published.receive()
         assert (moved.state, moved.server, moved.reason) == ("connecting", "b", "a is no longer configured")
         await stop(runtime, published)
 
     _, world = run(scenario)
-    assert world.without_probes()[3:5] == [("set_servers", ("b",)), ("connect", "b")]
+    assert world.without_probes()[3:6] == [
+        ("rebase", "tunlock-test", ("b",)),
+        ("set_servers", ("b",)),
+        ("connect", "b"),
+    ]
 
 
 def test_reload_keeping_the_current_server_does_nothing_visible() -> None:
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.post(lambda now: ev.Start(now, seed=1))
         assert await next_state(published) == "connecting"
-        reloaded = Settings(**{**SLOW.__dict__, "servers": ("a",)})
-        await runtime.post(lambda now: ev.ConfigReloaded(now, reloaded))
+        assert await runtime.reconfigure(reload_to(("a",)))
         await stop(runtime, published)
         assert runtime.machine.context.settings.servers == ("a",)
 
     _, world = run(scenario)
-    assert world.without_probes() == [("apply", ()), ("set_servers", ("a",)), ("connect", "a"), ("close",)]
+    assert world.without_probes() == [
+        ("apply", ()),
+        ("set_servers", ("a",)),
+        ("connect", "a"),
+        ("rebase", "tunlock-test", ("a",)),
+        ("close",),
+    ]
+
+
+def test_a_reload_waits_for_the_lock_change_on_its_way_and_reaches_lock_runtime_machine_in_order() -> None:
+    """Issue #22: a reload swapped the runtime's servers and rebased the lock from outside the
+    loop, while an action of the old configuration could be half done."""
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        world.lock_gates["set_servers"] = gate = anyio.Event()
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        await anyio.wait_all_tasks_blocked()  # the move to "a" is on its way
+        async with anyio.create_task_group() as reloads:
+            reloads.start_soon(runtime.reconfigure, reload_to(("b",)))
+            await anyio.wait_all_tasks_blocked()
+            assert runtime.servers == SERVERS  # not while the old configuration's action runs
+            assert ("rebase", "tunlock-test", ("b",)) not in world.calls
+            gate.set()
+        assert runtime.servers == {"b": SERVERS["b"]}
+        assert (await published.receive()).server == "a"
+        moved = await published.receive()
+        assert (moved.server, moved.reason) == ("b", "a is no longer configured")
+        await stop(runtime, published)
+
+    _, world = run(scenario)
+    assert world.without_probes()[:5] == [
+        ("apply", ()),
+        ("set_servers", ("a",)),
+        ("connect", "a"),
+        ("rebase", "tunlock-test", ("b",)),
+        ("set_servers", ("b",)),
+    ]
+
+
+def test_a_reload_the_lock_refuses_changes_nothing_and_says_so() -> None:
+    world = World()
+    world.failing["rebase"] = RuntimeError("nft: Error: Could not process rule")
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1))
+        assert await next_state(published) == "connecting"
+        with structlog.testing.capture_logs() as logs:
+            assert not await runtime.reconfigure(reload_to(("b",)))
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+            "reload refused: the lock could not be applied for it"
+        ]
+        assert runtime.servers == SERVERS
+        assert runtime.machine.context.settings.servers == ("a", "b")
+        await stop(runtime, published)
+
+    run(scenario, world=world)
 
 
 def test_a_reconnect_sets_the_same_peer_again_and_restarts_its_handshake() -> None:
