@@ -177,3 +177,50 @@ def test_listening_is_verified_by_default_only_for_a_client_on_loopback():
     assert torrent.transmission({"verify_listening": False}).verify_listening is False
     with pytest.raises(PluginOptionError):
         torrent.transmission({"verify_listening": "yes"})
+
+
+@pytest.mark.anyio
+async def test_a_shell_hook_reads_the_values_from_its_environment_as_plain_data(tmp_path: Path):
+    """A ``sh -c`` script that reads "$TUNLOCK_SERVER" gets the text, never runs it: even a name
+    that the server-file reader would refuse stays inert here."""
+    out = tmp_path / "out"
+    view = View(Tunnel("connected", "s2$(echo INJECTED)", "tl0", session=1), Forwarded((40000,), "s2", 0))
+    plugin = hooks.factory(
+        {"on_connected": ["sh", "-c", f'echo "up $TUNLOCK_SERVER $TUNLOCK_PORT $TUNLOCK_INTERFACE" > {out}']}
+    )
+    host = PluginHost([], NoLock(), interface="tl0", server_of=lambda n: None)
+    ctx = PluginContext(host, "hooks")
+    host.view, host.version = view, 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(plugin.run, ctx)
+        with anyio.fail_after(20):
+            while "on_connected" not in host.reports.get("hooks", {}):
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert host.reports["hooks"]["on_connected"]["status"] == 0
+    assert out.read_text() == "up s2$(echo INJECTED) 40000 tl0\n"
+
+
+@pytest.mark.anyio
+async def test_a_server_file_named_with_shell_code_never_reaches_a_shell_hook(tmp_path: Path):
+    """The attack of issue #21 item 7: ``s2$(echo INJECTED).conf`` beside a hook
+    ``sh -c "echo connected to {server}"``. The daemon's config loader refuses the file, naming
+    it, so no server of that name ever connects; before, the hook ran the substitution."""
+    from supervisor.config import load_config
+    from supervisor.errors import ConfigError
+
+    from .test_check_pipeline import server, write_tree
+
+    config = write_tree(tmp_path, "", {"servers/s2$(echo INJECTED).conf": server()})
+    out = tmp_path / "hook.log"
+    try:
+        names = [s.name for s in load_config(config, {}).servers]
+        refusal = ""
+    except ConfigError as err:
+        names, refusal = [], str(err)
+    for name in names:  # what the daemon would hand the hook at each connection
+        view = View(Tunnel("connected", name, "tl0", session=1))
+        argv = hooks.expand(["sh", "-c", f"echo connected to {{server}} >> {out}"], hooks.placeholders(view))
+        await hooks.run_hook(argv, timeout=10)
+    assert not out.exists() or "INJECTED" not in out.read_text().replace("$(echo INJECTED)", "")
+    assert "s2$(echo INJECTED).conf: server name 's2$(echo INJECTED)' is refused" in refusal
