@@ -9,6 +9,8 @@ for it yet).
 
 from __future__ import annotations
 
+import os
+import sys
 import textwrap
 import time
 
@@ -129,9 +131,13 @@ def test_qbittorrent_that_could_not_bind_the_port_is_made_to_bind_it_again(lab: 
     start_gateways(lab.lab, {1: 40001})
     proc = start_qbittorrent(lab.lab)
     password_file = write_secret(lab.lab, "qbt-password", QBT_SECRET)
+    # The blocker stands for a second torrent client (the report's setup), so the natpmp plugin
+    # is told it may hold a granted port; any other program holding it gets the grant refused.
+    python = os.path.basename(os.path.realpath(sys.executable))
     config = write_config(
         lab.lab,
-        '[plugins]\nenabled = ["natpmp", "qbittorrent"]\n\n[plugins.qbittorrent]\n'
+        f'[plugins]\nenabled = ["natpmp", "qbittorrent"]\n\n[plugins.natpmp]\nlisteners = ["{python}"]\n\n'
+        "[plugins.qbittorrent]\n"
         + textwrap.dedent(CLIENTS["qbittorrent"][2]).format(
             api=QBT_WEBUI_PORT, user=QBT_USER, password_file=password_file
         ),
