@@ -57,13 +57,15 @@ def grant_refusal(
     listeners: frozenset[str],
 ) -> str | None:
     """Why the lock must not accept ``port`` that a gateway granted, or None when it may.
-    ``holders``: the sockets of this namespace that accept on ``port``, with their programs."""
+    ``holders``: the sockets of this namespace that accept on ``port``, with their programs;
+    ``listeners``: program names, or ``uid:N`` for any socket of that owner (a client in another
+    container, whose process cannot be seen from here)."""
     if port < FIRST_UNPRIVILEGED:
         return f"port {port} is below {FIRST_UNPRIVILEGED}: a system service's, never forwarded"
     if not any(port in r for r in allowed):
         return f"port {port} is outside allowed_ports ({', '.join(map(_shown_range, allowed))})"
     for sock, programs in holders:
-        if sock.port != port or sock.loopback_only:
+        if sock.port != port or sock.loopback_only or f"uid:{sock.uid}" in listeners:
             continue
         if not programs:
             return (
@@ -153,7 +155,7 @@ class NatPmpPlugin:
         if not isinstance(listeners, list) or not all(isinstance(n, str) and n for n in listeners):
             raise PluginOptionError(
                 "listeners: a list of program names (the executable's file name, such as "
-                "qbittorrent-nox) that may already listen on a granted port"
+                "qbittorrent-nox) or \"uid:N\" entries that may already listen on a granted port"
             )
         self.listeners = frozenset(listeners)
         # Who accepts on a port (the kernel's socket table here); replaced in unit tests.

@@ -188,6 +188,8 @@ def test_a_granted_port_is_refused_when_it_would_expose_a_service_the_user_did_n
     assert "(udp)" in (grant_refusal(40001, ANY, [held(40001, "dnsd", protocol="udp")], TORRENT) or "")
     # Held by a process tunlock cannot see (another PID namespace): not trusted.
     assert "cannot see" in (grant_refusal(40001, ANY, [held(40001)], TORRENT) or "")
+    # ... unless its owner is named (a client in another container runs as a uid of its own).
+    assert grant_refusal(40001, ANY, [held(40001)], TORRENT | {"uid:0"}) is None
     # Free, held by the torrent client, or held only on loopback: accepted.
     assert grant_refusal(40001, ANY, [], TORRENT) is None
     assert grant_refusal(40001, ANY, [held(40001, "qbittorrent-nox", address="::")], TORRENT) is None
