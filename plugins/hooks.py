@@ -2,13 +2,19 @@
 ``on_connected`` (every new connection) and ``on_disconnected`` (leaving ``connected``).
 
 Arguments may hold ``{port}``, ``{ports}`` (comma-separated), ``{interface}`` and ``{server}``;
-they are substituted per argument and no shell runs the command, so a value cannot inject one.
+they are substituted per argument and the command runs without a shell. A command that names a
+shell itself (``["sh", "-c", "... {server} ..."]``) has the value pasted into shell code, which is
+why every value is of a restricted alphabet: digits and commas, an interface name, a server name
+(letters, digits, ``.``, ``_``, ``-``; supervisor.wgquick refuses any other file name). The same
+values are also in the command's environment (``TUNLOCK_PORT``, ``TUNLOCK_PORTS``,
+``TUNLOCK_INTERFACE``, ``TUNLOCK_SERVER``), the way a shell script should read them (quoted).
 Each command is a child process awaited asynchronously (never blocking the event loop) and
 killed when it outlives ``timeout_s``.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,10 +42,21 @@ def expand(argv: Sequence[str], values: Mapping[str, str]) -> list[str]:
     return [arg.format_map(values) for arg in argv]
 
 
-async def run_hook(argv: Sequence[str], timeout: float) -> tuple[int | None, str]:
+def environment(values: Mapping[str, str]) -> dict[str, str]:
+    """The daemon's environment plus each placeholder's value as ``TUNLOCK_<NAME>``."""
+    return {**os.environ, **{f"TUNLOCK_{name.upper()}": value for name, value in values.items()}}
+
+
+async def run_hook(
+    argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None
+) -> tuple[int | None, str]:
     """(exit status or None when killed at the timeout, the output's tail)."""
     async with await anyio.open_process(
-        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(env) if env is not None else None,
     ) as process:
         output = b""
         with anyio.move_on_after(timeout) as scope:
@@ -72,9 +89,10 @@ class HooksPlugin:
         argv = self.commands[hook]
         if argv is None:
             return
-        command = expand(argv, placeholders(view))
+        values = placeholders(view)
+        command = expand(argv, values)
         try:
-            status, output = await run_hook(command, self.timeout_s)
+            status, output = await run_hook(command, self.timeout_s, environment(values))
         except OSError as err:
             status, output = -1, str(err)
         if status is None:

@@ -8,6 +8,13 @@ in the status and retried after ``retry_s``.
 
 The wire formats are pure functions (request bodies, reply parsing) under a thin httpx shell,
 in the daemon's event loop.
+
+A password (qBittorrent's login, Transmission's Basic credentials, a session cookie) goes only to
+the program the user meant. When the API is on loopback, any local user could listen on its port
+while the client is down (at boot, after a crash or restart) and would receive them at the next
+try. So before every request to a loopback API the listener that would take the connection is
+looked up in the kernel's socket table, and a listener owned by anyone but root, the daemon's
+own user or ``api_user`` gets nothing: the push fails with the owner named, never the password.
 """
 
 from __future__ import annotations
@@ -15,15 +22,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 
-from plugins import _options
+from plugins import _options, sockets
 from supervisor.plugins import PluginContext, PluginOptionError
 
 
@@ -86,6 +95,89 @@ def _listening_here() -> set[int]:
     return ports
 
 
+# --- who listens on the API --------------------------------------------------------------------
+
+WILDCARDS = (IPv4Address("0.0.0.0"), IPv6Address("::"))
+
+
+def api_listeners(
+    table: Iterable[sockets.Socket], hosts: Iterable[IPv4Address | IPv6Address], port: int
+) -> list[sockets.Socket]:
+    """The TCP listeners that may take a connection to one of ``hosts`` on ``port``: bound to
+    that address (or its IPv4-mapped form) or to a wildcard."""
+    accepted = set(WILDCARDS)
+    for host in hosts:
+        accepted.add(host)
+        if isinstance(host, IPv4Address):
+            accepted.add(IPv6Address(f"::ffff:{host}"))
+    return [s for s in table if s.protocol == "tcp" and s.port == port and s.address in accepted]
+
+
+def api_owner_refusal(listeners: Iterable[sockets.Socket], trusted: frozenset[int], where: str) -> str | None:
+    """Why no request may go to the API at ``where``, or None when every listener that could
+    take it belongs to a ``trusted`` uid."""
+    listeners = list(listeners)
+    if not listeners:
+        return f"nothing listens on {where} (the client is not up yet): nothing sent"
+    for listener in listeners:
+        if listener.uid not in trusted:
+            return (
+                f"{where} is held by uid {listener.uid}{_user_name(listener.uid)}, not by root or "
+                "api_user: the credentials were not sent (set api_user if the client runs as that user)"
+            )
+    return None
+
+
+def _user_name(uid: int) -> str:
+    with contextlib.suppress(KeyError):
+        return f" ({pwd.getpwuid(uid).pw_name})"
+    return ""
+
+
+def _uid_of(user: object) -> int:
+    if isinstance(user, int) and not isinstance(user, bool) and 0 <= user < 2**32:
+        return user
+    if isinstance(user, str) and user:
+        try:
+            return pwd.getpwnam(user).pw_uid
+        except KeyError:
+            raise PluginOptionError(f"api_user = {user!r}: no such user") from None
+    raise PluginOptionError(f"api_user = {user!r}: the user (name or uid) the torrent client runs as")
+
+
+class ApiGuard:
+    """Checks, before each request, that a loopback API is served by a trusted user's program."""
+
+    def __init__(self, url: str, options: Mapping[str, Any]) -> None:
+        parsed = httpx.URL(url)
+        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        self.where = f"{parsed.host}:{self.port}"
+        self.hosts = _loopback_hosts(parsed.host)
+        trusted = {0, os.geteuid()}
+        if options.get("api_user") is not None:
+            trusted.add(_uid_of(options["api_user"]))
+        self.trusted = frozenset(trusted)
+
+    async def check(self) -> None:
+        """PushError unless the listener of a loopback API belongs to a trusted uid."""
+        if not self.hosts:
+            return  # not on loopback: another host's listener, which no table here shows
+        table = await anyio.to_thread.run_sync(sockets.accepting_sockets, ("tcp",))
+        refusal = api_owner_refusal(api_listeners(table, self.hosts, self.port), self.trusted, self.where)
+        if refusal is not None:
+            raise PushError(refusal)
+
+
+def _loopback_hosts(host: str) -> tuple[IPv4Address | IPv6Address, ...]:
+    if host == "localhost":
+        return (IPv4Address("127.0.0.1"), IPv6Address("::1"))
+    try:
+        address = ip_address(host)
+    except ValueError:
+        return ()
+    return (address,) if address.is_loopback else ()
+
+
 # --- credentials ------------------------------------------------------------------------------
 
 
@@ -112,9 +204,11 @@ class QBittorrent:
     def __init__(self, url: str, options: Mapping[str, Any]) -> None:
         self.url = url.rstrip("/")
         self.options = options
+        self.guard = ApiGuard(url, options)
         self._logged_in = False
 
     async def _login(self, http: httpx.AsyncClient) -> None:
+        await self.guard.check()
         username = _options.text(self.options, "username", "admin") or ""
         password = await anyio.to_thread.run_sync(read_secret, self.options, "password")
         reply = await http.post(
@@ -127,6 +221,7 @@ class QBittorrent:
     async def _call(self, http: httpx.AsyncClient, method: str, path: str, **kw: Any) -> httpx.Response:
         if not self._logged_in:
             await self._login(http)
+        await self.guard.check()  # the session cookie is a credential too
         reply = await http.request(method, f"{self.url}/api/v2/{path}", **kw)
         if reply.status_code == 403:  # the session is gone (a restart): log in again once
             await self._login(http)
@@ -153,6 +248,7 @@ class Transmission:
     def __init__(self, url: str, options: Mapping[str, Any]) -> None:
         self.url = url
         self.options = options
+        self.guard = ApiGuard(url, options)
         self._session_id = ""
 
     async def _rpc(
@@ -165,6 +261,7 @@ class Transmission:
             auth = httpx.BasicAuth(username, password or "")
         body = transmission_request(method, arguments)
         for _ in range(2):
+            await self.guard.check()  # Basic credentials ride on every request
             reply = await http.post(
                 self.url, json=body, headers={"X-Transmission-Session-Id": self._session_id}, auth=auth
             )
@@ -269,7 +366,7 @@ def _url(options: Mapping[str, Any], default: str) -> str:
 
 
 SECRET_KEYS = ("password_file", "password_env")
-PUSH_KEYS = ("reassert_s", "retry_s", "timeout_s", "verify_listening")
+PUSH_KEYS = ("reassert_s", "retry_s", "timeout_s", "verify_listening", "api_user")
 
 
 def qbittorrent(options: Mapping[str, Any]) -> PortPusher:

@@ -517,6 +517,23 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+# A server's name (its file's stem) ends up in logs, the status, metrics labels and the hooks'
+# arguments, where a hook may paste it into a shell script: only characters no shell, log
+# parser or label treats specially, not starting like an option or a hidden file.
+SERVER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+
+
+def server_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a server's name, or None when it can."""
+    if SERVER_NAME.fullmatch(name):
+        return None
+    return (
+        f"server name {name!a} is refused: a server's name (the file's name without its "
+        "extension) may hold only letters, digits, '.', '_' and '-', start with a letter, digit "
+        "or '_', and be at most 64 characters; rename the file"
+    )
+
+
 def read_server(path: Path, problems: list[Problem]) -> Server | None:
     """Read one server file, appending every problem (errors and warnings) to ``problems``."""
     return _read_file(_ServerReader(os.fspath(path), problems))
@@ -659,6 +676,10 @@ def _named_once(
     for path, (server, found) in zip(paths, read, strict=True):
         problems.extend(found)
         if server is None:
+            continue
+        unsafe = server_name_problem(server.name)
+        if unsafe is not None:
+            problems.append(Problem(Path(path), 0, unsafe))
             continue
         if server.name in seen:
             taken = f"server name {server.name!r} is taken by {seen[server.name]}"

@@ -10,17 +10,25 @@ Providers such as Proton forward the external port to the *same* port on the tun
 so the external port is the one a torrent client must listen on. The first request of a
 connection asks for internal port ``internal_port`` (0 by default) and suggests external port 1,
 which is Proton's documented ``natpmpc -a 1 0 udp 60``; a refresh suggests the port it holds.
+
+The gateway, not the user, picks that port, so a granted port is judged before the lock accepts
+it: a port below 1024, one outside ``allowed_ports``, or one that a program not named in
+``listeners`` (the torrent clients) already listens on would expose a service the user never
+chose (a gateway granting 22 would put the host's SSH on the internet). Such a grant is refused:
+given back to the gateway, logged, shown as ``refused`` in the status, and asked again when a
+refresh would be due.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
 import anyio
 
+from plugins import sockets
 from plugins.natpmp import codec
 from plugins.natpmp.client import NatPmpClient
 from supervisor.plugins import PluginContext, PluginOptionError, Tunnel
@@ -28,6 +36,86 @@ from supervisor.plugins import PluginContext, PluginOptionError, Tunnel
 RETRY_INITIAL_S = 2.0
 RETRY_MAX_S = 30.0
 UNMAP_TRIES = 2
+FIRST_UNPRIVILEGED = 1024
+# The programs a forwarded port is for: torrent clients, by executable name.
+DEFAULT_LISTENERS = (
+    "qbittorrent-nox",
+    "qbittorrent",
+    "transmission-daemon",
+    "transmission-gtk",
+    "transmission-qt",
+    "deluged",
+    "rtorrent",
+    "aria2c",
+)
+
+
+def grant_refusal(
+    port: int,
+    allowed: Sequence[range],
+    holders: Sequence[tuple[sockets.Socket, Sequence[sockets.Program]]],
+    listeners: frozenset[str],
+) -> str | None:
+    """Why the lock must not accept ``port`` that a gateway granted, or None when it may.
+    ``holders``: the sockets of this namespace that accept on ``port``, with their programs;
+    ``listeners``: program names, or ``uid:N`` for any socket of that owner (a client in another
+    container, whose process cannot be seen from here)."""
+    if port < FIRST_UNPRIVILEGED:
+        return f"port {port} is below {FIRST_UNPRIVILEGED}: a system service's, never forwarded"
+    if not any(port in r for r in allowed):
+        return f"port {port} is outside allowed_ports ({', '.join(map(_shown_range, allowed))})"
+    for sock, programs in holders:
+        if sock.port != port or sock.loopback_only or f"uid:{sock.uid}" in listeners:
+            continue
+        if not programs:
+            return (
+                f"port {port} ({sock.protocol}) is held by a process tunlock cannot see (uid "
+                f"{sock.uid}, another PID namespace?), not by one of listeners"
+            )
+        foreign = next((p for p in programs if p.name not in listeners), None)
+        if foreign is not None:
+            return (
+                f"port {port} ({sock.protocol}) is held by {foreign.name} (pid {foreign.pid}), "
+                "not by one of listeners"
+            )
+    return None
+
+
+def _shown_range(r: range) -> str:
+    return f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start)
+
+
+def _port_ranges(options: Mapping[str, Any]) -> tuple[range, ...]:
+    value = options.get("allowed_ports", [f"{FIRST_UNPRIVILEGED}-65535"])
+    wrong = PluginOptionError(
+        f'allowed_ports = {value!r}: a list of ports and ranges such as [51413, "40000-65535"], '
+        f"each within {FIRST_UNPRIVILEGED}-65535"
+    )
+    if not isinstance(value, list) or not value:
+        raise wrong
+    ranges = []
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool):
+            low = high = item
+        elif (
+            isinstance(item, str)
+            and item.count("-") == 1
+            and all(part.strip().isascii() and part.strip().isdigit() for part in item.split("-"))
+        ):
+            low, high = (int(part) for part in item.split("-"))
+        else:
+            raise wrong
+        if not FIRST_UNPRIVILEGED <= low <= high <= 65535:
+            raise wrong
+        ranges.append(range(low, high + 1))
+    return tuple(ranges)
+
+
+def _holders(port: int) -> list[tuple[sockets.Socket, list[sockets.Program]]]:
+    """The sockets accepting on ``port`` here, with their programs (blocking: a thread)."""
+    on_port = [s for s in sockets.accepting_sockets() if s.port == port and not s.loopback_only]
+    programs = sockets.programs_of(s.inode for s in on_port)
+    return [(s, programs[s.inode]) for s in on_port]
 
 
 def _number(options: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
@@ -39,7 +127,15 @@ def _number(options: Mapping[str, Any], key: str, default: float, low: float, hi
 
 class NatPmpPlugin:
     def __init__(self, options: Mapping[str, Any]) -> None:
-        unknown = set(options) - {"gateway", "lifetime_s", "internal_port", "tries", "servers"}
+        unknown = set(options) - {
+            "gateway",
+            "lifetime_s",
+            "internal_port",
+            "tries",
+            "servers",
+            "allowed_ports",
+            "listeners",
+        }
         if unknown:
             raise PluginOptionError(f"unknown option(s) {', '.join(sorted(unknown))}")
         gateway = options.get("gateway")
@@ -54,6 +150,21 @@ class NatPmpPlugin:
         if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
             raise PluginOptionError("servers: a list of server names (empty: every server)")
         self.servers = frozenset(servers)
+        self.allowed_ports = _port_ranges(options)
+        listeners = options.get("listeners", list(DEFAULT_LISTENERS))
+        if not isinstance(listeners, list) or not all(isinstance(n, str) and n for n in listeners):
+            raise PluginOptionError(
+                "listeners: a list of program names (the executable's file name, such as "
+                "qbittorrent-nox) or \"uid:N\" entries that may already listen on a granted port"
+            )
+        self.listeners = frozenset(listeners)
+        # Who accepts on a port (the kernel's socket table here); replaced in unit tests.
+        self.holders = _holders
+
+    async def refusal(self, port: int) -> str | None:
+        """``grant_refusal`` for a port just granted, with this namespace's socket table."""
+        holders = await anyio.to_thread.run_sync(self.holders, port)
+        return grant_refusal(port, self.allowed_ports, holders, self.listeners)
 
     def client(self, tunnel: Tunnel) -> NatPmpClient | None:
         gateway = self.gateway or tunnel.gateway
@@ -158,6 +269,26 @@ class NatPmpPlugin:
                 due, retry = time.monotonic() + retry, min(retry * 2, RETRY_MAX_S)
                 continue
             retry = RETRY_INITIAL_S
+            # A port this connection already holds was judged when it came (and the torrent
+            # client has since been moved onto it); a new one is judged now.
+            refused = await self.refusal(mapped) if mapped != port or new_connection else None
+            if refused is not None:
+                ctx.log.warning(
+                    "granted port refused: not accepted by the lock",
+                    port=mapped,
+                    server=tunnel.server,
+                    reason=refused,
+                )
+                if port:
+                    await ctx.forward_ports(None)  # the gateway moved us off the port we held
+                session, port = tunnel.session, 0
+                ctx.report(
+                    port=None,
+                    refused={"port": mapped, "reason": refused, "at": round(time.time(), 3)},
+                )
+                await self._unmap(ctx, tunnel)
+                due = time.monotonic() + max(1.0, lifetime / 2)  # asked again as a refresh would be
+                continue
             if mapped != port or new_connection:
                 ctx.log.info("port forwarded", port=mapped, server=tunnel.server, lifetime_s=lifetime)
             session, port, expires = tunnel.session, mapped, time.monotonic() + lifetime
@@ -168,6 +299,7 @@ class NatPmpPlugin:
                 lifetime_s=lifetime,
                 mapped_at=round(time.time(), 3),
                 last_error=None,
+                refused=None,
             )
             # Renew halfway to expiry (RFC 6886 section 3.3), never more often than once a second.
             due = time.monotonic() + max(1.0, lifetime / 2)

@@ -7,7 +7,11 @@ came from, through the tunnel (DNAT in a table of its own). A request with lifet
 mapping up. The control file (JSON, re-read at every request, written by the test) says how to
 behave::
 
-    {"mode": "ok" | "refuse" | "silent", "port": 40001}
+    {"mode": "ok" | "refuse" | "silent", "port": 40001, "keep": false}
+
+The granted port is the control file's whatever the client asked for, as a hostile or broken
+gateway may grant any port (22, say); ``keep`` makes it ignore unmap requests and go on
+forwarding, so that only the client's lock stands between the port and the internet.
 
 The messages are packed here with ``struct`` from the RFC's tables, not with tunlock's codec,
 so that the lab does not merely mirror the client under test; Debian's ``natpmpc`` checks it.
@@ -86,7 +90,7 @@ def main(argv: list[str]) -> int:
                     state["forwarded"] = [port, source]
             elif result == 0:
                 state["unmaps"] += 1
-                if state["forwarded"] is not None:
+                if state["forwarded"] is not None and not settings.get("keep"):
                     forward(None, source, [])
                     state["forwarded"] = None
             reply = struct.pack("!BBHIHHI", 0, 128 + op, result, epoch, internal, port, granted)

@@ -38,9 +38,14 @@ def start_gateways(lab: Lab, ports: dict[int, int]) -> None:
         wait_until(lambda s=server: _state(lab, s.index).exists(), f"the NAT-PMP gateway of {server.name}")
 
 
-def set_gateway(lab: Lab, index: int, mode: str, port: int, extra: tuple[int, ...] = ()) -> None:
+def set_gateway(
+    lab: Lab, index: int, mode: str, port: int, extra: tuple[int, ...] = (), keep: bool = False
+) -> None:
+    """How the gateway of server ``index`` answers: ``port`` whatever is asked; ``keep``: it goes
+    on forwarding after an unmap, as a hostile gateway would."""
     path = _control(lab, index)
-    path.with_suffix(".tmp").write_text(json.dumps({"mode": mode, "port": port, "extra": list(extra)}))
+    settings = {"mode": mode, "port": port, "extra": list(extra), "keep": keep}
+    path.with_suffix(".tmp").write_text(json.dumps(settings))
     path.with_suffix(".tmp").replace(path)
 
 

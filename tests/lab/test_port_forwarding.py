@@ -10,7 +10,9 @@ server's public address, and the ISP's observer counts every packet outside the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -29,8 +31,13 @@ from tests.lab.seedbox import (
     wait_until,
     write_config,
 )
+from tests.lab.torrent_clients import QBT_WEBUI_PORT, listening_ports, start_qbittorrent
 
 pytestmark = pytest.mark.lab(servers=2, per_test=True)
+
+# The lab's listeners are Python programs that stand for the torrent client: named in the
+# natpmp plugin's ``listeners`` so that a port they already hold may be forwarded.
+PYTHON = os.path.basename(os.path.realpath(sys.executable))
 
 
 def assert_no_leaks(lab: LabUnderTest, mark: int) -> None:
@@ -90,6 +97,7 @@ def test_forwarded_port_reaches_a_listener_through_the_tunnel_and_follows_failov
         [plugins.natpmp]
         lifetime_s = 4
         tries = 3
+        listeners = ["{PYTHON}"]
 
         [plugins.portfile]
         path = "{port_file}"
@@ -160,7 +168,7 @@ def test_misbehaving_plugins_do_not_stop_failover_or_touch_the_lock(lab: LabUnde
     start_gateways(lab.lab, {1: 40001, 2: 40002})
     config = write_config(
         lab.lab,
-        """
+        f"""
         [plugins]
         enabled = [
             "tests.lab.misbehaving:raises",
@@ -171,6 +179,9 @@ def test_misbehaving_plugins_do_not_stop_failover_or_touch_the_lock(lab: LabUnde
         stall_timeout_s = 1
         backoff_initial_s = 0.2
         backoff_max_s = 1
+
+        [plugins.natpmp]
+        listeners = ["{PYTHON}"]
         """,
     )
     listen(lab.lab, 40002)
@@ -200,4 +211,74 @@ def test_misbehaving_plugins_do_not_stop_failover_or_touch_the_lock(lab: LabUnde
         assert f'iifname "{lab.lab.client_ifname}" jump from_tunnel' in rules
         assert f'iifname "{lab.lab.client_ifname}" accept' not in rules
     assert not any("lock tampered" in line for line in daemon.log_events())
+    assert_no_leaks(lab, mark)
+
+
+def tunnel_inbound(lab: LabUnderTest) -> set[int]:
+    answer = json.loads(
+        lab.lab.run("client", "nft", "-j", "list", "set", "inet", "tunlock", "tunnel_inbound")
+    )
+    elements = [e for item in answer["nftables"] if "set" in item for e in item["set"].get("elem", [])]
+    return {e["concat"][1] for e in elements}
+
+
+def test_a_gateway_granting_ssh_or_a_busy_port_exposes_nothing_the_torrent_clients_port_works(
+    lab: LabUnderTest,
+) -> None:
+    """Issue #21 item 2: the gateway, not the user, picks the port. A hostile (or broken) gateway
+    grants 22 while a service listens on 22 in the client (a Python listener stands for sshd),
+    then a high port another program holds: neither reaches the client from the internet
+    although the gateway goes on forwarding them, the status shows the refusal, and the grant is
+    given back. The torrent client's own port is then forwarded as usual, though qBittorrent
+    already listens on it."""
+    start_gateways(lab.lab, {1: 22})
+    set_gateway(lab.lab, 1, "ok", 22, keep=True)  # it goes on forwarding 22 after the unmap
+    listen(lab.lab, 22)
+    listen(lab.lab, 40001)  # a program of another user's choosing, not the torrent client
+    config = write_config(
+        lab.lab,
+        """
+        [plugins]
+        enabled = ["natpmp"]
+
+        [plugins.natpmp]
+        lifetime_s = 4
+        tries = 3
+        """,
+    )
+    vpn1 = lab.lab.servers[0].endpoint_v4
+    mark = lab.observer.mark()
+    with lab.daemon(env=QUICK, config=config) as daemon:
+        daemon.start()
+        status = daemon.wait_for(
+            lambda s: (s["plugins"]["natpmp"].get("refused") or {}).get("port") == 22, 20, "22 refused"
+        )
+        assert "below 1024" in status["plugins"]["natpmp"]["refused"]["reason"]
+        assert status["forwarded_port"] is None and status["plugins"]["natpmp"]["port"] is None
+        assert wait_until(lambda: gateway_state(lab.lab, 1)["unmaps"] >= 1, "the grant given back")
+        assert gateway_state(lab.lab, 1)["forwarded"] == [22, "10.99.0.2"], "the gateway still forwards 22"
+        assert connect(lab.lab, "inet", vpn1, 22) == "no answer", "the host's SSH is not exposed"
+        assert 22 not in tunnel_inbound(lab)
+
+        set_gateway(lab.lab, 1, "ok", 40001, keep=True)
+        status = daemon.wait_for(
+            lambda s: (s["plugins"]["natpmp"].get("refused") or {}).get("port") == 40001, 20, "40001 refused"
+        )
+        assert f"held by {PYTHON}" in status["plugins"]["natpmp"]["refused"]["reason"]
+        assert connect(lab.lab, "inet", vpn1, 40001) == "no answer"
+        assert status["forwarded_port"] is None and 40001 not in tunnel_inbound(lab)
+
+        # qBittorrent already listens on the port the gateway grants next (started once the
+        # tunnel is up: it binds each address it finds at start, the tunnel's among them).
+        qbittorrent = start_qbittorrent(lab.lab, port=40003)
+        wait_until(
+            lambda: listening_ports(lab.lab, qbittorrent.pid, QBT_WEBUI_PORT) == {40003}, "qBittorrent", 30
+        )
+        set_gateway(lab.lab, 1, "ok", 40003)
+        status = daemon.wait_for(lambda s: s["forwarded_port"] == 40003, 20, "the torrent client's port")
+        assert status["plugins"]["natpmp"]["refused"] is None
+        assert connect(lab.lab, "inet", vpn1, 40003) == "connected", "a peer reaches qBittorrent"
+        assert tunnel_inbound(lab) == {40003}
+    refusals = [e for e in daemon.log_events() if "granted port refused" in e]
+    assert any("port=22" in e or '"port": 22' in e for e in refusals), refusals
     assert_no_leaks(lab, mark)

@@ -9,6 +9,9 @@ for it yet).
 
 from __future__ import annotations
 
+import base64
+import os
+import sys
 import textwrap
 import time
 
@@ -129,9 +132,13 @@ def test_qbittorrent_that_could_not_bind_the_port_is_made_to_bind_it_again(lab: 
     start_gateways(lab.lab, {1: 40001})
     proc = start_qbittorrent(lab.lab)
     password_file = write_secret(lab.lab, "qbt-password", QBT_SECRET)
+    # The blocker stands for a second torrent client (the report's setup), so the natpmp plugin
+    # is told it may hold a granted port; any other program holding it gets the grant refused.
+    python = os.path.basename(os.path.realpath(sys.executable))
     config = write_config(
         lab.lab,
-        '[plugins]\nenabled = ["natpmp", "qbittorrent"]\n\n[plugins.qbittorrent]\n'
+        f'[plugins]\nenabled = ["natpmp", "qbittorrent"]\n\n[plugins.natpmp]\nlisteners = ["{python}"]\n\n'
+        "[plugins.qbittorrent]\n"
         + textwrap.dedent(CLIENTS["qbittorrent"][2]).format(
             api=QBT_WEBUI_PORT, user=QBT_USER, password_file=password_file
         ),
@@ -148,3 +155,81 @@ def test_qbittorrent_that_could_not_bind_the_port_is_made_to_bind_it_again(lab: 
             lambda: listening_ports(lab.lab, proc.pid, QBT_WEBUI_PORT) == {40001}, "qBittorrent on 40001"
         )
         daemon.wait_for(lambda s: s["plugins"]["qbittorrent"].get("result") == "ok", 10, "the push reported")
+
+
+# An unprivileged user's program on the API port: it records every byte it receives (on its
+# standard output, the lab's log file) and answers as a login would, so that a client that
+# trusts it goes on sending.
+IMPOSTOR = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
+    print("listening", flush=True)
+    while True:
+        c, _ = s.accept()
+        c.settimeout(2)
+        try:
+            sys.stdout.write(repr(c.recv(65536)) + "\\n"); sys.stdout.flush()
+            c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 3\\r\\nConnection: close\\r\\n\\r\\nOk.")
+        except OSError:
+            pass
+        c.close()
+    """
+)
+
+
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+def test_no_password_reaches_another_user_listening_on_the_api_port(lab: LabUnderTest, client: str) -> None:
+    """Issue #21 item 3: before the torrent client binds its API port (at boot, after a crash),
+    an unprivileged user (nobody) listens there. tunlock sends it nothing (neither qBittorrent's
+    login nor Transmission's Basic credentials), says why in the status, and pushes the port
+    once the real client, root's here, holds the API port again."""
+    start, api_port, options = CLIENTS[client]
+    start_gateways(lab.lab, {1: 40001})
+    password_file = write_secret(lab.lab, "qbt-password", QBT_SECRET)
+    user = QBT_USER if client == "qbittorrent" else TRANSMISSION_USER
+    secret = QBT_SECRET if client == "qbittorrent" else TRANSMISSION_PASSWORD
+    config = write_config(
+        lab.lab,
+        f"""
+        [plugins]
+        enabled = ["natpmp", "{client}"]
+
+        [plugins.{client}]
+        retry_s = 0.5
+        """
+        + textwrap.dedent(options).format(api=api_port, user=user, password_file=password_file),
+    )
+    log = lab.lab.dir / f"impostor-{client}.log"
+    impostor = lab.lab.spawn(
+        "client",
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", IMPOSTOR,
+         str(api_port)],
+        log.name,
+    )  # fmt: skip
+    wait_until(lambda: log.exists() and "listening" in log.read_text(), "nobody listening on the API port")
+    env = {**QUICK, "SEEDBOX_TRANSMISSION_PASSWORD": TRANSMISSION_PASSWORD}
+    mark = lab.observer.mark()
+    with lab.daemon(env=env, config=config) as daemon:
+        daemon.start()
+        daemon.wait_for(lambda s: s["forwarded_port"] == 40001, 20, "the forwarded port")
+        status = daemon.wait_for(
+            lambda s: s["plugins"][client].get("result") == "error", 20, "the push refused"
+        )
+        # Two more tries at retry_s: the refusal holds at every retry, not only the first.
+        daemon.wait_for(lambda s: s["plugins"][client]["at"] > status["plugins"][client]["at"] + 0.9, 20)
+        received = log.read_text()
+        basic = base64.b64encode(f"{user}:{secret}".encode()).decode()
+        assert secret not in received and basic not in received, "the password reached nobody's listener"
+        error = daemon.status()["plugins"][client]["error"]
+        assert f"127.0.0.1:{api_port} is held by uid 65534 (nobody)" in error and "not sent" in error
+        assert not any(secret in line for line in daemon.log_events())
+
+        stop(impostor)  # the real client comes up and takes its port
+        proc = start(lab.lab)
+        wait_until(lambda: listening_ports(lab.lab, proc.pid, api_port) == {40001}, f"{client} on 40001", 30)
+        daemon.wait_for(lambda s: s["plugins"][client].get("result") == "ok", 20, "the push done")
+    leaks = lab.observer.leaks(since=mark)
+    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel"

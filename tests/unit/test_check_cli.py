@@ -103,3 +103,15 @@ def test_plugins_are_checked_by_name_and_options_with_their_lines(write_config):
     assert f"{path}:2: plugin 'nosuch' is not installed" in result.stderr
     assert f"{path}:4: [plugins.natpmp]: gateway = 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_ports_a_grant_may_bring_and_the_api_user_are_checked_with_their_lines(write_config):
+    path = write_config(
+        '[plugins]\nenabled = ["natpmp", "transmission"]\n\n[plugins.natpmp]\nallowed_ports = ["22-2222"]\n\n'
+        '[plugins.transmission]\napi_user = "no-such-user-here"\n'
+    )
+    result = tunlock("check", "--config", str(path))
+    assert result.returncode == 1
+    ports = "allowed_ports = ['22-2222']: a list of ports and ranges"
+    assert f"{path}:4: [plugins.natpmp]: {ports}" in result.stderr
+    assert f"{path}:7: [plugins.transmission]: api_user = 'no-such-user-here': no such user" in result.stderr

@@ -146,6 +146,13 @@ BROKEN = {
         set(),
         {"TUNLOCK_TUNNEL_NOPE": "x"},
     ),
+    "a server named like shell code": (
+        "",
+        {"servers/a.conf": server(), "servers/s2$(echo INJECTED).conf": server(12)},
+        set(),
+        {},
+    ),
+    "a server named like an option": ("", {"servers/-rf.conf": server()}, set(), {}),
     "unknown env key alone": ("", {"servers/a.conf": server()}, set(), {"TUNLOCK_LOCK_ALLOWLAN": "true"}),
     "env value invalid": ("", {"servers/a.conf": server()}, set(), {"TUNLOCK_LOCK_INBOUND_TCP": "0"}),
     "TOML syntax": ("[tunnel\n", {"servers/a.conf": server()}, set(), {}),
@@ -249,3 +256,26 @@ def test_check_and_run_agree_on_any_directory(config, environ, texts):
             if readable:
                 loose.add(name)
         assert_same_verdict(write_tree(Path(tmp), config, files, frozenset(loose)), environ)
+
+
+@pytest.mark.parametrize(
+    "name", ["s2$(echo INJECTED)", "a b", "x;reboot", "`id`", "-rf", "é", "x" * 65, "a\nb"]
+)
+def test_a_server_file_whose_name_is_not_a_safe_name_is_refused_by_run_and_check(tmp_path, name):
+    """The name ends up in hooks, logs and labels: ``run`` refuses the file (and ``check`` alike),
+    naming it, so that a hook like ``sh -c "echo {server}"`` never gets shell code as a name."""
+    config = write_tree(tmp_path, "", {"servers/a.conf": server(), f"servers/{name}.conf": server(12)})
+    verdict = assert_same_verdict(config, {})
+    assert verdict[0] == "refused"
+    assert verdict[1] == [
+        f"{tmp_path / 'servers' / (name + '.conf')}: server name {name!a} is refused: a server's name "
+        "(the file's name without its extension) may hold only letters, digits, '.', '_' and '-', "
+        "start with a letter, digit or '_', and be at most 64 characters; rename the file"
+    ]
+
+
+def test_ordinary_provider_file_names_stay_valid(tmp_path):
+    names = ["vpn1", "ch-zurich-01", "wg-CH-12", "se.got.wg.001", "_spare", "x" * 64]
+    files: dict[str, str | bytes] = {f"servers/{n}.conf": server(i + 1) for i, n in enumerate(names)}
+    verdict = assert_same_verdict(write_tree(tmp_path, "", files), {})
+    assert verdict[0] == "ok" and sorted(d[0] for d in verdict[2]) == sorted(names)

@@ -4,13 +4,14 @@ port, retries, and gives the mapping up. The real exchange is proven in the lab
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 
 import anyio
 import pytest
 
 import plugins.natpmp
-from plugins.natpmp import NatPmpPlugin, codec
+from plugins.natpmp import DEFAULT_LISTENERS, NatPmpPlugin, codec, grant_refusal
+from plugins.sockets import Program, Socket, parse_table
 from supervisor.plugins import PluginHost
 from tests.unit.test_plugin_host import FakeLock, FakeServer, publish
 
@@ -49,6 +50,7 @@ def plugin_with(gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch, **options
 
     monkeypatch.setattr(plugins.natpmp, "NatPmpClient", Client)
     plugin.client = lambda tunnel: Client()  # type: ignore[method-assign]
+    plugin.holders = lambda port: []  # nothing listens here (not this machine's own table)
     return plugin
 
 
@@ -137,6 +139,129 @@ async def test_an_exchange_with_a_server_just_left_is_abandoned_at_the_failover(
 def test_options_are_checked():
     from supervisor.plugins import PluginOptionError
 
-    for bad in ({"gateway": "x"}, {"lifetime_s": 0}, {"tries": 20}, {"servers": "vpn1"}, {"nope": 1}):
+    for bad in (
+        {"gateway": "x"},
+        {"lifetime_s": 0},
+        {"tries": 20},
+        {"servers": "vpn1"},
+        {"nope": 1},
+        {"allowed_ports": [22]},
+        {"allowed_ports": ["1-65535"]},
+        {"allowed_ports": ["50000-40000"]},
+        {"allowed_ports": "40000-50000"},
+        {"allowed_ports": []},
+        {"allowed_ports": [True]},
+        {"listeners": "qbittorrent-nox"},
+    ):
         with pytest.raises(PluginOptionError):
             NatPmpPlugin(bad)
+
+    plugin = NatPmpPlugin({"allowed_ports": [51413, "40000-49999"], "listeners": ["mytorrent"]})
+    assert plugin.allowed_ports == (range(51413, 51414), range(40000, 50000))
+    assert plugin.listeners == {"mytorrent"}
+    default = NatPmpPlugin({})
+    assert default.allowed_ports == (range(1024, 65536),) and default.listeners == set(DEFAULT_LISTENERS)
+
+
+def held(port: int, *names: str, address: str = "0.0.0.0", protocol: str = "tcp"):
+    sock = Socket(protocol, ip_address(address), port, 0, 1000 + port)
+    return sock, [Program(100 + i, name) for i, name in enumerate(names)]
+
+
+ANY = (range(1024, 65536),)
+TORRENT = frozenset({"qbittorrent-nox"})
+
+
+def test_a_granted_port_is_refused_when_it_would_expose_a_service_the_user_did_not_choose():
+    # A privileged port: refused whatever listens (nothing, here).
+    assert "below 1024" in (grant_refusal(22, ANY, [], TORRENT) or "")
+    assert "below 1024" in (grant_refusal(1023, ANY, [], TORRENT) or "")
+    # Outside the configured range.
+    assert grant_refusal(40001, (range(50000, 50100),), [], TORRENT) == (
+        "port 40001 is outside allowed_ports (50000-50099)"
+    )
+    # Held by another program, on any address but loopback, TCP or UDP.
+    assert grant_refusal(40001, ANY, [held(40001, "python3.11")], TORRENT) == (
+        "port 40001 (tcp) is held by python3.11 (pid 100), not by one of listeners"
+    )
+    assert "held by sshd" in (grant_refusal(2222, ANY, [held(2222, "sshd", address="::")], TORRENT) or "")
+    assert "(udp)" in (grant_refusal(40001, ANY, [held(40001, "dnsd", protocol="udp")], TORRENT) or "")
+    # Held by a process tunlock cannot see (another PID namespace): not trusted.
+    assert "cannot see" in (grant_refusal(40001, ANY, [held(40001)], TORRENT) or "")
+    # ... unless its owner is named (a client in another container runs as a uid of its own).
+    assert grant_refusal(40001, ANY, [held(40001)], TORRENT | {"uid:0"}) is None
+    # Free, held by the torrent client, or held only on loopback: accepted.
+    assert grant_refusal(40001, ANY, [], TORRENT) is None
+    assert grant_refusal(40001, ANY, [held(40001, "qbittorrent-nox", address="::")], TORRENT) is None
+    assert grant_refusal(40001, ANY, [held(40001, "python3.11", address="127.0.0.1")], TORRENT) is None
+    assert grant_refusal(40001, ANY, [held(40001, "x", address="::ffff:127.0.0.1")], TORRENT) is None
+    assert grant_refusal(1024, ANY, [], TORRENT) is None
+
+
+async def test_a_refused_grant_is_given_back_never_accepted_by_the_lock_and_shown(monkeypatch):
+    gateway, lock = FakeGateway(22), FakeLock()
+    host = PluginHost(
+        [("natpmp", plugin_with(gateway, monkeypatch))],
+        lock,
+        interface="tl0",
+        server_of=lambda n: FakeServer(),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await wait_for(lambda: (host.reports.get("natpmp", {}).get("refused") or {}).get("port") == 22)
+        report = host.reports["natpmp"]
+        assert "below 1024" in report["refused"]["reason"] and report["port"] is None
+        await wait_for(lambda: ("udp", 0, 0) in gateway.calls)  # given back to the gateway
+        assert host.view.forwarded is None and lock.calls == []
+        # Asked again (a refresh's time later): a port the user would have is then accepted.
+        gateway.port = 40001
+        await wait_for(lambda: host.view.forwarded is not None, timeout=15)
+        assert lock.calls[-1] == frozenset({("tcp", 40001), ("udp", 40001)})
+        assert host.reports["natpmp"]["refused"] is None
+        # A refresh that moves the port onto a refused one withdraws the port held.
+        gateway.port = 443
+        await wait_for(lambda: host.view.forwarded is None, timeout=15)
+        assert lock.calls[-1] == frozenset()
+        tg.cancel_scope.cancel()
+
+
+def test_the_socket_table_is_read_with_its_owner_and_only_accepting_sockets():
+    tcp = (
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 65534 0 4242 1\n"
+        "   1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 17 1\n"
+        "   2: 0200630A:9C41 0100630A:0016 01 00000000:00000000 00:00000000 00000000     0        0 18 1\n"
+    )
+    assert parse_table(tcp, "tcp") == [
+        Socket("tcp", ip_address("127.0.0.1"), 8080, 65534, 4242),
+        Socket("tcp", ip_address("0.0.0.0"), 22, 0, 17),
+    ]
+    tcp6 = (
+        "  sl  local_address                         remote_address                        st ...\n"
+        "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A "
+        "00000000:00000000 00:00000000 00000000   1000        0 99 1\n"
+        "   1: 0000000000000000FFFF00000100007F:0035 00000000000000000000000000000000:0000 07 "
+        "00000000:00000000 00:00000000 00000000   0        0 98 1\n"
+    )
+    assert parse_table(tcp6, "tcp") == [Socket("tcp", ip_address("::1"), 8080, 1000, 99)]
+    (udp,) = parse_table(tcp6, "udp")
+    assert udp.address == ip_address("::ffff:127.0.0.1") and udp.port == 53 and udp.loopback_only
+
+
+def test_a_listener_of_this_process_is_found_with_its_uid_and_program():
+    import os
+    import socket
+    import sys
+
+    from plugins.sockets import accepting_sockets, programs_of
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        (mine,) = [s for s in accepting_sockets(("tcp",)) if s.port == port]
+        assert mine.uid == os.getuid() and mine.loopback_only
+        (program,) = programs_of([mine.inode])[mine.inode]
+        assert program.pid == os.getpid()
+        assert program.name == os.path.basename(os.path.realpath(sys.executable))

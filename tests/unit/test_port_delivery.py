@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from ipaddress import ip_interface
+from ipaddress import ip_address, ip_interface
 from pathlib import Path
 
 import anyio
+import anyio.abc
+import httpx
 import pytest
 
 from plugins import hooks, portfile, torrent
@@ -177,3 +179,117 @@ def test_listening_is_verified_by_default_only_for_a_client_on_loopback():
     assert torrent.transmission({"verify_listening": False}).verify_listening is False
     with pytest.raises(PluginOptionError):
         torrent.transmission({"verify_listening": "yes"})
+
+
+@pytest.mark.anyio
+async def test_a_shell_hook_reads_the_values_from_its_environment_as_plain_data(tmp_path: Path):
+    """A ``sh -c`` script that reads "$TUNLOCK_SERVER" gets the text, never runs it: even a name
+    that the server-file reader would refuse stays inert here."""
+    out = tmp_path / "out"
+    view = View(Tunnel("connected", "s2$(echo INJECTED)", "tl0", session=1), Forwarded((40000,), "s2", 0))
+    plugin = hooks.factory(
+        {"on_connected": ["sh", "-c", f'echo "up $TUNLOCK_SERVER $TUNLOCK_PORT $TUNLOCK_INTERFACE" > {out}']}
+    )
+    host = PluginHost([], NoLock(), interface="tl0", server_of=lambda n: None)
+    ctx = PluginContext(host, "hooks")
+    host.view, host.version = view, 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(plugin.run, ctx)
+        with anyio.fail_after(20):
+            while "on_connected" not in host.reports.get("hooks", {}):
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert host.reports["hooks"]["on_connected"]["status"] == 0
+    assert out.read_text() == "up s2$(echo INJECTED) 40000 tl0\n"
+
+
+@pytest.mark.anyio
+async def test_a_server_file_named_with_shell_code_never_reaches_a_shell_hook(tmp_path: Path):
+    """The attack of issue #21 item 7: ``s2$(echo INJECTED).conf`` beside a hook
+    ``sh -c "echo connected to {server}"``. The daemon's config loader refuses the file, naming
+    it, so no server of that name ever connects; before, the hook ran the substitution."""
+    from supervisor.config import load_config
+    from supervisor.errors import ConfigError
+
+    from .test_check_pipeline import server, write_tree
+
+    config = write_tree(tmp_path, "", {"servers/s2$(echo INJECTED).conf": server()})
+    out = tmp_path / "hook.log"
+    try:
+        names = [s.name for s in load_config(config, {}).servers]
+        refusal = ""
+    except ConfigError as err:
+        names, refusal = [], str(err)
+    for name in names:  # what the daemon would hand the hook at each connection
+        view = View(Tunnel("connected", name, "tl0", session=1))
+        argv = hooks.expand(["sh", "-c", f"echo connected to {{server}} >> {out}"], hooks.placeholders(view))
+        await hooks.run_hook(argv, timeout=10)
+    assert not out.exists() or "INJECTED" not in out.read_text().replace("$(echo INJECTED)", "")
+    assert "s2$(echo INJECTED).conf: server name 's2$(echo INJECTED)' is refused" in refusal
+
+
+def _listener(address: str, port: int, uid: int) -> torrent.sockets.Socket:
+    return torrent.sockets.Socket("tcp", ip_address(address), port, uid, 1)
+
+
+def test_the_api_listener_is_the_one_on_its_address_or_a_wildcard_and_must_be_trusted():
+    from ipaddress import IPv4Address
+
+    table = [
+        _listener("127.0.0.1", 8080, 65534),
+        _listener("::", 8080, 0),
+        _listener("::ffff:127.0.0.1", 8080, 1000),
+        _listener("127.0.0.2", 8080, 1001),  # another address: never takes a connection to .1
+        _listener("0.0.0.0", 9091, 0),  # another port
+    ]
+    found = torrent.api_listeners(table, [IPv4Address("127.0.0.1")], 8080)
+    assert [s.uid for s in found] == [65534, 0, 1000]
+    refusal = torrent.api_owner_refusal(found, frozenset({0}), "127.0.0.1:8080")
+    assert refusal is not None and refusal.startswith("127.0.0.1:8080 is held by uid 65534 (nobody)")
+    assert "not sent" in refusal
+    assert torrent.api_owner_refusal(found, frozenset({0, 1000, 65534}), "x") is None
+    assert "nothing listens" in (torrent.api_owner_refusal([], frozenset({0}), "127.0.0.1:8080") or "")
+
+
+def test_api_user_names_the_clients_user_by_name_or_uid():
+    base = {"password_env": "X"}
+    trusted = torrent.qbittorrent({**base, "api_user": "nobody"}).client.guard.trusted
+    assert trusted == {0, os.geteuid(), 65534}
+    assert 1234 in torrent.transmission({"api_user": 1234}).client.guard.trusted
+    for bad in ("no-such-user-here", True, -1, ""):
+        with pytest.raises(PluginOptionError, match="api_user"):
+            torrent.transmission({"api_user": bad})
+    assert torrent.qbittorrent({**base, "url": "http://192.0.2.9:8080"}).client.guard.hosts == ()
+
+
+@pytest.mark.anyio
+async def test_no_credentials_reach_an_api_listener_of_an_untrusted_user(tmp_path: Path):
+    """A real listener in this process stands for the API port; this process's uid is made
+    untrusted, as a listener of another user is: the login is not sent, and the error says why."""
+    received: list[bytes] = []
+
+    async def record(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with anyio.move_on_after(2):
+                received.append(await stream.receive())
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret-password\n")
+    for pusher in (
+        torrent.qbittorrent({"url": f"http://127.0.0.1:{port}", "password_file": str(secret)}),
+        torrent.transmission(
+            {"url": f"http://127.0.0.1:{port}/rpc", "username": "u", "password_file": str(secret)}
+        ),
+    ):
+        pusher.client.guard.trusted = frozenset({os.geteuid() + 1})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, record)
+            async with httpx.AsyncClient(timeout=2, trust_env=False) as http:
+                refused = f"127.0.0.1:{port} is held by uid {os.geteuid()}"
+                with pytest.raises(torrent.PushError, match=refused):
+                    await pusher.client.port(http)
+            tg.cancel_scope.cancel()
+    await listener.aclose()
+    assert received == [], "nothing at all was sent to the untrusted listener"
