@@ -65,16 +65,16 @@ def check(config_path: Path, quiet: bool) -> None:
     try:
         config = read_checked(config_path)
     except ConfigError as err:
-        _fail(err.problems)
+        _fail(err.problems, [] if quiet else err.warnings)
     try:
         _check_plugins(config)
     except ConfigError as err:
-        _fail(err.problems)
+        _fail(err.problems, [] if quiet else [*config.warnings, *err.warnings])
     # Not a key's value but what is at the path: the daemon refuses to replace anything but a
     # leftover socket there, so `check` says so before `run` does.
     socket_problem = socket_path.config_problem(config)
     if socket_problem is not None:
-        _fail([socket_problem])
+        _fail([socket_problem], [] if quiet else list(config.warnings))
     if not quiet:
         for warning in config.warnings:
             click.echo(str(warning), err=True)
@@ -101,9 +101,10 @@ def _check_plugins(config: Checked) -> None:
     )
 
 
-def _fail(problems: list[Problem]) -> typing.NoReturn:
+def _fail(problems: list[Problem], warnings: list[Problem]) -> typing.NoReturn:
+    """The errors, then the warnings (they are worth fixing in the same edit), then the count."""
     _exit_soon()
-    for problem in problems:
+    for problem in [*problems, *warnings]:
         click.echo(str(problem), err=True)
     errors = sum(1 for p in problems if not p.warning)
     click.echo(f"tunlock check: {errors} problem{'s' if errors != 1 else ''}", err=True)

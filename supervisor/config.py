@@ -344,7 +344,8 @@ class Settings:
         if not servers_found and not any(not p.warning for p in problems):
             problems.append(Problem(*self.servers_origin, "no usable server file"))
         if any(not p.warning for p in problems):
-            raise ConfigError(problems)
+            # The later warnings too: `check` shows them beside the errors.
+            raise ConfigError([*problems, *(p for p in self.later_problems if p.warning)])
         problems.extend(self.later_problems)
         if any(not p.warning for p in problems):
             raise ConfigError(problems)

@@ -41,6 +41,9 @@ class ConfigError(TunlockError):
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = sorted(p for p in problems if not p.warning) or list(problems)
+        # Kept beside the errors: `tunlock check` shows them too (a loose file mode is worth
+        # knowing while fixing a typo, not only once the typo is gone).
+        self.warnings = [p for p in problems if p.warning] if any(not p.warning for p in problems) else []
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

@@ -115,3 +115,18 @@ def test_the_ports_a_grant_may_bring_and_the_api_user_are_checked_with_their_lin
     ports = "allowed_ports = ['22-2222']: a list of ports and ranges"
     assert f"{path}:4: [plugins.natpmp]: {ports}" in result.stderr
     assert f"{path}:7: [plugins.transmission]: api_user = 'no-such-user-here': no such user" in result.stderr
+
+
+def test_warnings_are_printed_beside_errors(write_config, write_server):
+    """Issue #21, item 9c: with an error in the files, the warnings went unsaid until it was fixed."""
+    path = write_config('[metrics]\nlisten = "0.0.0.0:9586"\n')
+    (path.parent / "servers" / "vpn1.conf").chmod(0o644)
+    write_server(f"[Interface]\nPrivateKey = {PRIVATE_KEY}\nAddress = 10.0.0.2/32\n[Peer]\n", "b.conf")
+    result = tunlock("check", "--config", str(path))
+    assert result.returncode == 1
+    assert "b.conf:4: [Peer] has no PublicKey" in result.stderr
+    assert "vpn1.conf: warning: holds a private key but is readable" in result.stderr
+    assert "warning: metrics.listen 0.0.0.0:9586: the lock lets only this host scrape it" in result.stderr
+    assert result.stderr.rstrip().endswith("tunlock check: 3 problems"), result.stderr
+    quiet = tunlock("check", "--quiet", "--config", str(path))
+    assert quiet.returncode == 1 and ": warning: " not in quiet.stderr, quiet.stderr
