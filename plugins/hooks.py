@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 
 from plugins import _options
+from supervisor.errors import describe
 from supervisor.plugins import PluginContext, PluginOptionError, View
 
 HOOKS = ("on_port", "on_connected", "on_disconnected")
@@ -94,7 +95,7 @@ class HooksPlugin:
         try:
             status, output = await run_hook(command, self.timeout_s, environment(values))
         except OSError as err:
-            status, output = -1, str(err)
+            status, output = -1, describe(err)
         if status is None:
             ctx.log.error("hook killed at its timeout", hook=hook, timeout_s=self.timeout_s)
         elif status != 0:

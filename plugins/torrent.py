@@ -33,6 +33,7 @@ import anyio
 import httpx
 
 from plugins import _options, sockets
+from supervisor.errors import describe
 from supervisor.plugins import PluginContext, PluginOptionError
 
 
@@ -341,8 +342,9 @@ class PortPusher:
                         changed = await self.push(http, port)
                 except (httpx.HTTPError, PushError, OSError, ValueError, TimeoutError) as err:
                     self.client.forget()
-                    ctx.log.warning("port push failed", client=self.client.name, port=port, error=str(err))
-                    ctx.report(port=port, result="error", error=str(err), at=round(time.time(), 3))
+                    error = describe(err)
+                    ctx.log.warning("port push failed", client=self.client.name, port=port, error=error)
+                    ctx.report(port=port, result="error", error=error, at=round(time.time(), 3))
                     due = time.monotonic() + self.retry_s
                     continue
                 if changed:

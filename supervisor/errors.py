@@ -7,10 +7,51 @@ user fixing a broken server directory wants every problem in one run.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 from supervisor.redact import scrub
+
+# What ``str()`` of an exception raised without a message can be: nothing, or (a KeyError) quotes.
+_NO_MESSAGE = ("", "''", '""')
+
+
+def describe(error: BaseException) -> str:
+    """What went wrong, in words for a log line or a status: the error's message, or, for an
+    error raised without one (a timeout, ``KeyError('')``), its type and the line it came
+    through, which a log reader can act on where an empty ``''`` says nothing. The first error
+    inside (nested) exception groups stands for the group."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    message = str(error).strip()
+    if message not in _NO_MESSAGE:
+        return message
+    said = f"{type(error).__name__} with no message"
+    if error.__cause__ is not None and error.__cause__ is not error:
+        said += f" (from {type(error.__cause__).__name__}: {describe(error.__cause__)})"
+    where = _origin(error.__traceback__)
+    if where is not None:
+        said += f", at {Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno}"
+    return said
+
+
+# Where waiting and talking happen, not where a caller's intent is: a timeout is raised inside
+# anyio, but the line worth naming is the caller's `with fail_after(...)`.
+_PLUMBING = frozenset({"anyio", "sniffio", "httpx", "httpcore", "h11", "pyroute2", "exceptiongroup"})
+
+
+def _origin(frames: TracebackType | None) -> TracebackType | None:
+    """The deepest frame of ``frames`` outside the standard library and the I/O libraries (else
+    the outermost): the line of tunlock's, or of a plugin's, that the error came through."""
+    chosen = frames
+    while frames is not None:
+        module = str(frames.tb_frame.f_globals.get("__name__", "")).split(".", 1)[0]
+        if module not in sys.stdlib_module_names and module not in _PLUMBING:
+            chosen = frames
+        frames = frames.tb_next
+    return chosen
 
 
 @dataclass(frozen=True, order=True)

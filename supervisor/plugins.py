@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-from supervisor.errors import ConfigError, Problem
+from supervisor.errors import ConfigError, Problem, describe
 from supervisor.log import get_logger
 from supervisor.servers import IPAddress, IPInterface, Server
 
@@ -316,7 +316,7 @@ class PluginHost:
                     with anyio.fail_after(LOCK_TIMEOUT_S):
                         await self.lock.set_tunnel_inbound(wanted)
                 except Exception as err:  # the lock keeps its last ports; a later request retries
-                    log.error("could not change the ports accepted on the tunnel", error=str(err))
+                    log.error("could not change the ports accepted on the tunnel", error=describe(err))
                     continue
                 self._applied = wanted
                 recent.append(self.clock())
@@ -357,7 +357,7 @@ class PluginHost:
                     tg.cancel_scope.cancel()
                 failure = "hung" if slot.hung else "returned"
             except Exception as err:
-                failure = f"raised {type(err).__name__}: {_first(err)}"
+                failure = f"raised {type(_first(err)).__name__}: {describe(err)}"
             if slot.hung:
                 failure = f"hung: did not come back within {self.stall_timeout_s:g} s"
             slot.restarts += 1
@@ -378,10 +378,11 @@ class PluginHost:
                 return
 
 
-def _first(error: BaseException) -> str:
+def _first(error: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups: the one a reader needs."""
     while isinstance(error, BaseExceptionGroup) and error.exceptions:
         error = error.exceptions[0]
-    return str(error) or type(error).__name__
+    return error
 
 
 def _gateway(server: Server | None) -> IPv4Address | None:

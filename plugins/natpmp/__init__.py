@@ -31,6 +31,7 @@ import anyio
 from plugins import sockets
 from plugins.natpmp import codec
 from plugins.natpmp.client import NatPmpClient
+from supervisor.errors import describe
 from supervisor.plugins import PluginContext, PluginOptionError, Tunnel
 
 RETRY_INITIAL_S = 2.0
@@ -216,7 +217,7 @@ class NatPmpPlugin:
             try:
                 await client.unmap(protocol, self.internal_port)
             except (OSError, codec.NatPmpError) as err:
-                ctx.log.warning("could not give the mapping up", protocol=protocol, error=str(err))
+                ctx.log.warning("could not give the mapping up", protocol=protocol, error=describe(err))
         ctx.log.info("mapping given up")
 
     async def run(self, ctx: PluginContext) -> None:
@@ -257,9 +258,9 @@ class NatPmpPlugin:
                 mapped, lifetime = granted
             except (OSError, codec.NatPmpError) as err:
                 ctx.log.warning(
-                    "port mapping failed", gateway=str(client.gateway), error=str(err), retry_s=retry
+                    "port mapping failed", gateway=str(client.gateway), error=describe(err), retry_s=retry
                 )
-                ctx.report(last_error=str(err), last_error_at=round(time.time(), 3))
+                ctx.report(last_error=describe(err), last_error_at=round(time.time(), 3))
                 if port and time.monotonic() >= expires:
                     # The lease ran out unrenewed: the port no longer reaches us; stop announcing it.
                     ctx.log.warning("mapping expired", port=port)

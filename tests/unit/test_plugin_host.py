@@ -240,3 +240,42 @@ async def test_stopping_waits_for_plugins_to_act_and_no_longer():
             await host.stopping(timeout=0.5)
         tg.cancel_scope.cancel()
     assert done == ["unmapped"]
+
+
+async def test_a_plugin_error_without_a_message_names_its_type_and_line():
+    """Issue #21, item 9d: a timeout (no message) was shown as ''."""
+
+    class TimesOut:
+        async def run(self, ctx: PluginContext) -> None:
+            await ctx.next()
+            with anyio.fail_after(0):
+                await anyio.sleep(1)
+
+    status = Status()
+    host = host_with(TimesOut(), status=status)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await settle()
+        tg.cancel_scope.cancel()
+    error = status.as_json()["plugins"]["p0"]["last_error"]
+    expected = "raised TimeoutError: TimeoutError with no message, at test_plugin_host.py:"
+    assert error.startswith(expected), error
+
+
+def test_describe_says_the_message_or_else_the_type_and_where():
+    from supervisor.errors import describe
+
+    assert describe(OSError(111, "Connection refused")) == "[Errno 111] Connection refused"
+    try:
+        raise KeyError("")
+    except KeyError as err:
+        said = describe(err)
+    assert said.startswith("KeyError with no message, at test_plugin_host.py:"), said
+    assert describe(ExceptionGroup("x", [TimeoutError()])) == "TimeoutError with no message"
+    try:
+        raise TimeoutError from ConnectionResetError("reset by peer")
+    except TimeoutError as err:
+        said = describe(err)
+    expected = "TimeoutError with no message (from ConnectionResetError: reset by peer), at"
+    assert said.startswith(expected), said
