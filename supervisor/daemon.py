@@ -40,6 +40,7 @@ from pyroute2 import AsyncIPRoute
 
 from supervisor import __version__, plugins
 from supervisor.config import Config, key_lines, load_config
+from supervisor.connections import DESCRIPTORS_WANTED, raise_descriptor_limit
 from supervisor.control import server as control_server
 from supervisor.control.client import request as control_request
 from supervisor.control.commands import ControlCommands
@@ -276,6 +277,20 @@ def _fix_allocator_thresholds() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, _ALLOCATOR_THRESHOLD_BYTES)
 
 
+def _raise_descriptor_limit() -> None:
+    """systemd's default soft limit is 1024 descriptors: raise it to what the daemon may need
+    (the unit sets LimitNOFILE too; this covers a container or a shell start)."""
+    before, after = raise_descriptor_limit()
+    if after < DESCRIPTORS_WANTED:
+        log.warning(
+            "the limit on open files is below what the daemon may need; raise the hard limit",
+            limit=after,
+            wanted=DESCRIPTORS_WANTED,
+        )
+    elif after != before:
+        log.debug("raised the limit on open files", before=before, after=after)
+
+
 def _return_freed_memory() -> None:
     """Hand the heap that start-up used and freed (config parsing, imports) back to the kernel.
 
@@ -452,6 +467,7 @@ def run_daemon(config: Config) -> int:
         log.error("tunlock cannot start: the configuration has errors", problems=[str(problem)])
         return 2
     _fix_allocator_thresholds()
+    _raise_descriptor_limit()
     try:
         code = anyio.run(serve, config, backend="asyncio")
     except (Exception, BaseExceptionGroup) as caught:

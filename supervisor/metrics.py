@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import typing
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -26,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from supervisor.connections import Slot, Slots, accept_forever
 from supervisor.errors import TunlockError
 from supervisor.log import get_logger
 
@@ -33,6 +35,8 @@ log = get_logger(__name__)
 
 STATES = ("blocked", "connecting", "connected", "offline", "stopped")
 REQUEST_TIMEOUT_S = 5.0
+# Connections open at once (a scraper or two, a curl); a crowd cycles through them (``connections``).
+MAX_CLIENTS = 32
 MAX_REQUEST_HEAD_BYTES = 8192
 SNAPSHOT_TIMEOUT_S = 3.0  # inside REQUEST_TIMEOUT_S, so a stuck read still gets a 503
 
@@ -202,21 +206,33 @@ async def serve(
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer ``GET /metrics`` on ``host:port`` until cancelled."""
+    """Answer ``GET /metrics`` on ``host:port`` until cancelled.
+
+    Any local user can connect to the port: ``MAX_CLIENTS`` connections at once, the idle ones
+    giving way to newcomers, and no error of ``accept()`` ends the daemon (``connections``)."""
     try:
         listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     except OSError as err:  # a port taken, an address not on this host: say so, not a traceback
         raise MetricsUnavailable(
             f"metrics.listen {host}:{port}: cannot listen: {err.strerror or err}"
         ) from None
+    slots = Slots(MAX_CLIENTS)
+
+    async def handle(stream: anyio.abc.ByteStream, slot: Slot) -> None:
+        await answer(stream, source, slot)
+
     async with listener, anyio.create_task_group() as tg:
         log.info("metrics listening", listen=f"{host}:{port}")
+        for one in listener.listeners:  # one per address family of the host name
+            # (typed as bare Listeners, they are the SocketListeners that accept one at a time)
+            one = typing.cast(anyio.abc.SocketListener, one)
+            tg.start_soon(functools.partial(accept_forever, one, handle, slots, what="metrics"))
         task_status.started()
-        await listener.serve(functools.partial(answer, source=source), task_group=tg)
 
 
-async def answer(stream: anyio.abc.ByteStream, source: SnapshotSource) -> None:
-    """One HTTP request on ``stream``, one response, then close."""
+async def answer(stream: anyio.abc.ByteStream, source: SnapshotSource, slot: Slot | None = None) -> None:
+    """One HTTP request on ``stream``, one response, then close. ``slot``: the connection's
+    place among the listener's, marked busy once the request is in."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
     request: h11.Request | None = None
     async with stream:
@@ -225,6 +241,8 @@ async def answer(stream: anyio.abc.ByteStream, source: SnapshotSource) -> None:
                 request = await _read_request(conn, stream)
                 if request is None:
                     return
+                if slot is not None:
+                    slot.busy()
                 status, headers, body = await _respond(request, source)
         except h11.RemoteProtocolError as err:
             status, headers, body = err.error_status_hint, [], f"bad request: {err}\n".encode()
@@ -243,7 +261,10 @@ async def answer(stream: anyio.abc.ByteStream, source: SnapshotSource) -> None:
             body = b""
         out += conn.send(h11.Data(data=body)) if body else b""
         out += conn.send(h11.EndOfMessage())
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+        with (
+            contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError),
+            anyio.move_on_after(REQUEST_TIMEOUT_S),  # a client that reads nothing keeps no slot
+        ):
             await stream.send(out)
 
 

@@ -44,6 +44,9 @@ class LabDaemon:
         self.socket = lab.dir / "control.sock"
         self.process: subprocess.Popen | None = None
         self.log_name = "daemon.log"
+        # The descriptor limits the daemon starts with, as prlimit takes them ("1024:" for the
+        # soft limit alone, systemd's default; "1024:1024" for both), or None for the caller's.
+        self.nofile: str | None = None
 
     def start(self, wait_for: str | None = "connected", timeout: float = 20.0) -> dict[str, Any] | None:
         """Start the daemon; by default wait until it reports ``connected`` and return that status."""
@@ -58,6 +61,8 @@ class LabDaemon:
             "--log-format",
             "json",
         ]
+        if self.nofile is not None:
+            argv = ["prlimit", f"--nofile={self.nofile}", "--", *argv]
         self.process = self.lab.spawn("client", argv, log=self.log_name, env=env)
         if wait_for is None:
             return None

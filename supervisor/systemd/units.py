@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.config import Config
+from supervisor.connections import DESCRIPTORS_WANTED
 from supervisor.lock.cli import BOOT_UNIT
 from supervisor.net.dns import DEFAULT_STATE_DIR
 
@@ -57,6 +58,8 @@ TimeoutStopSec=30
 KillMode=process
 # A core dump of this process would hold the WireGuard private key.
 LimitCORE=0
+# What the daemon may need (its listeners are bounded); systemd's default soft limit is 1024.
+LimitNOFILE={nofile}
 UMask=0077
 
 # Hardening (systemd-analyze security {daemon_unit}).
@@ -141,6 +144,7 @@ def daemon_unit(
         python=python,
         config=config.path.resolve(),
         watchdog=watchdog_s,
+        nofile=DESCRIPTORS_WANTED,
         runtime_dirs=f"{DEFAULT_STATE_DIR.name} {WIREGUARD_RUN_DIR.name}",
         read_write_paths=_lines("ReadWritePaths", extra),
     )

@@ -41,6 +41,8 @@ def test_the_daemon_unit_is_notify_with_watchdog_and_bounded_capabilities() -> N
     assert service["DeviceAllow"] == "/dev/net/tun rw"
     assert service["ProtectSystem"] == "strict"
     assert service["KillMode"] == "process"  # wireguard-go survives a restart, to be adopted
+    # systemd's default soft limit (1024) let a local user's connections end the daemon (#21)
+    assert int(service["LimitNOFILE"]) >= 4096
     assert unit["Unit"]["Requires"] == units.LOCK_UNIT_NAME
     assert units.LOCK_UNIT_NAME in unit["Unit"]["After"].split()
 

@@ -1,0 +1,110 @@
+"""The daemon's listeners against a crowd (issue #21): a flood of connections, from an
+unprivileged local user to the metrics port or from idle clients to the control socket, costs
+neither the daemon nor its answers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor.lab.daemon import LabDaemon
+from tests.lab.conftest import LabUnderTest
+from tests.lab.test_daemon import QUICK, assert_no_leaks, scrape
+
+pytestmark = pytest.mark.lab(per_test=True, daemon_env=QUICK)
+
+# An unprivileged local user's flood: COUNT connections to the port, held open HOLD seconds.
+# It raises its own descriptor limit (a user may, up to the hard limit) to hold that many.
+FLOOD = """
+import resource, select, socket, sys, time
+host, port, count, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = []
+for _ in range(count):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex((host, port))
+    held.append(s)
+poller = select.poll()
+for s in held:
+    poller.register(s, select.POLLOUT)
+connected = 0
+deadline = time.monotonic() + 10
+while connected < count and time.monotonic() < deadline:
+    connected += len(poller.poll(100))
+    for fd, _ in poller.poll(0):
+        poller.unregister(fd)
+print(f"holding {sum(1 for s in held if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)}", flush=True)
+time.sleep(hold)
+"""
+
+
+def soft_nofile(pid: int) -> int:
+    """The process's soft descriptor limit, as /proc shows it."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no descriptor limit for {pid}")
+
+
+def flood(lab: LabUnderTest, host: str, port: int, count: int, hold_s: float) -> subprocess.Popen[str]:
+    """An unprivileged user (nobody) in the client namespace holding ``count`` connections."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", lab.lab.ns("client"), "setpriv", "--reuid=nobody", "--regid=nogroup",
+         "--clear-groups", "--", "/usr/bin/python3", "-c", FLOOD, host, str(port), str(count), str(hold_s)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("nofile", ["1024:", "1024:1024"], ids=["systemd-default", "hard-1024"])
+def test_an_unprivileged_flood_of_metrics_connections_does_not_end_the_daemon(
+    lab: LabUnderTest, nofile: str
+) -> None:
+    """Issue #21, item 1: under systemd's soft limit of 1024 descriptors, 1500 connections held
+    for 8 s made accept() fail with EMFILE, uncaught: "tunlock crashed". The daemon raises its
+    soft limit; with a hard limit it cannot raise, the bound on connections alone holds."""
+    config = lab.lab.dir / "metrics.toml"
+    config.write_text(lab.lab.config_path.read_text() + '\n[metrics]\nlisten = "127.0.0.1:9586"\n')
+    mark = lab.observer.mark()
+    with lab.daemon(env=QUICK, config=str(config)) as daemon:
+        daemon.nofile = nofile
+        daemon.start()
+        assert scrape(lab, "client", "127.0.0.1")[("tunlock_connected", ())] == 1
+        print(f"the daemon's soft descriptor limit: {soft_nofile(daemon.pid)}")
+        attacker = flood(lab, "127.0.0.1", 9586, 1500, 8)
+        try:
+            assert attacker.stdout is not None
+            holding = attacker.stdout.readline()
+            print(f"the flood: {holding.strip()}")
+            assert int(holding.split()[1]) >= 1500, holding
+            began = time.monotonic()
+            during = scrape(lab, "client", "127.0.0.1")
+            print(f"a scrape during the flood: {time.monotonic() - began:.2f} s")
+            while attacker.poll() is None:  # the daemon answers throughout the flood
+                alive(daemon)
+                time.sleep(0.2)
+        finally:
+            if attacker.poll() is None:
+                attacker.kill()
+            attacker.wait(10)
+        assert during.get(("tunlock_connected", ())) == 1, "metrics served during the flood"
+        alive(daemon)
+        assert scrape(lab, "client", "127.0.0.1")[("tunlock_connected", ())] == 1, "and after it"
+        assert lab.probes.ping()
+        assert "crashed" not in "\n".join(daemon.log_events())
+        assert daemon.stop() == 0
+    assert_no_leaks(lab, mark)
+
+
+def alive(daemon: LabDaemon) -> None:
+    """Running, answering, connected."""
+    assert daemon.process is not None and daemon.process.poll() is None, f"ended\n{daemon.log_tail()}"
+    status = daemon.status()
+    assert status is not None and status["state"] == "connected", f"{status}\n{daemon.log_tail()}"
+
+
