@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from supervisor.connections import Slot, Slots, accept_forever
 from supervisor.control import socket_path
 from supervisor.errors import TunlockError
 from supervisor.log import get_logger
@@ -37,7 +38,8 @@ REQUEST_TIMEOUT_S = 2.0
 # A request is {"command": "..."}: nothing in it nests; deeper than this is not a request (and
 # a thousand "[" once crashed the daemon with a RecursionError in the JSON parser).
 MAX_NESTING = 16
-# Clients answered at once; more wait in the listen backlog (a flood must not cost memory).
+# Clients open at once; when all are taken, the one idle longest gives way to a newcomer
+# (``supervisor.connections``): idle clients cannot keep `status` waiting behind them.
 MAX_CLIENTS = 64
 # After the answer, what the client still sends is read and dropped for this long, up to this much.
 DRAIN_S = 0.5
@@ -150,20 +152,15 @@ async def serve(
     """Answer requests on ``path`` until cancelled; the socket file is removed on the way out."""
     _claim(path)
     listener = await anyio.create_unix_listener(path, mode=0o600)
-    clients = anyio.Semaphore(MAX_CLIENTS)
+    slots = Slots(MAX_CLIENTS)
+
+    async def answer(stream: anyio.abc.ByteStream, slot: Slot) -> None:
+        await _answer(stream, handler, slot)
+
     try:
-        async with listener, anyio.create_task_group() as tg:
+        async with listener:
             task_status.started()
-            while True:
-                await clients.acquire()
-                try:
-                    stream = await listener.accept()
-                except OSError as err:  # out of file descriptors, say: wait, keep serving
-                    clients.release()
-                    log.warning("control socket: cannot accept a client", error=str(err))
-                    await anyio.sleep(0.1)
-                    continue
-                tg.start_soon(_answer, stream, handler, clients)
+            await accept_forever(listener, answer, slots, what="control socket")
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -198,11 +195,13 @@ async def _drain(stream: anyio.abc.ByteStream) -> None:
             dropped += len(await stream.receive(65536))
 
 
-async def _respond(stream: anyio.abc.ByteStream, handler: Handler) -> dict[str, Any]:
+async def _respond(stream: anyio.abc.ByteStream, handler: Handler, slot: Slot | None) -> dict[str, Any]:
     try:
         request = parse_request(await _read_request(stream))
     except BadRequest as err:
         return error(f"bad request: {err}")
+    if slot is not None:
+        slot.busy()  # a request to answer: no newcomer takes its place now
     try:
         return await handler(request)
     except Exception as err:  # a bug or a failed adapter: answered and logged, never fatal
@@ -210,20 +209,22 @@ async def _respond(stream: anyio.abc.ByteStream, handler: Handler) -> dict[str, 
         return error(f"the daemon could not answer: {err or type(err).__name__} (see its log)")
 
 
-async def _answer(stream: anyio.abc.ByteStream, handler: Handler, clients: anyio.Semaphore) -> None:
-    try:
-        async with stream:
-            try:
-                answer = await _respond(stream, handler)
-                reply = json.dumps(answer).encode() + b"\n"
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                return  # the client went away mid-request
-            except Exception:  # a bug here must cost one answer, not the daemon
-                log.exception("control request failed")
-                reply = json.dumps(error("the daemon could not answer (see its log)")).encode() + b"\n"
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                await stream.send(reply)
-                await stream.send_eof()  # the answer is all: a client reading to the end stops here
-                await _drain(stream)
-    finally:
-        clients.release()
+async def _answer(stream: anyio.abc.ByteStream, handler: Handler, slot: Slot | None = None) -> None:
+    async with stream:
+        try:
+            answer = await _respond(stream, handler, slot)
+            reply = json.dumps(answer).encode() + b"\n"
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return  # the client went away mid-request
+        except Exception:  # a bug here must cost one answer, not the daemon
+            log.exception("control request failed")
+            reply = json.dumps(error("the daemon could not answer (see its log)")).encode() + b"\n"
+        with (
+            contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError),
+            anyio.move_on_after(REQUEST_TIMEOUT_S),  # a client that reads nothing keeps no slot
+        ):
+            await stream.send(reply)
+            await stream.send_eof()  # the answer is all: a client reading to the end stops here
+            if slot is not None:
+                slot.idle()  # answered: what follows only waits on the client
+            await _drain(stream)

@@ -5,6 +5,8 @@ neither the daemon nor its answers.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from supervisor.lab.daemon import LabDaemon
 from tests.lab.conftest import LabUnderTest
-from tests.lab.test_daemon import QUICK, assert_no_leaks, scrape
+from tests.lab.test_daemon import QUICK, assert_no_leaks, scrape, tunlock
 
 pytestmark = pytest.mark.lab(per_test=True, daemon_env=QUICK)
 
@@ -108,3 +110,30 @@ def alive(daemon: LabDaemon) -> None:
     assert status is not None and status["state"] == "connected", f"{status}\n{daemon.log_tail()}"
 
 
+
+
+def test_idle_clients_on_the_control_socket_do_not_keep_status_and_health_waiting(
+    lab: LabUnderTest, daemon: LabDaemon
+) -> None:
+    """Issue #21, item 9a: 200 clients that connect and send nothing kept `status` and `health`
+    waiting behind them until the 5 s timeout of the CLI (root only, but the health check of a
+    container then fails)."""
+    daemon.start()
+    mark = lab.observer.mark()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(daemon.socket))
+            idle.append(client)
+        began = time.monotonic()
+        health = tunlock(lab, "health")
+        print(f"`tunlock health` behind 200 idle clients: {time.monotonic() - began:.2f} s")
+        assert health.returncode == 0, health.stderr
+        status = tunlock(lab, "status", "--json")
+        assert status.returncode == 0 and json.loads(status.stdout)["state"] == "connected", status.stderr
+    finally:
+        for client in idle:
+            client.close()
+    alive(daemon)
+    assert_no_leaks(lab, mark)
