@@ -650,12 +650,49 @@ class UnknownEvent(TypeError):
 
 
 def step(machine: Machine, event: ev.Event) -> tuple[Machine, Actions]:
-    """Apply ``event``: the next machine and the actions to carry out, in order."""
+    """Apply ``event``: the next machine and the actions to carry out, in order.
+
+    Before the table: a gap since the last event longer than ``Settings.resume_gap`` means the
+    daemon did not run (``resume_after_gap``); the watch on the server restarts, and a timer
+    that fired late because of it (the connect timeout, a sample) is not held against it."""
     try:
         handler = TRANSITIONS[type(machine.state)][type(event)]
     except KeyError:
         raise UnknownEvent(f"{type(event).__name__} in state {machine.state.name}") from None
-    return handler(machine, event)
+    machine, resumed = resume_after_gap(machine, event.now)
+    if not resumed:
+        return handler(machine, event)
+    if isinstance(event, ev.TimerFired):
+        return machine, resumed  # its clocks were started afresh by the resume
+    after, actions = handler(machine, event)
+    if type(after.state) is not type(machine.state) or after.state.server != machine.state.server:
+        return after, actions  # the event moved the machine on: the resumed watch is moot
+    return after, resumed + actions
+
+
+def resume_after_gap(m: Machine, now: float) -> tuple[Machine, Actions]:
+    """Note ``now`` as the latest event's time; after a gap of ``Settings.resume_gap`` or more
+    with a tunnel up, restart the watch on its server instead of blaming it for the silence.
+
+    The daemon samples a tunnel at least every ``idle_interval_s``, so no event in longer than
+    that means the daemon itself did not run (a suspended VM, SIGSTOP): its timers fired late
+    all at once, and the server's handshake aged meanwhile. Connecting: the connect window
+    starts again (a connect timer due during the gap would fail a healthy server). Connected: a
+    fresh liveness (its counters a new baseline, the handshake's age counted from now), and the
+    probes that follow decide, in seconds, whether the server still answers."""
+    ctx = m.context
+    last = ctx.last_event_at
+    m = Machine(m.state, replace(ctx, last_event_at=now if last is None else max(last, now)))
+    if last is None or now - last < ctx.settings.resume_gap():
+        return m, []
+    state = m.state
+    if not isinstance(state, (Connecting, Connected)):
+        return m, []
+    reason = f"the daemon did not run for {now - last:.0f} s (suspended?); checking {state.server} afresh"
+    if isinstance(state, Connecting):
+        return enter_connecting(m, now, state.server, reason, configure=False)
+    fresh = replace(state, liveness=Liveness(since=now, resumed_at=now))
+    return Machine(fresh, m.context), [_publish(fresh, reason), act.ReadStats()]
 
 
 def _one_line(doc: str | None) -> str:

@@ -75,6 +75,9 @@ class Liveness:
     idle_since: float | None = None  # nothing sent since then (the idle probe's clock)
     # The doubt: when each of its probes went out (one per sample); empty when there is none.
     probes: tuple[float, ...] = ()
+    # When the watch restarted after the daemon did not run (``core.resume_after_gap``): the
+    # handshake aged meanwhile unwatched, so only its age since then counts against the server.
+    resumed_at: float | None = None
 
     @property
     def in_doubt(self) -> bool:
@@ -116,21 +119,22 @@ class Liveness:
         answered = self.ever_answered or (age is not None and age <= now - self.since)
         rx, tx = sample.rx_bytes, sample.tx_bytes
         if self.restarted_by(sample) or self.rx_bytes is None:  # (the second only narrows the type)
-            new = Liveness(self.since, rx, tx, now, answered)
+            new = Liveness(self.since, rx, tx, now, answered, resumed_at=self.resumed_at)
             verdict = Verdict.ALIVE if answered else Verdict.DOUBT
             if verdict is Verdict.DOUBT:
                 new = replace(new, probes=(now,))
         elif rx > self.rx_bytes or (answered and not self.ever_answered):
             # Any answer, to a probe or to anything else, clears the doubt at once; so does a
             # first handshake (connecting's probes must not count against a server that answered).
-            new = Liveness(self.since, rx, tx, now, True)
+            new = Liveness(self.since, rx, tx, now, True, resumed_at=self.resumed_at)
             verdict = Verdict.ALIVE
         elif tx == self.tx_bytes and not self.in_doubt:
             # Idle: nothing owed, so silence starts counting only from the next thing sent.
             settled_at = self.settled_at if self.settled_at is not None else now
             idle_since = self.idle_since if self.idle_since is not None else settled_at
             idle_probe = now - idle_since >= settings.idle_probe_s
-            new = Liveness(self.since, rx, tx, now, answered, now if idle_probe else idle_since)
+            idle_since = now if idle_probe else idle_since
+            new = Liveness(self.since, rx, tx, now, answered, idle_since, resumed_at=self.resumed_at)
             verdict = Verdict.IDLE_PROBE if idle_probe else Verdict.IDLE
         else:
             # Owed and unanswered: doubt. The verdict counts the probes already out, before this
@@ -140,8 +144,13 @@ class Liveness:
             if overdue >= settings.min_unanswered_probes and now - began >= settings.dead_after_s:
                 why = f"silent: {overdue} probes unanswered over {now - began:.1f} s"
                 return replace(self, rx_bytes=rx, tx_bytes=tx), Verdict.DEAD, why
-            new = Liveness(self.since, rx, tx, self.settled_at, answered, None, (*self.probes, now))
+            new = Liveness(
+                self.since, rx, tx, self.settled_at, answered, None, (*self.probes, now), self.resumed_at
+            )
             verdict = Verdict.DOUBT
-        if age is not None and age > settings.handshake_max_age_s:
+        # A handshake that aged while the daemon did not run is not the server's silence: after a
+        # resume only the part of its age that was watched counts.
+        watched = age if age is None or self.resumed_at is None else min(age, now - self.resumed_at)
+        if watched is not None and watched > settings.handshake_max_age_s:
             return new, Verdict.DEAD, f"no handshake for {age:.0f} s"
         return new, verdict, None

@@ -45,6 +45,12 @@ class Settings:
     # accepts), then twice and four times that on the next consecutive attempts (8 and 7
     # initiations in their 8 s and 15 s windows) for a path slower than half a second.
     handshake_retries_s: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # A gap at least this long (or three of the slowest sampling periods, if longer) between two
+    # events while a tunnel is up means the daemon did not run: a suspended VM, a SIGSTOP. The
+    # silence is then ours, not the server's (``core.step``). Longer than anything the runtime
+    # waits for while the machine waits (a stats read, 2 s), so a busy machine is not taken for
+    # a suspended one; a false "resume" would only restart the watch, never fail a server.
+    resume_gap_min_s: float = 10.0
     lock_mode: Literal["permanent", "session"] = "permanent"
     # Servers with nothing to probe (no tunnel DNS and no health.probe_target): no answer can be
     # asked for through their session, so connecting ends on the handshake response alone.
@@ -53,6 +59,11 @@ class Settings:
     def connect_timeout(self, attempt: int) -> float:
         """The limit for a first handshake on the ``attempt``-th consecutive try (0-based)."""
         return self.connect_timeouts_s[min(attempt, len(self.connect_timeouts_s) - 1)]
+
+    def resume_gap(self) -> float:
+        """How long a gap between two events means the daemon was not running (see above)."""
+        slowest = max(self.interval_s, self.idle_interval_s, self.probe_interval_s)
+        return max(self.resume_gap_min_s, 3 * slowest)
 
     def handshake_retry(self, attempt: int) -> float:
         """How long a handshake may go unanswered, on the ``attempt``-th try, before a new one."""

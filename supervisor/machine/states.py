@@ -107,6 +107,7 @@ class Context:
     last_server: str | None = None  # where sequential rotation continues from
     last_failure: Failure | None = None
     rng: int = 0
+    last_event_at: float | None = None  # the latest event's time: a long gap after it was a suspension
 
     def cooled(self, server: str, until: float) -> MappingProxyType[str, float]:
         return MappingProxyType({**self.cooling, server: until})

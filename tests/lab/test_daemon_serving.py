@@ -5,14 +5,19 @@ neither the daemon nor its answers.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
 from tests.lab.conftest import LabUnderTest
 from tests.lab.test_daemon import QUICK, assert_no_leaks, scrape, tunlock
@@ -136,4 +141,58 @@ def test_idle_clients_on_the_control_socket_do_not_keep_status_and_health_waitin
         for client in idle:
             client.close()
     alive(daemon)
+    assert_no_leaks(lab, mark)
+
+
+# --- a daemon that did not run: issue #21, item 9b ---------------------------------------------
+
+# Longer than the machine's resume gap (10 s) and than the connect timeout (QUICK: 2 s).
+SUSPENDED_S = 12.0
+
+
+@contextlib.contextmanager
+def stopped(daemon: LabDaemon) -> Iterator[None]:
+    """SIGSTOP for the block, then SIGCONT: the daemon does not run meanwhile, as in a suspended
+    VM; its tunnel (wireguard-go, a process of its own) and the servers go on."""
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+
+
+def failures_logged(daemon: LabDaemon) -> list[str]:
+    return [line for line in daemon.log_events() if '"state"' in line and "failed" in line]
+
+
+def test_a_suspended_daemon_does_not_blame_its_server_for_the_silence(
+    lab: LabUnderTest, daemon: LabDaemon
+) -> None:
+    """After 200 s of SIGSTOP the daemon failed over 0.3 s after SIGCONT: the silence it had
+    caused itself was held against a healthy server, which was cooled down. Here, a stop while
+    connected, and one while connecting, whose connect timer fell due during the stop."""
+    daemon.start()
+    mark = lab.observer.mark()
+    with stopped(daemon):
+        time.sleep(SUSPENDED_S)  # the suspension itself, not a wait for something
+    status = daemon.wait_for(lambda s: s["state"] == "connected", timeout=10, what="connected")
+    assert status["server"] == "vpn1" and status["last_failure"] is None, status
+    assert lab.probes.ping()
+
+    faults.blackhole_server(lab.lab, "1")  # holds it in connecting until the stop
+    try:
+        daemon.ask("reconnect")
+        daemon.wait_for(lambda s: s["state"] == "connecting", timeout=5, what="connecting")
+        with stopped(daemon):
+            faults.restore_server(lab.lab, "1")
+            time.sleep(SUSPENDED_S)
+    finally:
+        faults.restore_server(lab.lab, "1")
+    status = daemon.wait_for(lambda s: s["state"] == "connected", timeout=15, what="connected again")
+    print(f"after the stops: {status['server']}, reason {status.get('reason')!r}")
+    assert status["server"] == "vpn1", f"a needless failover: {status}\n{daemon.log_tail()}"
+    assert status["last_failure"] is None, status
+    assert not failures_logged(daemon), failures_logged(daemon)
+    assert any("did not run for" in line for line in daemon.log_events()), "the resume is in the log"
+    assert lab.probes.ping()
     assert_no_leaks(lab, mark)

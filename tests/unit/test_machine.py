@@ -442,7 +442,8 @@ def test_the_probes_of_a_slow_connect_do_not_count_once_the_handshake_answered()
 def test_silence_after_an_idle_spell_counts_from_the_first_doubt_not_the_last_answer() -> None:
     run = Run().started_connected()
     run.feed(ev.StatsRead(run.at(0.5), 100, 100, 1.0))  # idle: the next sample comes 2 s later
-    run.feed(ev.StatsRead(run.at(30), 100, 100, 1.0))  # long idle: nothing owed
+    for _ in range(15):  # long idle, sampled every 2 s: nothing owed
+        run.feed(ev.StatsRead(run.at(2.0), 100, 100, 1.0))
     run.feed(ev.StatsRead(run.at(2.0), 100, 200, 1.0))  # tx grew: doubt, its first probe
     began = run.now
     run.silence(1.1, step=DOUBT)
@@ -756,3 +757,78 @@ def test_a_reload_before_start_only_remembers() -> None:
     run = Run()
     assert run.feed(ev.ConfigReloaded(0.0, Settings(servers=("b",)), reachable=frozenset({"b"}))) == []
     assert run.machine.context.reachable == frozenset({"b"})
+
+
+# --- a daemon that did not run (a suspended VM, SIGSTOP): issue #21, item 9b ----------------
+
+
+def test_a_suspension_while_connected_is_not_the_servers_fault() -> None:
+    """200 s without running, then the late sample: the handshake aged past handshake_max_age_s
+    meanwhile, and that failed a healthy server (a needless failover that cooled it down)."""
+    run = Run().started_connected()
+    run.feed(ev.StatsRead(run.at(0.25), 200, 200, 1.0))
+    run.feed(ev.StatsRead(run.at(2.0), 200, 200, 3.0))  # idle
+    late = run.feed(ev.TimerFired(run.at(200.0), "sample"))
+    assert act.ReadStats() in late
+    assert any(isinstance(a, act.PublishStatus) and "did not run for 200 s" in (a.reason or "") for a in late)
+    caused = run.feed(ev.StatsRead(run.at(0.01), 200, 200, 203.0))  # the handshake aged unwatched
+    assert isinstance(run.state, Connected) and run.state.server == "a"
+    assert act.Probe() in caused, "the resumed watch asks the server at once"
+    run.feed(ev.StatsRead(run.at(DOUBT), 200, 260, 203.0))  # the probe went out...
+    run.feed(ev.StatsRead(run.at(DOUBT), 300, 260, 0.01))  # ...a new handshake, the answer
+    assert isinstance(run.state, Connected) and run.state.server == "a"
+    assert run.machine.context.last_failure is None and not run.machine.context.cooling
+
+
+def test_a_read_pending_over_a_suspension_is_judged_as_a_new_baseline() -> None:
+    """The counters were read before the stop and reach the machine after it; the next reading
+    then finds the handshake aged by the whole stop."""
+    run = Run().started_connected()
+    run.feed(ev.StatsRead(run.at(0.25), 200, 300, 1.0))  # tx grew: doubt
+    run.feed(ev.StatsRead(run.at(200.0), 200, 400, 1.0))  # read before the stop, stamped after it
+    run.feed(ev.StatsRead(run.at(DOUBT), 200, 460, 201.0))
+    assert isinstance(run.state, Connected) and run.machine.context.last_failure is None
+
+
+def test_a_dead_server_is_still_found_in_seconds_after_a_suspension() -> None:
+    run = Run().started_connected()
+    run.feed(ev.TimerFired(run.at(200.0), "sample"))
+    run.feed(ev.StatsRead(run.at(0.01), 100, 100, 200.0))
+    began, tx = run.now, 100
+    while isinstance(run.state, Connected) and run.now - began < 5:
+        tx += 60  # the probes go out, nothing comes back, no new handshake
+        run.feed(ev.StatsRead(run.at(DOUBT), 100, tx, 200.0 + run.now - began))
+    assert isinstance(run.state, Connecting) and run.state.server == "b"
+    assert run.now - began < 2.0
+    assert "silent" in run.machine.context.last_failure.reason
+
+
+def test_a_connect_timeout_that_fired_late_after_a_suspension_starts_the_window_again() -> None:
+    run = Run()
+    run.start()
+    assert isinstance(run.state, Connecting) and run.state.server == "a"
+    run.feed(ev.StatsRead(run.at(0.01), 0, 0, None))
+    caused = run.feed(ev.TimerFired(run.at(15.0), "connect"))  # due at 4 s; the daemon was stopped
+    assert isinstance(run.state, Connecting) and run.state.server == "a"
+    assert act.StartTimer("connect", SETTINGS.connect_timeout(0)) in caused
+    assert run.machine.context.last_failure is None and not run.machine.context.cooling
+    run.connect()
+    assert run.state.server == "a"
+
+
+def test_a_connect_timeout_that_fired_on_time_still_fails_the_server() -> None:
+    run = Run()
+    run.start()
+    for _ in range(16):  # samples every 0.25 s, as the daemon takes them
+        run.feed(ev.StatsRead(run.at(0.25), 0, 0, None))
+    run.feed(ev.TimerFired(run.now, "connect"))
+    assert isinstance(run.state, Connecting) and run.state.server == "b"
+    assert run.machine.context.last_failure is not None
+
+
+def test_a_gap_while_offline_or_blocked_changes_nothing() -> None:
+    run = Run()
+    run.start(reachable=frozenset())
+    assert isinstance(run.state, Offline)
+    assert run.feed(ev.PathsChanged(run.at(300.0), frozenset())) == []
+    assert isinstance(run.state, Offline)
