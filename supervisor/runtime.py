@@ -184,6 +184,14 @@ class PendingReconfiguration:
 Item = ev.Event | TimerDue | PendingReconfiguration
 
 
+def boottime() -> float:
+    """Seconds on CLOCK_BOOTTIME, the clock events are stamped with: monotonic like
+    CLOCK_MONOTONIC, but it goes on counting while the machine is suspended (CLOCK_MONOTONIC
+    stops). A suspend then shows to the machine as the gap it was, as it shows in the handshake's
+    age (wall-clock), and the machine does not blame the server for it (``core.resume_after_gap``)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class Inbox:
     """The one stream every event reaches the machine through, and the clock that stamps them.
 
@@ -192,7 +200,7 @@ class Inbox:
     table restored after tampering). What they post waits here until the runtime runs.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = boottime) -> None:
         self.clock = clock
         self.send, self.receive = anyio.create_memory_object_stream[Item](max_buffer_size=1024)
 
@@ -219,9 +227,9 @@ class Runtime:
         on_publish: Callable[[Status], None] | None = None,
     ) -> None:
         """``inbox``: where events queue (made beforehand when adapters report into it), else a
-        new one on ``clock`` (default ``time.monotonic``); give one or the other, not both."""
+        new one on ``clock`` (default ``boottime``); give one or the other, not both."""
         if inbox is None:
-            inbox = Inbox(clock or time.monotonic)
+            inbox = Inbox(clock or boottime)
         elif clock is not None:
             raise TypeError("give the clock to the inbox: the runtime stamps with the inbox's clock")
         self.inbox = inbox

@@ -52,3 +52,16 @@ def test_a_runtime_takes_a_clock_or_an_inbox_not_both() -> None:
             make_runtime(World(), lambda status: None, clock=Clock(), inbox=Inbox(Clock()))
 
     anyio.run(main)
+
+
+def test_events_are_stamped_on_a_clock_that_counts_a_suspend() -> None:
+    """Issue #21, item 9b: CLOCK_MONOTONIC stops while the machine is suspended, so a suspend
+    left no gap for the machine to see, while the handshake's (wall-clock) age jumped by all of
+    it. The inbox stamps with CLOCK_BOOTTIME, which counts it."""
+    import time
+
+    from supervisor.runtime import boottime
+
+    assert Inbox().clock is boottime
+    before = time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert before <= boottime() <= time.clock_gettime(time.CLOCK_BOOTTIME)
