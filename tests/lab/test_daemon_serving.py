@@ -195,6 +195,8 @@ def test_a_suspended_daemon_does_not_blame_its_server_for_the_silence(
     with stopped(daemon):
         time.sleep(SUSPENDED_S)  # the suspension itself, not a wait for something
     status = daemon.wait_for(lambda s: s["state"] == "connected", timeout=10, what="connected")
+    resumes = [line for line in daemon.log_events() if "did not run for" in line]
+    assert resumes, f"the resume is in the log (connected)\n{daemon.log_tail()}"
     assert status["server"] == "vpn1" and status["last_failure"] is None, status
     assert lab.probes.ping()
 
@@ -207,8 +209,9 @@ def test_a_suspended_daemon_does_not_blame_its_server_for_the_silence(
             time.sleep(SUSPENDED_S)
     finally:
         faults.restore_server(lab.lab, "1")
+    resumed = time.monotonic()
     status = daemon.wait_for(lambda s: s["state"] == "connected", timeout=15, what="connected again")
-    print(f"after the stops: {status['server']}, reason {status.get('reason')!r}")
+    print(f"connected to {status['server']} {time.monotonic() - resumed:.2f} s after SIGCONT (connecting)")
     assert status["server"] == "vpn1", f"a needless failover: {status}\n{daemon.log_tail()}"
     assert status["last_failure"] is None, status
     assert not failures_logged(daemon), failures_logged(daemon)
