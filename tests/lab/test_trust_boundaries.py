@@ -1,6 +1,6 @@
 """What tunlock trusts must not draw tunnel traffic elsewhere (issue 21): a LAN whose range
-holds the tunnel's addresses, a server file without an IPv6 address. Each shown by the ISP's
-observer or by what a program in the client sees.
+holds the tunnel's addresses, a server file without an IPv6 address, a rogue router
+advertisement. Each shown by the ISP's observer or by what a program in the client sees.
 """
 
 from __future__ import annotations
@@ -227,3 +227,73 @@ def test_a_server_without_ipv6_gets_no_ipv6_from_the_hosts_own_address(lab):
     unreachable = {errno.errorcode[errno.ENETUNREACH], errno.errorcode[errno.EHOSTUNREACH]}
     assert len(attempts) == 2 and set(attempts) <= unreachable, attempts
     assert leaks == [], describe(leaks)
+
+
+# --- item 6: a rogue router advertisement -------------------------------------------------------
+
+# Sent from the ISP's side of the link, as any LAN peer can: hop limit 255 from a link-local
+# source, a prefix information option announcing 2000::/3 on-link (L set, A clear) and a router
+# lifetime of 0, so the client adds the on-link route and no default route.
+ROGUE_RA = textwrap.dedent(
+    """
+    import socket, struct
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"cl0")
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex("cl0"))
+    header = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 0, 0, 0)  # the kernel fills the checksum
+    announced = socket.inet_pton(socket.AF_INET6, "2000::")
+    prefix = struct.pack("!BBBBIII", 3, 4, 3, 0x80, 3600, 3600, 0) + announced
+    s.sendto(header + prefix, ("ff02::1", 0, 0, socket.if_nametoindex("cl0")))
+    """
+)
+# A neighbour solicitation with data, to a global address, bound to the physical link.
+NS_WITH_DATA = textwrap.dedent(
+    """
+    import socket
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"wan0")
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+    target = socket.inet_pton(socket.AF_INET6, {internet6!r})
+    for _ in range(3):
+        try:
+            s.sendto(bytes([135, 0, 0, 0]) + bytes(4) + target + b"secret over ndp", ({internet6!r}, 0))
+        except OSError as err:
+            print("refused:", err)
+    """
+).format(internet6=INTERNET_V6)
+
+
+def _mac(lab, role: str, ifname: str) -> str:
+    return lab.lab.run(role, "cat", f"/sys/class/net/{ifname}/address").strip()
+
+
+def test_a_rogue_router_advertisement_does_not_reopen_neighbour_discovery(lab):
+    """A real RA (sent by a raw socket in the ISP's namespace, processed by the client's kernel)
+    puts 2000::/3 on-link; the hostile router has answered for the internet host's address (its
+    answer stands as a neighbour entry with the router's MAC, so no proxy's delay races the
+    observer). The lock, applied after the RA, must not let a solicitation carrying data to that
+    global address out."""
+    client = lab.lab.ns("client")
+    config = str(lab.lab.config_path)
+    assert tunlock_in_client(lab, "lock", "apply", "--config", config).returncode == 0
+    router_mac = _mac(lab, "isp", "cl0")
+    try:
+        _python_in(lab, "isp", ROGUE_RA)
+        _wait(
+            "the client did not take the RA's on-link prefix",
+            lambda: "2000::/3" in sh("ip", "-n", client, "-6", "route", "show", "dev", "wan0"),
+            detail=lambda: sh("ip", "-n", client, "-6", "route"),
+        )
+        # The lock read again now, as the daemon's guard does after a route change.
+        result = tunlock_in_client(lab, "lock", "apply", "--config", config)
+        assert result.returncode == 0, result.stderr
+        sh("ip", "-n", client, "-6", "neigh", "replace", INTERNET_V6, "lladdr", router_mac, "dev", "wan0")
+        onlink6 = lab.lab.run("client", "nft", "list", "set", "inet", "tunlock", "onlink6")
+        mark = lab.observer.mark()
+        _python_in(lab, "client", NS_WITH_DATA)
+        leaks = lab.observer.leaks(since=mark)
+    finally:
+        tunlock_in_client(lab, "lock", "remove", "--yes", "--config", config)
+    assert leaks == [], f"neighbour discovery carried data off the link:\n{describe(leaks)}"
+    assert "2000::/3" not in onlink6, onlink6
