@@ -46,7 +46,8 @@ import anyio
 from pyroute2 import AsyncIPRoute
 
 from supervisor.log import get_logger
-from supervisor.net.dns import DEFAULT_STATE_DIR, DnsManager, detect_dns_manager
+from supervisor.net.dns import DEFAULT_STATE_DIR, DnsError, DnsManager, ResolvConfFile, detect_dns_manager
+from supervisor.net.filewatch import file_changes
 from supervisor.net.links import configure_link
 from supervisor.net.routes import DEFAULT_RULE_PRIORITY, FullTunnelRouting
 from supervisor.servers import IPAddress, IPNetwork, Server
@@ -257,6 +258,7 @@ class Tunnel:
                 # resolvectl or resolvconf runs, or a file write: off the loop, never cut short.
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._dns.restore)
+                self._dns_servers = None
             async with AsyncIPRoute() as ipr:
                 await self._routing((4, 6)).remove(ipr)
             await self.backend.close(keep_interface=False)
@@ -282,6 +284,26 @@ class Tunnel:
             # Up to three resolvectl runs: in a thread, so the loop (and the lock guard) goes on.
             await anyio.to_thread.run_sync(self._dns.apply, server.dns)
             self._dns_servers = server.dns
+        elif isinstance(self._dns, ResolvConfFile) and self._dns_servers:
+            # Every connect: a file someone rewrote since is put right (see keep_resolvers).
+            await anyio.to_thread.run_sync(self._dns.reassert, self._dns_servers)
+
+    async def keep_resolvers(self) -> None:
+        """Put the tunnel's resolvers back each time someone rewrites the resolv.conf file (a
+        DHCP client renewing its lease does): names would otherwise stop resolving, since the
+        lock refuses every other resolver. Only the file method needs it: resolved and
+        resolvconf merge their sources themselves. Runs until cancelled."""
+        if not isinstance(self._dns, ResolvConfFile):
+            return
+        dns = self._dns
+        async with file_changes(dns.path) as changes:
+            async for _ in changes:
+                async with self._lock:
+                    if self._dns_servers:
+                        try:
+                            await anyio.to_thread.run_sync(dns.reassert, self._dns_servers)
+                        except DnsError as err:
+                            self._log.warning("cannot put the tunnel's resolvers back", error=str(err))
 
 
 @contextlib.asynccontextmanager

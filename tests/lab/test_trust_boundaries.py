@@ -1,17 +1,20 @@
 """What tunlock trusts must not draw tunnel traffic elsewhere (issue 21): a LAN whose range
 holds the tunnel's addresses, a server file without an IPv6 address, a rogue router
-advertisement. Each shown by the ISP's observer or by what a program in the client sees.
+advertisement, a DHCP client rewriting resolv.conf. Each shown by the ISP's observer or by
+what a program in the client sees.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,7 @@ from supervisor.lab.probes import describe
 from supervisor.lab.topology import (
     CLIENT_V6,
     INTERNET_V6,
+    ISP_V4,
     TUNNEL_CLIENT_V4,
     TUNNEL_CLIENT_V6,
     TUNNEL_SERVER_V4,
@@ -297,3 +301,35 @@ def test_a_rogue_router_advertisement_does_not_reopen_neighbour_discovery(lab):
         tunlock_in_client(lab, "lock", "remove", "--yes", "--config", config)
     assert leaks == [], f"neighbour discovery carried data off the link:\n{describe(leaks)}"
     assert "2000::/3" not in onlink6, onlink6
+
+
+# --- item 9: a DHCP client rewriting resolv.conf ------------------------------------------------
+
+
+def test_a_rewritten_resolv_conf_gets_the_tunnels_resolvers_back(lab):
+    """The lab's client has a resolv.conf of its own (the file method). A DHCP client rewrites it
+    while the tunnel is up, in place and by renaming a new file over it (dhclient-script's way):
+    each time the tunnel's resolvers come back, and names resolve again."""
+    path = Path("/etc/netns") / lab.lab.ns("client") / "resolv.conf"
+    dhcp = f"# from DHCP\nnameserver {ISP_V4}\n"
+
+    def tunnels() -> bool:
+        return f"nameserver {TUNNEL_SERVER_V4}" in path.read_text()
+
+    with lab.daemon() as daemon:
+        daemon.start()
+        assert tunnels(), path.read_text()
+        path.write_text(dhcp)
+        _wait("an in-place rewrite was not corrected", tunnels, detail=path.read_text)
+        new = path.with_name("resolv.conf.dhclient-new")
+        new.write_text(dhcp)
+        os.replace(new, path)
+        _wait("a rename over the file was not corrected", tunnels, detail=path.read_text)
+        resolved = lab.probes.dns_udp(TUNNEL_SERVER_V4)
+        daemon.ask("reconnect")
+        daemon.wait_for(lambda s: s["state"] == "connected", what="connected after reconnect")
+        after_reconnect = path.read_text()
+    tunlock_in_client(lab, "lock", "remove", "--yes", "--config", str(lab.lab.config_path))
+    assert resolved
+    assert f"nameserver {TUNNEL_SERVER_V4}" in after_reconnect, after_reconnect
+    assert path.read_text() == dhcp, "on exit the host's newest resolv.conf (the DHCP one) comes back"
