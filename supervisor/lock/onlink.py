@@ -15,8 +15,14 @@ RA can give an address only a /64 (SLAAC), so from addresses an RA gets no
 wider than that. A prefix wider than a sane length (IPv4 shorter than /8,
 IPv6 shorter than /64: what SLAAC, DHCPv6 and every hosting provider's static
 IPv6 use) is left out: a hostile DHCP server's netmask does not make half the
-address space LAN either. A subnet reached only through a route without an
-address on it (rare) is not on-link for the lock: it stays closed (fails closed).
+address space LAN either.
+
+An address's prefix counts only while the main table also reaches it on the
+same interface without a gateway (a route whose destination holds the prefix):
+an address added with ``noprefixroute``, or whose prefix route was deleted, has
+its subnet routed through the gateway, to the ISP. A subnet reached only through
+a route without an address on it (rare) is not on-link for the lock: it stays
+closed (fails closed).
 """
 
 from __future__ import annotations
@@ -24,25 +30,31 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterable
-from ipaddress import ip_interface
+from ipaddress import ip_interface, ip_network
 
-from supervisor.servers import IPNetwork
+from supervisor.servers import IPNetwork, network_within
 
 _TIMEOUT_S = 5.0
 # The widest prefix of an address that still makes its subnet on-link, per IP version.
 MIN_PREFIXLEN = {4: 8, 6: 64}
 
 
-def onlink_subnets(links: Iterable[dict], exclude: Iterable[str] = ()) -> tuple[IPNetwork, ...]:
-    """Subnets of the addresses in ``ip -j addr`` entries (pure: links in, subnets out).
+def onlink_subnets(
+    links: Iterable[dict], routes: Iterable[dict], exclude: Iterable[str] = ()
+) -> tuple[IPNetwork, ...]:
+    """Subnets of the addresses in ``ip -j addr`` entries that ``ip -j route`` entries reach
+    on-link (pure: links and routes in, subnets out).
 
     Addresses on ``exclude`` (the tunnel) and loopback, of host scope, or with a prefix wider
-    than ``MIN_PREFIXLEN`` are left out.
+    than ``MIN_PREFIXLEN`` are left out, and so is a prefix no gateway-less unicast route on the
+    same interface holds.
     """
     skip = {"lo", *exclude}
+    direct = _direct_routes(routes)
     out: set[IPNetwork] = set()
     for link in links:
-        if link.get("ifname") in skip:
+        dev = str(link.get("ifname") or "")
+        if dev in skip:
             continue
         for addr in link.get("addr_info", ()):
             if addr.get("scope") == "host" or "local" not in addr or "prefixlen" not in addr:
@@ -51,23 +63,51 @@ def onlink_subnets(links: Iterable[dict], exclude: Iterable[str] = ()) -> tuple[
                 network = ip_interface(f"{addr['local']}/{addr['prefixlen']}").network
             except ValueError:
                 continue
-            if network.prefixlen >= MIN_PREFIXLEN[network.version]:
+            if network.prefixlen < MIN_PREFIXLEN[network.version]:
+                continue
+            if any(network_within(network, reach) for reach in direct.get(dev, ())):
                 out.add(network)
     return tuple(sorted(out, key=lambda n: (n.version, n.network_address, n.prefixlen)))
 
 
+def _direct_routes(routes: Iterable[dict]) -> dict[str, list[IPNetwork]]:
+    """Destinations of unicast routes without a gateway, by interface."""
+    out: dict[str, list[IPNetwork]] = {}
+    for route in routes:
+        dst = route.get("dst", "")
+        if (
+            route.get("type", "unicast") != "unicast"
+            or "gateway" in route
+            or "via" in route
+            or "nexthops" in route
+            or not route.get("dev")
+            or dst in ("default", "")
+        ):
+            continue
+        try:
+            out.setdefault(route["dev"], []).append(ip_network(dst, strict=False))
+        except ValueError:
+            continue
+    return out
+
+
+def _ip_json(*argv: str) -> list[dict]:
+    try:
+        done = subprocess.run(["ip", "-j", *argv], capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return []  # nothing known: the LAN stays closed, link-local aside (fails closed)
+    if done.returncode != 0 or not done.stdout.strip():
+        return []
+    try:
+        parsed = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return []
+    return parsed if isinstance(parsed, list) else []
+
+
 def read_onlink(exclude: Iterable[str] = ()) -> tuple[IPNetwork, ...]:
     """The on-link subnets of this network namespace's interfaces, IPv4 and IPv6."""
-    try:
-        done = subprocess.run(
-            ["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=_TIMEOUT_S
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return ()  # nothing known: the LAN stays closed, link-local aside (fails closed)
-    if done.returncode != 0 or not done.stdout.strip():
-        return ()
-    try:
-        links = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return ()
-    return onlink_subnets(links, exclude)
+    routes = _ip_json("-4", "route", "show", "table", "main") + _ip_json(
+        "-6", "route", "show", "table", "main"
+    )
+    return onlink_subnets(_ip_json("addr", "show"), routes, exclude)

@@ -303,6 +303,30 @@ def test_a_rogue_router_advertisement_does_not_reopen_neighbour_discovery(lab):
     assert "2000::/3" not in onlink6, onlink6
 
 
+def test_an_address_without_its_prefix_route_does_not_make_its_subnet_lan(lab):
+    """An address added with noprefixroute: the main table sends its subnet through the gateway,
+    to the ISP, so the lock (applied after it) must not count it on-link, while a rogue route
+    alone (the RA above) must not count either: an address prefix AND a route to it."""
+    client, isp = lab.lab.ns("client"), lab.lab.ns("isp")
+    config = str(lab.lab.config_path)
+    sh("ip", "-n", isp, "addr", "add", "10.9.9.9/24", "dev", "cl0")
+    sh("ip", "-n", client, "addr", "add", "10.9.9.2/24", "dev", "wan0", "noprefixroute")
+    try:
+        result = tunlock_in_client(lab, "lock", "apply", "--config", config, env=LAN_ENV)
+        assert result.returncode == 0, result.stderr
+        lan4 = lab.lab.run("client", "nft", "list", "set", "inet", "tunlock", "lan4")
+        mark = lab.observer.mark()
+        answered = lab.probes.ping("10.9.9.9")
+        leaks = lab.observer.leaks(since=mark)
+    finally:
+        tunlock_in_client(lab, "lock", "remove", "--yes", "--config", config)
+        sh("ip", "-n", isp, "addr", "del", "10.9.9.9/24", "dev", "cl0", check=False)
+        sh("ip", "-n", client, "addr", "del", "10.9.9.2/24", "dev", "wan0", check=False)
+    assert leaks == [], f"a subnet routed through the gateway was let out as LAN:\n{describe(leaks)}"
+    assert not answered
+    assert "10.9.9.0/24" not in lan4, lan4
+
+
 # --- item 9: a DHCP client rewriting resolv.conf ------------------------------------------------
 
 
