@@ -24,7 +24,8 @@ output
   8. with allow_lan: the LAN ranges that are on-link (``lan4``/``lan6``: the
      configured ranges intersected, when the lock is applied, with the on-link
      subnets of the host's interfaces; link-local and multicast ranges are
-     on-link by nature), less the tunnel's own addresses (``tunnel_owned``);
+     on-link by nature), less the tunnel's own addresses (``tunnel_owned``),
+     and nothing from the tunnel's own addresses (``tunnel_prefixes``);
      with inbound_tcp: replies from those ports to them.
   9. the rest is rejected (a program fails fast instead of hanging) and counted.
 
@@ -304,6 +305,13 @@ def _table_body(policy: LockPolicy) -> str:
     if policy.link_upkeep:
         for rule in UPKEEP_OUT:
             add(f"\t\t{rule}")
+    if policy.allow_lan or ports:
+        # From the tunnel's own addresses nothing goes to the LAN (a reply to a connection that
+        # came in through the tunnel from a peer inside an overlapping LAN's range, say).
+        for family, match in ((4, "ip"), (6, "ip6")):
+            sources = [str(n) for n in widest(policy.tunnel_prefixes) if n.version == family]
+            if sources:
+                add(f'\t\t{match} saddr {{ {", ".join(sources)} }} counter name "blocked_out" reject')
     if policy.allow_lan:
         add("\t\tip daddr @lan4 accept")
         add("\t\tip6 daddr @lan6 accept")

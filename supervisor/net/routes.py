@@ -5,6 +5,7 @@ For each family::
     table <route_table>:  default dev <tunnel>   (unreachable default: see below)
     rule  <prio - 2>:     fwmark <fwmark> lookup main
     rule  <prio - 1>:     to <owned> lookup <route_table>   (one per owned prefix)
+    rule  <prio - 1>:     from <address> lookup <route_table>   (one per tunnel address)
     rule  <prio>:         lookup main suppress_prefixlength 0
     rule  <prio + 1>:     not fwmark <fwmark> lookup <route_table>
 
@@ -20,7 +21,9 @@ the routes survive a peer swap (they name the interface, not the server).
 out a 10.0.0.0/16 holding the server's inner 10.x addresses drew the tunnel's resolver, its
 NAT-PMP gateway and its probe target onto the physical link. The tunnel's own prefixes (its
 addresses, its resolvers, the NAT-PMP gateway, the probe target: ``owned``) get a rule of their
-own, consulted before the main table.
+own, consulted before the main table, and so do packets from the tunnel's own addresses (a
+reply to a connection that came in through the tunnel from a peer inside the LAN's range went
+out of the physical interface).
 
 **A family the server gives no address gets an unreachable default.** A server file with only an
 IPv4 ``Address`` and ``AllowedIPs = ::/0`` otherwise sent IPv6 into the tunnel from the host's
@@ -76,6 +79,7 @@ class RuleSpec:
     invert: bool = False
     suppress_prefixlength: int | None = None
     dst: IPNetwork | None = None
+    src: IPNetwork | None = None
 
     def request(self) -> dict[str, Any]:
         """The keyword arguments of ``AsyncIPRoute.rule('add'|'del', ...)``."""
@@ -93,6 +97,8 @@ class RuleSpec:
             args["suppress_prefixlen"] = self.suppress_prefixlength
         if self.dst is not None:
             args.update(dst=str(self.dst.network_address), dst_len=self.dst.prefixlen)
+        if self.src is not None:
+            args.update(src=str(self.src.network_address), src_len=self.src.prefixlen)
         return args
 
     def matches(self, msg: Any) -> bool:
@@ -108,13 +114,17 @@ class RuleSpec:
             and msg.get_attr("FRA_FWMARK") == self.fwmark
             and bool(msg["flags"] & FIB_RULE_INVERT) == self.invert
             and suppress == self.suppress_prefixlength
-            and _rule_dst(msg) == self.dst
+            and _rule_prefix(msg, "dst") == self.dst
+            and _rule_prefix(msg, "src") == self.src
         )
 
 
-def _rule_dst(msg: Any) -> IPNetwork | None:
-    dst = msg.get_attr("FRA_DST")
-    return ip_network(f"{dst}/{msg['dst_len']}") if dst is not None and msg["dst_len"] else None
+def _rule_prefix(msg: Any, which: str) -> IPNetwork | None:
+    """A dumped rule's destination (``dst``) or source (``src``) selector, None for 'all'."""
+    address = msg.get_attr(f"FRA_{which.upper()}")
+    if address is None or not msg[f"{which}_len"]:
+        return None
+    return ip_network(f"{address}/{msg[f'{which}_len']}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,9 @@ class FullTunnelRouting:
     # The tunnel's own prefixes (see the module docstring), routed into the tunnel before the
     # main table is consulted.
     owned: tuple[IPNetwork, ...] = ()
+    # The tunnel's own addresses: what leaves from them (a reply to a connection that came in
+    # through the tunnel, from a peer inside a LAN's range) goes back through the tunnel.
+    sources: tuple[IPNetwork, ...] = ()
     # Families the server gives no address: their default in the table is unreachable.
     unreachable: tuple[int, ...] = ()
 
@@ -142,13 +155,17 @@ class FullTunnelRouting:
             # ``not`` inverts its whole selector, so "not fwmark M to X" cannot say this.)
             out.append(RuleSpec(family, self.priority - 2, MAIN_TABLE, fwmark=self.fwmark))
             for net in sorted({n for n in self.owned if n.version == family}, key=str):
-                out.append(self._owned_rule(family, net))
+                out.append(self._owned_rule(family, dst=net))
+            for net in sorted({n for n in self.sources if n.version == family}, key=str):
+                out.append(self._owned_rule(family, src=net))
             out.append(RuleSpec(family, self.priority, MAIN_TABLE, suppress_prefixlength=0))
             out.append(RuleSpec(family, self.priority + 1, self.table, fwmark=self.fwmark, invert=True))
         return out
 
-    def _owned_rule(self, family: int, net: IPNetwork) -> RuleSpec:
-        return RuleSpec(family, self.priority - 1, self.table, dst=net)
+    def _owned_rule(
+        self, family: int, dst: IPNetwork | None = None, src: IPNetwork | None = None
+    ) -> RuleSpec:
+        return RuleSpec(family, self.priority - 1, self.table, dst=dst, src=src)
 
     def _default_route(self, family: int, index: int | None) -> dict[str, Any]:
         route: dict[str, Any] = {
@@ -229,10 +246,10 @@ class FullTunnelRouting:
         stale: list[RuleSpec] = []
         for family in self.families:
             for msg in await collect(await ipr.rule("dump", family=_FAMILIES[family])):
-                dst = _rule_dst(msg)
-                if dst is None:
+                dst, src = _rule_prefix(msg, "dst"), _rule_prefix(msg, "src")
+                if dst is None and src is None:
                     continue
-                rule = self._owned_rule(family, dst)
+                rule = self._owned_rule(family, dst=dst, src=src)
                 if rule.matches(msg) and rule not in wanted:
                     stale.append(rule)
         return stale

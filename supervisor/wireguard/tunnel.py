@@ -161,6 +161,7 @@ class Tunnel:
             families,
             s.rule_priority,
             owned=owned_prefixes(server, s.owned_targets),
+            sources=tuple(ip_network(a.ip) for a in server.addresses),
             unreachable=tuple(f for f in families if f not in server.families),
         )
 

@@ -75,6 +75,7 @@ OWNED = FullTunnelRouting(
     fwmark=0xCA6C,
     priority=32760,
     owned=(ip_network("10.99.0.1/32"), ip_network("fd00:99::/64")),
+    sources=(ip_network("10.99.0.2/32"),),
     unreachable=(6,),
 )
 
@@ -83,6 +84,10 @@ def test_the_tunnels_own_prefixes_are_routed_into_it_before_the_main_table() -> 
     """A LAN route holding the tunnel's resolver must not win over the tunnel (issue 21)."""
     rules = OWNED.rules()
     owned = [r for r in rules if r.dst is not None]
+    replies = [r for r in rules if r.src is not None]
+    assert [(r.family, str(r.src), r.priority, r.table) for r in replies] == [
+        (4, "10.99.0.2/32", 32759, 51820)
+    ]
     assert [(r.family, str(r.dst)) for r in owned] == [(4, "10.99.0.1/32"), (6, "fd00:99::/64")]
     assert all(r.priority == 32759 and r.table == 51820 and not r.invert and r.fwmark is None for r in owned)
     suppress = next(r for r in rules if r.suppress_prefixlength == 0)
