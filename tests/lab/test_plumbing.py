@@ -107,7 +107,7 @@ async def test_routing_is_idempotent_and_repairs_what_is_missing(
             assert sorted(await routing.missing(ipr)) == [
                 "IPv6 default route in table 51820",
                 "rule RuleSpec(family=4, priority=32761, table=51820, fwmark=51820, invert=True, "
-                "suppress_prefixlength=None, dst=None)",
+                "suppress_prefixlength=None, dst=None, src=None)",
             ]
             await routing.apply(ipr)
             assert await routing.missing(ipr) == []
