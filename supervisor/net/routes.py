@@ -13,8 +13,8 @@ Everything without the tunnel's fwmark goes into the tunnel; WireGuard's own
 UDP carries the fwmark and so follows the main table out of the physical
 interface; ``suppress_prefixlength 0`` lets the main table's more specific
 routes (the LAN, the link itself) win over its default route. The main table
-is never touched, so removing these three items restores the host exactly, and
-the routes survive a peer swap (they name the interface, not the server).
+is never touched, so removing our table's default and our rules restores the host exactly,
+and the routes survive a peer swap (they name the interface, not the server).
 
 **What the tunnel owns goes into the tunnel, whatever the LAN says.** ``suppress_prefixlength
 0`` lets every main-table route but the default win, so a LAN (or a hostile DHCP server) that hands
@@ -28,7 +28,7 @@ out of the physical interface).
 **A family the server gives no address gets an unreachable default.** A server file with only an
 IPv4 ``Address`` and ``AllowedIPs = ::/0`` otherwise sent IPv6 into the tunnel from the host's
 global address, which the provider then learns; now a connection of that family fails at once
-(ENETUNREACH) and nothing of it enters the tunnel or leaves outside it.
+(EHOSTUNREACH) and nothing of it enters the tunnel or leaves outside it.
 
 The rules are found again by content (table, fwmark, flags, priority), which is
 what makes a restarted daemon adopt them instead of adding duplicates. The
@@ -241,7 +241,8 @@ class FullTunnelRouting:
         return out
 
     async def _stale_owned(self, ipr: AsyncIPRoute) -> list[RuleSpec]:
-        """Our owned-prefix rules (our priority and table, a destination) that ``owned`` no longer names."""
+        """Our owned-prefix rules (our priority and table, a destination or a source) that ``owned``
+        and ``sources`` no longer name: an earlier server's."""
         wanted = set(self.rules())
         stale: list[RuleSpec] = []
         for family in self.families:
