@@ -202,6 +202,7 @@ async def serve(config: Config) -> int:
         tg.start_soon(_signals, runtime, config, watcher, notifier, host)
         tg.start_soon(_announce_ready, notifier, first_status, settings.control.socket)
         tg.start_soon(notifier.keep_watchdog_fed)
+        tg.start_soon(tunnel.keep_resolvers)
         log.info(
             "tunlock running",
             interface=tunnel.ifname,

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from supervisor.config import Config
 from supervisor.lock.policy import LockPolicy
 from supervisor.servers import Server
+from supervisor.wireguard.tunnel import configured_targets
 
 
 def policy_from_config(config: Config, servers: Iterable[Server] | None = None) -> LockPolicy:
@@ -32,4 +33,5 @@ def policy_from_config(config: Config, servers: Iterable[Server] | None = None) 
             [("tcp", p) for p in settings.lock.tunnel_inbound_tcp]
             + [("udp", p) for p in settings.lock.tunnel_inbound_udp]
         ),
+        tunnel_targets=frozenset(configured_targets(settings)),
     ).with_servers(chosen)

@@ -12,9 +12,10 @@ the reference decoder of nftables messages, and the guard only needs "something
 changed", after which it reads the table back anyway.
 
 The lock's LAN and neighbour-discovery sets hold the on-link subnets read when it
-was applied (supervisor.lock.onlink); the guard also follows route changes
-(``ip monitor route``) and applies the lock again when those subnets change, so a
-new lease on another network neither stays closed nor leaves the old subnet open.
+was applied (supervisor.lock.onlink: the prefixes of the interfaces' addresses); the guard
+also follows address and route changes (``ip monitor route address``: an address without a
+prefix route makes no route event) and applies the lock again when those subnets change, so
+a new lease on another network neither stays closed nor leaves the old subnet open.
 
 With an owner (supervisor/lock/owner.py) every change goes through the daemon's own
 libnftables context and covers both tables in one transaction: the ordinary one, which outlives
@@ -151,9 +152,9 @@ class LockGuard:
         return True
 
     async def follow_links(self) -> None:
-        """Check the on-link subnets after every route change, until cancelled."""
+        """Check the on-link subnets after every address or route change, until cancelled."""
         try:
-            process = await anyio.open_process(["ip", "monitor", "route"])
+            process = await anyio.open_process(["ip", "monitor", "route", "address"])
         except OSError as err:  # no iproute2: the sets stay as applied (the LAN may stay closed)
             log.warning("cannot follow route changes; on-link subnets read at apply only", error=str(err))
             return

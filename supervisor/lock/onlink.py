@@ -5,7 +5,24 @@ destination routed through the gateway goes to the ISP, so the configured LAN
 ranges count only where they overlap a subnet some interface reaches directly.
 nftables cannot compare a packet's next hop with its destination at packet
 time (``rt nexthop`` compares only with constants), so the subnets are read
-here, from the main routing table, each time the lock is applied.
+here each time the lock is applied.
+
+They are the prefixes of the interfaces' own addresses, not the routes: a
+router advertisement may put any prefix on-link (an RA announcing ``2000::/3``
+is accepted from any LAN peer, hop limit 255), and with it in the set a
+neighbour solicitation carrying data to a global address left the host. An
+RA can give an address only a /64 (SLAAC), so from addresses an RA gets no
+wider than that. A prefix wider than a sane length (IPv4 shorter than /8,
+IPv6 shorter than /64: what SLAAC, DHCPv6 and every hosting provider's static
+IPv6 use) is left out: a hostile DHCP server's netmask does not make half the
+address space LAN either.
+
+An address's prefix counts only while the main table also reaches it on the
+same interface without a gateway (a route whose destination holds the prefix):
+an address added with ``noprefixroute``, or whose prefix route was deleted, has
+its subnet routed through the gateway, to the ISP. A subnet reached only through
+a route without an address on it (rare) is not on-link for the lock: it stays
+closed (fails closed).
 """
 
 from __future__ import annotations
@@ -13,21 +30,49 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterable
-from ipaddress import ip_network
+from ipaddress import ip_interface, ip_network
 
-from supervisor.servers import IPNetwork
+from supervisor.servers import IPNetwork, network_within
 
 _TIMEOUT_S = 5.0
+# The widest prefix of an address that still makes its subnet on-link, per IP version.
+MIN_PREFIXLEN = {4: 8, 6: 64}
 
 
-def onlink_subnets(routes: Iterable[dict], exclude: Iterable[str] = ()) -> tuple[IPNetwork, ...]:
-    """Subnets of ``ip -j route`` entries that have no gateway (pure: routes in, subnets out).
+def onlink_subnets(
+    links: Iterable[dict], routes: Iterable[dict], exclude: Iterable[str] = ()
+) -> tuple[IPNetwork, ...]:
+    """Subnets of the addresses in ``ip -j addr`` entries that ``ip -j route`` entries reach
+    on-link (pure: links and routes in, subnets out).
 
-    Routes through ``exclude`` (the tunnel) and loopback, default routes, multipath routes and
-    anything but unicast (blackhole, unreachable, local...) are left out.
+    Addresses on ``exclude`` (the tunnel) and loopback, of host scope, or with a prefix wider
+    than ``MIN_PREFIXLEN`` are left out, and so is a prefix no gateway-less unicast route on the
+    same interface holds.
     """
     skip = {"lo", *exclude}
-    out: list[IPNetwork] = []
+    direct = _direct_routes(routes)
+    out: set[IPNetwork] = set()
+    for link in links:
+        dev = str(link.get("ifname") or "")
+        if dev in skip:
+            continue
+        for addr in link.get("addr_info", ()):
+            if addr.get("scope") == "host" or "local" not in addr or "prefixlen" not in addr:
+                continue
+            try:
+                network = ip_interface(f"{addr['local']}/{addr['prefixlen']}").network
+            except ValueError:
+                continue
+            if network.prefixlen < MIN_PREFIXLEN[network.version]:
+                continue
+            if any(network_within(network, reach) for reach in direct.get(dev, ())):
+                out.add(network)
+    return tuple(sorted(out, key=lambda n: (n.version, n.network_address, n.prefixlen)))
+
+
+def _direct_routes(routes: Iterable[dict]) -> dict[str, list[IPNetwork]]:
+    """Destinations of unicast routes without a gateway, by interface."""
+    out: dict[str, list[IPNetwork]] = {}
     for route in routes:
         dst = route.get("dst", "")
         if (
@@ -36,33 +81,33 @@ def onlink_subnets(routes: Iterable[dict], exclude: Iterable[str] = ()) -> tuple
             or "via" in route
             or "nexthops" in route
             or not route.get("dev")
-            or route["dev"] in skip
             or dst in ("default", "")
         ):
             continue
         try:
-            out.append(ip_network(dst, strict=False))
+            out.setdefault(route["dev"], []).append(ip_network(dst, strict=False))
         except ValueError:
             continue
-    return tuple(sorted(set(out), key=lambda n: (n.version, n.network_address, n.prefixlen)))
+    return out
+
+
+def _ip_json(*argv: str) -> list[dict]:
+    try:
+        done = subprocess.run(["ip", "-j", *argv], capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return []  # nothing known: the LAN stays closed, link-local aside (fails closed)
+    if done.returncode != 0 or not done.stdout.strip():
+        return []
+    try:
+        parsed = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return []
+    return parsed if isinstance(parsed, list) else []
 
 
 def read_onlink(exclude: Iterable[str] = ()) -> tuple[IPNetwork, ...]:
-    """The on-link subnets of this network namespace's main table, IPv4 and IPv6."""
-    routes: list[dict] = []
-    for family in ("-4", "-6"):
-        try:
-            done = subprocess.run(
-                ["ip", "-j", family, "route", "show", "table", "main"],
-                capture_output=True,
-                text=True,
-                timeout=_TIMEOUT_S,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue  # no routes known: the LAN stays closed, link-local aside (fails closed)
-        if done.returncode == 0 and done.stdout.strip():
-            try:
-                routes.extend(json.loads(done.stdout))
-            except json.JSONDecodeError:
-                continue
-    return onlink_subnets(routes, exclude)
+    """The on-link subnets of this network namespace's interfaces, IPv4 and IPv6."""
+    routes = _ip_json("-4", "route", "show", "table", "main") + _ip_json(
+        "-6", "route", "show", "table", "main"
+    )
+    return onlink_subnets(_ip_json("addr", "show"), routes, exclude)

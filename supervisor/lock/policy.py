@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from ipaddress import ip_network
 
-from supervisor.servers import Endpoint, IPAddress, IPNetwork, Server
+from supervisor.servers import Endpoint, IPAddress, IPNetwork, Server, network_within
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,17 @@ class LockPolicy:
     tunnel_inbound: frozenset[tuple[str, int]] = frozenset()
     # DHCP and NDP keep the physical link up; without them a lease or a neighbour expires.
     link_upkeep: bool = True
+    # What belongs to the tunnel: the servers' address prefixes (with_servers) and the tunnel-side
+    # addresses the config names (probe target, NAT-PMP gateway); with the tunnel's resolvers,
+    # never LAN, even where a LAN's range holds them (tunnel_owned).
+    tunnel_prefixes: frozenset[IPNetwork] = frozenset()
+    tunnel_targets: frozenset[IPAddress] = frozenset()
+
+    @property
+    def tunnel_owned(self) -> frozenset[IPNetwork]:
+        """Every prefix of the tunnel's own: addresses, resolvers, configured targets."""
+        hosts = {ip_network(a) for a in (*self.tunnel_dns, *self.tunnel_targets)}
+        return self.tunnel_prefixes | hosts
 
     def with_endpoints(self, endpoints: Iterable[Endpoint]) -> LockPolicy:
         """The same policy letting the tunnel reach ``endpoints`` (a subset of the configured)."""
@@ -51,4 +63,21 @@ class LockPolicy:
             self,
             endpoints=frozenset(s.endpoint for s in servers),
             tunnel_dns=frozenset(d for s in servers for d in s.dns),
+            tunnel_prefixes=frozenset(a.network for s in servers for a in s.addresses),
         )
+
+
+def exclude(networks: Iterable[IPNetwork], holes: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """``networks`` without the addresses of ``holes`` (each split around the hole it holds)."""
+    out = list(networks)
+    for hole in holes:
+        kept: list[IPNetwork] = []
+        for net in out:
+            if network_within(net, hole):
+                continue
+            if network_within(hole, net):
+                kept.extend(net.address_exclude(hole))  # type: ignore[arg-type]
+            else:
+                kept.append(net)
+        out = kept
+    return tuple(sorted(set(out), key=lambda n: (n.version, int(n.network_address), n.prefixlen)))

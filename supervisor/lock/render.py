@@ -24,7 +24,9 @@ output
   8. with allow_lan: the LAN ranges that are on-link (``lan4``/``lan6``: the
      configured ranges intersected, when the lock is applied, with the on-link
      subnets of the host's interfaces; link-local and multicast ranges are
-     on-link by nature); with inbound_tcp: replies from those ports to them.
+     on-link by nature), less the tunnel's own addresses (``tunnel_owned``),
+     and nothing from the tunnel's own addresses (``tunnel_prefixes``);
+     with inbound_tcp: replies from those ports to them.
   9. the rest is rejected (a program fails fast instead of hanging) and counted.
 
 The holes link upkeep leaves, and why each is needed (a program with
@@ -78,7 +80,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from ipaddress import ip_network
 
-from supervisor.lock.policy import LockPolicy
+from supervisor.lock.policy import LockPolicy, exclude
 from supervisor.servers import Endpoint, IPNetwork, network_within
 
 # Named counters, read back by `tunlock lock status` and the metrics.
@@ -240,7 +242,8 @@ def _table_body(policy: LockPolicy) -> str:
     v6 = [e for e in policy.endpoints if e.family == 6]
     dns4 = [str(a) for a in policy.tunnel_dns if a.version == 4]
     dns6 = [str(a) for a in policy.tunnel_dns if a.version == 6]
-    lan = onlink_lan(policy.lan_ranges, policy.onlink)
+    # The tunnel's own addresses are never LAN, even inside a LAN range (issue 21, item 4).
+    lan = exclude(onlink_lan(policy.lan_ranges, policy.onlink), policy.tunnel_owned)
     lan4 = [str(n) for n in lan if n.version == 4]
     lan6 = [str(n) for n in lan if n.version == 6]
     onlink6 = [str(n) for n in widest(policy.onlink) if n.version == 6]
@@ -302,6 +305,13 @@ def _table_body(policy: LockPolicy) -> str:
     if policy.link_upkeep:
         for rule in UPKEEP_OUT:
             add(f"\t\t{rule}")
+    if policy.allow_lan or ports:
+        # From the tunnel's own addresses nothing goes to the LAN (a reply to a connection that
+        # came in through the tunnel from a peer inside an overlapping LAN's range, say).
+        for family, match in ((4, "ip"), (6, "ip6")):
+            sources = [str(n) for n in widest(policy.tunnel_prefixes) if n.version == family]
+            if sources:
+                add(f'\t\t{match} saddr {{ {", ".join(sources)} }} counter name "blocked_out" reject')
     if policy.allow_lan:
         add("\t\tip daddr @lan4 accept")
         add("\t\tip6 daddr @lan6 accept")

@@ -86,6 +86,25 @@ class ResolvConfFile:
             raise DnsError(f"cannot set the resolvers in {self.path}: {err.strerror or err}") from None
         log.info("resolvers set", method=self.method, servers=[str(s) for s in servers])
 
+    def reassert(self, servers: Sequence[IPAddress]) -> bool:
+        """Write the tunnel's resolvers back if someone (a DHCP client, a person) replaced them;
+        what they wrote becomes the backup restored on exit. Whether the file was written."""
+        wanted = render_resolv_conf(servers)
+        try:
+            current = self.path.read_text() if self.path.exists() else ""
+            if current == wanted:
+                return False
+            if not current.startswith(_HEADER):
+                self.backup.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _write_new(self.backup, current)
+            _write_in_place(self.path, wanted)
+        except OSError as err:
+            raise DnsError(f"cannot set the resolvers in {self.path}: {err.strerror or err}") from None
+        log.warning(
+            "resolv.conf was rewritten by someone else; the tunnel's resolvers put back", path=str(self.path)
+        )
+        return True
+
     def restore(self) -> None:
         if not self.backup.exists():
             return

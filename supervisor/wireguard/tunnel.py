@@ -38,6 +38,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,11 @@ import anyio
 from pyroute2 import AsyncIPRoute
 
 from supervisor.log import get_logger
-from supervisor.net.dns import DEFAULT_STATE_DIR, DnsManager, detect_dns_manager
+from supervisor.net.dns import DEFAULT_STATE_DIR, DnsError, DnsManager, ResolvConfFile, detect_dns_manager
+from supervisor.net.filewatch import file_changes
 from supervisor.net.links import configure_link
 from supervisor.net.routes import DEFAULT_RULE_PRIORITY, FullTunnelRouting
-from supervisor.servers import Server
+from supervisor.servers import IPAddress, IPNetwork, Server
 from supervisor.wireguard.backend import (
     BackendEvent,
     BackendRestarted,
@@ -79,6 +81,9 @@ class TunnelSettings:
     resolv_conf: Path = Path("/etc/resolv.conf")
     state_dir: Path = DEFAULT_STATE_DIR
     rule_priority: int = DEFAULT_RULE_PRIORITY
+    # Addresses inside the tunnel named by the config rather than a server file (the probe
+    # target, the NAT-PMP gateway): routed into the tunnel whatever the LAN routes say.
+    owned_targets: tuple[IPAddress, ...] = ()
 
     @classmethod
     def from_config(cls, settings: Any, state_dir: Path = DEFAULT_STATE_DIR) -> TunnelSettings:
@@ -91,7 +96,29 @@ class TunnelSettings:
             manage_dns=settings.dns.manage,
             resolv_conf=settings.dns.resolv_conf,
             state_dir=state_dir,
+            owned_targets=configured_targets(settings),
         )
+
+
+def configured_targets(settings: Any) -> tuple[IPAddress, ...]:
+    """The tunnel-side addresses a ``ConfigFile`` names: ``health.probe_target`` and
+    ``[plugins.natpmp] gateway`` (both checked as addresses when the config is loaded)."""
+    named = [settings.health.probe_target, settings.plugins.options.get("natpmp", {}).get("gateway")]
+    out: list[IPAddress] = []
+    for value in named:
+        try:
+            out.append(ip_address(str(value)))
+        except ValueError:
+            continue  # None, or a bad value the config check reports
+    return tuple(out)
+
+
+def owned_prefixes(server: Server, targets: Iterable[IPAddress] = ()) -> tuple[IPNetwork, ...]:
+    """What belongs to the tunnel while ``server`` is its peer: its address prefixes, its
+    resolvers (also the default probe target and NAT-PMP gateway) and ``targets``."""
+    nets = {a.network for a in server.addresses}
+    nets |= {ip_network(a) for a in (*server.dns, *targets)}
+    return tuple(sorted(nets, key=lambda n: (n.version, str(n))))
 
 
 def _ipv6_enabled(ifname: str) -> bool:
@@ -123,9 +150,20 @@ class Tunnel:
     def ifname(self) -> str:
         return self.settings.ifname
 
-    def _routing(self, families: tuple[int, ...]) -> FullTunnelRouting:
+    def _routing(self, families: tuple[int, ...], server: Server | None = None) -> FullTunnelRouting:
         s = self.settings
-        return FullTunnelRouting(s.ifname, s.route_table, s.fwmark, families, s.rule_priority)
+        if server is None:
+            return FullTunnelRouting(s.ifname, s.route_table, s.fwmark, families, s.rule_priority)
+        return FullTunnelRouting(
+            s.ifname,
+            s.route_table,
+            s.fwmark,
+            families,
+            s.rule_priority,
+            owned=owned_prefixes(server, s.owned_targets),
+            sources=tuple(ip_network(a.ip) for a in server.addresses),
+            unreachable=tuple(f for f in families if f not in server.families),
+        )
 
     async def adopt(self, servers: Iterable[Server]) -> Server | None:
         """Take over a running tunnel whose peer is one of ``servers``, without interrupting it.
@@ -209,7 +247,7 @@ class Tunnel:
         """What of the policy routing is absent (empty when complete): for status and checks."""
         families = (4, 6) if _ipv6_enabled(self.ifname) else (4,)
         async with AsyncIPRoute() as ipr:
-            return await self._routing(families).missing(ipr)
+            return await self._routing(families, self.server).missing(ipr)
 
     async def close(self, keep_interface: bool = False) -> None:
         """Undo the tunnel: DNS restored, routes removed, interface deleted (unless kept)."""
@@ -221,6 +259,7 @@ class Tunnel:
                 # resolvectl or resolvconf runs, or a file write: off the loop, never cut short.
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._dns.restore)
+                self._dns_servers = None
             async with AsyncIPRoute() as ipr:
                 await self._routing((4, 6)).remove(ipr)
             await self.backend.close(keep_interface=False)
@@ -241,11 +280,31 @@ class Tunnel:
         families = (4, 6) if _ipv6_enabled(self.ifname) else (4,)
         async with AsyncIPRoute() as ipr:
             await configure_link(ipr, self.ifname, server.addresses, server.mtu)
-            await self._routing(families).apply(ipr)
+            await self._routing(families, server).apply(ipr)
         if self._dns is not None and server.dns and server.dns != self._dns_servers:
             # Up to three resolvectl runs: in a thread, so the loop (and the lock guard) goes on.
             await anyio.to_thread.run_sync(self._dns.apply, server.dns)
             self._dns_servers = server.dns
+        elif isinstance(self._dns, ResolvConfFile) and self._dns_servers:
+            # Every connect: a file someone rewrote since is put right (see keep_resolvers).
+            await anyio.to_thread.run_sync(self._dns.reassert, self._dns_servers)
+
+    async def keep_resolvers(self) -> None:
+        """Put the tunnel's resolvers back each time someone rewrites the resolv.conf file (a
+        DHCP client renewing its lease does): names would otherwise stop resolving, since the
+        lock refuses every other resolver. Only the file method needs it: resolved and
+        resolvconf merge their sources themselves. Runs until cancelled."""
+        if not isinstance(self._dns, ResolvConfFile):
+            return
+        dns = self._dns
+        async with file_changes(dns.path) as changes:
+            async for _ in changes:
+                async with self._lock:
+                    if self._dns_servers:
+                        try:
+                            await anyio.to_thread.run_sync(dns.reassert, self._dns_servers)
+                        except DnsError as err:
+                            self._log.warning("cannot put the tunnel's resolvers back", error=str(err))
 
 
 @contextlib.asynccontextmanager

@@ -62,6 +62,13 @@ def our_rules(family: str) -> list[str]:
     return [line for line in ip(family, "rule").splitlines() if line.split(":")[0] in ("32760", "32761")]
 
 
+def owned_rules() -> list[str]:
+    """The rules of the tunnel's own prefixes and addresses (priority 32759), without it."""
+    return [
+        line.split(":", 1)[1].strip() for line in ip("-4", "rule").splitlines() if line.startswith("32759:")
+    ]
+
+
 async def test_everything_but_wireguard_goes_into_the_tunnel(lab: WgLab, settings: TunnelSettings) -> None:
     ifname = settings.ifname
     async with open_tunnel(settings) as tunnel:
@@ -83,7 +90,7 @@ async def test_everything_but_wireguard_goes_into_the_tunnel(lab: WgLab, setting
         await tunnel.close()
 
     # Closed: the host routes as before, its resolv.conf is its own again, the interface is gone.
-    assert our_rules("-4") == [] and our_rules("-6") == []
+    assert our_rules("-4") == [] and our_rules("-6") == [] and owned_rules() == []
     assert ip("route", "show", "table", str(TABLE)) == ""
     assert route_dev("203.0.113.7") == PHYSICAL
     assert settings.resolv_conf.read_text() == ORIGINAL_RESOLV_CONF
@@ -107,7 +114,7 @@ async def test_routing_is_idempotent_and_repairs_what_is_missing(
             assert sorted(await routing.missing(ipr)) == [
                 "IPv6 default route in table 51820",
                 "rule RuleSpec(family=4, priority=32761, table=51820, fwmark=51820, invert=True, "
-                "suppress_prefixlength=None)",
+                "suppress_prefixlength=None, dst=None, src=None)",
             ]
             await routing.apply(ipr)
             assert await routing.missing(ipr) == []
@@ -133,10 +140,16 @@ async def test_a_swap_changes_addresses_and_mtu_only_where_the_server_differs(
         shown = ip("addr", "show", settings.ifname)
         assert "10.98.0.2/32" in shown and all(str(a) in shown for a in plain.addresses)
         assert "mtu 1380" in shown
+        # The tunnel's own prefixes and addresses are routed into it ahead of the main table.
+        owned = owned_rules()
+        assert f"from all to 10.98.0.2 lookup {TABLE}" in owned
+        assert f"from 10.98.0.2 lookup {TABLE}" in owned
 
         await tunnel.connect(plain)
         shown = ip("addr", "show", settings.ifname)
         assert "10.98.0.2" not in shown and "mtu 1420" in shown
+        assert "10.98.0.2" not in " ".join(owned_rules())  # the earlier server's rules are gone
+        assert f"from all to {TUNNEL_SERVER_V4} lookup {TABLE}" in owned_rules()  # its resolver
         assert ifindex(settings.ifname) == index  # the same interface throughout
         assert ping(TUNNEL_SERVER_V4) == 3
         await tunnel.close()

@@ -4,6 +4,7 @@ except WireGuard carrying the fwmark, link upkeep and (when asked) the LAN."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from ipaddress import ip_address, ip_network
 
 from hypothesis import given, settings
@@ -373,3 +374,43 @@ def test_owning_context_scripts_change_both_tables_in_one_transaction():
         "add table inet tunlock_ownercheck { flags owner; }",
         "delete table inet tunlock_ownercheck",
     ]
+
+
+def test_the_tunnels_own_addresses_are_never_lan_even_inside_an_on_link_range():
+    """A LAN handing out 10.99.0.0/16 holds the tunnel's resolver and address (issue 21)."""
+    policy = LockPolicy(
+        table="t",
+        tunnel_interface="tl0",
+        fwmark=1,
+        allow_lan=True,
+        lan_ranges=(ip_network("10.0.0.0/8"),),
+        onlink=(ip_network("10.99.0.0/16"),),
+        tunnel_dns=frozenset({ip_address("10.99.0.1")}),
+        tunnel_prefixes=frozenset({ip_network("10.99.0.2/32")}),
+        tunnel_targets=frozenset({ip_address("10.99.7.7")}),
+    )
+    lan4 = re.search(r"set lan4 \{.*elements = \{ (.*) \} \}", render(policy))
+    assert lan4 is not None
+    lan = [ip_network(n) for n in lan4.group(1).split(", ")]
+    for owned in ("10.99.0.1", "10.99.0.2", "10.99.7.7"):
+        assert not any(ip_address(owned) in n for n in lan), owned
+    assert ip_address("10.99.0.3") in lan[0] or any(ip_address("10.99.0.3") in n for n in lan)
+    assert sum(n.num_addresses for n in lan) == 2**16 - 3
+
+
+def test_nothing_from_the_tunnels_own_addresses_goes_to_the_lan():
+    policy = LockPolicy(
+        table="t",
+        tunnel_interface="tl0",
+        fwmark=1,
+        allow_lan=True,
+        lan_ranges=(ip_network("10.0.0.0/8"),),
+        onlink=(ip_network("10.99.0.0/16"),),
+        tunnel_prefixes=frozenset({ip_network("10.99.0.2/32"), ip_network("fd00:99::2/128")}),
+    )
+    rules = chain(render(policy), "output")
+    refuse4 = 'ip saddr { 10.99.0.2/32 } counter name "blocked_out" reject'
+    refuse6 = 'ip6 saddr { fd00:99::2/128 } counter name "blocked_out" reject'
+    assert rules.index(refuse4) < rules.index("ip daddr @lan4 accept")
+    assert rules.index(refuse6) < rules.index("ip6 daddr @lan6 accept")
+    assert not any("saddr" in r for r in chain(render(replace(policy, allow_lan=False)), "output"))

@@ -135,3 +135,16 @@ def test_detection(tmp_path: Path) -> None:
     assert isinstance(explicit, ResolvConfFile) and explicit.backup == state / "tl0.resolv.conf.orig"
     assert isinstance(detect_dns_manager("tl0", etc, state, which({"resolvconf"}), resolved), Resolvconf)
     assert isinstance(detect_dns_manager("tl0", etc, state, which(set()), resolved), ResolvConfFile)
+
+
+def test_a_file_rewritten_while_connected_is_put_back_and_the_rewrite_becomes_the_backup(
+    resolv: Path, tmp_path: Path
+) -> None:
+    dns = ResolvConfFile(resolv, tmp_path / "tl0.orig")
+    dns.apply(TUNNEL_DNS)
+    assert dns.reassert(TUNNEL_DNS) is False  # ours, untouched: nothing written
+    resolv.write_text("nameserver 192.0.2.53\n")  # a DHCP client renewed its lease
+    assert dns.reassert(TUNNEL_DNS) is True
+    assert resolv.read_text() == render_resolv_conf(TUNNEL_DNS)
+    dns.restore()
+    assert resolv.read_text() == "nameserver 192.0.2.53\n"  # the newest of the host's own
