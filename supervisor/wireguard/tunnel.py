@@ -45,6 +45,7 @@ import anyio
 from pyroute2 import AsyncIPRoute
 
 from supervisor.log import get_logger
+from supervisor.net.admin_route import AdminReplyRouting
 from supervisor.net.dns import DEFAULT_STATE_DIR, DnsManager, detect_dns_manager
 from supervisor.net.links import configure_link
 from supervisor.net.routes import DEFAULT_RULE_PRIORITY, FullTunnelRouting
@@ -209,7 +210,7 @@ class Tunnel:
         """What of the policy routing is absent (empty when complete): for status and checks."""
         families = (4, 6) if _ipv6_enabled(self.ifname) else (4,)
         async with AsyncIPRoute() as ipr:
-            return await self._routing(families).missing(ipr)
+            return await AdminReplyRouting(families).missing(ipr) + await self._routing(families).missing(ipr)
 
     async def close(self, keep_interface: bool = False) -> None:
         """Undo the tunnel: DNS restored, routes removed, interface deleted (unless kept)."""
@@ -241,6 +242,9 @@ class Tunnel:
         families = (4, 6) if _ipv6_enabled(self.ifname) else (4,)
         async with AsyncIPRoute() as ipr:
             await configure_link(ipr, self.ifname, server.addresses, server.mtu)
+            # The administrator's replies keep their way out before the tunnel's routes take
+            # everything else; the rule stays when the tunnel closes (supervisor/net/admin_route.py).
+            await AdminReplyRouting(families).apply(ipr)
             await self._routing(families).apply(ipr)
         if self._dns is not None and server.dns and server.dns != self._dns_servers:
             # Up to three resolvectl runs: in a thread, so the loop (and the lock guard) goes on.
