@@ -10,7 +10,7 @@ interface instead of the tunnel's routes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import ip_address
 
@@ -79,15 +79,29 @@ def admitted(policy: LockPolicy, session: SshSession) -> bool:
     return on_lan and (policy.allow_lan or session.server_port in policy.inbound_tcp)
 
 
+def addresses_from_ip_json(links: Iterable[dict]) -> dict[IPAddress, str]:
+    """Each local address and its interface, from ``ip -j addr show`` (pure: JSON in)."""
+    out: dict[IPAddress, str] = {}
+    for link in links:
+        for info in link.get("addr_info", ()):
+            try:
+                out[ip_address(str(info.get("local", "")).split("%")[0])] = str(link.get("ifname", ""))
+            except ValueError:
+                continue
+    return out
+
+
 def lockout(
-    policy: LockPolicy, ssh_connection: str | None, tunnel_addresses: Iterable[IPAddress] = ()
+    policy: LockPolicy, ssh_connection: str | None, local_addresses: Mapping[IPAddress, str]
 ) -> str | None:
     """Why applying ``policy`` would cut the SSH session described by ``ssh_connection``
     (the environment's ``SSH_CONNECTION``), or None when it would not (or there is no session).
 
-    A session that came in through the tunnel (its server address is one of ``tunnel_addresses``)
-    goes on when its port is one the tunnel accepts. A value that cannot be read is judged as
-    cutting: the guard exists for the case where being wrong loses the host.
+    ``local_addresses`` (address -> interface) are this network namespace's: a session whose
+    server address is none of them does not pass this namespace's lock (a command run in a
+    container or a lab namespace from an SSH session on the host). One that came in through the
+    tunnel goes on when its port is one the tunnel accepts. A value that cannot be read is
+    judged as cutting: the guard exists for the case where being wrong loses the host.
     """
     if ssh_connection is None or not ssh_connection.strip():
         return None
@@ -97,7 +111,10 @@ def lockout(
             f"SSH_CONNECTION={ssh_connection!r} cannot be read, so whether the lock keeps this "
             f"session cannot be told; allow its port with {ADMIN_SETTING}"
         )
-    if session.server in set(tunnel_addresses):
+    interface = local_addresses.get(session.server)
+    if interface is None:
+        return None
+    if interface == policy.tunnel_interface:
         if ("tcp", session.server_port) in policy.tunnel_inbound:
             return None
     elif admitted(policy, session):
@@ -107,5 +124,6 @@ def lockout(
     return (
         f"this SSH session ({session}) would be cut by the lock: {ADMIN_SETTING} is [{ports}] "
         f"from {sources}. Add {session.server_port} to {ADMIN_SETTING} (and its network to "
-        "lock.admin_sources, if set) so the administrator keeps a way in"
+        "lock.admin_sources, if set) so the administrator keeps a way in, or pass --force if "
+        "you have another way in (a console)"
     )

@@ -15,6 +15,7 @@ from supervisor.config import Config
 from supervisor.errors import TunlockError
 from supervisor.lock import nft
 from supervisor.lock.configured import policy_from_config
+from supervisor.lock.lockout import FORCE_HELP, refuse_a_lockout
 from supervisor.lock.render import render
 
 BOOT_UNIT = """\
@@ -84,10 +85,15 @@ def lock() -> None:
 
 @lock.command()
 @CONFIG_OPTION
-def apply(config_path: Path) -> None:
-    """Install or replace the lock (idempotent): every configured server's endpoint allowed."""
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def apply(config_path: Path, force: bool) -> None:
+    """Install or replace the lock (idempotent): every configured server's endpoint allowed.
+
+    From an SSH session the lock would cut (lock.admin_tcp), it refuses unless --force.
+    """
     config = _load(config_path)
     policy = policy_from_config(config)
+    refuse_a_lockout(policy, force, "lock apply")
     try:
         nft.apply(policy)
     except TunlockError as err:

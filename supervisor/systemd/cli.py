@@ -11,6 +11,8 @@ import click
 
 from supervisor.cli_common import CONFIG_OPTION, load_or_exit
 from supervisor.lock.cli import export_text
+from supervisor.lock.configured import policy_from_config
+from supervisor.lock.lockout import FORCE_HELP, refuse_a_lockout
 from supervisor.systemd import units
 
 SYSTEMD_RUNNING = Path("/run/systemd/system")  # sd_booted(3)'s test
@@ -54,13 +56,18 @@ def systemd() -> None:
     show_default=True,
     help="Where the boot lock's nft file goes.",
 )
-def install(config_path: Path, dry_run: bool, lock_file: Path) -> None:
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def install(config_path: Path, dry_run: bool, lock_file: Path, force: bool) -> None:
     """Write the boot lock (nft file and tunlock-lock.service) and tunlock.service, and enable both.
 
     Idempotent: run it again after changing the servers, so that the boot lock lets through the
     new endpoints. Nothing is started: `systemctl start tunlock` does that (the boot lock first).
     """
     config = load_or_exit(config_path, note="nothing was installed")
+    if not dry_run:
+        # The units lock the host at the next boot (and at `systemctl start`): refused from an
+        # SSH session that lock would cut (lock.admin_tcp).
+        refuse_a_lockout(policy_from_config(config), force, "systemd install")
     files = units.render_all(config, sys.executable, export_text(config), lock_file=lock_file.absolute())
     if dry_run:
         for path, text in files.files():
