@@ -52,29 +52,28 @@ LogLevel ERROR
 """
 
 
-class LabSshd:
-    """sshd on ``port`` in the lab's client; the key that logs in is ``self.key``."""
+def keygen(path: Path) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True, capture_output=True
+    )
 
-    def __init__(self, lab: Lab, port: int = 22) -> None:
+
+class SshAdmin:
+    """The administrator's key (made for the test, in ``directory``) and ``ssh`` with it to
+    ``port`` on the client's physical address, from a lab namespace."""
+
+    def __init__(self, lab: Lab, directory: Path, port: int = 22) -> None:
         self.lab = lab
         self.port = port
-        self.dir = lab.dir / f"sshd{port}"
-        self.dir.mkdir(mode=0o700)
+        self.dir = directory
+        self.dir.mkdir(mode=0o700, exist_ok=True)
         self.key = self.dir / "admin_key"
-        for path, kind in ((self.dir / "host_key", "ed25519"), (self.key, "ed25519")):
-            subprocess.run(
-                ["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path)], check=True, capture_output=True
-            )
-        (self.dir / "authorized_keys").write_text((self.dir / "admin_key.pub").read_text())
-        config = self.dir / "sshd_config"
-        config.write_text(SSHD_CONFIG.format(port=port, dir=self.dir))
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-        self.process = lab.spawn("client", [SSHD, "-D", "-e", "-f", str(config)], log=f"sshd{port}.log")
-        deadline = time.monotonic() + 10
-        while f":{port} " not in lab.run("client", "ss", "-Htln", f"sport = :{port}"):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(f"sshd did not listen: {(lab.dir / f'sshd{port}.log').read_text()}")
-            time.sleep(0.01)
+        if not self.key.exists():
+            keygen(self.key)
+
+    @property
+    def public_key(self) -> str:
+        return (self.dir / "admin_key.pub").read_text()
 
     def ssh_argv(self, *command: str, host: str = CLIENT_V4) -> list[str]:
         """``ssh`` as the administrator runs it (from whichever namespace runs the argv)."""
@@ -89,6 +88,24 @@ class LabSshd:
             timeout=timeout,
         )
 
+
+class LabSshd(SshAdmin):
+    """sshd on ``port`` in the lab's client, letting in the administrator's key."""
+
+    def __init__(self, lab: Lab, port: int = 22) -> None:
+        super().__init__(lab, lab.dir / f"sshd{port}", port)
+        keygen(self.dir / "host_key")
+        (self.dir / "authorized_keys").write_text(self.public_key)
+        config = self.dir / "sshd_config"
+        config.write_text(SSHD_CONFIG.format(port=port, dir=self.dir))
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        self.process = lab.spawn("client", [SSHD, "-D", "-e", "-f", str(config)], log=f"sshd{port}.log")
+        deadline = time.monotonic() + 10
+        while f":{port} " not in lab.run("client", "ss", "-Htln", f"sport = :{port}"):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"sshd did not listen: {(lab.dir / f'sshd{port}.log').read_text()}")
+            time.sleep(0.01)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -99,7 +116,7 @@ class LabSshd:
 class AdminSession:
     """An interactive session from the internet host that keeps exchanging data."""
 
-    sshd: LabSshd
+    sshd: SshAdmin
     interval: float = 0.1
     role: str = "inet"
     arrivals: list[float] = field(default_factory=list)
