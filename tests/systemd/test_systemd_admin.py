@@ -125,3 +125,28 @@ def test_systemd_install_from_a_venv_under_root_gives_a_unit_that_starts(
         "\0", " "
     )
     print(f"\n{installed.stdout}")
+
+
+def test_systemd_install_refuses_with_the_reason_when_the_unit_could_not_start(
+    lab: LabUnderTest, system: BootedSystem
+) -> None:
+    """A venv whose package is found through a path under /root that install cannot know of (a
+    .pth file naming /root/src): the trial under the unit's sandbox fails, and nothing changes."""
+    system.boot()
+    before = system.sh("cat", "/etc/systemd/system/tunlock.service").stdout
+    system.sh("ln", "-s", SRC, "/root/src")
+    system.sh("python3", "-m", "venv", "--without-pip", "/opt/elsewhere")
+    system.sh(
+        "sh",
+        "-c",
+        f"printf '%s\\n' {VENV}/lib/python3.11/site-packages /root/src "
+        "> /opt/elsewhere/lib/python3.11/site-packages/tunlock.pth",
+    )
+    refused = system.sh(
+        "/opt/elsewhere/bin/python", "-m", "supervisor.cli", "systemd", "install", check=False
+    )
+    assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    assert "tunlock.service would not start" in refused.stderr and "Nothing was installed" in refused.stderr
+    assert "No module named" in refused.stderr or "supervisor" in refused.stderr, refused.stderr
+    assert system.sh("cat", "/etc/systemd/system/tunlock.service").stdout == before
+    print(f"\n{refused.stderr}")
