@@ -9,6 +9,8 @@ sees (an observer told of the session: 0 packets besides its replies).
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from supervisor.lab.probes import Observer, describe
@@ -150,3 +152,49 @@ def test_systemd_install_refuses_with_the_reason_when_the_unit_could_not_start(
     assert "No module named" in refused.stderr or "supervisor" in refused.stderr, refused.stderr
     assert system.sh("cat", "/etc/systemd/system/tunlock.service").stdout == before
     print(f"\n{refused.stderr}")
+
+
+def test_confirm_within_reverts_from_a_transient_service_when_the_session_is_gone(
+    lab: LabUnderTest, system: BootedSystem
+) -> None:
+    """Where systemd runs, the reverter is a transient service (tunlock-confirm-*), outside the
+    applying session: the administrator applies a lock that cuts them off, their session dies,
+    and the boot lock (which lets them in) comes back by itself."""
+    admin = open_ssh(lab, system)
+    system.boot("systemd.mask=tunlock.service")  # the boot lock alone: the daemon would own the lock
+    cutting = (
+        f"env TUNLOCK_LOCK_ADMIN_TCP= {PYTHON} -m supervisor.cli lock apply --force --confirm-within 5 "
+        "--config /etc/tunlock/tunlock.toml; exec sleep 600"
+    )
+    applying = subprocess.Popen(
+        ["ip", "netns", "exec", lab.lab.ns("inet"), *admin.ssh_argv(cutting)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        unit = system.wait_for(
+            "the reverter as a transient service",
+            lambda: (
+                system.sh(
+                    "systemctl", "list-units", "--no-legend", "--state=active", "tunlock-confirm-*"
+                ).stdout
+            ),
+            timeout=30,
+        )
+        system.wait_for(
+            "the new lock applied (no admin path)",
+            lambda: "0x746c0022" not in system.sh("nft", "list", "table", "inet", "tunlock").stdout,
+            timeout=30,
+        )
+    finally:
+        applying.kill()  # the administrator's session is gone
+        applying.wait(5)
+    print(f"\nreverter: {unit.strip()}")
+    system.wait_for(
+        "the boot lock back",
+        lambda: "0x746c0022" in system.sh("nft", "list", "table", "inet", "tunlock").stdout,
+        timeout=30,
+    )
+    back = admin.run_from("inet", "echo", "in again")
+    assert back.returncode == 0 and back.stdout.strip() == "in again", back.stderr
