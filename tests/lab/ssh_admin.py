@@ -79,10 +79,12 @@ class SshAdmin:
         """``ssh`` as the administrator runs it (from whichever namespace runs the argv)."""
         return ["ssh", *SSH_OPTIONS, "-i", str(self.key), "-p", str(self.port), f"root@{host}", *command]
 
-    def run_from(self, role: str, *command: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
+    def run_from(
+        self, role: str, *command: str, timeout: float = 15, host: str = CLIENT_V4
+    ) -> subprocess.CompletedProcess[str]:
         """One command over SSH from the lab namespace ``role`` (``inet``: the internet host)."""
         return subprocess.run(
-            ["ip", "netns", "exec", self.lab.ns(role), *self.ssh_argv(*command)],
+            ["ip", "netns", "exec", self.lab.ns(role), *self.ssh_argv(*command, host=host)],
             capture_output=True,
             text=True,
             timeout=timeout,

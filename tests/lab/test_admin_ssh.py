@@ -19,7 +19,7 @@ import pytest
 
 from supervisor.lab import faults
 from supervisor.lab.probes import Observer, describe
-from supervisor.lab.topology import CLIENT_V4, INTERNET_V4, INTERNET_V6
+from supervisor.lab.topology import CLIENT_V4, CLIENT_V6, INTERNET_V4, INTERNET_V6
 from tests.lab.conftest import LabUnderTest, tunlock_in_client
 from tests.lab.ssh_admin import AdminSession, LabSshd
 
@@ -45,7 +45,8 @@ def sshd(lab: LabUnderTest) -> Iterator[LabSshd]:
 @pytest.fixture
 def admin_observer(lab: LabUnderTest) -> Observer:
     """An observer that lets the administrator's session out (and nothing else), counted apart."""
-    return Observer.start(lab.lab, admin=(f"{CLIENT_V4}:22>{INTERNET_V4}",), name="observer-admin")
+    flows = (f"{CLIENT_V4}:22>{INTERNET_V4}", f"[{CLIENT_V6}]:22>{INTERNET_V6}")
+    return Observer.start(lab.lab, admin=flows, name="observer-admin")
 
 
 def lock_apply(lab: LabUnderTest, env: dict[str, str] | None = None) -> None:
@@ -53,12 +54,13 @@ def lock_apply(lab: LabUnderTest, env: dict[str, str] | None = None) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def assert_only_the_session_got_out(observer: Observer, mark: int) -> None:
+def assert_only_the_session_got_out(observer: Observer, mark: int, v6: bool = False) -> None:
     leaks = observer.leaks(since=mark)
     assert not leaks, f"the ISP saw {len(leaks)} packets besides the session's:\n{describe(leaks)}"
     admin = observer.admin_packets(since=mark)
     assert admin, "the administrator's replies were never seen: the test proved nothing"
-    assert {(p["src"], p["sport"], p["dst"]) for p in admin} == {(CLIENT_V4, 22, INTERNET_V4)}
+    flows = {(CLIENT_V4, 22, INTERNET_V4)} | ({(CLIENT_V6, 22, INTERNET_V6)} if v6 else set())
+    assert {(p["src"], p["sport"], p["dst"]) for p in admin} == flows
 
 
 def try_to_get_out_beside_the_session(lab: LabUnderTest) -> None:
@@ -176,10 +178,12 @@ def test_the_admin_port_gets_in_another_port_is_refused_and_nothing_else_gets_ou
     try:
         allowed = admin.run_from("inet", "echo", "in")
         assert allowed.returncode == 0 and allowed.stdout.strip() == "in", allowed.stderr
+        over_ipv6 = admin.run_from("inet", "echo", "in6", host=CLIENT_V6)
+        assert over_ipv6.returncode == 0 and over_ipv6.stdout.strip() == "in6", over_ipv6.stderr
         refused = other.run_from("inet", "echo", "should not get in")
         assert refused.returncode != 0 and "should not get in" not in refused.stdout
         try_to_get_out_beside_the_session(lab)
-        assert_only_the_session_got_out(admin_observer, mark)
+        assert_only_the_session_got_out(admin_observer, mark, v6=True)
     finally:
         admin.stop()
         other.stop()
