@@ -48,7 +48,7 @@ REVERTER_MODULE = "supervisor.lock.confirm"
 REVERTER_START_S = 15.0
 SYSTEMD_RUNNING = Path("/run/systemd/system")  # sd_booted(3)'s test
 
-Status = Literal["pending", "confirmed", "reverted"]
+Status = Literal["pending", "confirmed", "reverted", "failed"]
 
 
 class ConfirmError(TunlockError):
@@ -65,6 +65,7 @@ class Pending:
     deadline: float  # wall clock, for the messages
     status: Status = "pending"
     reverter_pid: int = 0
+    error: str = ""  # why the previous state could not be put back ("failed")
 
 
 def _netns_id() -> int:
@@ -124,6 +125,7 @@ def begin(table: str, seconds: float, path: Path | None = None) -> Pending:
         )
         out[0] = pending
     _start_reverter(path, seconds)
+    # Polled, not piped: a transient systemd service has no pipe back to this process.
     deadline = time.monotonic() + REVERTER_START_S
     while time.monotonic() < deadline:
         with locked(path) as (current, _):
@@ -193,6 +195,12 @@ def confirm(table: str, path: Path | None = None) -> Pending:
                 "too late: the previous lock was put back at "
                 f"{time.strftime('%H:%M:%S', time.localtime(current.deadline))}"
             )
+        if current.status == "failed":
+            out[0] = None
+            raise ConfirmError(
+                f"the previous lock could not be put back ({current.error}): the lock applied then "
+                "is still in force, and nothing waits any more"
+            )
         confirmed = Pending(**{**asdict(current), "status": "confirmed"})
         out[0] = confirmed
     if current.reverter_pid and _is_reverter(current.reverter_pid):
@@ -219,7 +227,11 @@ def revert_after(path: Path, seconds: float) -> int:
                 return 0
             if woken is not None and woken.si_signo == signal.SIGUSR1:
                 continue  # a wake-up without a confirmation: keep waiting
-            nft.restore(current.table, current.previous)
+            try:
+                nft.restore(current.table, current.previous)
+            except TunlockError as err:  # no one to tell but the next `lock confirm`
+                out[0] = Pending(**{**asdict(current), "status": "failed", "error": str(err)})
+                return 1
             out[0] = Pending(**{**asdict(current), "status": "reverted", "deadline": time.time()})
             return 0
 

@@ -48,3 +48,11 @@ def test_the_state_is_written_back_only_as_decided(tmp_path: Path) -> None:
         out[0] = None
         raise RuntimeError("decided, then failed")
     assert not path.exists(), "a decision made before an error still holds"
+
+
+def test_a_revert_that_failed_is_said_so(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    write(path, status="failed", error="nft: no such table")
+    with pytest.raises(ConfirmError, match=r"could not be put back \(nft: no such table\)"):
+        confirm("tunlock", path)
+    assert not path.exists()
