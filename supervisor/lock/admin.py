@@ -73,7 +73,8 @@ def admitted(policy: LockPolicy, session: SshSession) -> bool:
         not policy.admin_sources or any(session.client in net for net in policy.admin_sources)
     ):
         return True
-    from supervisor.lock.render import onlink_lan  # the renderer's own notion of the LAN
+    # The renderer's own notion of the LAN; imported here because render imports this module.
+    from supervisor.lock.render import onlink_lan
 
     on_lan = any(session.client in net for net in onlink_lan(policy.lan_ranges, policy.onlink))
     return on_lan and (policy.allow_lan or session.server_port in policy.inbound_tcp)
