@@ -58,3 +58,12 @@ def test_run_and_systemd_install_refuse_too(write_config, installs, tmp_path: Pa
     )
     assert install.exit_code == 5 and "systemd install refused" in install.output
     assert not (tmp_path / "lock.nft").exists()
+
+
+def test_check_names_the_administrators_way_in(write_config) -> None:
+    path = write_config('[lock]\nadmin_tcp = [22]\nadmin_sources = ["203.0.113.0/24"]\n')
+    done = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert done.exit_code == 0, done.output
+    assert "administrator's way in: tcp 22 from 203.0.113.0/24" in done.output
+    plain = CliRunner().invoke(main, ["check", "--config", str(write_config(""))])
+    assert "administrator" not in plain.output
