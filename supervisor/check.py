@@ -47,10 +47,18 @@ def summary(checked: Checked) -> str:
     endpoints = {s.endpoint_key for s in servers}
     families = sorted({f"IPv{key[0]}" for key in endpoints})
     inner = sorted({f"IPv{v}" for s in servers for v in s.families})
+    lock = checked.settings.lock
+    # The one way in from outside the tunnel, said where an administrator checks before applying.
+    admin = (
+        f"; administrator's way in: tcp {', '.join(map(str, lock.admin_tcp))} from "
+        f"{', '.join(map(str, lock.admin_sources)) or 'anywhere'}"
+        if lock.admin_tcp
+        else ""
+    )
     return (
         f"{checked.path}: ok: {len(servers)} server{'s' if len(servers) != 1 else ''}, "
         f"{len(endpoints)} endpoint{'s' if len(endpoints) != 1 else ''} over {'+'.join(families)}, "
-        f"tunnel carries {'+'.join(inner)}"
+        f"tunnel carries {'+'.join(inner)}{admin}"
     )
 
 

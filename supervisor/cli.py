@@ -9,6 +9,7 @@ never a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -64,17 +65,26 @@ def main() -> None:
     show_default=True,
     help="auto: JSON unless stderr is a terminal.",
 )
-def run(config_path: Path, log_level: str, log_format: str) -> None:
+@click.option(
+    "--force", is_flag=True, help="Go on even if the lock would cut the SSH session this runs in."
+)
+def run(config_path: Path, log_level: str, log_format: str, force: bool) -> None:
     """Run the daemon in the foreground: keep the lock, then connect.
 
     SIGTERM/SIGINT stop it (the tunnel goes down, the lock stays in permanent mode); SIGHUP
-    reloads the configuration. Exit 2 on a bad configuration, 1 on any other error.
+    reloads the configuration. Exit 2 on a bad configuration, 5 when started from an SSH session
+    the lock would cut (lock.admin_tcp; --force overrides), 1 on any other error.
     """
     from supervisor.daemon import run_daemon
     from supervisor.log import configure
 
     configure(log_level, json=None if log_format == "auto" else log_format == "json")
     config = load_or_exit(config_path)
+    if os.environ.get("SSH_CONNECTION"):  # the guard's imports only where it has work
+        from supervisor.lock.configured import policy_from_config
+        from supervisor.lock.lockout import refuse_a_lockout
+
+        refuse_a_lockout(policy_from_config(config), force, "run")
     sys.exit(run_daemon(config))
 
 

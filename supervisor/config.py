@@ -24,6 +24,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supervisor.errors import ConfigError, Problem
+from supervisor.lock.admin import ADMIN_MARK
 from supervisor.servers import Endpoint, Server, network_within
 from supervisor.wgquick import FileProblem, load_servers, parse_endpoint, read_text, shown_name
 
@@ -146,6 +147,11 @@ class LockSection(_Section):
         default_factory=lambda: [_network(n) for n in DEFAULT_LAN_RANGES]
     )
     inbound_tcp: list[Port] = Field(default_factory=list)
+    # The administrator's way in from anywhere on the physical side (SSH on a server): TCP ports
+    # that connections from outside may reach, from admin_sources (empty: any); only their
+    # replies leave outside the tunnel (supervisor/lock/admin.py, docs/lock.md).
+    admin_tcp: list[Port] = Field(default_factory=list)
+    admin_sources: list[IPv4Network | IPv6Network] = Field(default_factory=list)
     # Ports reachable from the internet through the tunnel (beyond replies and a forwarded port).
     tunnel_inbound_tcp: list[Port] = Field(default_factory=list)
     tunnel_inbound_udp: list[Port] = Field(default_factory=list)
@@ -163,7 +169,14 @@ class LockSection(_Section):
                 )
         return value
 
-    @field_validator("inbound_tcp", "tunnel_inbound_tcp", "tunnel_inbound_udp")
+    @field_validator("admin_sources")
+    @classmethod
+    def _unique_sources(cls, value: list[IPv4Network | IPv6Network]) -> list[IPv4Network | IPv6Network]:
+        if len(set(value)) != len(value):
+            raise ValueError("a network is listed twice")
+        return value
+
+    @field_validator("inbound_tcp", "tunnel_inbound_tcp", "tunnel_inbound_udp", "admin_tcp")
     @classmethod
     def _unique(cls, value: list[int]) -> list[int]:
         if len(set(value)) != len(value):
@@ -233,6 +246,7 @@ class ConfigFile(_Section):
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     dns: DnsSection = Field(default_factory=DnsSection)
     plugins: PluginsSection = Field(default_factory=PluginsSection)
+
 
 
 @dataclass(frozen=True)
@@ -318,6 +332,52 @@ def _unknown_key_message(loc: tuple[str | int, ...]) -> str:
     where = f"[{'.'.join(parents)}]" if parents else "the top level"
     more = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
     return f"unknown key {shown_name(key)} in {where}{more}"
+
+
+# Ports from here up may be bound by any local user (net.ipv4.ip_unprivileged_port_start).
+UNPRIVILEGED_PORTS = 1024
+
+
+def _admin_problems(settings: ConfigFile, path: Path, lines: dict[tuple[str, ...], int]) -> list[Problem]:
+    """The admin path's settings against the rest: a mark taken twice (an error), and what they
+    allow that their writer may not have meant (warnings)."""
+    lock = settings.lock
+    out: list[Problem] = []
+    if settings.tunnel.fwmark == ADMIN_MARK:
+        # The administrator's replies are routed by their packet mark (supervisor/lock/admin.py),
+        # the tunnel's own packets by theirs: one value for both would send every WireGuard
+        # packet by the administrator's rule and blur what the lock tells apart.
+        out.append(
+            Problem(
+                path,
+                lines.get(("tunnel", "fwmark"), 0),
+                f"tunnel.fwmark {ADMIN_MARK:#x} is the mark of the administrator's connections "
+                "(lock.admin_tcp); choose another, such as 0xca6c",
+            )
+        )
+    line = lines.get(("lock", "admin_tcp"), 0)
+    unprivileged = [p for p in lock.admin_tcp if p >= UNPRIVILEGED_PORTS]
+    if unprivileged:
+        out.append(
+            Problem(
+                path,
+                line,
+                f"lock.admin_tcp {unprivileged}: any local user may listen on a port from "
+                f"{UNPRIVILEGED_PORTS} up while the SSH server does not, and talk outside the tunnel "
+                "to whoever connects; an SSH port below 1024 keeps the path to root's programs",
+                warning=True,
+            )
+        )
+    if lock.admin_sources and not lock.admin_tcp:
+        out.append(
+            Problem(
+                path,
+                lines.get(("lock", "admin_sources"), 0),
+                "lock.admin_sources is set but lock.admin_tcp is empty: it allows nothing",
+                warning=True,
+            )
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -417,6 +477,7 @@ def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -
                 warning=True,
             )
         )
+    later += _admin_problems(settings, path, lines)
     for name, value in (settings.plugins.model_extra or {}).items():
         if not isinstance(value, dict):
             later.append(Problem(path, lines.get(("plugins", name), 0), f"unknown key {name!r} in [plugins]"))

@@ -21,7 +21,12 @@ multiple of 16). Any other UDP to the endpoint port counts as a leak.
 The parsing is by hand: a few fixed header offsets, where a packet library
 would be a large dependency for the lab alone.
 
-Run: python -m supervisor.lab.observer IFACE OUT_FILE ENDPOINT [ENDPOINT...]
+An administrator's session (``lock.admin_tcp``) is let out on purpose: with ``admin=`` arguments
+(``admin=LOCAL_IP:PORT>PEER_IP``), TCP from that local address and port to that peer is still
+recorded, with ``"admin": true``, and counted apart from the leaks. Nothing else is: UDP from
+the port, TCP from another port or to another peer, the client's own connection to the port.
+
+Run: python -m supervisor.lab.observer IFACE OUT_FILE ENDPOINT... [admin=IP:PORT>PEER...]
 (ENDPOINT as ip:port or [ip6]:port). SIGTERM stops it. The lab syncs with it
 by sending a raw frame of the local experimental ethertype 0x88B5 from the
 client (a packet socket, beneath the firewall): the observer writes
@@ -60,8 +65,14 @@ def is_wireguard(payload: bytes) -> bool:
     return kind == 4 and len(payload) >= 32 and len(payload) % 16 == 0
 
 
-def classify(frame: bytes, endpoints: set[tuple[str, int]]) -> dict | None:
-    """None for WireGuard to an endpoint and link upkeep; else a description of the leak."""
+AdminFlow = tuple[str, int, str]  # (local address, local TCP port, peer address)
+
+
+def classify(
+    frame: bytes, endpoints: set[tuple[str, int]], admin: frozenset[AdminFlow] = frozenset()
+) -> dict | None:
+    """None for WireGuard to an endpoint and link upkeep; else a description of the leak (one of
+    an allowed administrator's session carries ``"admin": True``)."""
     if len(frame) < 14:
         return None
     ethertype = struct.unpack("!H", frame[12:14])[0]
@@ -107,6 +118,8 @@ def classify(frame: bytes, endpoints: set[tuple[str, int]]) -> dict | None:
             leak["kind"] = "tcp"
             if dport == 53 or sport == 53:
                 leak["kind"] = "dns-tcp"
+            if (str(src), sport, str(dst)) in admin:
+                leak["admin"] = True
         if proto == 17 and dport == 53:
             leak["kind"] = "dns-udp"
     elif proto in (1, 58):
@@ -123,9 +136,16 @@ def _parse_endpoint(text: str) -> tuple[str, int]:
     return str(ip_address(host.strip("[]"))), int(port)
 
 
+def _parse_admin(text: str) -> AdminFlow:
+    local, _, peer = text.removeprefix("admin=").partition(">")
+    host, port = _parse_endpoint(local)
+    return host, port, str(ip_address(peer.strip("[]")))
+
+
 def main(argv: list[str]) -> int:
-    iface, out_path, *endpoint_args = argv
-    endpoints = {_parse_endpoint(e) for e in endpoint_args}
+    iface, out_path, *rest = argv
+    endpoints = {_parse_endpoint(e) for e in rest if not e.startswith("admin=")}
+    admin = frozenset(_parse_admin(e) for e in rest if e.startswith("admin="))
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
     sock.bind((iface, 0))
@@ -151,7 +171,7 @@ def main(argv: list[str]) -> int:
                 continue
             if addr[2] == PACKET_OUTGOING:
                 continue  # only what arrives from the client
-            verdict = classify(frame, endpoints)
+            verdict = classify(frame, endpoints, admin)
             if verdict is not None:
                 verdict["t"] = round(time.time(), 4)
                 out.write(json.dumps(verdict) + "\n")

@@ -196,13 +196,26 @@ class Observer:
     _offset: int = field(default=0, repr=False)
 
     @classmethod
-    def start(cls, lab: Lab, time_scale: float = 1.0) -> Observer:
-        record = lab.dir / "observer.jsonl"
+    def start(
+        cls, lab: Lab, time_scale: float = 1.0, admin: tuple[str, ...] = (), name: str = "observer"
+    ) -> Observer:
+        """The observer on the ISP's side of the client link. ``admin``: administrator's sessions
+        let out on purpose (``IP:PORT>PEER``), recorded apart (``admin_packets``); ``name``: of
+        the record, for a second observer beside the lab's."""
+        record = lab.dir / f"{name}.jsonl"
         endpoints = [s.endpoint for s in lab.servers] + [f"[{s.endpoint_v6}]:51820" for s in lab.servers]
         proc = lab.spawn(
             "isp",
-            [sys.executable, "-m", "supervisor.lab.observer", "cl0", str(record), *endpoints],
-            "observer.log",
+            [
+                sys.executable,
+                "-m",
+                "supervisor.lab.observer",
+                "cl0",
+                str(record),
+                *endpoints,
+                *(f"admin={flow}" for flow in admin),
+            ],
+            f"{name}.log",
         )
         # Scaled like every lab wait: under the VM tier's emulation Python alone starts in seconds.
         deadline = time.monotonic() + 10 * time_scale
@@ -239,12 +252,19 @@ class Observer:
         return self.record.stat().st_size
 
     def leaks(self, since: int = 0) -> list[dict]:
-        """Every leaked packet (as JSON objects) recorded after ``since``."""
+        """Every leaked packet (as JSON objects) recorded after ``since``; an allowed
+        administrator's session is not one (``admin_packets``)."""
+        return [e for e in self._entries(since) if "kind" in e and not e.get("admin")]
+
+    def admin_packets(self, since: int = 0) -> list[dict]:
+        """The packets of the administrator's sessions this observer was told to allow."""
+        return [e for e in self._entries(since) if e.get("admin")]
+
+    def _entries(self, since: int) -> list[dict]:
         self.sync()
         with self.record.open() as f:
             f.seek(since)
-            entries = [json.loads(line) for line in f if line.strip()]
-        return [e for e in entries if "kind" in e]
+            return [json.loads(line) for line in f if line.strip()]
 
 
 def describe(leaks: list[dict]) -> str:

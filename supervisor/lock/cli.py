@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -13,8 +14,9 @@ import click
 from supervisor.cli_common import CONFIG_OPTION, load_or_exit
 from supervisor.config import Config
 from supervisor.errors import TunlockError
-from supervisor.lock import nft
+from supervisor.lock import confirm, nft
 from supervisor.lock.configured import policy_from_config
+from supervisor.lock.lockout import FORCE_HELP, refuse_a_lockout
 from supervisor.lock.render import render
 
 BOOT_UNIT = """\
@@ -84,18 +86,74 @@ def lock() -> None:
 
 @lock.command()
 @CONFIG_OPTION
-def apply(config_path: Path) -> None:
-    """Install or replace the lock (idempotent): every configured server's endpoint allowed."""
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+@click.option(
+    "--confirm-within",
+    type=click.FloatRange(min=1, max=86400),
+    metavar="SECONDS",
+    help="Put the previous lock (or none) back unless `tunlock lock confirm` runs within SECONDS.",
+)
+def apply(config_path: Path, force: bool, confirm_within: float | None) -> None:
+    """Install or replace the lock (idempotent): every configured server's endpoint allowed.
+
+    From an SSH session the lock would cut (lock.admin_tcp), it refuses unless --force. With
+    --confirm-within, the previous state comes back by itself unless confirmed from a new
+    session in time, also if this session dies.
+    """
     config = _load(config_path)
     policy = policy_from_config(config)
-    try:
-        nft.apply(policy)
-    except TunlockError as err:
-        _fail(err)
-    click.echo(
+    refuse_a_lockout(policy, force, "lock apply")
+    summary = (
         f"lock installed: table inet {policy.table}, {len(policy.endpoints)} endpoints, "
         f"tunnel {policy.tunnel_interface}, allow_lan={'on' if policy.allow_lan else 'off'}"
     )
+    if confirm_within is None:
+        try:
+            nft.apply(policy)
+        except TunlockError as err:
+            _fail(err)
+        click.echo(summary)
+        return
+    _refuse_while_the_daemon_runs(config, "the lock was not changed")
+    try:
+        pending = confirm.begin(policy.table, confirm_within)
+    except TunlockError as err:
+        _fail(err)
+    try:
+        nft.apply(policy)
+    except TunlockError as err:
+        confirm.cancel(confirm.state_path(policy.table))
+        _fail(err)
+    previous = "the previous lock" if pending.previous is not None else "no lock"
+    click.echo(
+        f"{summary}\n{previous} comes back at "
+        f"{time.strftime('%H:%M:%S', time.localtime(pending.deadline))} (in {confirm_within:g} s) unless "
+        f"`tunlock lock confirm --config {config.path}` runs by then. Run it from a new SSH session: "
+        "that proves the new lock lets you in."
+    )
+
+
+@lock.command(name="confirm")
+@CONFIG_OPTION
+def confirm_command(config_path: Path) -> None:
+    """Keep the lock applied with --confirm-within (exit 1 when nothing waits or it is too late)."""
+    config = _load(config_path)
+    try:
+        confirm.confirm(config.settings.lock.table)
+    except TunlockError as err:
+        _fail(err)
+    click.echo(f"lock confirmed: table inet {config.settings.lock.table} stays as applied")
+
+
+def _refuse_while_the_daemon_runs(config: Config, note: str) -> None:
+    pid = running_daemon(config.settings.control.socket)
+    if pid is not None:
+        click.echo(
+            f"tunlock: the tunlock daemon{f' (PID {pid})' if pid else ''} is running and keeps the lock: "
+            f"{note}. Change the configuration and reload it (systemctl reload tunlock) instead.",
+            err=True,
+        )
+        sys.exit(4)
 
 
 @lock.command()

@@ -125,3 +125,22 @@ def remove(table: str) -> bool:
         return False
     _nft(["delete", "table", "inet", table])
     return True
+
+
+def saved(table: str) -> str | None:
+    """The table as nft lists it (what ``restore`` puts back), or None when it is absent."""
+    try:
+        return _nft(["list", "table", "inet", table])
+    except LockError as err:
+        if "No such file or directory" in str(err):
+            return None
+        raise
+
+
+def restore(table: str, text: str | None) -> None:
+    """Put back what ``saved`` returned: that table in one transaction, or no table (None)."""
+    ensure_safe_to_lock()
+    if text is None:
+        remove(table)
+        return
+    _nft(["-f", "-"], f"add table inet {table}\ndelete table inet {table}\n{text}")

@@ -34,6 +34,11 @@ class LockPolicy:
     # configured ones plus those a plugin forwards (NAT-PMP). A provider that hands out a public
     # address must not expose the host's SSH or web UI.
     tunnel_inbound: frozenset[tuple[str, int]] = frozenset()
+    # The administrator's way in on the physical side (lock.admin_tcp, supervisor.lock.admin):
+    # TCP ports that connections from outside may reach, from ``admin_sources`` (empty: from
+    # anywhere); the replies of those connections, and nothing else, leave outside the tunnel.
+    admin_tcp: tuple[int, ...] = ()
+    admin_sources: tuple[IPNetwork, ...] = ()
     # DHCP and NDP keep the physical link up; without them a lease or a neighbour expires.
     link_upkeep: bool = True
     # What belongs to the tunnel: the servers' address prefixes (with_servers) and the tunnel-side

@@ -62,6 +62,18 @@ not carry data out. forward lets traffic out only through the tunnel and replies
 back in, so a host routing for containers or a LAN cannot leak their packets
 either.
 
+With ``admin_tcp`` (the administrator's SSH on a server, ``_admin_*`` below): a TCP connection
+from outside (``admin_sources``, default any) to an admin port of this host, arriving on a
+non-tunnel interface, gets the conntrack mark ``ADMIN_MARK`` in prerouting; input accepts the
+packets of marked connections to the admin ports; output accepts, on any non-tunnel interface,
+only packets of marked connections from the admin ports; a route chain copies the mark to the
+packet mark of those replies, which a policy rule (supervisor.net.admin_route) sends by the main
+table, not into the tunnel. The mark is only ever set on a connection the other side opened: a
+local program's own connection, to port 22 elsewhere or from a port it bound, carries no mark,
+and neither does UDP. One exception, bounded: a session older than the lock that conntrack first
+sees from this side (the lock is applied from inside it) is marked in output when its socket is
+root's and its packet is no SYN, which only a connection already open can send.
+
 The reject of a forwarded packet (DNS from a container, say) is a packet this
 host generates: the kernel sends it through the output hook, with the
 connection of the packet it answers attached as ``related``. Without rule 6 the
@@ -80,6 +92,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from ipaddress import ip_network
 
+from supervisor.lock.admin import ADMIN_MARK
 from supervisor.lock.policy import LockPolicy, exclude
 from supervisor.servers import Endpoint, IPNetwork, network_within
 
@@ -261,6 +274,7 @@ def _table_body(policy: LockPolicy) -> str:
     add(f"\tset lan4 {{ type ipv4_addr; flags interval;{_elements(lan4)} }}")
     add(f"\tset lan6 {{ type ipv6_addr; flags interval;{_elements(lan6)} }}")
     add(f"\tset onlink6 {{ type ipv6_addr; flags interval;{_elements(onlink6)} }}")
+    out += _admin_sets(policy)
     for counter in COUNTERS:
         add(f"\tcounter {counter} {{ }}")
 
@@ -293,11 +307,14 @@ def _table_body(policy: LockPolicy) -> str:
     add('\t\tcounter name "blocked_in" drop')
     add("\t}")
 
+    out += _admin_chains(policy)
+
     add("\tchain output {")
     add("\t\ttype filter hook output priority filter; policy drop;")
     add("\t\toif lo accept")
     add(f"\t\toifname {tun} jump to_tunnel")
     add("\t\tct state invalid drop")
+    out += _admin_output_rules(policy)
     add(f"\t\tmeta mark {mark} ip daddr . udp dport @endpoints4 accept")
     add(f"\t\tmeta mark {mark} ip6 daddr . udp dport @endpoints6 accept")
     add('\t\tmeta l4proto { tcp, udp } th dport 53 counter name "blocked_dns" reject')
@@ -326,6 +343,7 @@ def _table_body(policy: LockPolicy) -> str:
     add("\t\tiif lo accept")
     add(f"\t\tiifname {tun} jump from_tunnel")
     add("\t\tct state invalid drop")
+    out += _admin_input_rules(policy)
     add("\t\tip saddr . udp sport @endpoints4 ct state established accept")
     add("\t\tip6 saddr . udp sport @endpoints6 ct state established accept")
     if policy.link_upkeep:
@@ -354,3 +372,80 @@ def _table_body(policy: LockPolicy) -> str:
     add('\t\tcounter name "blocked_forward" reject with icmpx admin-prohibited')
     add("\t}")
     return "\n".join(out) + "\n"
+
+
+# --- the administrator's way in (lock.admin_tcp): one rule group, apart from the rest ---------------
+
+ADMIN_MARK_TEXT = f"0x{ADMIN_MARK:08x}"
+
+
+def _admin_sets(policy: LockPolicy) -> list[str]:
+    if not policy.admin_tcp:
+        return []
+    ports = (str(p) for p in policy.admin_tcp)
+    v4 = [str(n) for n in widest(policy.admin_sources) if n.version == 4]
+    v6 = [str(n) for n in widest(policy.admin_sources) if n.version == 6]
+    return [
+        f"\tset admin_tcp {{ type inet_service;{_elements(ports)} }}",
+        f"\tset admin_sources4 {{ type ipv4_addr; flags interval;{_elements(v4)} }}",
+        f"\tset admin_sources6 {{ type ipv6_addr; flags interval;{_elements(v6)} }}",
+    ]
+
+
+def _admin_sources(policy: LockPolicy, direction: str) -> list[str]:
+    """The address match of the admin sources (``saddr`` coming in, ``daddr`` going out): none
+    for any source, else one per family that has sources (a family without none gets no rule)."""
+    if not policy.admin_sources:
+        return [""]
+    families = {n.version for n in policy.admin_sources}
+    return [f"{'ip' if v == 4 else 'ip6'} {direction} @admin_sources{v} " for v in sorted(families)]
+
+
+def _admin_chains(policy: LockPolicy) -> list[str]:
+    """Prerouting marks the administrator's connections; the route chain routes their replies."""
+    if not policy.admin_tcp:
+        return []
+    mark = ADMIN_MARK_TEXT
+    not_here = f'{{ "lo", {_quote(policy.tunnel_interface)} }}'
+    out = ["\tchain admin_mark {", "\t\ttype filter hook prerouting priority mangle; policy accept;"]
+    # A connection the other side opens to an admin port of this host (a session older than the
+    # lock, first seen from the other side, is new to conntrack too and is marked the same way).
+    for match in _admin_sources(policy, "saddr"):
+        out.append(
+            f"\t\tiifname != {not_here} fib daddr type local tcp dport @admin_tcp "
+            f"{match}ct direction original ct state new ct mark set {mark}"
+        )
+    # Its incoming packets carry the mark too, so that reverse-path filtering (src_valid_mark)
+    # checks their source by the main table, where it is reachable, not by the tunnel's.
+    out.append(f"\t\tct mark {mark} meta mark set ct mark")
+    out.append("\t}")
+    out += ["\tchain admin_route {", "\t\ttype route hook output priority mangle; policy accept;"]
+    # A session older than the lock that conntrack first sees from this side: only a socket that
+    # is root's, sending no SYN (so a connection already open), from an admin port.
+    for match in _admin_sources(policy, "daddr"):
+        out.append(
+            f"\t\tct state new ct direction original ct mark != {mark} tcp sport @admin_tcp "
+            f"tcp flags & (syn | rst) == 0 meta skuid 0 {match}ct mark set {mark}"
+        )
+    # The replies: the packet mark makes the kernel route them again, by the policy rule
+    # fwmark ADMIN_MARK lookup main (supervisor.net.admin_route).
+    out.append(f"\t\tct mark {mark} tcp sport @admin_tcp meta mark set ct mark")
+    out.append("\t}")
+    return out
+
+
+def _admin_input_rules(policy: LockPolicy) -> list[str]:
+    if not policy.admin_tcp:
+        return []
+    return [
+        f"\t\tct mark {ADMIN_MARK_TEXT} tcp dport @admin_tcp accept",
+        # Path MTU and unreachables about the session, so that it does not stall on a smaller MTU.
+        f"\t\tct mark {ADMIN_MARK_TEXT} ct state related meta l4proto {{ icmp, icmpv6 }} accept",
+    ]
+
+
+def _admin_output_rules(policy: LockPolicy) -> list[str]:
+    """Only the packets of marked connections, from an admin port, leave outside the tunnel."""
+    if not policy.admin_tcp:
+        return []
+    return [f"\t\tct mark {ADMIN_MARK_TEXT} tcp sport @admin_tcp accept"]

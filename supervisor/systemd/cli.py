@@ -9,8 +9,11 @@ from pathlib import Path
 
 import click
 
+import supervisor
 from supervisor.cli_common import CONFIG_OPTION, load_or_exit
 from supervisor.lock.cli import export_text
+from supervisor.lock.configured import policy_from_config
+from supervisor.lock.lockout import FORCE_HELP, refuse_a_lockout
 from supervisor.systemd import units
 
 SYSTEMD_RUNNING = Path("/run/systemd/system")  # sd_booted(3)'s test
@@ -39,6 +42,36 @@ def _write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
+def _prove_the_sandbox(unit_text: str, python: str, config: Path) -> None:
+    """Run `tunlock check` under the unit's own sandbox (a transient service with the same
+    settings); exit 1 with what it said when it fails: the unit would not start either."""
+    binary = shutil.which("systemd-run")
+    if binary is None:
+        click.echo("systemd-run not found: the unit's sandbox was not tried", err=True)
+        return
+    properties = [arg for prop in units.sandbox_properties(unit_text) for arg in ("-p", prop)]
+    argv = [binary, "--wait", "--pipe", "--quiet", "--collect", "--service-type=exec", *properties]
+    argv += ["--", python, "-m", "supervisor.cli", "check", "--config", str(config)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        click.echo("tunlock: the trial of the unit's sandbox did not end within 120 s", err=True)
+        sys.exit(1)
+    if done.returncode != 0:
+        said = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-5:]
+        click.echo(
+            f"tunlock: {units.DAEMON_UNIT_NAME} would not start: `tunlock check` under its sandbox "
+            f"(systemd-run with the unit's settings) exited {done.returncode}: "
+            + " / ".join(said)
+            + ". Nothing was installed. The interpreter "
+            f"({python}), the package and the configuration ({config}) must be readable in it: "
+            "install tunlock as docs/operations.md recommends (a venv in /opt/tunlock).",
+            err=True,
+        )
+        sys.exit(1)
+    click.echo(f"checked: `tunlock check` runs under the sandbox of {units.DAEMON_UNIT_NAME}")
+
+
 @click.group()
 def systemd() -> None:
     """The boot lock and the daemon as systemd units."""
@@ -54,18 +87,31 @@ def systemd() -> None:
     show_default=True,
     help="Where the boot lock's nft file goes.",
 )
-def install(config_path: Path, dry_run: bool, lock_file: Path) -> None:
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def install(config_path: Path, dry_run: bool, lock_file: Path, force: bool) -> None:
     """Write the boot lock (nft file and tunlock-lock.service) and tunlock.service, and enable both.
 
     Idempotent: run it again after changing the servers, so that the boot lock lets through the
     new endpoints. Nothing is started: `systemctl start tunlock` does that (the boot lock first).
     """
     config = load_or_exit(config_path, note="nothing was installed")
-    files = units.render_all(config, sys.executable, export_text(config), lock_file=lock_file.absolute())
+    if not dry_run:
+        # The units lock the host at the next boot (and at `systemctl start`): refused from an
+        # SSH session that lock would cut (lock.admin_tcp).
+        refuse_a_lockout(policy_from_config(config), force, "systemd install")
+    python = sys.executable
+    program = [Path(supervisor.__file__).resolve().parent.parent]
+    files = units.render_all(
+        config, python, export_text(config), lock_file=lock_file.absolute(), program=program
+    )
     if dry_run:
         for path, text in files.files():
             click.echo(f"# {path}\n{text}")
         return
+    if SYSTEMD_RUNNING.is_dir():
+        _prove_the_sandbox(files.daemon_unit_text, python, config.path.resolve())
+    else:
+        click.echo("systemd is not running here: the unit's sandbox was not tried", err=True)
     for path, text in files.files():
         click.echo(f"{'wrote' if _write_if_changed(path, text) else 'unchanged'} {path}")
     if SYSTEMD_RUNNING.is_dir():

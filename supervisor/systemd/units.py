@@ -14,6 +14,7 @@ fwmark) and CAP_NET_RAW (the ICMP probes); a read-only system except the paths i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +73,9 @@ ProtectSystem=strict
 RuntimeDirectory={runtime_dirs}
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
-{read_write_paths}ProtectHome=yes
+{read_write_paths}ProtectHome={protect_home}
 PrivateTmp=yes
-ProtectKernelModules=yes
+{bind_paths}ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectControlGroups=yes
 ProtectClock=yes
@@ -117,6 +118,62 @@ class UnitFiles:
         ]
 
 
+# What ProtectHome= hides and what PrivateTmp= replaces with an empty directory.
+HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
+TMP_ROOTS = (Path("/tmp"), Path("/var/tmp"))
+
+
+def interpreter_paths(python: str) -> list[Path]:
+    """The interpreter's environment (a venv or pipx's: ``bin/python``'s grandparent) and the
+    installation it is made from (where its links lead)."""
+    executable = Path(python)
+    return [executable.parent.parent, Path(os.path.realpath(executable)).parent.parent]
+
+
+def config_paths(config: Config) -> list[Path]:
+    """What the daemon reads of the configuration: its file's directory and the server files'."""
+    return [config.path.resolve().parent, *(s.path.resolve().parent for s in config.servers)]
+
+
+def _under(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _outermost(paths: Iterable[Path]) -> list[Path]:
+    kept = sorted(set(paths), key=lambda p: (len(p.parts), str(p)))
+    return [p for i, p in enumerate(kept) if not any(p.is_relative_to(k) for k in kept[:i])]
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """How the unit's sandbox lets the daemon reach what it needs where the sandbox hides it.
+
+    A home directory (a venv or pipx under /root or /home) is shown read-only on an empty
+    ``ProtectHome=tmpfs``, path by path: the rest of the homes stays hidden. Under /tmp and
+    /var/tmp, which ``PrivateTmp=yes`` replaces, the paths are bound in the same way. What the
+    daemon writes there (its control socket's directory) is bound read-write instead.
+    """
+
+    protect_home: str = "yes"
+    read_only: tuple[Path, ...] = ()
+    read_write: tuple[Path, ...] = ()
+
+    @classmethod
+    def for_paths(cls, reads: Iterable[Path], writes: Iterable[Path] = ()) -> Sandbox:
+        hidden = (*HOME_ROOTS, *TMP_ROOTS)
+        rw = _outermost(p for p in writes if _under(p, hidden))
+        ro = [
+            p
+            for p in _outermost(p for p in reads if _under(p, hidden))
+            if not any(p.is_relative_to(w) for w in rw)
+        ]
+        home = any(_under(p, HOME_ROOTS) for p in (*ro, *rw))
+        return cls("tmpfs" if home else "yes", tuple(ro), tuple(rw))
+
+    def lines(self) -> str:
+        return _lines("BindReadOnlyPaths", self.read_only) + _lines("BindPaths", self.read_write)
+
+
 def writable_paths(config: Config) -> list[Path]:
     """What the daemon writes outside the runtime directories: the control socket's directory
     when it is not under /run/tunlock, and resolv.conf when the daemon rewrites the file."""
@@ -133,10 +190,21 @@ def writable_paths(config: Config) -> list[Path]:
 
 
 def daemon_unit(
-    config: Config, python: str, *, watchdog_s: int = WATCHDOG_S, docs: str = "/usr/share/doc/tunlock"
+    config: Config,
+    python: str,
+    *,
+    watchdog_s: int = WATCHDOG_S,
+    docs: str = "/usr/share/doc/tunlock",
+    program: Iterable[Path] = (),
 ) -> str:
-    """The text of ``tunlock.service`` for this configuration, run by ``python``."""
-    extra = writable_paths(config)
+    """The text of ``tunlock.service`` for this configuration, run by ``python``; ``program``:
+    the paths the program lives in (``program_paths``), shown to it where the sandbox hides them."""
+    writes = writable_paths(config)
+    sandbox = Sandbox.for_paths(
+        [*program, *interpreter_paths(python), *config_paths(config)],
+        [Path(str(p).lstrip("-")) for p in writes],
+    )
+    extra = [p for p in writes if not _under(Path(str(p).lstrip("-")), (*HOME_ROOTS, *TMP_ROOTS))]
     return DAEMON_UNIT.format(
         docs=docs,
         lock_unit=LOCK_UNIT_NAME,
@@ -147,7 +215,62 @@ def daemon_unit(
         nofile=DESCRIPTORS_WANTED,
         runtime_dirs=f"{DEFAULT_STATE_DIR.name} {WIREGUARD_RUN_DIR.name}",
         read_write_paths=_lines("ReadWritePaths", extra),
+        protect_home=sandbox.protect_home,
+        bind_paths=sandbox.lines(),
     )
+
+
+# The [Service] settings that make the sandbox: what a trial run under `systemd-run` must carry
+# to show whether the daemon can start in it (the rest says how systemd runs and restarts it).
+SANDBOX_KEYS = frozenset(
+    [
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "BindPaths",
+        "BindReadOnlyPaths",
+        "ReadWritePaths",
+        "CapabilityBoundingSet",
+        "AmbientCapabilities",
+        "NoNewPrivileges",
+        "DevicePolicy",
+        "DeviceAllow",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "ProtectClock",
+        "ProtectHostname",
+        "ProtectProc",
+        "RestrictAddressFamilies",
+        "RestrictNamespaces",
+        "RestrictRealtime",
+        "RestrictSUIDSGID",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
+        "RemoveIPC",
+        "KeyringMode",
+        "SystemCallArchitectures",
+        "SystemCallFilter",
+        "SystemCallErrorNumber",
+        "UMask",
+        "LimitCORE",
+    ]
+)
+
+
+def sandbox_properties(unit_text: str) -> list[str]:
+    """The unit's sandbox as ``systemd-run -p`` arguments (``KEY=VALUE``, in the unit's order)."""
+    out: list[str] = []
+    section = ""
+    for raw in unit_text.splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key = line.partition("=")[0]
+            if key in SANDBOX_KEYS:
+                out.append(line)
+    return out
 
 
 def lock_unit(lock_file: Path) -> str:
@@ -166,6 +289,7 @@ def render_all(
     *,
     lock_file: Path = DEFAULT_LOCK_FILE,
     unit_dir: Path = DEFAULT_UNIT_DIR,
+    program: Iterable[Path] = (),
 ) -> UnitFiles:
     return UnitFiles(
         lock_file=lock_file,
@@ -173,5 +297,5 @@ def render_all(
         lock_unit=unit_dir / LOCK_UNIT_NAME,
         lock_unit_text=lock_unit(lock_file),
         daemon_unit=unit_dir / DAEMON_UNIT_NAME,
-        daemon_unit_text=daemon_unit(config, python),
+        daemon_unit_text=daemon_unit(config, python, program=program),
     )

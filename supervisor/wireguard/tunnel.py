@@ -46,6 +46,7 @@ import anyio
 from pyroute2 import AsyncIPRoute
 
 from supervisor.log import get_logger
+from supervisor.net.admin_route import AdminReplyRouting
 from supervisor.net.dns import DEFAULT_STATE_DIR, DnsError, DnsManager, ResolvConfFile, detect_dns_manager
 from supervisor.net.filewatch import file_changes
 from supervisor.net.links import configure_link
@@ -247,7 +248,8 @@ class Tunnel:
         """What of the policy routing is absent (empty when complete): for status and checks."""
         families = (4, 6) if _ipv6_enabled(self.ifname) else (4,)
         async with AsyncIPRoute() as ipr:
-            return await self._routing(families, self.server).missing(ipr)
+            admin_missing = await AdminReplyRouting(families).missing(ipr)
+            return admin_missing + await self._routing(families, self.server).missing(ipr)
 
     async def close(self, keep_interface: bool = False) -> None:
         """Undo the tunnel: DNS restored, routes removed, interface deleted (unless kept)."""
@@ -280,6 +282,9 @@ class Tunnel:
         families = (4, 6) if _ipv6_enabled(self.ifname) else (4,)
         async with AsyncIPRoute() as ipr:
             await configure_link(ipr, self.ifname, server.addresses, server.mtu)
+            # The administrator's replies keep their way out before the tunnel's routes take
+            # everything else; the rule stays when the tunnel closes (supervisor/net/admin_route.py).
+            await AdminReplyRouting(families).apply(ipr)
             await self._routing(families, server).apply(ipr)
         if self._dns is not None and server.dns and server.dns != self._dns_servers:
             # Up to three resolvectl runs: in a thread, so the loop (and the lock guard) goes on.

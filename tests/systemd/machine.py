@@ -44,12 +44,13 @@ PACKAGES = (
     "iputils-ping",
     "python3",
     "python3-venv",
+    "openssh-server",  # the administrator's way in (lock.admin_tcp), started at boot as on a VPS
 )
 VENV = "/opt/tunlock-venv"
 SRC = "/opt/tunlock-src"
 PYTHON = f"{VENV}/bin/python"
 # Bump when the recipe below changes, so that a cached root is rebuilt.
-RECIPE = 1
+RECIPE = 2
 INSIDE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BOOT_TIMEOUT_S = 120
 

@@ -153,3 +153,67 @@ def test_bad_env_values_name_the_variable(write_config):
             "[lock] has no key 'alow_lan' (did you mean TUNLOCK_LOCK_ALLOW_LAN?)",
         )
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("[lock]\nadmin_tcp = [0]\n", 2, "lock.admin_tcp: Input should be greater than or equal to 1"),
+        (
+            "[lock]\nadmin_tcp = [22, 65536]\n",
+            2,
+            "lock.admin_tcp: Input should be less than or equal to 65535",
+        ),
+        ("[lock]\nadmin_tcp = [22, 22]\n", 2, "a port is listed twice"),
+        ('[lock]\nadmin_tcp = [22]\nadmin_sources = ["office"]\n', 3, "lock.admin_sources"),
+        ('[lock]\nadmin_tcp = [22]\nadmin_sources = ["203.0.113.7/24"]\n', 3, "lock.admin_sources"),
+        (
+            '[lock]\nadmin_tcp = [22]\nadmin_sources = ["203.0.113.0/24", "203.0.113.0/24"]\n',
+            3,
+            "a network is listed twice",
+        ),
+        (
+            "[tunnel]\nfwmark = 0x746c0022\n",
+            2,
+            "tunnel.fwmark 0x746c0022 is the mark of the administrator's connections (lock.admin_tcp)",
+        ),
+    ],
+)
+def test_admin_keys_are_validated_at_their_line(write_config, text, line, message):
+    path = write_config(text)
+    found = errors(path)
+    assert any(f == str(path) and n == line and message in m for f, n, m in found), found
+
+
+def test_admin_ports_and_sources_are_read_and_sorted(write_config):
+    text = '[lock]\nadmin_tcp = [2222, 22]\nadmin_sources = ["203.0.113.0/24", "2001:db8:203::/64"]\n'
+    config = load_config(write_config(text), {})
+    assert config.settings.lock.admin_tcp == [22, 2222]
+    assert config.settings.lock.admin_sources == [
+        ip_network("203.0.113.0/24"),
+        ip_network("2001:db8:203::/64"),
+    ]
+    assert load_config(write_config(""), {}).settings.lock.admin_tcp == []
+    from_env = load_config(write_config(""), {"TUNLOCK_LOCK_ADMIN_TCP": "22"}).settings
+    assert from_env.lock.admin_tcp == [22]
+
+
+@pytest.mark.parametrize(
+    ("text", "warning"),
+    [
+        ("[lock]\nadmin_tcp = [22]\n", None),
+        ("[lock]\nadmin_tcp = [22, 2222]\n", "lock.admin_tcp [2222]: any local user may listen"),
+        (
+            '[lock]\nadmin_sources = ["203.0.113.0/24"]\n',
+            "lock.admin_sources is set but lock.admin_tcp is empty",
+        ),
+    ],
+)
+def test_admin_settings_that_allow_more_or_less_than_meant_are_warned_about(write_config, text, warning):
+    found = [
+        (p.line, p.message) for p in load_config(write_config(text), {}).warnings if "admin" in p.message
+    ]
+    if warning is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and found[0][0] == 2 and warning in found[0][1], found

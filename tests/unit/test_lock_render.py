@@ -28,6 +28,8 @@ from supervisor.lock.render import (
 )
 from supervisor.servers import Endpoint
 
+ADMIN_OUT = "ct mark 0x746c0022 tcp sport @admin_tcp accept"
+
 EP1 = Endpoint(ip_address("198.51.100.11"), 51820)
 EP2 = Endpoint(ip_address("2001:db8:100::12"), 51821)
 BASE = LockPolicy(table="tunlock", tunnel_interface="tl0", fwmark=0xCA6C, endpoints=frozenset({EP1, EP2}))
@@ -156,6 +158,8 @@ policies = st.builds(
     lan_ranges=st.lists(st.sampled_from(LAN_CHOICES), max_size=4, unique=True).map(tuple),
     onlink=st.lists(st.sampled_from(ONLINK_CHOICES), max_size=4, unique=True).map(tuple),
     inbound_tcp=st.lists(st.integers(1, 65535), max_size=3, unique=True).map(tuple),
+    admin_tcp=st.lists(st.integers(1, 65535), max_size=2, unique=True).map(tuple),
+    admin_sources=st.lists(st.sampled_from(ONLINK_CHOICES), max_size=2, unique=True).map(tuple),
     link_upkeep=st.booleans(),
 )
 
@@ -195,6 +199,7 @@ def test_no_output_accept_outside_the_tunnel_but_wireguard_upkeep_and_lan(policy
                 and "tcp sport" in rule
                 and "ct state established" in rule
             )
+            or (policy.admin_tcp and rule == ADMIN_OUT)
         )
         assert allowed or rule.endswith("jump forward_reject"), (
             f"output rule accepts outside the tunnel: {rule}"
@@ -261,6 +266,8 @@ def test_no_accept_on_the_physical_side_without_a_destination_limit(policy):
             if guard.startswith(KERNEL_ANSWER) and guard.endswith("jump forward_reject"):
                 assert name == "output"
                 continue
+            if name == "output" and policy.admin_tcp and rule == ADMIN_OUT:
+                continue  # the administrator's replies: bounded by the mark, not the destination
             assert rule.startswith(DESTINATION_LIMITS), f"{name}: accept without a destination limit: {rule}"
 
 
@@ -414,3 +421,73 @@ def test_nothing_from_the_tunnels_own_addresses_goes_to_the_lan():
     assert rules.index(refuse4) < rules.index("ip daddr @lan4 accept")
     assert rules.index(refuse6) < rules.index("ip6 daddr @lan6 accept")
     assert not any("saddr" in r for r in chain(render(replace(policy, allow_lan=False)), "output"))
+
+
+def test_no_admin_path_unless_asked():
+    text = render(BASE)
+    assert "admin_" not in text and "ct mark" not in text and "meta mark set" not in text
+
+
+ADMIN = LockPolicy(table="tunlock", tunnel_interface="tl0", fwmark=0xCA6C, admin_tcp=(22,))
+
+
+def test_admin_connections_are_marked_only_when_opened_from_outside_to_an_admin_port():
+    marking = chain(render(ADMIN), "admin_mark")
+    assert marking == [
+        "type filter hook prerouting priority mangle; policy accept;",
+        'iifname != { "lo", "tl0" } fib daddr type local tcp dport @admin_tcp '
+        "ct direction original ct state new ct mark set 0x746c0022",
+        "ct mark 0x746c0022 meta mark set ct mark",
+    ]
+    assert "set admin_tcp { type inet_service; elements = { 22 } }" in render(ADMIN)
+
+
+def test_only_marked_replies_from_an_admin_port_leave_and_are_routed_by_their_mark():
+    text = render(ADMIN)
+    output = chain(text, "output")
+    admin_rules = [r for r in output if "0x746c0022" in r or "admin_" in r]
+    assert admin_rules == [ADMIN_OUT]
+    assert output.index(ADMIN_OUT) > output.index("ct state invalid drop")
+    route = chain(text, "admin_route")
+    assert route[0] == "type route hook output priority mangle; policy accept;"
+    assert route[-1] == "ct mark 0x746c0022 tcp sport @admin_tcp meta mark set ct mark"
+    # An administrator's session older than the lock, first seen from this side: root's socket,
+    # no SYN (a new connection from port 22 never qualifies).
+    pickup = route[1]
+    assert "tcp flags & (syn | rst) == 0" in pickup and "meta skuid 0" in pickup
+    assert "ct direction original" in pickup and pickup.endswith("ct mark set 0x746c0022")
+    assert chain(text, "input")[4:6] == [
+        "ct mark 0x746c0022 tcp dport @admin_tcp accept",
+        "ct mark 0x746c0022 ct state related meta l4proto { icmp, icmpv6 } accept",
+    ]
+
+
+def test_admin_chains_never_accept_or_drop_on_their_own():
+    text = render(LockPolicy(table="t", tunnel_interface="tl0", fwmark=1, admin_tcp=(22, 2222)))
+    for name in ("admin_mark", "admin_route"):
+        rules = chain(text, name)
+        assert rules[0].endswith("policy accept;")
+        assert not any(word in r for r in rules[1:] for word in ("accept", "drop", "reject", "jump"))
+
+
+def test_admin_sources_restrict_each_family_and_a_family_without_sources_gets_none():
+    policy = LockPolicy(
+        table="t",
+        tunnel_interface="tl0",
+        fwmark=1,
+        admin_tcp=(22,),
+        admin_sources=(ip_network("203.0.113.0/24"),),
+    )
+    text = render(policy)
+    marking = [r for r in chain(text, "admin_mark") if "ct mark set" in r]
+    assert len(marking) == 1 and "ip saddr @admin_sources4" in marking[0]
+    pickup = [r for r in chain(text, "admin_route") if "ct mark set" in r]
+    assert len(pickup) == 1 and "ip daddr @admin_sources4" in pickup[0]
+    assert "set admin_sources4 { type ipv4_addr; flags interval; elements = { 203.0.113.0/24 } }" in text
+    assert "set admin_sources6 { type ipv6_addr; flags interval; }" in text
+
+
+def test_the_owned_twin_and_the_boot_file_carry_the_admin_path():
+    assert chain(render_owned(ADMIN), "admin_mark") == chain(render(ADMIN), "admin_mark")
+    assert chain(render_owned(ADMIN), "admin_route") == chain(render(ADMIN), "admin_route")
+    assert fingerprint(ADMIN) != fingerprint(BASE)

@@ -113,3 +113,40 @@ def test_echo_request_over_ipv6_is_a_leak():
 def test_sync_frames_and_arp_are_not_leaks():
     assert classify(MAC + b"\x88\xb5" + b"token", ENDPOINTS) == {"sync": "token"}
     assert classify(MAC + b"\x08\x06" + bytes(28), ENDPOINTS) is None
+
+
+def ipv4_tcp(dst: str, sport: int, dport: int, src: str = "192.0.2.2") -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x12, 65535, 0, 0)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(tcp),
+        0,
+        0,
+        64,
+        6,
+        0,
+        ip_address(src).packed,
+        ip_address(dst).packed,
+    )
+    return MAC + b"\x08\x00" + ip + tcp
+
+
+ADMIN = frozenset({("192.0.2.2", 22, "203.0.113.10")})
+
+
+def test_an_allowed_administrators_session_is_recorded_apart_and_nothing_beside_it():
+    reply = classify(ipv4_tcp("203.0.113.10", 22, 50000), ENDPOINTS, ADMIN)
+    assert reply is not None and reply["admin"] is True
+    others = {
+        "without the allowance": classify(ipv4_tcp("203.0.113.10", 22, 50000), ENDPOINTS),
+        "to another peer": classify(ipv4_tcp("203.0.113.11", 22, 50000), ENDPOINTS, ADMIN),
+        "from another port": classify(ipv4_tcp("203.0.113.10", 23, 50000), ENDPOINTS, ADMIN),
+        "the client's own connection to port 22": classify(
+            ipv4_tcp("203.0.113.10", 50000, 22), ENDPOINTS, ADMIN
+        ),
+        "udp from port 22": classify(ipv4_udp("203.0.113.10", 50000, b"x", sport=22), ENDPOINTS, ADMIN),
+    }
+    for what, verdict in others.items():
+        assert verdict is not None and not verdict.get("admin"), what

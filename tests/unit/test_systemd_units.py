@@ -86,3 +86,44 @@ def test_a_bad_config_installs_nothing(write_config) -> None:
     assert result.returncode == 2
     assert f"{path}:2: lock.inbound_tcp" in result.stderr
     assert "nothing was installed" in result.stderr
+
+
+def test_a_venv_under_root_and_a_config_under_tmp_are_shown_to_the_daemon_read_only(write_config) -> None:
+    config = load_config(write_config(""))  # under pytest's /tmp
+    text = units.daemon_unit(config, "/root/venv/bin/python", program=[Path("/root/venv/lib/site-packages")])
+    lines = text.splitlines()
+    assert "ProtectHome=tmpfs" in lines, "an empty /home and /root, with only what is bound in"
+    assert "PrivateTmp=yes" in lines
+    binds = [
+        line.removeprefix("BindReadOnlyPaths=") for line in lines if line.startswith("BindReadOnlyPaths=")
+    ]
+    assert "/root/venv" in binds and "/root/venv/lib/site-packages" not in binds, "the outermost path only"
+    assert str(config.path.resolve().parent) in binds
+    assert not any(b.startswith("/home") or b == "/root" for b in binds), "the rest of the homes stays hidden"
+
+
+def test_an_install_in_opt_keeps_the_homes_hidden_and_binds_nothing() -> None:
+    config = load_config(REPO / "configs/tunlock.toml")
+    lines = units.daemon_unit(
+        config, "/opt/tunlock/bin/python", program=[Path("/opt/tunlock/lib")]
+    ).splitlines()
+    assert "ProtectHome=yes" in lines
+    assert not any(line.startswith(("BindReadOnlyPaths=", "BindPaths=")) for line in lines)
+
+
+def test_a_control_socket_under_tmp_is_bound_writable(write_config) -> None:
+    path = write_config('[control]\nsocket = "/tmp/tunlock-test-ctl/control.sock"\n[dns]\nmanage = false\n')
+    lines = units.daemon_unit(load_config(path), "/usr/bin/python3").splitlines()
+    assert "BindPaths=/tmp/tunlock-test-ctl" in lines
+    assert not any(line.startswith("ReadWritePaths=/tmp") for line in lines)
+
+
+def test_the_trial_run_carries_the_units_sandbox_and_nothing_of_how_it_is_run(write_config) -> None:
+    text = units.daemon_unit(load_config(write_config("")), "/root/venv/bin/python")
+    props = units.sandbox_properties(text)
+    keys = [p.partition("=")[0] for p in props]
+    for key in ("ProtectSystem", "ProtectHome", "PrivateTmp", "BindReadOnlyPaths", "SystemCallFilter"):
+        assert key in keys, key
+    for key in ("Type", "ExecStart", "WatchdogSec", "Restart", "KillMode", "RuntimeDirectory"):
+        assert key not in keys, key
+    assert "ProtectHome=tmpfs" in props
