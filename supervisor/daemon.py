@@ -44,7 +44,7 @@ from supervisor.control import server as control_server
 from supervisor.control.client import request as control_request
 from supervisor.control.commands import ControlCommands
 from supervisor.control.socket_path import config_problem as control_socket_problem
-from supervisor.errors import ConfigError, Problem, TunlockError
+from supervisor.errors import ConfigError, TunlockError
 from supervisor.health import IcmpProber
 from supervisor.lock.configured import policy_from_config
 from supervisor.lock.guarded import GuardedLock
@@ -318,12 +318,7 @@ def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginH
     if not section.enabled:
         return None
     lines = key_lines(config.path.read_text(encoding="utf-8"))
-
-    def origin(name: str) -> Problem:
-        line = lines.get(("plugins", name)) or lines.get(("plugins", "enabled"), 0)
-        return Problem(config.path, line, "")
-
-    made = plugins.load(section.enabled, section.options, origin)
+    made = plugins.load(section.enabled, section.options, config.path, lines)
     return PluginHost(
         made,
         lock,

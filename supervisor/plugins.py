@@ -1,10 +1,12 @@
 """Plugins: optional behaviour that follows the daemon's state (port forwarding, hooks, pushes).
 
 A plugin is any object with ``async def run(self, ctx: PluginContext) -> None``, made by a factory
-``factory(options) -> plugin`` that the ``tunlock.plugins`` entry-point group names and
-``[plugins] enabled`` turns on; its options are the ``[plugins.<name>]`` table (see
-docs/plugins.md). What a plugin sees is a ``View``: the tunnel (state, server, interface,
-addresses, gateway) and the forwarded port(s). What it may ask for is what ``PluginContext``
+that the ``tunlock.plugins`` entry-point group names and ``[plugins] enabled`` turns on; its
+options are the ``[plugins.<name>]`` table (see docs/plugins.md). A ``PluginSpec`` is such a
+factory with its options declared as a pydantic model (``PluginOptions``): the host validates the
+table against it and reports each wrong key at its line, like the rest of the configuration.
+What a plugin sees is a ``View``: the tunnel (state, server, interface, addresses, gateway) and
+the forwarded port(s). What it may ask for is what ``PluginContext``
 offers, nothing more: wait for the next view, ask the lock to accept inbound ports on the tunnel
 (``forward_ports``), and report fields for the status.
 
@@ -25,6 +27,7 @@ Why the host is shaped like this:
 
 from __future__ import annotations
 
+import difflib
 import math
 import time
 from collections import deque
@@ -32,10 +35,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 from ipaddress import IPv4Address
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 import anyio.abc
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from supervisor.errors import ConfigError, Problem
 from supervisor.log import get_logger
@@ -112,7 +117,34 @@ PluginFactory = Callable[[Mapping[str, Any]], Plugin]
 
 
 class PluginOptionError(ValueError):
-    """A plugin's options are wrong; the message says which and why."""
+    """A plugin's options are wrong; the message says which and why (for a factory that checks
+    its table itself; a ``PluginSpec`` declares a model instead)."""
+
+
+class PluginOptions(BaseModel):
+    """The base of a plugin's options model: ``[plugins.<name>]`` is validated against it.
+
+    Unknown keys are errors, and values must be of the TOML type declared (strict: ``"60"`` is
+    not a number, ``true`` is not 1), as the hand-written checks before them required."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+OptionsT = TypeVar("OptionsT", bound=PluginOptions)
+
+
+@dataclass(frozen=True)
+class PluginSpec(Generic[OptionsT]):
+    """A plugin factory with declared options: what a ``tunlock.plugins`` entry point names.
+
+    Called with the raw table it validates it (pydantic's ValidationError, which ``load`` turns
+    into ``file:line`` problems) and makes the plugin from the model."""
+
+    options: type[OptionsT]
+    make: Callable[[OptionsT], Plugin]
+
+    def __call__(self, table: Mapping[str, Any]) -> Plugin:
+        return self.make(self.options.model_validate(dict(table)))
 
 
 # --- what a plugin may ask --------------------------------------------------------------------
@@ -403,34 +435,72 @@ def available() -> dict[str, Any]:
 def load(
     enabled: Sequence[str],
     options: Mapping[str, Mapping[str, Any]],
-    origin: Callable[[str], Problem],
+    path: Path,
+    lines: Mapping[tuple[str, ...], int],
 ) -> list[tuple[str, Plugin]]:
     """Make the enabled plugins (entry-point names, or ``module:factory`` import paths for a
-    plugin that is not installed); ConfigError (``file:line: why``) for an unknown name or bad
-    options. ``origin(name)`` places a problem at the name's line in the config."""
+    plugin that is not installed); ConfigError with every problem for an unknown name or bad
+    options, each at its line in ``path`` (``lines``: ``supervisor.config.key_lines``)."""
     installed = available()
     made: list[tuple[str, Plugin]] = []
     problems: list[Problem] = []
+
+    def at(*key: str) -> int:
+        """The line of ``[plugins.<key...>]``'s longest part that the file has, else of enabled."""
+        for n in range(len(key), 0, -1):
+            line = lines.get(("plugins", *key[:n]))
+            if line:
+                return line
+        return lines.get(("plugins", "enabled"), 0)
+
     for name in enabled:
-        where = origin(name)
         entry = installed.get(name)
         if entry is None and ":" in name:
             # "package.module:factory": a plugin that is not installed as a distribution.
             entry = EntryPoint(name=name, value=name, group=ENTRY_POINT_GROUP)
         if entry is None:
             known = ", ".join(sorted(installed)) or "none"
-            problems.append(replace(where, message=f"plugin {name!r} is not installed (installed: {known})"))
+            problems.append(Problem(path, at(name), f"plugin {name!r} is not installed (installed: {known})"))
             continue
         try:
             factory: PluginFactory = entry.load()
             made.append((name, factory(dict(options.get(name, {})))))
         except ImportError as err:
-            problems.append(replace(where, message=f"plugin {name!r} cannot be imported: {err}"))
+            problems.append(Problem(path, at(name), f"plugin {name!r} cannot be imported: {err}"))
+        except ValidationError as err:
+            model = getattr(factory, "options", None)
+            keys: list[str] = []
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                keys = list(model.model_fields)
+            problems.extend(
+                Problem(path, at(name, key), message) for key, message in option_problems(name, err, keys)
+            )
         except (PluginOptionError, ValueError, TypeError, AttributeError) as err:
-            problems.append(replace(where, message=f"[plugins.{name}]: {err}"))
+            problems.append(Problem(path, at(name), f"[plugins.{name}]: {err}"))
     if problems:
         raise ConfigError(problems)
     return made
+
+
+def option_problems(name: str, error: ValidationError, known: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """``(key, "[plugins.<name>] key: message")`` for each key pydantic found wrong (its first
+    error only: a union's alternatives would each say the same thing their own way); the key is
+    ``""`` for a check of the table as a whole."""
+    found: dict[str, str] = {}
+    for detail in error.errors():
+        loc = detail["loc"]
+        key = str(loc[0]) if loc else ""
+        if key in found:
+            continue
+        if detail["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(key, list(known), n=1)
+            more = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
+            message = f"unknown key{more}"
+        else:
+            # "Value error, " is pydantic's prefix for the models' own validators' messages.
+            message = detail["msg"].removeprefix("Value error, ")
+        found[key] = f"[plugins.{name}] {key}: {message}" if key else f"[plugins.{name}]: {message}"
+    return list(found.items())
 
 
 async def until(condition: Callable[[View], bool], ctx: PluginContext) -> View:
