@@ -9,6 +9,7 @@ minutes of leases and retries pass in milliseconds, and the tests can say when e
 
 from __future__ import annotations
 
+import itertools
 from ipaddress import ip_address
 
 import anyio
@@ -98,7 +99,7 @@ async def test_renewals_come_at_half_life_retries_double_to_a_bound_and_an_expir
     assert [call for call, _ in retries] == ["renew"] * 3 + ["obtain"] * 5
     times = [at - start for _, at in retries]
     assert times[0] == pytest.approx(5.0)  # half of the 10 s lease
-    gaps = [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
     assert gaps == [2.0, 4.0, 8.0, 16.0, RETRY_MAX_S, RETRY_MAX_S, RETRY_MAX_S]
     # The first failure after the lease's end (5 + 2 + 4 = 11 s) withdraws the port.
     assert withdrawn_at - start == pytest.approx(11.0, abs=0.05)
