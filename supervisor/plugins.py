@@ -8,7 +8,8 @@ table against it and reports each wrong key at its line, like the rest of the co
 What a plugin sees is a ``View``: the tunnel (state, server, interface, addresses, gateway) and
 the forwarded port(s). What it may ask for is what ``PluginContext``
 offers, nothing more: wait for the next view, ask the lock to accept inbound ports on the tunnel
-(``forward_ports``), and report fields for the status.
+(``forward_ports``), and report fields for the status. The host writes nowhere else: the status
+asks it for a ``PluginsReport`` when it is built (supervisor/status.py).
 
 Why the host is shaped like this:
 
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
@@ -45,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from supervisor.errors import ConfigError, Problem
 from supervisor.log import get_logger
 from supervisor.servers import IPAddress, IPInterface, Server
+from supervisor.status import JSON
 
 log = get_logger(__name__)
 
@@ -106,6 +109,25 @@ class Forwarded:
 class View:
     tunnel: Tunnel = field(default_factory=Tunnel)
     forwarded: Forwarded | None = None
+
+
+@dataclass(frozen=True)
+class PluginsReport:
+    """What the host tells the status: the forwarded port(s) the lock accepted, and each
+    plugin's fields (with ``restarts`` and ``last_error`` once it failed)."""
+
+    forwarded: Forwarded | None
+    plugins: Mapping[str, Mapping[str, JSON]]
+
+
+class Published(Protocol):
+    """The runtime's status publish, as far as the plugins see it."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def server(self) -> str | None: ...
 
 
 class Plugin(Protocol):
@@ -200,9 +222,9 @@ class PluginContext:
         was just left."""
         await self._host._changed.wait()
 
-    def report(self, **fields: Any) -> None:
+    def report(self, **fields: JSON) -> None:
         """Fields shown under ``plugins.<name>`` in ``tunlock status --json`` and the metrics."""
-        self._host.status_of(self.name).update(fields)
+        self._host.report_of(self.name).update(fields)
 
     def _notify(self) -> None:
         self._wake.set()
@@ -234,7 +256,6 @@ class PluginHost:
         *,
         interface: str,
         server_of: Callable[[str], Server | None],
-        status: Any | None = None,
         stall_timeout_s: float = 60.0,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
@@ -243,14 +264,13 @@ class PluginHost:
         self.lock = lock
         self.interface = interface
         self.server_of = server_of
-        self.status = status
         self.stall_timeout_s = stall_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.clock = clock
         self.view = View(Tunnel(interface=interface))
         self.version = 0
-        self.reports: dict[str, dict[str, Any]] = {}
+        self._reports: dict[str, dict[str, JSON]] = {}
         self._slots = [_Slot(name, plugin, PluginContext(self, name)) for name, plugin in plugins]
         self._requested: dict[str, frozenset[tuple[str, int]]] = {}
         self._applied: frozenset[tuple[str, int]] = frozenset()
@@ -263,7 +283,7 @@ class PluginHost:
 
     # --- views in ------------------------------------------------------------------------
 
-    def publish(self, status: Any) -> None:
+    def publish(self, status: Published) -> None:
         """The runtime's status publish (synchronous, never waits): a new view for the plugins."""
         tunnel = self.view.tunnel
         server = self.server_of(status.server) if status.server else None
@@ -298,11 +318,6 @@ class PluginHost:
             return
         self.view = view
         self.version += 1
-        if self.status is not None:
-            fw = view.forwarded
-            self.status.forwarded_port = fw.port if fw else None
-            self.status.forwarded_ports = list(fw.ports) if fw else []
-            self.status.forwarded_since = fw.since if fw else None
         for slot in self._slots:
             slot.ctx._notify()
         self._changed.set()
@@ -328,11 +343,16 @@ class PluginHost:
         self._requested[name] = pairs
         self._lock_wake.set()
 
-    def status_of(self, name: str) -> dict[str, Any]:
-        report = self.reports.setdefault(name, {})
-        if self.status is not None:
-            self.status.plugins = self.reports
-        return report
+    def report_of(self, name: str) -> dict[str, JSON]:
+        """``name``'s report, to update (the plugin's fields, the host's ``restarts``)."""
+        return self._reports.setdefault(name, {})
+
+    def report(self) -> PluginsReport:
+        """A copy of what the status shows of the plugins, as it is now."""
+        return PluginsReport(
+            self.view.forwarded,
+            MappingProxyType({name: MappingProxyType(dict(r)) for name, r in self._reports.items()}),
+        )
 
     async def _apply_ports(self) -> None:
         """The one task that changes the lock for plugins: the latest request wins."""
@@ -370,7 +390,7 @@ class PluginHost:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._apply_ports)
             for slot in self._slots:
-                self.status_of(slot.name)
+                self.report_of(slot.name)
                 tg.start_soon(self._supervise, slot)
             task_status.started()
 
@@ -393,7 +413,7 @@ class PluginHost:
             if slot.hung:
                 failure = f"hung: did not come back within {self.stall_timeout_s:g} s"
             slot.restarts += 1
-            self.status_of(slot.name).update(restarts=slot.restarts, last_error=failure)
+            self.report_of(slot.name).update(restarts=slot.restarts, last_error=failure)
             if self.clock() - started > self.backoff_max_s:
                 delay = self.backoff_initial_s  # it ran well for a while: not a crash loop
             log.error("plugin failed; restarting", plugin=slot.name, error=failure, after_s=delay)

@@ -22,7 +22,7 @@ from plugins.forwarding.driver import RETRY_MAX_S, ForwardingOptions, PortForwar
 from plugins.forwarding.provider import ForwardingError, Lease, NotForwardedHere
 from plugins.sockets import Program, Socket
 from supervisor.plugins import PluginHost, Tunnel
-from tests.unit.test_plugin_host import FakeLock, FakeServer, publish
+from tests.unit.test_plugin_host import FakeLock, FakeServer, publish, reported
 
 pytestmark = pytest.mark.anyio
 
@@ -114,7 +114,7 @@ async def test_a_connection_that_cannot_forward_is_not_retried_until_the_next_on
         publish(host, "connected", "vpn1")
         await anyio.sleep(3600)
         assert [call for call, _ in provider.calls] == ["obtain"]
-        assert host.reports["pf"]["last_error"] == "no gateway"
+        assert reported(host, "pf")["last_error"] == "no gateway"
         publish(host, "connecting", "vpn2")
         publish(host, "connected", "vpn2")
         await wait_for(lambda: len(provider.calls) == 2)
@@ -134,7 +134,7 @@ async def test_a_static_port_is_forwarded_at_each_connection_without_renewals_an
         await wait_for(lambda: host.view.forwarded is not None)
         assert host.view.forwarded.ports == (51413,)
         assert lock.calls == [frozenset({("tcp", 51413), ("udp", 51413)})]
-        report = host.reports["pf"]
+        report = reported(host, "pf")
         assert report["provider"] == "static" and report["port"] == 51413 and report["lifetime_s"] is None
         await anyio.sleep(3 * 3600)  # held as long as the connection: no renewal, no change
         assert len(lock.calls) == 1
@@ -164,14 +164,14 @@ async def test_a_static_port_another_program_holds_is_refused_until_that_program
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
-        await wait_for(lambda: (host.reports.get("pf", {}).get("refused") or {}).get("port") == 51413)
-        assert "held by nc (pid 42)" in host.reports["pf"]["refused"]["reason"]
+        await wait_for(lambda: (reported(host, "pf").get("refused") or {}).get("port") == 51413)
+        assert "held by nc (pid 42)" in reported(host, "pf")["refused"]["reason"]
         assert host.view.forwarded is None and lock.calls == []
         busy = False
         refused_at = anyio.current_time()
         await wait_for(lambda: host.view.forwarded is not None)
         assert anyio.current_time() - refused_at <= RETRY_MAX_S + 0.1  # judged again, bounded
-        assert host.reports["pf"]["refused"] is None
+        assert reported(host, "pf")["refused"] is None
         tg.cancel_scope.cancel()
 
 

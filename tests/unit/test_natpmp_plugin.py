@@ -20,7 +20,7 @@ from plugins.forwarding.trust import DEFAULT_LISTENERS, grant_refusal
 from plugins.natpmp import codec
 from plugins.sockets import Program, Socket, parse_table
 from supervisor.plugins import PluginHost
-from tests.unit.test_plugin_host import FakeLock, FakeServer, publish
+from tests.unit.test_plugin_host import FakeLock, FakeServer, publish, reported
 
 pytestmark = pytest.mark.anyio
 
@@ -122,12 +122,12 @@ async def test_a_refusing_gateway_is_retried_and_nothing_is_forwarded_meanwhile(
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
-        await wait_for(lambda: "refused" in host.reports.get("natpmp", {}).get("last_error", ""))
+        await wait_for(lambda: "refused" in reported(host, "natpmp").get("last_error", ""))
         assert host.view.forwarded is None and lock.calls == []
         gateway.refuse = False
         await wait_for(lambda: host.view.forwarded is not None, timeout=15)  # the 2 s retry
         tg.cancel_scope.cancel()
-    assert "restarts" not in host.reports["natpmp"], "a refusal is handled, not a crash"
+    assert "restarts" not in reported(host, "natpmp"), "a refusal is handled, not a crash"
 
 
 async def test_an_exchange_with_a_server_just_left_is_abandoned_at_the_failover(monkeypatch):
@@ -226,8 +226,8 @@ async def test_a_refused_grant_is_given_back_never_accepted_by_the_lock_and_show
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
-        await wait_for(lambda: (host.reports.get("natpmp", {}).get("refused") or {}).get("port") == 22)
-        report = host.reports["natpmp"]
+        await wait_for(lambda: (reported(host, "natpmp").get("refused") or {}).get("port") == 22)
+        report = reported(host, "natpmp")
         assert "below 1024" in report["refused"]["reason"] and report["port"] is None
         await wait_for(lambda: ("udp", 0, 0) in gateway.calls)  # given back to the gateway
         assert host.view.forwarded is None and lock.calls == []
@@ -235,7 +235,7 @@ async def test_a_refused_grant_is_given_back_never_accepted_by_the_lock_and_show
         gateway.port = 40001
         await wait_for(lambda: host.view.forwarded is not None, timeout=15)
         assert lock.calls[-1] == frozenset({("tcp", 40001), ("udp", 40001)})
-        assert host.reports["natpmp"]["refused"] is None
+        assert reported(host, "natpmp")["refused"] is None
         # A refresh that moves the port onto a refused one withdraws the port held.
         gateway.port = 443
         await wait_for(lambda: host.view.forwarded is None, timeout=15)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from plugins import hooks, portfile, torrent
 from supervisor.plugins import Forwarded, PluginContext, PluginHost, Tunnel, View
+from tests.unit.test_plugin_host import reported
 
 
 def test_port_file_is_written_whole_and_removed_when_no_port(tmp_path: Path):
@@ -197,10 +198,10 @@ async def test_a_shell_hook_reads_the_values_from_its_environment_as_plain_data(
     async with anyio.create_task_group() as tg:
         tg.start_soon(plugin.run, ctx)
         with anyio.fail_after(20):
-            while "on_connected" not in host.reports.get("hooks", {}):
+            while "on_connected" not in reported(host, "hooks"):
                 await anyio.sleep(0.01)
         tg.cancel_scope.cancel()
-    assert host.reports["hooks"]["on_connected"]["status"] == 0
+    assert reported(host, "hooks")["on_connected"]["status"] == 0
     assert out.read_text() == "up s2$(echo INJECTED) 40000 tl0\n"
 
 
