@@ -110,6 +110,7 @@ class PortForwarding:
         due: float | None = None  # when to ask the provider next, on ``self.clock``
         retry = RETRY_INITIAL_S
         tunnel = ctx.view.tunnel
+        ctx.report(provider=self.provider.name, port=None)
         while True:
             view = await ctx.next(None if due is None else due - self.clock())
             if view is not None:
