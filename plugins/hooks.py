@@ -15,15 +15,16 @@ killed when it outlives ``timeout_s``.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated
 
 import anyio
+from pydantic import Field, field_validator, model_validator
 
-from plugins import _options
 from supervisor.errors import describe
-from supervisor.plugins import PluginContext, PluginOptionError, View
+from supervisor.plugins import PluginContext, PluginOptions, PluginSpec, View
 
 HOOKS = ("on_port", "on_connected", "on_disconnected")
 
@@ -73,18 +74,40 @@ async def run_hook(
         return process.returncode, output.decode(errors="replace")
 
 
+Command = tuple[str, ...]
+
+
+class HooksOptions(PluginOptions):
+    # A command as a list of arguments, or a string split like a shell would (no shell runs it).
+    on_port: Command | None = None
+    on_connected: Command | None = None
+    on_disconnected: Command | None = None
+    timeout_s: Annotated[float, Field(ge=0.1, le=3600)] = 10
+
+    @field_validator(*HOOKS, mode="before")
+    @classmethod
+    def _command(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = shlex.split(value)  # its ValueError ("No closing quotation") says what is wrong
+        if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+            raise ValueError("a command, as a string or a list of arguments")
+        try:
+            expand(value, dict.fromkeys(("port", "ports", "interface", "server"), ""))
+        except (KeyError, ValueError, IndexError) as err:
+            raise ValueError(f"{' '.join(value)}: unknown placeholder {err}") from None
+        return tuple(value)
+
+    @model_validator(mode="after")
+    def _one_at_least(self) -> HooksOptions:
+        if not any(getattr(self, hook) for hook in HOOKS):
+            raise ValueError(f"set at least one of {', '.join(HOOKS)}")
+        return self
+
+
 class HooksPlugin:
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        _options.only(options, (*HOOKS, "timeout_s"))
-        self.commands = {hook: _options.command(options, hook) for hook in HOOKS}
-        if not any(self.commands.values()):
-            raise PluginOptionError(f"set at least one of {', '.join(HOOKS)}")
-        self.timeout_s = _options.number(options, "timeout_s", 10, 0.1, 3600)
-        for argv in filter(None, self.commands.values()):
-            try:
-                expand(argv, dict.fromkeys(("port", "ports", "interface", "server"), ""))
-            except (KeyError, ValueError, IndexError) as err:
-                raise PluginOptionError(f"{' '.join(argv)}: unknown placeholder {err}") from None
+    def __init__(self, options: HooksOptions) -> None:
+        self.commands: dict[str, Command | None] = {hook: getattr(options, hook) for hook in HOOKS}
+        self.timeout_s = options.timeout_s
 
     async def _fire(self, ctx: PluginContext, hook: str, view: View) -> None:
         argv = self.commands[hook]
@@ -122,5 +145,4 @@ class HooksPlugin:
             ports = new_ports
 
 
-def factory(options: Mapping[str, Any]) -> HooksPlugin:
-    return HooksPlugin(options)
+factory = PluginSpec(HooksOptions, HooksPlugin)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
 import anyio
+from pydantic import Field, field_validator
 
-from plugins import _options
-from supervisor.plugins import PluginContext, PluginOptionError
+from supervisor.plugins import PluginContext, PluginOptions, PluginSpec
 
 
 def write_port_file(path: Path, ports: Sequence[int] | None, mode: int = 0o644) -> None:
@@ -41,13 +41,20 @@ def write_port_file(path: Path, ports: Sequence[int] | None, mode: int = 0o644) 
         raise
 
 
+class PortFileOptions(PluginOptions):
+    path: Annotated[Path, Field(strict=False)]
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("an absolute file path, such as /run/tunlock/forwarded_port")
+        return value
+
+
 class PortFilePlugin:
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        _options.only(options, ("path",))
-        path = _options.text(options, "path")
-        if not path or not Path(path).is_absolute():
-            raise PluginOptionError("path: an absolute file path, such as /run/tunlock/forwarded_port")
-        self.path = Path(path)
+    def __init__(self, options: PortFileOptions) -> None:
+        self.path = options.path
 
     async def run(self, ctx: PluginContext) -> None:
         written: tuple[int, ...] | None = ()
@@ -63,5 +70,4 @@ class PortFilePlugin:
             ctx.report(path=str(self.path), port=ports[0] if ports else None)
 
 
-def factory(options: Mapping[str, Any]) -> PortFilePlugin:
-    return PortFilePlugin(options)
+factory = PluginSpec(PortFileOptions, PortFilePlugin)

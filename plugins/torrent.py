@@ -27,14 +27,15 @@ import time
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import httpx
+from pydantic import Field, field_validator, model_validator
 
-from plugins import _options, sockets
+from plugins import sockets
 from supervisor.errors import describe
-from supervisor.plugins import PluginContext, PluginOptionError
+from supervisor.plugins import PluginContext, PluginOptions, PluginSpec
 
 
 class PushError(Exception):
@@ -142,21 +143,21 @@ def _uid_of(user: object) -> int:
         try:
             return pwd.getpwnam(user).pw_uid
         except KeyError:
-            raise PluginOptionError(f"api_user = {user!r}: no such user") from None
-    raise PluginOptionError(f"api_user = {user!r}: the user (name or uid) the torrent client runs as")
+            raise ValueError(f"{user!r}: no such user") from None
+    raise ValueError(f"{user!r}: the user (name or uid) the torrent client runs as")
 
 
 class ApiGuard:
     """Checks, before each request, that a loopback API is served by a trusted user's program."""
 
-    def __init__(self, url: str, options: Mapping[str, Any]) -> None:
+    def __init__(self, url: str, api_uid: int | None) -> None:
         parsed = httpx.URL(url)
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.where = f"{parsed.host}:{self.port}"
         self.hosts = _loopback_hosts(parsed.host)
         trusted = {0, os.geteuid()}
-        if options.get("api_user") is not None:
-            trusted.add(_uid_of(options["api_user"]))
+        if api_uid is not None:
+            trusted.add(api_uid)
         self.trusted = frozenset(trusted)
 
     async def check(self) -> None:
@@ -182,14 +183,13 @@ def _loopback_hosts(host: str) -> tuple[IPv4Address | IPv6Address, ...]:
 # --- credentials ------------------------------------------------------------------------------
 
 
-def read_secret(options: Mapping[str, Any], key: str) -> str | None:
-    """``<key>_file`` (the file's first line) or ``<key>_env`` (a variable's name)."""
-    path, env = options.get(f"{key}_file"), options.get(f"{key}_env")
+def read_secret(path: str | None, env: str | None) -> str | None:
+    """The file's first line at ``path``, or the value of the variable named ``env``."""
     if path is not None:
         return Path(path).read_text(encoding="utf-8").splitlines()[0] if Path(path).stat().st_size else ""
     if env is not None:
         if env not in os.environ:
-            raise PushError(f"{key}_env: ${env} is not set")
+            raise PushError(f"password_env: ${env} is not set")
         return os.environ[env]
     return None
 
@@ -202,16 +202,18 @@ class QBittorrent:
 
     name = "qbittorrent"
 
-    def __init__(self, url: str, options: Mapping[str, Any]) -> None:
-        self.url = url.rstrip("/")
+    def __init__(self, options: TorrentOptions) -> None:
+        self.url = options.url.rstrip("/")
         self.options = options
-        self.guard = ApiGuard(url, options)
+        self.guard = ApiGuard(options.url, options.api_user)
         self._logged_in = False
 
     async def _login(self, http: httpx.AsyncClient) -> None:
         await self.guard.check()
-        username = _options.text(self.options, "username", "admin") or ""
-        password = await anyio.to_thread.run_sync(read_secret, self.options, "password")
+        username = self.options.username or ""
+        password = await anyio.to_thread.run_sync(
+            read_secret, self.options.password_file, self.options.password_env
+        )
         reply = await http.post(
             f"{self.url}/api/v2/auth/login", data={"username": username, "password": password or ""}
         )
@@ -246,19 +248,21 @@ class Transmission:
 
     name = "transmission"
 
-    def __init__(self, url: str, options: Mapping[str, Any]) -> None:
-        self.url = url
+    def __init__(self, options: TorrentOptions) -> None:
+        self.url = options.url
         self.options = options
-        self.guard = ApiGuard(url, options)
+        self.guard = ApiGuard(options.url, options.api_user)
         self._session_id = ""
 
     async def _rpc(
         self, http: httpx.AsyncClient, method: str, arguments: Mapping[str, Any]
     ) -> dict[str, Any]:
-        username = _options.text(self.options, "username")
+        username = self.options.username
         auth = httpx.Auth()  # the base class sends a request as it is: no credentials
         if username is not None:
-            password = await anyio.to_thread.run_sync(read_secret, self.options, "password")
+            password = await anyio.to_thread.run_sync(
+                read_secret, self.options.password_file, self.options.password_env
+            )
             auth = httpx.BasicAuth(username, password or "")
         body = transmission_request(method, arguments)
         for _ in range(2):
@@ -290,18 +294,16 @@ class Transmission:
 
 
 class PortPusher:
-    def __init__(self, client: QBittorrent | Transmission, options: Mapping[str, Any]) -> None:
+    def __init__(self, client: QBittorrent | Transmission, options: TorrentOptions) -> None:
         self.client = client
-        self.reassert_s = _options.number(options, "reassert_s", 15, 0.2, 86400)
-        self.retry_s = _options.number(options, "retry_s", 2, 0.1, 3600)
-        self.timeout_s = _options.number(options, "timeout_s", 10, 0.5, 120)
+        self.reassert_s = options.reassert_s
+        self.retry_s = options.retry_s
+        self.timeout_s = options.timeout_s
         # The client shares this network namespace when its API is on loopback: then the kernel's
         # socket table says whether it really listens (a client that failed to bind still
         # reports the new port through its API).
-        verify = options.get("verify_listening", _is_loopback(client.url))
-        if not isinstance(verify, bool):
-            raise PluginOptionError("verify_listening: true or false")
-        self.verify_listening = verify
+        verify = options.verify_listening
+        self.verify_listening = _is_loopback(client.url) if verify is None else verify
 
     async def push(self, http: httpx.AsyncClient, port: int) -> bool:
         """Make the client listen on ``port``; True when it had to be changed."""
@@ -360,24 +362,47 @@ def _is_loopback(url: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
-def _url(options: Mapping[str, Any], default: str) -> str:
-    url = _options.text(options, "url", default) or default
-    if not url.startswith(("http://", "https://")):
-        raise PluginOptionError(f"url = {url!r}: an http:// or https:// address")
-    return url
+class TorrentOptions(PluginOptions):
+    """What both torrent-client plugins take."""
+
+    url: str
+    username: str | None = None
+    password_file: str | None = None  # its first line
+    password_env: str | None = None  # a variable of the daemon's environment
+    reassert_s: Annotated[float, Field(ge=0.2, le=86400)] = 15
+    retry_s: Annotated[float, Field(ge=0.1, le=3600)] = 2
+    timeout_s: Annotated[float, Field(ge=0.5, le=120)] = 10
+    verify_listening: bool | None = None  # default: true for a loopback url
+    # The user (name or uid) the client runs as; held as its uid.
+    api_user: int | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r}: an http:// or https:// address")
+        return url
+
+    @field_validator("api_user", mode="before")
+    @classmethod
+    def _uid(cls, user: object) -> object:
+        return None if user is None else _uid_of(user)
 
 
-SECRET_KEYS = ("password_file", "password_env")
-PUSH_KEYS = ("reassert_s", "retry_s", "timeout_s", "verify_listening", "api_user")
+class QBittorrentOptions(TorrentOptions):
+    url: str = "http://127.0.0.1:8080"
+    username: str | None = "admin"
+
+    @model_validator(mode="after")
+    def _credentials(self) -> QBittorrentOptions:
+        if self.password_file is None and self.password_env is None:
+            raise ValueError("set password_file or password_env (the localhost bypass is off by default)")
+        return self
 
 
-def qbittorrent(options: Mapping[str, Any]) -> PortPusher:
-    _options.only(options, ("url", "username", *SECRET_KEYS, *PUSH_KEYS))
-    if not any(key in options for key in SECRET_KEYS):
-        raise PluginOptionError("set password_file or password_env (the localhost bypass is off by default)")
-    return PortPusher(QBittorrent(_url(options, "http://127.0.0.1:8080"), options), options)
+class TransmissionOptions(TorrentOptions):
+    url: str = "http://127.0.0.1:9091/transmission/rpc"
 
 
-def transmission(options: Mapping[str, Any]) -> PortPusher:
-    _options.only(options, ("url", "username", *SECRET_KEYS, *PUSH_KEYS))
-    return PortPusher(Transmission(_url(options, "http://127.0.0.1:9091/transmission/rpc"), options), options)
+qbittorrent = PluginSpec(QBittorrentOptions, lambda options: PortPusher(QBittorrent(options), options))
+transmission = PluginSpec(TransmissionOptions, lambda options: PortPusher(Transmission(options), options))

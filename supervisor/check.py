@@ -97,16 +97,9 @@ def _check_plugins(config: Checked) -> None:
         return
     from supervisor import plugins
     from supervisor.config import key_lines
-    from supervisor.errors import Problem
 
     lines = key_lines(config.path.read_text(encoding="utf-8"))
-    plugins.load(
-        section.enabled,
-        section.options,
-        lambda name: Problem(
-            config.path, lines.get(("plugins", name)) or lines.get(("plugins", "enabled"), 0), ""
-        ),
-    )
+    plugins.load(section.enabled, section.options, config.path, lines)
 
 
 def _fail(problems: list[Problem], warnings: list[Problem]) -> typing.NoReturn:

@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
@@ -45,7 +45,7 @@ from supervisor.control import server as control_server
 from supervisor.control.client import request as control_request
 from supervisor.control.commands import ControlCommands
 from supervisor.control.socket_path import config_problem as control_socket_problem
-from supervisor.errors import ConfigError, Problem, TunlockError
+from supervisor.errors import ConfigError, TunlockError
 from supervisor.health import IcmpProber
 from supervisor.lock.configured import policy_from_config
 from supervisor.lock.guarded import GuardedLock
@@ -57,7 +57,8 @@ from supervisor.net import monitor
 from supervisor.plugins import PluginHost
 from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
-from supervisor.servers import Server
+from supervisor.servers import Endpoint, Server
+from supervisor.status import StatusReport
 from supervisor.systemd.notify import Notifier
 from supervisor.wireguard import backend as wg
 from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
@@ -194,9 +195,16 @@ async def serve(config: Config) -> int:
         await runtime.post(
             lambda now: ev.Start(now, int.from_bytes(os.urandom(8), "big"), adopted.name if adopted else None)
         )
-        await tg.start(control_server.serve, settings.control.socket, ControlCommands(runtime))
+
+        async def status_now() -> StatusReport:
+            """``tunlock status`` and the metrics: built now from the runtime's status, the lock
+            read for it and the plugins' reports."""
+            plugins_report = host.report() if host is not None else None
+            return StatusReport.build(runtime.status, await runtime.lock_state(), plugins_report)
+
+        await tg.start(control_server.serve, settings.control.socket, ControlCommands(runtime, status_now))
         if settings.metrics.address is not None:
-            await tg.start(_serve_metrics, config, runtime, lock)
+            await tg.start(_serve_metrics, runtime, lock, status_now, settings.metrics.address)
         if host is not None:
             await tg.start(host.run)
         tg.start_soon(_signals, runtime, config, watcher, notifier, host)
@@ -223,31 +231,30 @@ async def serve(config: Config) -> int:
 
 
 async def _serve_metrics(
-    config: Config,
     runtime: Runtime,
     lock: GuardedLock,
+    status_now: Callable[[], Awaitable[StatusReport]],
+    address: Endpoint,
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Prometheus metrics at ``[metrics] listen``, read fresh from the runtime at each scrape."""
+    """Prometheus metrics at ``[metrics] listen``: the status built fresh at each scrape."""
     # Imported here: a daemon without metrics does not carry prometheus_client and h11 (~2 MB).
     # One `nft list` per scrape: the lock's state and counters come from the same reading.
     from supervisor import metrics
 
     async def snapshot() -> metrics.Snapshot:
-        await runtime.refresh_lock_status()
+        report = await status_now()
         return metrics.Snapshot(
-            status=runtime.status.as_json(),
+            status=report.as_json(),
             version=__version__,
             servers=len(runtime.servers),
             entered=dict(runtime.status.entered),
             failures=dict(runtime.status.failures),
-            lock_counters=dict(runtime.status.lock_counters),
+            lock_counters=dict(report.lock.counters),
             lock_restores=lock.restores,
         )
 
-    address = config.settings.metrics.address
-    assert address is not None
     await metrics.serve(str(address.host), address.port, snapshot, task_status=task_status)
 
 
@@ -334,18 +341,12 @@ def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginH
     if not section.enabled:
         return None
     lines = key_lines(config.path.read_text(encoding="utf-8"))
-
-    def origin(name: str) -> Problem:
-        line = lines.get(("plugins", name)) or lines.get(("plugins", "enabled"), 0)
-        return Problem(config.path, line, "")
-
-    made = plugins.load(section.enabled, section.options, origin)
+    made = plugins.load(section.enabled, section.options, config.path, lines)
     return PluginHost(
         made,
         lock,
         interface=config.settings.tunnel.interface,
         server_of=lambda name: runtime.servers.get(name),
-        status=runtime.status,
         stall_timeout_s=section.stall_timeout_s,
         backoff_initial_s=section.backoff_initial_s,
         backoff_max_s=section.backoff_max_s,

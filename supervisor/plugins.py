@@ -1,12 +1,15 @@
 """Plugins: optional behaviour that follows the daemon's state (port forwarding, hooks, pushes).
 
 A plugin is any object with ``async def run(self, ctx: PluginContext) -> None``, made by a factory
-``factory(options) -> plugin`` that the ``tunlock.plugins`` entry-point group names and
-``[plugins] enabled`` turns on; its options are the ``[plugins.<name>]`` table (see
-docs/plugins.md). What a plugin sees is a ``View``: the tunnel (state, server, interface,
-addresses, gateway) and the forwarded port(s). What it may ask for is what ``PluginContext``
+that the ``tunlock.plugins`` entry-point group names and ``[plugins] enabled`` turns on; its
+options are the ``[plugins.<name>]`` table (see docs/plugins.md). A ``PluginSpec`` is such a
+factory with its options declared as a pydantic model (``PluginOptions``): the host validates the
+table against it and reports each wrong key at its line, like the rest of the configuration.
+What a plugin sees is a ``View``: the tunnel (state, server, interface, addresses, gateway) and
+the forwarded port(s). What it may ask for is what ``PluginContext``
 offers, nothing more: wait for the next view, ask the lock to accept inbound ports on the tunnel
-(``forward_ports``), and report fields for the status.
+(``forward_ports``), and report fields for the status. The host writes nowhere else: the status
+asks it for a ``PluginsReport`` when it is built (supervisor/status.py).
 
 Why the host is shaped like this:
 
@@ -25,6 +28,7 @@ Why the host is shaped like this:
 
 from __future__ import annotations
 
+import difflib
 import math
 import time
 from collections import deque
@@ -32,14 +36,18 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 from ipaddress import IPv4Address
-from typing import Any, Protocol
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 import anyio.abc
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from supervisor.errors import ConfigError, Problem, describe
 from supervisor.log import get_logger
 from supervisor.servers import IPAddress, IPInterface, Server
+from supervisor.status import JSON
 
 log = get_logger(__name__)
 
@@ -103,6 +111,25 @@ class View:
     forwarded: Forwarded | None = None
 
 
+@dataclass(frozen=True)
+class PluginsReport:
+    """What the host tells the status: the forwarded port(s) the lock accepted, and each
+    plugin's fields (with ``restarts`` and ``last_error`` once it failed)."""
+
+    forwarded: Forwarded | None
+    plugins: Mapping[str, Mapping[str, JSON]]
+
+
+class Published(Protocol):
+    """The runtime's status publish, as far as the plugins see it."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def server(self) -> str | None: ...
+
+
 class Plugin(Protocol):
     async def run(self, ctx: PluginContext) -> None:
         """Follow ``await ctx.next()`` until cancelled; raise to be restarted (with backoff)."""
@@ -112,7 +139,34 @@ PluginFactory = Callable[[Mapping[str, Any]], Plugin]
 
 
 class PluginOptionError(ValueError):
-    """A plugin's options are wrong; the message says which and why."""
+    """A plugin's options are wrong; the message says which and why (for a factory that checks
+    its table itself; a ``PluginSpec`` declares a model instead)."""
+
+
+class PluginOptions(BaseModel):
+    """The base of a plugin's options model: ``[plugins.<name>]`` is validated against it.
+
+    Unknown keys are errors, and values must be of the TOML type declared (strict: ``"60"`` is
+    not a number, ``true`` is not 1), as the hand-written checks before them required."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+OptionsT = TypeVar("OptionsT", bound=PluginOptions)
+
+
+@dataclass(frozen=True)
+class PluginSpec(Generic[OptionsT]):
+    """A plugin factory with declared options: what a ``tunlock.plugins`` entry point names.
+
+    Called with the raw table it validates it (pydantic's ValidationError, which ``load`` turns
+    into ``file:line`` problems) and makes the plugin from the model."""
+
+    options: type[OptionsT]
+    make: Callable[[OptionsT], Plugin]
+
+    def __call__(self, table: Mapping[str, Any]) -> Plugin:
+        return self.make(self.options.model_validate(dict(table)))
 
 
 # --- what a plugin may ask --------------------------------------------------------------------
@@ -168,9 +222,9 @@ class PluginContext:
         was just left."""
         await self._host._changed.wait()
 
-    def report(self, **fields: Any) -> None:
+    def report(self, **fields: JSON) -> None:
         """Fields shown under ``plugins.<name>`` in ``tunlock status --json`` and the metrics."""
-        self._host.status_of(self.name).update(fields)
+        self._host.report_of(self.name).update(fields)
 
     def _notify(self) -> None:
         self._wake.set()
@@ -202,7 +256,6 @@ class PluginHost:
         *,
         interface: str,
         server_of: Callable[[str], Server | None],
-        status: Any | None = None,
         stall_timeout_s: float = 60.0,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
@@ -211,14 +264,13 @@ class PluginHost:
         self.lock = lock
         self.interface = interface
         self.server_of = server_of
-        self.status = status
         self.stall_timeout_s = stall_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.clock = clock
         self.view = View(Tunnel(interface=interface))
         self.version = 0
-        self.reports: dict[str, dict[str, Any]] = {}
+        self._reports: dict[str, dict[str, JSON]] = {}
         self._slots = [_Slot(name, plugin, PluginContext(self, name)) for name, plugin in plugins]
         self._requested: dict[str, frozenset[tuple[str, int]]] = {}
         self._applied: frozenset[tuple[str, int]] = frozenset()
@@ -231,7 +283,7 @@ class PluginHost:
 
     # --- views in ------------------------------------------------------------------------
 
-    def publish(self, status: Any) -> None:
+    def publish(self, status: Published) -> None:
         """The runtime's status publish (synchronous, never waits): a new view for the plugins."""
         tunnel = self.view.tunnel
         server = self.server_of(status.server) if status.server else None
@@ -266,11 +318,6 @@ class PluginHost:
             return
         self.view = view
         self.version += 1
-        if self.status is not None:
-            fw = view.forwarded
-            self.status.forwarded_port = fw.port if fw else None
-            self.status.forwarded_ports = list(fw.ports) if fw else []
-            self.status.forwarded_since = fw.since if fw else None
         for slot in self._slots:
             slot.ctx._notify()
         self._changed.set()
@@ -296,11 +343,16 @@ class PluginHost:
         self._requested[name] = pairs
         self._lock_wake.set()
 
-    def status_of(self, name: str) -> dict[str, Any]:
-        report = self.reports.setdefault(name, {})
-        if self.status is not None:
-            self.status.plugins = self.reports
-        return report
+    def report_of(self, name: str) -> dict[str, JSON]:
+        """``name``'s report, to update (the plugin's fields, the host's ``restarts``)."""
+        return self._reports.setdefault(name, {})
+
+    def report(self) -> PluginsReport:
+        """A copy of what the status shows of the plugins, as it is now."""
+        return PluginsReport(
+            self.view.forwarded,
+            MappingProxyType({name: MappingProxyType(dict(r)) for name, r in self._reports.items()}),
+        )
 
     async def _apply_ports(self) -> None:
         """The one task that changes the lock for plugins: the latest request wins."""
@@ -338,7 +390,7 @@ class PluginHost:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._apply_ports)
             for slot in self._slots:
-                self.status_of(slot.name)
+                self.report_of(slot.name)
                 tg.start_soon(self._supervise, slot)
             task_status.started()
 
@@ -361,7 +413,7 @@ class PluginHost:
             if slot.hung:
                 failure = f"hung: did not come back within {self.stall_timeout_s:g} s"
             slot.restarts += 1
-            self.status_of(slot.name).update(restarts=slot.restarts, last_error=failure)
+            self.report_of(slot.name).update(restarts=slot.restarts, last_error=failure)
             if self.clock() - started > self.backoff_max_s:
                 delay = self.backoff_initial_s  # it ran well for a while: not a crash loop
             log.error("plugin failed; restarting", plugin=slot.name, error=failure, after_s=delay)
@@ -404,34 +456,72 @@ def available() -> dict[str, Any]:
 def load(
     enabled: Sequence[str],
     options: Mapping[str, Mapping[str, Any]],
-    origin: Callable[[str], Problem],
+    path: Path,
+    lines: Mapping[tuple[str, ...], int],
 ) -> list[tuple[str, Plugin]]:
     """Make the enabled plugins (entry-point names, or ``module:factory`` import paths for a
-    plugin that is not installed); ConfigError (``file:line: why``) for an unknown name or bad
-    options. ``origin(name)`` places a problem at the name's line in the config."""
+    plugin that is not installed); ConfigError with every problem for an unknown name or bad
+    options, each at its line in ``path`` (``lines``: ``supervisor.config.key_lines``)."""
     installed = available()
     made: list[tuple[str, Plugin]] = []
     problems: list[Problem] = []
+
+    def at(*key: str) -> int:
+        """The line of ``[plugins.<key...>]``'s longest part that the file has, else of enabled."""
+        for n in range(len(key), 0, -1):
+            line = lines.get(("plugins", *key[:n]))
+            if line:
+                return line
+        return lines.get(("plugins", "enabled"), 0)
+
     for name in enabled:
-        where = origin(name)
         entry = installed.get(name)
         if entry is None and ":" in name:
             # "package.module:factory": a plugin that is not installed as a distribution.
             entry = EntryPoint(name=name, value=name, group=ENTRY_POINT_GROUP)
         if entry is None:
             known = ", ".join(sorted(installed)) or "none"
-            problems.append(replace(where, message=f"plugin {name!r} is not installed (installed: {known})"))
+            problems.append(Problem(path, at(name), f"plugin {name!r} is not installed (installed: {known})"))
             continue
         try:
             factory: PluginFactory = entry.load()
             made.append((name, factory(dict(options.get(name, {})))))
         except ImportError as err:
-            problems.append(replace(where, message=f"plugin {name!r} cannot be imported: {err}"))
+            problems.append(Problem(path, at(name), f"plugin {name!r} cannot be imported: {err}"))
+        except ValidationError as err:
+            model = getattr(factory, "options", None)
+            keys: list[str] = []
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                keys = list(model.model_fields)
+            problems.extend(
+                Problem(path, at(name, key), message) for key, message in option_problems(name, err, keys)
+            )
         except (PluginOptionError, ValueError, TypeError, AttributeError) as err:
-            problems.append(replace(where, message=f"[plugins.{name}]: {err}"))
+            problems.append(Problem(path, at(name), f"[plugins.{name}]: {err}"))
     if problems:
         raise ConfigError(problems)
     return made
+
+
+def option_problems(name: str, error: ValidationError, known: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """``(key, "[plugins.<name>] key: message")`` for each key pydantic found wrong (its first
+    error only: a union's alternatives would each say the same thing their own way); the key is
+    ``""`` for a check of the table as a whole."""
+    found: dict[str, str] = {}
+    for detail in error.errors():
+        loc = detail["loc"]
+        key = str(loc[0]) if loc else ""
+        if key in found:
+            continue
+        if detail["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(key, list(known), n=1)
+            more = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
+            message = f"unknown key{more}"
+        else:
+            # "Value error, " is pydantic's prefix for the models' own validators' messages.
+            message = detail["msg"].removeprefix("Value error, ")
+        found[key] = f"[plugins.{name}] {key}: {message}" if key else f"[plugins.{name}]: {message}"
+    return list(found.items())
 
 
 async def until(condition: Callable[[View], bool], ctx: PluginContext) -> View:

@@ -27,6 +27,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from supervisor.lock.policy import LockPolicy
+from supervisor.lock.state import LockState
 from supervisor.log import get_logger
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev
@@ -34,6 +35,7 @@ from supervisor.machine.core import step
 from supervisor.machine.settings import Settings
 from supervisor.machine.states import Failure, Machine
 from supervisor.servers import Server
+from supervisor.status import FailureReport
 from supervisor.wireguard.backend import TunnelStats
 
 log = get_logger(__name__)
@@ -65,9 +67,8 @@ class Lock(Protocol):
 
     async def remove(self) -> None: ...
 
-    async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
-        """(installed, matching what was last applied, owned twin held, packets refused per
-        named counter)."""
+    async def state(self) -> LockState:
+        """The lock as read now (installed, matching, owned twin held, counters)."""
 
 
 class TunnelControl(Protocol):
@@ -94,59 +95,21 @@ class Prober(Protocol):
 
 @dataclass
 class Status:
-    """The daemon as ``tunlock status`` shows it."""
+    """The machine's side of the status, as last published (the runtime's alone to write).
+
+    ``tunlock status`` is built from it on request, with the lock's state and the plugins'
+    reports beside it (``supervisor.status.StatusReport``)."""
 
     state: str = "blocked"
     server: str | None = None
     since_wall: float = field(default_factory=time.time)
     reason: str | None = None
     stats: TunnelStats | None = None
-    last_failure: dict[str, Any] | None = None
-    lock_installed: bool = False
-    lock_matching: bool = False
-    lock_owned: bool = False  # the flush-proof twin table, held while the daemon runs
-    lock_counters: dict[str, int] = field(default_factory=dict)
+    last_failure: FailureReport | None = None
     backend: str | None = None
     # For the metrics: times each state was entered, and failures declared per server.
     entered: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
-    # Set by the plugin host: the forwarded port(s), since when (wall clock), plugin reports.
-    forwarded_port: int | None = None
-    forwarded_ports: list[int] = field(default_factory=list)
-    forwarded_since: float | None = None
-    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def as_json(self) -> dict[str, Any]:
-        """The ``status --json`` contract: state, server, handshake_age_s, lock.installed, and more."""
-        stats = self.stats if self.server is not None else None
-        age = None
-        if stats is not None and stats.last_handshake is not None:
-            age = round(max(0.0, time.time() - stats.last_handshake), 1)
-        return {
-            "state": self.state,
-            "server": self.server,
-            "handshake_age_s": age,
-            "lock": {
-                "installed": self.lock_installed,
-                "matching": self.lock_matching,
-                "owned": self.lock_owned,
-            },
-            "since": round(self.since_wall, 3),
-            "reason": self.reason,
-            "endpoint": str(stats.endpoint) if stats and stats.endpoint else None,
-            "rx_bytes": stats.rx_bytes if stats else None,
-            "tx_bytes": stats.tx_bytes if stats else None,
-            "last_failure": self.last_failure,
-            "backend": self.backend,
-            "forwarded_port": self.forwarded_port,
-            "forwarded_ports": list(self.forwarded_ports),
-            "forwarded_age_s": (
-                round(max(0.0, time.time() - self.forwarded_since), 1)
-                if self.forwarded_since is not None
-                else None
-            ),
-            "plugins": {name: dict(report) for name, report in self.plugins.items()},
-        }
 
 
 @dataclass(frozen=True)
@@ -436,11 +399,9 @@ class Runtime:
         if server is None:
             status.stats = None  # no peer: the last counters belong to a tunnel that is gone
         if failure is not None:
-            status.last_failure = {
-                "server": failure.server,
-                "reason": failure.reason,
-                "at": round(time.time() - (self.clock() - failure.at), 3),
-            }
+            status.last_failure = FailureReport(
+                failure.server, failure.reason, round(time.time() - (self.clock() - failure.at), 3)
+            )
         log.info("state", state=state, server=server, reason=reason)
         for subscriber in self._subscribers:
             subscriber(status)
@@ -452,18 +413,12 @@ class Runtime:
         except Exception as err:  # teardown goes on; the lock holds regardless
             log.error(f"could not {what}", error=str(err))
 
-    async def refresh_lock_status(self) -> None:
-        """Read whether the lock is installed and matches, and its counters (for a status request)."""
-        status = self.status
+    async def lock_state(self) -> LockState:
+        """The lock as read now (for a status request); an unreadable lock is reported as not
+        installed."""
         try:
             with anyio.fail_after(LOCK_TIMEOUT_S):
-                (
-                    status.lock_installed,
-                    status.lock_matching,
-                    status.lock_owned,
-                    status.lock_counters,
-                ) = await self.lock.state()
+                return await self.lock.state()
         except Exception as err:  # the status says "not installed" then
             log.warning("could not read the lock", error=str(err))
-            status.lock_installed = status.lock_matching = status.lock_owned = False
-            status.lock_counters = {}
+            return LockState()

@@ -47,6 +47,7 @@ from supervisor.lock import nft
 from supervisor.lock.onlink import read_onlink
 from supervisor.lock.owner import OwningContext
 from supervisor.lock.policy import LockPolicy
+from supervisor.lock.state import LockState
 from supervisor.log import get_logger
 
 log = get_logger(__name__)
@@ -171,15 +172,15 @@ class LockGuard:
                     with anyio.move_on_after(2):
                         await process.wait()
 
-    async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
-        """(ordinary table installed, identical to what this guard last installed, owned twin
-        in place, the ordinary table's counters), read without restoring."""
+    async def state(self) -> LockState:
+        """The ordinary table installed, identical to what this guard last installed, the owned
+        twin in place, and the ordinary table's counters; read without restoring."""
         owned = self.owner is not None and await anyio.to_thread.run_sync(self.owner.owns, self.policy.table)
         try:
             current, counters = await anyio.to_thread.run_sync(nft.reading, self.policy.table)
         except nft.LockError:
-            return False, False, owned, {}
-        return True, current == self._reference, owned, counters
+            return LockState(owned=owned)
+        return LockState(installed=True, matching=current == self._reference, owned=owned, counters=counters)
 
     async def watch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow nftables events (``run``) and route changes (``follow_links``) until cancelled;

@@ -38,6 +38,7 @@ from supervisor.lock.guard import LockGuard, OnTamper
 from supervisor.lock.owner import OwnerUnavailable, OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import owned_table
+from supervisor.lock.state import LockState
 from supervisor.log import get_logger
 from supervisor.servers import Server
 
@@ -78,7 +79,7 @@ class Guard(Protocol):
 
     async def swap_tunnel_inbound(self, policy: LockPolicy) -> None: ...
 
-    async def state(self) -> tuple[bool, bool, bool, dict[str, int]]: ...
+    async def state(self) -> LockState: ...
 
     async def watch(self, *, task_status: anyio.abc.TaskStatus[None]) -> None: ...
 
@@ -238,7 +239,8 @@ class GuardedLock:
             finally:
                 await anyio.to_thread.run_sync(owner.close)
 
-    async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
+    async def state(self) -> LockState:
+        """The lock as the guard reads it now."""
         return await self.guard.state()
 
     @property

@@ -282,3 +282,63 @@ def test_a_gateway_granting_ssh_or_a_busy_port_exposes_nothing_the_torrent_clien
     refusals = [e for e in daemon.log_events() if "granted port refused" in e]
     assert any("port=22" in e or '"port": 22' in e for e in refusals), refusals
     assert_no_leaks(lab, mark)
+
+
+def test_a_static_port_is_accepted_through_the_tunnel_at_each_connection_and_judged_like_a_grant(
+    lab: LabUnderTest,
+) -> None:
+    """The second port-forwarding provider (issue #22 item 2): ``[plugins.static_port]`` for a
+    port the provider assigned for good. The server forwards it (here the lab's gateway, told once
+    by natpmpc, as a provider's own set-up would); tunlock asks nobody, but the lock accepts the
+    port through the tunnel at each connection, the status shows it, and a port another program
+    holds is refused like a gateway's grant."""
+    start_gateways(lab.lab, {1: 40005, 2: 40006})
+    set_gateway(lab.lab, 1, "ok", 40005, keep=True)
+    listen(lab.lab, 40005)  # the torrent client, by the program name in listeners
+    config = write_config(
+        lab.lab,
+        f"""
+        [plugins]
+        enabled = ["static_port"]
+
+        [plugins.static_port]
+        ports = [40005]
+        listeners = ["{PYTHON}"]
+        """,
+    )
+    vpn1 = lab.lab.servers[0].endpoint_v4
+    mark = lab.observer.mark()
+    with lab.daemon(env=QUICK, config=config) as daemon:
+        daemon.start()
+        status = daemon.wait_for(lambda s: s["forwarded_port"] == 40005, 20, "the static port")
+        report = status["plugins"]["static_port"]
+        assert report["provider"] == "static" and report["lifetime_s"] is None and report["refused"] is None
+        assert tunnel_inbound(lab) == {40005}
+        assert "Mapped public port 40005" in natpmpc(lab, "-a", "40005", "0", "tcp", "60")
+        assert connect(lab.lab, "inet", vpn1, 40005) == "seedbox 40005", "a peer reaches the client"
+
+        # Another server is a new connection: the port is judged and accepted again there.
+        assert daemon.ask("rotate") == {"ok": True}
+        daemon.wait_for(lambda s: s["server"] == "vpn2" and s["forwarded_port"] == 40005, 30, "on vpn2")
+        assert tunnel_inbound(lab) == {40005}
+    assert_no_leaks(lab, mark)
+
+
+def test_a_static_port_another_program_holds_is_never_accepted(lab: LabUnderTest) -> None:
+    start_gateways(lab.lab, {1: 40005})
+    set_gateway(lab.lab, 1, "ok", 40005, keep=True)
+    listen(lab.lab, 40005)  # not in listeners (the defaults: the torrent clients)
+    plugins = '[plugins]\nenabled = ["static_port"]\n[plugins.static_port]\nports = [40005]\n'
+    config = write_config(lab.lab, plugins)
+    vpn1 = lab.lab.servers[0].endpoint_v4
+    mark = lab.observer.mark()
+    with lab.daemon(env=QUICK, config=config) as daemon:
+        daemon.start()
+        status = daemon.wait_for(
+            lambda s: (s["plugins"]["static_port"].get("refused") or {}).get("port") == 40005, 20, "refused"
+        )
+        assert f"held by {PYTHON}" in status["plugins"]["static_port"]["refused"]["reason"]
+        assert "Mapped public port 40005" in natpmpc(lab, "-a", "40005", "0", "tcp", "60")
+        assert status["forwarded_port"] is None and 40005 not in tunnel_inbound(lab)
+        assert connect(lab.lab, "inet", vpn1, 40005) == "no answer", "the other program is not exposed"
+    assert_no_leaks(lab, mark)

@@ -101,7 +101,7 @@ def test_plugins_are_checked_by_name_and_options_with_their_lines(write_config):
     result = tunlock("check", "--config", str(path))
     assert result.returncode == 1
     assert f"{path}:2: plugin 'nosuch' is not installed" in result.stderr
-    assert f"{path}:4: [plugins.natpmp]: gateway = 'nope'" in result.stderr
+    assert f"{path}:5: [plugins.natpmp] gateway: Input is not a valid IPv4 address" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -112,9 +112,9 @@ def test_the_ports_a_grant_may_bring_and_the_api_user_are_checked_with_their_lin
     )
     result = tunlock("check", "--config", str(path))
     assert result.returncode == 1
-    ports = "allowed_ports = ['22-2222']: a list of ports and ranges"
-    assert f"{path}:4: [plugins.natpmp]: {ports}" in result.stderr
-    assert f"{path}:7: [plugins.transmission]: api_user = 'no-such-user-here': no such user" in result.stderr
+    ports = "allowed_ports: ['22-2222']: a list of ports and ranges"
+    assert f"{path}:5: [plugins.natpmp] {ports}" in result.stderr
+    assert f"{path}:8: [plugins.transmission] api_user: 'no-such-user-here': no such user" in result.stderr
 
 
 def test_warnings_are_printed_beside_errors(write_config, write_server):
@@ -130,3 +130,21 @@ def test_warnings_are_printed_beside_errors(write_config, write_server):
     assert result.stderr.rstrip().endswith("tunlock check: 3 problems"), result.stderr
     quiet = tunlock("check", "--quiet", "--config", str(path))
     assert quiet.returncode == 1 and ": warning: " not in quiet.stderr, quiet.stderr
+
+
+def test_each_plugin_option_is_validated_by_its_model_and_reported_at_its_own_line(write_config):
+    path = write_config(
+        '[plugins]\nenabled = ["static_port", "hooks", "qbittorrent"]\n\n'
+        "[plugins.static_port]\nports = [22]\nlistener = []\n\n"
+        '[plugins.hooks]\non_port = "echo {port}"\ntimeout_s = "10"\n\n'
+        '[plugins.qbittorrent]\nusername = "seedbox"\n'
+    )
+    result = tunlock("check", "--config", str(path))
+    assert result.returncode == 1
+    err = result.stderr
+    assert f"{path}:5: [plugins.static_port] ports: Input should be greater than or equal to 1024" in err
+    assert f"{path}:6: [plugins.static_port] listener: unknown key (did you mean 'listeners'?)" in err
+    assert f"{path}:10: [plugins.hooks] timeout_s: Input should be a valid number" in err
+    # A check of the table as a whole is reported at the table's line.
+    assert f"{path}:12: [plugins.qbittorrent]: set password_file or password_env" in err
+    assert "tunlock check: 4 problems" in err

@@ -30,10 +30,10 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.lock_reads = 0
         self.posted: list[ev.Event] = []
-        self.status = ReportedStatus(self)
 
-    async def refresh_lock_status(self) -> None:
+    async def status_now(self) -> ReportedStatus:
         self.lock_reads += 1
+        return ReportedStatus(self)
 
     async def post(self, make: Callable[[float], ev.Event]) -> None:
         self.posted.append(make(NOW))
@@ -41,7 +41,7 @@ class FakeRuntime:
 
 def ask(request: dict[str, Any]) -> tuple[dict[str, Any], FakeRuntime]:
     runtime = FakeRuntime()
-    answer = anyio.run(ControlCommands(runtime), request)
+    answer = anyio.run(ControlCommands(runtime, runtime.status_now), request)
     return answer, runtime
 
 

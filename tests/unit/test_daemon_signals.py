@@ -160,10 +160,9 @@ class BlockedStatus:
 class AnsweringRuntime(FakeRuntime):
     """Enough of a runtime for the control commands' status."""
 
-    status = BlockedStatus()
-
-    async def refresh_lock_status(self) -> None:
+    async def status_now(self) -> BlockedStatus:
         self.trail.add("status asked")
+        return BlockedStatus()
 
 
 def test_ready_is_told_once_the_first_status_is_out_and_the_control_socket_answers(tmp_path: Path) -> None:
@@ -174,7 +173,8 @@ def test_ready_is_told_once_the_first_status_is_out_and_the_control_socket_answe
         first_status = anyio.Event()
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                commands = ControlCommands(AnsweringRuntime(trail))
+                runtime = AnsweringRuntime(trail)
+                commands = ControlCommands(runtime, runtime.status_now)
                 await tg.start(control_server.serve, path, commands)
                 tg.start_soon(daemon._announce_ready, FakeNotifier(trail), first_status, path)
                 await wait_all_tasks_blocked()

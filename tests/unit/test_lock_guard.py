@@ -19,6 +19,7 @@ from supervisor.lock import guard as guard_module
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard
 from supervisor.lock.policy import LockPolicy
+from supervisor.lock.state import LockState
 from supervisor.servers import Endpoint
 from tests.unit.memory_nft import MemoryNft
 
@@ -75,13 +76,13 @@ def monitor_fifo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_apply_swap_and_state_follow_what_the_guard_installed(memory_nft: MemoryNft) -> None:
     async def main() -> None:
         guard = LockGuard(POLICY)
-        assert await guard.state() == (False, False, False, {})  # nothing installed yet
+        assert await guard.state() == LockState()  # nothing installed yet
         await guard.apply()
-        assert await guard.state() == (True, True, False, {"refused_out": 12})  # no owned twin here
+        assert await guard.state() == LockState(True, True, False, {"refused_out": 12})  # no owned twin here
         wider = POLICY.with_endpoints([ENDPOINT])
         await guard.swap_endpoints(wider)
         assert memory_nft.swaps == [(frozenset(), frozenset({ENDPOINT}))]
-        assert await guard.state() == (True, True, False, {"refused_out": 12})  # no owned twin here
+        assert await guard.state() == LockState(True, True, False, {"refused_out": 12})  # no owned twin here
         assert await guard.check() is None  # unchanged: nothing to restore
         forwarded = wider.with_tunnel_inbound([("tcp", 40001)])
         await guard.swap_tunnel_inbound(forwarded)
@@ -89,7 +90,7 @@ def test_apply_swap_and_state_follow_what_the_guard_installed(memory_nft: Memory
         assert guard.policy == forwarded
         assert await guard.check() is None  # the swap's result is the new reference
         memory_nft.installed = "table tunlock_test with a rule someone added"
-        assert await guard.state() == (True, False, False, {"refused_out": 12})  # reading never restores
+        assert await guard.state() == LockState(True, False, False, {"refused_out": 12})  # never restores
         assert guard.restores == 0
 
     anyio.run(main)

@@ -28,6 +28,7 @@ from supervisor.lock.guard import LockGuard, OnTamper
 from supervisor.lock.guarded import GuardedLock, cheapest_change
 from supervisor.lock.owner import OwnerUnavailable
 from supervisor.lock.policy import LockPolicy
+from supervisor.lock.state import LockState
 from supervisor.redact import Secret
 from supervisor.servers import Endpoint, Peer, Server
 from tests.unit.memory_nft import MemoryNft
@@ -92,8 +93,8 @@ class FakeGuard:
         self.policy = policy
         self.world.calls.append(("swap_tunnel_inbound", policy))
 
-    async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
-        return self.world.installed, True, self.owner is not None, {}
+    async def state(self) -> LockState:
+        return LockState(self.world.installed, True, self.owner is not None)
 
     async def watch(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         self.world.watching += 1
@@ -365,7 +366,7 @@ def test_with_the_owner_flag_the_lock_is_held_twice_and_said_once() -> None:
         said = [entry for entry in logs if entry["event"] == "the lock is held twice while running"]
         assert len(said) == 1 and said[0]["owned_table"] != said[0]["table"]
         assert isinstance(lock.guard.owner, FakeOwner)
-        assert await lock.state() == (True, True, True, {})  # the guard's reading, owned twin held
+        assert await lock.state() == LockState(True, True, True)  # the guard's reading, owned twin held
 
     run(scenario)
 

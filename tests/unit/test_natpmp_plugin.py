@@ -1,6 +1,9 @@
 """The NAT-PMP plugin's decisions with a fake gateway: when it maps, refreshes, follows a changed
 port, retries, and gives the mapping up. The real exchange is proven in the lab
-(tests/lab/test_port_forwarding.py) against the lab's gateway."""
+(tests/lab/test_port_forwarding.py) against the lab's gateway.
+
+The tests run on trio's virtual clock (``MockClock`` with autojump): the driver's leases, refreshes
+and retries are timed by the event loop's clock, so seconds of them pass in milliseconds."""
 
 from __future__ import annotations
 
@@ -8,14 +11,23 @@ from ipaddress import IPv4Address, ip_address
 
 import anyio
 import pytest
+from pydantic import ValidationError
+from trio.testing import MockClock
 
-import plugins.natpmp
-from plugins.natpmp import DEFAULT_LISTENERS, NatPmpPlugin, codec, grant_refusal
+from plugins import natpmp
+from plugins.forwarding.driver import PortForwarding
+from plugins.forwarding.trust import DEFAULT_LISTENERS, grant_refusal
+from plugins.natpmp import codec
 from plugins.sockets import Program, Socket, parse_table
 from supervisor.plugins import PluginHost
-from tests.unit.test_plugin_host import FakeLock, FakeServer, publish
+from tests.unit.test_plugin_host import FakeLock, FakeServer, publish, reported
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return ("trio", {"clock": MockClock(autojump_threshold=0)})
 
 
 class FakeGateway:
@@ -38,19 +50,22 @@ class FakeGateway:
         return await self.map(protocol, internal, 0, 0)
 
 
-def plugin_with(gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch, **options) -> NatPmpPlugin:
-    plugin = NatPmpPlugin({"lifetime_s": 2, **options})
+async def nothing_listens(port: int) -> list:
+    return []  # not this machine's own socket table
+
+
+def plugin_with(gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch, **options) -> PortForwarding:
+    plugin = natpmp.factory({"lifetime_s": 2, **options})
+    assert isinstance(plugin, PortForwarding)
 
     class Client:
-        def __init__(self, *args, **kw) -> None:
-            self.gateway = IPv4Address("10.2.0.1")
-
         map = staticmethod(gateway.map)
         unmap = staticmethod(gateway.unmap)
 
-    monkeypatch.setattr(plugins.natpmp, "NatPmpClient", Client)
-    plugin.client = lambda tunnel: Client()  # type: ignore[method-assign]
-    plugin.holders = lambda port: []  # nothing listens here (not this machine's own table)
+    Client.gateway = IPv4Address("10.2.0.1")
+
+    monkeypatch.setattr(plugin.provider, "client", lambda tunnel, tries: Client())
+    monkeypatch.setattr(plugin, "read_holders", nothing_listens)
     return plugin
 
 
@@ -107,12 +122,12 @@ async def test_a_refusing_gateway_is_retried_and_nothing_is_forwarded_meanwhile(
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
-        await wait_for(lambda: "refused" in host.reports.get("natpmp", {}).get("last_error", ""))
+        await wait_for(lambda: "refused" in reported(host, "natpmp").get("last_error", ""))
         assert host.view.forwarded is None and lock.calls == []
         gateway.refuse = False
         await wait_for(lambda: host.view.forwarded is not None, timeout=15)  # the 2 s retry
         tg.cancel_scope.cancel()
-    assert "restarts" not in host.reports["natpmp"], "a refusal is handled, not a crash"
+    assert "restarts" not in reported(host, "natpmp"), "a refusal is handled, not a crash"
 
 
 async def test_an_exchange_with_a_server_just_left_is_abandoned_at_the_failover(monkeypatch):
@@ -137,8 +152,6 @@ async def test_an_exchange_with_a_server_just_left_is_abandoned_at_the_failover(
 
 
 def test_options_are_checked():
-    from supervisor.plugins import PluginOptionError
-
     for bad in (
         {"gateway": "x"},
         {"lifetime_s": 0},
@@ -152,14 +165,18 @@ def test_options_are_checked():
         {"allowed_ports": []},
         {"allowed_ports": [True]},
         {"listeners": "qbittorrent-nox"},
+        {"lifetime_s": "60"},
+        {"lifetime_s": True},
     ):
-        with pytest.raises(PluginOptionError):
-            NatPmpPlugin(bad)
+        with pytest.raises(ValidationError):
+            natpmp.factory(bad)
 
-    plugin = NatPmpPlugin({"allowed_ports": [51413, "40000-49999"], "listeners": ["mytorrent"]})
+    plugin = natpmp.factory({"allowed_ports": [51413, "40000-49999"], "listeners": ["mytorrent"]})
+    assert isinstance(plugin, PortForwarding)
     assert plugin.allowed_ports == (range(51413, 51414), range(40000, 50000))
     assert plugin.listeners == {"mytorrent"}
-    default = NatPmpPlugin({})
+    default = natpmp.factory({})
+    assert isinstance(default, PortForwarding)
     assert default.allowed_ports == (range(1024, 65536),) and default.listeners == set(DEFAULT_LISTENERS)
 
 
@@ -209,8 +226,8 @@ async def test_a_refused_grant_is_given_back_never_accepted_by_the_lock_and_show
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
-        await wait_for(lambda: (host.reports.get("natpmp", {}).get("refused") or {}).get("port") == 22)
-        report = host.reports["natpmp"]
+        await wait_for(lambda: (reported(host, "natpmp").get("refused") or {}).get("port") == 22)
+        report = reported(host, "natpmp")
         assert "below 1024" in report["refused"]["reason"] and report["port"] is None
         await wait_for(lambda: ("udp", 0, 0) in gateway.calls)  # given back to the gateway
         assert host.view.forwarded is None and lock.calls == []
@@ -218,7 +235,7 @@ async def test_a_refused_grant_is_given_back_never_accepted_by_the_lock_and_show
         gateway.port = 40001
         await wait_for(lambda: host.view.forwarded is not None, timeout=15)
         assert lock.calls[-1] == frozenset({("tcp", 40001), ("udp", 40001)})
-        assert host.reports["natpmp"]["refused"] is None
+        assert reported(host, "natpmp")["refused"] is None
         # A refresh that moves the port onto a refused one withdraws the port held.
         gateway.port = 443
         await wait_for(lambda: host.view.forwarded is None, timeout=15)

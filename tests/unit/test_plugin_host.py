@@ -6,14 +6,17 @@ No lock and no daemon here: the lock is a fake that records what it was asked; t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address, ip_interface
 
 import anyio
 import pytest
 
+from supervisor.lock.state import LockState
 from supervisor.plugins import PluginContext, PluginHost, View
 from supervisor.runtime import Status
+from supervisor.status import JSON, StatusReport
 
 pytestmark = pytest.mark.anyio
 
@@ -50,17 +53,26 @@ class Recorder:
                 await ctx.forward_ports([self.port])
 
 
-def host_with(*plugins, lock=None, status=None, **kw) -> PluginHost:
+def host_with(*plugins, lock=None, **kw) -> PluginHost:
     return PluginHost(
         [(f"p{i}", p) for i, p in enumerate(plugins)],
         lock or FakeLock(),
         interface="tl0",
         server_of=lambda name: FakeServer(),
-        status=status,
         backoff_initial_s=0.01,
         backoff_max_s=0.05,
         **kw,
     )
+
+
+def reported(host: PluginHost, name: str) -> Mapping[str, JSON]:
+    """What the status would show under ``plugins.<name>`` now."""
+    return host.report().plugins.get(name, {})
+
+
+def shown(host: PluginHost) -> dict[str, JSON]:
+    """``status --json`` built now, with the plugin host's report beside a blank machine status."""
+    return StatusReport.build(Status(), LockState(), host.report()).as_json()
 
 
 def publish(host: PluginHost, state: str, server: str | None = None) -> None:
@@ -100,9 +112,9 @@ async def test_views_carry_addresses_gateway_and_a_session_per_connection():
 
 
 async def test_forwarded_port_reaches_the_lock_then_every_plugin_and_the_status():
-    lock, status = FakeLock(), Status()
+    lock = FakeLock()
     provider, consumer = Recorder(port=40000), Recorder()
-    host = host_with(provider, consumer, lock=lock, status=status)
+    host = host_with(provider, consumer, lock=lock)
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
@@ -110,12 +122,12 @@ async def test_forwarded_port_reaches_the_lock_then_every_plugin_and_the_status(
         assert lock.calls == [frozenset({("tcp", 40000), ("udp", 40000)})]
         assert consumer.views[-1].forwarded is not None
         assert consumer.views[-1].forwarded.ports == (40000,)
-        assert status.as_json()["forwarded_port"] == 40000
+        assert shown(host)["forwarded_port"] == 40000
         # A new connection starts without the old port: the lock closes it, the status forgets it.
         publish(host, "connecting", "vpn2")
         await settle()
         assert lock.calls[-1] == frozenset()
-        assert status.as_json()["forwarded_port"] is None
+        assert shown(host)["forwarded_port"] is None
         tg.cancel_scope.cancel()
 
 
@@ -146,8 +158,7 @@ async def test_a_plugin_that_raises_is_restarted_and_the_others_go_on():
             raise RuntimeError("boom")
 
     bad, good = Raises(), Recorder()
-    status = Status()
-    host = host_with(bad, good, status=status)
+    host = host_with(bad, good)
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         for state in ("connecting", "connected", "offline"):
@@ -156,7 +167,7 @@ async def test_a_plugin_that_raises_is_restarted_and_the_others_go_on():
         tg.cancel_scope.cancel()
     assert bad.starts >= 3
     assert [v.tunnel.state for v in good.views][-3:] == ["connecting", "connected", "offline"]
-    report = status.as_json()["plugins"]["p0"]
+    report = reported(host, "p0")
     assert report["restarts"] >= 2 and "boom" in report["last_error"]
 
 
@@ -170,8 +181,7 @@ async def test_a_hung_plugin_is_cancelled_and_restarted():
             await anyio.sleep_forever()
 
     hangs, good = Hangs(), Recorder()
-    status = Status()
-    host = host_with(hangs, good, status=status, stall_timeout_s=0.05)
+    host = host_with(hangs, good, stall_timeout_s=0.05)
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         with anyio.fail_after(10):
@@ -180,7 +190,7 @@ async def test_a_hung_plugin_is_cancelled_and_restarted():
         publish(host, "connected", "vpn1")
         await settle()
         tg.cancel_scope.cancel()
-    assert "hung" in status.as_json()["plugins"]["p0"]["last_error"]
+    assert "hung" in reported(host, "p0")["last_error"]
     assert good.views[-1].tunnel.state == "connected"
 
 
@@ -251,14 +261,14 @@ async def test_a_plugin_error_without_a_message_names_its_type_and_line():
             with anyio.fail_after(0):
                 await anyio.sleep(1)
 
-    status = Status()
-    host = host_with(TimesOut(), status=status)
+    host = host_with(TimesOut())
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
         await settle()
         tg.cancel_scope.cancel()
-    error = status.as_json()["plugins"]["p0"]["last_error"]
+    error = reported(host, "p0")["last_error"]
+    assert isinstance(error, str)
     expected = "raised TimeoutError: TimeoutError with no message, at test_plugin_host.py:"
     assert error.startswith(expected), error
 

@@ -11,9 +11,11 @@ import anyio
 import anyio.abc
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from plugins import hooks, portfile, torrent
-from supervisor.plugins import Forwarded, PluginContext, PluginHost, PluginOptionError, Tunnel, View
+from supervisor.plugins import Forwarded, PluginContext, PluginHost, Tunnel, View
+from tests.unit.test_plugin_host import reported
 
 
 def test_port_file_is_written_whole_and_removed_when_no_port(tmp_path: Path):
@@ -44,9 +46,9 @@ def test_port_file_leaves_the_old_file_when_a_write_fails(tmp_path: Path, monkey
 
 
 def test_port_file_needs_an_absolute_path():
-    with pytest.raises(PluginOptionError, match="absolute"):
+    with pytest.raises(ValidationError, match="absolute"):
         portfile.factory({"path": "relative"})
-    with pytest.raises(PluginOptionError, match="unknown"):
+    with pytest.raises(ValidationError, match="mode"):
         portfile.factory({"path": "/x", "mode": 1})
 
 
@@ -64,9 +66,9 @@ def test_hook_placeholders_are_filled_per_argument_without_a_shell():
 
 
 def test_a_hook_with_an_unknown_placeholder_is_refused_at_start():
-    with pytest.raises(PluginOptionError, match="placeholder"):
+    with pytest.raises(ValidationError, match="placeholder"):
         hooks.factory({"on_port": "echo {prot}"})
-    with pytest.raises(PluginOptionError, match="at least one"):
+    with pytest.raises(ValidationError, match="at least one"):
         hooks.factory({})
 
 
@@ -150,15 +152,15 @@ def test_torrent_wire_formats():
 
 
 def test_qbittorrent_needs_credentials_and_reads_them_from_a_file_or_the_environment(tmp_path, monkeypatch):
-    with pytest.raises(PluginOptionError, match="password"):
+    with pytest.raises(ValidationError, match="password"):
         torrent.qbittorrent({})
     secret = tmp_path / "pw"
     secret.write_text("s3cret\nignored\n")
-    assert torrent.read_secret({"password_file": str(secret)}, "password") == "s3cret"
+    assert torrent.read_secret(str(secret), None) == "s3cret"
     monkeypatch.setenv("QBT_PW", "from-env")
-    assert torrent.read_secret({"password_env": "QBT_PW"}, "password") == "from-env"
+    assert torrent.read_secret(None, "QBT_PW") == "from-env"
     with pytest.raises(torrent.PushError, match="not set"):
-        torrent.read_secret({"password_env": "NOT_THERE_AT_ALL"}, "password")
+        torrent.read_secret(None, "NOT_THERE_AT_ALL")
 
 
 PROC_NET_TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid timeout
@@ -177,7 +179,7 @@ def test_listening_is_verified_by_default_only_for_a_client_on_loopback():
     assert torrent.qbittorrent(secret).verify_listening
     assert not torrent.qbittorrent({**secret, "url": "http://192.0.2.9:8080"}).verify_listening
     assert torrent.transmission({"verify_listening": False}).verify_listening is False
-    with pytest.raises(PluginOptionError):
+    with pytest.raises(ValidationError):
         torrent.transmission({"verify_listening": "yes"})
 
 
@@ -196,10 +198,10 @@ async def test_a_shell_hook_reads_the_values_from_its_environment_as_plain_data(
     async with anyio.create_task_group() as tg:
         tg.start_soon(plugin.run, ctx)
         with anyio.fail_after(20):
-            while "on_connected" not in host.reports.get("hooks", {}):
+            while "on_connected" not in reported(host, "hooks"):
                 await anyio.sleep(0.01)
         tg.cancel_scope.cancel()
-    assert host.reports["hooks"]["on_connected"]["status"] == 0
+    assert reported(host, "hooks")["on_connected"]["status"] == 0
     assert out.read_text() == "up s2$(echo INJECTED) 40000 tl0\n"
 
 
@@ -257,7 +259,7 @@ def test_api_user_names_the_clients_user_by_name_or_uid():
     assert trusted == {0, os.geteuid(), 65534}
     assert 1234 in torrent.transmission({"api_user": 1234}).client.guard.trusted
     for bad in ("no-such-user-here", True, -1, ""):
-        with pytest.raises(PluginOptionError, match="api_user"):
+        with pytest.raises(ValidationError, match="api_user"):
             torrent.transmission({"api_user": bad})
     assert torrent.qbittorrent({**base, "url": "http://192.0.2.9:8080"}).client.guard.hosts == ()
 

@@ -24,12 +24,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from supervisor import runtime as runtime_module
 from supervisor.lock.policy import LockPolicy
+from supervisor.lock.state import LockState
 from supervisor.machine import events as ev
 from supervisor.machine.settings import Settings
 from supervisor.machine.states import Machine
 from supervisor.redact import Secret
 from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status, TimerDue
 from supervisor.servers import Endpoint, Peer, Server
+from supervisor.status import StatusReport
 from supervisor.wireguard.backend import TunnelStats
 
 GUARD_S = 10.0  # only stops a broken test from hanging; nothing here measures time
@@ -64,7 +66,7 @@ class World:
         self.failing: dict[str, BaseException] = {}
         self.failing_once: dict[str, BaseException] = {}
         self.stats_answers: list[TunnelStats] = []
-        self.lock_reading: tuple[bool, bool, bool, dict[str, int]] = (True, True, True, {"refused": 3})
+        self.lock_reading = LockState(installed=True, matching=True, owned=True, counters={"refused": 3})
         self.stats_read = anyio.Event()
         self.lock_gates: dict[str, anyio.Event] = {}  # a lock call waits on its gate, if it has one
 
@@ -89,7 +91,7 @@ class World:
     async def remove(self) -> None:
         self._call("remove")
 
-    async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
+    async def state(self) -> LockState:
         self._call("state")
         return self.lock_reading
 
@@ -255,8 +257,8 @@ def test_a_peer_that_will_not_configure_is_answered_at_once_with_the_next_server
         assert (first.state, first.server) == ("connecting", "a")
         assert (second.state, second.server) == ("connecting", "b")
         assert second.last_failure is not None
-        assert second.last_failure["server"] == "a"
-        assert second.last_failure["reason"] == "wireguard-go refused"
+        assert second.last_failure.server == "a"
+        assert second.last_failure.reason == "wireguard-go refused"
         assert second.failures == {"a": 1}
         await stop(runtime, published)
 
@@ -278,7 +280,7 @@ def test_a_server_missing_from_the_runtime_fails_as_not_configured() -> None:
         second = await published.receive()
         assert second.server == "b"
         assert second.last_failure is not None
-        assert second.last_failure["reason"] == "not configured"
+        assert second.last_failure.reason == "not configured"
         await stop(runtime, published)
 
     _, world = run(scenario)
@@ -367,8 +369,9 @@ def test_a_timer_that_runs_out_reads_the_counters_and_an_answer_after_the_handsh
         connected = await published.receive()  # read when the (short) sample timers ran out
         assert (connected.state, connected.server) == ("connected", "a")
         assert connected.stats is not None
-        assert runtime.status.as_json()["rx_bytes"] == 148
-        assert runtime.status.as_json()["handshake_age_s"] is not None
+        shown = StatusReport.build(runtime.status, LockState()).as_json()
+        assert shown["rx_bytes"] == 148
+        assert shown["handshake_age_s"] is not None
         await stop(runtime, published)
 
     _, world = run(scenario, quick, world)
@@ -413,7 +416,7 @@ def test_the_connect_timer_running_out_fails_the_server_and_moves_on() -> None:
         moved = await published.receive()
         assert (moved.state, moved.server) == ("connecting", "b")
         assert moved.last_failure is not None
-        assert moved.last_failure["reason"] == "no handshake within 3600 s"
+        assert moved.last_failure.reason == "no handshake within 3600 s"
         await stop(runtime, published)
 
     _, world = run(scenario)
@@ -486,37 +489,24 @@ def test_a_probe_that_cannot_be_sent_is_dropped_and_a_server_without_target_gets
 
 def test_lock_status_is_read_on_request_and_a_failed_read_says_not_installed() -> None:
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
-        await runtime.refresh_lock_status()
-        assert runtime.status.as_json()["lock"] == {"installed": True, "matching": True, "owned": True}
-        assert runtime.status.lock_counters == {"refused": 3}
+        state = await runtime.lock_state()
+        assert StatusReport.build(runtime.status, state).as_json()["lock"] == {
+            "installed": True,
+            "matching": True,
+            "owned": True,
+        }
+        assert state.counters == {"refused": 3}
         world.failing["state"] = RuntimeError("nft missing")
-        await runtime.refresh_lock_status()
-        assert runtime.status.as_json()["lock"] == {"installed": False, "matching": False, "owned": False}
-        assert runtime.status.lock_counters == {}
+        state = await runtime.lock_state()
+        assert StatusReport.build(runtime.status, state).as_json()["lock"] == {
+            "installed": False,
+            "matching": False,
+            "owned": False,
+        }
+        assert state.counters == {}
         await stop(runtime, published)
 
     run(scenario)
-
-
-def test_status_json_before_anything_happened() -> None:
-    status = Status()
-    assert status.as_json() == {
-        "state": "blocked",
-        "server": None,
-        "handshake_age_s": None,
-        "lock": {"installed": False, "matching": False, "owned": False},
-        "since": round(status.since_wall, 3),
-        "reason": None,
-        "endpoint": None,
-        "rx_bytes": None,
-        "tx_bytes": None,
-        "last_failure": None,
-        "backend": None,
-        "forwarded_port": None,
-        "forwarded_ports": [],
-        "forwarded_age_s": None,
-        "plugins": {},
-    }
 
 
 def test_tamper_is_published_with_the_same_state_and_counted_once() -> None:

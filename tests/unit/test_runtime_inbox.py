@@ -42,7 +42,7 @@ def test_a_report_queued_before_the_runtime_exists_is_handled_first_stamped_when
     assert failure is not None and failure.at == 100.0  # stamped when it was posted
     first = published[0]
     assert first.last_failure is not None
-    assert first.last_failure["reason"] == "the WireGuard backend died: wireguard-go exited (status 2)"
+    assert first.last_failure.reason == "the WireGuard backend died: wireguard-go exited (status 2)"
     assert published[-1].state == "stopped"
 
 

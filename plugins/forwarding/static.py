@@ -1,0 +1,60 @@
+"""A static forwarded port: ``[plugins.static_port] ports = [N]``, for providers that assign one
+port to an account for good (AirVPN, some WireGuard configs of others).
+
+Nothing is asked of anyone: the lease is the configured ports, held as long as each connection
+lasts. What makes it a provider rather than a line in the lock is the driver around it: the
+ports are accepted through the tunnel only while connected (to one of ``servers``, when set),
+judged like a gateway's grant (a port another program holds is refused), shown in the status and
+handed to the torrent clients like any forwarded port.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from plugins.forwarding import trust
+from plugins.forwarding.driver import ForwardingOptions, PortForwarding
+from plugins.forwarding.provider import Lease
+from supervisor.plugins import MAX_FORWARDED_PORTS, PluginSpec, Tunnel
+
+
+class StaticPortOptions(ForwardingOptions):
+    ports: Annotated[
+        list[Annotated[int, Field(ge=trust.FIRST_UNPRIVILEGED, le=65535)]],
+        Field(min_length=1, max_length=MAX_FORWARDED_PORTS),
+    ]
+
+    @model_validator(mode="after")
+    def _allowed(self) -> StaticPortOptions:
+        ranges = self.port_ranges
+        outside = [port for port in self.ports if not any(port in r for r in ranges)]
+        if outside:
+            raise ValueError(f"ports {outside} are outside allowed_ports")
+        return self
+
+
+class StaticPorts:
+    """The configured ports, for every connection."""
+
+    name = "static"
+
+    def __init__(self, ports: tuple[int, ...]) -> None:
+        self.lease = Lease(tuple(dict.fromkeys(ports)), lifetime_s=None)
+
+    async def obtain(self, tunnel: Tunnel, suggested_port: int | None) -> Lease:
+        return self.lease
+
+    async def renew(self, tunnel: Tunnel, lease: Lease) -> Lease:
+        return self.lease
+
+    async def release(self, tunnel: Tunnel, lease: Lease) -> None:
+        return None
+
+
+def _make(options: StaticPortOptions) -> PortForwarding:
+    return PortForwarding(StaticPorts(tuple(options.ports)), options)
+
+
+factory = PluginSpec(StaticPortOptions, _make)

@@ -1,0 +1,117 @@
+"""``tunlock status --json``: built on request from the parts that know, never written into.
+
+Three sources, each the only owner of what it reports:
+
+- the runtime's ``Status``: the machine's state as last published, the tunnel's counters,
+  the last failure, the backend;
+- the lock's ``LockState``, read for this answer;
+- the plugin host's ``PluginsReport``: the forwarded port(s) the lock accepted, and each
+  plugin's report.
+
+``StatusReport.build`` takes a copy of each into one frozen value; ``as_json`` is the contract of
+DESIGN.md (``state``, ``server``, ``handshake_age_s``, ``lock.installed``, ``forwarded_port``,
+``namespace``, and more), and the metrics are rendered from the same value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, TypeAlias
+
+from supervisor.lock.state import LockState
+from supervisor.wireguard.backend import TunnelStats
+
+if TYPE_CHECKING:
+    from supervisor.plugins import Forwarded, PluginsReport
+    from supervisor.runtime import Status
+
+# What a status answer, and a plugin's report in it, may hold.
+JSON: TypeAlias = str | int | float | bool | Sequence["JSON"] | Mapping[str, "JSON"] | None
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """The last server failure the machine declared; ``at`` in wall-clock seconds."""
+
+    server: str | None
+    reason: str
+    at: float
+
+    def as_json(self) -> dict[str, JSON]:
+        return {"server": self.server, "reason": self.reason, "at": self.at}
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """The daemon as ``tunlock status`` shows it, at one moment."""
+
+    state: str
+    server: str | None
+    since: float  # wall clock, when ``state`` began
+    reason: str | None
+    stats: TunnelStats | None
+    last_failure: FailureReport | None
+    backend: str | None
+    lock: LockState
+    forwarded: Forwarded | None = None
+    plugins: Mapping[str, Mapping[str, JSON]] = field(default_factory=lambda: MappingProxyType({}))
+    namespace: str | None = None  # namespace mode's namespace; None: the whole host is locked
+
+    @classmethod
+    def build(
+        cls,
+        machine: Status,
+        lock: LockState,
+        plugins: PluginsReport | None = None,
+        *,
+        namespace: str | None = None,
+    ) -> StatusReport:
+        """One answer from the three sources (``plugins``: None when no plugin is enabled)."""
+        return cls(
+            state=machine.state,
+            server=machine.server,
+            since=machine.since_wall,
+            reason=machine.reason,
+            # The last counters belong to the tunnel of the server in use, if there is one.
+            stats=machine.stats if machine.server is not None else None,
+            last_failure=machine.last_failure,
+            backend=machine.backend,
+            lock=lock,
+            forwarded=plugins.forwarded if plugins else None,
+            plugins=plugins.plugins if plugins else MappingProxyType({}),
+            namespace=namespace,
+        )
+
+    def as_json(self, now: float | None = None) -> dict[str, JSON]:
+        """The ``status --json`` contract; ``now`` (wall clock) for the ages, default now."""
+        now = time.time() if now is None else now
+        stats = self.stats
+        handshake_age = None
+        if stats is not None and stats.last_handshake is not None:
+            handshake_age = round(max(0.0, now - stats.last_handshake), 1)
+        fw = self.forwarded
+        return {
+            "state": self.state,
+            "server": self.server,
+            "handshake_age_s": handshake_age,
+            "lock": {
+                "installed": self.lock.installed,
+                "matching": self.lock.matching,
+                "owned": self.lock.owned,
+            },
+            "since": round(self.since, 3),
+            "reason": self.reason,
+            "endpoint": str(stats.endpoint) if stats and stats.endpoint else None,
+            "rx_bytes": stats.rx_bytes if stats else None,
+            "tx_bytes": stats.tx_bytes if stats else None,
+            "last_failure": self.last_failure.as_json() if self.last_failure else None,
+            "backend": self.backend,
+            "forwarded_port": fw.port if fw else None,
+            "forwarded_ports": list(fw.ports) if fw else [],
+            "forwarded_age_s": round(max(0.0, now - fw.since), 1) if fw else None,
+            "plugins": {name: dict(report) for name, report in self.plugins.items()},
+            "namespace": self.namespace,
+        }

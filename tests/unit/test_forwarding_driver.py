@@ -1,0 +1,192 @@
+"""The port-forwarding driver with fake providers, and the static provider on it.
+
+The driver is what every provider shares (when to ask, retries, expiry, the trust judgement, the
+lock request, the status), so it is tested here with providers that only record and answer; the
+NAT-PMP provider on it is tested in test_natpmp_plugin.py, and against the lab's gateway in
+tests/lab/test_port_forwarding.py. Time is trio's virtual clock (``MockClock`` with autojump):
+minutes of leases and retries pass in milliseconds, and the tests can say when each call came.
+"""
+
+from __future__ import annotations
+
+import itertools
+from ipaddress import ip_address
+
+import anyio
+import pytest
+from pydantic import ValidationError
+from trio.testing import MockClock
+
+from plugins.forwarding import static
+from plugins.forwarding.driver import RETRY_MAX_S, ForwardingOptions, PortForwarding
+from plugins.forwarding.provider import ForwardingError, Lease, NotForwardedHere
+from plugins.sockets import Program, Socket
+from supervisor.plugins import PluginHost, Tunnel
+from tests.unit.test_plugin_host import FakeLock, FakeServer, publish, reported
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return ("trio", {"clock": MockClock(autojump_threshold=0)})
+
+
+class Provider:
+    """Grants ``lease`` once, then fails every call (or answers as told); records when."""
+
+    name = "fake"
+
+    def __init__(self, lease: Lease, *, renew_fails: bool = True, obtain_error: Exception | None = None):
+        self.lease = lease
+        self.renew_fails = renew_fails
+        self.obtain_error = obtain_error
+        self.calls: list[tuple[str, float]] = []
+
+    async def obtain(self, tunnel: Tunnel, suggested_port: int | None) -> Lease:
+        self.calls.append(("obtain", anyio.current_time()))
+        if self.obtain_error is not None:
+            raise self.obtain_error
+        if self.renew_fails and len(self.calls) > 1:
+            raise ForwardingError("the gateway is silent")
+        return self.lease
+
+    async def renew(self, tunnel: Tunnel, lease: Lease) -> Lease:
+        self.calls.append(("renew", anyio.current_time()))
+        if self.renew_fails:
+            raise ForwardingError("the gateway is silent")
+        return self.lease
+
+    async def release(self, tunnel: Tunnel, lease: Lease) -> None:
+        self.calls.append(("release", anyio.current_time()))
+
+
+async def nothing_listens(port: int) -> list:
+    return []
+
+
+def driver(provider, **options) -> PortForwarding:
+    plugin = PortForwarding(provider, ForwardingOptions.model_validate(options))
+    plugin.read_holders = nothing_listens  # type: ignore[method-assign]
+    return plugin
+
+
+def host_of(plugin: PortForwarding, lock: FakeLock) -> PluginHost:
+    return PluginHost([("pf", plugin)], lock, interface="tl0", server_of=lambda n: FakeServer())
+
+
+async def wait_for(condition, timeout: float = 600) -> None:
+    with anyio.fail_after(timeout):  # virtual seconds
+        while not condition():
+            await anyio.sleep(0.01)
+
+
+async def test_renewals_come_at_half_life_retries_double_to_a_bound_and_an_expired_lease_is_withdrawn():
+    provider, lock = Provider(Lease((40001,), 10.0)), FakeLock()
+    host = host_of(driver(provider), lock)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await wait_for(lambda: host.view.forwarded is not None)
+        # Still forwarded while the lease lasts, withdrawn once a renewal fails after it ran out.
+        await wait_for(lambda: host.view.forwarded is None)
+        withdrawn_at = anyio.current_time()
+        await wait_for(lambda: len(provider.calls) >= 9)
+        tg.cancel_scope.cancel()
+    (first, start), *retries = provider.calls
+    assert first == "obtain"
+    # Renewals while the lease is held, then fresh requests once it expired.
+    assert [call for call, _ in retries] == ["renew"] * 3 + ["obtain"] * 5
+    times = [at - start for _, at in retries]
+    assert times[0] == pytest.approx(5.0)  # half of the 10 s lease
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    assert gaps == [2.0, 4.0, 8.0, 16.0, RETRY_MAX_S, RETRY_MAX_S, RETRY_MAX_S]
+    # The first failure after the lease's end (5 + 2 + 4 = 11 s) withdraws the port.
+    assert withdrawn_at - start == pytest.approx(11.0, abs=0.05)
+    assert lock.calls[-1] == frozenset()
+
+
+async def test_a_connection_that_cannot_forward_is_not_retried_until_the_next_one():
+    provider, lock = Provider(Lease((40001,), 60.0), obtain_error=NotForwardedHere("no gateway")), FakeLock()
+    host = host_of(driver(provider), lock)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await anyio.sleep(600)
+        assert [call for call, _ in provider.calls] == ["obtain"]
+        assert reported(host, "pf")["last_error"] == "no gateway"
+        publish(host, "connecting", "vpn2")
+        publish(host, "connected", "vpn2")
+        await wait_for(lambda: len(provider.calls) == 2)
+        tg.cancel_scope.cancel()
+    assert lock.calls == []
+
+
+async def test_a_static_port_is_forwarded_at_each_connection_without_renewals_and_only_on_its_servers():
+    lock = FakeLock()
+    plugin = static.factory({"ports": [51413], "servers": ["vpn1", "vpn3"]})
+    assert isinstance(plugin, PortForwarding)
+    plugin.read_holders = nothing_listens  # type: ignore[method-assign]
+    host = host_of(plugin, lock)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await wait_for(lambda: host.view.forwarded is not None)
+        assert host.view.forwarded.ports == (51413,)
+        assert lock.calls == [frozenset({("tcp", 51413), ("udp", 51413)})]
+        report = reported(host, "pf")
+        assert report["provider"] == "static" and report["port"] == 51413 and report["lifetime_s"] is None
+        await anyio.sleep(600)  # held as long as the connection: no renewal, no change
+        assert len(lock.calls) == 1
+        # A server that does not forward it: nothing accepted through the tunnel.
+        publish(host, "connecting", "vpn2")
+        publish(host, "connected", "vpn2")
+        await anyio.sleep(60)
+        assert host.view.forwarded is None and lock.calls[-1] == frozenset()
+        publish(host, "connected", "vpn3")
+        await wait_for(lambda: host.view.forwarded is not None)
+        assert host.view.forwarded.server == "vpn3"
+        tg.cancel_scope.cancel()
+
+
+async def test_a_static_port_another_program_holds_is_refused_until_that_program_is_gone():
+    lock = FakeLock()
+    plugin = static.factory({"ports": [51413]})
+    assert isinstance(plugin, PortForwarding)
+    busy = True
+
+    async def holders(port: int) -> list:
+        sock = Socket("tcp", ip_address("0.0.0.0"), port, 0, 7)
+        return [(sock, [Program(42, "nc")])] if busy else []
+
+    plugin.read_holders = holders  # type: ignore[method-assign]
+    host = host_of(plugin, lock)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await wait_for(lambda: (reported(host, "pf").get("refused") or {}).get("port") == 51413)
+        assert "held by nc (pid 42)" in reported(host, "pf")["refused"]["reason"]
+        assert host.view.forwarded is None and lock.calls == []
+        busy = False
+        refused_at = anyio.current_time()
+        await wait_for(lambda: host.view.forwarded is not None)
+        assert anyio.current_time() - refused_at <= RETRY_MAX_S + 0.1  # judged again, bounded
+        assert reported(host, "pf")["refused"] is None
+        tg.cancel_scope.cancel()
+
+
+def test_static_ports_are_checked_against_what_may_be_forwarded():
+    for bad in (
+        {},
+        {"ports": []},
+        {"ports": [22]},
+        {"ports": ["51413"]},
+        {"ports": list(range(40000, 40017))},
+        {"ports": [51413], "allowed_ports": ["40000-50000"]},
+        {"ports": [51413], "gateway": "10.2.0.1"},
+    ):
+        with pytest.raises(ValidationError):
+            static.factory(bad)
+    plugin = static.factory({"ports": [51413, 51414], "allowed_ports": ["51413-51414"]})
+    assert isinstance(plugin, PortForwarding)
+    assert plugin.provider.lease == Lease((51413, 51414), None)
