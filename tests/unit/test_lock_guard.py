@@ -18,6 +18,7 @@ import pytest
 from supervisor.lock import guard as guard_module
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard
+from supervisor.lock.links import AppliedLinks
 from supervisor.lock.policy import LockPolicy
 from supervisor.servers import Endpoint
 
@@ -39,10 +40,10 @@ class FakeNft:
     def render(self, policy: LockPolicy) -> str:
         return f"table {policy.table} endpoints {sorted(map(str, policy.endpoints))}"
 
-    def apply(self, policy: LockPolicy) -> tuple[IPv4Network, ...]:
+    def apply(self, policy: LockPolicy) -> AppliedLinks:
         self.applied.append(policy)
         self.installed = self.render(policy)
-        return self.onlink  # what the real one read as on-link while applying
+        return AppliedLinks(onlink=self.onlink)  # what the real one read while applying
 
     def swap_endpoints(self, policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:
         self.swaps.append((old, new))
@@ -75,7 +76,7 @@ def fake_nft(monkeypatch: pytest.MonkeyPatch) -> FakeNft:
 def onlink_now(fake_nft: FakeNft, monkeypatch: pytest.MonkeyPatch) -> list[tuple[IPv4Network, ...]]:
     """The on-link subnets as ``ip route`` would show them now (a one-item list to change)."""
     now = [fake_nft.onlink]
-    monkeypatch.setattr(guard_module, "read_onlink", lambda exclude=(): now[0])
+    monkeypatch.setattr(guard_module, "read_links", lambda policy: AppliedLinks(onlink=now[0]))
     return now
 
 
