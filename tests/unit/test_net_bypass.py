@@ -117,3 +117,15 @@ def test_configured_uplinks_win_over_the_routes() -> None:
     assert facts.uplinks == ("up0",)
     assert facts.bridges == ()
     assert [w.interface for w in facts.bypass] == ["br0"]
+
+
+def test_status_names_each_bypass_workload_and_whether_the_lock_holds_it() -> None:
+    from supervisor.control.cli import describe
+
+    workload = {"kind": "macvlan", "interface": "mv1", "detail": "macvlan child of uplink eth0"}
+    held = {"installed": True, "matching": True, "egress": ["eth0"], "bypass": [workload]}
+    text = describe({"state": "connected", "lock": held})
+    assert "bypass:    macvlan mv1: held by the egress chain on eth0" in text
+    open_ = describe({"state": "connected", "lock": {**held, "egress": []}})
+    assert "bypass:    macvlan mv1: NOT held by the lock (no egress chain here)" in open_
+    assert "bypass" not in describe({"state": "connected", "lock": {"installed": True, "matching": True}})
