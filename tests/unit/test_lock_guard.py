@@ -316,3 +316,52 @@ def test_a_monitor_that_cannot_be_restarted_is_tried_again(
                 tg.cancel_scope.cancel()
 
     anyio.run(main)
+
+
+def test_check_links_applies_again_when_the_uplinks_or_bridges_change(
+    fake_nft: FakeNft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An uplink that appears (a new NIC with a default route) or a bridge that comes (a Docker
+    network) needs the lock applied again: the egress chain and the bridge set name devices."""
+    now = [AppliedLinks(egress_devices=("eth0",))]
+    monkeypatch.setattr(guard_module, "read_links", lambda policy: now[0])
+
+    def apply(policy: LockPolicy) -> AppliedLinks:
+        fake_nft.apply(policy)
+        return now[0]
+
+    monkeypatch.setattr(guard_module.nft, "apply", apply)
+
+    async def main() -> None:
+        guard = LockGuard(POLICY)
+        await guard.apply()
+        assert await guard.check_links() is False
+        now[0] = AppliedLinks(egress_devices=("eth0", "eth1"))
+        assert await guard.check_links() is True
+        now[0] = AppliedLinks(egress_devices=("eth0", "eth1"), bridges=("docker0",))
+        assert await guard.check_links() is True
+        assert guard.relinks == 2
+        assert len(fake_nft.applied) == 3
+
+    anyio.run(main)
+
+
+def test_where_the_kernel_refused_the_egress_chain_uplink_changes_do_not_reapply(
+    fake_nft: FakeNft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [AppliedLinks(egress_devices=("eth0",))]
+    monkeypatch.setattr(guard_module, "read_links", lambda policy: now[0])
+
+    def apply(policy: LockPolicy) -> AppliedLinks:
+        fake_nft.apply(policy)
+        return AppliedLinks(egress_devices=("eth0",), egress_refused=True)
+
+    monkeypatch.setattr(guard_module.nft, "apply", apply)
+
+    async def main() -> None:
+        guard = LockGuard(POLICY)
+        await guard.apply()
+        now[0] = AppliedLinks(egress_devices=("eth1",))
+        assert await guard.check_links() is False
+
+    anyio.run(main)
