@@ -184,9 +184,10 @@ def bridged_vm(lab) -> Iterator[str]:
         )
 
 
-def _apply(lab, env: dict[str, str] | None = None) -> None:
+def _apply(lab, env: dict[str, str] | None = None) -> str:
     result = tunlock_in_client(lab, "lock", "apply", "--config", str(lab.lab.config_path), env=env)
     assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def _remove(lab) -> None:
@@ -195,13 +196,16 @@ def _remove(lab) -> None:
 
 def test_a_macvlan_containers_probes_leave_nothing_with_the_lock_alone(lab):
     with macvlan_container(lab) as ns:
-        _apply(lab)
+        applied = _apply(lab)
         try:
             printed, leaks = _probe_from(lab, ns)
+            status = tunlock_in_client(lab, "lock", "status", "--config", str(lab.lab.config_path)).stdout
         finally:
             _remove(lab)
     assert "sent" in printed, printed
     assert leaks == [], f"a macvlan child of the uplink went around the lock:\n{describe(leaks)}"
+    assert "egress held on wan0" in applied, applied
+    assert "blocked_egress 0" not in status and "blocked_egress" in status, status
 
 
 def test_a_macvlan_containers_probes_leave_nothing_with_the_daemon_connected(lab):
