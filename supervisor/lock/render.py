@@ -396,7 +396,12 @@ def _table_body(policy: LockPolicy) -> str:
 
 
 def _egress_body(policy: LockPolicy) -> str:
-    """The netdev table: what output lets out on the physical side, stateless (see above)."""
+    """The netdev table: what output lets out on the physical side, stateless (see above).
+
+    The host's own packets pass output, then this chain: a rule that output gains on the
+    physical side must be added here as well, or the host's own traffic is dropped (a unit test
+    compares the two). A rule that needs ``ct`` to be safe (replies only) becomes wider here,
+    for the children and bridged workloads too: weigh that before adding one."""
     v4 = [e for e in policy.endpoints if e.family == 4]
     v6 = [e for e in policy.endpoints if e.family == 6]
     lan = onlink_lan(policy.lan_ranges, policy.onlink)

@@ -486,3 +486,22 @@ def test_forward_lets_through_traffic_that_stays_on_one_of_the_hosts_bridges():
         'counter name "blocked_forward" reject with icmpx admin-prohibited'
     )
     assert "set bridge_local { type ifname . ifname; }" in render(BASE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(policies)
+def test_every_way_out_of_output_is_also_a_way_out_of_egress(policy):
+    """The host's own packets pass output first, then egress: an accept on the physical side in
+    output that egress lacks would drop the host's traffic (its SSH replies, its WireGuard). So a
+    rule added to output must come to egress too, statelessly (the netdev family has no ct);
+    only the kernel's answer to a refused forwarded packet stays behind (see render.py)."""
+    if not policy.egress_devices:
+        return
+    text = render(policy)
+    egress = set(chain(text, "egress"))
+    tun = f'oifname "{policy.tunnel_interface}" jump to_tunnel'
+    for rule in chain(text, "output"):
+        if not rule.endswith("accept") or rule == "oif lo accept" or rule == tun:
+            continue
+        stateless = re.sub(r" ct state [a-z,]+", "", rule)
+        assert stateless in egress, f"output lets out what egress drops: {rule}"
