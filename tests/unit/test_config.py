@@ -153,3 +153,14 @@ def test_bad_env_values_name_the_variable(write_config):
             "[lock] has no key 'alow_lan' (did you mean TUNLOCK_LOCK_ALLOW_LAN?)",
         )
     ]
+
+
+def test_lock_uplinks_name_interfaces_and_reach_the_policy(write_config):
+    from supervisor.lock.configured import policy_from_config
+
+    path = write_config('[lock]\nuplinks = ["eth0", "enp3s0"]\n')
+    assert policy_from_config(load_config(path, {})).uplinks == ("eth0", "enp3s0")
+    assert load_config(write_config(""), {"TUNLOCK_LOCK_UPLINKS": "wan0"}).settings.lock.uplinks == ["wan0"]
+    bad = errors(write_config('[lock]\nuplinks = ["eth0 accept"]\n'))
+    assert bad and bad[0][1] == 2, bad
+    assert errors(write_config('[lock]\nuplinks = ["a-name-longer-than-15"]\n'))
