@@ -101,6 +101,13 @@ class LockGuard:
     async def _applied(self, links: AppliedLinks) -> None:
         """Remember the links the lock was applied to; say so when the bypass workloads change."""
         before = self.links.bypass if self.links is not None else ()
+        if self.links is None or self.links.egress_devices != links.egress_devices:
+            if egress_in_force(links):
+                log.info(
+                    "the lock's egress chain holds every frame leaving", devices=list(links.egress_devices)
+                )
+            elif not links.egress_refused:
+                log.warning("no physical uplink found for the lock's egress chain (lock.uplinks names them)")
         self.links = links
         if links.bypass and links.bypass != before:
             log.warning(

@@ -304,3 +304,24 @@ def test_containers_on_one_bridge_still_talk_with_br_netfilter_on(lab):
     assert " 0% packet loss" in between, between
     assert " 0% packet loss" not in out, out
     assert leaks == [], describe(leaks)
+
+
+def test_the_daemon_names_a_bypass_workload_when_it_appears(lab):
+    """Detection at every link event: a macvlan child of the uplink created while the daemon
+    runs (a VM's macvtap stays in the host's namespace) shows in the log and the status."""
+    client = lab.lab.ns("client")
+    with lab.daemon() as daemon:
+        daemon.start()
+        assert daemon.ask("status")["lock"]["egress"] == ["wan0"]
+        sh("ip", "-n", client, "link", "add", "mvvm0", "link", "wan0", "type", "macvlan", "mode", "bridge")
+        try:
+            seen = daemon.wait_for(
+                lambda s: any(w["interface"] == "mvvm0" for w in s["lock"]["bypass"]),
+                what="the macvlan child in the status",
+            )
+            log = "\n".join(daemon.log_events())
+        finally:
+            sh("ip", "-n", client, "link", "del", "mvvm0", check=False)
+    _remove(lab)
+    assert seen["lock"]["egress"] == ["wan0"]
+    assert "egress chain on the uplink covers them" in log and "mvvm0" in log, log
