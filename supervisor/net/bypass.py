@@ -275,3 +275,9 @@ def link_facts(
 def read_link_facts(exclude: Iterable[str] = (), uplinks: Sequence[str] = ()) -> LinkFacts:
     """:func:`link_facts` of this network namespace as it is now."""
     return link_facts(read_links(), read_routes(), read_bridge_nf_call(), exclude, uplinks)
+
+
+def find_bypass(exclude: Iterable[str] = (), uplinks: Sequence[str] = ()) -> list[BypassWorkload]:
+    """:func:`detect_bypass` on this network namespace as it is now (``exclude``: the tunnel;
+    ``uplinks``: as configured, else found from the routes)."""
+    return list(read_link_facts(exclude, uplinks).bypass)
