@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -40,7 +41,8 @@ WantedBy=sysinit.target
 def export_text(config: Config) -> str:
     """The nft file that installs the lock at boot: every configured server's endpoint allowed."""
     header = f"#!/usr/sbin/nft -f\n# tunlock lock, exported from {config.path}\n"
-    return header + render(policy_from_config(config))
+    # No egress table at boot: the file knows no links (docs/lock.md, "At boot").
+    return header + render(replace(policy_from_config(config), netdev=False))
 
 
 def running_daemon(socket_path: Path) -> int | None:

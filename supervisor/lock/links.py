@@ -67,14 +67,25 @@ def apply_read(policy: LockPolicy, install: Callable[[LockPolicy], object]) -> A
     """Read the links, and ``install`` the policy filled in with them (one transaction). If the
     kernel refuses the egress chain, install it without, and say what that leaves open."""
     links = read_links(policy)
+    filled = with_links(policy, links)
     try:
-        install(with_links(policy, links))
+        install(filled)
         return links
     except TunlockError as err:  # nft's LockError, through nft or the owning context
-        if not links.egress_devices:
-            raise
         first = err
-    install(with_links(policy, replace(links, egress_devices=())))
+    # Each attempt is one transaction too, so a refused one changed nothing: first without the
+    # chain but removing a stale egress table (whose old endpoint sets would drop the tunnel),
+    # then without any netdev statement (a kernel built without netdev tables).
+    for attempt in (replace(filled, egress_devices=()), replace(filled, egress_devices=(), netdev=False)):
+        if attempt == filled:
+            continue
+        try:
+            install(attempt)
+            break
+        except TunlockError:
+            continue
+    else:
+        raise first
     log.warning(
         "the kernel refused the lock's egress chain (it needs Linux >= 5.16, and >= 6.16 for an "
         "uplink that is absent): frames of macvlan/ipvlan children of the uplink and of VMs bridged "

@@ -44,6 +44,10 @@ class LockPolicy:
     # forward chain lets through when br_netfilter hands it over.
     egress_devices: tuple[str, ...] = ()
     bridges: tuple[str, ...] = ()
+    # Whether the transaction touches the netdev family at all (the egress table, or removing a
+    # stale one). False for the boot file, which knows no links, and where the kernel refused the
+    # egress table: a kernel built without netdev tables must still get the lock.
+    netdev: bool = True
 
     def with_endpoints(self, endpoints: Iterable[Endpoint]) -> LockPolicy:
         """The same policy letting the tunnel reach ``endpoints`` (a subset of the configured)."""

@@ -228,6 +228,8 @@ def render_egress(policy: LockPolicy, name: str, *, owner: bool = False) -> str:
     """The ``netdev`` table ``name`` with the egress chain on ``policy.egress_devices``, or
     only its removal when there are none (the uplinks went away, or the kernel has no egress
     hook): part of the same transaction as the ``inet`` table."""
+    if not policy.netdev:
+        return ""
     flags = " { flags owner; }" if owner else ""
     head = f"add table netdev {name}{flags}\ndelete table netdev {name}\n"
     if not policy.egress_devices:

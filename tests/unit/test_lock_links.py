@@ -44,7 +44,7 @@ def test_a_kernel_without_the_egress_hook_gets_the_lock_without_it_and_a_warning
     applied = apply_read(POLICY, install)
     assert applied.egress_refused and not egress_in_force(applied)
     assert len(scripts) == 1 and "hook egress" not in scripts[0]
-    assert "delete table netdev tunlock" in scripts[0]  # no stale egress table either
+    assert "delete table netdev tunlock" in scripts[0]  # a stale egress table goes
     assert '"docker0" . "docker0"' in scripts[0]
     captured = capsys.readouterr()
     assert "refused the lock's egress chain" in captured.out + captured.err
@@ -57,6 +57,21 @@ def test_a_lock_refused_with_and_without_the_chain_is_an_error() -> None:
         calls.append(policy)
         raise LockError("nft: syntax error")
 
-    with pytest.raises(LockError):
+    with pytest.raises(LockError, match="syntax error"):
         apply_read(POLICY, install)
-    assert len(calls) == 2  # with the chain, then without: both refused, the old table stands
+    # with the chain, without it, without the netdev family: all refused, the old table stands
+    assert [(p.egress_devices, p.netdev) for p in calls] == [(("eth0",), True), ((), True), ((), False)]
+
+
+def test_a_kernel_without_netdev_tables_still_gets_the_lock() -> None:
+    scripts: list[str] = []
+
+    def install(policy: LockPolicy) -> None:
+        script = render(policy)
+        if "netdev" in script:
+            raise LockError("nft: Error: Could not process rule: Operation not supported")
+        scripts.append(script)
+
+    applied = apply_read(POLICY, install)
+    assert applied.egress_refused
+    assert len(scripts) == 1 and "table inet tunlock {" in scripts[0]

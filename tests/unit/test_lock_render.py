@@ -505,3 +505,9 @@ def test_every_way_out_of_output_is_also_a_way_out_of_egress(policy):
             continue
         stateless = re.sub(r" ct state [a-z,]+", "", rule)
         assert stateless in egress, f"output lets out what egress drops: {rule}"
+
+
+def test_the_boot_file_and_the_fallback_do_not_touch_the_netdev_family():
+    text = render(LockPolicy(**{**BASE.__dict__, "netdev": False}))
+    assert "netdev" not in text
+    assert text.startswith("add table inet tunlock\n")
