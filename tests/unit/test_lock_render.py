@@ -511,3 +511,16 @@ def test_the_boot_file_and_the_fallback_do_not_touch_the_netdev_family():
     text = render(LockPolicy(**{**BASE.__dict__, "netdev": False}))
     assert "netdev" not in text
     assert text.startswith("add table inet tunlock\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(policies)
+def test_the_egress_table_sets_hold_what_the_inet_sets_of_the_same_name_hold(policy):
+    """The egress rules name sets of their own table: each must hold what its inet namesake
+    holds, or the host's own packets (which pass both) are refused by one of them."""
+    if not policy.egress_devices:
+        return
+    inet, netdev = render(policy).split(f"table netdev {policy.table} {{", 1)
+    for name in re.findall(r"\tset (\w+) \{", netdev):
+        declared = re.compile(rf"\tset {name} \{{[^\n]*\}}")
+        assert declared.search(netdev).group(0) == declared.search(inet).group(0), name
