@@ -130,6 +130,21 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
         "1 while the daemon holds the owned twin table that no other program can flush.",
         value=bool(lock.get("owned")),
     )
+    yield GaugeMetricFamily(
+        "tunlock_lock_egress_uplinks",
+        "Physical uplinks whose every leaving frame the lock's egress chain filters.",
+        value=len(lock.get("egress") or []),
+    )
+    bypass = GaugeMetricFamily(
+        "tunlock_bypass_workloads",
+        "Workloads whose frames skip the host's netfilter (macvlan child, bridged uplink); held=1 "
+        "when the egress chain covers them.",
+        labels=["kind", "interface", "held"],
+    )
+    held = "1" if lock.get("egress") else "0"
+    for workload in lock.get("bypass") or []:
+        bypass.add_metric([str(workload.get("kind")), str(workload.get("interface")), held], 1)
+    yield bypass
     blocked = CounterMetricFamily(
         "tunlock_lock_blocked_packets",
         "Packets the lock refused, by where they were going.",

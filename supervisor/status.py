@@ -101,6 +101,8 @@ class StatusReport:
                 "installed": self.lock.installed,
                 "matching": self.lock.matching,
                 "owned": self.lock.owned,
+                "egress": list(self.lock.egress),
+                "bypass": [dict(w) for w in self.lock.bypass],
             },
             "since": round(self.since, 3),
             "reason": self.reason,

@@ -6,6 +6,7 @@ import socket
 import struct
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -16,8 +17,10 @@ from supervisor.config import Config
 from supervisor.errors import TunlockError
 from supervisor.lock import confirm, nft
 from supervisor.lock.configured import policy_from_config
+from supervisor.lock.links import AppliedLinks, egress_in_force
 from supervisor.lock.lockout import FORCE_HELP, refuse_a_lockout
-from supervisor.lock.render import render
+from supervisor.lock.policy import LockPolicy
+from supervisor.lock.render import EGRESS_COUNTER, render
 
 BOOT_UNIT = """\
 [Unit]
@@ -41,7 +44,8 @@ WantedBy=sysinit.target
 def export_text(config: Config) -> str:
     """The nft file that installs the lock at boot: every configured server's endpoint allowed."""
     header = f"#!/usr/sbin/nft -f\n# tunlock lock, exported from {config.path}\n"
-    return header + render(policy_from_config(config))
+    # No egress table at boot: the file knows no links (docs/lock.md, "At boot").
+    return header + render(replace(policy_from_config(config), netdev=False))
 
 
 def running_daemon(socket_path: Path) -> int | None:
@@ -103,16 +107,12 @@ def apply(config_path: Path, force: bool, confirm_within: float | None) -> None:
     config = _load(config_path)
     policy = policy_from_config(config)
     refuse_a_lockout(policy, force, "lock apply")
-    summary = (
-        f"lock installed: table inet {policy.table}, {len(policy.endpoints)} endpoints, "
-        f"tunnel {policy.tunnel_interface}, allow_lan={'on' if policy.allow_lan else 'off'}"
-    )
     if confirm_within is None:
         try:
-            nft.apply(policy)
+            links = nft.apply(policy)
         except TunlockError as err:
             _fail(err)
-        click.echo(summary)
+        _say_applied(policy, links)
         return
     _refuse_while_the_daemon_runs(config, "the lock was not changed")
     try:
@@ -120,17 +120,37 @@ def apply(config_path: Path, force: bool, confirm_within: float | None) -> None:
     except TunlockError as err:
         _fail(err)
     try:
-        nft.apply(policy)
+        links = nft.apply(policy)
     except TunlockError as err:
         confirm.cancel(confirm.state_path(policy.table))
         _fail(err)
+    _say_applied(policy, links)
     previous = "the previous lock" if pending.previous is not None else "no lock"
     click.echo(
-        f"{summary}\n{previous} comes back at "
+        f"{previous} comes back at "
         f"{time.strftime('%H:%M:%S', time.localtime(pending.deadline))} (in {confirm_within:g} s) unless "
         f"`tunlock lock confirm --config {config.path}` runs by then. Run it from a new SSH session: "
         "that proves the new lock lets you in."
     )
+
+
+def _say_applied(policy: LockPolicy, links: AppliedLinks) -> None:
+    """What was installed, where the egress chain holds, and every bypass workload."""
+    if egress_in_force(links):
+        egress = f"egress held on {', '.join(links.egress_devices)}"
+    elif links.egress_refused:
+        egress = "NO egress chain (the kernel refused it)"
+    else:
+        egress = "no uplink found for the egress chain"
+    click.echo(
+        f"lock installed: table inet {policy.table}, {len(policy.endpoints)} endpoints, "
+        f"tunnel {policy.tunnel_interface}, allow_lan={'on' if policy.allow_lan else 'off'}, {egress}"
+    )
+    for workload in links.bypass:
+        held = "held by the egress chain" if egress_in_force(links) else "NOT held by the lock"
+        click.echo(
+            f"warning: bypass: {workload.kind} {workload.interface}: {workload.detail}; {held}", err=True
+        )
 
 
 @lock.command(name="confirm")
@@ -170,7 +190,14 @@ def status(config_path: Path) -> None:
         click.echo(f"lock: NOT installed (table inet {policy.table} is absent): traffic is not blocked")
         sys.exit(3)
     matches = "matches the config" if state.matches(policy) else "differs from the config (daemon-narrowed?)"
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(state.counters.items()))
+    counters = dict(state.counters)
+    try:
+        egress = nft.egress_counter(policy.table)
+    except TunlockError:
+        egress = None
+    if egress is not None:
+        counters[EGRESS_COUNTER] = egress
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(counters.items()))
     click.echo(f"lock: installed, table inet {policy.table}, {matches}; blocked packets: {counts}")
 
 

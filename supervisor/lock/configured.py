@@ -31,6 +31,7 @@ def policy_from_config(config: Config, servers: Iterable[Server] | None = None) 
         inbound_tcp=tuple(settings.lock.inbound_tcp),
         admin_tcp=tuple(settings.lock.admin_tcp),
         admin_sources=tuple(settings.lock.admin_sources),
+        uplinks=tuple(settings.lock.uplinks),
         tunnel_inbound=frozenset(
             [("tcp", p) for p in settings.lock.tunnel_inbound_tcp]
             + [("udp", p) for p in settings.lock.tunnel_inbound_udp]

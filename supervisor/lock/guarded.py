@@ -35,6 +35,7 @@ import anyio.abc
 
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard, OnTamper
+from supervisor.lock.links import AppliedLinks, egress_in_force
 from supervisor.lock.owner import OwnerUnavailable, OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import owned_table
@@ -68,6 +69,7 @@ class Guard(Protocol):
 
     policy: LockPolicy
     owner: OwningContext | None
+    links: AppliedLinks | None
 
     @property
     def restores(self) -> int:
@@ -240,8 +242,14 @@ class GuardedLock:
                 await anyio.to_thread.run_sync(owner.close)
 
     async def state(self) -> LockState:
-        """The lock as the guard reads it now."""
-        return await self.guard.state()
+        """The lock as the guard reads it now, with the links it was last applied to: the
+        uplinks the egress chain is on and the bypass workloads."""
+        state = await self.guard.state()
+        links = self.guard.links
+        if links is None:
+            return state
+        egress = links.egress_devices if egress_in_force(links) else ()
+        return replace(state, egress=tuple(egress), bypass=tuple(w.as_dict() for w in links.bypass))
 
     @property
     def restores(self) -> int:

@@ -46,6 +46,19 @@ class LockPolicy:
     # never LAN, even where a LAN's range holds them (tunnel_owned).
     tunnel_prefixes: frozenset[IPNetwork] = frozenset()
     tunnel_targets: frozenset[IPAddress] = frozenset()
+    # The physical uplinks as configured (``lock.uplinks``); empty: found from the routes when
+    # the lock is applied (supervisor.net.bypass).
+    uplinks: tuple[str, ...] = ()
+    # Read when the lock is applied, like ``onlink`` (supervisor.lock.links): the devices that
+    # get the egress chain (every frame leaving them, a macvlan child's or a bridged VM's
+    # included), and the host's bridges without an uplink, whose port-to-port traffic the
+    # forward chain lets through when br_netfilter hands it over.
+    egress_devices: tuple[str, ...] = ()
+    bridges: tuple[str, ...] = ()
+    # Whether the transaction touches the netdev family at all (the egress table, or removing a
+    # stale one). False for the boot file, which knows no links, and where the kernel refused the
+    # egress table: a kernel built without netdev tables must still get the lock.
+    netdev: bool = True
 
     @property
     def tunnel_owned(self) -> frozenset[IPNetwork]:

@@ -65,7 +65,13 @@ def test_connects_reports_status_and_keeps_the_lock_when_stopped(
     answer = json.loads(tunlock(lab, "status", "--json").stdout)
     assert answer["state"] == "connected" and answer["server"] == "vpn1"
     assert isinstance(answer["handshake_age_s"], (int, float)) and answer["handshake_age_s"] < 180
-    assert answer["lock"] == {"installed": True, "matching": True, "owned": True}
+    assert answer["lock"] == {
+        "installed": True,
+        "matching": True,
+        "owned": True,
+        "egress": ["wan0"],  # every frame leaving the uplink passes the lock's egress chain
+        "bypass": [],
+    }
     human = tunlock(lab, "status")
     assert "state:     connected" in human.stdout and "lock:      installed" in human.stdout
     assert tunlock(lab, "health").returncode == 0

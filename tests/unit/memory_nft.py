@@ -9,6 +9,7 @@ from __future__ import annotations
 from ipaddress import IPv4Network
 
 from supervisor.lock import nft
+from supervisor.lock.links import AppliedLinks
 from supervisor.lock.policy import LockPolicy
 from supervisor.servers import Endpoint
 
@@ -26,10 +27,10 @@ class MemoryNft:
     def render(self, policy: LockPolicy) -> str:
         return f"table {policy.table} endpoints {sorted(map(str, policy.endpoints))}"
 
-    def apply(self, policy: LockPolicy) -> tuple[IPv4Network, ...]:
+    def apply(self, policy: LockPolicy) -> AppliedLinks:
         self.applied.append(policy)
         self.installed = self.render(policy)
-        return self.onlink  # what the real one read as on-link while applying
+        return AppliedLinks(onlink=self.onlink)  # what the real one read while applying
 
     def swap_endpoints(self, policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:
         self.swaps.append((old, new))

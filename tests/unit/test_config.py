@@ -217,3 +217,14 @@ def test_admin_settings_that_allow_more_or_less_than_meant_are_warned_about(writ
         assert found == []
     else:
         assert len(found) == 1 and found[0][0] == 2 and warning in found[0][1], found
+
+
+def test_lock_uplinks_name_interfaces_and_reach_the_policy(write_config):
+    from supervisor.lock.configured import policy_from_config
+
+    path = write_config('[lock]\nuplinks = ["eth0", "enp3s0"]\n')
+    assert policy_from_config(load_config(path, {})).uplinks == ("eth0", "enp3s0")
+    assert load_config(write_config(""), {"TUNLOCK_LOCK_UPLINKS": "wan0"}).settings.lock.uplinks == ["wan0"]
+    bad = errors(write_config('[lock]\nuplinks = ["eth0 accept"]\n'))
+    assert bad and bad[0][1] == 2, bad
+    assert errors(write_config('[lock]\nuplinks = ["a-name-longer-than-15"]\n'))

@@ -18,6 +18,7 @@ import pytest
 from supervisor.lock import guard as guard_module
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard
+from supervisor.lock.links import AppliedLinks
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.state import LockState
 from supervisor.servers import Endpoint
@@ -32,7 +33,7 @@ ENDPOINT = Endpoint(ip_address("198.51.100.7"), 51820)
 def onlink_now(memory_nft: MemoryNft, monkeypatch: pytest.MonkeyPatch) -> list[tuple[IPv4Network, ...]]:
     """The on-link subnets as ``ip route`` would show them now (a one-item list to change)."""
     now = [memory_nft.onlink]
-    monkeypatch.setattr(guard_module, "read_onlink", lambda exclude=(): now[0])
+    monkeypatch.setattr(guard_module, "read_links", lambda policy: AppliedLinks(onlink=now[0]))
     return now
 
 
@@ -270,5 +271,54 @@ def test_a_monitor_that_cannot_be_restarted_is_tried_again(
                 while guard.watch_restarts < 3:  # each failed start is followed by another try
                     await anyio.sleep(0.01)
                 tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+def test_check_links_applies_again_when_the_uplinks_or_bridges_change(
+    memory_nft: MemoryNft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An uplink that appears (a new NIC with a default route) or a bridge that comes (a Docker
+    network) needs the lock applied again: the egress chain and the bridge set name devices."""
+    now = [AppliedLinks(egress_devices=("eth0",))]
+    monkeypatch.setattr(guard_module, "read_links", lambda policy: now[0])
+
+    def apply(policy: LockPolicy) -> AppliedLinks:
+        memory_nft.apply(policy)
+        return now[0]
+
+    monkeypatch.setattr(guard_module.nft, "apply", apply)
+
+    async def main() -> None:
+        guard = LockGuard(POLICY)
+        await guard.apply()
+        assert await guard.check_links() is False
+        now[0] = AppliedLinks(egress_devices=("eth0", "eth1"))
+        assert await guard.check_links() is True
+        now[0] = AppliedLinks(egress_devices=("eth0", "eth1"), bridges=("docker0",))
+        assert await guard.check_links() is True
+        assert guard.relinks == 2
+        assert len(memory_nft.applied) == 3
+
+    anyio.run(main)
+
+
+def test_where_the_kernel_refused_the_egress_chain_uplink_changes_do_not_reapply(
+    memory_nft: MemoryNft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [AppliedLinks(egress_devices=("eth0",))]
+    monkeypatch.setattr(guard_module, "read_links", lambda policy: now[0])
+
+    def apply(policy: LockPolicy) -> AppliedLinks:
+        memory_nft.apply(policy)
+        return AppliedLinks(egress_devices=("eth0",), egress_refused=True)
+
+    monkeypatch.setattr(guard_module.nft, "apply", apply)
+
+    async def main() -> None:
+        guard = LockGuard(POLICY)
+        await guard.apply()
+        now[0] = AppliedLinks(egress_devices=("eth1",))
+        assert await guard.check_links() is False
 
     anyio.run(main)

@@ -26,9 +26,11 @@ from supervisor.lock import guard as guard_module
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard, OnTamper
 from supervisor.lock.guarded import GuardedLock, cheapest_change
+from supervisor.lock.links import AppliedLinks
 from supervisor.lock.owner import OwnerUnavailable
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.state import LockState
+from supervisor.net.bypass import BypassWorkload
 from supervisor.redact import Secret
 from supervisor.servers import Endpoint, Peer, Server
 from tests.unit.memory_nft import MemoryNft
@@ -77,6 +79,7 @@ class FakeGuard:
         self.world = world
         self.policy = policy
         self.owner: Any = None
+        self.links: AppliedLinks | None = None
         self.on_tamper = on_tamper
         self.restores = 0
 
@@ -480,3 +483,22 @@ def test_the_cheapest_change_is_a_swap_only_when_that_is_all_that_differs(
 ) -> None:
     assert cheapest_change(BASE.with_servers((A,)), wanted) == change
     assert cheapest_change(None, wanted) == "whole"
+
+
+def test_the_state_carries_the_egress_chain_and_the_bypass_workloads_as_last_applied() -> None:
+    """What `tunlock status` shows: the uplinks the egress chain is on, and each workload whose
+    frames skip the host's netfilter; none of the egress when the kernel refused it."""
+    child = BypassWorkload("macvlan", "mv1", "macvlan child of uplink eth0")
+
+    async def scenario(lock: GuardedLock, world: World) -> None:
+        assert isinstance(lock.guard, FakeGuard)
+        state = await lock.state()
+        assert (state.egress, state.bypass) == ((), ())
+        lock.guard.links = AppliedLinks(egress_devices=("eth0",), bypass=(child,))
+        state = await lock.state()
+        assert (state.egress, state.bypass) == (("eth0",), (child.as_dict(),))
+        lock.guard.links = AppliedLinks(egress_devices=("eth0",), bypass=(child,), egress_refused=True)
+        state = await lock.state()
+        assert (state.egress, state.bypass) == ((), (child.as_dict(),))
+
+    run(scenario)

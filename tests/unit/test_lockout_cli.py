@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from supervisor.cli import main
 from supervisor.lock import lockout, nft
+from supervisor.lock.links import AppliedLinks
 
 SESSION = {"SSH_CONNECTION": "203.0.113.10 50000 192.0.2.2 22"}
 
@@ -25,7 +26,7 @@ def installs(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     applied: list[object] = []
     monkeypatch.setattr(lockout, "read_addresses", lambda: {ip_address("192.0.2.2"): "eth0"})
     monkeypatch.setattr(lockout, "read_onlink", lambda exclude=(): ())
-    monkeypatch.setattr(nft, "apply", lambda policy: applied.append(policy) or ())
+    monkeypatch.setattr(nft, "apply", lambda policy: applied.append(policy) or AppliedLinks())
     return applied
 
 

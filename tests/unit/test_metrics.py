@@ -177,3 +177,15 @@ def test_no_forwarded_port_is_zero_and_no_age():
     got = samples(exposition(Snapshot(status=CONNECTED, version="0.1.0", servers=2)))
     assert got[("tunlock_forwarded_port", ())] == 0
     assert ("tunlock_forwarded_port_age_seconds", ()) not in got
+
+
+def test_bypass_workloads_and_the_egress_chain_are_exposed():
+    workload = {"kind": "macvlan", "interface": "mv1", "detail": "macvlan child of uplink eth0"}
+    status = {**CONNECTED, "lock": {"installed": True, "egress": ["eth0"], "bypass": [workload]}}
+    got = samples(exposition(Snapshot(status=status, version="0.1.0", servers=1)))
+    assert got[("tunlock_lock_egress_uplinks", ())] == 1
+    assert got[("tunlock_bypass_workloads", (("held", "1"), ("interface", "mv1"), ("kind", "macvlan")))] == 1
+    status = {**CONNECTED, "lock": {"installed": True, "egress": [], "bypass": [workload]}}
+    got = samples(exposition(Snapshot(status=status, version="0.1.0", servers=1)))
+    assert got[("tunlock_lock_egress_uplinks", ())] == 0
+    assert got[("tunlock_bypass_workloads", (("held", "0"), ("interface", "mv1"), ("kind", "macvlan")))] == 1

@@ -58,6 +58,10 @@ SLOW = Settings(
 )
 
 
+# A macvlan child of the uplink, as the lock reports it (supervisor.net.bypass).
+BYPASS = [{"kind": "macvlan", "interface": "mv1", "detail": "macvlan child of uplink eth0"}]
+
+
 class World:
     """Fake lock, tunnel and prober sharing one ordered log of what the runtime asked."""
 
@@ -94,6 +98,9 @@ class World:
     async def state(self) -> LockState:
         self._call("state")
         return self.lock_reading
+
+    def exposure(self) -> tuple[list[str], list[dict[str, str]]]:
+        return ["eth0"], BYPASS
 
     # TunnelControl
     async def connect(self, server: Server) -> None:
@@ -494,6 +501,8 @@ def test_lock_status_is_read_on_request_and_a_failed_read_says_not_installed() -
             "installed": True,
             "matching": True,
             "owned": True,
+            "egress": [],
+            "bypass": [],
         }
         assert state.counters == {"refused": 3}
         world.failing["state"] = RuntimeError("nft missing")
@@ -502,6 +511,8 @@ def test_lock_status_is_read_on_request_and_a_failed_read_says_not_installed() -
             "installed": False,
             "matching": False,
             "owned": False,
+            "egress": [],
+            "bypass": [],
         }
         assert state.counters == {}
         await stop(runtime, published)
