@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
-from supervisor.lock.nft import LockError
+from supervisor.lock.nft import LockError, parse_reading
 from supervisor.lock.onlink import read_onlink
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import (
@@ -234,6 +234,14 @@ class OwningContext:
     def remove(self, table: str) -> None:
         """Delete both tables (the lock is open after this)."""
         self.run(remove_script(table))
+
+    def reading(self, table: str) -> tuple[str, dict[str, int]]:
+        """``nft.reading`` through this context: the ordinary table as a tamper check compares it,
+        and its counters (LockError when it is not there)."""
+        return parse_reading(self.run(f"list table inet {table}"))
+
+    def listing(self, table: str) -> str:
+        return self.reading(table)[0]
 
     def owns(self, table: str) -> bool:
         """Whether the owned twin of ``table`` is in place."""
