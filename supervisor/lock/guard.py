@@ -45,7 +45,7 @@ from anyio.streams.text import TextReceiveStream
 
 from supervisor.lock import nft
 from supervisor.lock.onlink import read_onlink
-from supervisor.lock.owner import OwningContext
+from supervisor.lock.owner import NftContext, OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.state import LockState
 from supervisor.log import get_logger
@@ -76,6 +76,8 @@ class LockGuard:
     ) -> None:
         self.policy = policy
         self.owner = owner
+        # Where there is no owner: a libnftables context that only reads (see _reading).
+        self.reader: NftContext | None = None
         self._reference: str | None = None
         self._on_tamper = on_tamper
         self._lock = anyio.Lock()
@@ -98,17 +100,18 @@ class LockGuard:
         """Both tables through the owner, else the ordinary one through nft; the on-link subnets."""
         return (self.owner or nft).apply(policy)
 
-    # Reads go through the owner's libnftables context too, not an `nft list` child per read:
-    # every status request and every nftables event reads the table, and each child's pipe
-    # buffers and listing came from the malloc arena of the worker thread that ran it, which glibc
-    # trims only from its top. In the lab that arena grew to 3.8 MB, 94 % of it free in ~300
-    # pieces, after 120 link flaps (~50 status requests each): what test_rss_levels_off_over_link_flaps
-    # and ..._over_status_requests caught. The owner's thread keeps one arena of ~0.7 MB throughout.
+    # Reads go through a libnftables context (the owner's, else the reader's), not an `nft list`
+    # child per read: every status request and every nftables event reads the table, and each
+    # child's pipe buffers and listing came from the malloc arena of the worker thread that ran
+    # it, which glibc trims only from its top. In the lab that arena grew to 3.8 MB, 94 % of it
+    # free in ~300 pieces, after 120 link flaps (~50 status requests each): what
+    # test_rss_levels_off_over_link_flaps and ..._over_status_requests caught. A context's thread
+    # keeps one arena of ~0.7 MB throughout. The tool reads only where libnftables is missing.
     def _reading(self, table: str) -> tuple[str, dict[str, int]]:
-        return (self.owner or nft).reading(table)
+        return (self.owner or self.reader or nft).reading(table)
 
     def _listing(self, table: str) -> str:
-        return (self.owner or nft).listing(table)
+        return (self.owner or self.reader or nft).listing(table)
 
     async def swap_endpoints(self, policy: LockPolicy) -> None:
         """Move to ``policy``'s endpoints with element changes only (no moment without them)."""
