@@ -124,12 +124,14 @@ def flap(lab: LabUnderTest, daemon: LabDaemon) -> None:
 
 
 # The first cycles fill caches, pools and the allocator's arenas for good. Measured in this lab
-# (RSS after every 10 flaps, 2 shared cores): the daemon before the fixes grew 1.7, 1.0, 0.4 MB
-# over its first 30 flaps and then still ~15 kB a flap (+1.2 MB between flap 50 and 110); with
-# them it grew 1.1, 1.0, 0.6, 0.4, 0.2 MB and then stayed within ~0.1 MB from flap 70 to 120.
-# So: warm up 50 flaps, then allow 1 MB over the next 70 (fixed: ~0.5 MB measured; before: ~1.7
-# MB), comparing the least of the last readings of each stretch (one reading can catch a
-# transient buffer).
+# (RSS after every 10 flaps, 2 shared cores; the status is asked every 10 ms meanwhile, ~50 times
+# a flap): with the fixes of issues #11 and #27 the daemon grows 0.1-0.3 MB a stretch over its first
+# 50-70 flaps and then stays flat (a 250-flap run: within 0.12 MB from flap 50 to 250); six runs of
+# this test measured +0.14 to +0.50 MB. Before #27 (each status read an `nft list` child,
+# fragmenting a worker thread's malloc arena) it still grew 0.3-0.65 MB from flap 50 to 120 here,
+# and 1.4 MB on a fresh machine, which failed. So: warm up 50 flaps, then allow 1 MB over the next
+# 70, comparing the least of the last readings of each stretch (one reading can catch a transient
+# buffer).
 WARM_UP_FLAPS = 50
 MEASURED_FLAPS = 70
 READINGS = 5
