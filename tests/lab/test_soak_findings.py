@@ -126,7 +126,7 @@ def flap(lab: LabUnderTest, daemon: LabDaemon) -> None:
 # The first cycles fill caches, pools and the allocator's arenas for good. Measured in this lab
 # (RSS after every 10 flaps, 2 shared cores; the status is asked every 10 ms meanwhile, ~50 times
 # a flap): with the fixes of issues #11 and #27 the daemon grows 0.1-0.3 MB a stretch over its first
-# 50-70 flaps and then stays flat (a 250-flap run: within 0.12 MB from flap 50 to 250); six runs of
+# 50-70 flaps and then stays flat (a 250-flap run: within 0.12 MB from flap 50 to 250); nine runs of
 # this test measured +0.14 to +0.50 MB. Before #27 (each status read an `nft list` child,
 # fragmenting a worker thread's malloc arena) it still grew 0.3-0.65 MB from flap 50 to 120 here,
 # and 1.4 MB on a fresh machine, which failed. So: warm up 50 flaps, then allow 1 MB over the next
