@@ -36,7 +36,7 @@ import anyio.abc
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard, OnTamper
 from supervisor.lock.links import AppliedLinks, egress_in_force
-from supervisor.lock.owner import OwnerUnavailable, OwningContext
+from supervisor.lock.owner import NftContext, OwnerUnavailable, OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import owned_table
 from supervisor.lock.state import LockState
@@ -70,6 +70,7 @@ class Guard(Protocol):
     policy: LockPolicy
     owner: OwningContext | None
     links: AppliedLinks | None
+    reader: NftContext | None
 
     @property
     def restores(self) -> int:
@@ -121,6 +122,7 @@ class GuardedLock:
         *,
         make_guard: Callable[[LockPolicy, OnTamper], Guard] = LockGuard,
         open_owner: Callable[[str], OwningContext] = OwningContext.open,
+        open_reader: Callable[[], NftContext] = NftContext,
         ordinary: OrdinaryTable = nft,
     ) -> None:
         """``base``: the policy around the endpoints; ``on_tamper``: told why, after each restore;
@@ -129,6 +131,7 @@ class GuardedLock:
         self.guard = make_guard(base, on_tamper)
         self._task_group = task_group
         self._open_owner_context = open_owner
+        self._open_reader_context = open_reader
         self._ordinary = ordinary
         self._watch: anyio.CancelScope | None = None
         self._changing = anyio.Lock()
@@ -152,8 +155,17 @@ class GuardedLock:
                 "it (~50 ms)",
                 reason=str(err),
             )
+            await self._open_reader()
             return
         log.info("the lock is held twice while running", table=table, owned_table=owned_table(table))
+
+    async def _open_reader(self) -> None:
+        """Without an owner, a libnftables context for the guard's reads all the same (an ``nft``
+        child per read left a worker thread's memory fragmented: LockGuard._reading)."""
+        try:
+            self.guard.reader = await anyio.to_thread.run_sync(self._open_reader_context)
+        except OwnerUnavailable as err:  # no libnftables: the nft tool reads
+            log.info("libnftables cannot be loaded; the nft tool reads the lock", reason=str(err))
 
     async def _change(self, edit: Callable[[LockIntent], LockIntent], *, whole: bool = False) -> None:
         """Edit the intent and install it, all under the one mutex. Until the first apply (and
@@ -229,6 +241,9 @@ class GuardedLock:
         if self._watch is not None:
             self._watch.cancel()
         async with self._changing:
+            reader, self.guard.reader = self.guard.reader, None
+            if reader is not None:
+                await anyio.to_thread.run_sync(reader.close)
             owner, self.guard.owner = self.guard.owner, None
             if owner is None:
                 return

@@ -110,7 +110,11 @@ def _counters(text: str) -> dict[str, int]:
 
 def reading(table: str) -> tuple[str, dict[str, int]]:
     """One listing of the table: as a tamper check compares it (counters zeroed), and its counters."""
-    text = _nft(["list", "table", "inet", table])
+    return parse_reading(_nft(["list", "table", "inet", table]))
+
+
+def parse_reading(text: str) -> tuple[str, dict[str, int]]:
+    """A table's listing as a tamper check compares it (counters zeroed), and its counters."""
     return re.sub(r"packets \d+ bytes \d+", "packets 0 bytes 0", text), _counters(text)
 
 

@@ -16,6 +16,11 @@ The owning socket is a libnftables context (``nft_ctx_new``) called through ctyp
 context is not thread-safe, and its socket must live in the daemon's network namespace, so it
 is created and used in one dedicated thread; callers (worker threads of the event loop) hand
 it jobs and wait for their result.
+
+The guard reads the ordinary table through the same context (``NftContext.reading``), and where
+the kernel or nft cannot own a table, through a context of its own that only reads: an ``nft
+list`` child per read (every status request, every nftables event) left its buffers in the
+malloc arena of the worker thread that ran it, which grew for good (docs/supervisor.md, memory).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from supervisor.lock.links import AppliedLinks, apply_read
-from supervisor.lock.nft import LockError
+from supervisor.lock.nft import LockError, parse_reading
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import (
     owned_table,
@@ -144,35 +149,25 @@ def remove_script(table: str) -> str:
 _Job = tuple[Callable[[Libnftables], Any], Future]
 
 
-class OwningContext:
-    """The daemon's one libnftables context, in a thread of its own until :meth:`close`.
+class NftContext:
+    """One libnftables context, in a thread of its own until :meth:`close`; OwnerUnavailable
+    where libnftables cannot be loaded.
 
-    Every method blocks its caller until the owning thread has run the job: call them from a
+    Every method blocks its caller until the context's thread has run the job: call them from a
     worker thread (``anyio.to_thread.run_sync``), never on the event loop.
     """
+
+    thread_name = "nft-context"
 
     def __init__(self, library: str = LIBRARY) -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         ready: Future[None] = Future()
         # The thread inherits the caller's network namespace, and the context's socket the thread's.
         self._thread = threading.Thread(
-            target=self._serve, args=(library, ready), name="nft-owner", daemon=True
+            target=self._serve, args=(library, ready), name=self.thread_name, daemon=True
         )
         self._thread.start()
         ready.result()
-
-    @classmethod
-    def open(cls, table: str, library: str = LIBRARY) -> OwningContext:
-        """A context that has shown it can own a table here; OwnerUnavailable (with the reason)
-        where the kernel, nft or libnftables cannot."""
-        ensure_safe_to_lock()
-        owner = cls(library)
-        try:
-            owner.run(probe_script(table))
-        except LockError as err:
-            owner.close()
-            raise OwnerUnavailable(str(err)) from None
-        return owner
 
     def _serve(self, library: str, ready: Future[None]) -> None:
         try:
@@ -208,6 +203,39 @@ class OwningContext:
 
         return self._call(checked)
 
+    def reading(self, table: str) -> tuple[str, dict[str, int]]:
+        """``nft.reading`` through this context: the ordinary table as a tamper check compares it,
+        and its counters (LockError when it is not there)."""
+        return parse_reading(self.run(f"list table inet {table}"))
+
+    def listing(self, table: str) -> str:
+        return self.reading(table)[0]
+
+    def close(self) -> None:
+        """Free the context (and with its socket every table it owns)."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(_CLOSE_TIMEOUT_S)
+
+
+class OwningContext(NftContext):
+    """The daemon's one libnftables context that holds the owned twin, made by :meth:`open`."""
+
+    thread_name = "nft-owner"
+
+    @classmethod
+    def open(cls, table: str, library: str = LIBRARY) -> OwningContext:
+        """A context that has shown it can own a table here; OwnerUnavailable (with the reason)
+        where the kernel, nft or libnftables cannot."""
+        ensure_safe_to_lock()
+        owner = cls(library)
+        try:
+            owner.run(probe_script(table))
+        except LockError as err:
+            owner.close()
+            raise OwnerUnavailable(str(err)) from None
+        return owner
+
     def apply(self, policy: LockPolicy) -> AppliedLinks:
         """Install or replace both tables in one transaction; like ``nft.apply``, filled in with
         the links read now (on-link subnets, uplinks, bridges), which are returned."""
@@ -238,9 +266,3 @@ class OwningContext:
     def owns(self, table: str) -> bool:
         """Whether the owned twin of ``table`` is in place."""
         return f"table inet {owned_table(table)}\n" in self.run("list tables")
-
-    def close(self) -> None:
-        """Free the context: the kernel removes the owned table with its socket."""
-        if self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join(_CLOSE_TIMEOUT_S)

@@ -200,3 +200,16 @@ def test_flush_followed_at_once_by_probes_leaks_nothing_with_the_owned_twin(lab,
     assert leaks == [], f"{len(leaks)} packets leaked after {ROUNDS} flushes:\n{describe(leaks)}"
     assert len(restores) == ROUNDS, "each flush removed the ordinary table and the guard put it back"
     assert "table inet tunlock\n" in tables(lab) and f"table inet {OWNED}" in tables(lab)
+
+
+def test_the_owner_reads_the_ordinary_table_as_the_nft_tool_lists_it(lab, policy, owner):
+    """The guard reads through the owner while it has one (a status request, each nftables event)
+    and compares with what it read after applying: both readings must be the nft tool's."""
+    owner.apply(policy)
+    listed, counters = owner.reading(policy.table)
+    tool_listed, tool_counters = in_client(lab, lambda: nft.reading(policy.table))
+    assert listed == tool_listed
+    assert counters.keys() == tool_counters.keys() and counters  # the counters move; their names do not
+    other_nft(lab, "delete", "table", "inet", policy.table)
+    with pytest.raises(nft.LockError, match="No such file or directory"):
+        owner.reading(policy.table)

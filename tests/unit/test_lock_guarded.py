@@ -80,6 +80,7 @@ class FakeGuard:
         self.policy = policy
         self.owner: Any = None
         self.links: AppliedLinks | None = None
+        self.reader: Any = None
         self.on_tamper = on_tamper
         self.restores = 0
 
@@ -147,14 +148,30 @@ class FakeOwner:
         self.world.calls.append(("owner.close",))
 
 
+class FakeReader:
+    """Stands in for NftContext: a libnftables context that only reads."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def close(self) -> None:
+        self.world.calls.append(("reader.close",))
+
+
 def no_owner(table: str) -> Any:
     raise OwnerUnavailable("nft: Error: Could not process rule: Operation not supported")
+
+
+def no_libnftables() -> Any:
+    raise OwnerUnavailable("libnftables.so.1 cannot be loaded (cannot open shared object file)")
 
 
 Scenario = Callable[[GuardedLock, World], Awaitable[None]]
 
 
-def run(scenario: Scenario, *, owned: bool = True, tampered: list[str] | None = None) -> World:
+def run(
+    scenario: Scenario, *, owned: bool = True, library: bool = True, tampered: list[str] | None = None
+) -> World:
     """``scenario`` against a GuardedLock wired to stand-ins; the world it left."""
 
     async def main() -> World:
@@ -172,6 +189,7 @@ def run(scenario: Scenario, *, owned: bool = True, tampered: list[str] | None = 
                     on_tamper,
                     make_guard=lambda policy, told: FakeGuard(world, policy, told),
                     open_owner=(lambda table: FakeOwner(world)) if owned else no_owner,
+                    open_reader=(lambda: FakeReader(world)) if library else no_libnftables,
                     ordinary=FakeOrdinaryTable(world),
                 )
                 await scenario(lock, world)
@@ -358,7 +376,34 @@ def test_without_the_owner_flag_it_says_so_once_and_keeps_the_guard_alone() -> N
         assert lock.guard.owner is None
 
     world = run(scenario, owned=False)
-    assert world.names() == ["apply", "apply"]
+    assert world.names() == ["apply", "apply", "reader.close"]
+
+
+def test_without_the_owner_flag_the_guard_reads_through_a_context_of_its_own() -> None:
+    """An `nft list` child per read (each status request, each nftables event) fragmented a
+    worker thread's memory for good; a context that only reads does not (LockGuard._reading)."""
+
+    async def scenario(lock: GuardedLock, world: World) -> None:
+        await lock.apply((A,))
+        assert isinstance(lock.guard.reader, FakeReader)
+        await lock.close()
+        assert lock.guard.reader is None
+
+    world = run(scenario, owned=False)
+    assert world.names() == ["apply", "reader.close"]
+
+
+def test_without_libnftables_the_nft_tool_reads() -> None:
+    async def scenario(lock: GuardedLock, world: World) -> None:
+        with structlog.testing.capture_logs() as logs:
+            await lock.apply((A,))
+        assert lock.guard.reader is None
+        said = [entry for entry in logs if "nft tool reads" in entry["event"]]
+        assert len(said) == 1 and "cannot be loaded" in said[0]["reason"]
+        await lock.close()
+
+    world = run(scenario, owned=False, library=False)
+    assert world.names() == ["apply"]
 
 
 def test_with_the_owner_flag_the_lock_is_held_twice_and_said_once() -> None:
@@ -409,7 +454,14 @@ def test_a_port_request_during_a_server_swap_leaves_table_guard_and_intent_agree
     async def main() -> GuardedLock:
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                lock = GuardedLock(BASE, tg, on_tamper, make_guard=UnwatchedGuard, open_owner=no_owner)
+                lock = GuardedLock(
+                    BASE,
+                    tg,
+                    on_tamper,
+                    make_guard=UnwatchedGuard,
+                    open_owner=no_owner,
+                    open_reader=no_libnftables,
+                )
                 await lock.apply((A,))
                 async with anyio.create_task_group() as writers:
                     writers.start_soon(lock.set_servers, (B,))
@@ -443,7 +495,14 @@ def test_a_refused_swap_falls_back_to_the_whole_table_and_the_guard_remembers_wh
     async def main() -> GuardedLock:
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                lock = GuardedLock(BASE, tg, on_tamper, make_guard=UnwatchedGuard, open_owner=no_owner)
+                lock = GuardedLock(
+                    BASE,
+                    tg,
+                    on_tamper,
+                    make_guard=UnwatchedGuard,
+                    open_owner=no_owner,
+                    open_reader=no_libnftables,
+                )
                 await lock.apply((A,))
                 with structlog.testing.capture_logs() as logs:
                     await lock.set_servers((B,))
