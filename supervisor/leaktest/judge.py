@@ -15,8 +15,10 @@ Evidence, strongest first:
    dropped or rejected it; ``ENETUNREACH``: no route), or the connection was refused with a
    local error and nothing of it was seen outside: ``blocked``.
 5. **Nothing**: no error, no answer, not seen leaving: ``blocked``. With the capture that is
-   nearly as strong as 4 (nothing passed any interface); without it (no ``CAP_NET_RAW``) it is
-   weak: a silent drop past this host would look the same, and the report says so.
+   nearly as strong as 4 (nothing passed any interface). Without it (no ``CAP_NET_RAW``) it is
+   ``LEAK?``: the lock refuses every probe at send time or with a local reject, so a probe the
+   kernel let go is one that passed every firewall hook, and its first hop's answer is what the
+   lock's input chain drops; the run exits 1 rather than call it blocked.
 
 A destination unreachable is evidence that the packet left only when it comes from another host
 on an outside interface: one the lock (``reject``) or the kernel itself (no neighbour, no route)
@@ -82,6 +84,9 @@ class Outcome(StrEnum):
     LEAK = "LEAK"
     TUNNEL = "tunnel"  # into the tunnel: not a leak
     UNTESTED = "untested"  # the probe could not be sent (no socket): proves nothing
+    # Sent without refusal, no answer, and no capture to tell whether it left: not counted as
+    # blocked (the run exits 1), since a probe that got out looks exactly like this.
+    UNPROVEN = "LEAK?"
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,9 @@ def judge(probe: Probe, evidence: Evidence, tunnel: str) -> Verdict:
     if evidence.captured:
         return Verdict(Outcome.BLOCKED, "not seen leaving any interface, no answer")
     return Verdict(
-        Outcome.BLOCKED, "no answer (weak: without the capture a drop past this host looks the same)"
+        Outcome.UNPROVEN,
+        "sent, nothing refused it, no answer: without the capture this is how a probe that left "
+        "looks too (the lock's input chain drops the first hop's answer)",
     )
 
 

@@ -29,7 +29,7 @@ class Report:
     @property
     def exit_code(self) -> int:
         """0 when nothing got out and every check holds, 1 otherwise."""
-        return 1 if self.leaks or self.failed_checks else 0
+        return 1 if self.leaks or self.count(Outcome.UNPROVEN) or self.failed_checks else 0
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for _, v in self.results if v.outcome is outcome)
@@ -48,6 +48,8 @@ def summary(report: Report) -> str:
         f"{report.count(Outcome.TUNNEL)} into the tunnel",
         f"{len(report.leaks)} LEAKED",
     ]
+    if report.count(Outcome.UNPROVEN):
+        parts.append(f"{report.count(Outcome.UNPROVEN)} unproven (LEAK?)")
     if untested:
         parts.append(f"{untested} not sent")
     checks = f"{len(report.failed_checks)} of {len(report.checks)} checks failed"
@@ -56,6 +58,11 @@ def summary(report: Report) -> str:
     elif report.leaks:
         kinds = sorted({str(p.kind) for p, _ in report.leaks})
         head = f"LEAK: {', '.join(kinds)} got out"
+    elif report.count(Outcome.UNPROVEN):
+        head = (
+            "LEAK?: probes went unrefused and unanswered, and without CAP_NET_RAW there is no "
+            "capture to tell whether they left (run it with CAP_NET_RAW)"
+        )
     else:
         head = "a check failed"
     return f"{head}: {n} probes ({', '.join(parts)}); {checks}; {report.seconds:.1f} s"

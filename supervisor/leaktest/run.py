@@ -55,6 +55,7 @@ _ETH_P_ALL = 0x0003
 _SOL_PACKET, _PACKET_STATISTICS = 263, 6
 _PACKET_OUTGOING = 4
 _IFF_UP, _IFF_LOOPBACK = 0x1, 0x8
+_IP_RECVERR, _IPV6_RECVERR = 11, 25
 _RESOLVED_UPSTREAMS = Path("/run/systemd/resolve/resolv.conf")
 _RESOLVCONF_RECORDS = Path("/run/resolvconf/interface")
 
@@ -193,6 +194,12 @@ def _socket(probe: Probe) -> tuple[socket.socket, bool]:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, probe.ttl)
         else:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, probe.ttl)
+        # An ICMP error reaches an unconnected UDP socket, and fails a TCP connect at once
+        # (instead of a silent retry: an ICMPv6 unreachable in SYN-SENT), only with RECVERR.
+        if probe.family == 4:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
         if transport != "icmp":
             sock.bind(("0.0.0.0", 0) if probe.family == 4 else ("::", 0))
     except BaseException:
@@ -449,7 +456,8 @@ async def run_leaktest(config: Config, state_dir: Path | None = None) -> Report:
         capture = None
         notes.append(
             "no packet capture (CAP_NET_RAW is missing): the verdicts rest on the kernel's answers "
-            "at send time and on replies that pass this host's firewall; 'no answer' is weak evidence"
+            "at send time and on replies that pass this host's firewall; a probe sent without "
+            "refusal and unanswered is LEAK? (unproven), not blocked"
         )
     sent: list[Sent] = []
 
