@@ -50,10 +50,24 @@ def check_lock(table: str, installed: bool, fingerprint: str | None, known: Mapp
     )
 
 
-def check_owned(table: str, installed: bool, daemon_running: bool, daemon_owned: bool | None) -> CheckResult:
-    """The owned twin: held while the daemon runs (docs/lock.md, "Tampering")."""
+def check_owned(
+    table: str,
+    installed: bool,
+    daemon_running: bool,
+    daemon_owned: bool | None,
+    fingerprint: str | None = None,
+    known: Mapping[str, str] | None = None,
+) -> CheckResult:
+    """The owned twin: held while the daemon runs (docs/lock.md, "Tampering"), with a policy the
+    configuration gives (``known``, as for :func:`check_lock`)."""
     if installed:
-        return CheckResult("lock-owned", Status.OK, f"table inet {table} is present")
+        if known is not None and fingerprint not in known:
+            return CheckResult(
+                "lock-owned",
+                Status.FAIL,
+                f"table inet {table} differs from the configuration (fingerprint {fingerprint or 'missing'})",
+            )
+        return CheckResult("lock-owned", Status.OK, f"table inet {table} is present and matches")
     if not daemon_running:
         return CheckResult(
             "lock-owned", Status.NOTE, f"table inet {table} is absent: it is held only while the daemon runs"

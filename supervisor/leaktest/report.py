@@ -104,6 +104,7 @@ def render_json(report: Report) -> dict[str, Any]:
         ],
         "checks": [{"name": c.name, "status": str(c.status), "how": c.how} for c in report.checks],
         "leaks": len(report.leaks),
+        "unproven": report.count(Outcome.UNPROVEN),
         "notes": list(report.notes),
         "summary": summary(report),
     }

@@ -350,7 +350,9 @@ def _lock_checks(config: Config, daemon: dict[str, Any] | None) -> list[checks.C
     daemon_owned = (daemon or {}).get("lock", {}).get("owned")
     return [
         checks.check_lock(table, state.installed, state.fingerprint, known),
-        checks.check_owned(owned_table(table), owned.installed, daemon is not None, daemon_owned),
+        checks.check_owned(
+            owned_table(table), owned.installed, daemon is not None, daemon_owned, owned.fingerprint, known
+        ),
     ]
 
 

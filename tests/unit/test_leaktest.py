@@ -341,6 +341,10 @@ def test_lock_check():
 
 def test_owned_twin_check():
     assert checks.check_owned("t_owned", True, True, True).status is Status.OK
+    assert checks.check_owned("t_owned", True, True, True, "abc", {"abc": "server vpn1"}).status is Status.OK
+    assert (
+        checks.check_owned("t_owned", True, True, True, "def", {"abc": "server vpn1"}).status is Status.FAIL
+    )
     assert checks.check_owned("t_owned", False, False, None).status is Status.NOTE
     assert checks.check_owned("t_owned", False, True, False).status is Status.NOTE  # no owner flag
     assert checks.check_owned("t_owned", False, True, True).status is Status.FAIL
