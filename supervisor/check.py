@@ -14,6 +14,7 @@ from supervisor.cli_common import CONFIG_OPTION
 from supervisor.config import ConfigFile, load_settings
 from supervisor.control import socket_path
 from supervisor.errors import ConfigError, Problem
+from supervisor.net.bypass import BypassWorkload, read_link_facts
 from supervisor.wgquick import ServerDigest, digest_servers
 
 
@@ -76,10 +77,33 @@ def check(config_path: Path, quiet: bool) -> None:
     if socket_problem is not None:
         _fail([socket_problem])
     if not quiet:
-        for warning in config.warnings:
+        for warning in (*config.warnings, *bypass_warnings(config)):
             click.echo(str(warning), err=True)
         click.echo(summary(config))
     _exit_soon()
+
+
+def bypass_warnings(
+    config: Checked, workloads: typing.Sequence[BypassWorkload] | None = None
+) -> list[Problem]:
+    """A warning for each workload on this host whose frames skip its netfilter (a macvlan child
+    of the uplink, a bridge with the uplink in it): the lock holds them only with its egress
+    chain (Linux >= 5.16)."""
+    if workloads is None:
+        facts = read_link_facts(
+            exclude=(config.settings.tunnel.interface,), uplinks=config.settings.lock.uplinks
+        )
+        workloads = facts.bypass
+    return [
+        Problem(
+            config.path,
+            0,
+            f"bypass: {w.kind} {w.interface}: {w.detail}; the lock holds it only with its egress "
+            "chain on the uplink (Linux >= 5.16: see docs/lock.md)",
+            warning=True,
+        )
+        for w in workloads
+    ]
 
 
 def _check_plugins(config: Checked) -> None:

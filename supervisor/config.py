@@ -149,6 +149,9 @@ class LockSection(_Section):
     # Ports reachable from the internet through the tunnel (beyond replies and a forwarded port).
     tunnel_inbound_tcp: list[Port] = Field(default_factory=list)
     tunnel_inbound_udp: list[Port] = Field(default_factory=list)
+    # The physical interfaces whose egress the lock holds (every frame leaving them, a macvlan
+    # child's or a bridged VM's included); empty: the devices under the gateway routes.
+    uplinks: list[Annotated[str, Field(pattern=r"^[^\s/\"]{1,15}$")]] = Field(default_factory=list)
 
     @field_validator("lan_ranges")
     @classmethod

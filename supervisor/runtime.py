@@ -64,6 +64,10 @@ class Lock(Protocol):
         """(installed, matching what was last applied, owned twin held, packets refused per
         named counter)."""
 
+    def exposure(self) -> tuple[list[str], list[dict[str, str]]]:
+        """As the lock was last applied: the uplinks its egress chain is on, and the workloads
+        whose frames skip the host's netfilter (supervisor.net.bypass)."""
+
 
 class TunnelControl(Protocol):
     async def connect(self, server: Server) -> None: ...
@@ -101,6 +105,9 @@ class Status:
     lock_matching: bool = False
     lock_owned: bool = False  # the flush-proof twin table, held while the daemon runs
     lock_counters: dict[str, int] = field(default_factory=dict)
+    # The uplinks the egress chain is on, and the workloads that skip the host's netfilter.
+    lock_egress: list[str] = field(default_factory=list)
+    lock_bypass: list[dict[str, str]] = field(default_factory=list)
     backend: str | None = None
     # For the metrics: times each state was entered, and failures declared per server.
     entered: dict[str, int] = field(default_factory=dict)
@@ -125,6 +132,8 @@ class Status:
                 "installed": self.lock_installed,
                 "matching": self.lock_matching,
                 "owned": self.lock_owned,
+                "egress": list(self.lock_egress),
+                "bypass": [dict(w) for w in self.lock_bypass],
             },
             "since": round(self.since_wall, 3),
             "reason": self.reason,
@@ -404,7 +413,9 @@ class Runtime:
                     status.lock_owned,
                     status.lock_counters,
                 ) = await self.lock.state()
+            status.lock_egress, status.lock_bypass = self.lock.exposure()
         except Exception as err:  # the status says "not installed" then
             log.warning("could not read the lock", error=str(err))
             status.lock_installed = status.lock_matching = status.lock_owned = False
             status.lock_counters = {}
+            status.lock_egress = []

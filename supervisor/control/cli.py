@@ -81,6 +81,13 @@ def describe(answer: dict[str, Any], now: float | None = None) -> str:
     else:
         lock_text = "NOT INSTALLED"
     lines.append(f"lock:      {lock_text}")
+    for workload in lock.get("bypass") or []:
+        covered = (
+            f"held by the egress chain on {', '.join(lock['egress'])}"
+            if lock.get("egress")
+            else "NOT held by the lock (no egress chain here)"
+        )
+        lines.append(f"bypass:    {workload.get('kind')} {workload.get('interface')}: {covered}")
     failure = answer.get("last_failure")
     if failure:
         who = f"{failure['server']}: " if failure.get("server") else ""

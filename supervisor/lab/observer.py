@@ -23,10 +23,11 @@ would be a large dependency for the lab alone.
 
 Run: python -m supervisor.lab.observer IFACE OUT_FILE ENDPOINT [ENDPOINT...]
 (ENDPOINT as ip:port or [ip6]:port). SIGTERM stops it. The lab syncs with it
-by sending a raw frame of the local experimental ethertype 0x88B5 from the
-client (a packet socket, beneath the firewall): the observer writes
+by sending a raw frame from the client (a packet socket): the observer writes
 ``{"sync": token}``, so a reader that sees its token knows every frame before it
-has been recorded.
+has been recorded. The frame has ARP's ethertype and starts with ``SYNC_MAGIC``
+instead of an ARP header: the lock's egress chain on the uplink sees packet
+sockets' frames too, and lets only ARP through of what is not IP.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
-SYNC_ETHERTYPE = 0x88B5
+ETH_P_ARP = 0x0806
+SYNC_ETHERTYPE = ETH_P_ARP
+SYNC_MAGIC = b"tunlock-lab-sync:"
 _WG_SIZES = {1: 148, 2: 92, 3: 64}
 _DHCP_CLIENT = {(68, 67, "255.255.255.255"), (546, 547, "ff02::1:2")}
 
@@ -68,8 +71,8 @@ def classify(frame: bytes, endpoints: set[tuple[str, int]]) -> dict | None:
     data = frame[14:]
     src: IPv4Address | IPv6Address
     dst: IPv4Address | IPv6Address
-    if ethertype == SYNC_ETHERTYPE:
-        return {"sync": data.rstrip(b"\0").decode(errors="replace")}
+    if ethertype == SYNC_ETHERTYPE and data.startswith(SYNC_MAGIC):
+        return {"sync": data[len(SYNC_MAGIC) :].rstrip(b"\0").decode(errors="replace")}
     if ethertype == 0x0800 and len(data) >= 20:
         ihl = (data[0] & 0x0F) * 4
         proto = data[9]

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisor.lab.observer import SYNC_ETHERTYPE
+from supervisor.lab.observer import SYNC_ETHERTYPE, SYNC_MAGIC
 from supervisor.lab.topology import (
     INTERNET_V4,
     INTERNET_V6,
@@ -221,7 +221,10 @@ class Observer:
                 sock.bind(("wan0", 0))
                 mac = sock.getsockname()[4]
                 frame = (
-                    b"\xff" * 6 + mac + struct.pack("!H", SYNC_ETHERTYPE) + token.encode().ljust(46, b"\0")
+                    b"\xff" * 6
+                    + mac
+                    + struct.pack("!H", SYNC_ETHERTYPE)
+                    + (SYNC_MAGIC + token.encode()).ljust(46, b"\0")
                 )
                 sock.send(frame)
 

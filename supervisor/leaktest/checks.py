@@ -50,6 +50,21 @@ def check_lock(table: str, installed: bool, fingerprint: str | None, known: Mapp
     )
 
 
+def check_egress(table: str, installed: bool, devices: Sequence[str]) -> CheckResult:
+    """The egress chain (``netdev`` table of the lock's name): it holds the uplinks for what skips
+    the host's other hooks (macvlan children, bridged VMs). Absent, the ``inet`` table still
+    holds the host's own traffic: a note, unless the uplinks are known and it should be there."""
+    if installed:
+        on = f" on {', '.join(devices)}" if devices else ""
+        return CheckResult("lock-egress", Status.OK, f"table netdev {table} holds the egress{on}")
+    return CheckResult(
+        "lock-egress",
+        Status.NOTE,
+        f"table netdev {table} is absent: frames that skip the host's hooks (macvlan children, "
+        "bridged VMs) are not held; Linux >= 5.16 has the egress hook, `tunlock lock apply` adds it",
+    )
+
+
 def check_owned(
     table: str,
     installed: bool,

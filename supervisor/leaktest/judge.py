@@ -12,7 +12,8 @@ Evidence, strongest first:
 3. **Into the tunnel**: seen leaving through, or answered from, the tunnel interface: not a leak
    (an unbound probe while connected goes there).
 4. **Refused by the kernel**: the send failed (``EPERM``: a firewall rule in the output path
-   dropped or rejected it; ``ENETUNREACH``: no route), or the connection was refused with a
+   dropped or rejected it; ``ENOBUFS``: the egress chain on the uplink dropped it; ``ENETUNREACH``:
+   no route), or the connection was refused with a
    local error and nothing of it was seen outside: ``blocked``.
 5. **Nothing**: no error, no answer, not seen leaving: ``blocked``. With the capture that is
    nearly as strong as 4 (nothing passed any interface). Without it (no ``CAP_NET_RAW``) it is
@@ -69,6 +70,7 @@ REFUSALS = {
     errno.EHOSTUNREACH: "refused by a firewall reject, or no neighbour answered",
     errno.ECONNREFUSED: "a reset or port unreachable from this host: the lock's reject",
     errno.ENETUNREACH: "no route",
+    errno.ENOBUFS: "dropped at the interface: the lock's egress chain, or a full queue",
     errno.EADDRNOTAVAIL: "no source address",
     errno.ENODEV: "no such interface",
     errno.ENXIO: "no such interface",

@@ -16,7 +16,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
@@ -348,8 +347,11 @@ def _lock_checks(config: Config, daemon: dict[str, Any] | None) -> list[checks.C
     except TunlockError as err:
         return [checks.CheckResult("lock", checks.Status.FAIL, f"cannot read the lock: {err}")]
     daemon_owned = (daemon or {}).get("lock", {}).get("owned")
+    egress = nft.egress_counter(table) is not None
+    uplinks = (daemon or {}).get("lock", {}).get("egress") or []
     return [
         checks.check_lock(table, state.installed, state.fingerprint, known),
+        checks.check_egress(table, egress, [str(u) for u in uplinks]),
         checks.check_owned(
             owned_table(table), owned.installed, daemon is not None, daemon_owned, owned.fingerprint, known
         ),
@@ -400,14 +402,16 @@ async def _tunnel_check(config: Config, daemon: dict[str, Any] | None) -> checks
     )
 
 
-def _bypass_check(uplinks: Iterable[Uplink]) -> checks.CheckResult:
-    from supervisor.net.bypass import detect_bypass
+def _bypass_check(config: Config) -> checks.CheckResult:
+    from supervisor.net.bypass import read_link_facts
 
     try:
-        found = detect_bypass([u.name for u in uplinks])
+        facts = read_link_facts(
+            exclude=(config.settings.tunnel.interface,), uplinks=config.settings.lock.uplinks
+        )
     except (OSError, TunlockError) as err:
         return checks.CheckResult("bypass", checks.Status.NOTE, f"could not look: {err}")
-    return checks.check_bypass([(w.kind, w.interface, w.detail) for w in found])
+    return checks.check_bypass([(w.kind, w.interface, w.detail) for w in facts.bypass])
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -515,7 +519,7 @@ async def run_leaktest(config: Config, state_dir: Path | None = None) -> Report:
     tunnel_dns = current.dns if current else tuple(d for s in config.servers for d in s.dns)
     check_list.append(checks.check_dns(str(resolv_conf), named, tunnel_dns, connected))
     check_list.append(checks.check_ipv6(results, any(6 in u.families for u in uplinks)))
-    check_list.append(await anyio.to_thread.run_sync(_bypass_check, uplinks))
+    check_list.append(await anyio.to_thread.run_sync(_bypass_check, config))
     check_list.append(tunnel_check)
     return Report(
         results=tuple(results),

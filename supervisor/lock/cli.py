@@ -15,7 +15,8 @@ from supervisor.config import Config
 from supervisor.errors import TunlockError
 from supervisor.lock import nft
 from supervisor.lock.configured import policy_from_config
-from supervisor.lock.render import render
+from supervisor.lock.links import egress_in_force
+from supervisor.lock.render import EGRESS_COUNTER, render
 
 BOOT_UNIT = """\
 [Unit]
@@ -89,13 +90,24 @@ def apply(config_path: Path) -> None:
     config = _load(config_path)
     policy = policy_from_config(config)
     try:
-        nft.apply(policy)
+        links = nft.apply(policy)
     except TunlockError as err:
         _fail(err)
+    if egress_in_force(links):
+        egress = f"egress held on {', '.join(links.egress_devices)}"
+    elif links.egress_refused:
+        egress = "NO egress chain (the kernel refused it)"
+    else:
+        egress = "no uplink found for the egress chain"
     click.echo(
         f"lock installed: table inet {policy.table}, {len(policy.endpoints)} endpoints, "
-        f"tunnel {policy.tunnel_interface}, allow_lan={'on' if policy.allow_lan else 'off'}"
+        f"tunnel {policy.tunnel_interface}, allow_lan={'on' if policy.allow_lan else 'off'}, {egress}"
     )
+    for workload in links.bypass:
+        held = "held by the egress chain" if egress_in_force(links) else "NOT held by the lock"
+        click.echo(
+            f"warning: bypass: {workload.kind} {workload.interface}: {workload.detail}; {held}", err=True
+        )
 
 
 @lock.command()
@@ -112,7 +124,14 @@ def status(config_path: Path) -> None:
         click.echo(f"lock: NOT installed (table inet {policy.table} is absent): traffic is not blocked")
         sys.exit(3)
     matches = "matches the config" if state.matches(policy) else "differs from the config (daemon-narrowed?)"
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(state.counters.items()))
+    counters = dict(state.counters)
+    try:
+        egress = nft.egress_counter(policy.table)
+    except TunlockError:
+        egress = None
+    if egress is not None:
+        counters[EGRESS_COUNTER] = egress
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(counters.items()))
     click.echo(f"lock: installed, table inet {policy.table}, {matches}; blocked packets: {counts}")
 
 

@@ -28,6 +28,7 @@ def policy_from_config(config: Config, servers: Iterable[Server] | None = None) 
         allow_lan=settings.lock.allow_lan,
         lan_ranges=tuple(settings.lock.lan_ranges),
         inbound_tcp=tuple(settings.lock.inbound_tcp),
+        uplinks=tuple(settings.lock.uplinks),
         tunnel_inbound=frozenset(
             [("tcp", p) for p in settings.lock.tunnel_inbound_tcp]
             + [("udp", p) for p in settings.lock.tunnel_inbound_udp]

@@ -13,8 +13,11 @@ changed", after which it reads the table back anyway.
 
 The lock's LAN and neighbour-discovery sets hold the on-link subnets read when it
 was applied (supervisor.lock.onlink); the guard also follows route changes
-(``ip monitor route``) and applies the lock again when those subnets change, so a
-new lease on another network neither stays closed nor leaves the old subnet open.
+(``ip monitor route link``) and applies the lock again when those subnets change, so a
+new lease on another network neither stays closed nor leaves the old subnet open. The same
+goes for the physical uplinks that carry the egress chain and the local bridges
+(supervisor.lock.links); workloads whose frames skip the host's netfilter (a macvlan child of
+the uplink, a bridge with the uplink in it: supervisor.net.bypass) are logged when they appear.
 
 With an owner (supervisor/lock/owner.py) every change goes through the daemon's own
 libnftables context and covers both tables in one transaction: the ordinary one, which outlives
@@ -34,16 +37,16 @@ since a change made while nothing watched would otherwise go unseen.
 from __future__ import annotations
 
 import contextlib
-import functools
 import subprocess
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import anyio
 import anyio.abc
 from anyio.streams.text import TextReceiveStream
 
 from supervisor.lock import nft
-from supervisor.lock.onlink import read_onlink
+from supervisor.lock.links import AppliedLinks, egress_in_force, read_links
 from supervisor.lock.owner import OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.log import get_logger
@@ -77,7 +80,8 @@ class LockGuard:
         self._reference: str | None = None
         self._on_tamper = on_tamper
         self._lock = anyio.Lock()
-        self._onlink: tuple | None = None
+        # The links as read at the last apply (on-link subnets, uplinks, bridges, bypass workloads).
+        self.links: AppliedLinks | None = None
         self.restores = 0
         self.relinks = 0
         self.watch_restarts = 0  # times ``nft monitor`` died under us and was started again
@@ -87,19 +91,43 @@ class LockGuard:
         async with self._lock:
             if policy is not None:
                 self.policy = policy
-            self._onlink = await anyio.to_thread.run_sync(self._apply, self.policy)
+            await self._applied(await anyio.to_thread.run_sync(self._apply, self.policy))
             self._reference = await anyio.to_thread.run_sync(nft.listing, self.policy.table)
 
-    def _apply(self, policy: LockPolicy) -> tuple:
-        """Both tables through the owner, else the ordinary one through nft; the on-link subnets."""
+    def _apply(self, policy: LockPolicy) -> AppliedLinks:
+        """Both tables through the owner, else the ordinary one through nft; the links read."""
         return (self.owner or nft).apply(policy)
+
+    async def _applied(self, links: AppliedLinks) -> None:
+        """Remember the links the lock was applied to; say so when the bypass workloads change."""
+        before = self.links.bypass if self.links is not None else ()
+        self.links = links
+        if links.bypass and links.bypass != before:
+            log.warning(
+                "workloads whose frames skip the host's netfilter: "
+                + (
+                    "the lock's egress chain on the uplink covers them"
+                    if egress_in_force(links)
+                    else "NOT covered by the lock (no egress chain here)"
+                ),
+                bypass=[w.as_dict() for w in links.bypass],
+                egress=list(links.egress_devices) if egress_in_force(links) else [],
+            )
+
+    def _live(self, policy: LockPolicy) -> LockPolicy:
+        """``policy`` with the egress devices the lock was applied with (element swaps cover
+        the egress table's sets too when it is there)."""
+        devices = self.links.egress_devices if egress_in_force(self.links) and self.links else ()
+        return replace(policy, egress_devices=devices)
 
     async def swap_endpoints(self, policy: LockPolicy) -> None:
         """Move to ``policy``'s endpoints with element changes only (no moment without them)."""
         async with self._lock:
             old = self.policy.endpoints
             self.policy = policy
-            await anyio.to_thread.run_sync((self.owner or nft).swap_endpoints, policy, old, policy.endpoints)
+            await anyio.to_thread.run_sync(
+                (self.owner or nft).swap_endpoints, self._live(policy), old, policy.endpoints
+            )
             self._reference = await anyio.to_thread.run_sync(nft.listing, policy.table)
 
     async def swap_tunnel_inbound(self, policy: LockPolicy) -> None:
@@ -122,7 +150,7 @@ class LockGuard:
             if current is not None and current == self._reference:
                 return None
             reason = "the lock table was deleted" if current is None else "the lock table was changed"
-            self._onlink = await anyio.to_thread.run_sync(self._apply, self.policy)
+            await self._applied(await anyio.to_thread.run_sync(self._apply, self.policy))
             self._reference = await anyio.to_thread.run_sync(nft.listing, self.policy.table)
             self.restores += 1
         log.warning("lock tampered with; restored", reason=reason, table=self.policy.table)
@@ -131,27 +159,35 @@ class LockGuard:
         return reason
 
     async def check_links(self) -> bool:
-        """Apply the lock again if the on-link subnets changed since it was applied; True if so."""
+        """Apply the lock again if the links (on-link subnets, uplinks, bridges) changed since it
+        was applied; True if so."""
         async with self._lock:
-            onlink = await anyio.to_thread.run_sync(
-                functools.partial(read_onlink, exclude=(self.policy.tunnel_interface,))
-            )
-            if self._onlink is None or onlink == self._onlink:
+            if self.links is None:
+                return False
+            now = await anyio.to_thread.run_sync(read_links, self.policy)
+            if self.links.same_links(now):
+                if now.bypass != self.links.bypass:
+                    await self._applied(replace(self.links, bypass=now.bypass))
                 return False
             try:
-                self._onlink = await anyio.to_thread.run_sync(self._apply, self.policy)
+                await self._applied(await anyio.to_thread.run_sync(self._apply, self.policy))
             except nft.LockError as err:  # the old table stays in force; the next change retries
-                log.error("applying the lock for new on-link subnets failed", error=str(err))
+                log.error("applying the lock for new links failed", error=str(err))
                 return False
             self._reference = await anyio.to_thread.run_sync(nft.listing, self.policy.table)
             self.relinks += 1
-        log.info("on-link subnets changed; lock applied again", onlink=[str(n) for n in onlink])
+        log.info(
+            "links changed; lock applied again",
+            onlink=[str(n) for n in now.onlink],
+            egress=list(now.egress_devices),
+            bridges=list(now.bridges),
+        )
         return True
 
     async def follow_links(self) -> None:
         """Check the on-link subnets after every route change, until cancelled."""
         try:
-            process = await anyio.open_process(["ip", "monitor", "route"])
+            process = await anyio.open_process(["ip", "monitor", "route", "link"])
         except OSError as err:  # no iproute2: the sets stay as applied (the LAN may stay closed)
             log.warning("cannot follow route changes; on-link subnets read at apply only", error=str(err))
             return

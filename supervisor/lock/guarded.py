@@ -25,6 +25,7 @@ import anyio.abc
 
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard, OnTamper
+from supervisor.lock.links import AppliedLinks, egress_in_force
 from supervisor.lock.owner import OwnerUnavailable, OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import owned_table
@@ -42,6 +43,7 @@ class Guard(Protocol):
 
     policy: LockPolicy
     owner: OwningContext | None
+    links: AppliedLinks | None
 
     @property
     def restores(self) -> int:
@@ -176,6 +178,14 @@ class GuardedLock:
 
     async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
         return await self.guard.state()
+
+    def exposure(self) -> tuple[list[str], list[dict[str, str]]]:
+        """The uplinks the egress chain is on and the bypass workloads, as last applied."""
+        links = self.guard.links
+        if links is None:
+            return [], []
+        egress = list(links.egress_devices) if egress_in_force(links) else []
+        return egress, [w.as_dict() for w in links.bypass]
 
     @property
     def restores(self) -> int:

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import re
 import subprocess
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from supervisor.errors import TunlockError
-from supervisor.lock.onlink import read_onlink
+from supervisor.lock.links import AppliedLinks, apply_read
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import (
     COUNTERS,
+    EGRESS_COUNTER,
     fingerprint,
     render,
     render_endpoint_swap,
     render_tunnel_inbound_swap,
 )
 from supervisor.safety import ensure_safe_to_lock
-from supervisor.servers import Endpoint, IPNetwork
+from supervisor.servers import Endpoint
 
 NFT = "nft"
 _TIMEOUT_S = 10.0
@@ -56,22 +57,21 @@ def _nft(args: list[str], script: str | None = None) -> str:
     return done.stdout
 
 
-def apply(policy: LockPolicy) -> tuple[IPNetwork, ...]:
+def apply(policy: LockPolicy) -> AppliedLinks:
     """Install or replace the whole table in one transaction (idempotent).
 
-    The LAN is narrowed to the subnets on-link at this moment (supervisor.lock.onlink), which
-    are returned so that a caller can tell when they change.
+    The LAN is narrowed to the subnets on-link at this moment (supervisor.lock.onlink), and the
+    egress chain goes on the physical uplinks found now (supervisor.lock.links): what was read
+    is returned so that a caller can tell when it changes.
     """
     ensure_safe_to_lock()
-    onlink = read_onlink(exclude=(policy.tunnel_interface,))
-    _nft(["-f", "-"], render(replace(policy, onlink=onlink)))
-    return onlink
+    return apply_read(policy, lambda filled: _nft(["-f", "-"], render(filled)))
 
 
 def swap_endpoints(policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:
     """Let the tunnel reach ``new`` instead of ``old``: element changes in one transaction."""
     ensure_safe_to_lock()
-    script = render_endpoint_swap(policy.table, old, new)
+    script = render_endpoint_swap(policy.table, old, new, egress=bool(policy.egress_devices))
     if script:
         _nft(["-f", "-"], script)
 
@@ -120,8 +120,19 @@ def listing(table: str) -> str:
 
 
 def remove(table: str) -> bool:
-    """Delete the table (the only way to open the lock); False if it was not installed."""
+    """Delete the table and its egress table (the only way to open the lock); False if it was
+    not installed."""
     if not status(table).installed:
         return False
-    _nft(["delete", "table", "inet", table])
+    _nft(["-f", "-"], f"delete table inet {table}\nadd table netdev {table}\ndelete table netdev {table}\n")
     return True
+
+
+def egress_counter(table: str) -> int | None:
+    """The egress chain's drop counter, or None when the egress table is not installed."""
+    try:
+        text = _nft(["list", "table", "netdev", table])
+    except LockError:
+        return None
+    match = re.search(rf"counter {EGRESS_COUNTER} \{{\s*packets (\d+)", text)
+    return int(match.group(1)) if match else None

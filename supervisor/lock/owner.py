@@ -25,11 +25,10 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import replace
 from typing import Any
 
+from supervisor.lock.links import AppliedLinks, apply_read
 from supervisor.lock.nft import LockError
-from supervisor.lock.onlink import read_onlink
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import (
     owned_table,
@@ -39,7 +38,7 @@ from supervisor.lock.render import (
     render_tunnel_inbound_swap,
 )
 from supervisor.safety import ensure_safe_to_lock
-from supervisor.servers import Endpoint, IPNetwork
+from supervisor.servers import Endpoint
 
 LIBRARY = "libnftables.so.1"
 _NFT_CTX_DEFAULT = 0
@@ -116,8 +115,9 @@ def apply_script(policy: LockPolicy) -> str:
 
 def swap_script(policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> str:
     """The same element changes in both tables, in one transaction ('' when nothing changes)."""
-    return render_endpoint_swap(policy.table, old, new) + render_endpoint_swap(
-        owned_table(policy.table), old, new
+    egress = bool(policy.egress_devices)
+    return render_endpoint_swap(policy.table, old, new, egress=egress) + render_endpoint_swap(
+        owned_table(policy.table), old, new, egress=egress
     )
 
 
@@ -135,7 +135,9 @@ def remove_script(table: str) -> str:
     owned = owned_table(table)
     return (
         f"add table inet {table}\ndelete table inet {table}\n"
+        f"add table netdev {table}\ndelete table netdev {table}\n"
         f"add table inet {owned} {{ flags owner; }}\ndelete table inet {owned}\n"
+        f"add table netdev {owned} {{ flags owner; }}\ndelete table netdev {owned}\n"
     )
 
 
@@ -206,16 +208,14 @@ class OwningContext:
 
         return self._call(checked)
 
-    def apply(self, policy: LockPolicy) -> tuple[IPNetwork, ...]:
-        """Install or replace both tables in one transaction; like ``nft.apply``, the LAN narrowed
-        to the subnets on-link now, which are returned."""
+    def apply(self, policy: LockPolicy) -> AppliedLinks:
+        """Install or replace both tables in one transaction; like ``nft.apply``, filled in with
+        the links read now (on-link subnets, uplinks, bridges), which are returned."""
 
-        def install(nft: Libnftables) -> tuple[IPNetwork, ...]:
-            # In the owning thread: the subnets are read in the namespace the tables live in.
+        def install(nft: Libnftables) -> AppliedLinks:
+            # In the owning thread: the links are read in the namespace the tables live in.
             ensure_safe_to_lock()
-            onlink = read_onlink(exclude=(policy.tunnel_interface,))
-            nft.run(apply_script(replace(policy, onlink=onlink)))
-            return onlink
+            return apply_read(policy, lambda filled: nft.run(apply_script(filled)))
 
         return self._call(install)
 

@@ -35,6 +35,15 @@ class LockPolicy:
     tunnel_inbound: frozenset[tuple[str, int]] = frozenset()
     # DHCP and NDP keep the physical link up; without them a lease or a neighbour expires.
     link_upkeep: bool = True
+    # The physical uplinks as configured (``lock.uplinks``); empty: found from the routes when
+    # the lock is applied (supervisor.net.bypass).
+    uplinks: tuple[str, ...] = ()
+    # Read when the lock is applied, like ``onlink`` (supervisor.lock.links): the devices that
+    # get the egress chain (every frame leaving them, a macvlan child's or a bridged VM's
+    # included), and the host's bridges without an uplink, whose port-to-port traffic the
+    # forward chain lets through when br_netfilter hands it over.
+    egress_devices: tuple[str, ...] = ()
+    bridges: tuple[str, ...] = ()
 
     def with_endpoints(self, endpoints: Iterable[Endpoint]) -> LockPolicy:
         """The same policy letting the tunnel reach ``endpoints`` (a subset of the configured)."""

@@ -60,6 +60,24 @@ not carry data out. forward lets traffic out only through the tunnel and replies
 back in, so a host routing for containers or a LAN cannot leak their packets
 either.
 
+Bridge-local traffic: with ``br_netfilter`` loaded (and ``bridge-nf-call-iptables`` on, the
+default), a frame bridged between two ports of a bridge (two containers on one bridge) passes
+the ``inet`` forward hook with the bridge as both input and output interface. forward lets it
+through for the host's bridges that hold no uplink (``bridge_local``: read when the lock is
+applied), so containers on one bridge still talk to each other; a bridge that holds an uplink is
+left out, since bridging onto it is going out.
+
+egress (``netdev`` family, one table of the same name, Linux >= 5.16): a chain on each physical
+uplink (``egress_devices``, found when the lock is applied) that every frame leaving the device
+passes, whoever sent it: the host's own (which already passed output), and those of a macvlan or
+ipvlan child or of a VM bridged onto the uplink, which never pass the host's ``inet`` hooks. It
+accepts what output accepts on the physical side, without connection tracking (``ct`` is not
+available in the netdev family): ARP, WireGuard (the fwmark and an endpoint), link upkeep, the
+on-link LAN with allow_lan, replies from the inbound_tcp ports to the on-link LAN; it drops the
+rest and counts it (``blocked_egress``). Not carried over: the reject of a forwarded packet
+(stateless, anything could be written in it), so a LAN host that routes through this host gets
+a time-out instead of a refusal.
+
 The reject of a forwarded packet (DNS from a container, say) is a packet this
 host generates: the kernel sends it through the output hook, with the
 connection of the packet it answers attached as ``related``. Without rule 6 the
@@ -83,7 +101,12 @@ from supervisor.servers import Endpoint, IPNetwork, network_within
 
 # Named counters, read back by `tunlock lock status` and the metrics.
 COUNTERS = ("blocked_out", "blocked_in", "blocked_forward", "blocked_dns")
+# The egress chain's counter, in the netdev table of the same name (when it is in force).
+EGRESS_COUNTER = "blocked_egress"
 ENDPOINT_SETS = {4: "endpoints4", 6: "endpoints6"}
+# Bridged between two ports of one of the host's own bridges (br_netfilter, see above).
+BRIDGE_LOCAL_SET = "bridge_local"
+BRIDGE_LOCAL_RULE = f"iifname . oifname @{BRIDGE_LOCAL_SET} accept"
 TUNNEL_INBOUND_SET = "tunnel_inbound"
 
 # Link upkeep in output, each rule bound to a destination that stays on the link (see above).
@@ -156,7 +179,7 @@ def fingerprint(policy: LockPolicy) -> str:
     The on-link subnets are left out: they are what the host's links looked like when the lock
     was applied, not what the config asks, and `tunlock lock status` compares with the config.
     """
-    return hashlib.sha256(_table_body(replace(policy, onlink=())).encode()).hexdigest()[:16]
+    return hashlib.sha256(_table_body(replace(policy, onlink=(), bridges=())).encode()).hexdigest()[:16]
 
 
 def render(policy: LockPolicy) -> str:
@@ -174,7 +197,7 @@ def render(policy: LockPolicy) -> str:
         f"\tcomment {_quote('tunlock lock ' + fingerprint(policy))}\n"
         f"{_table_body(policy)}"
         f"}}\n"
-    )
+    ) + render_egress(policy, name)
 
 
 def owned_table(table: str) -> str:
@@ -198,20 +221,43 @@ def render_owned(policy: LockPolicy) -> str:
         f"\tcomment {_quote('tunlock lock ' + fingerprint(policy))}\n"
         f"{_table_body(policy)}"
         f"}}\n"
+    ) + render_egress(policy, name, owner=True)
+
+
+def render_egress(policy: LockPolicy, name: str, *, owner: bool = False) -> str:
+    """The ``netdev`` table ``name`` with the egress chain on ``policy.egress_devices``, or
+    only its removal when there are none (the uplinks went away, or the kernel has no egress
+    hook): part of the same transaction as the ``inet`` table."""
+    flags = " { flags owner; }" if owner else ""
+    head = f"add table netdev {name}{flags}\ndelete table netdev {name}\n"
+    if not policy.egress_devices:
+        return head
+    return (
+        f"{head}table netdev {name} {{\n"
+        + ("\tflags owner\n" if owner else "")
+        + f"\tcomment {_quote('tunlock egress ' + fingerprint(policy))}\n"
+        f"{_egress_body(policy)}"
+        f"}}\n"
     )
 
 
-def render_endpoint_swap(table: str, old: Iterable[Endpoint], new: Iterable[Endpoint]) -> str:
-    """Add ``new`` and drop ``old`` endpoints in one transaction: no gap, never a wildcard."""
+def render_endpoint_swap(
+    table: str, old: Iterable[Endpoint], new: Iterable[Endpoint], *, egress: bool = False
+) -> str:
+    """Add ``new`` and drop ``old`` endpoints in one transaction: no gap, never a wildcard.
+    ``egress``: the same in the ``netdev`` table of that name (when the egress chain is in force)."""
     old, new = set(old), set(new)
     lines = []
-    for family, set_name in ENDPOINT_SETS.items():
-        add = [_endpoint_element(e) for e in new - old if e.family == family]
-        drop = [_endpoint_element(e) for e in old - new if e.family == family]
-        if add:
-            lines.append(f"add element inet {table} {set_name} {{ {', '.join(sorted(add))} }}")
-        if drop:
-            lines.append(f"delete element inet {table} {set_name} {{ {', '.join(sorted(drop))} }}")
+    for nft_family in ("inet", "netdev") if egress else ("inet",):
+        for family, set_name in ENDPOINT_SETS.items():
+            add = [_endpoint_element(e) for e in new - old if e.family == family]
+            drop = [_endpoint_element(e) for e in old - new if e.family == family]
+            if add:
+                lines.append(f"add element {nft_family} {table} {set_name} {{ {', '.join(sorted(add))} }}")
+            if drop:
+                lines.append(
+                    f"delete element {nft_family} {table} {set_name} {{ {', '.join(sorted(drop))} }}"
+                )
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -258,6 +304,8 @@ def _table_body(policy: LockPolicy) -> str:
     add(f"\tset lan4 {{ type ipv4_addr; flags interval;{_elements(lan4)} }}")
     add(f"\tset lan6 {{ type ipv6_addr; flags interval;{_elements(lan6)} }}")
     add(f"\tset onlink6 {{ type ipv6_addr; flags interval;{_elements(onlink6)} }}")
+    bridged = (f"{_quote(b)} . {_quote(b)}" for b in policy.bridges)
+    add(f"\tset {BRIDGE_LOCAL_SET} {{ type ifname . ifname;{_elements(bridged)} }}")
     for counter in COUNTERS:
         add(f"\tcounter {counter} {{ }}")
 
@@ -339,8 +387,49 @@ def _table_body(policy: LockPolicy) -> str:
     add(f"\t\toifname {tun} jump to_tunnel")
     add("\t\tct state invalid drop")
     add(f"\t\tiifname {tun} ct state established,related accept")
+    add(f"\t\t{BRIDGE_LOCAL_RULE}")
     add(f"\t\t{DNS_REJECT_TCP}")
     add('\t\tmeta l4proto { tcp, udp } th dport 53 counter name "blocked_dns" reject')
     add('\t\tcounter name "blocked_forward" reject with icmpx admin-prohibited')
+    add("\t}")
+    return "\n".join(out) + "\n"
+
+
+def _egress_body(policy: LockPolicy) -> str:
+    """The netdev table: what output lets out on the physical side, stateless (see above)."""
+    v4 = [e for e in policy.endpoints if e.family == 4]
+    v6 = [e for e in policy.endpoints if e.family == 6]
+    lan = onlink_lan(policy.lan_ranges, policy.onlink)
+    lan4 = [str(n) for n in lan if n.version == 4]
+    lan6 = [str(n) for n in lan if n.version == 6]
+    onlink6 = [str(n) for n in widest(policy.onlink) if n.version == 6]
+    ports = ", ".join(str(p) for p in sorted(policy.inbound_tcp))
+    mark = f"0x{policy.fwmark:08x}"
+    devices = ", ".join(_quote(d) for d in sorted(policy.egress_devices))
+
+    out: list[str] = []
+    add = out.append
+    add(f"\tset endpoints4 {{ type ipv4_addr . inet_service;{_elements(map(_endpoint_element, v4))} }}")
+    add(f"\tset endpoints6 {{ type ipv6_addr . inet_service;{_elements(map(_endpoint_element, v6))} }}")
+    add(f"\tset lan4 {{ type ipv4_addr; flags interval;{_elements(lan4)} }}")
+    add(f"\tset lan6 {{ type ipv6_addr; flags interval;{_elements(lan6)} }}")
+    add(f"\tset onlink6 {{ type ipv6_addr; flags interval;{_elements(onlink6)} }}")
+    add(f"\tcounter {EGRESS_COUNTER} {{ }}")
+    add("\tchain egress {")
+    add(f"\t\ttype filter hook egress devices = {{ {devices} }} priority filter; policy drop;")
+    # Neighbour resolution of the host and of its children; an ARP packet stays on the link.
+    add("\t\tmeta protocol arp accept")
+    add(f"\t\tmeta mark {mark} ip daddr . udp dport @endpoints4 accept")
+    add(f"\t\tmeta mark {mark} ip6 daddr . udp dport @endpoints6 accept")
+    if policy.link_upkeep:
+        for rule in UPKEEP_OUT:
+            add(f"\t\t{rule}")
+    if policy.allow_lan:
+        add("\t\tip daddr @lan4 accept")
+        add("\t\tip6 daddr @lan6 accept")
+    if ports:
+        add(f"\t\tip daddr @lan4 tcp sport {{ {ports} }} accept")
+        add(f"\t\tip6 daddr @lan6 tcp sport {{ {ports} }} accept")
+    add(f'\t\tcounter name "{EGRESS_COUNTER}" drop')
     add("\t}")
     return "\n".join(out) + "\n"

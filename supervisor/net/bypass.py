@@ -1,74 +1,277 @@
-"""Workloads whose traffic leaves without passing this host's netfilter, named for the user.
+"""Workloads whose packets skip the host's netfilter, and the physical uplinks they go out by.
 
-A minimal reading of this namespace's links (``ip -j -d link``), written against the interface
-the full detection shares (``detect_bypass() -> list[BypassWorkload]``):
+A packet of a macvlan or ipvlan child of the uplink, or of a VM or container bridged onto it,
+leaves by the physical interface without passing the host's ``inet`` hooks: the child hands
+its frame straight to the lower device, and a bridge forwards between its ports below IP unless
+``br_netfilter`` is loaded and ``bridge-nf-call-iptables``/``-ip6tables`` are 1. The lock covers
+them with an egress chain on each physical uplink (supervisor/lock/render.py), which every frame
+leaving that device passes, whoever sent it. This module finds:
 
-* a macvlan, ipvlan or macvtap child of an uplink: its frames go straight to the parent's
-  driver, past the host's IP hooks, so the lock never sees them;
-* a physical link enslaved to a bridge while ``net.bridge.bridge-nf-call-iptables`` is 0 (or
-  ``br_netfilter`` is not loaded): what is bridged to it is never seen by the ``inet`` hooks.
+* the **physical uplinks**: the devices under the routes through a gateway, walked down
+  through VLAN, macvlan and ipvlan links to their lower device, and through bridges and bonds to
+  their ports (a bridge's veth and tap ports are workloads, not the way out);
+* the **bypass workloads** (:func:`detect_bypass`): macvlan/ipvlan/macvtap children of an
+  uplink, and uplinks that are ports of a bridge whose frames skip netfilter. The daemon logs
+  them and reports them in its status, ``tunlock check`` and ``tunlock leaktest`` warn.
+* the **local bridges**: the host's bridges with no uplink among their ports, where traffic
+  between two ports (containers on one bridge) stays on the host; the lock's forward chain
+  lets it through when ``br_netfilter`` hands bridged frames to it.
 
-Children moved into another namespace (a container's) do not show here; finding those needs
-every namespace's links.
+Everything is read from this network namespace: a child moved into another namespace (a
+container's) is no longer listed here, so detection misses it; the egress chain does not.
+
+The decisions are pure functions of ``ip -j -d link`` and ``ip -j route`` records (tested
+without root); :func:`read_links` and friends are the thin readers.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-_CHILD_KINDS = ("macvlan", "ipvlan", "macvtap", "ipvtap")
-# Bridge ports that are a container's or a VM's end, not an uplink.
-_VIRTUAL_PORTS = ("veth", "tun", "tap", "vxlan", "wireguard", "dummy")
-_BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
 _TIMEOUT_S = 5.0
+
+# Upper devices whose frames go out through their lower device (IFLA_LINK).
+STACKED_KINDS = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap"})
+# Children of an uplink whose own frames never pass the host's netfilter.
+CHILD_KINDS = frozenset({"macvlan", "macvtap", "ipvlan", "ipvtap"})
+# Devices that aggregate ports: their frames leave through those ports.
+MASTER_KINDS = frozenset({"bridge", "bond", "team"})
+# Bridge ports that are a workload's end (a container's veth, a VM's tap), not the way out.
+WORKLOAD_PORT_KINDS = frozenset({"veth", "tun", "tap"})
+
+BRIDGE_NF_DIR = Path("/proc/sys/net/bridge")
 
 
 @dataclass(frozen=True)
 class BypassWorkload:
-    kind: str  # macvlan | ipvlan | macvtap | ipvtap | bridge
+    """A way out of the host that skips its netfilter hooks.
+
+    ``kind``: ``macvlan``, ``ipvlan``, ``macvtap``, ``ipvtap`` (a child of an uplink) or
+    ``bridge`` (an uplink enslaved to a bridge whose frames skip netfilter); ``interface``: the
+    child or the bridge; ``detail``: one sentence for a person.
+    """
+
+    kind: str
     interface: str
     detail: str
 
+    def as_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "interface": self.interface, "detail": self.detail}
 
-def bypassing(
-    links: Iterable[dict], bridge_nf_call: bool, uplinks: Iterable[str] | None = None
-) -> list[BypassWorkload]:
-    """The bypassing workloads among ``ip -j -d link`` entries (pure)."""
-    links = list(links)
-    wanted = set(uplinks) if uplinks is not None else None
-    kinds = {link.get("ifname"): link.get("linkinfo", {}).get("info_kind") for link in links}
-    out: list[BypassWorkload] = []
-    for link in links:
-        name, kind = link.get("ifname", "?"), kinds.get(link.get("ifname"))
-        parent = link.get("link")
-        if kind in _CHILD_KINDS and parent and (wanted is None or parent in wanted):
-            out.append(
-                BypassWorkload(kind, name, f"a child of {parent}: its packets skip this host's firewall")
-            )
-        master = link.get("master")
-        if master and kinds.get(master) == "bridge" and kind not in _VIRTUAL_PORTS and not bridge_nf_call:
-            out.append(
-                BypassWorkload(
-                    "bridge",
-                    master,
-                    f"{name} is a port of bridge {master} and bridge-nf-call-iptables is 0: "
-                    "bridged traffic skips the lock",
-                )
-            )
+
+def _kind(link: Mapping[str, Any]) -> str | None:
+    info = link.get("linkinfo") or {}
+    kind = info.get("info_kind")
+    return str(kind) if kind else None
+
+
+def _by_name(links: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    return {str(link["ifname"]): link for link in links if link.get("ifname")}
+
+
+def gateway_devices(routes: Iterable[Mapping[str, Any]], exclude: Iterable[str] = ()) -> tuple[str, ...]:
+    """The devices of routes through a gateway (``ip -j route`` records), ``exclude`` aside."""
+    skip = {"lo", *exclude}
+    out: set[str] = set()
+    for route in routes:
+        if route.get("type", "unicast") != "unicast":
+            continue
+        hops = route.get("nexthops") or [route]
+        for hop in hops:
+            if ("gateway" in hop or "via" in hop) and hop.get("dev") and hop["dev"] not in skip:
+                out.add(str(hop["dev"]))
+    return tuple(sorted(out))
+
+
+def physical_below(name: str, links: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    """The devices frames of ``name`` finally leave by: ``name`` walked down through stacked
+    devices and masters (a bridge's workload ports left out)."""
+    out: set[str] = set()
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        link = links.get(current)
+        kind = _kind(link) if link else None
+        if link is not None and kind in STACKED_KINDS and link.get("link") in links:
+            todo.append(str(link["link"]))
+        elif link is not None and kind in MASTER_KINDS:
+            for port_name, port in links.items():
+                if port.get("master") != current:
+                    continue
+                if kind == "bridge" and _kind(port) in WORKLOAD_PORT_KINDS:
+                    continue
+                todo.append(port_name)
+        else:
+            out.add(current)
+    return tuple(sorted(out))
+
+
+def physical_uplinks(
+    links: Iterable[Mapping[str, Any]], routes: Iterable[Mapping[str, Any]], exclude: Iterable[str] = ()
+) -> tuple[str, ...]:
+    """The physical devices under the routes through a gateway (pure)."""
+    by_name = _by_name(links)
+    out: set[str] = set()
+    for device in gateway_devices(routes, exclude):
+        out.update(physical_below(device, by_name))
+    return tuple(sorted(out - {"lo", *exclude}))
+
+
+def local_bridges(links: Iterable[Mapping[str, Any]], uplinks: Iterable[str]) -> tuple[str, ...]:
+    """The bridges none of whose ports is an uplink: traffic between their ports stays here."""
+    uplinks = set(uplinks)
+    by_name = _by_name(links)
+    out = []
+    for name, link in by_name.items():
+        if _kind(link) != "bridge":
+            continue
+        ports = {p for p, port in by_name.items() if port.get("master") == name}
+        below = set(physical_below(name, by_name))
+        if not (ports | below) & uplinks and name not in uplinks:
+            out.append(name)
+    return tuple(sorted(out))
+
+
+def _masters_of(name: str, links: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The masters above ``name`` (its bridge, or the bridge of its bond), nearest first."""
+    out = []
+    current = links.get(name)
+    while current is not None and current.get("master") and current["master"] not in out:
+        out.append(str(current["master"]))
+        current = links.get(str(current["master"]))
     return out
 
 
-def detect_bypass(uplinks: Iterable[str] | None = None) -> list[BypassWorkload]:
-    """The bypassing workloads of this network namespace (children of ``uplinks``, default all)."""
-    done = subprocess.run(
-        ["ip", "-j", "-d", "link", "show"], capture_output=True, text=True, timeout=_TIMEOUT_S, check=True
-    )
+def detect_bypass(
+    links: Iterable[Mapping[str, Any]],
+    uplinks: Sequence[str],
+    bridge_nf_call: Mapping[str, bool] | None,
+    host_devices: Iterable[str] = (),
+) -> list[BypassWorkload]:
+    """The workloads whose frames reach ``uplinks`` without the host's netfilter (pure).
+
+    ``links``: ``ip -j -d link`` records; ``bridge_nf_call``: ``{"iptables": bool,
+    "ip6tables": bool}`` as read from /proc/sys/net/bridge, or None when br_netfilter is not
+    loaded (bridged frames then never reach netfilter); ``host_devices``: the devices the host
+    routes through itself (a macvlan the host uses as its own uplink is no workload).
+    """
+    by_name = _by_name(links)
+    uplink_set = set(uplinks)
+    host = set(host_devices)
+    found: list[BypassWorkload] = []
+    for name, link in sorted(by_name.items()):
+        kind = _kind(link)
+        if kind not in CHILD_KINDS or name in host:
+            continue
+        lower = set(physical_below(name, by_name))
+        if lower & uplink_set:
+            found.append(
+                BypassWorkload(
+                    kind=str(kind),
+                    interface=name,
+                    detail=f"{kind} child of uplink {', '.join(sorted(lower & uplink_set))}: "
+                    "its frames skip the host's netfilter",
+                )
+            )
+    skips = bridge_nf_call is None or not (bridge_nf_call.get("iptables") and bridge_nf_call.get("ip6tables"))
+    if skips:
+        why = (
+            "br_netfilter is not loaded"
+            if bridge_nf_call is None
+            else "bridge-nf-call-iptables/-ip6tables is 0"
+        )
+        reported: set[str] = set()
+        for uplink in sorted(uplink_set):
+            for master in _masters_of(uplink, by_name):
+                if _kind(by_name.get(master, {})) == "bridge" and master not in reported:
+                    reported.add(master)
+                    found.append(
+                        BypassWorkload(
+                            kind="bridge",
+                            interface=master,
+                            detail=f"uplink {uplink} is a port of bridge {master} and {why}: "
+                            "frames bridged onto it skip the host's netfilter",
+                        )
+                    )
+    return found
+
+
+def _ip_json(*args: str) -> list[dict[str, Any]]:
     try:
-        bridge_nf_call = _BRIDGE_NF.read_text().strip() == "1"
-    except OSError:
-        bridge_nf_call = False  # br_netfilter not loaded: bridged frames never reach the inet hooks
-    return bypassing(json.loads(done.stdout or "[]"), bridge_nf_call, uplinks)
+        done = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if done.returncode != 0 or not done.stdout.strip():
+        return []
+    try:
+        parsed = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return []
+    return parsed if isinstance(parsed, list) else []
+
+
+def read_links() -> list[dict[str, Any]]:
+    """``ip -j -d link`` of this network namespace ([] when it cannot be read)."""
+    return _ip_json("-d", "link", "show")
+
+
+def read_routes() -> list[dict[str, Any]]:
+    """The main table's IPv4 and IPv6 routes, as ``ip -j route`` records."""
+    return _ip_json("-4", "route", "show", "table", "main") + _ip_json("-6", "route", "show", "table", "main")
+
+
+def read_bridge_nf_call(directory: Path = BRIDGE_NF_DIR) -> dict[str, bool] | None:
+    """Whether bridged IPv4/IPv6 frames are handed to netfilter; None without br_netfilter."""
+    if not directory.is_dir():
+        return None
+    out = {}
+    for family in ("iptables", "ip6tables"):
+        try:
+            out[family] = (directory / f"bridge-nf-call-{family}").read_text().strip() == "1"
+        except OSError:
+            out[family] = False
+    return out
+
+
+@dataclass(frozen=True)
+class LinkFacts:
+    """What the lock needs to know of this namespace's links, read at one moment."""
+
+    uplinks: tuple[str, ...]
+    bridges: tuple[str, ...]
+    bypass: tuple[BypassWorkload, ...]
+
+
+def link_facts(
+    links: Iterable[Mapping[str, Any]],
+    routes: Iterable[Mapping[str, Any]],
+    bridge_nf_call: Mapping[str, bool] | None,
+    exclude: Iterable[str] = (),
+    uplinks: Sequence[str] = (),
+) -> LinkFacts:
+    """The uplinks (``uplinks`` when configured, else found from the routes), the local bridges
+    and the bypass workloads (pure)."""
+    links = list(links)
+    routes = list(routes)
+    exclude = tuple(exclude)
+    found = tuple(uplinks) or physical_uplinks(links, routes, exclude)
+    host = gateway_devices(routes, exclude)
+    return LinkFacts(
+        uplinks=found,
+        bridges=local_bridges(links, found),
+        bypass=tuple(detect_bypass(links, found, bridge_nf_call, host)),
+    )
+
+
+def read_link_facts(exclude: Iterable[str] = (), uplinks: Sequence[str] = ()) -> LinkFacts:
+    """:func:`link_facts` of this network namespace as it is now."""
+    return link_facts(read_links(), read_routes(), read_bridge_nf_call(), exclude, uplinks)

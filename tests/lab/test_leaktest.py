@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import pytest
 
 from supervisor.lab.probes import describe
+from supervisor.lab.topology import sh
 from tests.lab.conftest import LabUnderTest, tunlock_in_client
 
 pytestmark = pytest.mark.lab(servers=1)
@@ -84,21 +85,38 @@ def test_while_connected_nothing_gets_out_and_the_tunnel_works(lab, daemon):
 
 
 HOLES = {
-    # Another tool writes into our table's output chain (an accept in a table of its own would not
-    # override our drop), or deletes the table while no daemon holds its twin.
-    "dns": ("insert rule inet tunlock output udp dport 53 accept", {"dns-udp"}),
-    "ipv6": ("insert rule inet tunlock output meta nfproto ipv6 accept", {"icmp", "udp", "tcp", "dns-udp"}),
-    "table deleted": (
-        "delete table inet tunlock",
+    # Another tool writes into both tables of the lock, the inet one's output chain and the
+    # netdev one's egress chain (an accept in a table of its own would not override their drops),
+    # or deletes them while no daemon holds the owned twin.
+    "dns": (
+        [
+            "insert rule inet tunlock output udp dport 53 accept",
+            "insert rule netdev tunlock egress udp dport 53 accept",
+        ],
+        {"dns-udp"},
+    ),
+    "ipv6": (
+        [
+            "insert rule inet tunlock output meta nfproto ipv6 accept",
+            "insert rule netdev tunlock egress meta protocol ip6 accept",
+        ],
+        {"icmp", "udp", "tcp", "dns-udp"},
+    ),
+    "tables deleted": (
+        ["delete table inet tunlock", "delete table netdev tunlock"],
         {"icmp", "udp", "tcp", "dns-udp", "dns-tcp", "endpoint-no-mark"},
     ),
 }
 
 
+def make_hole(lab: LabUnderTest, rules: list[str]) -> None:
+    sh("ip", "netns", "exec", lab.lab.ns("client"), "nft", "-f", "-", input="\n".join(rules) + "\n")
+
+
 @pytest.mark.parametrize("hole", list(HOLES))
 def test_a_hole_made_by_another_tool_is_named_and_the_observer_agrees(locked, hole):
-    rule, kinds = HOLES[hole]
-    locked.lab.run("client", "nft", rule)
+    rules, kinds = HOLES[hole]
+    make_hole(locked, rules)
     code, report, seen, _ = leaktest(locked)
     assert code == 1, report["summary"]
     named = {p["kind"] for p in report["probes"] if p["leaked"]}
@@ -108,9 +126,21 @@ def test_a_hole_made_by_another_tool_is_named_and_the_observer_agrees(locked, ho
         assert {c["name"]: c["status"] for c in report["checks"]}["ipv6"] == "FAIL"
     if hole == "dns":
         assert named == {"dns-udp"}
-    if hole == "table deleted":
+    if hole == "tables deleted":
         assert {c["name"]: c["status"] for c in report["checks"]}["lock"] == "FAIL"
     assert_agrees_with_observer(report, seen)
+
+
+def test_the_inet_table_deleted_is_named_while_the_egress_chain_still_holds(locked):
+    """Half a hole: the host's own packets pass output, and the egress chain on the uplink drops
+    them (ENOBUFS at send time). Nothing gets out, and the lock check says what is missing."""
+    make_hole(locked, ["delete table inet tunlock"])
+    code, report, seen, _ = leaktest(locked)
+    assert seen == [], describe(seen)
+    assert report["leaks"] == 0 and code == 1
+    checks = {c["name"]: c["status"] for c in report["checks"]}
+    assert checks["lock"] == "FAIL" and checks["lock-egress"] == "ok"
+    assert any("ENOBUFS" in p["how"] for p in report["probes"])
 
 
 def test_config_errors_exit_2_with_file_and_line(lab, tmp_path):
@@ -124,7 +154,7 @@ def test_config_errors_exit_2_with_file_and_line(lab, tmp_path):
 def test_without_cap_net_raw_a_blocked_line_is_still_true_and_nothing_that_left_is_called_blocked(locked):
     """As in a podman container without NET_RAW: no capture, no raw sockets. What the kernel
     refused is reported blocked and was not seen; what it let go is LEAK? (exit 1), never blocked."""
-    locked.lab.run("client", "nft", HOLES["dns"][0])
+    make_hole(locked, HOLES["dns"][0])
     mark = locked.observer.mark()
     enter = ["ip", "netns", "exec", locked.lab.ns("client"), "env", "TUNLOCK_LAB_ONLY=1"]
     without_net_raw = ["setpriv", "--bounding-set", "-net_raw", "--"]

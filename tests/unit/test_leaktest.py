@@ -25,7 +25,6 @@ from supervisor.leaktest.probes import (
     resolvers_to_probe,
 )
 from supervisor.leaktest.report import Report, render_json, render_text
-from supervisor.net.bypass import bypassing
 from supervisor.servers import Endpoint
 
 ME4, ME6 = "192.0.2.2", "2001:db8:c::2"
@@ -373,20 +372,6 @@ def test_bypass_and_tunnel_checks():
     assert checks.check_tunnel(None, None, "").status is Status.NOTE
     assert checks.check_tunnel("connected", True, "answered").status is Status.OK
     assert checks.check_tunnel("connected", False, "silent").status is Status.FAIL
-
-
-def test_bypassing_links():
-    links = [
-        {"ifname": "eth0"},
-        {"ifname": "mv0", "link": "eth0", "linkinfo": {"info_kind": "macvlan"}},
-        {"ifname": "br0", "linkinfo": {"info_kind": "bridge"}},
-        {"ifname": "eth1", "master": "br0"},
-        {"ifname": "veth1", "master": "br0", "linkinfo": {"info_kind": "veth"}},
-    ]
-    found = bypassing(links, bridge_nf_call=False)
-    assert [(w.kind, w.interface) for w in found] == [("macvlan", "mv0"), ("bridge", "br0")]
-    assert [w.kind for w in bypassing(links, bridge_nf_call=True)] == ["macvlan"]
-    assert bypassing(links, bridge_nf_call=True, uplinks=["eth9"]) == []
 
 
 def test_report_exit_codes_and_lines():

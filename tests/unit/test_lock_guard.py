@@ -18,6 +18,7 @@ import pytest
 from supervisor.lock import guard as guard_module
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard
+from supervisor.lock.links import AppliedLinks
 from supervisor.lock.policy import LockPolicy
 from supervisor.servers import Endpoint
 
@@ -39,10 +40,10 @@ class FakeNft:
     def render(self, policy: LockPolicy) -> str:
         return f"table {policy.table} endpoints {sorted(map(str, policy.endpoints))}"
 
-    def apply(self, policy: LockPolicy) -> tuple[IPv4Network, ...]:
+    def apply(self, policy: LockPolicy) -> AppliedLinks:
         self.applied.append(policy)
         self.installed = self.render(policy)
-        return self.onlink  # what the real one read as on-link while applying
+        return AppliedLinks(onlink=self.onlink)  # what the real one read while applying
 
     def swap_endpoints(self, policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:
         self.swaps.append((old, new))
@@ -75,7 +76,7 @@ def fake_nft(monkeypatch: pytest.MonkeyPatch) -> FakeNft:
 def onlink_now(fake_nft: FakeNft, monkeypatch: pytest.MonkeyPatch) -> list[tuple[IPv4Network, ...]]:
     """The on-link subnets as ``ip route`` would show them now (a one-item list to change)."""
     now = [fake_nft.onlink]
-    monkeypatch.setattr(guard_module, "read_onlink", lambda exclude=(): now[0])
+    monkeypatch.setattr(guard_module, "read_links", lambda policy: AppliedLinks(onlink=now[0]))
     return now
 
 
@@ -313,5 +314,54 @@ def test_a_monitor_that_cannot_be_restarted_is_tried_again(
                 while guard.watch_restarts < 3:  # each failed start is followed by another try
                     await anyio.sleep(0.01)
                 tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+def test_check_links_applies_again_when_the_uplinks_or_bridges_change(
+    fake_nft: FakeNft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An uplink that appears (a new NIC with a default route) or a bridge that comes (a Docker
+    network) needs the lock applied again: the egress chain and the bridge set name devices."""
+    now = [AppliedLinks(egress_devices=("eth0",))]
+    monkeypatch.setattr(guard_module, "read_links", lambda policy: now[0])
+
+    def apply(policy: LockPolicy) -> AppliedLinks:
+        fake_nft.apply(policy)
+        return now[0]
+
+    monkeypatch.setattr(guard_module.nft, "apply", apply)
+
+    async def main() -> None:
+        guard = LockGuard(POLICY)
+        await guard.apply()
+        assert await guard.check_links() is False
+        now[0] = AppliedLinks(egress_devices=("eth0", "eth1"))
+        assert await guard.check_links() is True
+        now[0] = AppliedLinks(egress_devices=("eth0", "eth1"), bridges=("docker0",))
+        assert await guard.check_links() is True
+        assert guard.relinks == 2
+        assert len(fake_nft.applied) == 3
+
+    anyio.run(main)
+
+
+def test_where_the_kernel_refused_the_egress_chain_uplink_changes_do_not_reapply(
+    fake_nft: FakeNft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [AppliedLinks(egress_devices=("eth0",))]
+    monkeypatch.setattr(guard_module, "read_links", lambda policy: now[0])
+
+    def apply(policy: LockPolicy) -> AppliedLinks:
+        fake_nft.apply(policy)
+        return AppliedLinks(egress_devices=("eth0",), egress_refused=True)
+
+    monkeypatch.setattr(guard_module.nft, "apply", apply)
+
+    async def main() -> None:
+        guard = LockGuard(POLICY)
+        await guard.apply()
+        now[0] = AppliedLinks(egress_devices=("eth1",))
+        assert await guard.check_links() is False
 
     anyio.run(main)

@@ -23,8 +23,10 @@ from anyio import wait_all_tasks_blocked
 
 from supervisor.lock.guard import OnTamper
 from supervisor.lock.guarded import GuardedLock
+from supervisor.lock.links import AppliedLinks
 from supervisor.lock.owner import OwnerUnavailable
 from supervisor.lock.policy import LockPolicy
+from supervisor.net.bypass import BypassWorkload
 from supervisor.redact import Secret
 from supervisor.servers import Endpoint, Peer, Server
 
@@ -72,6 +74,7 @@ class FakeGuard:
         self.world = world
         self.policy = policy
         self.owner: Any = None
+        self.links: AppliedLinks | None = None
         self.on_tamper = on_tamper
         self.restores = 0
 
@@ -364,3 +367,29 @@ def test_with_the_owner_flag_the_lock_is_held_twice_and_said_once() -> None:
         assert await lock.state() == (True, True, True, {})  # the guard's reading, owned twin held
 
     run(scenario)
+
+
+def test_exposure_reports_the_egress_chain_and_the_bypass_workloads_as_last_applied() -> None:
+    """What `tunlock status` shows: the uplinks the egress chain is on, and each workload whose
+    frames skip the host's netfilter; none of the egress when the kernel refused it."""
+    world = World()
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            guarded = GuardedLock(BASE, tg, on_tamper, make_guard=lambda p, told: FakeGuard(world, p, told))
+            check(guarded)
+
+    async def on_tamper(reason: str) -> None:
+        pass
+
+    anyio.run(main)
+
+
+def check(guarded: GuardedLock) -> None:
+    assert guarded.exposure() == ([], [])
+    assert isinstance(guarded.guard, FakeGuard)
+    child = BypassWorkload("macvlan", "mv1", "macvlan child of uplink eth0")
+    guarded.guard.links = AppliedLinks(egress_devices=("eth0",), bypass=(child,))
+    assert guarded.exposure() == (["eth0"], [child.as_dict()])
+    guarded.guard.links = AppliedLinks(egress_devices=("eth0",), bypass=(child,), egress_refused=True)
+    assert guarded.exposure() == ([], [child.as_dict()])

@@ -18,6 +18,8 @@ from supervisor.lock.owner import (
 )
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import (
+    BRIDGE_LOCAL_RULE,
+    EGRESS_COUNTER,
     fingerprint,
     owned_table,
     render,
@@ -156,6 +158,8 @@ policies = st.builds(
     onlink=st.lists(st.sampled_from(ONLINK_CHOICES), max_size=4, unique=True).map(tuple),
     inbound_tcp=st.lists(st.integers(1, 65535), max_size=3, unique=True).map(tuple),
     link_upkeep=st.booleans(),
+    egress_devices=st.lists(st.sampled_from(("eth0", "eth1", "enp3s0")), max_size=2, unique=True).map(tuple),
+    bridges=st.lists(st.sampled_from(("docker0", "br-1a2b")), max_size=2, unique=True).map(tuple),
 )
 
 # What may accept packets in output without being bound to the tunnel interface or loopback.
@@ -202,6 +206,8 @@ def test_no_output_accept_outside_the_tunnel_but_wireguard_upkeep_and_lan(policy
         for rule in chain(text, name):
             if "jump to_tunnel" in rule:
                 assert rule == f"{tun} jump to_tunnel", f"only the tunnel may reach to_tunnel: {rule}"
+            elif rule == BRIDGE_LOCAL_RULE:
+                continue  # between two ports of one of the host's own bridges: see below
             elif rule.endswith("accept") and name == "forward":
                 assert policy.tunnel_interface in rule, rule
     assert chain(text, "tunnel_dns")[-1].endswith("reject"), "DNS into the tunnel to other resolvers"
@@ -253,6 +259,8 @@ def test_no_accept_on_the_physical_side_without_a_destination_limit(policy):
                 f'iifname "{policy.tunnel_interface}" ct state established'
             ):
                 continue  # into this host's forward path from the tunnel: replies, not out
+            if name == "forward" and rule == BRIDGE_LOCAL_RULE:
+                continue  # in and out of the same bridge with no uplink: stays on the host
             if rule.startswith(mark) and (
                 "ip daddr . udp dport @endpoints4" in rule or "ip6 daddr . udp dport @endpoints6" in rule
             ):
@@ -342,8 +350,12 @@ def test_owned_twin_carries_the_same_policy_under_its_own_name_with_the_owner_fl
         "\tflags owner",
         f'\tcomment "tunlock lock {fingerprint(BASE)}"',
     ]
+
     # Same body, line for line: only the header differs.
-    assert ordinary.split("\tcomment", 1)[1] == owned.split("\tcomment", 1)[1]
+    def inet_body(text: str) -> str:
+        return text.split("\tcomment", 1)[1].split("add table netdev", 1)[0]
+
+    assert inet_body(ordinary) == inet_body(owned)
     assert "flags owner" not in ordinary
 
 
@@ -362,8 +374,12 @@ def test_owning_context_scripts_change_both_tables_in_one_transaction():
     assert remove_script("tunlock").splitlines() == [
         "add table inet tunlock",
         "delete table inet tunlock",
+        "add table netdev tunlock",
+        "delete table netdev tunlock",
         "add table inet tunlock_owned { flags owner; }",
         "delete table inet tunlock_owned",
+        "add table netdev tunlock_owned { flags owner; }",
+        "delete table netdev tunlock_owned",
     ]
     assert tunnel_inbound_swap_script(BASE, frozenset(), frozenset({("tcp", 51413)})).splitlines() == [
         "add element inet tunlock tunnel_inbound { tcp . 51413 }",
@@ -373,3 +389,100 @@ def test_owning_context_scripts_change_both_tables_in_one_transaction():
         "add table inet tunlock_ownercheck { flags owner; }",
         "delete table inet tunlock_ownercheck",
     ]
+
+
+# The egress chain (netdev family) on the physical uplinks: every frame leaving them passes it,
+# a macvlan child's or a bridged VM's included, which never pass the inet hooks.
+EGRESS = LockPolicy(
+    table="tunlock",
+    tunnel_interface="tl0",
+    fwmark=0xCA6C,
+    endpoints=frozenset({EP1, EP2}),
+    egress_devices=("eth0", "eth1"),
+)
+
+
+def test_the_egress_table_goes_in_the_same_transaction_on_every_uplink():
+    text = render(EGRESS)
+    lines = text.splitlines()
+    netdev = lines.index("add table netdev tunlock")
+    assert lines[netdev : netdev + 3] == [
+        "add table netdev tunlock",
+        "delete table netdev tunlock",
+        "table netdev tunlock {",
+    ]
+    rules = chain(text, "egress")
+    assert rules[0] == 'type filter hook egress devices = { "eth0", "eth1" } priority filter; policy drop;'
+    assert rules[-1] == f'counter name "{EGRESS_COUNTER}" drop'
+    assert "meta mark 0x0000ca6c ip daddr . udp dport @endpoints4 accept" in rules
+    assert "meta mark 0x0000ca6c ip6 daddr . udp dport @endpoints6 accept" in rules
+    assert "elements = { 198.51.100.11 . 51820 }" in text.split("table netdev tunlock {", 1)[1]
+
+
+def test_without_uplinks_a_stale_egress_table_is_removed_and_none_is_made():
+    text = render(BASE)
+    assert text.endswith("add table netdev tunlock\ndelete table netdev tunlock\n")
+    assert "hook egress" not in text
+
+
+@settings(max_examples=300, deadline=None)
+@given(policies)
+def test_egress_accepts_only_arp_wireguard_and_what_output_lets_out_by_destination(policy):
+    """Stateless (the netdev family has no conntrack): every accept names a destination the
+    output chain also allows, or is ARP, or marked WireGuard to an exact endpoint."""
+    text = render(policy)
+    if not policy.egress_devices:
+        assert "hook egress" not in text
+        return
+    rules = chain(text, "egress")
+    assert rules[0].endswith("policy drop;")
+    mark = f"meta mark 0x{policy.fwmark:08x} "
+    for rule in rules[1:]:
+        if not rule.endswith("accept"):
+            continue
+        if rule == "meta protocol arp accept":
+            continue
+        if rule.startswith(mark) and "daddr . udp dport @endpoints" in rule:
+            continue
+        assert rule.startswith(DESTINATION_LIMITS), f"egress: accept without a destination limit: {rule}"
+        assert "ct " not in rule
+        assert policy.allow_lan or policy.link_upkeep or "tcp sport" in rule, rule
+
+
+def test_owned_twin_has_its_own_owned_egress_table():
+    owned = render_owned(EGRESS)
+    assert "add table netdev tunlock_owned { flags owner; }\ndelete table netdev tunlock_owned\n" in owned
+    assert "table netdev tunlock_owned {\n\tflags owner\n" in owned
+
+
+def test_endpoint_swaps_cover_the_egress_sets_when_the_chain_is_there():
+    new = frozenset({EP1, Endpoint(ip_address("203.0.113.5"), 51820)})
+    assert swap_script(EGRESS, EGRESS.endpoints, new).splitlines() == [
+        "add element inet tunlock endpoints4 { 203.0.113.5 . 51820 }",
+        "delete element inet tunlock endpoints6 { 2001:db8:100::12 . 51821 }",
+        "add element netdev tunlock endpoints4 { 203.0.113.5 . 51820 }",
+        "delete element netdev tunlock endpoints6 { 2001:db8:100::12 . 51821 }",
+        "add element inet tunlock_owned endpoints4 { 203.0.113.5 . 51820 }",
+        "delete element inet tunlock_owned endpoints6 { 2001:db8:100::12 . 51821 }",
+        "add element netdev tunlock_owned endpoints4 { 203.0.113.5 . 51820 }",
+        "delete element netdev tunlock_owned endpoints6 { 2001:db8:100::12 . 51821 }",
+    ]
+
+
+def test_the_links_read_at_apply_leave_the_fingerprint_alone():
+    assert fingerprint(EGRESS) == fingerprint(BASE)
+    assert fingerprint(LockPolicy(**{**BASE.__dict__, "bridges": ("docker0",)})) == fingerprint(BASE)
+
+
+def test_forward_lets_through_traffic_that_stays_on_one_of_the_hosts_bridges():
+    """br_netfilter hands a frame bridged between two containers to the inet forward hook, with
+    the bridge as input and output: only the same bridge on both sides, never another device."""
+    text = render(LockPolicy(**{**BASE.__dict__, "bridges": ("docker0", "br-1a2b")}))
+    elements = '{ "br-1a2b" . "br-1a2b", "docker0" . "docker0" }'
+    assert f"set bridge_local {{ type ifname . ifname; elements = {elements} }}" in text
+    rules = chain(text, "forward")
+    assert BRIDGE_LOCAL_RULE == "iifname . oifname @bridge_local accept"
+    assert rules.index(BRIDGE_LOCAL_RULE) < rules.index(
+        'counter name "blocked_forward" reject with icmpx admin-prohibited'
+    )
+    assert "set bridge_local { type ifname . ifname; }" in render(BASE)

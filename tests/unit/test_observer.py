@@ -7,7 +7,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from supervisor.lab.observer import classify, is_wireguard
+from supervisor.lab.observer import SYNC_MAGIC, classify, is_wireguard
 
 ENDPOINTS = {("198.51.100.6", 51820), ("2001:db8:100:1::2", 51820)}
 MAC = b"\x02\x00\x00\x00\x00\x01" * 2
@@ -111,5 +111,6 @@ def test_echo_request_over_ipv6_is_a_leak():
 
 
 def test_sync_frames_and_arp_are_not_leaks():
-    assert classify(MAC + b"\x88\xb5" + b"token", ENDPOINTS) == {"sync": "token"}
+    assert classify(MAC + b"\x08\x06" + SYNC_MAGIC + b"token", ENDPOINTS) == {"sync": "token"}
+    assert classify(MAC + b"\x08\x06" + b"token", ENDPOINTS) is None  # an ARP packet, upkeep
     assert classify(MAC + b"\x08\x06" + bytes(28), ENDPOINTS) is None

@@ -54,6 +54,10 @@ SLOW = Settings(
 )
 
 
+# A macvlan child of the uplink, as the lock reports it (supervisor.net.bypass).
+BYPASS = [{"kind": "macvlan", "interface": "mv1", "detail": "macvlan child of uplink eth0"}]
+
+
 class World:
     """Fake lock, tunnel and prober sharing one ordered log of what the runtime asked."""
 
@@ -84,6 +88,9 @@ class World:
     async def state(self) -> tuple[bool, bool, bool, dict[str, int]]:
         self._call("state")
         return self.lock_reading
+
+    def exposure(self) -> tuple[list[str], list[dict[str, str]]]:
+        return ["eth0"], BYPASS
 
     # TunnelControl
     async def connect(self, server: Server) -> None:
@@ -481,11 +488,23 @@ def test_a_probe_that_cannot_be_sent_is_dropped_and_a_server_without_target_gets
 def test_lock_status_is_read_on_request_and_a_failed_read_says_not_installed() -> None:
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.refresh_lock_status()
-        assert runtime.status.as_json()["lock"] == {"installed": True, "matching": True, "owned": True}
+        assert runtime.status.as_json()["lock"] == {
+            "installed": True,
+            "matching": True,
+            "owned": True,
+            "egress": ["eth0"],
+            "bypass": BYPASS,
+        }
         assert runtime.status.lock_counters == {"refused": 3}
         world.failing["state"] = RuntimeError("nft missing")
         await runtime.refresh_lock_status()
-        assert runtime.status.as_json()["lock"] == {"installed": False, "matching": False, "owned": False}
+        assert runtime.status.as_json()["lock"] == {
+            "installed": False,
+            "matching": False,
+            "owned": False,
+            "egress": [],
+            "bypass": BYPASS,
+        }
         assert runtime.status.lock_counters == {}
         await stop(runtime, published)
 
@@ -498,7 +517,7 @@ def test_status_json_before_anything_happened() -> None:
         "state": "blocked",
         "server": None,
         "handshake_age_s": None,
-        "lock": {"installed": False, "matching": False, "owned": False},
+        "lock": {"installed": False, "matching": False, "owned": False, "egress": [], "bypass": []},
         "since": round(status.since_wall, 3),
         "reason": None,
         "endpoint": None,
