@@ -146,12 +146,17 @@ def check_ipv6(results: Iterable[tuple[Probe, Verdict]], has_ipv6: bool) -> Chec
     )
 
 
-def check_bypass(workloads: Sequence[tuple[str, str, str]]) -> CheckResult:
-    """Workloads whose traffic never passes this host's netfilter: (kind, interface, detail)."""
+def check_bypass(workloads: Sequence[tuple[str, str, str]], egress_held: bool) -> CheckResult:
+    """Workloads whose frames skip the host's ``inet`` hooks: (kind, interface, detail). Only
+    the egress chain on the uplink holds them (docs/lock.md); without it they get out."""
     if not workloads:
         return CheckResult("bypass", Status.OK, "no workload bypasses this host's firewall")
     named = "; ".join(f"{kind} {interface} ({detail})" for kind, interface, detail in workloads)
-    return CheckResult("bypass", Status.FAIL, f"traffic of these does not pass the lock: {named}")
+    if egress_held:
+        return CheckResult("bypass", Status.NOTE, f"held only by the egress chain on the uplink: {named}")
+    return CheckResult(
+        "bypass", Status.FAIL, f"not held by the lock (no egress chain on the uplink): {named}"
+    )
 
 
 def check_tunnel(state: str | None, answered: bool | None, detail: str) -> CheckResult:

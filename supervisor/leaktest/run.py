@@ -402,7 +402,7 @@ async def _tunnel_check(config: Config, daemon: dict[str, Any] | None) -> checks
     )
 
 
-def _bypass_check(config: Config) -> checks.CheckResult:
+def _bypass_check(config: Config, egress_held: bool) -> checks.CheckResult:
     from supervisor.net.bypass import read_link_facts
 
     try:
@@ -411,7 +411,7 @@ def _bypass_check(config: Config) -> checks.CheckResult:
         )
     except (OSError, TunlockError) as err:
         return checks.CheckResult("bypass", checks.Status.NOTE, f"could not look: {err}")
-    return checks.check_bypass([(w.kind, w.interface, w.detail) for w in facts.bypass])
+    return checks.check_bypass([(w.kind, w.interface, w.detail) for w in facts.bypass], egress_held)
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -519,7 +519,8 @@ async def run_leaktest(config: Config, state_dir: Path | None = None) -> Report:
     tunnel_dns = current.dns if current else tuple(d for s in config.servers for d in s.dns)
     check_list.append(checks.check_dns(str(resolv_conf), named, tunnel_dns, connected))
     check_list.append(checks.check_ipv6(results, any(6 in u.families for u in uplinks)))
-    check_list.append(await anyio.to_thread.run_sync(_bypass_check, config))
+    egress_held = any(c.name == "lock-egress" and c.status is checks.Status.OK for c in check_list)
+    check_list.append(await anyio.to_thread.run_sync(_bypass_check, config, egress_held))
     check_list.append(tunnel_check)
     return Report(
         results=tuple(results),

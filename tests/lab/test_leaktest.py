@@ -182,3 +182,20 @@ def test_without_cap_net_raw_a_blocked_line_is_still_true_and_nothing_that_left_
     assert not (blocked & observed), f"reported blocked but seen: {blocked & observed}\n{describe(seen)}"
     assert observed <= suspect, f"seen but not reported: {observed - suspect}\n{describe(seen)}"
     assert ("udp", 4, "192.0.2.1", 53) in observed & suspect
+
+
+def test_a_macvlan_child_of_the_uplink_is_named_and_failed_without_the_egress_chain(locked):
+    """A container's macvlan on the uplink skips the host's inet hooks: only the egress chain
+    holds it. The probes cannot see that; the bypass check names it."""
+    client = locked.lab.ns("client")
+    sh("ip", "-n", client, "link", "add", "ltmv0", "link", "wan0", "type", "macvlan", "mode", "bridge")
+    try:
+        _, report, _, _ = leaktest(locked)
+        bypass = {c["name"]: c for c in report["checks"]}["bypass"]
+        assert bypass["status"] == "note" and "ltmv0" in bypass["how"], bypass
+        make_hole(locked, ["delete table netdev tunlock"])
+        code, report, _, _ = leaktest(locked)
+        bypass = {c["name"]: c for c in report["checks"]}["bypass"]
+        assert code == 1 and bypass["status"] == "FAIL" and "ltmv0" in bypass["how"], bypass
+    finally:
+        sh("ip", "-n", client, "link", "del", "ltmv0", check=False)

@@ -366,9 +366,11 @@ def test_ipv6_check():
 
 
 def test_bypass_and_tunnel_checks():
-    assert checks.check_bypass([]).status is Status.OK
-    named = checks.check_bypass([("macvlan", "mv0", "a child of eth0")])
+    assert checks.check_bypass([], egress_held=False).status is Status.OK
+    named = checks.check_bypass([("macvlan", "mv0", "a child of eth0")], egress_held=False)
     assert named.status is Status.FAIL and "macvlan mv0" in named.how
+    held = checks.check_bypass([("macvlan", "mv0", "a child of eth0")], egress_held=True)
+    assert held.status is Status.NOTE and "egress chain" in held.how
     assert checks.check_tunnel(None, None, "").status is Status.NOTE
     assert checks.check_tunnel("connected", True, "answered").status is Status.OK
     assert checks.check_tunnel("connected", False, "silent").status is Status.FAIL
