@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from supervisor.config import Config
 from supervisor.errors import TunlockError
@@ -43,6 +44,7 @@ from supervisor.leaktest.probes import (
     resolvers_to_probe,
 )
 from supervisor.leaktest.report import Report
+from supervisor.net.dns import DEFAULT_STATE_DIR, written_by_tunlock
 from supervisor.net.links import collect
 from supervisor.servers import IPAddress
 
@@ -104,7 +106,7 @@ async def _route_interface(ipr: AsyncIPRoute, target: IPAddress, names: dict[int
     """The interface the routing table picks for an ordinary (unmarked) packet to ``target``."""
     try:
         (route,) = await collect(await ipr.route("get", dst=str(target)))
-    except Exception:  # no route is an answer too: nothing to name
+    except NetlinkError:  # no route is an answer too: nothing to name
         return None
     return names.get(route.get_attr("RTA_OIF"))
 
@@ -117,8 +119,6 @@ def resolvers_before(config: Config, state_dir: Path) -> tuple[tuple[IPAddress, 
     systemd-resolved's upstream list (the links' own DNS); resolvconf's records of other
     interfaces. The tunnel's own resolvers are left out of this list (they are probed as such).
     """
-    from supervisor.net.dns import _HEADER
-
     ifname = config.settings.tunnel.interface
     files = [
         (state_dir / f"{ifname}.resolv.conf.orig", "resolv.conf saved by tunlock"),
@@ -138,13 +138,20 @@ def resolvers_before(config: Config, state_dir: Path) -> tuple[tuple[IPAddress, 
             text = path.read_text()
         except OSError:
             continue
-        if text.startswith(_HEADER):
+        if written_by_tunlock(text):
             continue  # the tunnel's, written by tunlock
         fresh = [a for a in parse_resolv_conf(text) if a not in tunnel and a not in found]
         if fresh:
             found += fresh
             origins.append(origin)
     return tuple(found), ", ".join(origins) or "none found"
+
+
+def _nameservers(path: Path) -> tuple[IPAddress, ...]:
+    try:
+        return parse_resolv_conf(path.read_text())
+    except OSError:
+        return ()
 
 
 # --- sending ------------------------------------------------------------------------------------
@@ -432,11 +439,9 @@ def ensure_may_probe() -> None:
 
 async def run_leaktest(config: Config, state_dir: Path | None = None) -> Report:
     """Every probe, every check: the report (its ``exit_code`` is the command's)."""
-    from supervisor.net.dns import DEFAULT_STATE_DIR
-
     started = time.monotonic()
     tunnel = config.settings.tunnel.interface
-    before, where = resolvers_before(config, state_dir or DEFAULT_STATE_DIR)
+    before, where = await anyio.to_thread.run_sync(resolvers_before, config, state_dir or DEFAULT_STATE_DIR)
     async with AsyncIPRoute() as ipr:
         uplinks, names = await _read_links(ipr, tunnel)
         gateways = await _read_gateways(ipr, names, tunnel)
@@ -511,10 +516,7 @@ async def run_leaktest(config: Config, state_dir: Path | None = None) -> Report:
     check_list = await anyio.to_thread.run_sync(_lock_checks, config, daemon)
     connected = bool(daemon and daemon.get("state") == "connected")
     resolv_conf = config.settings.dns.resolv_conf
-    try:
-        named = parse_resolv_conf(resolv_conf.read_text())
-    except OSError:
-        named = ()
+    named = await anyio.to_thread.run_sync(_nameservers, resolv_conf)
     current = next((s for s in config.servers if daemon and s.name == daemon.get("server")), None)
     tunnel_dns = current.dns if current else tuple(d for s in config.servers for d in s.dns)
     check_list.append(checks.check_dns(str(resolv_conf), named, tunnel_dns, connected))
