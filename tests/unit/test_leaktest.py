@@ -388,3 +388,23 @@ def test_report_exit_codes_and_lines():
     assert render_json(leaked)["probes"][0]["leaked"] is True
     failed = Report((), (checks.CheckResult("lock", Status.FAIL, "absent"),), 1.0, True)
     assert failed.exit_code == 1
+
+
+def test_the_resolvers_before_tunlock_come_from_its_saved_copy_first(tmp_path, write_config):
+    """While connected the resolver file names the tunnel's resolvers (tunlock wrote it): the
+    originals are in the copy the DNS manager saved, and nothing tunlock wrote is taken."""
+    from supervisor.config import load_config
+    from supervisor.leaktest.run import resolvers_before
+    from supervisor.net.dns import render_resolv_conf
+
+    resolv = tmp_path / "resolv.conf"
+    config = load_config(write_config(f'[tunnel]\ninterface = "tl0"\n[dns]\nresolv_conf = "{resolv}"\n'))
+    tunnel = [d for s in config.servers for d in s.dns]
+    resolv.write_text(render_resolv_conf(tunnel or [ip_address("10.64.0.1")]))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "tl0.resolv.conf.orig").write_text("nameserver 192.0.2.53\nnameserver 127.0.0.53\n")
+    found, where = resolvers_before(config, state)
+    assert ip_address("192.0.2.53") in found
+    assert not set(found) & set(tunnel)
+    assert where.startswith("resolv.conf saved by tunlock")
