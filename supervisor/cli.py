@@ -28,6 +28,7 @@ LAZY_COMMANDS = {
     "health": "supervisor.control.cli:health",
     "lock": "supervisor.lock.cli:lock",
     "lab": "supervisor.lab.cli:lab",
+    "leaktest": "supervisor.leaktest.cli:leaktest",
     "systemd": "supervisor.systemd.cli:systemd",
 }
 

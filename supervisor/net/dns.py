@@ -55,6 +55,11 @@ class DnsManager(Protocol):
     def restore(self) -> None: ...
 
 
+def written_by_tunlock(text: str) -> bool:
+    """Whether a resolv.conf text is one tunlock wrote (the tunnel's resolvers, not the host's)."""
+    return text.startswith(_HEADER)
+
+
 def render_resolv_conf(servers: Sequence[IPAddress]) -> str:
     """A resolv.conf naming only ``servers`` (the resolver library reads at most three)."""
     return _HEADER + "".join(f"nameserver {s}\n" for s in servers)
