@@ -27,11 +27,10 @@ closed (fails closed).
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Iterable
 from ipaddress import ip_interface, ip_network
 
+from supervisor.net.ipjson import ip_json, main_routes
 from supervisor.servers import IPNetwork, network_within
 
 _TIMEOUT_S = 5.0
@@ -91,23 +90,6 @@ def _direct_routes(routes: Iterable[dict]) -> dict[str, list[IPNetwork]]:
     return out
 
 
-def _ip_json(*argv: str) -> list[dict]:
-    try:
-        done = subprocess.run(["ip", "-j", *argv], capture_output=True, text=True, timeout=_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired):
-        return []  # nothing known: the LAN stays closed, link-local aside (fails closed)
-    if done.returncode != 0 or not done.stdout.strip():
-        return []
-    try:
-        parsed = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return []
-    return parsed if isinstance(parsed, list) else []
-
-
 def read_onlink(exclude: Iterable[str] = ()) -> tuple[IPNetwork, ...]:
     """The on-link subnets of this network namespace's interfaces, IPv4 and IPv6."""
-    routes = _ip_json("-4", "route", "show", "table", "main") + _ip_json(
-        "-6", "route", "show", "table", "main"
-    )
-    return onlink_subnets(_ip_json("addr", "show"), routes, exclude)
+    return onlink_subnets(ip_json("addr", "show"), main_routes(), exclude)

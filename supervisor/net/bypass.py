@@ -26,12 +26,12 @@ without root); :func:`read_links` and friends are the thin readers.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from supervisor.net.ipjson import ip_json, main_routes
 
 _TIMEOUT_S = 5.0
 
@@ -205,28 +205,14 @@ def detect_bypass(
     return found
 
 
-def _ip_json(*args: str) -> list[dict[str, Any]]:
-    try:
-        done = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, timeout=_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if done.returncode != 0 or not done.stdout.strip():
-        return []
-    try:
-        parsed = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return []
-    return parsed if isinstance(parsed, list) else []
-
-
 def read_links() -> list[dict[str, Any]]:
     """``ip -j -d link`` of this network namespace ([] when it cannot be read)."""
-    return _ip_json("-d", "link", "show")
+    return ip_json("-d", "link", "show")
 
 
 def read_routes() -> list[dict[str, Any]]:
     """The main table's IPv4 and IPv6 routes, as ``ip -j route`` records."""
-    return _ip_json("-4", "route", "show", "table", "main") + _ip_json("-6", "route", "show", "table", "main")
+    return main_routes()
 
 
 def read_bridge_nf_call(directory: Path = BRIDGE_NF_DIR) -> dict[str, bool] | None:
