@@ -33,7 +33,6 @@ from ipaddress import ip_interface, ip_network
 from supervisor.net.ipjson import ip_json, main_routes
 from supervisor.servers import IPNetwork, network_within
 
-_TIMEOUT_S = 5.0
 # The widest prefix of an address that still makes its subnet on-link, per IP version.
 MIN_PREFIXLEN = {4: 8, 6: 64}
 

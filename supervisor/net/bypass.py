@@ -33,8 +33,6 @@ from typing import Any
 
 from supervisor.net.ipjson import ip_json, main_routes
 
-_TIMEOUT_S = 5.0
-
 # Upper devices whose frames go out through their lower device (IFLA_LINK).
 STACKED_KINDS = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap"})
 # Children of an uplink whose own frames never pass the host's netfilter.
