@@ -6,7 +6,8 @@ and of the whole `tunlock check` command (process start included): best and medi
 runs, since this machine's two shared cores make single runs vary by a third.
 
 Where the time went: the profiles (cProfile over 10,000 provider-like files, 2 vCPU, 2026-11)
-behind the choices marked "(speed)" in supervisor/wgquick.py and supervisor/check.py:
+behind the choices marked "(speed)" in supervisor/wgquick.py, supervisor/addresses.py,
+supervisor/files.py and supervisor/check.py:
 
 - reading one file costs about 0.1 ms of CPU, nearly all of it Python: so `check` spreads a
   directory of PARALLEL_FROM_FILES files or more over the cores (this process reads one share,

@@ -15,11 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.check import read_checked, summary
+from supervisor.check import PARALLEL_FROM_FILES, read_checked, summary
 from supervisor.config import Config, load_config
 from supervisor.errors import ConfigError
 from supervisor.servers import Server
-from supervisor.wgquick import PARALLEL_FROM_FILES
 
 from .samples import VALID_SERVER
 from .test_parsers_property import PROPERTY_SETTINGS, VALID_CONFIG, mutated

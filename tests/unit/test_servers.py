@@ -8,9 +8,10 @@ from ipaddress import ip_address, ip_network
 
 import pytest
 
+from supervisor.addresses import parse_endpoint
 from supervisor.errors import ConfigError
 from supervisor.servers import Endpoint, network_within
-from supervisor.wgquick import load_server, parse_endpoint, read_server
+from supervisor.wgquick import load_server, read_server
 
 from .samples import PRESHARED_KEY, PRIVATE_KEY, PUBLIC_KEY, VALID_SERVER
 
@@ -217,11 +218,18 @@ def test_a_single_value_key_given_twice(write_server):
     assert (10, "PublicKey is given twice (first at line 7)") in errors_of(write_server(text))
 
 
-def test_the_plain_data_does_not_import_the_reader():
-    # The lock, net and wireguard import supervisor.servers for the types alone.
+@pytest.mark.parametrize(
+    "module",
+    [
+        "supervisor.servers",  # the lock, net and wireguard import it for the types alone
+        "supervisor.addresses",  # endpoint parsing, which the UAPI adapter needs
+        "supervisor.wireguard.uapi",
+    ],
+)
+def test_the_plain_data_and_endpoint_parsing_import_neither_reader(module: str) -> None:
     probe = (
-        "import sys, supervisor.servers; "
-        "print(sorted(m for m in sys.modules if 'wgquick' in m or 'wgconfig' in m))"
+        f"import sys, {module}; "
+        "print(sorted(m for m in sys.modules if m in ('supervisor.wgquick', 'supervisor.files', 'wgconfig')))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -18,9 +18,9 @@ from pathlib import Path
 import anyio
 import pytest
 
+from supervisor.addresses import parse_endpoint
 from supervisor.redact import Secret
 from supervisor.servers import Peer
-from supervisor.wgquick import parse_endpoint
 from supervisor.wireguard.backend import DeviceConfig
 from supervisor.wireguard.uapi import (
     UapiClient,

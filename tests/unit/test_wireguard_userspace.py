@@ -21,9 +21,9 @@ import anyio.lowlevel
 import pytest
 import structlog
 
+from supervisor.addresses import parse_endpoint
 from supervisor.redact import Secret
 from supervisor.servers import Peer, Server
-from supervisor.wgquick import parse_endpoint
 from supervisor.wireguard.backend import (
     BackendDied,
     BackendError,
