@@ -18,8 +18,8 @@ supervisor/files.py and supervisor/check.py:
   ipaddress.ip_interface formats an error message for every IPv6 address, which cost more than
   the parse, and an interface built from an address object reparses its str();
 - wgconfig's whole-file parser keeps no line numbers: the second pass needed to point at a
-  problem was a third of what checking a file cost, so the file is scanned once with
-  wgconfig's line tokeniser;
+  problem was a third of what checking a file cost, so the file is scanned once, with a
+  tokeniser of tunlock's own (supervisor/wgquick.py says why);
 - building interface objects `check` throws away was an eighth of the cost of a file: its
   reader only validates Address entries and keeps their families;
 - formatting IPv6 endpoints to count distinct ones was a fifth of a check: a digest keeps

@@ -5,6 +5,14 @@ data the rest of tunlock sees, supervisor.files reads the file, supervisor.addre
 endpoints and addresses, supervisor.check spreads ``tunlock check``'s reading over the cores.
 Speed choices are marked "(speed)": their measured figures are in bench/bench_check.py, which
 measures `tunlock check` over 10,000 files.
+
+The lines are tokenised here, not with wgconfig. Its whole-file parser keeps no line numbers
+(a problem must say file:line, and a second pass to find the line was a third of what checking
+a file cost) and revives ``#!`` lines that wg-quick treats as comments; its line parser turns a
+lone number into an int and keeps empty items of a comma list, both of which tunlock had to undo
+(and it raised ValueError on digits int() refuses, such as superscripts). What remains of a
+value's syntax is one rule, written in ``_values``: a ``#`` starts a comment, commas separate
+items.
 """
 
 from __future__ import annotations
@@ -21,8 +29,6 @@ import stat
 from ipaddress import IPv4Interface, IPv6Interface, ip_network
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
-
-from wgconfig import WGConfig
 
 from supervisor.addresses import is_number, parse_address, parse_endpoint
 from supervisor.errors import ConfigError, Problem
@@ -112,23 +118,14 @@ class _Section(NamedTuple):
     entries: dict[str, _Entry]  # by lower-cased key: wg-quick reads keys case-insensitively
 
 
-def _values(line: str) -> list[str]:
-    """The values of one ``Key = value`` line, as wgconfig tokenises them.
-
-    wgconfig's line parser knows wg-quick's value syntax (inline comments, comma lists, ints);
-    its whole-file parser is not used: it keeps no line numbers, and the second pass needed to
-    point at a problem would cost (speed).
-    """
-    try:
-        values = _parse_line(line)[1]
-    except ValueError:  # isnumeric() accepts digits int() refuses, such as superscripts
-        return [line.partition("=")[2].partition("#")[0].strip()]
-    if type(values[0]) is int:  # wgconfig turns a lone number into an int
-        return [str(values[0])]
-    return [v for v in values if v] if "" in values else values
-
-
-_parse_line = WGConfig.parse_line
+def _values(value: str) -> list[str]:
+    """The items of what follows ``Key =``: up to a ``#`` comment, split at commas, empty ones
+    dropped (``DNS = 10.0.0.1,`` is one server)."""
+    items = value.partition("#")[0].split(",")
+    if len(items) == 1:  # (speed) most keys hold one value
+        item = items[0].strip()
+        return [item] if item else []
+    return [item for part in items if (item := part.strip())]
 
 
 Item = TypeVar("Item")
@@ -228,9 +225,9 @@ class _Reader(abc.ABC, Generic[Item]):
                 self.error(number, f"{_ALL_KEYS[lower]} has no value: write it on the same line")
                 return False
             if entry is None:
-                current[lower] = (key, _values(stripped), number)
+                current[lower] = (key, _values(value), number)
             elif lower in _REPEATABLE_KEYS:
-                entry[1].extend(_values(stripped))
+                entry[1].extend(_values(value))
             else:
                 self.error(
                     number,

@@ -169,7 +169,8 @@ def test_split_allowed_ips_is_warned_about(write_server):
 
 
 def test_disabled_wgconfig_lines_stay_comments(write_server):
-    # wgconfig revives '#! ' lines; wg-quick treats them as comments, and so must we.
+    # Some tools write '#! ' lines to disable one (wgconfig revives them); wg-quick treats them as
+    # comments, and so must we.
     text = replace("DNS = 10.64.1.1", "DNS = 10.64.1.1\n#! PostUp = rm -rf /")
     assert warnings_of(write_server(text)) == []
 
@@ -181,7 +182,7 @@ def test_inline_comments_end_a_value(write_server):
 
 
 def test_digits_int_refuses_are_a_reported_problem(write_server):
-    # str.isnumeric() (which wgconfig's line parser asks) accepts superscripts; int() does not.
+    # str.isnumeric() accepts superscripts; int() does not.
     text = replace("PersistentKeepalive = 25", "PersistentKeepalive = \u00b2")
     message = "PersistentKeepalive must be a whole number from 0 to 65535"
     assert errors_of(write_server(text)) == [(11, message)]
