@@ -58,7 +58,7 @@ def test_connects_reports_status_and_keeps_the_lock_when_stopped(
 ) -> None:
     mark = lab.observer.mark()
     status = daemon.start()
-    assert status["server"] == "vpn1"
+    assert status is not None and status["server"] == "vpn1"
     assert lab.probes.ping() and lab.probes.tcp() and lab.probes.dns_udp("10.99.0.1")
     assert not lab.probes.dns_udp("192.0.2.1"), "the ISP's resolver must stay out of reach"
 
@@ -172,7 +172,7 @@ def test_sigkilled_daemon_leaves_lock_and_tunnel_and_the_next_adopts(lab: LabUnd
     assert not lab.probes.dns_udp("192.0.2.1"), "and so does the lock"
     with lab.daemon(env=QUICK) as second:
         status = second.start()
-        assert status["server"] == "vpn1"
+        assert status is not None and status["server"] == "vpn1"
         record = pinger.stop()
         assert any("adopted the running tunnel" in line for line in second.log_events())
         print(f"SIGKILL + restart: longest ping outage {record.longest_outage_s * 1000:.0f} ms")

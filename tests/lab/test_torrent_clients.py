@@ -223,7 +223,9 @@ def test_no_password_reaches_another_user_listening_on_the_api_port(lab: LabUnde
         received = log.read_text()
         basic = base64.b64encode(f"{user}:{secret}".encode()).decode()
         assert secret not in received and basic not in received, "the password reached nobody's listener"
-        error = daemon.status()["plugins"][client]["error"]
+        now = daemon.status()
+        assert now is not None
+        error = now["plugins"][client]["error"]
         assert f"127.0.0.1:{api_port} is held by uid 65534 (nobody)" in error and "not sent" in error
         assert not any(secret in line for line in daemon.log_events())
 

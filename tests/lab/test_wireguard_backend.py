@@ -111,6 +111,7 @@ async def test_peer_swap_under_continuous_ping(lab: WgLab, settings: TunnelSetti
             await anyio.sleep(0.3)
             tg.cancel_scope.cancel()
         outage = log.first_answer_sent_after(swap_started)
+        assert outage is not None
         kind = tunnel.backend.kind
         print(f"peer swap ({kind}): first answer {outage * 1000:.0f} ms after the swap started")
 

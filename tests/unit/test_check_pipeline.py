@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def assert_same_verdict(config: Path, environ: dict[str, str]) -> tuple:
 
 
 def write_tree(
-    root: Path, config: str, files: dict[str, str | bytes], loose: frozenset[str] = frozenset()
+    root: Path, config: str, files: Mapping[str, str | bytes], loose: frozenset[str] = frozenset()
 ) -> Path:
     for name, text in files.items():
         path = root / name
@@ -85,7 +86,9 @@ def write_tree(
 
 TWO_DIRS = '[tunnel]\nservers = ["servers/*.conf", "more/*.conf"]\n'
 # name: (tunlock.toml, server files by path, files readable by others, environment)
-BROKEN = {
+# name: (tunlock.toml's extra lines, the files by path, the paths others may read, the environment)
+Case = tuple[str, Mapping[str, str | bytes], set[str], dict[str, str]]
+BROKEN: dict[str, Case] = {
     "valid, one file readable by others": (
         "",
         {"servers/a.conf": server(), "servers/b.conf": server(12)},

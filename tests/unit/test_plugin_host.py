@@ -8,20 +8,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address, ip_interface
+from pathlib import Path
 
 import anyio
 import pytest
 
 from supervisor.plugins import PluginContext, PluginHost, View
+from supervisor.redact import Secret
 from supervisor.runtime import Status
+from supervisor.servers import Endpoint, IPAddress, IPInterface, Peer, Server
 
 pytestmark = pytest.mark.anyio
 
 
-@dataclass
-class FakeServer:
-    addresses: tuple = (ip_interface("10.2.0.2/32"), ip_interface("fd00::2/128"))
-    dns: tuple = (ip_address("fd00::1"), ip_address("10.2.0.1"))
+_NO_KEY = Secret("")
+_PEER = Peer("", Endpoint(ip_address("198.51.100.1"), 51820), ())
+
+
+@dataclass(frozen=True)
+class FakeServer(Server):
+    """A Server with the addresses and DNS the views carry; the rest plain placeholders."""
+
+    name: str = "s1"
+    path: Path = Path("/nonexistent/s1.conf")
+    private_key: Secret = _NO_KEY
+    addresses: tuple[IPInterface, ...] = (ip_interface("10.2.0.2/32"), ip_interface("fd00::2/128"))
+    peer: Peer = _PEER
+    dns: tuple[IPAddress, ...] = (ip_address("fd00::1"), ip_address("10.2.0.1"))
 
 
 class FakeLock:

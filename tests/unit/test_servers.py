@@ -5,19 +5,20 @@ from __future__ import annotations
 import subprocess
 import sys
 from ipaddress import ip_address, ip_network
+from pathlib import Path
 
 import pytest
 
 from supervisor.addresses import parse_endpoint
-from supervisor.errors import ConfigError
-from supervisor.servers import Endpoint, network_within
+from supervisor.errors import ConfigError, Problem
+from supervisor.servers import Endpoint, Server, network_within
 from supervisor.wgquick import load_server, read_server
 
 from .samples import PRESHARED_KEY, PRIVATE_KEY, PUBLIC_KEY, VALID_SERVER
 
 
-def problems_of(path):
-    found = []
+def problems_of(path: Path) -> tuple[Server | None, list[Problem]]:
+    found: list[Problem] = []
     server = read_server(path, found)
     return server, found
 
@@ -48,6 +49,7 @@ def test_valid_file_gives_a_normalised_server(write_server):
     assert server.dns == (ip_address("10.64.1.1"),)
     assert server.peer.persistent_keepalive == 25
     assert server.private_key.reveal() == PRIVATE_KEY
+    assert server.peer.preshared_key is not None
     assert server.peer.preshared_key.reveal() == PRESHARED_KEY
     assert PRIVATE_KEY not in repr(server) and PRESHARED_KEY not in repr(server)
 
@@ -159,7 +161,7 @@ def test_group_readable_private_key_is_warned_about(write_server):
 
 def test_search_domain_in_dns_is_ignored_with_a_warning(write_server):
     server, found = problems_of(write_server(replace("DNS = 10.64.1.1", "DNS = 10.64.1.1, corp.example")))
-    assert server.dns == (ip_address("10.64.1.1"),)
+    assert server is not None and server.dns == (ip_address("10.64.1.1"),)
     assert [(p.line, "search domain" in p.message) for p in found if p.warning] == [(4, True)]
 
 
@@ -178,7 +180,7 @@ def test_disabled_wgconfig_lines_stay_comments(write_server):
 def test_inline_comments_end_a_value(write_server):
     text = replace("PersistentKeepalive = 25", "PersistentKeepalive = 25 #! provider default")
     server, found = problems_of(write_server(text))
-    assert server.peer.persistent_keepalive == 25 and found == []
+    assert server is not None and server.peer.persistent_keepalive == 25 and found == []
 
 
 def test_digits_int_refuses_are_a_reported_problem(write_server):
