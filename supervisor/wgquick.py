@@ -191,7 +191,7 @@ class _Reader(abc.ABC, Generic[Item]):
         in_extra_peer = False  # a second peer is refused as a whole; its keys are not looked at
         for number, line in enumerate(text.splitlines(), start=1):
             stripped = line.strip()
-            # wg-quick treats every '#' line as a comment (wgconfig would revive '#! ' lines).
+            # wg-quick treats every '#' line as a comment, '#! ' (a tool's disabled line) too.
             if not stripped or stripped[0] == "#":
                 continue
             if stripped[0] == "[":

@@ -263,7 +263,7 @@ def test_lossy_link_does_not_fail_over(lab: LabUnderTest, daemon: LabDaemon, per
     faults.loss(lab.lab, percent)
     pinger = ContinuousPing(lab.lab, interval=0.2)
     try:
-        time.sleep(duration)
+        time.sleep(duration)  # the lossy spell under observation, not a wait for something
         status = daemon.status()
     finally:
         record = pinger.stop()
