@@ -6,7 +6,8 @@ and of the whole `tunlock check` command (process start included): best and medi
 runs, since this machine's two shared cores make single runs vary by a third.
 
 Where the time went: the profiles (cProfile over 10,000 provider-like files, 2 vCPU, 2026-11)
-behind the choices marked "(speed)" in supervisor/wgquick.py and supervisor/check.py:
+behind the choices marked "(speed)" in supervisor/wgquick.py, supervisor/addresses.py,
+supervisor/files.py and supervisor/check.py:
 
 - reading one file costs about 0.1 ms of CPU, nearly all of it Python: so `check` spreads a
   directory of PARALLEL_FROM_FILES files or more over the cores (this process reads one share,
@@ -17,8 +18,8 @@ behind the choices marked "(speed)" in supervisor/wgquick.py and supervisor/chec
   ipaddress.ip_interface formats an error message for every IPv6 address, which cost more than
   the parse, and an interface built from an address object reparses its str();
 - wgconfig's whole-file parser keeps no line numbers: the second pass needed to point at a
-  problem was a third of what checking a file cost, so the file is scanned once with
-  wgconfig's line tokeniser;
+  problem was a third of what checking a file cost, so the file is scanned once, with a
+  tokeniser of tunlock's own (supervisor/wgquick.py says why);
 - building interface objects `check` throws away was an eighth of the cost of a file: its
   reader only validates Address entries and keeps their families;
 - formatting IPv6 endpoints to count distinct ones was a fifth of a check: a digest keeps

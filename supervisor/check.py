@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing as mp
+import os
 import sys
 import typing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from supervisor.config import ConfigFile, load_settings
 from supervisor.control import socket_path
 from supervisor.errors import ConfigError, Problem
 from supervisor.net.bypass import BypassWorkload, read_link_facts
-from supervisor.wgquick import ServerDigest, digest_servers
+from supervisor.wgquick import ServerDigest, matching_files, named_once, read_digests
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,47 @@ def read_checked(path: Path, environ: typing.Mapping[str, str] | None = None) ->
     )
     warnings = settings.settle(problems, len(servers))
     return Checked(settings.path, settings.settings, servers, warnings)
+
+
+def digest_servers(
+    patterns: list[str], base: Path, problems: list[Problem], origin: tuple[Path, int]
+) -> tuple[ServerDigest, ...]:
+    """``wgquick.load_servers`` for ``tunlock check``: the same files, the same problems in the
+    same order, a ServerDigest for each valid server; large directories are read in parallel."""
+    paths = matching_files(patterns, base, problems, origin)
+    return named_once(paths, _read_in_shares(paths), problems)
+
+
+# (speed) Reading is CPU-bound, so a directory this large is spread over the cores: this process
+# reads one share, forked workers the others, and send back digests (Servers pickle slowly).
+PARALLEL_FROM_FILES = 1500
+
+
+def _read_in_shares(paths: list[str]) -> list[tuple[ServerDigest | None, list[Problem]]]:
+    shares = min(len(os.sched_getaffinity(0)), 8)
+    parallel = len(paths) >= PARALLEL_FROM_FILES and shares > 1
+    if not parallel or "fork" not in mp.get_all_start_methods():
+        return _read_share(paths)
+    size = -(-len(paths) // shares)
+    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+    with ProcessPoolExecutor(max_workers=len(chunks) - 1, mp_context=mp.get_context("fork")) as pool:
+        others = [pool.submit(_read_share, chunk) for chunk in chunks[1:]]
+        out = _read_share(chunks[0])
+        for future in others:
+            out.extend(future.result())
+    return out
+
+
+def _read_share(paths: list[str]) -> list[tuple[ServerDigest | None, list[Problem]]]:
+    # (speed) Reading makes many small objects and no cycles: the collector rests until the end.
+    pause_gc = gc.isenabled()
+    if pause_gc:
+        gc.disable()
+    try:
+        return read_digests(paths)
+    finally:
+        if pause_gc:
+            gc.enable()
 
 
 def summary(checked: Checked) -> str:

@@ -76,6 +76,11 @@ def run(config_path: Path, log_level: str, log_format: str, force: bool) -> None
     reloads the configuration. Exit 2 on a bad configuration, 5 when started from an SSH session
     the lock would cut (lock.admin_tcp; --force overrides), 1 on any other error.
     """
+    from supervisor import lean_pyroute2
+
+    # The daemon's resident size is what the light pyroute2 package saves: it must be in place
+    # before anything imports pyroute2, which supervisor.daemon does.
+    lean_pyroute2.install()
     from supervisor.daemon import run_daemon
     from supervisor.log import configure
 

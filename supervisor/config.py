@@ -23,10 +23,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from supervisor.addresses import parse_endpoint
 from supervisor.errors import ConfigError, Problem
+from supervisor.files import FileProblem, read_text
 from supervisor.lock.admin import ADMIN_MARK
+from supervisor.redact import shown_name
 from supervisor.servers import Endpoint, Server, network_within
-from supervisor.wgquick import FileProblem, load_servers, parse_endpoint, read_text, shown_name
+from supervisor.wgquick import load_servers
 
 ENV_PREFIX = "TUNLOCK_"
 MAX_CONFIG_FILE = 1024 * 1024
@@ -251,7 +254,6 @@ class ConfigFile(_Section):
     plugins: PluginsSection = Field(default_factory=PluginsSection)
 
 
-
 @dataclass(frozen=True)
 class Config:
     """The validated configuration plus the servers its globs name."""
@@ -440,7 +442,7 @@ def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -
     if not path.exists():
         raise ConfigError([Problem(path, 0, "no such file; write one (see configs/tunlock.toml)")])
     try:
-        # A regular file only, of bounded size, a BOM allowed (wgquick.read_text says why).
+        # A regular file only, of bounded size, a BOM allowed (files.read_text says why).
         text = read_text(os.fspath(path), MAX_CONFIG_FILE)[0]
     except FileProblem as err:
         raise ConfigError([Problem(path, err.line, err.message)]) from None

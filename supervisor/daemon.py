@@ -30,9 +30,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -316,7 +317,45 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-async def _announce_ready(notifier: Notifier, first_status: anyio.Event, socket_path: Path) -> None:
+class Announcer(Protocol):
+    """What the daemon tells its service manager (systemd.notify.Notifier)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def ready(self) -> object: ...
+
+    def stopping(self) -> object: ...
+
+
+class Reconfigurable(Protocol):
+    """What a reload asks of the runtime (runtime.Runtime)."""
+
+    @property
+    def ifname(self) -> str: ...
+
+    async def reconfigure(self, change: Reconfiguration) -> bool: ...
+
+
+class SignalTarget(Reconfigurable, Protocol):
+    """What the signals ask of the runtime: a reload, or a Stop event."""
+
+    async def post(self, make: Callable[[float], ev.Event]) -> None: ...
+
+
+class EndpointWatcher(Protocol):
+    """Told the endpoints a reload brought (net.monitor.PathMonitor)."""
+
+    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None: ...
+
+
+class StoppingPlugins(Protocol):
+    """Asked to act on "stopping" before the tunnel goes (plugins.PluginHost)."""
+
+    async def stopping(self, timeout: float, /) -> None: ...
+
+
+async def _announce_ready(notifier: Announcer, first_status: anyio.Event, socket_path: Path) -> None:
     """READY=1 for systemd once the lock is in force and the control socket answers.
 
     The machine's first status comes after its first action, the whole lock (a lock that fails
@@ -354,11 +393,11 @@ def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginH
 
 
 async def _signals(
-    runtime: Runtime,
+    runtime: SignalTarget,
     config: Config,
-    watcher: monitor.PathMonitor,
-    notifier: Notifier | None = None,
-    host: PluginHost | None = None,
+    watcher: EndpointWatcher,
+    notifier: Announcer | None = None,
+    host: StoppingPlugins | None = None,
 ) -> None:
     current = config
     reloading = anyio.Lock()
@@ -387,7 +426,7 @@ async def _signals(
                     await runtime.post(lambda now: ev.Stop(now))
 
 
-async def _reload(runtime: Runtime, config: Config, watcher: monitor.PathMonitor) -> Config:
+async def _reload(runtime: Reconfigurable, config: Config, watcher: EndpointWatcher) -> Config:
     """Read the configuration again; keep running on the old one if the new one is bad."""
     try:
         with anyio.fail_after(RELOAD_READ_TIMEOUT_S):

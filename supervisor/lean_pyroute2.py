@@ -9,6 +9,10 @@ package module with the same search path: submodules import as usual
 (PEP 562), and any other top-level name runs the real initialiser into the module first, so
 nothing that expects the full package breaks; it only pays the cost it asked for.
 
+Only the daemon needs it: ``tunlock run`` installs it before it imports supervisor.daemon;
+importing ``supervisor`` changes nothing, so the other commands and the tests import pyroute2 as
+it is.
+
 It depends on where pyroute2 keeps those names: pyproject.toml pins the tested releases, and
 tests/unit/test_lean_pyroute2.py fails when a release moves them.
 """

@@ -68,3 +68,25 @@ def redact_event(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> M
         elif isinstance(value, str) and field.lower() not in _PUBLIC_FIELDS:
             event[field] = scrub(value)
     return event
+
+
+# A file that holds a private key may have the key where a name or a value was expected (on the
+# line after `PrivateKey =`, or as `PrivateKey: KEY`). Problems quote only what cannot be key
+# material: a name of letters short enough not to be a key's worth, or a value with no run of a
+# dozen base64 characters (an address, a port, a name with dots). Anything else is described,
+# not shown.
+SAFE_NAME = re.compile(r"[A-Za-z][A-Za-z_-]{0,23}")
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{12,}")
+VALUE_NOT_SHOWN = "(value not shown)"
+
+
+def shown_name(name: str) -> str:
+    """``'Name'`` when it is safe to print, else a description that gives nothing away."""
+    return repr(name) if SAFE_NAME.fullmatch(name) else "(not shown: it does not look like a key name)"
+
+
+def shown_value(value: str) -> str:
+    """``'value'`` when it cannot be key material (an address, a name with dots), else not shown."""
+    if len(value) <= 64 and not _BASE64_RUN.search(value):
+        return repr(value)
+    return VALUE_NOT_SHOWN

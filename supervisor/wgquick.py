@@ -1,9 +1,18 @@
 """wg-quick server files read into Servers (``tunlock run``) or ServerDigests (``tunlock check``).
 
-One server per file. The normalisation of wgconfig's quirks (a value or a list, strings for
-ints) and every file:line problem sit here; supervisor.servers holds the plain data the rest of
-tunlock sees. Speed choices are marked "(speed)": their measured figures are in
-bench/bench_check.py, which measures `tunlock check` over 10,000 files.
+One server per file; every file:line problem is found here. supervisor.servers holds the plain
+data the rest of tunlock sees, supervisor.files reads the file, supervisor.addresses parses
+endpoints and addresses, supervisor.check spreads ``tunlock check``'s reading over the cores.
+Speed choices are marked "(speed)": their measured figures are in bench/bench_check.py, which
+measures `tunlock check` over 10,000 files.
+
+The lines are tokenised here, not with wgconfig. Its whole-file parser keeps no line numbers
+(a problem must say file:line, and a second pass to find the line was a third of what checking
+a file cost) and revives ``#!`` lines that wg-quick treats as comments; its line parser turns a
+lone number into an int and keeps empty items of a comma list, both of which tunlock had to undo
+(and it raised ValueError on digits int() refuses, such as superscripts). What remains of a
+value's syntax is one rule, written in ``_values``: a ``#`` starts a comment, commas separate
+items.
 """
 
 from __future__ import annotations
@@ -13,22 +22,18 @@ import base64
 import binascii
 import difflib
 import functools
-import gc
 import glob
-import multiprocessing as mp
 import os
 import re
-import socket
 import stat
-from concurrent.futures import ProcessPoolExecutor
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_network
+from ipaddress import IPv4Interface, IPv6Interface, ip_network
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
-from wgconfig import WGConfig
-
+from supervisor.addresses import is_number, parse_address, parse_endpoint
 from supervisor.errors import ConfigError, Problem
-from supervisor.redact import Secret
+from supervisor.files import FileProblem, read_text
+from supervisor.redact import SAFE_NAME, VALUE_NOT_SHOWN, Secret, shown_name, shown_value
 from supervisor.servers import Endpoint, IPAddress, IPInterface, IPNetwork, Peer, Server
 
 # wg-quick reads keys case-insensitively; these are the ones a server file may hold.
@@ -47,48 +52,8 @@ _ALL_KEYS = {**_INTERFACE_KEYS, **_PEER_KEYS, **_IGNORED_KEYS}
 # the next line, which must then not be mistaken for a key name.
 _SINGLE_VALUE_KEYS = frozenset({"privatekey", "publickey", "presharedkey", "endpoint"})
 _REPEATABLE_KEYS = frozenset({"address", "dns", "allowedips"} | set(_IGNORED_KEYS))
-_HOSTNAME = re.compile(r"^[A-Za-z0-9.-]+$")
-# A server file holds a private key, and a mistyped line may be the key itself (on the line after
-# `PrivateKey =`, or as `PrivateKey: KEY`). Problems quote only what cannot be key material: a
-# name of letters short enough not to be a key's worth, or a value with no run of a dozen
-# base64 characters (an address, a port, a name with dots). Anything else is described, not shown.
-_SAFE_NAME = re.compile(r"[A-Za-z][A-Za-z_-]{0,23}")
-_BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{12,}")
 # The largest server file read: provider files are a few hundred bytes.
 MAX_SERVER_FILE = 1024 * 1024
-
-
-def shown_name(name: str) -> str:
-    """``'Name'`` when it is safe to print, else a description that gives nothing away."""
-    return repr(name) if _SAFE_NAME.fullmatch(name) else "(not shown: it does not look like a key name)"
-
-
-def shown_value(value: str) -> str:
-    """``'value'`` when it cannot be key material (an address, a name with dots), else not shown."""
-    if len(value) <= 64 and not _BASE64_RUN.search(value):
-        return repr(value)
-    return VALUE_NOT_SHOWN
-
-
-VALUE_NOT_SHOWN = "(value not shown)"
-
-
-# (speed) inet_pton parses in C what ipaddress parses slowly, and a provider's files share most
-# values (client address, DNS, AllowedIPs), so caches spare the rest. Each raises ValueError.
-@functools.lru_cache(maxsize=16384)
-def parse_address(text: str) -> IPAddress:
-    """An IPv4 or IPv6 address, strictly (no zone, no leading zeros)."""
-    try:
-        if ":" in text:
-            return IPv6Address(socket.inet_pton(socket.AF_INET6, text))
-        return IPv4Address(socket.inet_pton(socket.AF_INET, text))
-    except OSError:
-        raise ValueError(f"{text!r} is not an IP address") from None
-
-
-def _is_number(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also accepts superscripts, which int() refuses."""
-    return text.isascii() and text.isdigit()
 
 
 def _interface_parts(text: str) -> tuple[IPAddress, int]:
@@ -96,7 +61,7 @@ def _interface_parts(text: str) -> tuple[IPAddress, int]:
     host = parse_address(address)
     if not slash:
         return host, host.max_prefixlen
-    if not _is_number(prefix) or int(prefix) > host.max_prefixlen:
+    if not is_number(prefix) or int(prefix) > host.max_prefixlen:
         raise ValueError(f"{text!r} has a bad prefix length")
     return host, int(prefix)
 
@@ -135,33 +100,6 @@ def _key_problem(value: str) -> str | None:
     return None
 
 
-def parse_endpoint(text: str) -> Endpoint:
-    """``IP:port`` or ``[IPv6]:port``; raise ValueError with a reason a person can act on."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"endpoint {text!r} must be [IPv6]:port")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"endpoint {text!r} has no port: use IP:port or [IPv6]:port")
-        if ":" in host:
-            raise ValueError(f"endpoint {text!r}: put an IPv6 address in brackets, [IPv6]:port")
-    try:
-        address = parse_address(host)
-    except ValueError:
-        if _HOSTNAME.match(host):
-            raise ValueError(
-                f"endpoint host {host!r} is a name, not an IP address: resolving it would need DNS "
-                "outside the tunnel, which the lock forbids; write the server's IP address instead"
-            ) from None
-        raise ValueError(f"endpoint host {host!r} is not an IP address") from None
-    if not _is_number(port) or not 1 <= int(port) <= 65535:
-        raise ValueError(f"endpoint port {port!r} must be a number from 1 to 65535")
-    return Endpoint(address, int(port))
-
-
 def _colon_hint(text: str) -> str:
     """A hint for ``Key: value`` (YAML's habit), naming the key only when it is one we know."""
     name = text.partition(":")[0].strip().lower()
@@ -180,23 +118,14 @@ class _Section(NamedTuple):
     entries: dict[str, _Entry]  # by lower-cased key: wg-quick reads keys case-insensitively
 
 
-def _values(line: str) -> list[str]:
-    """The values of one ``Key = value`` line, as wgconfig tokenises them.
-
-    wgconfig's line parser knows wg-quick's value syntax (inline comments, comma lists, ints);
-    its whole-file parser is not used: it keeps no line numbers, and the second pass needed to
-    point at a problem would cost (speed).
-    """
-    try:
-        values = _parse_line(line)[1]
-    except ValueError:  # isnumeric() accepts digits int() refuses, such as superscripts
-        return [line.partition("=")[2].partition("#")[0].strip()]
-    if type(values[0]) is int:  # wgconfig turns a lone number into an int
-        return [str(values[0])]
-    return [v for v in values if v] if "" in values else values
-
-
-_parse_line = WGConfig.parse_line
+def _values(value: str) -> list[str]:
+    """The items of what follows ``Key =``: up to a ``#`` comment, split at commas, empty ones
+    dropped (``DNS = 10.0.0.1,`` is one server)."""
+    items = value.partition("#")[0].split(",")
+    if len(items) == 1:  # (speed) most keys hold one value
+        item = items[0].strip()
+        return [item] if item else []
+    return [item for part in items if (item := part.strip())]
 
 
 Item = TypeVar("Item")
@@ -262,14 +191,14 @@ class _Reader(abc.ABC, Generic[Item]):
         in_extra_peer = False  # a second peer is refused as a whole; its keys are not looked at
         for number, line in enumerate(text.splitlines(), start=1):
             stripped = line.strip()
-            # wg-quick treats every '#' line as a comment (wgconfig would revive '#! ' lines).
+            # wg-quick treats every '#' line as a comment, '#! ' (a tool's disabled line) too.
             if not stripped or stripped[0] == "#":
                 continue
             if stripped[0] == "[":
                 written = stripped[1:].partition("]")[0].strip()
                 name = written.lower()
                 if name not in ("interface", "peer") or not stripped.endswith("]"):
-                    shown = repr(f"[{written}]") if _SAFE_NAME.fullmatch(written) else "(not shown)"
+                    shown = repr(f"[{written}]") if SAFE_NAME.fullmatch(written) else "(not shown)"
                     self.error(number, f"unknown section {shown}: only [Interface] and [Peer]")
                     return False
                 if name == "interface" and any(s.name == "interface" for s in sections):
@@ -296,9 +225,9 @@ class _Reader(abc.ABC, Generic[Item]):
                 self.error(number, f"{_ALL_KEYS[lower]} has no value: write it on the same line")
                 return False
             if entry is None:
-                current[lower] = (key, _values(stripped), number)
+                current[lower] = (key, _values(value), number)
             elif lower in _REPEATABLE_KEYS:
-                entry[1].extend(_values(stripped))
+                entry[1].extend(_values(value))
             else:
                 self.error(
                     number,
@@ -351,7 +280,7 @@ class _Reader(abc.ABC, Generic[Item]):
         items, line = section[key.lower()]
         if key == "PersistentKeepalive" and items == ["off"]:
             return 0
-        if len(items) != 1 or not _is_number(items[0]) or not low <= int(items[0]) <= high:
+        if len(items) != 1 or not is_number(items[0]) or not low <= int(items[0]) <= high:
             self.error(line, f"{key} must be a whole number from {low} to {high}")
             return None
         return int(items[0])
@@ -555,66 +484,6 @@ def _read_file(reader: _Reader[Item]) -> Item | None:
     return item
 
 
-class FileProblem(Exception):
-    """A file that cannot be read as text: the line (0 when none) and what is wrong."""
-
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(message)
-        self.line = line
-        self.message = message
-
-
-_FILE_KINDS = {
-    stat.S_IFDIR: "a directory",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
-
-
-def read_text(path: str, limit: int) -> tuple[str, int]:
-    """A regular file's UTF-8 text (a leading BOM dropped) and its mode, at most ``limit`` bytes.
-
-    Opened with O_NONBLOCK so that a FIFO cannot hold the reader (a reload would block the
-    daemon), and refused unless fstat on the opened file says regular: a symlink is followed,
-    then judged by what it names (/dev/zero would read forever). Four system calls for a small
-    file, not a Python file object (speed). Raises FileProblem.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as err:
-        raise FileProblem(0, f"cannot read: {err.strerror or err}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-            raise FileProblem(0, f"is {kind}, not a regular file: refused")
-        if st.st_size > limit:
-            raise FileProblem(0, f"too large: {st.st_size} bytes, the limit is {limit // 1024} KiB")
-        data = os.read(fd, st.st_size + 1)
-        if len(data) > st.st_size:  # it grew while being read
-            chunks = [data]
-            total = len(data)
-            while total <= limit and (chunk := os.read(fd, 65536)):
-                chunks.append(chunk)
-                total += len(chunk)
-            if total > limit:
-                raise FileProblem(0, f"too large: over {limit // 1024} KiB")
-            data = b"".join(chunks)
-    except OSError as err:
-        raise FileProblem(0, f"cannot read: {err.strerror or err}") from None
-    finally:
-        os.close(fd)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise FileProblem(line, f"not UTF-8 text (byte 0x{data[err.start]:02x})") from None
-    # Editors on Windows start a UTF-8 file with a byte order mark.
-    return text.removeprefix("\ufeff"), st.st_mode
-
-
 def load_server(path: Path) -> Server:
     """Read one server file; raise ConfigError with every problem found."""
     problems: list[Problem] = []
@@ -632,22 +501,15 @@ def load_servers(
     Problems are appended; ``origin`` (the config file and line of the ``servers`` key) is where
     a pattern that matches nothing is reported.
     """
-    paths = _matching_files(patterns, base, problems, origin)
-    return _named_once(paths, _read_chunk(_ServerReader, paths), problems)
+    paths = matching_files(patterns, base, problems, origin)
+    return named_once(paths, _read_chunk(_ServerReader, paths), problems)
 
 
-def digest_servers(
-    patterns: list[str], base: Path, problems: list[Problem], origin: tuple[Path, int]
-) -> tuple[ServerDigest, ...]:
-    """``load_servers`` for ``tunlock check``: the same files, the same problems in the same
-    order, a ServerDigest for each valid server; large directories are read in parallel."""
-    paths = _matching_files(patterns, base, problems, origin)
-    return _named_once(paths, _read_in_shares(paths), problems)
-
-
-def _matching_files(
+def matching_files(
     patterns: list[str], base: Path, problems: list[Problem], origin: tuple[Path, int]
 ) -> list[str]:
+    """The files the glob ``patterns`` name (relative to ``base``), each once; a pattern that
+    matches nothing is a problem at ``origin`` (the config file and line of the ``servers`` key)."""
     paths: list[str] = []
     for pattern in patterns:
         # Strings, not Paths (speed), normalised so that two patterns naming one file are read
@@ -667,7 +529,7 @@ class _Named(Protocol):
 Named = TypeVar("Named", bound=_Named)
 
 
-def _named_once(
+def named_once(
     paths: list[str], read: list[tuple[Named | None, list[Problem]]], problems: list[Problem]
 ) -> tuple[Named, ...]:
     """The valid servers in ``paths``' order, each name once; every file's problems appended."""
@@ -698,33 +560,7 @@ def _read_chunk(reader: type[_Reader[Item]], paths: list[str]) -> list[tuple[Ite
     return out
 
 
-def _read_digests(paths: list[str]) -> list[tuple[ServerDigest | None, list[Problem]]]:
-    # (speed) Reading makes many small objects and no cycles: the collector rests until the end.
-    pause_gc = gc.isenabled()
-    if pause_gc:
-        gc.disable()
-    try:
-        return _read_chunk(_DigestReader, paths)
-    finally:
-        if pause_gc:
-            gc.enable()
-
-
-# (speed) Reading is CPU-bound, so a directory this large is spread over the cores: this process
-# reads one share, forked workers the others, and send back digests (Servers pickle slowly).
-PARALLEL_FROM_FILES = 1500
-
-
-def _read_in_shares(paths: list[str]) -> list[tuple[ServerDigest | None, list[Problem]]]:
-    shares = min(len(os.sched_getaffinity(0)), 8)
-    parallel = len(paths) >= PARALLEL_FROM_FILES and shares > 1
-    if not parallel or "fork" not in mp.get_all_start_methods():
-        return _read_digests(paths)
-    size = -(-len(paths) // shares)
-    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
-    with ProcessPoolExecutor(max_workers=len(chunks) - 1, mp_context=mp.get_context("fork")) as pool:
-        others = [pool.submit(_read_digests, chunk) for chunk in chunks[1:]]
-        out = _read_digests(chunks[0])
-        for future in others:
-            out.extend(future.result())
-    return out
+def read_digests(paths: list[str]) -> list[tuple[ServerDigest | None, list[Problem]]]:
+    """Each file of ``paths`` read as ``tunlock check`` reads it: its digest (None when it is
+    not a valid server) and its problems, in ``paths``' order, for ``named_once``."""
+    return _read_chunk(_DigestReader, paths)

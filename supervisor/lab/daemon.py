@@ -106,6 +106,20 @@ class LabDaemon:
     def log_events(self) -> list[str]:
         return (self.lab.dir / self.log_name).read_text(errors="replace").splitlines()
 
+    def wait_for_log(self, text: str, after: int = 0, timeout: float = 20.0) -> str:
+        """Poll the log until a line past its first ``after`` holds ``text``, and give that line
+        back; on the daemon's exit or a timeout say so with the log's tail."""
+        timeout *= self.time_scale
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = next((line for line in self.log_events()[after:] if text in line), None)
+            if found is not None:
+                return found
+            if self.process is not None and self.process.poll() is not None:
+                raise TunlockError(f"the daemon exited ({self.process.returncode}):\n{self.log_tail()}")
+            time.sleep(POLL_S)
+        raise TimeoutError(f"no log line with {text!r} within {timeout} s\n{self.log_tail()}")
+
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait: the exit status (SIGKILL if it does not end in time)."""
         if self.process is None:

@@ -297,15 +297,28 @@ class ContinuousPing:
         )
         self.started = time.time()
 
-    def stop(self) -> PingRecord:
-        self._proc.terminate()
-        self._proc.wait(5)
-        stopped = time.time()
-        answered = [
+    def answers(self) -> list[float]:
+        """The wall-clock time of every answer so far."""
+        return [
             float(line.split("]")[0].lstrip("["))
             for line in self.log.read_text().splitlines()
             if line.startswith("[") and "bytes from" in line
         ]
+
+    def wait_for_answers(self, count: int, after: float | None = None, timeout: float = 10.0) -> None:
+        """Until ``count`` echoes later than ``after`` (the start by default) were answered."""
+        since = self.started if after is None else after
+        deadline = time.monotonic() + timeout
+        while sum(1 for at in self.answers() if at > since) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {count} answers to the ping within {timeout} s")
+            time.sleep(0.02)
+
+    def stop(self) -> PingRecord:
+        self._proc.terminate()
+        self._proc.wait(5)
+        stopped = time.time()
+        answered = self.answers()
         points = [self.started, *answered, stopped]
         longest = max(b - a for a, b in itertools.pairwise(points))
         return PingRecord(answered=len(answered), longest_outage_s=longest, answered_at=tuple(answered))

@@ -32,9 +32,9 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from supervisor.addresses import parse_endpoint
 from supervisor.redact import Secret
 from supervisor.servers import Endpoint, IPNetwork
-from supervisor.wgquick import parse_endpoint
 from supervisor.wireguard.backend import BackendError, DeviceConfig
 
 UAPI_DIR = Path("/var/run/wireguard")

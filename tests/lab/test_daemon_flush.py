@@ -47,7 +47,7 @@ def owned_and_restored(status: dict) -> bool:
 def test_flush_while_running_leaks_nothing_and_the_twin_is_nobody_elses(lab: LabUnderTest) -> None:
     with lab.daemon() as daemon:
         status = daemon.start()
-        assert owned_and_restored(status)
+        assert status is not None and owned_and_restored(status)
         assert any("the lock is held twice while running" in line for line in daemon.log_events())
         mark = lab.observer.mark()
         answered: list[dict[str, bool]] = []
@@ -78,7 +78,8 @@ def test_flush_while_running_leaks_nothing_and_the_twin_is_nobody_elses(lab: Lab
 def test_sigkilled_daemon_takes_the_twin_and_leaves_the_ordinary_table(lab: LabUnderTest) -> None:
     daemon = lab.daemon()
     try:
-        assert owned_and_restored(daemon.start())
+        status = daemon.start()
+        assert status is not None and owned_and_restored(status)
         mark = lab.observer.mark()
         daemon.kill()
         assert f"table inet {OWNED}" not in tables(lab), "the kernel frees it with the daemon's socket"

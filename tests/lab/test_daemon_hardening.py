@@ -269,8 +269,11 @@ def test_a_stop_during_a_reload_that_blocks_ends_the_daemon(lab: LabUnderTest) -
     with lab.daemon(env=QUICK, config=str(config)) as daemon:
         daemon.start()
         config.write_text(text.replace('"servers/*.conf"', '"servers/*.conf", "fifo/*.conf"'))
+        logged = len(daemon.log_events())
         os.kill(daemon.pid, signal.SIGHUP)
-        time.sleep(0.5)
+        # The reload ran and met the FIFO: refused at once, no longer a read that blocks.
+        refused = daemon.wait_for_log("reload refused", after=logged)
+        assert "pipe.conf" in refused and "FIFO" in refused, refused
         status = daemon.status()
         assert status is not None and status["state"] == "connected", daemon.log_tail()
         assert stop_the_group(lab, daemon) == 0, daemon.log_tail()

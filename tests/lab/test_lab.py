@@ -189,11 +189,11 @@ def _eventually(check, timeout: float = 5.0) -> bool:
 
 def test_continuous_ping_measures_the_outage_across_a_fault(lab):
     pinger = ContinuousPing(lab.lab)
-    time.sleep(0.3)
+    pinger.wait_for_answers(15)
     faults.delete_default_route(lab.lab)
-    time.sleep(0.5)
+    time.sleep(0.5)  # the outage itself, not a wait for something
     faults.restore_default_route(lab.lab)
-    time.sleep(0.3)
+    pinger.wait_for_answers(10, after=time.time())
     record = pinger.stop()
     assert record.answered > 20
     assert 0.4 < record.longest_outage_s < 1.5, record

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -102,19 +102,24 @@ def test_inbound_tcp_from_the_lan_only(lab):
             lab.lab.ns("client"),
             sys.executable,
             "-c",
-            "import socket;s=socket.create_server(('0.0.0.0',8080));\n"
+            "import socket;s=socket.create_server(('0.0.0.0',8080));print('listening',flush=True)\n"
             "while True:\n c,_=s.accept();c.sendall(b'webui');c.close()",
         ],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
-        time.sleep(0.3)
+        assert server.stdout is not None
+        ready, _, _ = select.select([server.stdout], [], [], 10)
+        assert ready and server.stdout.readline() == "listening\n", "the web UI stand-in did not listen"
         from_lan = _connect(lab, "isp", "192.0.2.2", 8080, source=LAN_HOST_V4)
         from_internet = _connect(lab, "inet", "192.0.2.2", 8080)
     finally:
         server.kill()
         server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
         tunlock_in_client(lab, "lock", "remove", "--yes", "--config", str(lab.lab.config_path))
     assert from_lan == "webui"
     assert from_internet == ""

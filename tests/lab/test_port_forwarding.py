@@ -149,7 +149,8 @@ def test_forwarded_port_reaches_a_listener_through_the_tunnel_and_follows_failov
         daemon.wait_for(
             lambda s: "no NAT-PMP answer" in (s["plugins"]["natpmp"].get("last_error") or ""), 30, "silence"
         )
-        assert daemon.status()["state"] == "connected"
+        now = daemon.status()
+        assert now is not None and now["state"] == "connected"
         set_gateway(lab.lab, 2, "ok", 40003)
         daemon.wait_for(lambda s: s["forwarded_port"] == 40003, 60, "the port back")
         assert connect(lab.lab, "inet", vpn2, 40003) == "seedbox 40003"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,19 @@ def since(status: dict[str, Any] | None) -> float:
     return status["since"] if status else 0.0
 
 
+Status = dict[str, Any]
+
+
+def failed_anew(before: Status) -> Callable[[Status], bool]:
+    """A status whose last failure is not ``before``'s."""
+    return lambda s: s["last_failure"] is not None and s["last_failure"] != before["last_failure"]
+
+
+def connected_anew(before: Status) -> Callable[[Status], bool]:
+    """Connected again after ``before``."""
+    return lambda s: s["state"] == "connected" and s["since"] > since(before)
+
+
 def test_wireguard_go_killed_ten_times_comes_back_through_the_same_server(
     lab: LabUnderTest, daemon: LabDaemon
 ) -> None:
@@ -61,11 +75,12 @@ def test_wireguard_go_killed_ten_times_comes_back_through_the_same_server(
     outages = []
     for kill in range(10):
         before = daemon.status()
+        assert before is not None
         pid = faults.client_wireguard_pid(lab.lab)
         faults.kill_client_wireguard_go(lab.lab)
         began = time.monotonic()
         daemon.wait_for(
-            lambda s, b=before: s["last_failure"] is not None and s["last_failure"] != b["last_failure"],
+            failed_anew(before),
             timeout=10,
             what=f"kill {kill + 1} noticed",
         )
@@ -93,10 +108,11 @@ def test_twenty_reconnects_under_loss_never_fail_a_healthy_server(
     try:
         for attempt in range(20):
             before = daemon.status()
+            assert before is not None
             began = time.monotonic()
             daemon.ask("reconnect")
             status = daemon.wait_for(
-                lambda s, b=before: s["state"] == "connected" and s["since"] > since(b),
+                connected_anew(before),
                 timeout=15,
                 what=f"reconnect {attempt + 1} done",
             )
@@ -185,12 +201,13 @@ def test_link_flaps_right_after_rotate_or_reconnect_blame_no_server(
     daemon.start()
     for flap_number in range(30):
         before = daemon.status()
+        assert before is not None
         daemon.ask("rotate" if flap_number % 2 else "reconnect")
         faults.link_down(lab.lab)  # at once: the new peer's initiation goes into a dead link
         daemon.wait_for(lambda s: s["state"] == "offline", timeout=10, what="offline")
         faults.link_up(lab.lab)
         status = daemon.wait_for(
-            lambda s, b=before: s["state"] == "connected" and s["since"] > since(b),
+            connected_anew(before),
             timeout=15,
             what="connected again",
         )

@@ -148,7 +148,13 @@ def test_qbittorrent_that_could_not_bind_the_port_is_made_to_bind_it_again(lab: 
     with lab.daemon(env=QUICK, config=config) as daemon:
         daemon.start()
         daemon.wait_for(lambda s: s["plugins"]["qbittorrent"].get("port") == 40001, 20, "the push")
-        time.sleep(1)  # qBittorrent has tried and failed to bind by now
+        # qBittorrent's own log, in its profile, says when it tried and failed to bind.
+        profile = lab.lab.dir / "qbt"
+        failed = 'Port: "TCP/40001". Reason: "Address already in use"'
+        wait_until(
+            lambda: any(failed in log.read_text() for log in profile.glob("**/*.log")),
+            "qBittorrent's failed bind",
+        )
         assert listening_ports(lab.lab, proc.pid, QBT_WEBUI_PORT) == set(), "it failed to bind (the finding)"
         stop(blocker)
         wait_until(
@@ -223,7 +229,9 @@ def test_no_password_reaches_another_user_listening_on_the_api_port(lab: LabUnde
         received = log.read_text()
         basic = base64.b64encode(f"{user}:{secret}".encode()).decode()
         assert secret not in received and basic not in received, "the password reached nobody's listener"
-        error = daemon.status()["plugins"][client]["error"]
+        now = daemon.status()
+        assert now is not None
+        error = now["plugins"][client]["error"]
         assert f"127.0.0.1:{api_port} is held by uid 65534 (nobody)" in error and "not sent" in error
         assert not any(secret in line for line in daemon.log_events())
 

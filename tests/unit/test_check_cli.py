@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from supervisor.wgquick import PARALLEL_FROM_FILES
+from supervisor.check import PARALLEL_FROM_FILES
 
 from .samples import PRIVATE_KEY, VALID_SERVER
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.check import read_checked, summary
+from supervisor.check import PARALLEL_FROM_FILES, read_checked, summary
 from supervisor.config import Config, load_config
 from supervisor.errors import ConfigError
 from supervisor.servers import Server
-from supervisor.wgquick import PARALLEL_FROM_FILES
 
 from .samples import VALID_SERVER
 from .test_parsers_property import PROPERTY_SETTINGS, VALID_CONFIG, mutated
@@ -67,7 +67,7 @@ def assert_same_verdict(config: Path, environ: dict[str, str]) -> tuple:
 
 
 def write_tree(
-    root: Path, config: str, files: dict[str, str | bytes], loose: frozenset[str] = frozenset()
+    root: Path, config: str, files: Mapping[str, str | bytes], loose: frozenset[str] = frozenset()
 ) -> Path:
     for name, text in files.items():
         path = root / name
@@ -86,7 +86,9 @@ def write_tree(
 
 TWO_DIRS = '[tunnel]\nservers = ["servers/*.conf", "more/*.conf"]\n'
 # name: (tunlock.toml, server files by path, files readable by others, environment)
-BROKEN = {
+# name: (tunlock.toml's extra lines, the files by path, the paths others may read, the environment)
+Case = tuple[str, Mapping[str, str | bytes], set[str], dict[str, str]]
+BROKEN: dict[str, Case] = {
     "valid, one file readable by others": (
         "",
         {"servers/a.conf": server(), "servers/b.conf": server(12)},

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,11 +67,12 @@ def test_a_socket_or_nothing_is_fine(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["file", "directory", "symlink"])
 def test_anything_else_is_named(tmp_path: Path, kind: str) -> None:
     path = tmp_path / "control.sock"
-    {
+    make: dict[str, Callable[[], object]] = {
         "file": lambda: path.write_text(""),
         "directory": path.mkdir,
         "symlink": lambda: path.symlink_to(tmp_path),
-    }[kind]()
+    }
+    make[kind]()
     why = problem(path)
     assert why is not None and why.startswith("exists and is a")
     assert kind.replace("symlink", "symbolic link").replace("file", "regular file") in why

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from supervisor.config import Config, load_config
 from supervisor.control import server as control_server
 from supervisor.control.commands import ControlCommands
 from supervisor.machine import events as ev
+from supervisor.runtime import Reconfiguration
+from supervisor.servers import Endpoint
 
 GUARD_S = 10.0  # only stops a broken test from hanging; nothing here measures time
 
@@ -56,11 +58,23 @@ class Trail:
 
 
 class FakeRuntime:
+    """The runtime as the signals see it; the reload itself is replaced where a test sends SIGHUP."""
+
+    ifname = "tl-test"
+
     def __init__(self, trail: Trail) -> None:
         self.trail = trail
 
     async def post(self, make: Callable[[float], ev.Event]) -> None:
         self.trail.add(make(1.0))
+
+    async def reconfigure(self, change: Reconfiguration) -> bool:
+        raise AssertionError("no reload reaches the runtime in these tests")
+
+
+class FakeWatcher:
+    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
+        raise AssertionError("no reload reaches the path monitor in these tests")
 
 
 class FakeNotifier:
@@ -99,7 +113,7 @@ def test_a_stop_is_heard_while_a_reload_is_still_reading(write_config, monkeypat
         notifier, plugins = FakeNotifier(trail), FakePlugins(trail)
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(daemon._signals, FakeRuntime(trail), config, None, notifier, plugins)
+                tg.start_soon(daemon._signals, FakeRuntime(trail), config, FakeWatcher(), notifier, plugins)
                 await wait_all_tasks_blocked()  # the handlers are installed
                 os.kill(os.getpid(), signal.SIGHUP)
                 await trail.until(lambda steps: "reload began" in steps)
@@ -116,7 +130,7 @@ def test_a_stop_is_heard_while_a_reload_is_still_reading(write_config, monkeypat
 def test_a_reload_that_raises_costs_the_reload_not_the_daemon(write_config, monkeypatch) -> None:
     config = load_config(write_config(""), {})
 
-    async def main() -> tuple[list[Any], list[dict[str, Any]]]:
+    async def main() -> tuple[list[Any], list[MutableMapping[str, Any]]]:
         trail = Trail()
         calls = 0
 
@@ -131,7 +145,7 @@ def test_a_reload_that_raises_costs_the_reload_not_the_daemon(write_config, monk
         monkeypatch.setattr(daemon, "_reload", reload_with_a_bug)
         with structlog.testing.capture_logs() as logs, anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(daemon._signals, FakeRuntime(trail), config, None, None, None)
+                tg.start_soon(daemon._signals, FakeRuntime(trail), config, FakeWatcher(), None, None)
                 await wait_all_tasks_blocked()
                 os.kill(os.getpid(), signal.SIGHUP)
                 await trail.until(lambda steps: "reload 1" in steps)
@@ -188,7 +202,7 @@ def test_ready_is_told_once_the_first_status_is_out_and_the_control_socket_answe
 
 
 def test_no_ready_when_the_control_socket_does_not_answer(tmp_path: Path) -> None:
-    async def main() -> tuple[list[Any], list[dict[str, Any]]]:
+    async def main() -> tuple[list[Any], list[MutableMapping[str, Any]]]:
         trail = Trail()
         first_status = anyio.Event()
         first_status.set()

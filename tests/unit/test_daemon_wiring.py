@@ -10,7 +10,7 @@ real parts are tested in tests/lab/test_daemon.py and tests/lab/test_daemon_hard
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import replace
 from ipaddress import ip_address
 from pathlib import Path
@@ -152,7 +152,7 @@ class Recorder:
         self.calls.append(("set_endpoints", sorted(str(e) for e in endpoints)))
 
 
-def reload(config: Config, world: Recorder) -> tuple[Config, list[dict[str, Any]]]:
+def reload(config: Config, world: Recorder) -> tuple[Config, list[MutableMapping[str, Any]]]:
     async def main() -> Config:
         return await daemon._reload(world, config, world)
 

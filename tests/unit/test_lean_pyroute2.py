@@ -24,21 +24,49 @@ def test_each_top_level_name_lives_in_the_submodule_the_light_package_names(name
     assert inspect.isclass(getattr(importlib.import_module(module), name))
 
 
+HEAVY = {"pyroute2.ndb", "pyroute2.ipdb", "pyroute2.conntrack", "pyroute2.nslink", "sqlite3"}
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter (this one may have imported pyroute2 whole already) holds
+    after ``code``."""
+    code += "\nimport sys; print(' '.join(sorted(sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(run.stdout.split())
+
+
 def test_the_daemon_imports_no_part_of_pyroute2_it_does_not_use() -> None:
-    # A fresh interpreter: this one may have imported pyroute2 whole already.
-    code = (
-        "import sys, supervisor.daemon, supervisor.wireguard.kernel, supervisor.net.monitor\n"
-        "from pyroute2 import AsyncIPRoute, AsyncWireGuard\n"
-        "print(' '.join(sorted(sys.modules)))"
+    loaded = _modules_after(
+        "from supervisor import lean_pyroute2\n"
+        "lean_pyroute2.install()\n"
+        "import supervisor.daemon, supervisor.wireguard.kernel, supervisor.net.monitor\n"
+        "from pyroute2 import AsyncIPRoute, AsyncWireGuard"
     )
-    loaded = set(
-        subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True
-        ).stdout.split()
-    )
-    heavy = {"pyroute2.ndb", "pyroute2.ipdb", "pyroute2.conntrack", "pyroute2.nslink", "sqlite3"}
-    assert not heavy & loaded, f"pyroute2's initialiser ran: {sorted(heavy & loaded)}"
+    assert not HEAVY & loaded, f"pyroute2's initialiser ran: {sorted(HEAVY & loaded)}"
     assert "pyroute2.iproute.linux" in loaded
+
+
+def test_tunlock_run_installs_the_light_package_before_it_imports_the_daemon() -> None:
+    # A configuration that does not exist: `run` imports the daemon, then exits 2 on the config.
+    loaded = _modules_after(
+        "import sys\n"
+        "from supervisor.cli import main\n"
+        "sys.argv = ['tunlock', 'run', '--config', '/nonexistent/tunlock.toml']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "from pyroute2 import AsyncIPRoute, AsyncWireGuard"
+    )
+    assert "supervisor.daemon" in loaded
+    assert not HEAVY & loaded, f"pyroute2's initialiser ran: {sorted(HEAVY & loaded)}"
+
+
+def test_importing_supervisor_leaves_pyroute2_alone() -> None:
+    # Only the daemon wants the light package; a library user or another command gets pyroute2 whole.
+    loaded = _modules_after("import supervisor, supervisor.config, supervisor.check")
+    assert "pyroute2" not in loaded
+    assert "supervisor.lean_pyroute2" not in loaded
 
 
 def test_a_name_outside_the_light_set_still_works_through_the_real_initialiser() -> None:

@@ -4,6 +4,7 @@ subnets out)."""
 from __future__ import annotations
 
 from ipaddress import ip_network
+from typing import Any
 
 from supervisor.lock.onlink import onlink_subnets
 
@@ -17,7 +18,7 @@ def _addr(local: str, prefixlen: int, scope: str = "global") -> dict:
     }
 
 
-LINKS = [
+LINKS: list[dict[str, Any]] = [
     {"ifname": "lo", "addr_info": [_addr("127.0.0.1", 8, "host"), _addr("::1", 128, "host")]},
     {
         "ifname": "eth0",
@@ -35,7 +36,7 @@ LINKS = [
 ]
 
 
-ROUTES = [
+ROUTES: list[dict[str, Any]] = [
     {"dst": "default", "gateway": "192.168.1.1", "dev": "eth0", "protocol": "dhcp"},
     {"dst": "192.168.1.0/24", "dev": "eth0", "protocol": "kernel", "scope": "link"},
     {"dst": "2001:db8:c::/64", "dev": "eth0", "protocol": "kernel"},

@@ -24,9 +24,14 @@ SESSION = {"SSH_CONNECTION": "203.0.113.10 50000 192.0.2.2 22"}
 @pytest.fixture
 def installs(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     applied: list[object] = []
+
+    def apply(policy: object) -> AppliedLinks:
+        applied.append(policy)
+        return AppliedLinks()
+
     monkeypatch.setattr(lockout, "read_addresses", lambda: {ip_address("192.0.2.2"): "eth0"})
     monkeypatch.setattr(lockout, "read_onlink", lambda exclude=(): ())
-    monkeypatch.setattr(nft, "apply", lambda policy: applied.append(policy) or AppliedLinks())
+    monkeypatch.setattr(nft, "apply", apply)
     return applied
 
 

@@ -16,7 +16,16 @@ from supervisor.machine.core import TRANSITIONS, UnknownEvent, describe, ignore,
 from supervisor.machine.liveness import chance_all_lost, probes_needed, round_trip_loss
 from supervisor.machine.rotation import nominal_backoff
 from supervisor.machine.settings import Settings
-from supervisor.machine.states import STATE_TYPES, Blocked, Connected, Connecting, Machine, Offline, Stopped
+from supervisor.machine.states import (
+    STATE_TYPES,
+    Blocked,
+    Connected,
+    Connecting,
+    Failure,
+    Machine,
+    Offline,
+    Stopped,
+)
 
 SERVERS = ("a", "b", "c")
 ALL = frozenset(SERVERS)
@@ -36,6 +45,11 @@ class Run:
         self.machine, actions = step(self.machine, event)
         self.actions += actions
         return actions
+
+    def last_failure(self) -> Failure:
+        failure = self.machine.context.last_failure
+        assert failure is not None, "no failure recorded"
+        return failure
 
     def at(self, dt: float) -> float:
         self.now += dt
@@ -238,7 +252,7 @@ def test_a_peer_that_will_not_configure_counts_as_a_failed_server() -> None:
     run.start()
     actions = run.feed(ev.ConnectFailed(0.1, "a", "no such device"))
     assert configured(actions) == ["b"]
-    assert run.machine.context.last_failure.reason == "no such device"
+    assert run.last_failure().reason == "no such device"
     assert run.feed(ev.ConnectFailed(0.2, "zz", "stale")) == [], "a failure for another server is stale"
 
 
@@ -333,7 +347,7 @@ def test_an_unreadable_tunnel_is_judged_as_the_last_counters_without_a_handshake
             break
     assert isinstance(run.state, Connecting) and run.state.server != "a"
     assert run.machine.context.last_failure is not None
-    assert run.machine.context.last_failure.reason.startswith("silent")
+    assert run.last_failure().reason.startswith("silent")
 
 
 def test_an_unreadable_tunnel_before_any_reading_is_probed_and_read_again() -> None:
@@ -381,7 +395,7 @@ def test_doubt_escalates_to_fast_probes_and_a_silent_server_is_dead_on_count_and
     # The 31st probe went out 0.9 s into the doubt, its answer overdue 0.25 s later: the sample
     # at 1.17 s decides (the 1 s window is met by then).
     assert run.now - began == pytest.approx(39 * DOUBT)
-    failure = run.machine.context.last_failure
+    failure = run.last_failure()
     assert failure.server == "a" and "silent: 31 probes unanswered over 1.2 s" in failure.reason
     assert actions.count(act.Probe()) == 38 + 1  # 38 more in doubt, then the new server's first
     assert act.SetLockServers(("b",)) in actions and configured(actions) == ["b"]
@@ -456,7 +470,7 @@ def test_an_expired_handshake_is_dead_even_with_rx() -> None:
     run = Run().started_connected()
     run.feed(ev.StatsRead(run.at(0.5), 500, 500, 181.0))
     assert isinstance(run.state, Connecting) and run.state.server == "b"
-    assert "no handshake for 181 s" in run.machine.context.last_failure.reason
+    assert "no handshake for 181 s" in run.last_failure().reason
 
 
 def test_counters_going_down_are_a_new_baseline_not_death() -> None:
@@ -605,7 +619,7 @@ def test_a_deleted_tunnel_is_set_up_again_on_the_same_server() -> None:
     run = Run().started_connected()
     actions = run.feed(ev.TunnelLost(run.at(1)))
     assert configured(actions) == ["a"] and isinstance(run.state, Connecting)
-    assert run.machine.context.last_failure.reason == "the tunnel interface was deleted"
+    assert run.last_failure().reason == "the tunnel interface was deleted"
 
 
 def test_a_dead_backend_is_waited_for_not_reconfigured() -> None:
@@ -623,7 +637,7 @@ def test_losses_while_blocked_are_only_recorded() -> None:
     run.feed(ev.TimerFired(run.at(1), "connect"))
     assert run.feed(ev.TunnelLost(run.at(1))) == []
     assert run.feed(ev.BackendDown(run.at(1), "gone")) == []
-    assert "backend died" in run.machine.context.last_failure.reason
+    assert "backend died" in run.last_failure().reason
 
 
 # --- the lock ---------------------------------------------------------------------------------
@@ -633,7 +647,8 @@ def test_tampering_is_recorded_and_published_with_no_lock_action() -> None:
     run = Run().started_connected()
     actions = run.feed(ev.LockTampered(run.at(1), "the lock table was deleted"))
     assert kinds(actions) == [act.PublishStatus]
-    assert "restored" in actions[0].reason
+    status = actions[0]
+    assert isinstance(status, act.PublishStatus) and "restored" in (status.reason or "")
 
 
 @pytest.mark.parametrize(("mode", "removes"), [("permanent", False), ("session", True)])
@@ -800,7 +815,7 @@ def test_a_dead_server_is_still_found_in_seconds_after_a_suspension() -> None:
         run.feed(ev.StatsRead(run.at(DOUBT), 100, tx, 200.0 + run.now - began))
     assert isinstance(run.state, Connecting) and run.state.server == "b"
     assert run.now - began < 2.0
-    assert "silent" in run.machine.context.last_failure.reason
+    assert "silent" in run.last_failure().reason
 
 
 def test_a_connect_timeout_that_fired_late_after_a_suspension_starts_the_window_again() -> None:

@@ -20,7 +20,7 @@ from supervisor.machine import events as ev
 from supervisor.machine.core import TRANSITIONS, step, targets
 from supervisor.machine.rotation import nominal_backoff
 from supervisor.machine.settings import Settings
-from supervisor.machine.states import Blocked, Machine, Offline, Stopped
+from supervisor.machine.states import Blocked, Connected, Machine, Offline, Stopped
 
 SERVERS = ("a", "b", "c", "d")
 # Names a reload may bring in: the monitor can report paths for them before the reload lands.
@@ -301,6 +301,7 @@ def test_doubt_probes_fast_decides_only_on_count_and_window_and_any_answer_reset
             assert len(overdue) >= config.min_unanswered_probes, f"verdict on {len(overdue)} probes"
             assert probes and now - probes[0] >= config.dead_after_s, "verdict before the window"
             return
+        assert isinstance(machine.state, Connected)
         if rx_grew:
             assert actions == [act.StartTimer("sample", config.interval_s)], "the pace falls back"
             assert not machine.state.liveness.in_doubt
@@ -308,7 +309,7 @@ def test_doubt_probes_fast_decides_only_on_count_and_window_and_any_answer_reset
         elif tx_grew or probes:
             assert kinds(actions) == [act.Probe, act.StartTimer], actions
             timer = actions[1]
-            assert timer.timer == "sample"
+            assert isinstance(timer, act.StartTimer) and timer.timer == "sample"
             pace = config.doubt_probe_interval_s
             assert pace / 3 - 1e-6 <= timer.delay_s <= pace + 1e-6, "the doubt pace, caught up"
             probes.append(now)
@@ -340,6 +341,7 @@ def test_a_silent_server_is_declared_dead_once_count_and_window_are_met(config: 
         if machine.state.name != "connected":
             break
     pace = config.doubt_probe_interval_s
+    assert began is not None
     count_met = began + (config.min_unanswered_probes - 1) * pace + config.probe_reply_s
     due = max(count_met, began + config.dead_after_s)
     assert due - 1e-6 <= now <= due + pace + 1e-6

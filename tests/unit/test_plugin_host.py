@@ -6,25 +6,39 @@ No lock and no daemon here: the lock is a fake that records what it was asked; t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address, ip_interface
+from pathlib import Path
 
 import anyio
 import pytest
+from anyio import wait_all_tasks_blocked
 
 from supervisor.lock.state import LockState
 from supervisor.plugins import PluginContext, PluginHost, View
+from supervisor.redact import Secret
 from supervisor.runtime import Status
+from supervisor.servers import Endpoint, IPAddress, IPInterface, Peer, Server
 from supervisor.status import JSON, StatusReport
 
 pytestmark = pytest.mark.anyio
 
 
-@dataclass
-class FakeServer:
-    addresses: tuple = (ip_interface("10.2.0.2/32"), ip_interface("fd00::2/128"))
-    dns: tuple = (ip_address("fd00::1"), ip_address("10.2.0.1"))
+_NO_KEY = Secret("")
+_PEER = Peer("", Endpoint(ip_address("198.51.100.1"), 51820), ())
+
+
+@dataclass(frozen=True)
+class FakeServer(Server):
+    """A Server with the addresses and DNS the views carry; the rest plain placeholders."""
+
+    name: str = "s1"
+    path: Path = Path("/nonexistent/s1.conf")
+    private_key: Secret = _NO_KEY
+    addresses: tuple[IPInterface, ...] = (ip_interface("10.2.0.2/32"), ip_interface("fd00::2/128"))
+    peer: Peer = _PEER
+    dns: tuple[IPAddress, ...] = (ip_address("fd00::1"), ip_address("10.2.0.1"))
 
 
 class FakeLock:
@@ -82,8 +96,15 @@ def publish(host: PluginHost, state: str, server: str | None = None) -> None:
 
 
 async def settle() -> None:
-    for _ in range(20):
-        await anyio.sleep(0.005)
+    """Until the host and every plugin wait again: what was published has been acted on."""
+    await wait_all_tasks_blocked()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until ``condition`` holds (a restart after its backoff); bounded only against a hang."""
+    with anyio.fail_after(10):
+        while not condition():
+            await anyio.sleep(0.005)
 
 
 async def test_views_carry_addresses_gateway_and_a_session_per_connection():
@@ -164,6 +185,7 @@ async def test_a_plugin_that_raises_is_restarted_and_the_others_go_on():
         for state in ("connecting", "connected", "offline"):
             publish(host, state, "vpn1")
             await settle()
+        await until(lambda: bad.starts >= 3)
         tg.cancel_scope.cancel()
     assert bad.starts >= 3
     assert [v.tunnel.state for v in good.views][-3:] == ["connecting", "connected", "offline"]

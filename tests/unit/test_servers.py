@@ -5,18 +5,20 @@ from __future__ import annotations
 import subprocess
 import sys
 from ipaddress import ip_address, ip_network
+from pathlib import Path
 
 import pytest
 
-from supervisor.errors import ConfigError
-from supervisor.servers import Endpoint, network_within
-from supervisor.wgquick import load_server, parse_endpoint, read_server
+from supervisor.addresses import parse_endpoint
+from supervisor.errors import ConfigError, Problem
+from supervisor.servers import Endpoint, Server, network_within
+from supervisor.wgquick import load_server, read_server
 
 from .samples import PRESHARED_KEY, PRIVATE_KEY, PUBLIC_KEY, VALID_SERVER
 
 
-def problems_of(path):
-    found = []
+def problems_of(path: Path) -> tuple[Server | None, list[Problem]]:
+    found: list[Problem] = []
     server = read_server(path, found)
     return server, found
 
@@ -47,6 +49,7 @@ def test_valid_file_gives_a_normalised_server(write_server):
     assert server.dns == (ip_address("10.64.1.1"),)
     assert server.peer.persistent_keepalive == 25
     assert server.private_key.reveal() == PRIVATE_KEY
+    assert server.peer.preshared_key is not None
     assert server.peer.preshared_key.reveal() == PRESHARED_KEY
     assert PRIVATE_KEY not in repr(server) and PRESHARED_KEY not in repr(server)
 
@@ -158,7 +161,7 @@ def test_group_readable_private_key_is_warned_about(write_server):
 
 def test_search_domain_in_dns_is_ignored_with_a_warning(write_server):
     server, found = problems_of(write_server(replace("DNS = 10.64.1.1", "DNS = 10.64.1.1, corp.example")))
-    assert server.dns == (ip_address("10.64.1.1"),)
+    assert server is not None and server.dns == (ip_address("10.64.1.1"),)
     assert [(p.line, "search domain" in p.message) for p in found if p.warning] == [(4, True)]
 
 
@@ -168,7 +171,8 @@ def test_split_allowed_ips_is_warned_about(write_server):
 
 
 def test_disabled_wgconfig_lines_stay_comments(write_server):
-    # wgconfig revives '#! ' lines; wg-quick treats them as comments, and so must we.
+    # Some tools write '#! ' lines to disable one (wgconfig revives them); wg-quick treats them as
+    # comments, and so must we.
     text = replace("DNS = 10.64.1.1", "DNS = 10.64.1.1\n#! PostUp = rm -rf /")
     assert warnings_of(write_server(text)) == []
 
@@ -176,11 +180,11 @@ def test_disabled_wgconfig_lines_stay_comments(write_server):
 def test_inline_comments_end_a_value(write_server):
     text = replace("PersistentKeepalive = 25", "PersistentKeepalive = 25 #! provider default")
     server, found = problems_of(write_server(text))
-    assert server.peer.persistent_keepalive == 25 and found == []
+    assert server is not None and server.peer.persistent_keepalive == 25 and found == []
 
 
 def test_digits_int_refuses_are_a_reported_problem(write_server):
-    # str.isnumeric() (which wgconfig's line parser asks) accepts superscripts; int() does not.
+    # str.isnumeric() accepts superscripts; int() does not.
     text = replace("PersistentKeepalive = 25", "PersistentKeepalive = \u00b2")
     message = "PersistentKeepalive must be a whole number from 0 to 65535"
     assert errors_of(write_server(text)) == [(11, message)]
@@ -217,11 +221,18 @@ def test_a_single_value_key_given_twice(write_server):
     assert (10, "PublicKey is given twice (first at line 7)") in errors_of(write_server(text))
 
 
-def test_the_plain_data_does_not_import_the_reader():
-    # The lock, net and wireguard import supervisor.servers for the types alone.
+@pytest.mark.parametrize(
+    "module",
+    [
+        "supervisor.servers",  # the lock, net and wireguard import it for the types alone
+        "supervisor.addresses",  # endpoint parsing, which the UAPI adapter needs
+        "supervisor.wireguard.uapi",
+    ],
+)
+def test_the_plain_data_and_endpoint_parsing_import_neither_reader(module: str) -> None:
     probe = (
-        "import sys, supervisor.servers; "
-        "print(sorted(m for m in sys.modules if 'wgquick' in m or 'wgconfig' in m))"
+        f"import sys, {module}; "
+        "print(sorted(m for m in sys.modules if m in ('supervisor.wgquick', 'supervisor.files', 'wgconfig')))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

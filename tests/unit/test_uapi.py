@@ -11,19 +11,20 @@ import base64
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from ipaddress import ip_network
 from pathlib import Path
 
 import anyio
 import pytest
 
+from supervisor.addresses import parse_endpoint
 from supervisor.redact import Secret
 from supervisor.servers import Peer
-from supervisor.wgquick import parse_endpoint
 from supervisor.wireguard.backend import DeviceConfig
 from supervisor.wireguard.uapi import (
     UapiClient,
+    UapiDevice,
     UapiErrno,
     UapiError,
     UapiProtocolError,
@@ -193,7 +194,13 @@ def uapi_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-async def serve(uapi_dir: Path, ifname: str, answer, seen: list[bytes]) -> anyio.abc.SocketListener:
+Answer = Callable[[anyio.abc.SocketStream], Awaitable[None]]
+Handler = Callable[[anyio.abc.SocketStream], Awaitable[None]]
+
+
+async def serve(
+    uapi_dir: Path, ifname: str, answer: Answer, seen: list[bytes]
+) -> tuple[anyio.abc.SocketListener, Handler]:
     listener = await anyio.create_unix_listener(uapi_dir / f"{ifname}.sock")
 
     async def handle(stream: anyio.abc.SocketStream) -> None:
@@ -208,7 +215,7 @@ async def serve(uapi_dir: Path, ifname: str, answer, seen: list[bytes]) -> anyio
     return listener, handle
 
 
-def replying(*chunks: bytes, then_wait: float = 0.0):
+def replying(*chunks: bytes, then_wait: float = 0.0) -> Answer:
     async def answer(stream: anyio.abc.SocketStream) -> None:
         for chunk in chunks:
             await stream.send(chunk)
@@ -217,16 +224,21 @@ def replying(*chunks: bytes, then_wait: float = 0.0):
     return answer
 
 
-async def exchange_with(uapi_dir: Path, answer, operation: str = "get", timeout: float = 2.0):
+async def exchange_with(
+    uapi_dir: Path, answer: Answer, operation: str = "get", timeout: float = 2.0
+) -> tuple[UapiDevice | None, list[bytes]]:
     seen: list[bytes] = []
     listener, handle = await serve(uapi_dir, "tlfake0", answer, seen)
     client = UapiClient("tlfake0", directory=uapi_dir, timeout=timeout)
-    result: object = None
+    result: UapiDevice | None = None
     error: Exception | None = None
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, handle)
         try:
-            result = await client.get() if operation == "get" else await client.configure(config())
+            if operation == "get":
+                result = await client.get()
+            else:
+                await client.configure(config())
         except Exception as err:  # raised outside the task group, so the test sees it bare
             error = err
         tg.cancel_scope.cancel()
@@ -238,7 +250,7 @@ async def exchange_with(uapi_dir: Path, answer, operation: str = "get", timeout:
 async def test_client_get_round_trip(uapi_dir: Path) -> None:
     device, seen = await exchange_with(uapi_dir, replying(REAL_GET[:100], REAL_GET[100:]))
     assert seen == [b"get=1\n\n"]
-    assert device.peers[0].rx_bytes == 92
+    assert device is not None and device.peers[0].rx_bytes == 92
 
 
 async def test_client_set_sends_the_request_and_accepts_errno_0(uapi_dir: Path) -> None:

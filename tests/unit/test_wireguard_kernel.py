@@ -20,9 +20,9 @@ from pyroute2.netlink.generic.wireguard import (
     wgmsg,
 )
 
+from supervisor.addresses import parse_endpoint
 from supervisor.redact import Secret
 from supervisor.servers import Peer
-from supervisor.wgquick import parse_endpoint
 from supervisor.wireguard.backend import DeviceConfig
 from supervisor.wireguard.kernel import (
     get_device_message,

@@ -21,9 +21,9 @@ import anyio.lowlevel
 import pytest
 import structlog
 
+from supervisor.addresses import parse_endpoint
 from supervisor.redact import Secret
 from supervisor.servers import Peer, Server
-from supervisor.wgquick import parse_endpoint
 from supervisor.wireguard.backend import (
     BackendDied,
     BackendError,
@@ -266,7 +266,7 @@ async def test_leaving_the_context_leaves_wireguard_go_running_for_the_next_to_a
             )
             assert (await reports.wait_for(2))[1] == BackendRestarted("tlfake0")
         assert backend.pid not in (None, pid)
-        pids.append(backend.pid)  # type: ignore[arg-type]
+        pids.append(backend.pid)
         with anyio.fail_after(30):
             await backend.close(keep_interface=False)
 
