@@ -10,6 +10,7 @@ minutes of leases and retries pass in milliseconds, and the tests can say when e
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Mapping
 from ipaddress import ip_address
 
 import anyio
@@ -19,10 +20,10 @@ from trio.testing import MockClock
 
 from plugins.forwarding import static
 from plugins.forwarding.driver import RETRY_MAX_S, ForwardingOptions, PortForwarding
-from plugins.forwarding.provider import ForwardingError, Lease, NotForwardedHere
+from plugins.forwarding.provider import ForwardingError, Lease, NotForwardedHere, PortForwarder
 from plugins.sockets import Program, Socket
 from supervisor.plugins import PluginHost, Tunnel
-from tests.unit.test_plugin_host import FakeLock, FakeServer, publish, reported
+from tests.unit.test_plugin_host import FakeLock, FakeServer, as_object, as_text, publish, reported
 
 pytestmark = pytest.mark.anyio
 
@@ -32,7 +33,7 @@ def anyio_backend():
     return ("trio", {"clock": MockClock(autojump_threshold=0)})
 
 
-class Provider:
+class Provider(PortForwarder):
     """Grants ``lease`` once, then fails every call (or answers as told); records when."""
 
     name = "fake"
@@ -61,11 +62,11 @@ class Provider:
         self.calls.append(("release", anyio.current_time()))
 
 
-async def nothing_listens(port: int) -> list:
+async def nothing_listens(port: int) -> list[tuple[Socket, list[Program]]]:
     return []
 
 
-def driver(provider, **options) -> PortForwarding:
+def driver(provider: PortForwarder, **options: object) -> PortForwarding:
     plugin = PortForwarding(provider, ForwardingOptions.model_validate(options))
     plugin.read_holders = nothing_listens  # type: ignore[method-assign]
     return plugin
@@ -75,7 +76,7 @@ def host_of(plugin: PortForwarding, lock: FakeLock) -> PluginHost:
     return PluginHost([("pf", plugin)], lock, interface="tl0", server_of=lambda n: FakeServer())
 
 
-async def wait_for(condition, timeout: float = 600) -> None:
+async def wait_for(condition: Callable[[], object], timeout: float = 600) -> None:
     with anyio.fail_after(timeout):  # virtual seconds
         while not condition():
             await anyio.sleep(0.01)
@@ -132,7 +133,9 @@ async def test_a_static_port_is_forwarded_at_each_connection_without_renewals_an
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
         await wait_for(lambda: host.view.forwarded is not None)
-        assert host.view.forwarded.ports == (51413,)
+        forwarded = host.view.forwarded
+        assert forwarded is not None
+        assert forwarded.ports == (51413,)
         assert lock.calls == [frozenset({("tcp", 51413), ("udp", 51413)})]
         report = reported(host, "pf")
         assert report["provider"] == "static" and report["port"] == 51413 and report["lifetime_s"] is None
@@ -145,7 +148,9 @@ async def test_a_static_port_is_forwarded_at_each_connection_without_renewals_an
         assert host.view.forwarded is None and lock.calls[-1] == frozenset()
         publish(host, "connected", "vpn3")
         await wait_for(lambda: host.view.forwarded is not None)
-        assert host.view.forwarded.server == "vpn3"
+        forwarded = host.view.forwarded
+        assert forwarded is not None
+        assert forwarded.server == "vpn3"
         tg.cancel_scope.cancel()
 
 
@@ -155,7 +160,7 @@ async def test_a_static_port_another_program_holds_is_refused_until_that_program
     assert isinstance(plugin, PortForwarding)
     busy = True
 
-    async def holders(port: int) -> list:
+    async def holders(port: int) -> list[tuple[Socket, list[Program]]]:
         sock = Socket("tcp", ip_address("0.0.0.0"), port, 0, 7)
         return [(sock, [Program(42, "nc")])] if busy else []
 
@@ -164,8 +169,8 @@ async def test_a_static_port_another_program_holds_is_refused_until_that_program
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
-        await wait_for(lambda: (reported(host, "pf").get("refused") or {}).get("port") == 51413)
-        assert "held by nc (pid 42)" in reported(host, "pf")["refused"]["reason"]
+        await wait_for(lambda: as_object(reported(host, "pf").get("refused") or {}).get("port") == 51413)
+        assert "held by nc (pid 42)" in as_text(as_object(reported(host, "pf")["refused"])["reason"])
         assert host.view.forwarded is None and lock.calls == []
         busy = False
         refused_at = anyio.current_time()
@@ -176,6 +181,7 @@ async def test_a_static_port_another_program_holds_is_refused_until_that_program
 
 
 def test_static_ports_are_checked_against_what_may_be_forwarded():
+    bad: Mapping[str, object]
     for bad in (
         {},
         {"ports": []},
@@ -189,4 +195,5 @@ def test_static_ports_are_checked_against_what_may_be_forwarded():
             static.factory(bad)
     plugin = static.factory({"ports": [51413, 51414], "allowed_ports": ["51413-51414"]})
     assert isinstance(plugin, PortForwarding)
+    assert isinstance(plugin.provider, static.StaticPorts)
     assert plugin.provider.lease == Lease((51413, 51414), None)

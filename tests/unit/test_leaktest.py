@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from dataclasses import replace
 from ipaddress import ip_address
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from supervisor.leaktest import checks
 from supervisor.leaktest.checks import Status
 from supervisor.leaktest.judge import Evidence, Outcome, Reply, Verdict, judge, sort_captured
-from supervisor.leaktest.packets import ProbeKey, ReplyKind, is_probe, parse, reply_to
+from supervisor.leaktest.packets import Packet, ProbeKey, ReplyKind, is_probe, parse, reply_to
 from supervisor.leaktest.probes import (
     FALLBACK_TARGETS,
     Gateway,
@@ -78,6 +79,13 @@ def icmp(kind: int, code: int, rest: bytes = bytes(4), body: bytes = b"") -> byt
     return struct.pack("!BBH", kind, code, 0) + rest + body
 
 
+def parsed(data: bytes) -> Packet:
+    """``data`` parsed, when the test built a whole packet that must parse."""
+    packet = parse(data)
+    assert packet is not None
+    return packet
+
+
 def echo(kind: int, ident: int, seq: int) -> bytes:
     return icmp(kind, 0, struct.pack("!HH", ident, seq), b"tunlock-leaktest")
 
@@ -90,7 +98,7 @@ def icmp_proto(address: str) -> int:
 
 
 def lab_facts(**changes) -> HostFacts:
-    facts = dict(
+    facts = HostFacts(
         tunnel_interface=TUNNEL,
         uplinks=(Uplink("wan0", frozenset({4, 6})),),
         gateways=(Gateway(ip_address(GW4), "wan0"), Gateway(ip_address(GW6), "wan0")),
@@ -101,8 +109,7 @@ def lab_facts(**changes) -> HostFacts:
         ),
         endpoints=(Endpoint(ip_address(SERVER4), 51820),),
     )
-    facts.update(changes)
-    return HostFacts(**facts)
+    return replace(facts, **changes)
 
 
 def test_every_kind_goes_unbound_and_bound_to_each_uplink_in_both_families():
@@ -232,8 +239,8 @@ def test_an_answer_from_the_target_is_a_leak(p, answer, kind):
 
 def test_a_bare_ack_or_an_answer_from_elsewhere_says_nothing():
     p = probe(Kind.TCP, SERVER4, 443)
-    assert reply_to(parse(ip(SERVER4, ME4, 6, tcp(443, 40000, 0x10))), key_of(p)) is None
-    assert reply_to(parse(ip("203.0.113.9", ME4, 6, tcp(443, 40000, 0x12))), key_of(p)) is None
+    assert reply_to(parsed(ip(SERVER4, ME4, 6, tcp(443, 40000, 0x10))), key_of(p)) is None
+    assert reply_to(parsed(ip("203.0.113.9", ME4, 6, tcp(443, 40000, 0x12))), key_of(p)) is None
 
 
 @pytest.mark.parametrize(
@@ -249,7 +256,7 @@ def test_an_unreachable_from_another_host_means_the_probe_left(family, code, nam
     me, router = (ME4, GW4) if family == 4 else (ME6, GW6)
     p = probe(Kind.UDP, SERVER4 if family == 4 else "2001:db8::1", 33434)
     quoted = sent_packet(p, me)[: (20 if family == 4 else 40) + 8]
-    packet = parse(ip(router, me, icmp_proto(me), icmp(3 if family == 4 else 1, code, body=quoted)))
+    packet = parsed(ip(router, me, icmp_proto(me), icmp(3 if family == 4 else 1, code, body=quoted)))
     assert reply_to(packet, key_of(p)) == (ReplyKind.UNREACHABLE, code)
     verdict = judge(p, Evidence(replies=(Reply(ReplyKind.UNREACHABLE, router, "wan0", code),)), TUNNEL)
     assert verdict == Verdict(Outcome.LEAK, f"ICMP {name} from {router} on wan0")

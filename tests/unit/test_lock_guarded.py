@@ -27,7 +27,7 @@ from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard, OnTamper
 from supervisor.lock.guarded import GuardedLock, cheapest_change
 from supervisor.lock.links import AppliedLinks
-from supervisor.lock.owner import OwnerUnavailable, OwningContext
+from supervisor.lock.owner import NftContext, OwnerUnavailable, OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.state import LockState
 from supervisor.net.bypass import BypassWorkload
@@ -149,10 +149,11 @@ class FakeOwner(OwningContext):
         self.world.calls.append(("owner.close",))
 
 
-class FakeReader:
-    """Stands in for NftContext: a libnftables context that only reads."""
+class FakeReader(NftContext):
+    """Stands in for NftContext: a libnftables context that only reads. Only what GuardedLock
+    calls is overridden, as in FakeOwner."""
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World) -> None:  # no super().__init__(): it opens libnftables
         self.world = world
 
     def close(self) -> None:

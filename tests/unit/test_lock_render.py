@@ -652,4 +652,6 @@ def test_the_egress_table_sets_hold_what_the_inet_sets_of_the_same_name_hold(pol
     inet, netdev = render(policy).split(f"table netdev {policy.table} {{", 1)
     for name in re.findall(r"\tset (\w+) \{", netdev):
         declared = re.compile(rf"\tset {name} \{{[^\n]*\}}")
-        assert declared.search(netdev).group(0) == declared.search(inet).group(0), name
+        in_netdev, in_inet = declared.search(netdev), declared.search(inet)
+        assert in_netdev is not None and in_inet is not None, name
+        assert in_netdev.group(0) == in_inet.group(0), name

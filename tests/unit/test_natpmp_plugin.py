@@ -7,6 +7,7 @@ and retries are timed by the event loop's clock, so seconds of them pass in mill
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, ip_address
 
 import anyio
@@ -18,9 +19,10 @@ from plugins import natpmp
 from plugins.forwarding.driver import PortForwarding
 from plugins.forwarding.trust import DEFAULT_LISTENERS, grant_refusal
 from plugins.natpmp import codec
+from plugins.natpmp.client import NatPmpClient
 from plugins.sockets import Program, Socket, parse_table
-from supervisor.plugins import PluginHost
-from tests.unit.test_plugin_host import FakeLock, FakeServer, publish, reported
+from supervisor.plugins import PluginHost, Tunnel
+from tests.unit.test_plugin_host import FakeLock, FakeServer, as_object, as_text, publish, reported
 
 pytestmark = pytest.mark.anyio
 
@@ -50,26 +52,34 @@ class FakeGateway:
         return await self.map(protocol, internal, 0, 0)
 
 
-async def nothing_listens(port: int) -> list:
+async def nothing_listens(port: int) -> list[tuple[Socket, list[Program]]]:
     return []  # not this machine's own socket table
 
 
-def plugin_with(gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch, **options) -> PortForwarding:
+def plugin_with(gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch, **options: object) -> PortForwarding:
     plugin = natpmp.factory({"lifetime_s": 2, **options})
     assert isinstance(plugin, PortForwarding)
 
-    class Client:
-        map = staticmethod(gateway.map)
-        unmap = staticmethod(gateway.unmap)
+    class Client(NatPmpClient):
+        """The provider's client, its exchanges answered by ``gateway`` instead of a socket."""
 
-    Client.gateway = IPv4Address("10.2.0.1")
+        async def map(
+            self, protocol: str, internal_port: int, external_port: int, lifetime_s: int
+        ) -> codec.Mapping:
+            return await gateway.map(protocol, internal_port, external_port, lifetime_s)
 
-    monkeypatch.setattr(plugin.provider, "client", lambda tunnel, tries: Client())
+        async def unmap(self, protocol: str, internal_port: int) -> codec.Mapping:
+            return await gateway.unmap(protocol, internal_port)
+
+    def client(tunnel: Tunnel, tries: int) -> NatPmpClient:
+        return Client(IPv4Address("10.2.0.1"), None)
+
+    monkeypatch.setattr(plugin.provider, "client", client)
     monkeypatch.setattr(plugin, "read_holders", nothing_listens)
     return plugin
 
 
-async def wait_for(condition, timeout: float = 10) -> None:
+async def wait_for(condition: Callable[[], object], timeout: float = 10) -> None:
     with anyio.fail_after(timeout):
         while not condition():
             await anyio.sleep(0.01)
@@ -87,7 +97,9 @@ async def test_maps_at_each_connection_refreshes_follows_a_change_and_unmaps_at_
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
         await wait_for(lambda: host.view.forwarded is not None)
-        assert host.view.forwarded.ports == (40001,)
+        forwarded = host.view.forwarded
+        assert forwarded is not None
+        assert forwarded.ports == (40001,)
         assert gateway.calls[:2] == [("udp", 1, 2), ("tcp", 40001, 2)]  # Proton's first request
         # A refresh halfway through the 2 s lease asks for the port it holds.
         await wait_for(lambda: len(gateway.calls) >= 4)
@@ -122,7 +134,7 @@ async def test_a_refusing_gateway_is_retried_and_nothing_is_forwarded_meanwhile(
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
-        await wait_for(lambda: "refused" in reported(host, "natpmp").get("last_error", ""))
+        await wait_for(lambda: "refused" in as_text(reported(host, "natpmp").get("last_error", "")))
         assert host.view.forwarded is None and lock.calls == []
         gateway.refuse = False
         await wait_for(lambda: host.view.forwarded is not None, timeout=15)  # the 2 s retry
@@ -147,11 +159,14 @@ async def test_an_exchange_with_a_server_just_left_is_abandoned_at_the_failover(
         publish(host, "connecting", "vpn2")
         publish(host, "connected", "vpn2")
         await wait_for(lambda: host.view.forwarded is not None)
-        assert host.view.forwarded.ports == (40002,) and host.view.forwarded.server == "vpn2"
+        forwarded = host.view.forwarded
+        assert forwarded is not None
+        assert forwarded.ports == (40002,) and forwarded.server == "vpn2"
         tg.cancel_scope.cancel()
 
 
 def test_options_are_checked():
+    bad: Mapping[str, object]
     for bad in (
         {"gateway": "x"},
         {"lifetime_s": 0},
@@ -180,7 +195,9 @@ def test_options_are_checked():
     assert default.allowed_ports == (range(1024, 65536),) and default.listeners == set(DEFAULT_LISTENERS)
 
 
-def held(port: int, *names: str, address: str = "0.0.0.0", protocol: str = "tcp"):
+def held(
+    port: int, *names: str, address: str = "0.0.0.0", protocol: str = "tcp"
+) -> tuple[Socket, list[Program]]:
     sock = Socket(protocol, ip_address(address), port, 0, 1000 + port)
     return sock, [Program(100 + i, name) for i, name in enumerate(names)]
 
@@ -226,9 +243,9 @@ async def test_a_refused_grant_is_given_back_never_accepted_by_the_lock_and_show
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
         publish(host, "connected", "vpn1")
-        await wait_for(lambda: (reported(host, "natpmp").get("refused") or {}).get("port") == 22)
+        await wait_for(lambda: as_object(reported(host, "natpmp").get("refused") or {}).get("port") == 22)
         report = reported(host, "natpmp")
-        assert "below 1024" in report["refused"]["reason"] and report["port"] is None
+        assert "below 1024" in as_text(as_object(report["refused"])["reason"]) and report["port"] is None
         await wait_for(lambda: ("udp", 0, 0) in gateway.calls)  # given back to the gateway
         assert host.view.forwarded is None and lock.calls == []
         # Asked again (a refresh's time later): a port the user would have is then accepted.

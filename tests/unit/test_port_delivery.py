@@ -14,8 +14,15 @@ import pytest
 from pydantic import ValidationError
 
 from plugins import hooks, portfile, torrent
-from supervisor.plugins import Forwarded, PluginContext, PluginHost, Tunnel, View
-from tests.unit.test_plugin_host import reported
+from supervisor.plugins import Forwarded, InboundLock, Plugin, PluginContext, PluginHost, Tunnel, View
+from tests.unit.test_plugin_host import as_object, reported
+
+
+def as_pusher(plugin: Plugin) -> torrent.PortPusher:
+    """A torrent factory's plugin, which the factories promise only as a Plugin, for the tests
+    that look at its client and settings."""
+    assert isinstance(plugin, torrent.PortPusher)
+    return plugin
 
 
 def test_port_file_is_written_whole_and_removed_when_no_port(tmp_path: Path):
@@ -90,8 +97,8 @@ async def test_a_hook_gets_its_arguments_and_a_hanging_one_is_killed_at_its_time
     assert status is None  # killed at the timeout, not waited for
 
 
-class NoLock:
-    async def set_tunnel_inbound(self, pairs):
+class NoLock(InboundLock):
+    async def set_tunnel_inbound(self, pairs: frozenset[tuple[str, int]]) -> None:
         pass
 
 
@@ -176,9 +183,9 @@ def test_listening_ports_come_from_the_kernels_socket_table_in_listen_state_only
 
 def test_listening_is_verified_by_default_only_for_a_client_on_loopback():
     secret = {"password_env": "X"}
-    assert torrent.qbittorrent(secret).verify_listening
-    assert not torrent.qbittorrent({**secret, "url": "http://192.0.2.9:8080"}).verify_listening
-    assert torrent.transmission({"verify_listening": False}).verify_listening is False
+    assert as_pusher(torrent.qbittorrent(secret)).verify_listening
+    assert not as_pusher(torrent.qbittorrent({**secret, "url": "http://192.0.2.9:8080"})).verify_listening
+    assert as_pusher(torrent.transmission({"verify_listening": False})).verify_listening is False
     with pytest.raises(ValidationError):
         torrent.transmission({"verify_listening": "yes"})
 
@@ -201,7 +208,7 @@ async def test_a_shell_hook_reads_the_values_from_its_environment_as_plain_data(
             while "on_connected" not in reported(host, "hooks"):
                 await anyio.sleep(0.01)
         tg.cancel_scope.cancel()
-    assert reported(host, "hooks")["on_connected"]["status"] == 0
+    assert as_object(reported(host, "hooks")["on_connected"])["status"] == 0
     assert out.read_text() == "up s2$(echo INJECTED) 40000 tl0\n"
 
 
@@ -255,13 +262,13 @@ def test_the_api_listener_is_the_one_on_its_address_or_a_wildcard_and_must_be_tr
 
 def test_api_user_names_the_clients_user_by_name_or_uid():
     base = {"password_env": "X"}
-    trusted = torrent.qbittorrent({**base, "api_user": "nobody"}).client.guard.trusted
+    trusted = as_pusher(torrent.qbittorrent({**base, "api_user": "nobody"})).client.guard.trusted
     assert trusted == {0, os.geteuid(), 65534}
-    assert 1234 in torrent.transmission({"api_user": 1234}).client.guard.trusted
+    assert 1234 in as_pusher(torrent.transmission({"api_user": 1234})).client.guard.trusted
     for bad in ("no-such-user-here", True, -1, ""):
         with pytest.raises(ValidationError, match="api_user"):
             torrent.transmission({"api_user": bad})
-    assert torrent.qbittorrent({**base, "url": "http://192.0.2.9:8080"}).client.guard.hosts == ()
+    assert as_pusher(torrent.qbittorrent({**base, "url": "http://192.0.2.9:8080"})).client.guard.hosts == ()
 
 
 @pytest.mark.anyio
@@ -279,12 +286,13 @@ async def test_no_credentials_reach_an_api_listener_of_an_untrusted_user(tmp_pat
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     secret = tmp_path / "pw"
     secret.write_text("s3cret-password\n")
-    for pusher in (
+    for plugin in (
         torrent.qbittorrent({"url": f"http://127.0.0.1:{port}", "password_file": str(secret)}),
         torrent.transmission(
             {"url": f"http://127.0.0.1:{port}/rpc", "username": "u", "password_file": str(secret)}
         ),
     ):
+        pusher = as_pusher(plugin)
         pusher.client.guard.trusted = frozenset({os.geteuid() + 1})
         async with anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, record)

@@ -15,7 +15,7 @@ from supervisor.runtime import Status
 from supervisor.servers import Endpoint
 from supervisor.status import FailureReport, StatusReport
 from supervisor.wireguard.backend import TunnelStats
-from tests.unit.test_plugin_host import FakeLock, FakeServer, Recorder, publish
+from tests.unit.test_plugin_host import FakeLock, FakeServer, Recorder, publish, until
 
 NOW = 1_800_000_000.0
 
@@ -98,14 +98,10 @@ def test_the_plugin_hosts_report_is_a_copy_taken_when_asked() -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(host.run)
             publish(host, "connected", "vpn1")
-            with anyio.fail_after(10):
-                while host.view.forwarded is None:
-                    await anyio.sleep(0.005)
+            await until(lambda: host.view.forwarded is not None)
             before = host.report()
             publish(host, "connecting", "vpn2")  # a new connection drops the port
-            with anyio.fail_after(10):
-                while host.view.forwarded is not None:
-                    await anyio.sleep(0.005)
+            await until(lambda: host.view.forwarded is None)
             after = host.report()
             tg.cancel_scope.cancel()
         return before, after
