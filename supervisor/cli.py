@@ -66,9 +66,7 @@ def main() -> None:
     show_default=True,
     help="auto: JSON unless stderr is a terminal.",
 )
-@click.option(
-    "--force", is_flag=True, help="Go on even if the lock would cut the SSH session this runs in."
-)
+@click.option("--force", is_flag=True, help="Go on even if the lock would cut the SSH session this runs in.")
 def run(config_path: Path, log_level: str, log_format: str, force: bool) -> None:
     """Run the daemon in the foreground: keep the lock, then connect.
 

@@ -134,8 +134,6 @@ def alive(daemon: LabDaemon) -> None:
     assert status is not None and status["state"] == "connected", f"{status}\n{daemon.log_tail()}"
 
 
-
-
 def test_idle_clients_on_the_control_socket_do_not_keep_status_and_health_waiting(
     lab: LabUnderTest, daemon: LabDaemon
 ) -> None:
