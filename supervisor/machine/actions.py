@@ -3,7 +3,10 @@
 The lock appears only as ``ApplyLock`` and ``SetLockServers``, both naming at most the one server
 the tunnel may reach, and ``RemoveLock``, which the machine emits only when stopping in
 ``session`` mode. That is the whole of its power over the lock, and the property tests check it
-over arbitrary event sequences.
+over arbitrary event sequences. The runtime hands these to the lock's one writer while the daemon
+runs (``supervisor/lock/guarded.py``), which also takes a reload's new base policy and the ports
+plugins forward, each as an edit of one wanted value (``EXECUTED_BY`` below, printed by
+``python -m supervisor.machine``).
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class StartTimer:
 
 @dataclass(frozen=True)
 class CancelTimer:
+    """Stop ``timer``; one that fired meanwhile is dropped as stale, never acted on."""
+
     timer: Timer
 
 
@@ -110,3 +115,22 @@ Action = (
     | PublishStatus
     | Exit
 )
+
+
+# Who carries each action out (supervisor/runtime.py dispatches them): documentation, printed
+# beside the transition table so that a reader sees where the machine's decisions land.
+EXECUTED_BY: dict[type, str] = {
+    ApplyLock: "the lock's one writer (`lock/guarded.py`): the whole table, one transaction",
+    SetLockServers: "the lock's one writer: the cheapest single transaction (element swap or whole table)",
+    RemoveLock: "the lock's one writer: both tables removed, the guard stopped first",
+    ConfigurePeer: "the tunnel (`wireguard/tunnel.py`): interface, peer, routes, DNS",
+    RestartHandshake: "the tunnel: the same peer set again",
+    RemovePeer: "the tunnel: the peer removed, the interface kept",
+    CloseTunnel: "the tunnel: interface, routes and DNS undone",
+    ReadStats: "the tunnel's backend: counters and handshake age, answered as an event",
+    Probe: "the prober (`health.py`): one ICMP echo or DNS query through the tunnel",
+    StartTimer: "the runtime: a timer task with a generation",
+    CancelTimer: "the runtime: the timer's task cancelled",
+    PublishStatus: "the runtime: the log, then its subscribers (the plugin host, systemd's notifier)",
+    Exit: "the runtime: the loop ends",
+}

@@ -712,4 +712,7 @@ def describe() -> str:
             rows.append(
                 f"| {state_type.name} | {event_type.__name__} | {leads} | {_one_line(handler.__doc__)} |"
             )
+    rows += ["", "| action | what it asks | carried out by |", "| --- | --- | --- |"]
+    for action_type, executor in act.EXECUTED_BY.items():
+        rows.append(f"| {action_type.__name__} | {_one_line(action_type.__doc__)} | {executor} |")
     return "\n".join(rows)

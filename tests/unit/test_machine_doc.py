@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 
+from supervisor.machine import actions as act
 from supervisor.machine import core
 from supervisor.machine.core import TRANSITIONS, describe, ignore, targets
 from supervisor.machine.states import STATE_TYPES
@@ -45,3 +48,10 @@ def test_splice_replaces_only_the_generated_section() -> None:
     assert section(new) == "| new |"
     with pytest.raises(ValueError, match="lacks the markers"):
         splice("a page without them", "| new |")
+
+
+def test_every_action_names_who_carries_it_out() -> None:
+    """The printed table says where each of the machine's decisions lands (the lock's one
+    writer, the tunnel, the runtime): an action added without saying so fails here."""
+    assert set(act.EXECUTED_BY) == set(typing.get_args(act.Action))
+    assert "| ApplyLock |" in describe() and "lock/guarded.py" in describe()
