@@ -30,7 +30,7 @@ def _wait_for_log(daemon: LabDaemon, text: str, after: int, timeout: float = 20.
 
 def test_a_reload_with_a_misplaced_private_key_logs_no_key_and_keeps_running(lab):
     servers = lab.lab.dir / "servers"
-    key = make_key()
+    key = make_key("a misplaced private key")
     private_line = next(line for line in VALID_SERVER.splitlines() if line.startswith("PrivateKey = "))
     texts = {
         "next-line.conf": VALID_SERVER.replace(private_line, f"PrivateKey =\n{key}"),

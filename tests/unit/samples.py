@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import base64
-import os
+import hashlib
 
 
-def make_key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
+def make_key(seed: str) -> str:
+    """A well-formed key, the same in every process: parametrized test ids hold these keys, and
+    the suite's workers (pytest-xdist) must collect the same ids."""
+    return base64.b64encode(hashlib.sha256(seed.encode()).digest()).decode()
 
 
-PRIVATE_KEY = make_key()
-PUBLIC_KEY = make_key()
-PRESHARED_KEY = make_key()
+PRIVATE_KEY = make_key("tunlock test private key")
+PUBLIC_KEY = make_key("tunlock test public key")
+PRESHARED_KEY = make_key("tunlock test preshared key")
 
 VALID_SERVER = f"""[Interface]
 PrivateKey = {PRIVATE_KEY}

@@ -64,7 +64,7 @@ def test_the_misplaced_key_still_gets_a_useful_message(write_server):
 )
 def test_key_material_anywhere_in_a_file_stays_out_of_every_message(write_server, line):
     # A key whose base64 has no '+' or '/' and one that has: each shape goes through the reader.
-    for key in (make_key(), "A" * 20 + "+/" * 11 + "=", "B" * 43 + "="):
+    for key in (make_key("key material in a file"), "A" * 20 + "+/" * 11 + "=", "B" * 43 + "="):
         placed = line.format(key=key)
         text = VALID_SERVER.replace("DNS = 10.64.1.1", "DNS = 10.64.1.1\n" + placed)
         if line.startswith(("Address", "Endpoint", "DNS", "AllowedIPs")):
