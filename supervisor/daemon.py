@@ -197,15 +197,12 @@ async def serve(config: Config) -> int:
             lambda now: ev.Start(now, int.from_bytes(os.urandom(8), "big"), adopted.name if adopted else None)
         )
 
-        async def status_now() -> StatusReport:
-            """``tunlock status`` and the metrics: built now from the runtime's status, the lock
-            read for it and the plugins' reports."""
-            plugins_report = host.report() if host is not None else None
-            return StatusReport.build(runtime.status, await runtime.lock_state(), plugins_report)
+        async def status() -> StatusReport:
+            return await status_now(runtime, host)
 
-        await tg.start(control_server.serve, settings.control.socket, ControlCommands(runtime, status_now))
+        await tg.start(control_server.serve, settings.control.socket, ControlCommands(runtime, status))
         if settings.metrics.address is not None:
-            await tg.start(_serve_metrics, runtime, lock, status_now, settings.metrics.address)
+            await tg.start(_serve_metrics, runtime, lock, status, settings.metrics.address)
         if host is not None:
             await tg.start(host.run)
         tg.start_soon(_signals, runtime, config, watcher, notifier, host)
@@ -372,6 +369,21 @@ async def _announce_ready(notifier: Announcer, first_status: anyio.Event, socket
         return
     notifier.ready()
     log.info("ready: the lock is in place and the control socket answers")
+
+
+async def status_now(runtime: Runtime, host: PluginHost | None) -> StatusReport:
+    """``tunlock status`` and the metrics: built now from the lock read for it, the runtime's
+    status and the plugins' reports.
+
+    The lock is read first. The machine's status and the plugins' report are then taken with no
+    await between them: one publish changes both (the host follows it synchronously), so only
+    then do they describe the same moment. Taken on either side of the lock's read (which waits
+    for the lock's thread, busy with a rotation's swap), they paired a rotation's
+    ``connecting vpn2`` with vpn1's forwarded port, which the lock had already closed again.
+    """
+    lock_state = await runtime.lock_state()
+    plugins_report = host.report() if host is not None else None
+    return StatusReport.build(runtime.status, lock_state, plugins_report)
 
 
 def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginHost | None:

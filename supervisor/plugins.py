@@ -19,7 +19,8 @@ Why the host is shaped like this:
   plugin that floods requests only overwrites its own last request.
 - The lock stays the daemon's. A port request is validated, coalesced, and applied by one host
   task as an nft element swap with a timeout; the view announces the forwarded port only once
-  the lock accepts it.
+  the lock accepts it, and only for the connection that asked for it (the view can change while
+  the lock works: a rotation then must not inherit the ports of the connection it left).
 - A plugin that raises is logged and started again after a doubling backoff; one that does not
   come back to ``ctx.next()`` within ``stall_timeout_s`` is hung: it is cancelled, logged and
   restarted the same way. (A plugin that blocks the event loop itself cannot be stopped from
@@ -363,6 +364,7 @@ class PluginHost:
                 await anyio.sleep(max(0.0, recent[0] + 1.0 - self.clock()))
             self._lock_wake = anyio.Event()
             wanted = frozenset().union(*self._requested.values())
+            asked_for = self.view.tunnel
             if wanted != self._applied:
                 try:
                     with anyio.fail_after(LOCK_TIMEOUT_S):
@@ -373,6 +375,13 @@ class PluginHost:
                 self._applied = wanted
                 recent.append(self.clock())
                 log.info("inbound ports on the tunnel", ports=sorted(f"{p}/{proto}" for proto, p in wanted))
+                now = self.view.tunnel
+                if now.session != asked_for.session or not now.connected:
+                    # The connection that asked for these ports ended while the lock took them:
+                    # they are not the new one's to announce. Its end cleared the requests and
+                    # woke this task, so the next round closes them or, if the new connection
+                    # asked for the same ones, announces them for it.
+                    continue
             ports = tuple(sorted({port for _, port in wanted}))
             old = self.view.forwarded
             if not ports:

@@ -10,7 +10,10 @@ Three sources, each the only owner of what it reports:
 
 ``StatusReport.build`` takes a copy of each into one frozen value; ``as_json`` is the contract of
 DESIGN.md (``state``, ``server``, ``handshake_age_s``, ``lock.installed``, ``forwarded_port``,
-``namespace``, and more), and the metrics are rendered from the same value.
+``namespace``, and more), and the metrics are rendered from the same value. One publish changes
+both the runtime's status and the plugins' view, so those two are taken together, with no await
+between them (``supervisor.daemon.status_now`` reads the lock first); otherwise an answer could
+pair a rotation's new server with the port of the connection it left.
 """
 
 from __future__ import annotations

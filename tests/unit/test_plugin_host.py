@@ -170,6 +170,87 @@ async def test_forwarded_port_reaches_the_lock_then_every_plugin_and_the_status(
         tg.cancel_scope.cancel()
 
 
+class SlowLock:
+    """A lock whose every change waits until the test lets it finish: what the host sees while
+    the lock's thread is busy (with a rotation's endpoint swap, under load). ``holds`` is what
+    the table would accept on the tunnel: a change counts once it finished."""
+
+    def __init__(self) -> None:
+        self.calls: list[frozenset] = []
+        self.holds: frozenset = frozenset()
+        self._pending: list[anyio.Event] = []
+
+    async def set_tunnel_inbound(self, pairs: frozenset) -> None:
+        self.calls.append(pairs)
+        done = anyio.Event()
+        self._pending.append(done)
+        await done.wait()
+        self.holds = pairs
+
+    def finish(self) -> None:
+        """Let the oldest change under way finish."""
+        self._pending.pop(0).set()
+
+
+async def until(condition) -> None:
+    with anyio.fail_after(10):
+        while not condition():
+            await anyio.sleep(0.001)
+
+
+PORT_40000 = frozenset({("tcp", 40000), ("udp", 40000)})
+
+
+async def test_ports_the_lock_took_for_a_connection_that_ended_meanwhile_are_not_announced_for_the_next():
+    """vpn1's port is on its way into the lock when the rotation to vpn2 is published. Once the
+    lock holds it, the host must not announce it for the new connection (which asked for
+    nothing yet, and is not even connected): it closes it again, and the view and status say no
+    port throughout."""
+    lock = SlowLock()
+    host = host_with(Recorder(port=40000), lock=lock)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await until(lambda: lock.calls == [PORT_40000])
+        publish(host, "connecting", "vpn2")
+        lock.finish()  # the lock accepts vpn1's port now, for a connection that is gone
+        await until(lambda: len(lock.calls) == 2)
+        assert lock.calls[-1] == frozenset()
+        assert host.view.tunnel.state == "connecting" and host.view.forwarded is None
+        assert shown(host)["forwarded_port"] is None
+        lock.finish()
+        # vpn2 connected: its own request, announced once the lock holds it, for vpn2.
+        publish(host, "connected", "vpn2")
+        await until(lambda: len(lock.calls) == 3)
+        assert host.view.forwarded is None
+        lock.finish()
+        await until(lambda: host.view.forwarded is not None)
+        assert lock.holds == PORT_40000
+        assert (host.view.forwarded.ports, host.view.forwarded.server) == ((40000,), "vpn2")
+        tg.cancel_scope.cancel()
+
+
+async def test_the_same_port_asked_again_by_the_next_connection_is_announced_once_the_lock_holds_it():
+    """As above, but vpn2 is connected and asks for the same (static) port while the lock still
+    takes it for vpn1: nothing more for the lock to do, and the port is announced for vpn2."""
+    lock = SlowLock()
+    host = host_with(Recorder(port=40000), lock=lock)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await until(lambda: lock.calls == [PORT_40000])
+        publish(host, "connecting", "vpn2")
+        publish(host, "connected", "vpn2")
+        await until(lambda: host._requested.get("p0") == PORT_40000)  # vpn2's own request
+        assert host.view.forwarded is None
+        lock.finish()
+        await until(lambda: host.view.forwarded is not None)
+        assert lock.calls == [PORT_40000] and lock.holds == PORT_40000
+        assert (host.view.forwarded.ports, host.view.forwarded.server) == ((40000,), "vpn2")
+        assert host.view.tunnel.session == 2
+        tg.cancel_scope.cancel()
+
+
 async def test_a_request_while_not_connected_is_ignored():
     lock = FakeLock()
 

@@ -9,6 +9,7 @@ from ipaddress import ip_address
 import anyio
 import pytest
 
+from supervisor.daemon import status_now
 from supervisor.lock.state import LockState
 from supervisor.plugins import Forwarded, PluginHost, PluginsReport
 from supervisor.runtime import Status
@@ -110,3 +111,48 @@ def test_the_plugin_hosts_report_is_a_copy_taken_when_asked() -> None:
     assert before.forwarded is not None and before.forwarded.ports == (40000,)
     assert after.forwarded is None
     assert StatusReport.build(Status(), LockState(), before).as_json()["forwarded_port"] == 40000
+
+
+class RotatingWhileTheLockIsRead:
+    """The runtime as ``status_now`` sees it, with the plugin host subscribed to its publishes
+    as in the daemon. Reading the lock takes long enough for the machine to publish in between:
+    as when the lock's thread is busy with a rotation's endpoint swap (a stand-in, since the
+    moment cannot be chosen with a real lock; tests/lab/test_port_forwarding.py has the lab)."""
+
+    def __init__(self, host: PluginHost) -> None:
+        self.host = host
+        self.status = Status()
+
+    def publish(self, state: str, server: str) -> None:
+        self.status.state, self.status.server = state, server  # as Runtime._publish, then its subscribers
+        self.host.publish(self.status)
+
+    async def lock_state(self) -> LockState:
+        self.publish("connecting", "vpn2")  # the rotation goes on meanwhile
+        await anyio.lowlevel.checkpoint()
+        return LockState(installed=True)
+
+
+def test_a_status_built_across_a_rotation_never_pairs_the_new_server_with_the_old_port() -> None:
+    """The flaky lab test's interleaving, made certain: a status request began while vpn1 was
+    connected with its forwarded port, and the rotation to vpn2 was published while the lock was
+    read for it. The answer is one moment: connecting to vpn2 with no forwarded port (the host
+    dropped it, and the lock closes it), never ``vpn2`` with vpn1's port."""
+
+    async def main() -> dict[str, object]:
+        plugins = [("p0", Recorder(port=40000))]
+        host = PluginHost(plugins, FakeLock(), interface="tl0", server_of=lambda n: FakeServer())
+        runtime = RotatingWhileTheLockIsRead(host)
+        async with anyio.create_task_group() as tg:
+            await tg.start(host.run)
+            runtime.publish("connected", "vpn1")
+            with anyio.fail_after(10):
+                while host.view.forwarded is None:
+                    await anyio.sleep(0.005)
+            report = await status_now(runtime, host)  # type: ignore[arg-type]
+            tg.cancel_scope.cancel()
+        return report.as_json()
+
+    shown = anyio.run(main)
+    assert (shown["state"], shown["server"]) == ("connecting", "vpn2")
+    assert shown["forwarded_port"] is None and shown["forwarded_ports"] == []
