@@ -274,7 +274,9 @@ class PluginHost:
         self._reports: dict[str, dict[str, JSON]] = {}
         self._slots = [_Slot(name, plugin, PluginContext(self, name)) for name, plugin in plugins]
         self._requested: dict[str, frozenset[tuple[str, int]]] = {}
-        self._applied: frozenset[tuple[str, int]] = frozenset()
+        # What the lock holds for the plugins; None: not known (a change failed or timed out, and
+        # may have been installed all the same), so the next request is applied whatever it is.
+        self._applied: frozenset[tuple[str, int]] | None = frozenset()
         self._lock_wake = anyio.Event()
         self._changed = anyio.Event()
 
@@ -369,8 +371,9 @@ class PluginHost:
                 try:
                     with anyio.fail_after(LOCK_TIMEOUT_S):
                         await self.lock.set_tunnel_inbound(wanted)
-                except Exception as err:  # the lock keeps its last ports; a later request retries
+                except Exception as err:  # a later request retries, whatever it asks for
                     log.error("could not change the ports accepted on the tunnel", error=describe(err))
+                    self._applied = None
                     continue
                 self._applied = wanted
                 recent.append(self.clock())

@@ -410,3 +410,39 @@ def test_describe_says_the_message_or_else_the_type_and_where():
         said = describe(err)
     expected = "TimeoutError with no message (from ConnectionResetError: reset by peer), at"
     assert said.startswith(expected), said
+
+
+async def test_a_lock_change_that_failed_is_made_again_even_for_the_ports_asked_before_it():
+    """A change that fails (a timeout, say) may have been installed all the same: the host must
+    not believe the lock holds its last known ports, or a request equal to them is never made."""
+
+    class FailsOnce(FakeLock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.called = anyio.Event()
+
+        async def set_tunnel_inbound(self, pairs: frozenset[tuple[str, int]]) -> None:
+            await super().set_tunnel_inbound(pairs)
+            self.called.set()
+            if len(self.calls) == 2:
+                raise TimeoutError
+
+    class AsksThrice:
+        async def run(self, ctx: PluginContext) -> None:
+            await ctx.next()
+            for ports in ([40000], [40001], [40000]):
+                lock.called = anyio.Event()
+                await ctx.forward_ports(ports)
+                await lock.called.wait()  # the host's lock change is made (or fails)
+            await ctx.next()
+
+    lock = FailsOnce()
+    host = host_with(AsksThrice(), lock=lock)
+    publish(host, "connected", "vpn1")
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        await settle()
+        tg.cancel_scope.cancel()
+    forty_thousand = frozenset({("tcp", 40000), ("udp", 40000)})
+    assert lock.calls == [forty_thousand, frozenset({("tcp", 40001), ("udp", 40001)}), forty_thousand]
+    assert host.view.forwarded is not None and host.view.forwarded.ports == (40000,)
