@@ -192,12 +192,6 @@ class SlowLock:
         self._pending.pop(0).set()
 
 
-async def until(condition) -> None:
-    with anyio.fail_after(10):
-        while not condition():
-            await anyio.sleep(0.001)
-
-
 PORT_40000 = frozenset({("tcp", 40000), ("udp", 40000)})
 
 
@@ -226,7 +220,8 @@ async def test_ports_the_lock_took_for_a_connection_that_ended_meanwhile_are_not
         lock.finish()
         await until(lambda: host.view.forwarded is not None)
         assert lock.holds == PORT_40000
-        assert (host.view.forwarded.ports, host.view.forwarded.server) == ((40000,), "vpn2")
+        forwarded = host.view.forwarded
+        assert forwarded is not None and (forwarded.ports, forwarded.server) == ((40000,), "vpn2")
         tg.cancel_scope.cancel()
 
 
@@ -246,7 +241,8 @@ async def test_the_same_port_asked_again_by_the_next_connection_is_announced_onc
         lock.finish()
         await until(lambda: host.view.forwarded is not None)
         assert lock.calls == [PORT_40000] and lock.holds == PORT_40000
-        assert (host.view.forwarded.ports, host.view.forwarded.server) == ((40000,), "vpn2")
+        forwarded = host.view.forwarded
+        assert forwarded is not None and (forwarded.ports, forwarded.server) == ((40000,), "vpn2")
         assert host.view.tunnel.session == 2
         tg.cancel_scope.cancel()
 

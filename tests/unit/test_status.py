@@ -14,7 +14,7 @@ from supervisor.lock.state import LockState
 from supervisor.plugins import Forwarded, PluginHost, PluginsReport
 from supervisor.runtime import Status
 from supervisor.servers import Endpoint
-from supervisor.status import FailureReport, StatusReport
+from supervisor.status import JSON, FailureReport, StatusReport
 from supervisor.wireguard.backend import TunnelStats
 from tests.unit.test_plugin_host import FakeLock, FakeServer, Recorder, publish, until
 
@@ -139,7 +139,7 @@ def test_a_status_built_across_a_rotation_never_pairs_the_new_server_with_the_ol
     read for it. The answer is one moment: connecting to vpn2 with no forwarded port (the host
     dropped it, and the lock closes it), never ``vpn2`` with vpn1's port."""
 
-    async def main() -> dict[str, object]:
+    async def main() -> dict[str, JSON]:
         plugins = [("p0", Recorder(port=40000))]
         host = PluginHost(plugins, FakeLock(), interface="tl0", server_of=lambda n: FakeServer())
         runtime = RotatingWhileTheLockIsRead(host)
