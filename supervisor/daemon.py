@@ -350,6 +350,7 @@ def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginH
         stall_timeout_s=section.stall_timeout_s,
         backoff_initial_s=section.backoff_initial_s,
         backoff_max_s=section.backoff_max_s,
+        post=runtime.post,
     )
 
 

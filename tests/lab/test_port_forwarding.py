@@ -68,6 +68,7 @@ def test_natpmpc_gets_the_port_from_the_lab_gateway_through_the_tunnel(lab: LabU
             "port": 40001,
             "lifetime": 60,
             "from": "10.99.0.2",
+            "suggested": 1,
         }
         set_gateway(lab.lab, 1, "refuse", 40001)
         out = natpmpc(lab, "-a", "1", "0", "tcp", "60")
