@@ -1,7 +1,12 @@
 """Keeping a torrent client on the forwarded port: qBittorrent (Web API v2), Transmission (RPC).
 
 Each pusher reads the client's port, sets it when it differs, and reads it back: a push counts
-as done only when the client itself reports the forwarded port. It does so at every new port
+as done only when the client itself reports the forwarded port. With ``bind_to_tunnel`` (the
+default) it also binds the client to the tunnel the same way, read back too: qBittorrent's
+network interface (``current_network_interface``) is the tunnel interface, Transmission's
+``bind-address-ipv4`` the tunnel's address. A client bound so sends nowhere else even without the
+lock (a lock removed by hand, a client started before it), and it follows the view: a renamed
+interface or a new address is set at the next push. It does so at every new port
 and then every ``reassert_s`` seconds, which also covers a client that restarted (its session
 and, for qBittorrent, its login are gone: both are renewed on the way). A failure is reported
 in the status and retried after ``retry_s``.
@@ -35,7 +40,8 @@ from pydantic import Field, field_validator, model_validator
 
 from plugins import sockets
 from supervisor.errors import describe
-from supervisor.plugins import PluginContext, PluginOptions, PluginSpec
+from supervisor.plugins import PluginContext, PluginOptions, PluginSpec, Tunnel
+from supervisor.status import JSON
 
 
 class PushError(Exception):
@@ -56,6 +62,17 @@ def qbittorrent_port(preferences: Mapping[str, Any]) -> int:
     return port
 
 
+def qbittorrent_interface_body(interface: str) -> dict[str, str]:
+    return {"json": json.dumps({"current_network_interface": interface})}
+
+
+def qbittorrent_interface(preferences: Mapping[str, Any]) -> str:
+    interface = preferences.get("current_network_interface")
+    if not isinstance(interface, str):
+        raise PushError("app/preferences has no current_network_interface")
+    return interface
+
+
 def transmission_request(method: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
     return {"method": method, "arguments": dict(arguments)}
 
@@ -67,6 +84,15 @@ def transmission_port(reply: Mapping[str, Any]) -> int:
     if not isinstance(port, int):
         raise PushError("session-get has no peer-port")
     return port
+
+
+def transmission_bind_address(reply: Mapping[str, Any]) -> str | None:
+    """``bind-address-ipv4`` from a session-get, or None when this Transmission does not report
+    it (3.00 keeps it in settings.json only, out of the RPC's reach)."""
+    if reply.get("result") != "success":
+        raise PushError(f"transmission answered {reply.get('result')!r}")
+    address = reply.get("arguments", {}).get("bind-address-ipv4")
+    return address if isinstance(address, str) else None
 
 
 def listening_tcp_ports(proc_net_tcp: str) -> set[int]:
@@ -239,6 +265,26 @@ class QBittorrent:
     async def set_port(self, http: httpx.AsyncClient, port: int) -> None:
         await self._call(http, "POST", "app/setPreferences", data=qbittorrent_set_body(port))
 
+    async def bind(self, http: httpx.AsyncClient, tunnel: Tunnel) -> bool | None:
+        """The network interface set to the tunnel's and read back; True when it was changed."""
+        if not tunnel.interface:
+            return False
+        if (
+            qbittorrent_interface((await self._call(http, "GET", "app/preferences")).json())
+            == tunnel.interface
+        ):
+            return False
+        await self._call(
+            http, "POST", "app/setPreferences", data=qbittorrent_interface_body(tunnel.interface)
+        )
+        now = qbittorrent_interface((await self._call(http, "GET", "app/preferences")).json())
+        if now != tunnel.interface:
+            raise PushError(f"asked for network interface {tunnel.interface!r}, the client reports {now!r}")
+        return True
+
+    def binding(self, tunnel: Tunnel) -> str:
+        return f"interface {tunnel.interface}"
+
     def forget(self) -> None:
         self._logged_in = False
 
@@ -286,6 +332,27 @@ class Transmission:
         if reply.get("result") != "success":
             raise PushError(f"session-set: {reply.get('result')!r}")
 
+    async def bind(self, http: httpx.AsyncClient, tunnel: Tunnel) -> bool | None:
+        """``bind-address-ipv4`` set to the tunnel's address and read back; True when changed,
+        None when this Transmission's RPC does not carry it (set it in settings.json then)."""
+        address = tunnel.address_v4
+        if address is None:
+            return False
+        fields = {"fields": ["bind-address-ipv4"]}
+        now = transmission_bind_address(await self._rpc(http, "session-get", fields))
+        if now is None:
+            return None
+        if now == str(address):
+            return False
+        await self._rpc(http, "session-set", {"bind-address-ipv4": str(address)})
+        now = transmission_bind_address(await self._rpc(http, "session-get", fields))
+        if now != str(address):
+            raise PushError(f"asked for bind-address-ipv4 {address}, the client reports {now!r}")
+        return True
+
+    def binding(self, tunnel: Tunnel) -> str:
+        return f"address {tunnel.address_v4}"
+
     def forget(self) -> None:
         self._session_id = ""
 
@@ -299,11 +366,18 @@ class PortPusher:
         self.reassert_s = options.reassert_s
         self.retry_s = options.retry_s
         self.timeout_s = options.timeout_s
+        self.bind_to_tunnel = options.bind_to_tunnel
         # The client shares this network namespace when its API is on loopback: then the kernel's
         # socket table says whether it really listens (a client that failed to bind still
         # reports the new port through its API).
         verify = options.verify_listening
         self.verify_listening = _is_loopback(client.url) if verify is None else verify
+
+    async def bind(self, http: httpx.AsyncClient, tunnel: Tunnel) -> bool | None:
+        """Bind the client to ``tunnel`` (when asked to): True when changed, None: unsupported."""
+        if not self.bind_to_tunnel or not tunnel.connected:
+            return False
+        return await self.client.bind(http, tunnel)
 
     async def push(self, http: httpx.AsyncClient, port: int) -> bool:
         """Make the client listen on ``port``; True when it had to be changed."""
@@ -327,21 +401,25 @@ class PortPusher:
 
     async def run(self, ctx: PluginContext) -> None:
         port: int | None = None
+        tunnel = ctx.view.tunnel
         due: float | None = None
         async with httpx.AsyncClient(timeout=self.timeout_s, trust_env=False) as http:
             while True:
                 view = await ctx.next(None if due is None else due - time.monotonic())
                 if view is not None:
                     new = view.forwarded.port if view.forwarded else None
-                    if new == port and due is not None:
+                    same_tunnel = _binding(view.tunnel) == _binding(tunnel)
+                    tunnel = view.tunnel
+                    if new == port and same_tunnel and due is not None:
                         continue  # nothing new; keep the re-assert schedule
                     port = new
-                if port is None:
+                if port is None and not (self.bind_to_tunnel and tunnel.connected):
                     due = None
                     continue
                 try:
                     with anyio.fail_after(self.timeout_s * 3):
-                        changed = await self.push(http, port)
+                        bound = await self.bind(http, tunnel)
+                        changed = False if port is None else await self.push(http, port)
                 except (httpx.HTTPError, PushError, OSError, ValueError, TimeoutError) as err:
                     self.client.forget()
                     error = describe(err)
@@ -353,8 +431,30 @@ class PortPusher:
                     ctx.log.info(
                         "client now listens on the forwarded port", client=self.client.name, port=port
                     )
-                ctx.report(port=port, result="ok", changed=changed, at=round(time.time(), 3), error=None)
+                if bound:
+                    ctx.log.info(
+                        "client now bound to the tunnel",
+                        client=self.client.name,
+                        interface=tunnel.interface,
+                        address=str(tunnel.address_v4),
+                    )
+                binding: JSON = None
+                if self.bind_to_tunnel and tunnel.connected:
+                    binding = "unsupported" if bound is None else self.client.binding(tunnel)
+                ctx.report(
+                    port=port,
+                    result="ok",
+                    changed=changed,
+                    bound=binding,
+                    at=round(time.time(), 3),
+                    error=None,
+                )
                 due = time.monotonic() + self.reassert_s
+
+
+def _binding(tunnel: Tunnel) -> tuple[bool, str, IPv4Address | None]:
+    """What a client's binding depends on."""
+    return tunnel.connected, tunnel.interface, tunnel.address_v4
 
 
 def _is_loopback(url: str) -> bool:
@@ -373,6 +473,7 @@ class TorrentOptions(PluginOptions):
     retry_s: Annotated[float, Field(ge=0.1, le=3600)] = 2
     timeout_s: Annotated[float, Field(ge=0.5, le=120)] = 10
     verify_listening: bool | None = None  # default: true for a loopback url
+    bind_to_tunnel: bool = True  # the client's own binding: the tunnel interface (or its address)
     # The user (name or uid) the client runs as; held as its uid.
     api_user: int | None = None
 

@@ -27,10 +27,13 @@ from tests.lab.torrent_clients import (
     TRANSMISSION_PASSWORD,
     TRANSMISSION_RPC_PORT,
     TRANSMISSION_USER,
+    listening_addresses,
     listening_ports,
+    qbittorrent_preferences,
     start_qbittorrent,
     start_transmission,
     stop,
+    transmission_session,
     write_secret,
 )
 
@@ -93,9 +96,12 @@ def test_torrent_client_follows_the_forwarded_port(lab: LabUnderTest, client: st
     with lab.daemon(env=env, config=config) as daemon:
         daemon.start()
         wait_until(lambda: on_port(40001), f"{client} on 40001", 30)
-        daemon.wait_for(lambda s: s["plugins"][client].get("result") == "ok", 10, "the push reported")
+        status = daemon.wait_for(
+            lambda s: s["plugins"][client].get("result") == "ok", 10, "the push reported"
+        )
         vpn1, vpn2 = (s.endpoint_v4 for s in lab.lab.servers)
         assert connect(lab.lab, "inet", vpn1, 40001) == "connected", "a peer reaches the client"
+        assert_bound_to_the_tunnel(lab, client, proc.pid, status)
 
         killed = time.monotonic()
         faults.kill_server(lab.lab, "1")
@@ -120,6 +126,23 @@ def test_torrent_client_follows_the_forwarded_port(lab: LabUnderTest, client: st
         daemon.wait_for(lambda s: s["plugins"][client].get("result") == "ok", 10, "the push reported")
     leaks = lab.observer.leaks(since=mark)
     assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel"
+
+
+def assert_bound_to_the_tunnel(lab: LabUnderTest, client: str, pid: int, status: dict) -> None:
+    """The client's own setting names the tunnel (read from the client), and it listens there
+    only: on the tunnel's address, not on every address (the socket table)."""
+    tunnel = lab.lab.client_ifname
+    if client == "qbittorrent":
+        assert qbittorrent_preferences(lab.lab)["current_network_interface"] == tunnel
+        assert status["plugins"][client]["bound"] == f"interface {tunnel}"
+        addresses = listening_addresses(lab.lab, pid, 40001)
+        assert addresses and not addresses & {"0.0.0.0", "*", "[::]"}, addresses
+    else:
+        session = transmission_session(lab.lab)
+        if "bind-address-ipv4" in session:
+            assert session["bind-address-ipv4"] == "10.99.0.2"
+        else:  # Transmission 3.00 keeps it out of the RPC: said so in the status
+            assert status["plugins"][client]["bound"] == "unsupported"
 
 
 def test_qbittorrent_that_could_not_bind_the_port_is_made_to_bind_it_again(lab: LabUnderTest) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from supervisor.lab.topology import Lab, _kill
@@ -91,3 +93,46 @@ def write_secret(lab: Lab, name: str, secret: str) -> Path:
     path.write_text(secret + "\n")
     path.chmod(0o600)
     return path
+
+
+PREFERENCES = """
+import json, sys, urllib.parse, urllib.request
+opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+base = f"http://127.0.0.1:{sys.argv[1]}/api/v2"
+login = urllib.parse.urlencode({"username": sys.argv[2], "password": sys.argv[3]}).encode()
+assert opener.open(f"{base}/auth/login", login).read() == b"Ok."
+print(opener.open(f"{base}/app/preferences").read().decode())
+"""
+
+
+def qbittorrent_preferences(lab: Lab) -> dict:
+    """qBittorrent's own preferences, asked from inside the client namespace (its WebUI)."""
+    out = lab.run("client", sys.executable, "-c", PREFERENCES, str(QBT_WEBUI_PORT), QBT_USER, QBT_PASSWORD)
+    return json.loads(out)
+
+
+TRANSMISSION_SESSION = """
+import base64, json, sys, urllib.error, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/transmission/rpc"
+auth = "Basic " + base64.b64encode(f"{sys.argv[2]}:{sys.argv[3]}".encode()).decode()
+body = json.dumps({"method": "session-get", "arguments": {}}).encode()
+headers = {"Authorization": auth}
+try:
+    urllib.request.urlopen(urllib.request.Request(url, body, headers))
+except urllib.error.HTTPError as e:
+    headers["X-Transmission-Session-Id"] = e.headers["X-Transmission-Session-Id"]
+print(urllib.request.urlopen(urllib.request.Request(url, body, headers)).read().decode())
+"""
+
+
+def transmission_session(lab: Lab) -> dict:
+    """Transmission's session-get, asked from inside the client namespace."""
+    argv = [sys.executable, "-c", TRANSMISSION_SESSION, str(TRANSMISSION_RPC_PORT)]
+    out = lab.run("client", *argv, TRANSMISSION_USER, TRANSMISSION_PASSWORD)
+    return json.loads(out)["arguments"]
+
+
+def listening_addresses(lab: Lab, pid: int, port: int) -> set[str]:
+    """The local addresses process ``pid`` listens on TCP ``port`` at, as the socket table says."""
+    out = lab.run("client", "ss", "-ltnpH", f"sport = :{port}")
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if f"pid={pid}," in line}

@@ -151,6 +151,23 @@ def test_torrent_wire_formats():
         torrent.transmission_port({"result": "denied"})
 
 
+def test_binding_to_the_tunnel_wire_formats():
+    body = torrent.qbittorrent_interface_body("tunlock0")
+    assert body == {"json": '{"current_network_interface": "tunlock0"}'}
+    assert torrent.qbittorrent_interface({"current_network_interface": ""}) == ""
+    with pytest.raises(torrent.PushError, match="current_network_interface"):
+        torrent.qbittorrent_interface({"listen_port": 1})
+    reply = {"result": "success", "arguments": {"bind-address-ipv4": "10.2.0.2"}}
+    assert torrent.transmission_bind_address(reply) == "10.2.0.2"
+    assert torrent.transmission_bind_address({"result": "success", "arguments": {}}) is None, "3.00"
+    with pytest.raises(torrent.PushError, match="denied"):
+        torrent.transmission_bind_address({"result": "denied"})
+    assert (
+        torrent.transmission({}).bind_to_tunnel
+        and not torrent.transmission({"bind_to_tunnel": False}).bind_to_tunnel
+    )
+
+
 def test_qbittorrent_needs_credentials_and_reads_them_from_a_file_or_the_environment(tmp_path, monkeypatch):
     with pytest.raises(ValidationError, match="password"):
         torrent.qbittorrent({})
