@@ -1,4 +1,5 @@
-"""Real torrent clients in the lab's client namespace: qbittorrent-nox and transmission-daemon.
+"""Real torrent clients in the lab's client namespace: qbittorrent-nox, transmission-daemon, and
+deluged with deluge-web in front of it.
 
 Each runs with a profile of its own under the lab's directory, its web API on loopback with a
 password (qBittorrent's localhost bypass stays off, as by default), DHT, local peer discovery
@@ -23,6 +24,8 @@ QBT_WEBUI_PORT = 8080
 QBT_USER, QBT_PASSWORD = "seedbox", "lab-qbt-password"
 TRANSMISSION_RPC_PORT = 9091
 TRANSMISSION_USER, TRANSMISSION_PASSWORD = "seedbox", "lab-transmission-password"
+DELUGE_WEB_PORT, DELUGE_DAEMON_PORT = 8112, 58846
+DELUGE_PASSWORD = "lab-deluge-password"
 
 
 def _pbkdf2(password: str) -> str:
@@ -69,6 +72,65 @@ def start_transmission(lab: Lab, port: int = 51413) -> subprocess.Popen:
         ],
         "transmission.log",
     )  # fmt: skip
+
+
+def _deluge_config(path: Path, values: dict) -> None:
+    """A Deluge config file: its version header, then the values (Deluge's own layout)."""
+    path.write_text(json.dumps({"file": 1, "format": 1}) + json.dumps(values, indent=2))
+
+
+def start_deluge(lab: Lab, port: int = 6881) -> subprocess.Popen:
+    """deluged listening on ``port`` (DHT, UPnP, NAT-PMP, LSD off), its config under the lab's
+    directory; deluge-web in front of it on loopback, started with the first deluged (the
+    same config directory: the Web UI finds the daemon's local credentials there)."""
+    config = lab.dir / "deluge"
+    if not config.exists():
+        config.mkdir()
+        core = {
+            "listen_ports": [port, port], "random_port": False, "dht": False, "upnp": False,
+            "natpmp": False, "lsd": False, "utpex": False, "new_release_check": False,
+            "download_location": str(config / "downloads"),
+        }  # fmt: skip
+        _deluge_config(config / "core.conf", core)
+        salt = os.urandom(20).hex()
+        digest = hashlib.sha1((salt + DELUGE_PASSWORD).encode()).hexdigest()  # Deluge's own format
+        web = {"pwd_salt": salt, "pwd_sha1": digest, "interface": "127.0.0.1", "port": DELUGE_WEB_PORT}
+        _deluge_config(config / "web.conf", web)
+    daemon = lab.spawn(
+        "client",
+        [
+            "deluged",
+            "-d",
+            "-c",
+            str(config),
+            "-u",
+            "127.0.0.1",
+            "-p",
+            str(DELUGE_DAEMON_PORT),
+            "-L",
+            "warning",
+        ],
+        "deluged.log",
+    )
+    if not (config / "web.started").exists():
+        (config / "web.started").touch()
+        lab.spawn(
+            "client",
+            [
+                "deluge-web",
+                "-d",
+                "-c",
+                str(config),
+                "-i",
+                "127.0.0.1",
+                "-p",
+                str(DELUGE_WEB_PORT),
+                "-L",
+                "warning",
+            ],
+            "deluge-web.log",
+        )
+    return daemon
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -130,6 +192,26 @@ def transmission_session(lab: Lab) -> dict:
     argv = [sys.executable, "-c", TRANSMISSION_SESSION, str(TRANSMISSION_RPC_PORT)]
     out = lab.run("client", *argv, TRANSMISSION_USER, TRANSMISSION_PASSWORD)
     return json.loads(out)["arguments"]
+
+
+DELUGE_CONFIG = """
+import json, sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+url = f"http://127.0.0.1:{sys.argv[1]}/json"
+def call(method, *params):
+    body = json.dumps({"method": method, "params": list(params), "id": 1}).encode()
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    return json.loads(opener.open(request).read())["result"]
+assert call("auth.login", sys.argv[2]) is True
+assert call("web.connected")
+print(json.dumps(call("core.get_config_values", sys.argv[3:])))
+"""
+
+
+def deluge_config(lab: Lab, *keys: str) -> dict:
+    """deluged's own configuration values, asked through deluge-web from the client namespace."""
+    argv = [sys.executable, "-c", DELUGE_CONFIG, str(DELUGE_WEB_PORT), DELUGE_PASSWORD, *keys]
+    return json.loads(lab.run("client", *argv))
 
 
 def listening_addresses(lab: Lab, pid: int, port: int) -> set[str]:
