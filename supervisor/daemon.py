@@ -253,6 +253,7 @@ async def _serve_metrics(
             failures=dict(runtime.status.failures),
             lock_counters=dict(report.lock.counters),
             lock_restores=lock.restores,
+            inbound_packets=dict(report.lock.inbound),
         )
 
     await metrics.serve(str(address.host), address.port, snapshot, task_status=task_status)

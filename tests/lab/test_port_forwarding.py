@@ -220,7 +220,8 @@ def tunnel_inbound(lab: LabUnderTest) -> set[int]:
         lab.lab.run("client", "nft", "-j", "list", "set", "inet", "tunlock", "tunnel_inbound")
     )
     elements = [e for item in answer["nftables"] if "set" in item for e in item["set"].get("elem", [])]
-    return {e["concat"][1] for e in elements}
+    # Each element carries its counter: {"elem": {"val": {"concat": [...]}, "counter": {...}}}.
+    return {e["elem"]["val"]["concat"][1] for e in elements}
 
 
 def test_a_gateway_granting_ssh_or_a_busy_port_exposes_nothing_the_torrent_clients_port_works(

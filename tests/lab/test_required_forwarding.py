@@ -69,7 +69,11 @@ def test_with_required_forwarding_a_server_without_a_port_is_left_for_one_with_a
             "the reason is in the log"
         )
         vpn3 = lab.lab.servers[2].endpoint_v4
+        assert status["forwarded_inbound_packets"] == 0, "nobody has reached the new port yet"
         assert connect(lab.lab, "inet", vpn3, 40003) == "seedbox 40003"
+        # The lock counted the connection it let in (tunlock_forwarded_port_inbound_packets).
+        status = daemon.wait_for(lambda s: s["forwarded_inbound_packets"] == 1, 10, "the count")
+        assert status["lock"]["inbound"] == {"40003/tcp": 1, "40003/udp": 0}
         assert daemon.stop() == 0
     leaks = lab.observer.leaks(since=mark)
     assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel"
