@@ -4,7 +4,8 @@ port held before is asked for again.
 Three servers, each with the lab's NAT-PMP gateway (supervisor/lab/natpmp.py); the second's
 refuses. With ``[plugins.natpmp] required = true`` the daemon, after the first server dies, tries
 the second, leaves it with the reason shown and ends on the third with a port that the internet
-reaches; the ISP's observer counts every packet outside the tunnel.
+reaches and a real qBittorrent listens on; the ISP's observer counts every packet outside the
+tunnel.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from tests.lab.seedbox import (
     listen,
     set_gateway,
     start_gateways,
+    wait_until,
     write_config,
+)
+from tests.lab.torrent_clients import (
+    QBT_PASSWORD,
+    QBT_USER,
+    QBT_WEBUI_PORT,
+    listening_ports,
+    start_qbittorrent,
+    write_secret,
 )
 
 pytestmark = pytest.mark.lab(servers=3, per_test=True)
@@ -31,19 +41,30 @@ pytestmark = pytest.mark.lab(servers=3, per_test=True)
 PYTHON = os.path.basename(os.path.realpath(sys.executable))
 
 
-def natpmp_config(lab: LabUnderTest, required: bool) -> str:
+def natpmp_config(lab: LabUnderTest, required: bool, qbittorrent: bool = False) -> str:
+    client = ""
+    if qbittorrent:
+        secret = write_secret(lab.lab, "qbt-password", QBT_PASSWORD)
+        client = f"""
+        [plugins.qbittorrent]
+        url = "http://127.0.0.1:{QBT_WEBUI_PORT}"
+        username = "{QBT_USER}"
+        password_file = "{secret}"
+        reassert_s = 1
+        """
     return write_config(
         lab.lab,
         f"""
         [plugins]
-        enabled = ["natpmp"]
+        enabled = ["natpmp"{', "qbittorrent"' if qbittorrent else ""}]
 
         [plugins.natpmp]
         lifetime_s = 4
         tries = 2
         required = {"true" if required else "false"}
         listeners = ["{PYTHON}"]
-        """,
+        """
+        + client,
     )
 
 
@@ -52,12 +73,12 @@ def test_with_required_forwarding_a_server_without_a_port_is_left_for_one_with_a
 ) -> None:
     start_gateways(lab.lab, {1: 40001, 2: 40002, 3: 40003})
     set_gateway(lab.lab, 2, "refuse", 40002)
-    for port in (40001, 40003):
-        listen(lab.lab, port)
     mark = lab.observer.mark()
-    with lab.daemon(env=QUICK, config=natpmp_config(lab, required=True)) as daemon:
+    with lab.daemon(env=QUICK, config=natpmp_config(lab, required=True, qbittorrent=True)) as daemon:
         daemon.start()
-        daemon.wait_for(lambda s: s["forwarded_port"] == 40001, what="vpn1's port")
+        qbittorrent = start_qbittorrent(lab.lab)  # after the lock, as at boot
+        on = lambda port: listening_ports(lab.lab, qbittorrent.pid, QBT_WEBUI_PORT) == {port}  # noqa: E731
+        wait_until(lambda: on(40001), "qBittorrent on vpn1's port", 30)
         faults.kill_server(lab.lab, "1")
         status = daemon.wait_for(
             lambda s: s["server"] == "vpn3" and s["forwarded_port"] == 40003, 40, "vpn3 with its port"
@@ -69,8 +90,9 @@ def test_with_required_forwarding_a_server_without_a_port_is_left_for_one_with_a
             "the reason is in the log"
         )
         vpn3 = lab.lab.servers[2].endpoint_v4
+        wait_until(lambda: on(40003), "qBittorrent on vpn3's port", 30)
         assert status["forwarded_inbound_packets"] == 0, "nobody has reached the new port yet"
-        assert connect(lab.lab, "inet", vpn3, 40003) == "seedbox 40003"
+        assert connect(lab.lab, "inet", vpn3, 40003) == "connected", "a peer reaches qBittorrent"
         # The lock counted the connection it let in (tunlock_forwarded_port_inbound_packets).
         status = daemon.wait_for(lambda s: s["forwarded_inbound_packets"] == 1, 10, "the count")
         assert status["lock"]["inbound"] == {"40003/tcp": 1, "40003/udp": 0}
