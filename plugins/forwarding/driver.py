@@ -16,10 +16,11 @@ Each connection's first request suggests the port held before (``suggested_port`
 that can keep it (NAT-PMP's suggested external port) gives it back, and then neither the torrent
 client nor the peers' caches need a change; the status says whether the port changed.
 
-With ``required = true`` the user needs the port (a seedbox nobody reaches is no seedbox): a
-connection whose first request fails after the provider's tries (a gateway that refuses or stays
-silent) makes the host tell the machine its server is unfit (``PluginContext.server_unfit``),
-which leaves it like a failed server; every grant tells it the server forwards ports
+With ``required = true`` the user needs the port (a seedbox nobody reaches is no seedbox): while
+a connection has no port, each request that fails after the provider's tries (a gateway that
+refuses or stays silent) makes the host tell the machine its server is unfit
+(``PluginContext.server_unfit``), which leaves it like a failed server, or stays on it when no
+other can be tried; the first grant of each connection tells it the server forwards ports
 (``port_granted``), which rotation prefers.
 
 Time is the event loop's clock (``anyio.current_time``) unless a clock is given: the unit tests
@@ -124,7 +125,6 @@ class PortForwarding:
         retry = RETRY_INITIAL_S
         previous: int | None = None  # the last port held, on any connection: asked for again
         granted_here = False  # ``session`` got a port at least once
-        told = False  # the machine heard whether ``session``'s server forwards ports
         tunnel = ctx.view.tunnel
         ctx.report(provider=self.provider.name, port=None, required=self.required)
         while True:
@@ -144,7 +144,7 @@ class PortForwarding:
                 continue  # the same connection, and nothing due: nothing to do
             if session != tunnel.session:
                 session, held, retry = tunnel.session, None, RETRY_INITIAL_S
-                granted_here = told = False
+                granted_here = False
             try:
                 if held is None:
                     asking = functools.partial(self.provider.obtain, tunnel, previous)
@@ -154,16 +154,16 @@ class PortForwarding:
             except NotForwardedHere as err:
                 ctx.report(last_error=describe(err), last_error_at=round(self.wall(), 3))
                 due = None  # nothing to retry before the next connection
-                if not granted_here and not told:
-                    told = await self._unfit(ctx, tunnel, err)
+                if not granted_here:
+                    await self._unfit(ctx, tunnel, err)
                 continue
             except (OSError, ForwardingError) as err:
                 ctx.log.warning(
                     "port forwarding failed", provider=self.provider.name, error=describe(err), retry_s=retry
                 )
                 ctx.report(last_error=describe(err), last_error_at=round(self.wall(), 3))
-                if not granted_here and not told:
-                    told = await self._unfit(ctx, tunnel, err)
+                if not granted_here:
+                    await self._unfit(ctx, tunnel, err)
                 if held is not None and self.clock() >= expires:
                     # The lease ran out unrenewed: its ports no longer reach us; stop announcing them.
                     ctx.log.warning("forwarded port expired", port=held.port)
@@ -210,7 +210,6 @@ class PortForwarding:
             if not granted_here:
                 granted_here = True
                 if self.required:
-                    told = True
                     await ctx.port_granted()
             held = lease
             expires = math.inf if lease.lifetime_s is None else self.clock() + lease.lifetime_s
@@ -228,16 +227,16 @@ class PortForwarding:
             renew_after = self._renew_after(lease)
             due = None if renew_after is None else self.clock() + renew_after
 
-    async def _unfit(self, ctx: PluginContext, tunnel: Tunnel, err: Exception) -> bool:
-        """With ``required``: tell the machine this connection's server forwards no port (True
-        once told); the reason goes into the status too."""
+    async def _unfit(self, ctx: PluginContext, tunnel: Tunnel, err: Exception) -> None:
+        """With ``required``: tell the machine this connection's server forwards no port, at each
+        failed try while it has none (a server whose cooldown ran out may be tried meanwhile);
+        the reason goes into the status too."""
         if not self.required:
-            return False
+            return
         reason = f"no forwarded port: {describe(err)}"
         ctx.log.warning("server unfit: it forwards no port", server=tunnel.server, reason=reason)
         ctx.report(unfit={"server": tunnel.server, "reason": reason, "at": round(self.wall(), 3)})
         await ctx.server_unfit(reason)
-        return True
 
     @staticmethod
     def _renew_after(lease: Lease) -> float | None:

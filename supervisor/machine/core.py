@@ -531,23 +531,29 @@ def reload_while_tunnelled(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, A
 @leads_to(STAYS, Connecting)
 def unfit_while_connected(m: Machine, e: ev.ServerUnfit) -> tuple[Machine, Actions]:
     """The server forwards no port though the user requires one: leave it like a failed server
-    (cooldown, the reason in the status), for another server not cooling down. With none left
-    to try, stay connected (the tunnel still protects) and say so in the status."""
+    (cooldown, the reason in the status) for another that is not cooling down and not known to
+    forward none. With none left to try, stay connected (the tunnel still protects) and say so;
+    the plugin reports again at each of its retries, and a server whose cooldown ran out is
+    tried then."""
     state = m.state
     assert isinstance(state, Connected)
     if e.server != state.server:
         return m, []  # about a connection already left
     ctx = m.context
+    last = ctx.last_failure
+    repeated = last is not None and (last.server, last.reason) == (e.server, e.reason)
     ctx = replace(
         ctx,
         unfit=ctx.unfit | {e.server},
         granted=ctx.granted - {e.server},
         cooling=ctx.cooled(e.server, e.now + ctx.settings.cooldown_s),
-        last_failure=Failure(e.now, e.server, e.reason),
+        last_failure=last if repeated else Failure(e.now, e.server, e.reason),
     )
     m = Machine(state, ctx)
-    if eligible(ctx.settings, ctx.reachable, ctx.cooling, e.now, exclude=(e.server,)):
-        return _pick_and_connect(m, e.now, f"{e.server} is unfit: {e.reason}", exclude=(e.server,))
+    if [s for s in eligible(ctx.settings, ctx.reachable, ctx.cooling, e.now) if s not in ctx.unfit]:
+        return _pick_and_connect(m, e.now, f"{e.server} is unfit: {e.reason}", exclude=tuple(ctx.unfit))
+    if repeated:
+        return m, []  # said already
     if set(ctx.settings.servers) <= ctx.unfit:
         why = "no server forwards a port"
     else:

@@ -109,3 +109,20 @@ def test_a_reload_forgets_what_it_knew_of_servers_no_longer_configured() -> None
     run.feed(ev.ServerUnfit(run.at(1), "a", "silent"))
     run.feed(ev.ConfigReloaded(run.at(0.1), Settings(servers=("c",)), ALL))
     assert run.machine.context.granted == frozenset() and run.machine.context.unfit == frozenset()
+
+
+def test_staying_is_said_once_and_a_server_back_from_its_cooldown_is_tried_at_the_next_report():
+    run = Run(Settings(servers=("a", "b", "c"), cooldown_s=60))
+    run.start()
+    run.feed(ev.ConnectFailed(run.at(0.1), "a", "refused"))  # a cools down until 60.1
+    run.connect()
+    run.feed(ev.ServerUnfit(run.at(1), "b", "natpmp: refused"))
+    run.connect()
+    assert run.state.server == "c"
+    first = run.feed(ev.ServerUnfit(run.at(1), "c", "natpmp: refused"))
+    assert isinstance(run.state, Connected) and run.state.server == "c" and len(published(first)) == 1
+    assert run.feed(ev.ServerUnfit(run.at(2), "c", "natpmp: refused")) == [], "said once"
+    # The plugin reports at each retry; once a's cooldown ran out, a (not known unfit) is tried,
+    # never b (known to forward no port).
+    actions = run.feed(ev.ServerUnfit(run.at(60), "c", "natpmp: refused"))
+    assert configured(actions) == ["a"]
