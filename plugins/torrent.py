@@ -1,10 +1,18 @@
-"""Keeping a torrent client on the forwarded port: qBittorrent (Web API v2), Transmission (RPC).
+"""Keeping a torrent client on the forwarded port: qBittorrent (Web API v2), Transmission (RPC),
+Deluge (its Web UI's JSON-RPC, ``deluge-web``, in front of ``deluged``).
 
 Each pusher reads the client's port, sets it when it differs, and reads it back: a push counts
 as done only when the client itself reports the forwarded port. It does so at every new port
 and then every ``reassert_s`` seconds, which also covers a client that restarted (its session
-and, for qBittorrent, its login are gone: both are renewed on the way). A failure is reported
-in the status and retried after ``retry_s``.
+and, for qBittorrent and Deluge, its login are gone: both are renewed on the way). A failure is
+reported in the status and retried after ``retry_s``.
+
+With ``bind_to_tunnel`` (the default) each push also binds the client to the tunnel, read back
+the same way: qBittorrent's network interface (``current_network_interface``) and Deluge's
+``listen_interface`` and ``outgoing_interface`` are the tunnel interface, Transmission's
+``bind-address-ipv4`` the tunnel's address (where its RPC carries it: not in 3.00). A client
+bound so sends nowhere else even without the lock (a lock removed by hand, a client started
+before it); it follows the view, so a renamed interface or a new address is set at the next push.
 
 The wire formats are pure functions (request bodies, reply parsing) under a thin httpx shell,
 in the daemon's event loop.
@@ -35,7 +43,8 @@ from pydantic import Field, field_validator, model_validator
 
 from plugins import sockets
 from supervisor.errors import describe
-from supervisor.plugins import PluginContext, PluginOptions, PluginSpec
+from supervisor.plugins import PluginContext, PluginOptions, PluginSpec, Tunnel
+from supervisor.status import JSON
 
 
 class PushError(Exception):
@@ -56,6 +65,17 @@ def qbittorrent_port(preferences: Mapping[str, Any]) -> int:
     return port
 
 
+def qbittorrent_interface_body(interface: str) -> dict[str, str]:
+    return {"json": json.dumps({"current_network_interface": interface})}
+
+
+def qbittorrent_interface(preferences: Mapping[str, Any]) -> str:
+    interface = preferences.get("current_network_interface")
+    if not isinstance(interface, str):
+        raise PushError("app/preferences has no current_network_interface")
+    return interface
+
+
 def transmission_request(method: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
     return {"method": method, "arguments": dict(arguments)}
 
@@ -67,6 +87,68 @@ def transmission_port(reply: Mapping[str, Any]) -> int:
     if not isinstance(port, int):
         raise PushError("session-get has no peer-port")
     return port
+
+
+def transmission_bind_address(reply: Mapping[str, Any]) -> str | None:
+    """``bind-address-ipv4`` from a session-get, or None when this Transmission does not report
+    it (3.00 keeps it in settings.json only, out of the RPC's reach)."""
+    if reply.get("result") != "success":
+        raise PushError(f"transmission answered {reply.get('result')!r}")
+    address = reply.get("arguments", {}).get("bind-address-ipv4")
+    return address if isinstance(address, str) else None
+
+
+def deluge_request(request_id: int, method: str, *params: Any) -> dict[str, Any]:
+    return {"method": method, "params": list(params), "id": request_id}
+
+
+class DelugeNotAuthenticated(PushError):
+    """deluge-web forgot the session (it restarted): log in again."""
+
+
+def deluge_result(reply: Mapping[str, Any], method: str) -> Any:
+    """The ``result`` of a deluge-web JSON-RPC reply; PushError with its message on an error."""
+    error = reply.get("error")
+    if error:
+        message = error.get("message", error) if isinstance(error, Mapping) else error
+        if isinstance(error, Mapping) and error.get("code") == 1:
+            raise DelugeNotAuthenticated(f"{method}: {message}")
+        raise PushError(f"{method}: {message}")
+    if "result" not in reply:
+        raise PushError(f"{method}: no result in {str(reply)[:100]}")
+    return reply["result"]
+
+
+def deluge_set_config(port: int) -> dict[str, Any]:
+    """One port (a range of one), never a random one at the next start."""
+    return {"listen_ports": [port, port], "random_port": False}
+
+
+def deluge_port(listen_ports: Any) -> int:
+    """The port of ``listen_ports`` when it is a range of one; PushError otherwise."""
+    if (
+        isinstance(listen_ports, list)
+        and len(listen_ports) == 2
+        and all(isinstance(p, int) for p in listen_ports)
+        and listen_ports[0] == listen_ports[1]
+    ):
+        return int(listen_ports[0])
+    return 0  # a range, or a random port: not the forwarded one, whatever it is
+
+
+def deluge_host_id(hosts: Any, daemon: str) -> str:
+    """The id of ``daemon`` (``host:port``) in deluge-web's host list (``web.get_hosts``:
+    ``[id, host, port, user]`` each)."""
+    known = []
+    for entry in hosts if isinstance(hosts, list) else []:
+        if isinstance(entry, list) and len(entry) >= 3:
+            known.append(f"{entry[1]}:{entry[2]}")
+            if f"{entry[1]}:{entry[2]}" == daemon or (
+                daemon.startswith("localhost:")
+                and f"127.0.0.1:{entry[2]}" == daemon.replace("localhost", "127.0.0.1")
+            ):
+                return str(entry[0])
+    raise PushError(f"deluge-web knows no daemon at {daemon} (its hosts: {', '.join(known) or 'none'})")
 
 
 def listening_tcp_ports(proc_net_tcp: str) -> set[int]:
@@ -239,6 +321,26 @@ class QBittorrent:
     async def set_port(self, http: httpx.AsyncClient, port: int) -> None:
         await self._call(http, "POST", "app/setPreferences", data=qbittorrent_set_body(port))
 
+    async def bind(self, http: httpx.AsyncClient, tunnel: Tunnel) -> bool | None:
+        """The network interface set to the tunnel's and read back; True when it was changed."""
+        if not tunnel.interface:
+            return False
+        if (
+            qbittorrent_interface((await self._call(http, "GET", "app/preferences")).json())
+            == tunnel.interface
+        ):
+            return False
+        await self._call(
+            http, "POST", "app/setPreferences", data=qbittorrent_interface_body(tunnel.interface)
+        )
+        now = qbittorrent_interface((await self._call(http, "GET", "app/preferences")).json())
+        if now != tunnel.interface:
+            raise PushError(f"asked for network interface {tunnel.interface!r}, the client reports {now!r}")
+        return True
+
+    def binding(self, tunnel: Tunnel) -> str:
+        return f"interface {tunnel.interface}"
+
     def forget(self) -> None:
         self._logged_in = False
 
@@ -286,24 +388,128 @@ class Transmission:
         if reply.get("result") != "success":
             raise PushError(f"session-set: {reply.get('result')!r}")
 
+    async def bind(self, http: httpx.AsyncClient, tunnel: Tunnel) -> bool | None:
+        """``bind-address-ipv4`` set to the tunnel's address and read back; True when changed,
+        None when this Transmission's RPC does not carry it (set it in settings.json then)."""
+        address = tunnel.address_v4
+        if address is None:
+            return False
+        fields = {"fields": ["bind-address-ipv4"]}
+        now = transmission_bind_address(await self._rpc(http, "session-get", fields))
+        if now is None:
+            return None
+        if now == str(address):
+            return False
+        await self._rpc(http, "session-set", {"bind-address-ipv4": str(address)})
+        now = transmission_bind_address(await self._rpc(http, "session-get", fields))
+        if now != str(address):
+            raise PushError(f"asked for bind-address-ipv4 {address}, the client reports {now!r}")
+        return True
+
+    def binding(self, tunnel: Tunnel) -> str:
+        return f"address {tunnel.address_v4}"
+
     def forget(self) -> None:
         self._session_id = ""
+
+
+class Deluge:
+    """Deluge through deluge-web's JSON-RPC: ``auth.login``, the Web UI connected to the daemon
+    (``web.connect``), then ``core.get_config_value`` / ``core.set_config`` on the daemon. A
+    restarted deluge-web forgets the login, a restarted deluged the connection: both renewed."""
+
+    name = "deluge"
+
+    def __init__(self, options: DelugeOptions) -> None:
+        self.url = options.url
+        self.daemon = options.daemon
+        self.options = options
+        self.guard = ApiGuard(options.url, options.api_user)
+        self._logged_in = False
+        self._ids = 0
+
+    async def _call(self, http: httpx.AsyncClient, method: str, *params: Any) -> Any:
+        self._ids += 1
+        await self.guard.check()  # the password and the session cookie are credentials
+        reply = await http.post(self.url, json=deluge_request(self._ids, method, *params))
+        if reply.status_code != 200:
+            raise PushError(f"{method}: HTTP {reply.status_code}")
+        return deluge_result(reply.json(), method)
+
+    async def _login(self, http: httpx.AsyncClient) -> None:
+        password = await anyio.to_thread.run_sync(
+            read_secret, self.options.password_file, self.options.password_env
+        )
+        if await self._call(http, "auth.login", password or "") is not True:
+            raise PushError("deluge-web refused the password")
+        self._logged_in = True
+
+    async def _core(self, http: httpx.AsyncClient, method: str, *params: Any) -> Any:
+        """A call to the daemon, logged in and connected first when needed."""
+        for attempt in range(2):
+            try:
+                if not self._logged_in:
+                    await self._login(http)
+                if not await self._call(http, "web.connected"):
+                    host = deluge_host_id(await self._call(http, "web.get_hosts"), self.daemon)
+                    await self._call(http, "web.connect", host)
+                    if not await self._call(http, "web.connected"):
+                        raise PushError(f"deluge-web could not connect to deluged at {self.daemon}")
+                return await self._call(http, method, *params)
+            except DelugeNotAuthenticated:
+                self._logged_in = False
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def port(self, http: httpx.AsyncClient) -> int:
+        return deluge_port(await self._core(http, "core.get_config_value", "listen_ports"))
+
+    async def set_port(self, http: httpx.AsyncClient, port: int) -> None:
+        await self._core(http, "core.set_config", deluge_set_config(port))
+
+    async def bind(self, http: httpx.AsyncClient, tunnel: Tunnel) -> bool | None:
+        """``listen_interface`` and ``outgoing_interface`` set to the tunnel interface, read back."""
+        if not tunnel.interface:
+            return False
+        keys = ["listen_interface", "outgoing_interface"]
+        wanted = dict.fromkeys(keys, tunnel.interface)
+        if await self._core(http, "core.get_config_values", keys) == wanted:
+            return False
+        await self._core(http, "core.set_config", wanted)
+        now = await self._core(http, "core.get_config_values", keys)
+        if now != wanted:
+            raise PushError(f"asked for interface {tunnel.interface!r}, deluged reports {now!r}")
+        return True
+
+    def binding(self, tunnel: Tunnel) -> str:
+        return f"interface {tunnel.interface}"
+
+    def forget(self) -> None:
+        self._logged_in = False
 
 
 # --- the plugin -------------------------------------------------------------------------------
 
 
 class PortPusher:
-    def __init__(self, client: QBittorrent | Transmission, options: TorrentOptions) -> None:
+    def __init__(self, client: QBittorrent | Transmission | Deluge, options: TorrentOptions) -> None:
         self.client = client
         self.reassert_s = options.reassert_s
         self.retry_s = options.retry_s
         self.timeout_s = options.timeout_s
+        self.bind_to_tunnel = options.bind_to_tunnel
         # The client shares this network namespace when its API is on loopback: then the kernel's
         # socket table says whether it really listens (a client that failed to bind still
         # reports the new port through its API).
         verify = options.verify_listening
         self.verify_listening = _is_loopback(client.url) if verify is None else verify
+
+    async def bind(self, http: httpx.AsyncClient, tunnel: Tunnel) -> bool | None:
+        """Bind the client to ``tunnel`` (when asked to): True when changed, None: unsupported."""
+        if not self.bind_to_tunnel or not tunnel.connected:
+            return False
+        return await self.client.bind(http, tunnel)
 
     async def push(self, http: httpx.AsyncClient, port: int) -> bool:
         """Make the client listen on ``port``; True when it had to be changed."""
@@ -327,21 +533,25 @@ class PortPusher:
 
     async def run(self, ctx: PluginContext) -> None:
         port: int | None = None
+        tunnel = ctx.view.tunnel
         due: float | None = None
         async with httpx.AsyncClient(timeout=self.timeout_s, trust_env=False) as http:
             while True:
                 view = await ctx.next(None if due is None else due - time.monotonic())
                 if view is not None:
                     new = view.forwarded.port if view.forwarded else None
-                    if new == port and due is not None:
+                    same_tunnel = _binding(view.tunnel) == _binding(tunnel)
+                    tunnel = view.tunnel
+                    if new == port and same_tunnel and due is not None:
                         continue  # nothing new; keep the re-assert schedule
                     port = new
-                if port is None:
+                if port is None and not (self.bind_to_tunnel and tunnel.connected):
                     due = None
                     continue
                 try:
                     with anyio.fail_after(self.timeout_s * 3):
-                        changed = await self.push(http, port)
+                        bound = await self.bind(http, tunnel)
+                        changed = False if port is None else await self.push(http, port)
                 except (httpx.HTTPError, PushError, OSError, ValueError, TimeoutError) as err:
                     self.client.forget()
                     error = describe(err)
@@ -353,8 +563,30 @@ class PortPusher:
                     ctx.log.info(
                         "client now listens on the forwarded port", client=self.client.name, port=port
                     )
-                ctx.report(port=port, result="ok", changed=changed, at=round(time.time(), 3), error=None)
+                if bound:
+                    ctx.log.info(
+                        "client now bound to the tunnel",
+                        client=self.client.name,
+                        interface=tunnel.interface,
+                        address=str(tunnel.address_v4),
+                    )
+                binding: JSON = None
+                if self.bind_to_tunnel and tunnel.connected:
+                    binding = "unsupported" if bound is None else self.client.binding(tunnel)
+                ctx.report(
+                    port=port,
+                    result="ok",
+                    changed=changed,
+                    bound=binding,
+                    at=round(time.time(), 3),
+                    error=None,
+                )
                 due = time.monotonic() + self.reassert_s
+
+
+def _binding(tunnel: Tunnel) -> tuple[bool, str, IPv4Address | None]:
+    """What a client's binding depends on."""
+    return tunnel.connected, tunnel.interface, tunnel.address_v4
 
 
 def _is_loopback(url: str) -> bool:
@@ -373,6 +605,7 @@ class TorrentOptions(PluginOptions):
     retry_s: Annotated[float, Field(ge=0.1, le=3600)] = 2
     timeout_s: Annotated[float, Field(ge=0.5, le=120)] = 10
     verify_listening: bool | None = None  # default: true for a loopback url
+    bind_to_tunnel: bool = True  # the client's own binding: the tunnel interface (or its address)
     # The user (name or uid) the client runs as; held as its uid.
     api_user: int | None = None
 
@@ -404,5 +637,17 @@ class TransmissionOptions(TorrentOptions):
     url: str = "http://127.0.0.1:9091/transmission/rpc"
 
 
+class DelugeOptions(TorrentOptions):
+    url: str = "http://127.0.0.1:8112/json"  # deluge-web's JSON-RPC
+    daemon: str = "127.0.0.1:58846"  # deluged, as deluge-web's host list names it
+
+    @model_validator(mode="after")
+    def _password(self) -> DelugeOptions:
+        if self.password_file is None and self.password_env is None:
+            raise ValueError("set password_file or password_env (deluge-web's password)")
+        return self
+
+
 qbittorrent = PluginSpec(QBittorrentOptions, lambda options: PortPusher(QBittorrent(options), options))
 transmission = PluginSpec(TransmissionOptions, lambda options: PortPusher(Transmission(options), options))
+deluge = PluginSpec(DelugeOptions, lambda options: PortPusher(Deluge(options), options))

@@ -251,6 +251,7 @@ async def _serve_metrics(
             failures=dict(runtime.status.failures),
             lock_counters=dict(report.lock.counters),
             lock_restores=lock.restores,
+            inbound_packets=dict(report.lock.inbound),
         )
 
     await metrics.serve(str(address.host), address.port, snapshot, task_status=task_status)
@@ -401,6 +402,7 @@ def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginH
         stall_timeout_s=section.stall_timeout_s,
         backoff_initial_s=section.backoff_initial_s,
         backoff_max_s=section.backoff_max_s,
+        post=runtime.post,
     )
 
 

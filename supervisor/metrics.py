@@ -56,6 +56,7 @@ class Snapshot:
     failures: Mapping[str, int] = field(default_factory=dict)  # failures declared, per server
     lock_counters: Mapping[str, int] = field(default_factory=dict)  # packets the lock refused
     lock_restores: int = 0  # times the guard put a tampered lock back
+    inbound_packets: Mapping[str, int] = field(default_factory=dict)  # per "port/protocol" (LockState)
 
 
 def _families(snap: Snapshot) -> Iterator[Metric]:
@@ -158,16 +159,27 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
         "Times the lock was changed or deleted by someone else and put back.",
         value=snap.lock_restores,
     )
-    yield from _port_forwarding_families(status)
+    yield from _port_forwarding_families(status, snap.inbound_packets)
 
 
-def _port_forwarding_families(status: Mapping[str, Any]) -> Iterator[Metric]:
-    """The forwarded port, its age, and per plugin its last push result and restarts."""
+def _port_forwarding_families(status: Mapping[str, Any], inbound: Mapping[str, int]) -> Iterator[Metric]:
+    """The forwarded port, its age, the connections it got, per plugin its last push result and
+    restarts."""
     yield GaugeMetricFamily(
         "tunlock_forwarded_port",
         "The port the provider forwards through the tunnel (0 when none).",
         value=status.get("forwarded_port") or 0,
     )
+    reached = CounterMetricFamily(
+        "tunlock_forwarded_port_inbound_packets",
+        "Packets that opened a connection to a forwarded port through the tunnel, as the lock "
+        "counted them since the port was accepted; a port nobody reaches stops growing.",
+        labels=["port", "protocol"],
+    )
+    for key, packets in sorted(inbound.items()):
+        port, _, protocol = key.partition("/")
+        reached.add_metric([port, protocol], packets)
+    yield reached
     if status.get("forwarded_age_s") is not None:
         yield GaugeMetricFamily(
             "tunlock_forwarded_port_age_seconds",

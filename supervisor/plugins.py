@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from supervisor.errors import ConfigError, Problem, describe
 from supervisor.log import get_logger
+from supervisor.machine import events as ev
 from supervisor.servers import IPAddress, IPInterface, Server
 from supervisor.status import JSON
 
@@ -223,6 +224,22 @@ class PluginContext:
         was just left."""
         await self._host._changed.wait()
 
+    async def server_unfit(self, reason: str) -> None:
+        """The connected server cannot give what this plugin requires (a forwarded port that the
+        user made ``required``): the machine leaves it like a failed server, or stays on it, saying
+        so, when no other server is left to try. Only about the connection in the current view."""
+        tunnel = self.view.tunnel
+        if tunnel.connected and tunnel.server is not None:
+            server = tunnel.server
+            await self._host.post_event(lambda now: ev.ServerUnfit(now, server, f"{self.name}: {reason}"))
+
+    async def port_granted(self) -> None:
+        """The connected server forwarded a port: rotation prefers it from now on."""
+        tunnel = self.view.tunnel
+        if tunnel.connected and tunnel.server is not None:
+            server = tunnel.server
+            await self._host.post_event(lambda now: ev.PortGranted(now, server))
+
     def report(self, **fields: JSON) -> None:
         """Fields shown under ``plugins.<name>`` in ``tunlock status --json`` and the metrics."""
         self._host.report_of(self.name).update(fields)
@@ -261,8 +278,12 @@ class PluginHost:
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        post: Callable[[Callable[[float], ev.Event]], Awaitable[None]] | None = None,
     ) -> None:
+        """``post``: the runtime's inbox (``Runtime.post``), for what plugins tell the machine
+        (``PluginContext.server_unfit``, ``port_granted``); None: nothing is told."""
         self.lock = lock
+        self._post = post
         self.interface = interface
         self.server_of = server_of
         self.stall_timeout_s = stall_timeout_s
@@ -345,6 +366,10 @@ class PluginHost:
             return  # a request from a connection that is gone
         self._requested[name] = pairs
         self._lock_wake.set()
+
+    async def post_event(self, make: Callable[[float], ev.Event]) -> None:
+        if self._post is not None:
+            await self._post(make)
 
     def report_of(self, name: str) -> dict[str, JSON]:
         """``name``'s report, to update (the plugin's fields, the host's ``restarts``)."""

@@ -88,6 +88,11 @@ class StatusReport:
             namespace=namespace,
         )
 
+    def inbound_packets(self) -> int:
+        """The lock's count for the forwarded ports (every protocol), since they were accepted."""
+        ports = {str(p) for p in self.forwarded.ports} if self.forwarded else set()
+        return sum(n for key, n in self.lock.inbound.items() if key.split("/")[0] in ports)
+
     def as_json(self, now: float | None = None) -> dict[str, JSON]:
         """The ``status --json`` contract; ``now`` (wall clock) for the ages, default now."""
         now = time.time() if now is None else now
@@ -106,6 +111,7 @@ class StatusReport:
                 "owned": self.lock.owned,
                 "egress": list(self.lock.egress),
                 "bypass": [dict(w) for w in self.lock.bypass],
+                "inbound": dict(self.lock.inbound),
             },
             "since": round(self.since, 3),
             "reason": self.reason,
@@ -117,6 +123,9 @@ class StatusReport:
             "forwarded_port": fw.port if fw else None,
             "forwarded_ports": list(fw.ports) if fw else [],
             "forwarded_age_s": round(max(0.0, now - fw.since), 1) if fw else None,
+            # Connections opened to the forwarded port(s) through the tunnel, as the lock counted
+            # them: a number that stops growing is a port nobody reaches any more.
+            "forwarded_inbound_packets": self.inbound_packets() if fw else None,
             "plugins": {name: dict(report) for name, report in self.plugins.items()},
             "namespace": self.namespace,
         }

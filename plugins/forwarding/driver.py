@@ -12,6 +12,17 @@ left is abandoned at the failover. At ``stopping`` the lease is released.
 A refused port is released to the provider, logged, shown as ``refused`` in the status and
 asked for again when a renewal would have been due.
 
+Each connection's first request suggests the port held before (``suggested_port``): a provider
+that can keep it (NAT-PMP's suggested external port) gives it back, and then neither the torrent
+client nor the peers' caches need a change; the status says whether the port changed.
+
+With ``required = true`` the user needs the port (a seedbox nobody reaches is no seedbox): while
+a connection has no port, each request that fails after the provider's tries (a gateway that
+refuses or stays silent) makes the host tell the machine its server is unfit
+(``PluginContext.server_unfit``), which leaves it like a failed server, or stays on it when no
+other can be tried; the first grant of each connection tells it the server forwards ports
+(``port_granted``), which rotation prefers.
+
 Time is the event loop's clock (``anyio.current_time``) unless a clock is given: the unit tests
 run the driver on a virtual clock, so its minutes of leases and retries take milliseconds.
 """
@@ -50,6 +61,7 @@ class ForwardingOptions(PluginOptions):
     listeners: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=lambda: list(trust.DEFAULT_LISTENERS)
     )
+    required: bool = False  # true: a server that forwards no port is left like a dead one
 
     @field_validator("allowed_ports", mode="before")
     @classmethod
@@ -87,6 +99,7 @@ class PortForwarding:
         self.servers = frozenset(options.servers)
         self.allowed_ports = options.port_ranges
         self.listeners = frozenset(options.listeners)
+        self.required = options.required
         self.clock = clock or anyio.current_time
         self.wall = wall
 
@@ -110,8 +123,10 @@ class PortForwarding:
         expires = math.inf  # when ``held`` runs out unrenewed, on ``self.clock``
         due: float | None = None  # when to ask the provider next, on ``self.clock``
         retry = RETRY_INITIAL_S
+        previous: int | None = None  # the last port held, on any connection: asked for again
+        granted_here = False  # ``session`` got a port at least once
         tunnel = ctx.view.tunnel
-        ctx.report(provider=self.provider.name, port=None)
+        ctx.report(provider=self.provider.name, port=None, required=self.required)
         while True:
             view = await ctx.next(None if due is None else due - self.clock())
             if view is not None:
@@ -129,21 +144,26 @@ class PortForwarding:
                 continue  # the same connection, and nothing due: nothing to do
             if session != tunnel.session:
                 session, held, retry = tunnel.session, None, RETRY_INITIAL_S
+                granted_here = False
             try:
                 if held is None:
-                    asking = functools.partial(self.provider.obtain, tunnel, None)
+                    asking = functools.partial(self.provider.obtain, tunnel, previous)
                 else:
                     asking = functools.partial(self.provider.renew, tunnel, held)
                 lease = await self._while_connected(ctx, tunnel, asking)
             except NotForwardedHere as err:
                 ctx.report(last_error=describe(err), last_error_at=round(self.wall(), 3))
                 due = None  # nothing to retry before the next connection
+                if not granted_here:
+                    await self._unfit(ctx, tunnel, err)
                 continue
             except (OSError, ForwardingError) as err:
                 ctx.log.warning(
                     "port forwarding failed", provider=self.provider.name, error=describe(err), retry_s=retry
                 )
                 ctx.report(last_error=describe(err), last_error_at=round(self.wall(), 3))
+                if not granted_here:
+                    await self._unfit(ctx, tunnel, err)
                 if held is not None and self.clock() >= expires:
                     # The lease ran out unrenewed: its ports no longer reach us; stop announcing them.
                     ctx.log.warning("forwarded port expired", port=held.port)
@@ -175,13 +195,22 @@ class PortForwarding:
                 due = self.clock() + (self._renew_after(lease) or REJUDGE_S)  # asked again as a renewal
                 continue
             if new:
+                changed = previous is not None and lease.port != previous
                 ctx.log.info(
                     "port forwarded",
                     port=lease.port,
                     server=tunnel.server,
                     lifetime_s=lease.lifetime_s,
                     provider=self.provider.name,
+                    previous_port=previous,
+                    port_changed=changed,
                 )
+                ctx.report(previous_port=previous, port_changed=changed)
+                previous = lease.port
+            if not granted_here:
+                granted_here = True
+                if self.required:
+                    await ctx.port_granted()
             held = lease
             expires = math.inf if lease.lifetime_s is None else self.clock() + lease.lifetime_s
             await ctx.forward_ports(lease.ports)
@@ -197,6 +226,17 @@ class PortForwarding:
             )
             renew_after = self._renew_after(lease)
             due = None if renew_after is None else self.clock() + renew_after
+
+    async def _unfit(self, ctx: PluginContext, tunnel: Tunnel, err: Exception) -> None:
+        """With ``required``: tell the machine this connection's server forwards no port, at each
+        failed try while it has none (a server whose cooldown ran out may be tried meanwhile);
+        the reason goes into the status too."""
+        if not self.required:
+            return
+        reason = f"no forwarded port: {describe(err)}"
+        ctx.log.warning("server unfit: it forwards no port", server=tunnel.server, reason=reason)
+        ctx.report(unfit={"server": tunnel.server, "reason": reason, "at": round(self.wall(), 3)})
+        await ctx.server_unfit(reason)
 
     @staticmethod
     def _renew_after(lease: Lease) -> float | None:

@@ -6,8 +6,10 @@ the driver's (``plugins.forwarding.driver``), shared with every other provider.
 
 Providers such as Proton forward the external port to the *same* port on the tunnel address,
 so the external port is the one a torrent client must listen on. The first request of a
-connection asks for internal port ``internal_port`` (0 by default) and suggests external port 1,
-which is Proton's documented ``natpmpc -a 1 0 udp 60``; a refresh suggests the port it holds.
+connection asks for internal port ``internal_port`` (0 by default) and suggests the external port
+held before (a gateway that can keep it gives it back: the torrent client and the peers need no
+change), or 1 at the very first, which is Proton's documented ``natpmpc -a 1 0 udp 60``; a
+refresh suggests the port it holds.
 """
 
 from __future__ import annotations

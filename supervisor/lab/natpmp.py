@@ -7,11 +7,13 @@ came from, through the tunnel (DNAT in a table of its own). A request with lifet
 mapping up. The control file (JSON, re-read at every request, written by the test) says how to
 behave::
 
-    {"mode": "ok" | "refuse" | "silent", "port": 40001, "keep": false}
+    {"mode": "ok" | "refuse" | "silent", "port": 40001, "keep": false, "suggested": false}
 
 The granted port is the control file's whatever the client asked for, as a hostile or broken
 gateway may grant any port (22, say); ``keep`` makes it ignore unmap requests and go on
 forwarding, so that only the client's lock stands between the port and the internet.
+``suggested`` makes it grant the suggested external port when that is one of 1024-65535 (a
+gateway that can give a client its port back), and the control file's otherwise.
 
 The messages are packed here with ``struct`` from the RFC's tables, not with tunlock's codec,
 so that the lab does not merely mirror the client under test; Debian's ``natpmpc`` checks it.
@@ -80,11 +82,16 @@ def main(argv: list[str]) -> int:
             public = socket.inet_aton(settings.get("public", "198.51.100.6"))
             reply = struct.pack("!BBHI", 0, 128, result, epoch) + public
         elif op in (1, 2) and len(data) >= 12:
-            internal, _suggested, lifetime = struct.unpack_from("!HHI", data, 4)
-            port = settings["port"] if result == 0 and lifetime else 0
+            internal, suggested, lifetime = struct.unpack_from("!HHI", data, 4)
+            wanted = (
+                suggested if settings.get("suggested") and 1024 <= suggested <= 65535 else settings["port"]
+            )
+            port = wanted if result == 0 and lifetime else 0
             granted = min(lifetime, 3600)
             if result == 0 and lifetime:
-                state["maps"].append({"op": op, "port": port, "lifetime": granted, "from": source})
+                state["maps"].append(
+                    {"op": op, "port": port, "lifetime": granted, "from": source, "suggested": suggested}
+                )
                 if state["forwarded"] != [port, source]:
                     forward(port, source, settings.get("extra", []))
                     state["forwarded"] = [port, source]

@@ -19,11 +19,13 @@ from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import (
     COUNTERS,
     EGRESS_COUNTER,
+    TUNNEL_INBOUND_SET,
     fingerprint,
     render,
     render_endpoint_swap,
     render_tunnel_inbound_swap,
 )
+from supervisor.lock.state import INBOUND_PREFIX
 from supervisor.safety import ensure_safe_to_lock
 from supervisor.servers import Endpoint
 
@@ -108,14 +110,28 @@ def _counters(text: str) -> dict[str, int]:
     }
 
 
+def _inbound_counters(text: str) -> dict[str, int]:
+    """Packets per element of the tunnel_inbound set, as ``"inbound:40001/tcp"`` keys (see
+    ``LockState``)."""
+    block = re.search(rf"set {TUNNEL_INBOUND_SET} \{{(.*?)\n\s*\}}", text, re.S)
+    if block is None:
+        return {}
+    return {
+        f"{INBOUND_PREFIX}{port}/{protocol}": int(packets)
+        for protocol, port, packets in re.findall(r"(tcp|udp) \. (\d+) counter packets (\d+)", block.group(1))
+    }
+
+
 def reading(table: str) -> tuple[str, dict[str, int]]:
     """One listing of the table: as a tamper check compares it (counters zeroed), and its counters."""
     return parse_reading(_nft(["list", "table", "inet", table]))
 
 
 def parse_reading(text: str) -> tuple[str, dict[str, int]]:
-    """A table's listing as a tamper check compares it (counters zeroed), and its counters."""
-    return re.sub(r"packets \d+ bytes \d+", "packets 0 bytes 0", text), _counters(text)
+    """A table's listing as a tamper check compares it (counters zeroed), and its counters: the
+    named ones and, under ``INBOUND_PREFIX``, each forwarded port's (``LockState.inbound``)."""
+    counters = _counters(text) | _inbound_counters(text)
+    return re.sub(r"packets \d+ bytes \d+", "packets 0 bytes 0", text), counters
 
 
 def listing(table: str) -> str:

@@ -323,7 +323,9 @@ def _table_body(policy: LockPolicy) -> str:
     add(f"\tset tunnel_dns4 {{ type ipv4_addr;{_elements(dns4)} }}")
     add(f"\tset tunnel_dns6 {{ type ipv6_addr;{_elements(dns6)} }}")
     inbound = map(_inbound_element, policy.tunnel_inbound)
-    add(f"\tset {TUNNEL_INBOUND_SET} {{ type inet_proto . inet_service;{_elements(inbound)} }}")
+    # A counter per forwarded port: the packets that opened a connection to it (the later ones
+    # pass as established before the set is consulted), so that a port nobody reaches shows.
+    add(f"\tset {TUNNEL_INBOUND_SET} {{ type inet_proto . inet_service; counter;{_elements(inbound)} }}")
     add(f"\tset lan4 {{ type ipv4_addr; flags interval;{_elements(lan4)} }}")
     add(f"\tset lan6 {{ type ipv6_addr; flags interval;{_elements(lan6)} }}")
     add(f"\tset onlink6 {{ type ipv6_addr; flags interval;{_elements(onlink6)} }}")

@@ -6,6 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+# A reading of the table hands every counter in one mapping; those of the forwarded ports'
+# set carry this prefix and go to ``LockState.inbound``.
+INBOUND_PREFIX = "inbound:"
+
 
 @dataclass(frozen=True)
 class LockState:
@@ -15,8 +19,9 @@ class LockState:
     last installed; ``owned``: the flush-proof twin is held; ``counters``: packets refused per
     named counter of the ordinary table; ``egress``: the uplinks the egress chain holds;
     ``bypass``: workloads whose frames skip the host's netfilter (supervisor.net.bypass), each
-    as kind, interface and detail. The default is what an unreadable lock is taken for: not
-    installed."""
+    as kind, interface and detail; ``inbound``: per forwarded port (``"40001/tcp"``) the packets
+    that opened a connection to it through the tunnel. The default is what an unreadable lock is
+    taken for: not installed."""
 
     installed: bool = False
     matching: bool = False
@@ -24,7 +29,12 @@ class LockState:
     counters: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     egress: tuple[str, ...] = ()
     bypass: tuple[Mapping[str, str], ...] = ()
+    inbound: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "counters", MappingProxyType(dict(self.counters)))
+        counters, inbound = dict(self.counters), dict(self.inbound)
+        for key in [k for k in counters if k.startswith(INBOUND_PREFIX)]:
+            inbound[key.removeprefix(INBOUND_PREFIX)] = counters.pop(key)
+        object.__setattr__(self, "counters", MappingProxyType(counters))
+        object.__setattr__(self, "inbound", MappingProxyType(inbound))
         object.__setattr__(self, "bypass", tuple(MappingProxyType(dict(w)) for w in self.bypass))

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev
 from supervisor.machine.liveness import Liveness, Verdict
-from supervisor.machine.rotation import backoff, choose, eligible
+from supervisor.machine.rotation import backoff, choose, eligible, preferred
 from supervisor.machine.states import (
     Blocked,
     Connected,
@@ -152,7 +152,7 @@ def _pick_and_connect(
     candidates = eligible(
         ctx.settings, ctx.reachable, ctx.cooling, now, exclude=exclude, ignore_cooldown=ignore_cooldown
     )
-    server, rng = choose(ctx.settings, candidates, ctx.last_server, ctx.rng)
+    server, rng = choose(ctx.settings, preferred(candidates, ctx.granted), ctx.last_server, ctx.rng)
     m = Machine(m.state, replace(ctx, rng=rng))
     if server is None:
         return enter_blocked(m, now)
@@ -528,6 +528,48 @@ def reload_while_tunnelled(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, A
     return _follow_paths(m, e.now, server)
 
 
+@leads_to(STAYS, Connecting)
+def unfit_while_connected(m: Machine, e: ev.ServerUnfit) -> tuple[Machine, Actions]:
+    """The server forwards no port though the user requires one: leave it like a failed server
+    (cooldown, the reason in the status) for another that is not cooling down and not known to
+    forward none. With none left to try, stay connected (the tunnel still protects) and say so;
+    the plugin reports again at each of its retries, and a server whose cooldown ran out is
+    tried then."""
+    state = m.state
+    assert isinstance(state, Connected)
+    if e.server != state.server:
+        return m, []  # about a connection already left
+    ctx = m.context
+    last = ctx.last_failure
+    repeated = last is not None and (last.server, last.reason) == (e.server, e.reason)
+    ctx = replace(
+        ctx,
+        unfit=ctx.unfit | {e.server},
+        granted=ctx.granted - {e.server},
+        cooling=ctx.cooled(e.server, e.now + ctx.settings.cooldown_s),
+        last_failure=last if repeated else Failure(e.now, e.server, e.reason),
+    )
+    m = Machine(state, ctx)
+    if [s for s in eligible(ctx.settings, ctx.reachable, ctx.cooling, e.now) if s not in ctx.unfit]:
+        return _pick_and_connect(m, e.now, f"{e.server} is unfit: {e.reason}", exclude=tuple(ctx.unfit))
+    if repeated:
+        return m, []  # said already
+    if set(ctx.settings.servers) <= ctx.unfit:
+        why = "no server forwards a port"
+    else:
+        why = "no other server can be tried now"
+    return m, [_publish(state, f"{e.server} is unfit ({e.reason}); {why}: staying connected without it")]
+
+
+@leads_to(STAYS)
+def note_port_granted(m: Machine, e: ev.PortGranted) -> tuple[Machine, Actions]:
+    """Remember that ``server`` forwards ports: rotation tries such servers first."""
+    ctx = m.context
+    if e.server not in ctx.settings.servers:
+        return m, []
+    return Machine(m.state, replace(ctx, granted=ctx.granted | {e.server}, unfit=ctx.unfit - {e.server})), []
+
+
 @leads_to(STAYS, Connecting, Blocked)
 def reload_while_offline(m: Machine, e: ev.ConfigReloaded) -> tuple[Machine, Actions]:
     """Forget a resume server no longer listed; connect if a listed server has a path now.
@@ -570,7 +612,16 @@ def _with_settings(m: Machine, e: ev.ConfigReloaded) -> Machine:
     last = ctx.last_server if ctx.last_server in known else None
     reachable = ctx.reachable if e.reachable is None else e.reachable
     return Machine(
-        m.state, replace(ctx, settings=e.settings, cooling=cooling, last_server=last, reachable=reachable)
+        m.state,
+        replace(
+            ctx,
+            settings=e.settings,
+            cooling=cooling,
+            last_server=last,
+            reachable=reachable,
+            granted=ctx.granted & known,
+            unfit=ctx.unfit & known,
+        ),
     )
 
 
@@ -592,6 +643,8 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.RotateRequested: request_while_blocked,
         ev.ReconnectRequested: request_while_blocked,
         ev.ConfigReloaded: reload_while_blocked,
+        ev.ServerUnfit: ignore,
+        ev.PortGranted: note_port_granted,
     },
     Connecting: {
         ev.Start: ignore,
@@ -608,6 +661,8 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.RotateRequested: rotate_while_tunnelled,
         ev.ReconnectRequested: reconnect_while_tunnelled,
         ev.ConfigReloaded: reload_while_tunnelled,
+        ev.ServerUnfit: ignore,
+        ev.PortGranted: note_port_granted,
     },
     Connected: {
         ev.Start: ignore,
@@ -624,6 +679,8 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.RotateRequested: rotate_while_tunnelled,
         ev.ReconnectRequested: reconnect_while_tunnelled,
         ev.ConfigReloaded: reload_while_tunnelled,
+        ev.ServerUnfit: unfit_while_connected,
+        ev.PortGranted: note_port_granted,
     },
     Offline: {
         ev.Start: ignore,
@@ -640,6 +697,8 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.RotateRequested: ignore,
         ev.ReconnectRequested: ignore,
         ev.ConfigReloaded: reload_while_offline,
+        ev.ServerUnfit: ignore,
+        ev.PortGranted: note_port_granted,
     },
     Stopped: {event_type: ignore for event_type in ev.EVENT_TYPES},
 }

@@ -131,6 +131,25 @@ class ConfigReloaded:
     reachable: frozenset[str] | None = None
 
 
+@dataclass(frozen=True)
+class ServerUnfit:
+    """``server`` cannot give what the user requires of a connection: with ``[plugins.natpmp]
+    required = true``, its gateway refused a port or stayed silent through the plugin's tries.
+    Posted by the plugin host; the machine leaves the server like a failed one."""
+
+    now: float
+    server: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PortGranted:
+    """``server`` forwarded a port (posted when forwarding is required): rotation prefers it."""
+
+    now: float
+    server: str
+
+
 Event = (
     Start
     | Stop
@@ -146,5 +165,7 @@ Event = (
     | RotateRequested
     | ReconnectRequested
     | ConfigReloaded
+    | ServerUnfit
+    | PortGranted
 )
 EVENT_TYPES: tuple[type, ...] = get_args(Event)

@@ -46,6 +46,13 @@ def eligible(
     ]
 
 
+def preferred(candidates: list[str], granted: frozenset[str]) -> list[str]:
+    """The candidates that forwarded a port before, if any of them is one; else all of them: a
+    seedbox that needs a forwarded port tries first where it got one."""
+    chosen = [name for name in candidates if name in granted]
+    return chosen or candidates
+
+
 def choose(settings: Settings, candidates: list[str], after: str | None, rng: int) -> tuple[str | None, int]:
     """Pick from ``candidates``: the next after ``after`` in config order, or one at random."""
     if not candidates:

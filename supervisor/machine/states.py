@@ -108,6 +108,10 @@ class Context:
     last_failure: Failure | None = None
     rng: int = 0
     last_event_at: float | None = None  # the latest event's time: a long gap after it was a suspension
+    # Servers that forwarded a port (rotation prefers them) and those found unfit since (no port:
+    # ``ServerUnfit``); both only ever filled when the user requires port forwarding.
+    granted: frozenset[str] = frozenset()
+    unfit: frozenset[str] = frozenset()
 
     def cooled(self, server: str, until: float) -> MappingProxyType[str, float]:
         return MappingProxyType({**self.cooling, server: until})

@@ -39,12 +39,19 @@ def start_gateways(lab: Lab, ports: dict[int, int]) -> None:
 
 
 def set_gateway(
-    lab: Lab, index: int, mode: str, port: int, extra: tuple[int, ...] = (), keep: bool = False
+    lab: Lab,
+    index: int,
+    mode: str,
+    port: int,
+    extra: tuple[int, ...] = (),
+    keep: bool = False,
+    suggested: bool = False,
 ) -> None:
-    """How the gateway of server ``index`` answers: ``port`` whatever is asked; ``keep``: it goes
-    on forwarding after an unmap, as a hostile gateway would."""
+    """How the gateway of server ``index`` answers: ``port`` whatever is asked (``suggested``:
+    the suggested port when it is one of 1024-65535); ``keep``: it goes on forwarding after an
+    unmap, as a hostile gateway would."""
     path = _control(lab, index)
-    settings = {"mode": mode, "port": port, "extra": list(extra), "keep": keep}
+    settings = {"mode": mode, "port": port, "extra": list(extra), "keep": keep, "suggested": suggested}
     path.with_suffix(".tmp").write_text(json.dumps(settings))
     path.with_suffix(".tmp").replace(path)
 

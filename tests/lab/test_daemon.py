@@ -71,6 +71,7 @@ def test_connects_reports_status_and_keeps_the_lock_when_stopped(
         "owned": True,
         "egress": ["wan0"],  # every frame leaving the uplink passes the lock's egress chain
         "bypass": [],
+        "inbound": {},  # no forwarded port
     }
     human = tunlock(lab, "status")
     assert "state:     connected" in human.stdout and "lock:      installed" in human.stdout

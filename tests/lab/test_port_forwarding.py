@@ -68,6 +68,7 @@ def test_natpmpc_gets_the_port_from_the_lab_gateway_through_the_tunnel(lab: LabU
             "port": 40001,
             "lifetime": 60,
             "from": "10.99.0.2",
+            "suggested": 1,
         }
         set_gateway(lab.lab, 1, "refuse", 40001)
         out = natpmpc(lab, "-a", "1", "0", "tcp", "60")
@@ -220,7 +221,8 @@ def tunnel_inbound(lab: LabUnderTest) -> set[int]:
         lab.lab.run("client", "nft", "-j", "list", "set", "inet", "tunlock", "tunnel_inbound")
     )
     elements = [e for item in answer["nftables"] if "set" in item for e in item["set"].get("elem", [])]
-    return {e["concat"][1] for e in elements}
+    # Each element carries its counter: {"elem": {"val": {"concat": [...]}, "counter": {...}}}.
+    return {e["elem"]["val"]["concat"][1] for e in elements}
 
 
 def test_a_gateway_granting_ssh_or_a_busy_port_exposes_nothing_the_torrent_clients_port_works(

@@ -1,9 +1,10 @@
-"""A real qBittorrent (qbittorrent-nox) and a real Transmission (transmission-daemon) kept on the
-forwarded port: after start, after a failover that brings a new port, after the provider changes
-the port mid-session, and after the torrent client itself restarts on its old port.
+"""A real qBittorrent (qbittorrent-nox), a real Transmission (transmission-daemon) and a real Deluge
+(deluged behind deluge-web) kept on the forwarded port and bound to the tunnel: after start,
+after a failover that brings a new port, after the provider changes the port mid-session, and
+after the torrent client itself restarts on its old port.
 
 "Listening" is read from the kernel's socket table in the client namespace. The seconds from a
-failover to both clients listening on the new port are printed (noisy; bench/ has no figure
+failover to each client listening on the new port are printed (noisy; bench/ has no figure
 for it yet).
 """
 
@@ -18,27 +19,36 @@ import time
 import pytest
 
 from supervisor.lab import faults
+from supervisor.lab.probes import describe
 from tests.lab.conftest import LabUnderTest
 from tests.lab.seedbox import QUICK, connect, listen, set_gateway, start_gateways, wait_until, write_config
-from tests.lab.torrent_clients import QBT_PASSWORD as QBT_SECRET
 from tests.lab.torrent_clients import (
+    DELUGE_DAEMON_PORT,
+    DELUGE_PASSWORD,
+    DELUGE_WEB_PORT,
     QBT_USER,
     QBT_WEBUI_PORT,
     TRANSMISSION_PASSWORD,
     TRANSMISSION_RPC_PORT,
     TRANSMISSION_USER,
+    deluge_config,
+    listening_addresses,
     listening_ports,
+    qbittorrent_preferences,
+    start_deluge,
     start_qbittorrent,
     start_transmission,
     stop,
+    transmission_session,
     write_secret,
 )
+from tests.lab.torrent_clients import QBT_PASSWORD as QBT_SECRET
 
 pytestmark = pytest.mark.lab(servers=2, per_test=True)
 
 
 CLIENTS = {
-    # name: (start, API port, plugin options)
+    # name: (start, API port, plugin options, the torrent process's own other port)
     "qbittorrent": (
         start_qbittorrent,
         QBT_WEBUI_PORT,
@@ -48,6 +58,7 @@ CLIENTS = {
         password_file = "{password_file}"
         reassert_s = 1
         """,
+        QBT_WEBUI_PORT,
     ),
     "transmission": (
         start_transmission,
@@ -58,16 +69,31 @@ CLIENTS = {
         password_env = "SEEDBOX_TRANSMISSION_PASSWORD"
         reassert_s = 1
         """,
+        TRANSMISSION_RPC_PORT,
+    ),
+    "deluge": (
+        start_deluge,
+        DELUGE_WEB_PORT,
+        """
+        url = "http://127.0.0.1:{api}/json"
+        password_env = "SEEDBOX_DELUGE_PASSWORD"
+        reassert_s = 1
+        """,
+        DELUGE_DAEMON_PORT,  # deluged's own RPC (deluge-web is another process)
     ),
 }
+PASSWORDS = {
+    "SEEDBOX_TRANSMISSION_PASSWORD": TRANSMISSION_PASSWORD,
+    "SEEDBOX_DELUGE_PASSWORD": DELUGE_PASSWORD,
+}
+SECRETS = {"qbittorrent": QBT_SECRET, "transmission": TRANSMISSION_PASSWORD, "deluge": DELUGE_PASSWORD}
 
 
 @pytest.mark.parametrize("client", sorted(CLIENTS))
 def test_torrent_client_follows_the_forwarded_port(lab: LabUnderTest, client: str) -> None:
     """One client per host, as on a real seedbox (two cannot both listen on the forwarded port)."""
-    start, api_port, options = CLIENTS[client]
+    start, api_port, options, own_port = CLIENTS[client]
     start_gateways(lab.lab, {1: 40001, 2: 40002})
-    proc = start(lab.lab)
     password_file = write_secret(lab.lab, "qbt-password", QBT_SECRET)
     user = QBT_USER if client == "qbittorrent" else TRANSMISSION_USER
     config = write_config(
@@ -85,17 +111,22 @@ def test_torrent_client_follows_the_forwarded_port(lab: LabUnderTest, client: st
     )
 
     def on_port(port: int) -> bool:
-        return listening_ports(lab.lab, proc.pid, api_port) == {port}
+        return listening_ports(lab.lab, proc.pid, own_port) == {port}
 
-    wait_until(lambda: listening_ports(lab.lab, proc.pid, api_port), f"{client} listening")
     mark = lab.observer.mark()
-    env = {**QUICK, "SEEDBOX_TRANSMISSION_PASSWORD": TRANSMISSION_PASSWORD}
+    env = {**QUICK, **PASSWORDS}
     with lab.daemon(env=env, config=config) as daemon:
         daemon.start()
+        # The client after the lock, as on a host that applies it at boot: deluged starts
+        # libtorrent's NAT-PMP and UPnP on every interface before it reads its own settings.
+        proc = start(lab.lab)
         wait_until(lambda: on_port(40001), f"{client} on 40001", 30)
-        daemon.wait_for(lambda s: s["plugins"][client].get("result") == "ok", 10, "the push reported")
+        status = daemon.wait_for(
+            lambda s: s["plugins"][client].get("result") == "ok", 10, "the push reported"
+        )
         vpn1, vpn2 = (s.endpoint_v4 for s in lab.lab.servers)
         assert connect(lab.lab, "inet", vpn1, 40001) == "connected", "a peer reaches the client"
+        assert_bound_to_the_tunnel(lab, client, proc.pid, status)
 
         killed = time.monotonic()
         faults.kill_server(lab.lab, "1")
@@ -119,7 +150,31 @@ def test_torrent_client_follows_the_forwarded_port(lab: LabUnderTest, client: st
         assert connect(lab.lab, "inet", vpn2, 40003) == "connected"
         daemon.wait_for(lambda s: s["plugins"][client].get("result") == "ok", 10, "the push reported")
     leaks = lab.observer.leaks(since=mark)
-    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel"
+    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+
+
+def assert_bound_to_the_tunnel(lab: LabUnderTest, client: str, pid: int, status: dict) -> None:
+    """The client's own setting names the tunnel (read from the client), and it listens there
+    only: on the tunnel's address, not on every address (the socket table)."""
+    tunnel = lab.lab.client_ifname
+    if client in ("qbittorrent", "deluge"):
+        addresses = listening_addresses(lab.lab, pid, 40001)
+        assert addresses and not addresses & {"0.0.0.0", "*", "[::]"}, addresses
+    if client == "qbittorrent":
+        assert qbittorrent_preferences(lab.lab)["current_network_interface"] == tunnel
+        assert status["plugins"][client]["bound"] == f"interface {tunnel}"
+    elif client == "deluge":
+        assert deluge_config(lab.lab, "listen_interface", "outgoing_interface") == {
+            "listen_interface": tunnel,
+            "outgoing_interface": tunnel,
+        }
+        assert status["plugins"][client]["bound"] == f"interface {tunnel}"
+    else:
+        session = transmission_session(lab.lab)
+        if "bind-address-ipv4" in session:  # pragma: no cover (Transmission 4)
+            assert session["bind-address-ipv4"] == "10.99.0.2"
+        else:  # Transmission 3.00 keeps it out of the RPC: said so in the status
+            assert status["plugins"][client]["bound"] == "unsupported"
 
 
 def test_qbittorrent_that_could_not_bind_the_port_is_made_to_bind_it_again(lab: LabUnderTest) -> None:
@@ -192,11 +247,11 @@ def test_no_password_reaches_another_user_listening_on_the_api_port(lab: LabUnde
     an unprivileged user (nobody) listens there. tunlock sends it nothing (neither qBittorrent's
     login nor Transmission's Basic credentials), says why in the status, and pushes the port
     once the real client, root's here, holds the API port again."""
-    start, api_port, options = CLIENTS[client]
+    start, api_port, options, own_port = CLIENTS[client]
     start_gateways(lab.lab, {1: 40001})
     password_file = write_secret(lab.lab, "qbt-password", QBT_SECRET)
     user = QBT_USER if client == "qbittorrent" else TRANSMISSION_USER
-    secret = QBT_SECRET if client == "qbittorrent" else TRANSMISSION_PASSWORD
+    secret = SECRETS[client]
     config = write_config(
         lab.lab,
         f"""
@@ -216,7 +271,7 @@ def test_no_password_reaches_another_user_listening_on_the_api_port(lab: LabUnde
         log.name,
     )  # fmt: skip
     wait_until(lambda: log.exists() and "listening" in log.read_text(), "nobody listening on the API port")
-    env = {**QUICK, "SEEDBOX_TRANSMISSION_PASSWORD": TRANSMISSION_PASSWORD}
+    env = {**QUICK, **PASSWORDS}
     mark = lab.observer.mark()
     with lab.daemon(env=env, config=config) as daemon:
         daemon.start()
@@ -237,7 +292,7 @@ def test_no_password_reaches_another_user_listening_on_the_api_port(lab: LabUnde
 
         stop(impostor)  # the real client comes up and takes its port
         proc = start(lab.lab)
-        wait_until(lambda: listening_ports(lab.lab, proc.pid, api_port) == {40001}, f"{client} on 40001", 30)
+        wait_until(lambda: listening_ports(lab.lab, proc.pid, own_port) == {40001}, f"{client} on 40001", 30)
         daemon.wait_for(lambda s: s["plugins"][client].get("result") == "ok", 20, "the push done")
     leaks = lab.observer.leaks(since=mark)
     assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel"

@@ -197,3 +197,99 @@ def test_static_ports_are_checked_against_what_may_be_forwarded():
     assert isinstance(plugin, PortForwarding)
     assert isinstance(plugin.provider, static.StaticPorts)
     assert plugin.provider.lease == Lease((51413, 51414), None)
+
+
+class Scripted:
+    """Answers each server as scripted: a port (kept when suggested, if ``keeps``) or an error;
+    records the suggestions."""
+
+    name = "scripted"
+
+    def __init__(self, answers: dict[str, int | Exception], keeps: bool = False) -> None:
+        self.answers = answers
+        self.keeps = keeps
+        self.suggested: list[int | None] = []
+
+    async def obtain(self, tunnel: Tunnel, suggested_port: int | None) -> Lease:
+        self.suggested.append(suggested_port)
+        answer = self.answers[tunnel.server or ""]
+        if isinstance(answer, Exception):
+            raise answer
+        return Lease((suggested_port if self.keeps and suggested_port else answer,), None)
+
+    async def renew(self, tunnel: Tunnel, lease: Lease) -> Lease:
+        return lease
+
+    async def release(self, tunnel: Tunnel, lease: Lease) -> None:
+        return None
+
+
+def told_host(plugin: PortForwarding, lock: FakeLock, told: list) -> PluginHost:
+    async def post(make) -> None:
+        told.append(make(0.0))
+
+    return PluginHost([("pf", plugin)], lock, interface="tl0", server_of=lambda n: FakeServer(), post=post)
+
+
+async def test_required_forwarding_tells_the_machine_of_a_server_without_a_port_at_each_try_and_of_grants():
+    from supervisor.machine import events as ev
+
+    provider = Scripted({"vpn1": 40001, "vpn2": ForwardingError("refused: not authorized"), "vpn3": 40003})
+    told: list = []
+    host = told_host(driver(provider, required=True), FakeLock(), told)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await wait_for(lambda: host.view.forwarded is not None)
+        publish(host, "connected", "vpn2")
+        await wait_for(lambda: len(told) == 2)
+        started = anyio.current_time()
+        await anyio.sleep(31)  # retried meanwhile (2, 4, 8, 16 s): told again at each try
+        unfit_report = as_object(reported(host, "pf")["unfit"])
+        assert unfit_report["server"] == "vpn2"
+        assert "refused: not authorized" in as_text(unfit_report["reason"])
+        assert anyio.current_time() - started >= 31
+        publish(host, "connected", "vpn3")
+        await wait_for(lambda: told[-1] == ev.PortGranted(0.0, "vpn3"))
+        await anyio.sleep(120)
+        tg.cancel_scope.cancel()
+    unfit = ev.ServerUnfit(0.0, "vpn2", "pf: no forwarded port: refused: not authorized")
+    assert told == [ev.PortGranted(0.0, "vpn1"), *[unfit] * 5, ev.PortGranted(0.0, "vpn3")]
+
+
+async def test_without_required_the_machine_hears_nothing():
+    provider = Scripted({"vpn1": ForwardingError("silent")})
+    told: list = []
+    host = told_host(driver(provider), FakeLock(), told)
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await anyio.sleep(120)
+        tg.cancel_scope.cancel()
+    assert told == [] and "unfit" not in reported(host, "pf")
+
+
+async def test_each_connection_asks_for_the_port_held_before_and_the_status_says_if_it_changed():
+    provider = Scripted({"vpn1": 40001, "vpn2": 40002}, keeps=True)
+    host = host_of(driver(provider), FakeLock())
+    async with anyio.create_task_group() as tg:
+        await tg.start(host.run)
+        publish(host, "connected", "vpn1")
+        await wait_for(lambda: host.view.forwarded is not None)
+        assert reported(host, "pf")["port_changed"] is False and reported(host, "pf")["previous_port"] is None
+        publish(host, "connected", "vpn2")  # a failover: the gateway keeps the port asked for
+        await wait_for(lambda: len(provider.suggested) == 2 and host.view.forwarded is not None)
+        forwarded = host.view.forwarded
+        assert forwarded is not None and forwarded.port == 40001
+        assert reported(host, "pf")["port_changed"] is False
+        provider.keeps = False  # a gateway that hands out its own port
+        publish(host, "connecting", "vpn1")
+        publish(host, "connected", "vpn1")
+        await wait_for(lambda: len(provider.suggested) == 3 and host.view.forwarded is not None)
+        report = reported(host, "pf")
+        assert report["port"] == 40001 and report["previous_port"] == 40001
+        publish(host, "connected", "vpn2")
+        await wait_for(lambda: host.view.forwarded is not None and host.view.forwarded.port == 40002)
+        assert reported(host, "pf")["port_changed"] is True
+        tg.cancel_scope.cancel()
+    assert provider.suggested == [None, 40001, 40001, 40001]

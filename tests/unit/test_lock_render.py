@@ -338,6 +338,9 @@ def test_tunnel_accepts_only_replies_and_the_ports_asked_for():
         'counter name "blocked_in" drop',
     ]
     assert "elements = { tcp . 51413, udp . 51413 }" in text
+    # Each forwarded port counts the connections it got (tunlock_forwarded_port_inbound_packets).
+    assert "set tunnel_inbound { type inet_proto . inet_service; counter; elements = {" in text
+    assert "set tunnel_inbound { type inet_proto . inet_service; counter;" in render_owned(policy)
 
 
 def test_tunnel_inbound_swap_is_element_changes_in_one_script():
@@ -655,3 +658,30 @@ def test_the_egress_table_sets_hold_what_the_inet_sets_of_the_same_name_hold(pol
         in_netdev, in_inet = declared.search(netdev), declared.search(inet)
         assert in_netdev is not None and in_inet is not None, name
         assert in_netdev.group(0) == in_inet.group(0), name
+
+
+# As nft 1.0.6 lists it (with tabs; the parsing does not depend on them).
+LISTED_INBOUND = """table inet tunlock {
+    comment "tunlock lock 0123456789abcdef"
+    set tunnel_inbound {
+        type inet_proto . inet_service
+        counter
+        elements = { tcp . 40001 counter packets 3 bytes 180,
+                 udp . 40001 counter packets 0 bytes 0 }
+    }
+    counter blocked_in {
+        packets 2 bytes 80
+    }
+}
+"""
+
+
+def test_a_reading_counts_the_packets_of_each_forwarded_port_apart_from_the_refused_ones():
+    from supervisor.lock.nft import parse_reading
+    from supervisor.lock.state import LockState
+
+    listed, counters = parse_reading(LISTED_INBOUND)
+    assert "packets 3" not in listed, "a tamper check compares the listing with its counters zeroed"
+    state = LockState(installed=True, counters=counters)
+    assert state.counters == {"blocked_in": 2}
+    assert state.inbound == {"40001/tcp": 3, "40001/udp": 0}

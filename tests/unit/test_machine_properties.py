@@ -20,7 +20,7 @@ from supervisor.machine import events as ev
 from supervisor.machine.core import TRANSITIONS, step, targets
 from supervisor.machine.rotation import nominal_backoff
 from supervisor.machine.settings import Settings
-from supervisor.machine.states import Blocked, Connected, Machine, Offline, Stopped
+from supervisor.machine.states import Blocked, Connected, Connecting, Machine, Offline, Stopped
 
 SERVERS = ("a", "b", "c", "d")
 # Names a reload may bring in: the monitor can report paths for them before the reload lands.
@@ -180,6 +180,15 @@ class MachineUnderEvents(RuleBasedStateMachine):
     @rule(server=st.sampled_from(SERVERS))
     def connect_failed(self, server: str) -> None:
         self.feed(ev.ConnectFailed(self.now, server, "refused"))
+
+    @rule(server=st.sampled_from(SERVERS), granted=st.booleans())
+    def port_forwarding(self, server: str, granted: bool) -> None:
+        event = ev.PortGranted(self.now, server) if granted else ev.ServerUnfit(self.now, server, "refused")
+        before = self.machine
+        self.feed(event)
+        if isinstance(event, ev.ServerUnfit) and before is not None and isinstance(before.state, Connected):
+            # Unfit is never worse than staying: the tunnel is not dropped for want of a port.
+            assert self.machine is not None and isinstance(self.machine.state, (Connected, Connecting))
 
     @rule()
     def tampered(self) -> None:

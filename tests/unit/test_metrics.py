@@ -173,6 +173,17 @@ def test_forwarded_port_its_age_and_each_clients_last_push():
     assert got[("tunlock_plugin_restarts_total", (("plugin", "natpmp"),))] == 1
 
 
+def test_the_packets_reaching_each_forwarded_port_through_the_lock_are_a_counter():
+    status = {**CONNECTED, "forwarded_port": 40001}
+    inbound = {"40001/tcp": 7, "40001/udp": 0}
+    got = samples(exposition(Snapshot(status=status, version="0.1.0", servers=1, inbound_packets=inbound)))
+    name = "tunlock_forwarded_port_inbound_packets_total"
+    assert got[(name, (("port", "40001"), ("protocol", "tcp")))] == 7
+    assert got[(name, (("port", "40001"), ("protocol", "udp")))] == 0
+    empty = samples(exposition(Snapshot(status=CONNECTED, version="0.1.0", servers=1)))
+    assert not any(key[0] == name for key in empty), "no forwarded port: no series"
+
+
 def test_no_forwarded_port_is_zero_and_no_age():
     got = samples(exposition(Snapshot(status=CONNECTED, version="0.1.0", servers=2)))
     assert got[("tunlock_forwarded_port", ())] == 0

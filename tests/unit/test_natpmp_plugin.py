@@ -108,13 +108,13 @@ async def test_maps_at_each_connection_refreshes_follows_a_change_and_unmaps_at_
         gateway.port = 40009
         await wait_for(lambda: host.view.forwarded is not None and host.view.forwarded.ports == (40009,))
         assert lock.calls[-1] == frozenset({("tcp", 40009), ("udp", 40009)})
-        # A failover: a new connection is mapped afresh (suggesting 1 again).
+        # A failover: a new connection is mapped afresh, suggesting the port held before.
         gateway.port = 40002
         before = len(gateway.calls)
         publish(host, "connecting", "vpn2")
         publish(host, "connected", "vpn2")
         await wait_for(lambda: host.view.forwarded is not None and host.view.forwarded.ports == (40002,))
-        assert gateway.calls[before] == ("udp", 1, 2)
+        assert gateway.calls[before] == ("udp", 40009, 2)
         # Stop: the mapping is given up while the tunnel still stands.
         await host.stopping(timeout=5)
         assert gateway.calls[-2:] == [("udp", 0, 0), ("tcp", 0, 0)]

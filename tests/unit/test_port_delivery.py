@@ -158,6 +158,46 @@ def test_torrent_wire_formats():
         torrent.transmission_port({"result": "denied"})
 
 
+def test_binding_to_the_tunnel_wire_formats():
+    body = torrent.qbittorrent_interface_body("tunlock0")
+    assert body == {"json": '{"current_network_interface": "tunlock0"}'}
+    assert torrent.qbittorrent_interface({"current_network_interface": ""}) == ""
+    with pytest.raises(torrent.PushError, match="current_network_interface"):
+        torrent.qbittorrent_interface({"listen_port": 1})
+    reply = {"result": "success", "arguments": {"bind-address-ipv4": "10.2.0.2"}}
+    assert torrent.transmission_bind_address(reply) == "10.2.0.2"
+    assert torrent.transmission_bind_address({"result": "success", "arguments": {}}) is None, "3.00"
+    with pytest.raises(torrent.PushError, match="denied"):
+        torrent.transmission_bind_address({"result": "denied"})
+    assert (
+        as_pusher(torrent.transmission({})).bind_to_tunnel
+        and not as_pusher(torrent.transmission({"bind_to_tunnel": False})).bind_to_tunnel
+    )
+
+
+def test_deluge_wire_formats():
+    assert torrent.deluge_request(3, "core.get_config_value", "listen_ports") == {
+        "method": "core.get_config_value",
+        "params": ["listen_ports"],
+        "id": 3,
+    }
+    assert torrent.deluge_set_config(40001) == {"listen_ports": [40001, 40001], "random_port": False}
+    assert torrent.deluge_port([40001, 40001]) == 40001
+    assert torrent.deluge_port([6881, 6891]) == 0, "a range is not the forwarded port"
+    assert torrent.deluge_result({"result": True, "error": None, "id": 1}, "auth.login") is True
+    with pytest.raises(torrent.DelugeNotAuthenticated):
+        torrent.deluge_result({"result": None, "error": {"message": "Not authenticated", "code": 1}}, "x")
+    with pytest.raises(torrent.PushError, match="Unknown method"):
+        torrent.deluge_result({"result": None, "error": {"message": "Unknown method", "code": 2}}, "x")
+    hosts = [["a1", "127.0.0.1", 58846, "localclient"], ["b2", "192.0.2.9", 58846, ""]]
+    assert torrent.deluge_host_id(hosts, "192.0.2.9:58846") == "b2"
+    with pytest.raises(torrent.PushError, match=r"no daemon at 127.0.0.1:1 \(its hosts: 127.0.0.1:58846"):
+        torrent.deluge_host_id(hosts, "127.0.0.1:1")
+    with pytest.raises(ValidationError, match="password"):
+        torrent.deluge({})
+    assert as_pusher(torrent.deluge({"password_env": "X"})).verify_listening
+
+
 def test_qbittorrent_needs_credentials_and_reads_them_from_a_file_or_the_environment(tmp_path, monkeypatch):
     with pytest.raises(ValidationError, match="password"):
         torrent.qbittorrent({})

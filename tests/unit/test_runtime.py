@@ -503,6 +503,7 @@ def test_lock_status_is_read_on_request_and_a_failed_read_says_not_installed() -
             "owned": True,
             "egress": [],
             "bypass": [],
+            "inbound": {},
         }
         assert state.counters == {"refused": 3}
         world.failing["state"] = RuntimeError("nft missing")
@@ -513,6 +514,7 @@ def test_lock_status_is_read_on_request_and_a_failed_read_says_not_installed() -
             "owned": False,
             "egress": [],
             "bypass": [],
+            "inbound": {},
         }
         assert state.counters == {}
         await stop(runtime, published)

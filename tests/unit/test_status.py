@@ -27,7 +27,14 @@ def test_status_json_before_anything_happened() -> None:
         "state": "blocked",
         "server": None,
         "handshake_age_s": None,
-        "lock": {"installed": False, "matching": False, "owned": False, "egress": [], "bypass": []},
+        "lock": {
+            "installed": False,
+            "matching": False,
+            "owned": False,
+            "egress": [],
+            "bypass": [],
+            "inbound": {},
+        },
         "since": round(status.since_wall, 3),
         "reason": None,
         "endpoint": None,
@@ -38,6 +45,7 @@ def test_status_json_before_anything_happened() -> None:
         "forwarded_port": None,
         "forwarded_ports": [],
         "forwarded_age_s": None,
+        "forwarded_inbound_packets": None,
         "plugins": {},
         "namespace": None,
     }
@@ -53,7 +61,9 @@ def connected_status() -> Status:
 
 
 def test_status_is_built_from_the_machine_the_lock_and_the_plugins_reports() -> None:
-    lock = LockState(installed=True, matching=True, owned=False, counters={"blocked_out": 7})
+    # One reading hands the named counters and the forwarded ports' in one mapping.
+    counters = {"blocked_out": 7, "inbound:40001/tcp": 4, "inbound:40001/udp": 1, "inbound:51413/tcp": 9}
+    lock = LockState(installed=True, matching=True, owned=False, counters=counters)
     plugins = PluginsReport(
         Forwarded((40001, 40002), "vpn2", since=NOW - 30),
         {"natpmp": {"provider": "natpmp", "port": 40001, "refused": None}},
@@ -64,7 +74,14 @@ def test_status_is_built_from_the_machine_the_lock_and_the_plugins_reports() -> 
         "state": "connected",
         "server": "vpn2",
         "handshake_age_s": 5.0,
-        "lock": {"installed": True, "matching": True, "owned": False, "egress": [], "bypass": []},
+        "lock": {
+            "installed": True,
+            "matching": True,
+            "owned": False,
+            "egress": [],
+            "bypass": [],
+            "inbound": {"40001/tcp": 4, "40001/udp": 1, "51413/tcp": 9},
+        },
         "since": NOW - 60,
         "reason": None,
         "endpoint": "198.51.100.12:51820",
@@ -75,6 +92,7 @@ def test_status_is_built_from_the_machine_the_lock_and_the_plugins_reports() -> 
         "forwarded_port": 40001,
         "forwarded_ports": [40001, 40002],
         "forwarded_age_s": 30.0,
+        "forwarded_inbound_packets": 5,  # 51413 is a port the user opened, not a forwarded one
         "plugins": {"natpmp": {"provider": "natpmp", "port": 40001, "refused": None}},
         "namespace": None,
     }
