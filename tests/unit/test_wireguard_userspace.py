@@ -30,6 +30,7 @@ from supervisor.wireguard.backend import (
     BackendEvent,
     BackendRestarted,
     DeviceConfig,
+    TunnelStats,
     handshake_age,
 )
 from supervisor.wireguard.userspace import UserspaceBackend, _Process, open_userspace_backend
@@ -113,20 +114,47 @@ async def test_a_wireguard_go_that_exits_at_start_says_how(tmp_path: Path) -> No
 #
 # A stand-in, not wireguard-go: wireguard-go needs root to create its TUN device. The stand-in
 # does what the backend watches: it listens on the UAPI socket (the backend knows a start is done
-# when that socket names its PID) and lives until a signal ends it. No TUN: the interface name
-# never exists here.
+# when that socket names its PID), answers each request with an empty device (errno=0), logs a
+# line per request, and lives until a signal ends it. No TUN: the interface name never exists here.
+#
+# Its log lines go out as wireguard-go's do: a failed write is ignored (Go's log package drops the
+# error). Once our end of the output socket is closed (we left, or died), every write fails with
+# ECONNREFUSED; a write that raised would kill the stand-in at its next line, where wireguard-go
+# lives on and the next daemon adopts it.
 
 FAKE_WIREGUARD_GO = """#!{python}
 import os, signal, socket, sys
-path = os.path.join({directory!r}, sys.argv[-1] + ".sock")
+ifname = sys.argv[-1]
+path = os.path.join({directory!r}, ifname + ".sock")
+
+def log(level, message):
+    try:
+        os.write(2, f"{{level}}: ({{ifname}}) 2026/11/25 10:00:00 {{message}}\\n".encode())
+    except OSError:
+        pass  # as Go's logger: the line is lost, the program goes on
+
 if os.path.exists(path):
     os.unlink(path)  # a killed one leaves its socket file behind, as wireguard-go would
 server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 server.bind(path)
 server.listen()
-print("INFO: (" + sys.argv[-1] + ") 2026/11/25 10:00:00 UAPI listener started", file=sys.stderr, flush=True)
+log("INFO", "UAPI listener started")
 while True:
-    server.accept()[0].close()
+    connection = server.accept()[0]
+    with connection:
+        connection.settimeout(10)
+        request = b""
+        try:
+            while b"\\n\\n" not in request:
+                chunk = connection.recv(4096)
+                if not chunk:
+                    break  # a look at who listens (SO_PEERCRED): no request
+                request += chunk
+            if request:
+                log("DEBUG", "UAPI: " + request.split(b"=", 1)[0].decode(errors="replace"))
+                connection.sendall(b"errno=0\\n\\n")
+        except OSError:
+            pass  # the client went away
 """
 
 
@@ -269,6 +297,30 @@ async def test_leaving_the_context_leaves_wireguard_go_running_for_the_next_to_a
         pids.append(backend.pid)
         with anyio.fail_after(30):
             await backend.close(keep_interface=False)
+
+
+@pytest.mark.anyio
+async def test_an_adopted_wireguard_go_whose_log_lines_go_nowhere_still_answers(
+    uapi_dir: Path, fake_wireguard_go: tuple[str, list[int]]
+) -> None:
+    """After the daemon that started it is gone, wireguard-go's log writes fail (ECONNREFUSED on
+    the output socket); it goes on serving, and the next daemon adopts it and reads it."""
+    binary, pids = fake_wireguard_go
+    async with open_userspace_backend("tlfake0", binary=binary, uapi_dir=uapi_dir) as backend:
+        await backend.ensure_interface()
+        pid = backend.pid
+        assert pid is not None
+        pids.append(pid)
+    reports = Recorded()
+    async with open_userspace_backend("tlfake0", report=reports, binary=binary, uapi_dir=uapi_dir) as backend:
+        assert await backend.adopt() is True
+        with anyio.fail_after(30):
+            # The stand-in logs a line for this request before it answers.
+            assert await backend.stats() == TunnelStats.no_peer(None, 0)
+        assert backend.pid == pid and process_alive(pid)
+        with anyio.fail_after(30):
+            await backend.close(keep_interface=False)
+    assert reports.events == []
 
 
 async def wait_until_watched(backend: UserspaceBackend, process: _Process) -> None:
