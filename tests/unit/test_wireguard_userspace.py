@@ -24,6 +24,7 @@ import structlog
 from supervisor.addresses import parse_endpoint
 from supervisor.redact import Secret
 from supervisor.servers import Peer, Server
+from supervisor.wireguard import userspace
 from supervisor.wireguard.backend import (
     BackendDied,
     BackendError,
@@ -321,6 +322,73 @@ async def test_an_adopted_wireguard_go_whose_log_lines_go_nowhere_still_answers(
         with anyio.fail_after(30):
             await backend.close(keep_interface=False)
     assert reports.events == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("exits", ["before the second look", "after the second look"])
+async def test_a_wireguard_go_that_exits_while_being_adopted_is_replaced(
+    uapi_dir: Path, fake_wireguard_go: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch, exits: str
+) -> None:
+    """Adoption looks at the UAPI socket twice (SO_PEERCRED, then again after opening a pidfd, to
+    rule out a reused PID) and reads the program's name; the process may exit at any point of it,
+    as on a busy host after a daemon restart. The exit is forced between two steps: the lookup is
+    wrapped so that the process is killed and reaped around the second look."""
+    binary, pids = fake_wireguard_go
+    async with open_userspace_backend("tlfake0", binary=binary, uapi_dir=uapi_dir) as backend:
+        await backend.ensure_interface()
+        pid = backend.pid
+        assert pid is not None
+        pids.append(pid)
+
+    def kill_and_reap() -> None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)  # our child (the first context started it): gone from /proc after this
+
+    looks = 0
+    real_listener_pid = userspace.listener_pid
+
+    async def listener_pid(path: Path, timeout: float = 2.0) -> int:
+        nonlocal looks
+        looks += 1
+        if looks == 2 and exits == "before the second look":
+            kill_and_reap()
+        found = await real_listener_pid(path, timeout)
+        if looks == 2 and exits == "after the second look":
+            kill_and_reap()
+        return found
+
+    monkeypatch.setattr(userspace, "listener_pid", listener_pid)
+    reports = Recorded()
+    async with open_userspace_backend("tlfake0", report=reports, binary=binary, uapi_dir=uapi_dir) as backend:
+        with anyio.fail_after(30):
+            started = await backend.ensure_interface()
+            if exits == "before the second look":
+                assert started is True  # nothing left to adopt: a new one started
+                assert reports.events == []
+            else:
+                assert started is False  # adopted, then seen dead and restarted by the watcher
+                assert await reports.wait_for(2) == [
+                    BackendDied("tlfake0", "exited (adopted process: status unknown)"),
+                    BackendRestarted("tlfake0"),
+                ]
+        replacement = backend.pid
+        assert replacement is not None and replacement != pid
+        pids.append(replacement)
+        assert listener_pid_of(uapi_dir / "tlfake0.sock") == replacement
+        with anyio.fail_after(30):
+            await backend.close(keep_interface=False)
+
+
+@pytest.mark.anyio
+async def test_an_output_reader_started_after_its_process_was_released_ends_quietly() -> None:
+    """The watcher starts a reader for the process just set; a close() that was waiting for the
+    lock can stop and release that process before the reader's first step."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    theirs.close()
+    process = _Process.watch(os.getpid(), output=ours)
+    process.release()
+    with anyio.fail_after(30):
+        await UserspaceBackend("tl0")._read_output(process)  # returns, no error
 
 
 async def wait_until_watched(backend: UserspaceBackend, process: _Process) -> None:
