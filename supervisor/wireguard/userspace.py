@@ -304,7 +304,11 @@ class UserspaceBackend:
         except ProcessLookupError:
             return False
         try:
-            reused = await listener_pid(path) != pid  # the PID was reused between the two looks
+            # The PID was reused between the two looks, or the process has exited since the first
+            # (nothing serves the socket now): either way there is nothing to adopt.
+            reused = await listener_pid(path) != pid
+        except UapiUnavailable:
+            reused = True
         except BaseException:
             process.release()
             raise
@@ -312,8 +316,13 @@ class UserspaceBackend:
             process.release()
             return False
         self._set_process(self._follow(process))
-        comm = (await anyio.Path(f"/proc/{pid}/comm").read_text()).strip()
-        self._log.info("adopted the running wireguard-go", pid=pid, program=comm)
+        try:
+            program = (await anyio.Path(f"/proc/{pid}/comm").read_text()).strip()
+        except FileNotFoundError:
+            # It exited since the second look; its follower has seen that already, and the
+            # watcher reports the death and starts another, as for any death.
+            program = "(exited)"
+        self._log.info("adopted the running wireguard-go", pid=pid, program=program)
         return True
 
     def _child_env(self) -> dict[str, str]:
@@ -498,8 +507,10 @@ class UserspaceBackend:
             return
 
     async def _read_output(self, process: _Process) -> None:
-        assert process.output is not None
-        while True:
+        # None once released, which can happen before this task first runs: the watcher starts
+        # it for the process just set, and a close() waiting for the lock may stop and release
+        # that process before the new task's first step.
+        while process.output is not None:
             try:
                 await anyio.wait_readable(process.output)
             except anyio.ClosedResourceError:

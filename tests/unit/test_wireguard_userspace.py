@@ -24,12 +24,14 @@ import structlog
 from supervisor.addresses import parse_endpoint
 from supervisor.redact import Secret
 from supervisor.servers import Peer, Server
+from supervisor.wireguard import userspace
 from supervisor.wireguard.backend import (
     BackendDied,
     BackendError,
     BackendEvent,
     BackendRestarted,
     DeviceConfig,
+    TunnelStats,
     handshake_age,
 )
 from supervisor.wireguard.userspace import UserspaceBackend, _Process, open_userspace_backend
@@ -113,20 +115,47 @@ async def test_a_wireguard_go_that_exits_at_start_says_how(tmp_path: Path) -> No
 #
 # A stand-in, not wireguard-go: wireguard-go needs root to create its TUN device. The stand-in
 # does what the backend watches: it listens on the UAPI socket (the backend knows a start is done
-# when that socket names its PID) and lives until a signal ends it. No TUN: the interface name
-# never exists here.
+# when that socket names its PID), answers each request with an empty device (errno=0), logs a
+# line per request, and lives until a signal ends it. No TUN: the interface name never exists here.
+#
+# Its log lines go out as wireguard-go's do: a failed write is ignored (Go's log package drops the
+# error). Once our end of the output socket is closed (we left, or died), every write fails with
+# ECONNREFUSED; a write that raised would kill the stand-in at its next line, where wireguard-go
+# lives on and the next daemon adopts it.
 
 FAKE_WIREGUARD_GO = """#!{python}
 import os, signal, socket, sys
-path = os.path.join({directory!r}, sys.argv[-1] + ".sock")
+ifname = sys.argv[-1]
+path = os.path.join({directory!r}, ifname + ".sock")
+
+def log(level, message):
+    try:
+        os.write(2, f"{{level}}: ({{ifname}}) 2026/11/25 10:00:00 {{message}}\\n".encode())
+    except OSError:
+        pass  # as Go's logger: the line is lost, the program goes on
+
 if os.path.exists(path):
     os.unlink(path)  # a killed one leaves its socket file behind, as wireguard-go would
 server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 server.bind(path)
 server.listen()
-print("INFO: (" + sys.argv[-1] + ") 2026/11/25 10:00:00 UAPI listener started", file=sys.stderr, flush=True)
+log("INFO", "UAPI listener started")
 while True:
-    server.accept()[0].close()
+    connection = server.accept()[0]
+    with connection:
+        connection.settimeout(10)
+        request = b""
+        try:
+            while b"\\n\\n" not in request:
+                chunk = connection.recv(4096)
+                if not chunk:
+                    break  # a look at who listens (SO_PEERCRED): no request
+                request += chunk
+            if request:
+                log("DEBUG", "UAPI: " + request.split(b"=", 1)[0].decode(errors="replace"))
+                connection.sendall(b"errno=0\\n\\n")
+        except OSError:
+            pass  # the client went away
 """
 
 
@@ -269,6 +298,97 @@ async def test_leaving_the_context_leaves_wireguard_go_running_for_the_next_to_a
         pids.append(backend.pid)
         with anyio.fail_after(30):
             await backend.close(keep_interface=False)
+
+
+@pytest.mark.anyio
+async def test_an_adopted_wireguard_go_whose_log_lines_go_nowhere_still_answers(
+    uapi_dir: Path, fake_wireguard_go: tuple[str, list[int]]
+) -> None:
+    """After the daemon that started it is gone, wireguard-go's log writes fail (ECONNREFUSED on
+    the output socket); it goes on serving, and the next daemon adopts it and reads it."""
+    binary, pids = fake_wireguard_go
+    async with open_userspace_backend("tlfake0", binary=binary, uapi_dir=uapi_dir) as backend:
+        await backend.ensure_interface()
+        pid = backend.pid
+        assert pid is not None
+        pids.append(pid)
+    reports = Recorded()
+    async with open_userspace_backend("tlfake0", report=reports, binary=binary, uapi_dir=uapi_dir) as backend:
+        assert await backend.adopt() is True
+        with anyio.fail_after(30):
+            # The stand-in logs a line for this request before it answers.
+            assert await backend.stats() == TunnelStats.no_peer(None, 0)
+        assert backend.pid == pid and process_alive(pid)
+        with anyio.fail_after(30):
+            await backend.close(keep_interface=False)
+    assert reports.events == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("exits", ["before the second look", "after the second look"])
+async def test_a_wireguard_go_that_exits_while_being_adopted_is_replaced(
+    uapi_dir: Path, fake_wireguard_go: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch, exits: str
+) -> None:
+    """Adoption looks at the UAPI socket twice (SO_PEERCRED, then again after opening a pidfd, to
+    rule out a reused PID) and reads the program's name; the process may exit at any point of it,
+    as on a busy host after a daemon restart. The exit is forced between two steps: the lookup is
+    wrapped so that the process is killed and reaped around the second look."""
+    binary, pids = fake_wireguard_go
+    async with open_userspace_backend("tlfake0", binary=binary, uapi_dir=uapi_dir) as backend:
+        await backend.ensure_interface()
+        pid = backend.pid
+        assert pid is not None
+        pids.append(pid)
+
+    def kill_and_reap() -> None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)  # our child (the first context started it): gone from /proc after this
+
+    looks = 0
+    real_listener_pid = userspace.listener_pid
+
+    async def listener_pid(path: Path, timeout: float = 2.0) -> int:
+        nonlocal looks
+        looks += 1
+        if looks == 2 and exits == "before the second look":
+            kill_and_reap()
+        found = await real_listener_pid(path, timeout)
+        if looks == 2 and exits == "after the second look":
+            kill_and_reap()
+        return found
+
+    monkeypatch.setattr(userspace, "listener_pid", listener_pid)
+    reports = Recorded()
+    async with open_userspace_backend("tlfake0", report=reports, binary=binary, uapi_dir=uapi_dir) as backend:
+        with anyio.fail_after(30):
+            started = await backend.ensure_interface()
+            if exits == "before the second look":
+                assert started is True  # nothing left to adopt: a new one started
+                assert reports.events == []
+            else:
+                assert started is False  # adopted, then seen dead and restarted by the watcher
+                assert await reports.wait_for(2) == [
+                    BackendDied("tlfake0", "exited (adopted process: status unknown)"),
+                    BackendRestarted("tlfake0"),
+                ]
+        replacement = backend.pid
+        assert replacement is not None and replacement != pid
+        pids.append(replacement)
+        assert listener_pid_of(uapi_dir / "tlfake0.sock") == replacement
+        with anyio.fail_after(30):
+            await backend.close(keep_interface=False)
+
+
+@pytest.mark.anyio
+async def test_an_output_reader_started_after_its_process_was_released_ends_quietly() -> None:
+    """The watcher starts a reader for the process just set; a close() that was waiting for the
+    lock can stop and release that process before the reader's first step."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    theirs.close()
+    process = _Process.watch(os.getpid(), output=ours)
+    process.release()
+    with anyio.fail_after(30):
+        await UserspaceBackend("tl0")._read_output(process)  # returns, no error
 
 
 async def wait_until_watched(backend: UserspaceBackend, process: _Process) -> None:
