@@ -43,7 +43,7 @@ from pydantic import Field, field_validator, model_validator
 
 from plugins import sockets
 from supervisor.errors import describe
-from supervisor.plugins import PluginContext, PluginOptions, PluginSpec, Tunnel
+from supervisor.plugins import PluginContext, PluginOptions, PluginSpec, TunnelView
 from supervisor.status import JSON
 
 
@@ -321,7 +321,7 @@ class QBittorrent:
     async def set_port(self, http: httpx.AsyncClient, port: int) -> None:
         await self._call(http, "POST", "app/setPreferences", data=qbittorrent_set_body(port))
 
-    async def bind(self, http: httpx.AsyncClient, tunnel: Tunnel) -> bool | None:
+    async def bind(self, http: httpx.AsyncClient, tunnel: TunnelView) -> bool | None:
         """The network interface set to the tunnel's and read back; True when it was changed."""
         if not tunnel.interface:
             return False
@@ -338,7 +338,7 @@ class QBittorrent:
             raise PushError(f"asked for network interface {tunnel.interface!r}, the client reports {now!r}")
         return True
 
-    def binding(self, tunnel: Tunnel) -> str:
+    def binding(self, tunnel: TunnelView) -> str:
         return f"interface {tunnel.interface}"
 
     def forget(self) -> None:
@@ -388,7 +388,7 @@ class Transmission:
         if reply.get("result") != "success":
             raise PushError(f"session-set: {reply.get('result')!r}")
 
-    async def bind(self, http: httpx.AsyncClient, tunnel: Tunnel) -> bool | None:
+    async def bind(self, http: httpx.AsyncClient, tunnel: TunnelView) -> bool | None:
         """``bind-address-ipv4`` set to the tunnel's address and read back; True when changed,
         None when this Transmission's RPC does not carry it (set it in settings.json then)."""
         address = tunnel.address_v4
@@ -406,7 +406,7 @@ class Transmission:
             raise PushError(f"asked for bind-address-ipv4 {address}, the client reports {now!r}")
         return True
 
-    def binding(self, tunnel: Tunnel) -> str:
+    def binding(self, tunnel: TunnelView) -> str:
         return f"address {tunnel.address_v4}"
 
     def forget(self) -> None:
@@ -468,7 +468,7 @@ class Deluge:
     async def set_port(self, http: httpx.AsyncClient, port: int) -> None:
         await self._core(http, "core.set_config", deluge_set_config(port))
 
-    async def bind(self, http: httpx.AsyncClient, tunnel: Tunnel) -> bool | None:
+    async def bind(self, http: httpx.AsyncClient, tunnel: TunnelView) -> bool | None:
         """``listen_interface`` and ``outgoing_interface`` set to the tunnel interface, read back."""
         if not tunnel.interface:
             return False
@@ -482,7 +482,7 @@ class Deluge:
             raise PushError(f"asked for interface {tunnel.interface!r}, deluged reports {now!r}")
         return True
 
-    def binding(self, tunnel: Tunnel) -> str:
+    def binding(self, tunnel: TunnelView) -> str:
         return f"interface {tunnel.interface}"
 
     def forget(self) -> None:
@@ -505,7 +505,7 @@ class PortPusher:
         verify = options.verify_listening
         self.verify_listening = _is_loopback(client.url) if verify is None else verify
 
-    async def bind(self, http: httpx.AsyncClient, tunnel: Tunnel) -> bool | None:
+    async def bind(self, http: httpx.AsyncClient, tunnel: TunnelView) -> bool | None:
         """Bind the client to ``tunnel`` (when asked to): True when changed, None: unsupported."""
         if not self.bind_to_tunnel or not tunnel.connected:
             return False
@@ -584,7 +584,7 @@ class PortPusher:
                 due = time.monotonic() + self.reassert_s
 
 
-def _binding(tunnel: Tunnel) -> tuple[bool, str, IPv4Address | None]:
+def _binding(tunnel: TunnelView) -> tuple[bool, str, IPv4Address | None]:
     """What a client's binding depends on."""
     return tunnel.connected, tunnel.interface, tunnel.address_v4
 

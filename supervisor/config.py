@@ -5,7 +5,7 @@ docs/configuration.md): extend them, never rename them. ``load_config`` reads
 the file, applies ``TUNLOCK_<SECTION>_<KEY>`` environment overrides (for
 containers), validates every key and loads the server files, reporting every
 problem as ``file:line: what is wrong``. It is two halves, ``load_settings`` and
-``Settings.settle``, around the server reading, so that ``tunlock check`` can read
+``ConfigDraft.settle``, around the server reading, so that ``tunlock check`` can read
 the servers its own way (supervisor.check) and report exactly what ``run`` would.
 """
 
@@ -386,7 +386,7 @@ def _admin_problems(settings: ConfigFile, path: Path, lines: dict[tuple[str, ...
 
 
 @dataclass(frozen=True)
-class Settings:
+class ConfigDraft:
     """tunlock.toml validated, its server files not read yet: the half ``run`` and ``check`` share.
 
     ``settle`` takes the problems of the server files (appended to ``problems``) and gives the
@@ -428,10 +428,10 @@ def load_config(path: Path, environ: typing.Mapping[str, str] | None = None) -> 
     return Config(path=settings.path, settings=settings.settings, servers=servers, warnings=warnings)
 
 
-def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -> Settings:
+def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -> ConfigDraft:
     """Read and validate ``path`` alone; raise ConfigError when it cannot be validated.
 
-    Problems that do not stop validation come back in the Settings, for ``settle`` to report
+    Problems that do not stop validation come back in the ConfigDraft, for ``settle`` to report
     with the servers' problems.
     """
     environ = os.environ if environ is None else environ
@@ -500,7 +500,7 @@ def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -
         settings = settings.model_copy(
             update={"control": settings.control.model_copy(update={"socket": path.parent / control})}
         )
-    return Settings(
+    return ConfigDraft(
         path=path,
         settings=settings,
         servers_origin=(path, lines.get(("tunnel", "servers"), lines.get(("tunnel",), 0))),

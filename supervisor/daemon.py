@@ -52,7 +52,7 @@ from supervisor.lock.configured import policy_from_config
 from supervisor.lock.guarded import GuardedLock
 from supervisor.log import get_logger
 from supervisor.machine import events as ev
-from supervisor.machine.settings import Settings
+from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Machine
 from supervisor.net import monitor
 from supervisor.plugins import PluginHost
@@ -70,7 +70,7 @@ ADOPT_TIMEOUT_S = 15.0
 PATHS_TIMEOUT_S = 5.0
 RELOAD_READ_TIMEOUT_S = 30.0
 STUCK_THREAD_GRACE_S = 1.0
-# Settings that name things already built (the interface, the table, the socket): changing
+# MachineSettings that name things already built (the interface, the table, the socket): changing
 # them needs a restart, so a reload that changes them is refused as a whole.
 RESTART_ONLY = (
     ("tunnel", "interface"),
@@ -93,9 +93,9 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     ]
 
 
-def machine_settings(config: Config) -> Settings:
+def machine_settings(config: Config) -> MachineSettings:
     s = config.settings
-    return Settings(
+    return MachineSettings(
         servers=tuple(server.name for server in config.servers),
         strategy=s.rotation.strategy,
         cooldown_s=s.rotation.cooldown_s,

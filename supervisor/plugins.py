@@ -67,7 +67,7 @@ WATCHDOG_PERIOD_S = 0.5
 
 
 @dataclass(frozen=True)
-class Tunnel:
+class TunnelView:
     """The daemon's state as a plugin sees it.
 
     ``state`` is ``blocked``, ``connecting``, ``connected``, ``offline``, ``stopping`` (the
@@ -109,7 +109,7 @@ class Forwarded:
 
 @dataclass(frozen=True)
 class View:
-    tunnel: Tunnel = field(default_factory=Tunnel)
+    tunnel: TunnelView = field(default_factory=TunnelView)
     forwarded: Forwarded | None = None
 
 
@@ -290,7 +290,7 @@ class PluginHost:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.clock = clock
-        self.view = View(Tunnel(interface=interface))
+        self.view = View(TunnelView(interface=interface))
         self.version = 0
         self._reports: dict[str, dict[str, JSON]] = {}
         self._slots = [_Slot(name, plugin, PluginContext(self, name)) for name, plugin in plugins]
@@ -315,7 +315,7 @@ class PluginHost:
         if status.state == "connected" and (not tunnel.connected or status.server != tunnel.server):
             session += 1  # a new connection: connect, failover, rotation or reconnect
         self._set_tunnel(
-            Tunnel(
+            TunnelView(
                 state=status.state,
                 server=status.server,
                 interface=self.interface,
@@ -326,7 +326,7 @@ class PluginHost:
             )
         )
 
-    def _set_tunnel(self, tunnel: Tunnel) -> None:
+    def _set_tunnel(self, tunnel: TunnelView) -> None:
         old = self.view.tunnel
         forwarded = self.view.forwarded
         if tunnel.session != old.session or not tunnel.connected:

@@ -32,7 +32,7 @@ from supervisor.log import get_logger
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev
 from supervisor.machine.core import step
-from supervisor.machine.settings import Settings
+from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Failure, Machine
 from supervisor.servers import Server
 from supervisor.status import FailureReport
@@ -131,7 +131,7 @@ class Reconfiguration:
     servers: Mapping[str, Server]
     probe_target: Callable[[Server], IPv4Address | IPv6Address | None]
     lock_base: LockPolicy
-    settings: Settings
+    settings: MachineSettings
     reachable: frozenset[str] | None  # for ``ConfigReloaded``: paths under the new list, or unknown
 
 

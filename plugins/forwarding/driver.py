@@ -42,7 +42,7 @@ from plugins.forwarding import trust
 from plugins.forwarding.provider import ForwardingError, Lease, NotForwardedHere, PortForwarder
 from plugins.sockets import Program, Socket
 from supervisor.errors import describe
-from supervisor.plugins import PluginContext, PluginOptions, Tunnel
+from supervisor.plugins import PluginContext, PluginOptions, TunnelView
 
 RETRY_INITIAL_S = 2.0
 RETRY_MAX_S = 30.0
@@ -227,7 +227,7 @@ class PortForwarding:
             renew_after = self._renew_after(lease)
             due = None if renew_after is None else self.clock() + renew_after
 
-    async def _unfit(self, ctx: PluginContext, tunnel: Tunnel, err: Exception) -> None:
+    async def _unfit(self, ctx: PluginContext, tunnel: TunnelView, err: Exception) -> None:
         """With ``required``: tell the machine this connection's server forwards no port, at each
         failed try while it has none (a server whose cooldown ran out may be tried meanwhile);
         the reason goes into the status too."""
@@ -246,7 +246,7 @@ class PortForwarding:
     async def _while_connected(
         self,
         ctx: PluginContext,
-        tunnel: Tunnel,
+        tunnel: TunnelView,
         call: Callable[[], Awaitable[Lease]],
     ) -> Lease | None:
         """``call()`` for ``tunnel``, abandoned (None) as soon as the connection it was for is
@@ -273,7 +273,7 @@ class PortForwarding:
             raise failure
         return got
 
-    async def _release(self, ctx: PluginContext, tunnel: Tunnel, lease: Lease) -> None:
+    async def _release(self, ctx: PluginContext, tunnel: TunnelView, lease: Lease) -> None:
         try:
             await self.provider.release(tunnel, lease)
         except (OSError, ForwardingError) as err:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from supervisor.plugins import Tunnel
+from supervisor.plugins import TunnelView
 
 
 class ForwardingError(Exception):
@@ -52,12 +52,12 @@ class PortForwarder(Protocol):
 
     name: str  # shown as the status' ``provider``
 
-    async def obtain(self, tunnel: Tunnel, suggested_port: int | None) -> Lease:
+    async def obtain(self, tunnel: TunnelView, suggested_port: int | None) -> Lease:
         """Ports for the connection ``tunnel`` (``tunnel.session``); ``suggested_port`` is the
         port the driver would like back (a provider may ignore it)."""
 
-    async def renew(self, tunnel: Tunnel, lease: Lease) -> Lease:
+    async def renew(self, tunnel: TunnelView, lease: Lease) -> Lease:
         """``lease`` again for a new lifetime; the ports may change (an ordinary change)."""
 
-    async def release(self, tunnel: Tunnel, lease: Lease) -> None:
+    async def release(self, tunnel: TunnelView, lease: Lease) -> None:
         """Give ``lease`` up (at stop, or when the driver refused its port)."""

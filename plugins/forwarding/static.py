@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from plugins.forwarding import trust
 from plugins.forwarding.driver import ForwardingOptions, PortForwarding
 from plugins.forwarding.provider import Lease
-from supervisor.plugins import MAX_FORWARDED_PORTS, PluginSpec, Tunnel
+from supervisor.plugins import MAX_FORWARDED_PORTS, PluginSpec, TunnelView
 
 
 class StaticPortOptions(ForwardingOptions):
@@ -43,13 +43,13 @@ class StaticPorts:
     def __init__(self, ports: tuple[int, ...]) -> None:
         self.lease = Lease(tuple(dict.fromkeys(ports)), lifetime_s=None)
 
-    async def obtain(self, tunnel: Tunnel, suggested_port: int | None) -> Lease:
+    async def obtain(self, tunnel: TunnelView, suggested_port: int | None) -> Lease:
         return self.lease
 
-    async def renew(self, tunnel: Tunnel, lease: Lease) -> Lease:
+    async def renew(self, tunnel: TunnelView, lease: Lease) -> Lease:
         return self.lease
 
-    async def release(self, tunnel: Tunnel, lease: Lease) -> None:
+    async def release(self, tunnel: TunnelView, lease: Lease) -> None:
         return None
 
 

@@ -24,7 +24,7 @@ from plugins.forwarding.provider import ForwardingError, Lease, NotForwardedHere
 from plugins.natpmp import codec
 from plugins.natpmp.client import NatPmpClient
 from supervisor.errors import describe
-from supervisor.plugins import PluginSpec, Tunnel
+from supervisor.plugins import PluginSpec, TunnelView
 
 UNMAP_TRIES = 2
 FIRST_SUGGESTION = 1  # Proton's documented first request
@@ -49,13 +49,13 @@ class NatPmpForwarder:
         self.internal_port = options.internal_port
         self.tries = options.tries
 
-    def client(self, tunnel: Tunnel, tries: int) -> NatPmpClient:
+    def client(self, tunnel: TunnelView, tries: int) -> NatPmpClient:
         gateway = self.gateway or tunnel.gateway
         if gateway is None:
             raise NotForwardedHere("no gateway: set [plugins.natpmp] gateway")
         return NatPmpClient(gateway, tunnel.address_v4, codec.retry_timeouts(tries))
 
-    async def _map(self, tunnel: Tunnel, suggested: int) -> Lease:
+    async def _map(self, tunnel: TunnelView, suggested: int) -> Lease:
         """UDP first, then TCP asked for the same port."""
         client = self.client(tunnel, self.tries)
         try:
@@ -67,13 +67,13 @@ class NatPmpForwarder:
             raise ForwardingError(f"TCP got port {tcp.external_port}, UDP {udp.external_port}")
         return Lease((udp.external_port,), min(udp.lifetime_s, tcp.lifetime_s), via=str(client.gateway))
 
-    async def obtain(self, tunnel: Tunnel, suggested_port: int | None) -> Lease:
+    async def obtain(self, tunnel: TunnelView, suggested_port: int | None) -> Lease:
         return await self._map(tunnel, suggested_port or FIRST_SUGGESTION)
 
-    async def renew(self, tunnel: Tunnel, lease: Lease) -> Lease:
+    async def renew(self, tunnel: TunnelView, lease: Lease) -> Lease:
         return await self._map(tunnel, lease.port)
 
-    async def release(self, tunnel: Tunnel, lease: Lease) -> None:
+    async def release(self, tunnel: TunnelView, lease: Lease) -> None:
         client = self.client(tunnel, UNMAP_TRIES)
         failures = []
         for protocol in ("udp", "tcp"):

@@ -292,7 +292,7 @@ def sample_while_connecting(m: Machine, e: ev.StatsRead) -> tuple[Machine, Actio
     unresolved neighbour after a link came back, say) reach the server at once, and its workers
     may accept more than one; the session it keeps is the last, which need not be the one whose
     response we took, and then it drops everything we send. A server with nothing to probe
-    (``Settings.unprobed``) connects on the handshake alone: waiting for an answer it cannot ask
+    (``MachineSettings.unprobed``) connects on the handshake alone: waiting for an answer it cannot ask
     for would fail it. The connect timer decides when the server has failed."""
     state = m.state
     assert isinstance(state, Connecting)
@@ -711,7 +711,7 @@ class UnknownEvent(TypeError):
 def step(machine: Machine, event: ev.Event) -> tuple[Machine, Actions]:
     """Apply ``event``: the next machine and the actions to carry out, in order.
 
-    Before the table: a gap since the last event longer than ``Settings.resume_gap`` means the
+    Before the table: a gap since the last event longer than ``MachineSettings.resume_gap`` means the
     daemon did not run (``resume_after_gap``); the watch on the server restarts, and a timer
     that fired late because of it (the connect timeout, a sample) is not held against it."""
     try:
@@ -730,7 +730,7 @@ def step(machine: Machine, event: ev.Event) -> tuple[Machine, Actions]:
 
 
 def resume_after_gap(m: Machine, now: float) -> tuple[Machine, Actions]:
-    """Note ``now`` as the latest event's time; after a gap of ``Settings.resume_gap`` or more
+    """Note ``now`` as the latest event's time; after a gap of ``MachineSettings.resume_gap`` or more
     with a tunnel up, restart the watch on its server instead of blaming it for the silence.
 
     The daemon samples a tunnel at least every ``idle_interval_s``, so no event in longer than

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from supervisor.machine.settings import Settings
+from supervisor.machine.settings import MachineSettings
 
 Timer = Literal["connect", "sample", "backoff"]
 TIMERS: tuple[Timer, ...] = ("connect", "sample", "backoff")
@@ -127,7 +127,7 @@ class ConfigReloaded:
     """
 
     now: float
-    settings: Settings
+    settings: MachineSettings
     reachable: frozenset[str] | None = None
 
 

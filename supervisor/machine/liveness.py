@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from supervisor.machine.events import StatsRead
-from supervisor.machine.settings import Settings
+from supervisor.machine.settings import MachineSettings
 
 
 class Verdict(Enum):
@@ -99,7 +99,7 @@ class Liveness:
         old_rx, old_tx = self.rx_bytes, self.tx_bytes
         return old_rx is None or old_tx is None or sample.rx_bytes < old_rx or sample.tx_bytes < old_tx
 
-    def next_probe_in(self, now: float, settings: Settings) -> float:
+    def next_probe_in(self, now: float, settings: MachineSettings) -> float:
         """The delay to the doubt's next sample and probe: on a fixed schedule from the doubt's
         start, so that a late timer or a slow counter read (a busy machine) is made up on the
         next interval rather than stretching every one; between a third of the pace and the pace."""
@@ -108,11 +108,11 @@ class Liveness:
         due = began + len(self.probes) * pace
         return round(min(pace, max(pace / 3, due - now)), 6)
 
-    def overdue(self, now: float, settings: Settings) -> int:
+    def overdue(self, now: float, settings: MachineSettings) -> int:
         """This doubt's probes whose answer is overdue at ``now``: out for ``probe_reply_s``."""
         return sum(1 for sent in self.probes if now - sent >= settings.probe_reply_s)
 
-    def judge(self, sample: StatsRead, settings: Settings) -> tuple[Liveness, Verdict, str | None]:
+    def judge(self, sample: StatsRead, settings: MachineSettings) -> tuple[Liveness, Verdict, str | None]:
         """The new liveness, the verdict, and (when dead) why."""
         now = sample.now
         age = sample.handshake_age_s

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from supervisor.machine.settings import Settings
+from supervisor.machine.settings import MachineSettings
 
 _MASK64 = (1 << 64) - 1
 
@@ -27,7 +27,7 @@ def next_random(state: int) -> tuple[float, int]:
 
 
 def eligible(
-    settings: Settings,
+    settings: MachineSettings,
     reachable: frozenset[str] | None,
     cooling: Mapping[str, float],
     now: float,
@@ -53,7 +53,9 @@ def preferred(candidates: list[str], granted: frozenset[str]) -> list[str]:
     return chosen or candidates
 
 
-def choose(settings: Settings, candidates: list[str], after: str | None, rng: int) -> tuple[str | None, int]:
+def choose(
+    settings: MachineSettings, candidates: list[str], after: str | None, rng: int
+) -> tuple[str | None, int]:
     """Pick from ``candidates``: the next after ``after`` in config order, or one at random."""
     if not candidates:
         return None, rng
@@ -69,13 +71,13 @@ def choose(settings: Settings, candidates: list[str], after: str | None, rng: in
     return candidates[0], rng
 
 
-def nominal_backoff(settings: Settings, rounds: int) -> float:
+def nominal_backoff(settings: MachineSettings, rounds: int) -> float:
     """The delay after ``rounds`` (>= 1) consecutive rounds of every server failing, before jitter."""
     exponent = min(max(rounds - 1, 0), 32)  # 2**32 times any sane initial is far past any cap
     return min(settings.backoff_max_s, settings.backoff_initial_s * 2**exponent)
 
 
-def backoff(settings: Settings, rounds: int, rng: int) -> tuple[float, int]:
+def backoff(settings: MachineSettings, rounds: int, rng: int) -> tuple[float, int]:
     """The jittered delay: between half the nominal and the nominal ("equal jitter"), capped."""
     nominal = nominal_backoff(settings, rounds)
     draw, rng = next_random(rng)

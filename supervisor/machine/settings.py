@@ -7,7 +7,7 @@ from typing import Literal
 
 
 @dataclass(frozen=True)
-class Settings:
+class MachineSettings:
     servers: tuple[str, ...]
     strategy: Literal["sequential", "random"] = "sequential"
     # rotation

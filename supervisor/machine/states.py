@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import ClassVar, get_args
 
 from supervisor.machine.liveness import Liveness
-from supervisor.machine.settings import Settings
+from supervisor.machine.settings import MachineSettings
 
 
 class _NoPeer:
@@ -98,7 +98,7 @@ _EMPTY: MappingProxyType[str, float] = MappingProxyType({})
 
 @dataclass(frozen=True)
 class Context:
-    settings: Settings
+    settings: MachineSettings
     started: bool = False
     reachable: frozenset[str] | None = None  # None until the first path report: assume reachable
     cooling: MappingProxyType[str, float] = field(default_factory=lambda: _EMPTY)  # server -> skipped until
@@ -128,5 +128,5 @@ class Machine:
     context: Context
 
     @classmethod
-    def initial(cls, settings: Settings) -> Machine:
+    def initial(cls, settings: MachineSettings) -> Machine:
         return cls(Blocked(since=0.0, reason="not started"), Context(settings))

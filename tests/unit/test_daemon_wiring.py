@@ -23,7 +23,7 @@ import structlog
 from supervisor import daemon
 from supervisor.config import Config, load_config
 from supervisor.lock.configured import policy_from_config
-from supervisor.machine.settings import Settings
+from supervisor.machine.settings import MachineSettings
 from supervisor.runtime import Reconfiguration
 
 TUNED = """\
@@ -52,7 +52,7 @@ mode = "session"
 
 def test_the_machine_gets_every_setting_it_acts_on_and_the_servers_in_file_order(write_config) -> None:
     config = load_config(write_config(TUNED, servers=3), {})
-    assert daemon.machine_settings(config) == Settings(
+    assert daemon.machine_settings(config) == MachineSettings(
         servers=("vpn1", "vpn2", "vpn3"),
         strategy="random",
         cooldown_s=30,

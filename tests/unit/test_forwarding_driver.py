@@ -22,7 +22,7 @@ from plugins.forwarding import static
 from plugins.forwarding.driver import RETRY_MAX_S, ForwardingOptions, PortForwarding
 from plugins.forwarding.provider import ForwardingError, Lease, NotForwardedHere, PortForwarder
 from plugins.sockets import Program, Socket
-from supervisor.plugins import PluginHost, Tunnel
+from supervisor.plugins import PluginHost, TunnelView
 from tests.unit.test_plugin_host import FakeLock, FakeServer, as_object, as_text, publish, reported
 
 pytestmark = pytest.mark.anyio
@@ -44,7 +44,7 @@ class Provider(PortForwarder):
         self.obtain_error = obtain_error
         self.calls: list[tuple[str, float]] = []
 
-    async def obtain(self, tunnel: Tunnel, suggested_port: int | None) -> Lease:
+    async def obtain(self, tunnel: TunnelView, suggested_port: int | None) -> Lease:
         self.calls.append(("obtain", anyio.current_time()))
         if self.obtain_error is not None:
             raise self.obtain_error
@@ -52,13 +52,13 @@ class Provider(PortForwarder):
             raise ForwardingError("the gateway is silent")
         return self.lease
 
-    async def renew(self, tunnel: Tunnel, lease: Lease) -> Lease:
+    async def renew(self, tunnel: TunnelView, lease: Lease) -> Lease:
         self.calls.append(("renew", anyio.current_time()))
         if self.renew_fails:
             raise ForwardingError("the gateway is silent")
         return self.lease
 
-    async def release(self, tunnel: Tunnel, lease: Lease) -> None:
+    async def release(self, tunnel: TunnelView, lease: Lease) -> None:
         self.calls.append(("release", anyio.current_time()))
 
 
@@ -210,17 +210,17 @@ class Scripted:
         self.keeps = keeps
         self.suggested: list[int | None] = []
 
-    async def obtain(self, tunnel: Tunnel, suggested_port: int | None) -> Lease:
+    async def obtain(self, tunnel: TunnelView, suggested_port: int | None) -> Lease:
         self.suggested.append(suggested_port)
         answer = self.answers[tunnel.server or ""]
         if isinstance(answer, Exception):
             raise answer
         return Lease((suggested_port if self.keeps and suggested_port else answer,), None)
 
-    async def renew(self, tunnel: Tunnel, lease: Lease) -> Lease:
+    async def renew(self, tunnel: TunnelView, lease: Lease) -> Lease:
         return lease
 
-    async def release(self, tunnel: Tunnel, lease: Lease) -> None:
+    async def release(self, tunnel: TunnelView, lease: Lease) -> None:
         return None
 
 

@@ -15,7 +15,7 @@ from supervisor.machine import events as ev
 from supervisor.machine.core import TRANSITIONS, UnknownEvent, describe, ignore, step
 from supervisor.machine.liveness import chance_all_lost, probes_needed, round_trip_loss
 from supervisor.machine.rotation import nominal_backoff
-from supervisor.machine.settings import Settings
+from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import (
     STATE_TYPES,
     Blocked,
@@ -29,13 +29,13 @@ from supervisor.machine.states import (
 
 SERVERS = ("a", "b", "c")
 ALL = frozenset(SERVERS)
-SETTINGS = Settings(servers=SERVERS)
+SETTINGS = MachineSettings(servers=SERVERS)
 
 
 class Run:
     """A machine and everything it asked for, driven one event at a time."""
 
-    def __init__(self, settings: Settings = SETTINGS) -> None:
+    def __init__(self, settings: MachineSettings = SETTINGS) -> None:
         self.machine = Machine.initial(settings)
         self.actions: list[act.Action] = []
         self.now = 0.0
@@ -208,7 +208,7 @@ def test_a_handshake_response_whose_session_the_server_dropped_is_not_connected(
 def test_a_server_with_nothing_to_probe_connects_on_the_handshake_alone() -> None:
     """No tunnel DNS and no probe_target: no answer can be asked for, so waiting for one would
     fail a working server at the connect timeout."""
-    run = Run(Settings(servers=SERVERS, unprobed=frozenset({"a"})))
+    run = Run(MachineSettings(servers=SERVERS, unprobed=frozenset({"a"})))
     run.start()
     run.feed(ev.StatsRead(run.now, 0, 0, None))
     run.feed(ev.StatsRead(run.at(0.25), 92, 148, 0.01))  # the handshake response, nothing more
@@ -216,7 +216,7 @@ def test_a_server_with_nothing_to_probe_connects_on_the_handshake_alone() -> Non
 
 
 def test_a_probed_server_is_not_connected_by_the_handshake_alone() -> None:
-    run = Run(Settings(servers=SERVERS, unprobed=frozenset({"b"})))
+    run = Run(MachineSettings(servers=SERVERS, unprobed=frozenset({"b"})))
     run.start()
     run.feed(ev.StatsRead(run.now, 0, 0, None))
     run.feed(ev.StatsRead(run.at(0.25), 92, 148, 0.01))
@@ -232,7 +232,7 @@ def test_received_bytes_connect_even_without_a_handshake_reading() -> None:
 
 
 def test_connect_timeouts_grow_per_consecutive_failure_and_reset_after_success() -> None:
-    run = Run(Settings(servers=SERVERS, connect_timeouts_s=(4.0, 8.0, 15.0)))
+    run = Run(MachineSettings(servers=SERVERS, connect_timeouts_s=(4.0, 8.0, 15.0)))
     run.start()
     limits = []
     for _ in range(3):
@@ -485,7 +485,7 @@ def test_counters_going_down_are_a_new_baseline_not_death() -> None:
 
 
 def test_sequential_rotation_goes_round_and_skips_cooling_servers() -> None:
-    run = Run(Settings(servers=SERVERS, cooldown_s=60))
+    run = Run(MachineSettings(servers=SERVERS, cooldown_s=60))
     run.start()
     order = [run.state.server]
     for _ in range(2):
@@ -502,7 +502,9 @@ def test_sequential_rotation_goes_round_and_skips_cooling_servers() -> None:
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
-    settings = Settings(servers=("a",), backoff_initial_s=2, backoff_max_s=60, connect_timeouts_s=(1.0,))
+    settings = MachineSettings(
+        servers=("a",), backoff_initial_s=2, backoff_max_s=60, connect_timeouts_s=(1.0,)
+    )
     run = Run(settings)
     run.start()
     delays = []
@@ -519,7 +521,7 @@ def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
 
 def test_random_rotation_is_repeatable_from_the_seed() -> None:
     def choices(seed: int) -> list[str]:
-        run = Run(Settings(servers=tuple("abcdefgh"), strategy="random", cooldown_s=0.5))
+        run = Run(MachineSettings(servers=tuple("abcdefgh"), strategy="random", cooldown_s=0.5))
         run.feed(ev.Start(0.0, seed=seed))
         seen = [run.state.server]
         for _ in range(10):
@@ -543,14 +545,14 @@ def test_rotate_goes_to_another_server_and_reconnect_to_the_same() -> None:
 
 
 def test_rotate_with_one_server_sets_it_up_afresh() -> None:
-    run = Run(Settings(servers=("a",)))
+    run = Run(MachineSettings(servers=("a",)))
     run.start()
     run.connect()
     assert configured(run.feed(ev.RotateRequested(run.at(1)))) == ["a"]
 
 
 def test_requests_while_blocked_try_at_once_and_while_offline_are_ignored() -> None:
-    run = Run(Settings(servers=("a",), connect_timeouts_s=(1.0,)))
+    run = Run(MachineSettings(servers=("a",), connect_timeouts_s=(1.0,)))
     run.start()
     run.feed(ev.TimerFired(run.at(1), "connect"))
     assert isinstance(run.state, Blocked)
@@ -598,7 +600,7 @@ def test_losing_the_route_to_the_current_server_only_moves_without_blame() -> No
 
 
 def test_offline_while_blocked_cancels_the_backoff() -> None:
-    run = Run(Settings(servers=("a",), connect_timeouts_s=(1.0,)))
+    run = Run(MachineSettings(servers=("a",), connect_timeouts_s=(1.0,)))
     run.start()
     run.feed(ev.TimerFired(run.at(1), "connect"))
     actions = run.feed(ev.PathsChanged(run.at(0.1), frozenset()))
@@ -632,7 +634,7 @@ def test_a_dead_backend_is_waited_for_not_reconfigured() -> None:
 
 
 def test_losses_while_blocked_are_only_recorded() -> None:
-    run = Run(Settings(servers=("a",), connect_timeouts_s=(1.0,)))
+    run = Run(MachineSettings(servers=("a",), connect_timeouts_s=(1.0,)))
     run.start()
     run.feed(ev.TimerFired(run.at(1), "connect"))
     assert run.feed(ev.TunnelLost(run.at(1))) == []
@@ -653,7 +655,7 @@ def test_tampering_is_recorded_and_published_with_no_lock_action() -> None:
 
 @pytest.mark.parametrize(("mode", "removes"), [("permanent", False), ("session", True)])
 def test_stop_closes_the_tunnel_and_removes_the_lock_only_in_session_mode(mode: str, removes: bool) -> None:
-    run = Run(Settings(servers=SERVERS, lock_mode=mode))  # type: ignore[arg-type]
+    run = Run(MachineSettings(servers=SERVERS, lock_mode=mode))  # type: ignore[arg-type]
     run.start()
     run.connect()
     actions = run.feed(ev.Stop(run.at(1)))
@@ -682,19 +684,19 @@ def test_stopped_ignores_everything() -> None:
 
 def test_a_reload_keeping_the_server_keeps_the_tunnel() -> None:
     run = Run().started_connected()
-    assert run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("c", "a")))) == []
+    assert run.feed(ev.ConfigReloaded(run.at(1), MachineSettings(servers=("c", "a")))) == []
     assert run.machine.context.settings.servers == ("c", "a")
 
 
 def test_a_reload_dropping_the_server_moves_to_one_still_listed() -> None:
     run = Run().started_connected()
-    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("c",))))
+    actions = run.feed(ev.ConfigReloaded(run.at(1), MachineSettings(servers=("c",))))
     assert configured(actions) == ["c"] and act.SetLockServers(("c",)) in actions
 
 
 def test_a_reload_with_no_servers_blocks_and_removes_the_peer() -> None:
     run = Run().started_connected()
-    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=())))
+    actions = run.feed(ev.ConfigReloaded(run.at(1), MachineSettings(servers=())))
     assert isinstance(run.state, Blocked) and act.RemovePeer() in actions
     assert not any(isinstance(a, (act.ConfigurePeer, act.RemoveLock)) for a in actions)
 
@@ -702,7 +704,7 @@ def test_a_reload_with_no_servers_blocks_and_removes_the_peer() -> None:
 def test_a_reload_while_offline_forgets_a_removed_resume_server() -> None:
     run = Run().started_connected()
     run.feed(ev.PathsChanged(run.at(0.1), frozenset()))
-    run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("b",))))
+    run.feed(ev.ConfigReloaded(run.at(1), MachineSettings(servers=("b",))))
     assert isinstance(run.state, Offline) and run.state.resume is None
     actions = run.feed(ev.PathsChanged(run.at(1), frozenset({"b"})))
     assert configured(actions) == ["b"]
@@ -714,20 +716,22 @@ def test_a_reload_while_offline_forgets_a_removed_resume_server() -> None:
 
 
 def test_paths_for_the_new_servers_ahead_of_the_reload_do_not_strand_the_machine() -> None:
-    run = Run(Settings(servers=("b", "c")))
+    run = Run(MachineSettings(servers=("b", "c")))
     run.start(reachable=frozenset({"b", "c"}))
     run.connect()
     run.feed(ev.PathsChanged(run.at(0.1), frozenset({"a"})))  # the new list's paths, old settings
-    actions = run.feed(ev.ConfigReloaded(run.at(0.1), Settings(servers=("a",))))
+    actions = run.feed(ev.ConfigReloaded(run.at(0.1), MachineSettings(servers=("a",))))
     assert isinstance(run.state, Connecting) and run.state.server == "a", run.state
     assert act.SetLockServers(("a",)) in actions and configured(actions) == ["a"]
 
 
 def test_a_reload_with_the_paths_of_its_servers_moves_at_once_without_going_offline() -> None:
-    run = Run(Settings(servers=("b", "c")))
+    run = Run(MachineSettings(servers=("b", "c")))
     run.start(reachable=frozenset({"b", "c"}))
     run.connect()
-    actions = run.feed(ev.ConfigReloaded(run.at(0.1), Settings(servers=("a",)), reachable=frozenset({"a"})))
+    actions = run.feed(
+        ev.ConfigReloaded(run.at(0.1), MachineSettings(servers=("a",)), reachable=frozenset({"a"}))
+    )
     assert isinstance(run.state, Connecting) and run.state.server == "a", run.state
     assert configured(actions) == ["a"]
     assert all(a.state != "offline" for a in actions if isinstance(a, act.PublishStatus))
@@ -735,7 +739,9 @@ def test_a_reload_with_the_paths_of_its_servers_moves_at_once_without_going_offl
 
 def test_a_reload_whose_paths_leave_no_server_reachable_goes_offline() -> None:
     run = Run().started_connected()
-    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("d",)), reachable=frozenset({"a"})))
+    actions = run.feed(
+        ev.ConfigReloaded(run.at(1), MachineSettings(servers=("d",)), reachable=frozenset({"a"}))
+    )
     assert isinstance(run.state, Offline) and run.state.resume is None
     assert not configured(actions)
     actions = run.feed(ev.PathsChanged(run.at(1), frozenset({"d"})))
@@ -746,31 +752,31 @@ def test_a_reload_while_offline_connects_when_a_new_server_is_reachable() -> Non
     run = Run().started_connected()
     run.feed(ev.PathsChanged(run.at(0.1), frozenset({"d"})))  # none of a, b, c: offline
     assert isinstance(run.state, Offline)
-    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("d",))))
+    actions = run.feed(ev.ConfigReloaded(run.at(1), MachineSettings(servers=("d",))))
     assert configured(actions) == ["d"] and isinstance(run.state, Connecting)
 
 
 def test_a_reload_adding_servers_to_an_empty_list_connects() -> None:
-    run = Run(Settings(servers=()))
+    run = Run(MachineSettings(servers=()))
     run.feed(ev.Start(0.0, seed=7))
     assert isinstance(run.state, Blocked) and run.state.reason == "no servers configured"
-    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=("a",))))
+    actions = run.feed(ev.ConfigReloaded(run.at(1), MachineSettings(servers=("a",))))
     assert configured(actions) == ["a"] and isinstance(run.state, Connecting)
 
 
 def test_a_reload_emptying_the_list_while_backing_off_says_so() -> None:
-    run = Run(Settings(servers=("a",), connect_timeouts_s=(4.0,)))
+    run = Run(MachineSettings(servers=("a",), connect_timeouts_s=(4.0,)))
     run.start(reachable=frozenset({"a"}))
     run.feed(ev.TimerFired(run.at(4), "connect"))
     assert isinstance(run.state, Blocked) and run.state.retry_at is not None
-    actions = run.feed(ev.ConfigReloaded(run.at(1), Settings(servers=())))
+    actions = run.feed(ev.ConfigReloaded(run.at(1), MachineSettings(servers=())))
     assert isinstance(run.state, Blocked) and run.state.reason == "no servers configured"
     assert act.CancelTimer("backoff") in actions
 
 
 def test_a_reload_before_start_only_remembers() -> None:
     run = Run()
-    assert run.feed(ev.ConfigReloaded(0.0, Settings(servers=("b",)), reachable=frozenset({"b"}))) == []
+    assert run.feed(ev.ConfigReloaded(0.0, MachineSettings(servers=("b",)), reachable=frozenset({"b"}))) == []
     assert run.machine.context.reachable == frozenset({"b"})
 
 

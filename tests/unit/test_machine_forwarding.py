@@ -10,11 +10,11 @@ from __future__ import annotations
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev
 from supervisor.machine.rotation import preferred
-from supervisor.machine.settings import Settings
+from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Blocked, Connected, Connecting, Offline
 from tests.unit.test_machine import ALL, Run, configured
 
-SETTINGS = Settings(servers=("a", "b", "c"), cooldown_s=60)
+SETTINGS = MachineSettings(servers=("a", "b", "c"), cooldown_s=60)
 
 
 def published(actions: list[act.Action]) -> list[act.PublishStatus]:
@@ -69,7 +69,7 @@ def test_when_every_server_is_unfit_the_tunnel_stays_up_and_the_status_says_so()
 
 
 def test_an_unfit_server_with_the_others_only_cooling_down_stays_and_says_why() -> None:
-    run = Run(Settings(servers=("a", "b"), cooldown_s=60))
+    run = Run(MachineSettings(servers=("a", "b"), cooldown_s=60))
     run.start()
     run.feed(ev.ConnectFailed(run.at(0.1), "a", "refused"))  # a cools down; b now
     run.connect()
@@ -107,12 +107,12 @@ def test_a_reload_forgets_what_it_knew_of_servers_no_longer_configured() -> None
     run.feed(ev.PortGranted(run.at(0.1), "b"))
     run.connect()
     run.feed(ev.ServerUnfit(run.at(1), "a", "silent"))
-    run.feed(ev.ConfigReloaded(run.at(0.1), Settings(servers=("c",)), ALL))
+    run.feed(ev.ConfigReloaded(run.at(0.1), MachineSettings(servers=("c",)), ALL))
     assert run.machine.context.granted == frozenset() and run.machine.context.unfit == frozenset()
 
 
 def test_staying_is_said_once_and_a_server_back_from_its_cooldown_is_tried_at_the_next_report():
-    run = Run(Settings(servers=("a", "b", "c"), cooldown_s=60))
+    run = Run(MachineSettings(servers=("a", "b", "c"), cooldown_s=60))
     run.start()
     run.feed(ev.ConnectFailed(run.at(0.1), "a", "refused"))  # a cools down until 60.1
     run.connect()

@@ -19,7 +19,7 @@ from supervisor.machine import actions as act
 from supervisor.machine import events as ev
 from supervisor.machine.core import TRANSITIONS, step, targets
 from supervisor.machine.rotation import nominal_backoff
-from supervisor.machine.settings import Settings
+from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Blocked, Connected, Connecting, Machine, Offline, Stopped
 
 SERVERS = ("a", "b", "c", "d")
@@ -56,7 +56,7 @@ class MachineUnderEvents(RuleBasedStateMachine):
     def start(
         self, strategy: str, mode: str, seed: int, adopted: str | None, reachable: frozenset[str]
     ) -> None:
-        self.settings = Settings(servers=SERVERS, strategy=strategy, lock_mode=mode, cooldown_s=5.0)  # type: ignore[arg-type]
+        self.settings = MachineSettings(servers=SERVERS, strategy=strategy, lock_mode=mode, cooldown_s=5.0)  # type: ignore[arg-type]
         self.machine = Machine.initial(self.settings)
         self.feed(ev.PathsChanged(self.now, reachable))
         self.feed(ev.Start(self.now, seed=seed, adopted=adopted))
@@ -204,7 +204,7 @@ class MachineUnderEvents(RuleBasedStateMachine):
         reachable=st.none() | st.frozensets(st.sampled_from(NAMES_EVER)),
     )
     def reload(self, order: list[str], keep: int, reachable: frozenset[str] | None) -> None:
-        self.settings = Settings(
+        self.settings = MachineSettings(
             servers=tuple(order[:keep]),
             strategy=self.settings.strategy,
             lock_mode=self.settings.lock_mode,
@@ -233,7 +233,7 @@ def test_every_server_is_tried_before_any_backoff(strategy: str, count: int, see
     """Every server failing by timeout (within its cooldown): the first round tries each once,
     then the machine backs off, then tries again."""
     servers = tuple(f"s{i}" for i in range(count))
-    machine = Machine.initial(Settings(servers=servers, strategy=strategy, cooldown_s=600))  # type: ignore[arg-type]
+    machine = Machine.initial(MachineSettings(servers=servers, strategy=strategy, cooldown_s=600))  # type: ignore[arg-type]
     now = 0.0
     machine, actions = step(machine, ev.Start(now, seed=seed))
     tried = [a.server for a in actions if isinstance(a, act.ConfigurePeer)]
@@ -261,7 +261,7 @@ samples = st.lists(
     max_size=150,
 )
 detection = st.builds(
-    lambda pace, count, window, reply: Settings(
+    lambda pace, count, window, reply: MachineSettings(
         servers=SERVERS,
         doubt_probe_interval_s=pace,
         min_unanswered_probes=count,
@@ -287,7 +287,7 @@ def connect(machine: Machine, now: float, rx: int, tx: int) -> Machine:
 @settings(max_examples=300, deadline=None)
 @given(config=detection, samples=samples)
 def test_doubt_probes_fast_decides_only_on_count_and_window_and_any_answer_resets(
-    config: Settings, samples: list[tuple[float, bool, bool]]
+    config: MachineSettings, samples: list[tuple[float, bool, bool]]
 ) -> None:
     """Whatever the samples: no verdict before the count of overdue probes *and* the window; any
     rx growth clears the doubt with no probe and the calm pace; in doubt every sample probes at
@@ -333,7 +333,7 @@ def test_doubt_probes_fast_decides_only_on_count_and_window_and_any_answer_reset
 
 @settings(max_examples=100, deadline=None)
 @given(config=detection)
-def test_a_silent_server_is_declared_dead_once_count_and_window_are_met(config: Settings) -> None:
+def test_a_silent_server_is_declared_dead_once_count_and_window_are_met(config: MachineSettings) -> None:
     """Sampled at the doubt pace with nothing coming back, the verdict comes within one sample
     after both the count of overdue probes and the window are met, never before."""
     machine = Machine.initial(config)

@@ -21,7 +21,7 @@ from plugins.forwarding.trust import DEFAULT_LISTENERS, grant_refusal
 from plugins.natpmp import codec
 from plugins.natpmp.client import NatPmpClient
 from plugins.sockets import Program, Socket, parse_table
-from supervisor.plugins import PluginHost, Tunnel
+from supervisor.plugins import PluginHost, TunnelView
 from tests.unit.test_plugin_host import FakeLock, FakeServer, as_object, as_text, publish, reported
 
 pytestmark = pytest.mark.anyio
@@ -71,7 +71,7 @@ def plugin_with(gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch, **options
         async def unmap(self, protocol: str, internal_port: int) -> codec.Mapping:
             return await gateway.unmap(protocol, internal_port)
 
-    def client(tunnel: Tunnel, tries: int) -> NatPmpClient:
+    def client(tunnel: TunnelView, tries: int) -> NatPmpClient:
         return Client(IPv4Address("10.2.0.1"), None)
 
     monkeypatch.setattr(plugin.provider, "client", client)

@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from plugins import hooks, portfile, torrent
-from supervisor.plugins import Forwarded, InboundLock, Plugin, PluginContext, PluginHost, Tunnel, View
+from supervisor.plugins import Forwarded, InboundLock, Plugin, PluginContext, PluginHost, TunnelView, View
 from tests.unit.test_plugin_host import as_object, reported
 
 
@@ -60,7 +60,7 @@ def test_port_file_needs_an_absolute_path():
 
 
 VIEW = View(
-    Tunnel("connected", "vpn2", "tl0", (ip_interface("10.2.0.2/32"),), session=3),
+    TunnelView("connected", "vpn2", "tl0", (ip_interface("10.2.0.2/32"),), session=3),
     Forwarded((40000, 40001), "vpn2", 0.0),
 )
 
@@ -123,11 +123,11 @@ async def test_hooks_plugin_runs_on_port_for_every_new_port_not_only_the_first(t
     async with anyio.create_task_group() as tg:
         tg.start_soon(plugin.run, ctx)
         for view in (
-            View(Tunnel("connected", "vpn1", "tl0", session=1)),
-            View(Tunnel("connected", "vpn1", "tl0", session=1), Forwarded((1000,), "vpn1", 0)),
-            View(Tunnel("connected", "vpn1", "tl0", session=1), Forwarded((2000,), "vpn1", 0)),
-            View(Tunnel("connecting", "vpn2", "tl0", session=1)),
-            View(Tunnel("connected", "vpn2", "tl0", session=2), Forwarded((3000,), "vpn2", 0)),
+            View(TunnelView("connected", "vpn1", "tl0", session=1)),
+            View(TunnelView("connected", "vpn1", "tl0", session=1), Forwarded((1000,), "vpn1", 0)),
+            View(TunnelView("connected", "vpn1", "tl0", session=1), Forwarded((2000,), "vpn1", 0)),
+            View(TunnelView("connecting", "vpn2", "tl0", session=1)),
+            View(TunnelView("connected", "vpn2", "tl0", session=2), Forwarded((3000,), "vpn2", 0)),
         ):
             show(view)
             with anyio.fail_after(20):
@@ -235,7 +235,7 @@ async def test_a_shell_hook_reads_the_values_from_its_environment_as_plain_data(
     """A ``sh -c`` script that reads "$TUNLOCK_SERVER" gets the text, never runs it: even a name
     that the server-file reader would refuse stays inert here."""
     out = tmp_path / "out"
-    view = View(Tunnel("connected", "s2$(echo INJECTED)", "tl0", session=1), Forwarded((40000,), "s2", 0))
+    view = View(TunnelView("connected", "s2$(echo INJECTED)", "tl0", session=1), Forwarded((40000,), "s2", 0))
     plugin = hooks.factory(
         {"on_connected": ["sh", "-c", f'echo "up $TUNLOCK_SERVER $TUNLOCK_PORT $TUNLOCK_INTERFACE" > {out}']}
     )
@@ -270,7 +270,7 @@ async def test_a_server_file_named_with_shell_code_never_reaches_a_shell_hook(tm
     except ConfigError as err:
         names, refusal = [], str(err)
     for name in names:  # what the daemon would hand the hook at each connection
-        view = View(Tunnel("connected", name, "tl0", session=1))
+        view = View(TunnelView("connected", name, "tl0", session=1))
         argv = hooks.expand(["sh", "-c", f"echo connected to {{server}} >> {out}"], hooks.placeholders(view))
         await hooks.run_hook(argv, timeout=10)
     assert not out.exists() or "INJECTED" not in out.read_text().replace("$(echo INJECTED)", "")

@@ -26,7 +26,7 @@ from supervisor import runtime as runtime_module
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.state import LockState
 from supervisor.machine import events as ev
-from supervisor.machine.settings import Settings
+from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Machine
 from supervisor.redact import Secret
 from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status, TimerDue
@@ -47,7 +47,7 @@ def server(name: str, last_octet: int) -> Server:
 
 SERVERS = {"a": server("a", 1), "b": server("b", 2)}
 # Timers far beyond any test's life unless a test asks for a short one.
-SLOW = Settings(
+SLOW = MachineSettings(
     servers=("a", "b"),
     probe_interval_s=3600,
     interval_s=3600,
@@ -155,7 +155,7 @@ def probe_target(server: Server) -> IPv4Address | IPv6Address | None:
 def make_runtime(
     world: World,
     publish: Callable[[Status], None],
-    settings: Settings = SLOW,
+    settings: MachineSettings = SLOW,
     *,
     clock: Clock | None = None,
     inbox: Inbox | None = None,
@@ -179,7 +179,9 @@ def make_runtime(
 Scenario = Callable[[Runtime, World, MemoryObjectReceiveStream[Status]], Awaitable[None]]
 
 
-def run(scenario: Scenario, settings: Settings = SLOW, world: World | None = None) -> tuple[Runtime, World]:
+def run(
+    scenario: Scenario, settings: MachineSettings = SLOW, world: World | None = None
+) -> tuple[Runtime, World]:
     """Run the runtime against ``world`` while ``scenario`` feeds it; it must end by itself."""
     world = world or World()
     published_send, published = anyio.create_memory_object_stream[Status](math.inf)
@@ -247,7 +249,7 @@ def test_stop_in_session_mode_removes_the_lock_after_closing_the_tunnel() -> Non
         assert await next_state(published) == "connecting"
         await stop(runtime, published)
 
-    session = Settings(**{**SLOW.__dict__, "lock_mode": "session"})
+    session = MachineSettings(**{**SLOW.__dict__, "lock_mode": "session"})
     _, world = run(scenario, session)
     assert world.without_probes()[-2:] == [("close",), ("remove",)]
 
@@ -366,7 +368,9 @@ def test_teardown_failures_are_logged_and_the_stop_goes_on() -> None:
 
 def test_a_timer_that_runs_out_reads_the_counters_and_an_answer_after_the_handshake_connects() -> None:
     world = World()
-    quick = Settings(servers=("a", "b"), probe_interval_s=0.001, interval_s=3600, connect_timeouts_s=(3600,))
+    quick = MachineSettings(
+        servers=("a", "b"), probe_interval_s=0.001, interval_s=3600, connect_timeouts_s=(3600,)
+    )
 
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.post(lambda now: ev.Start(now, seed=1))
@@ -552,7 +556,7 @@ def reload_to(names: tuple[str, ...], reachable: frozenset[str] | None = None) -
         {name: SERVERS[name] for name in names},
         probe_target,
         BASE,
-        Settings(**{**SLOW.__dict__, "servers": names}),
+        MachineSettings(**{**SLOW.__dict__, "servers": names}),
         reachable,
     )
 
