@@ -65,6 +65,9 @@ LAN_BLOCKS = tuple(
     )
 )
 _IFNAME = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
+# A file name under /run/netns (and a directory under /etc/netns) that every tool takes as it is:
+# no path separator, no leading dot or dash, no shell or unit-file metacharacters.
+_NETNS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
 
@@ -81,6 +84,19 @@ class TunnelSection(_Section):
     # everything else; 0xca6c is wg-quick's choice too.
     fwmark: int = Field(default=0xCA6C, ge=1, le=0xFFFFFFFF)
     route_table: int = Field(default=51820, ge=1, le=0xFFFFFFFF)
+    # Namespace mode (docs/namespace.md): the tunnel, its lock, routes and DNS live in the network
+    # namespace /run/netns/<namespace>; the host's own networking is left alone.
+    namespace: str | None = None
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NETNS_NAME.match(value):
+            raise ValueError(
+                "a namespace name is 1 to 64 letters, digits or _.- and starts with a letter, "
+                "digit or _ (it names /run/netns/NAME)"
+            )
+        return value
 
     @field_validator("interface")
     @classmethod

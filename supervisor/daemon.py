@@ -53,7 +53,8 @@ from supervisor.log import get_logger
 from supervisor.machine import events as ev
 from supervisor.machine.settings import Settings
 from supervisor.machine.states import Machine
-from supervisor.net import monitor
+from supervisor.net import monitor, netns
+from supervisor.net.netns import Placement
 from supervisor.plugins import PluginHost
 from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
@@ -75,6 +76,7 @@ RESTART_ONLY = (
     ("tunnel", "backend"),
     ("tunnel", "fwmark"),
     ("tunnel", "route_table"),
+    ("tunnel", "namespace"),
     ("lock", "table"),
     ("lock", "mode"),
     ("control", "socket"),
@@ -128,8 +130,12 @@ def probe_target(config: Config) -> Callable[[Server], IPv4Address | IPv6Address
     return for_server
 
 
-async def serve(config: Config) -> int:
-    """Run the daemon until stopped; the exit status."""
+async def serve(config: Config, placement: Placement | None = None) -> int:
+    """Run the daemon until stopped; the exit status.
+
+    ``placement``: namespace mode, entered already (:func:`run_daemon`); this thread is in the app
+    namespace and the host keeps only the tunnel's UDP (supervisor/net/netns.py).
+    """
     ensure_safe_to_lock()
     _log_warnings(config)
     settings = config.settings
@@ -156,7 +162,7 @@ async def serve(config: Config) -> int:
 
     async with (
         anyio.create_task_group() as tg,
-        open_tunnel(tunnel_settings, report=backend_event) as tunnel,
+        open_tunnel(tunnel_settings, report=backend_event, placement=placement) as tunnel,
         IcmpProber() as prober,
     ):
         with anyio.fail_after(ADOPT_TIMEOUT_S):
@@ -177,6 +183,7 @@ async def serve(config: Config) -> int:
         if host is not None:
             runtime.subscribe(host.publish)
         runtime.status.backend = tunnel.backend.kind
+        runtime.status.namespace = placement.name if placement else None
 
         async def paths(observation: monitor.Observation) -> None:
             if isinstance(observation, monitor.TunnelLinkGone):
@@ -188,7 +195,7 @@ async def serve(config: Config) -> int:
             await runtime.post(lambda now: ev.PathsChanged(now, reachable))
 
         watcher = monitor.PathMonitor(
-            (s.endpoint for s in config.servers), settings.tunnel.fwmark, tunnel.ifname
+            (s.endpoint for s in config.servers), settings.tunnel.fwmark, tunnel.ifname, placement
         )
         await tg.start(watcher.run, paths)
         await runtime.post(
@@ -206,6 +213,7 @@ async def serve(config: Config) -> int:
         log.info(
             "tunlock running",
             interface=tunnel.ifname,
+            namespace=placement.name if placement else None,
             backend=tunnel.backend.kind,
             servers=len(servers),
             adopted=adopted.name if adopted else None,
@@ -413,7 +421,7 @@ async def _reload(runtime: Runtime, config: Config, watcher: monitor.PathMonitor
     _log_warnings(new)
     if new.settings.plugins != config.settings.plugins:
         log.warning("reload: plugin settings take effect at the next start; the running ones go on")
-    reachable = await _reachable_now(new, runtime.ifname)
+    reachable = await _reachable_now(new, runtime.ifname, watcher)
     # Through the runtime's loop, between two events: the lock, the servers and the machine
     # follow the new configuration together, never half of it while an action is on its way.
     change = Reconfiguration({s.name: s for s in new.servers}, targets, base, settings, reachable)
@@ -435,14 +443,17 @@ def _config_readers() -> anyio.CapacityLimiter:
     return _CONFIG_READERS[0]
 
 
-async def _reachable_now(config: Config, tunnel_ifname: str) -> frozenset[str] | None:
+async def _reachable_now(
+    config: Config, tunnel_ifname: str, watcher: monitor.PathMonitor | None = None
+) -> frozenset[str] | None:
     """Which of ``config``'s servers have a path right now, for the reload to act on at once
     (the monitor reports only changes of the endpoints' reachability, not of their names);
     ``None`` (the machine keeps what it knows) if the lookup fails."""
     endpoints = frozenset(server.endpoint for server in config.servers)
     try:
         with anyio.fail_after(PATHS_TIMEOUT_S):
-            async with AsyncIPRoute() as ipr:
+            # Where the endpoints' routes are: the host, in namespace mode (the monitor knows).
+            async with AsyncIPRoute() if watcher is None else await watcher.route_socket() as ipr:
                 reachable = await monitor.reachable_endpoints(
                     ipr, endpoints, config.settings.tunnel.fwmark, tunnel_ifname
                 )
@@ -469,8 +480,18 @@ def run_daemon(config: Config) -> int:
         return 2
     _fix_allocator_thresholds()
     _raise_descriptor_limit()
+    placement: Placement | None = None
+    namespace = config.settings.tunnel.namespace
+    if namespace is not None:
+        # Before the event loop and its threads: they inherit the namespace of this thread.
+        try:
+            placement = netns.enter(namespace)
+        except TunlockError as err:
+            log.error("tunlock cannot enter its namespace; nothing was changed", error=str(err))
+            return 1
+        log.info("running in the namespace", namespace=namespace, path=str(netns.namespace_path(namespace)))
     try:
-        code = anyio.run(serve, config, backend="asyncio")
+        code = anyio.run(serve, config, placement, backend="asyncio")
     except (Exception, BaseExceptionGroup) as caught:
         error = _first_error(caught)
         if isinstance(error, KeyboardInterrupt):

@@ -107,6 +107,7 @@ class Status:
     lock_owned: bool = False  # the flush-proof twin table, held while the daemon runs
     lock_counters: dict[str, int] = field(default_factory=dict)
     backend: str | None = None
+    namespace: str | None = None  # namespace mode's namespace, None for the whole host
     # For the metrics: times each state was entered, and failures declared per server.
     entered: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
@@ -138,6 +139,7 @@ class Status:
             "tx_bytes": stats.tx_bytes if stats else None,
             "last_failure": self.last_failure,
             "backend": self.backend,
+            "namespace": self.namespace,
             "forwarded_port": self.forwarded_port,
             "forwarded_ports": list(self.forwarded_ports),
             "forwarded_age_s": (

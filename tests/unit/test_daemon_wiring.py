@@ -104,6 +104,7 @@ RESTART_ONLY_EDITS = {
     "tunnel.backend": '[tunnel]\nbackend = "userspace"\n',
     "tunnel.fwmark": "[tunnel]\nfwmark = 7\n",
     "tunnel.route_table": "[tunnel]\nroute_table = 700\n",
+    "tunnel.namespace": '[tunnel]\nnamespace = "seed"\n',
     "lock.table": '[lock]\ntable = "other"\n',
     "lock.mode": '[lock]\nmode = "session"\n',
     "control.socket": '[control]\nsocket = "/run/elsewhere/control.sock"\n',
@@ -165,7 +166,9 @@ def reload(config: Config, world: Recorder) -> tuple[Config, list[dict[str, Any]
 def no_netlink(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Config, str]]:
     asked: list[tuple[Config, str]] = []
 
-    async def every_server_reachable(config: Config, tunnel_ifname: str) -> frozenset[str]:
+    async def every_server_reachable(
+        config: Config, tunnel_ifname: str, watcher: object = None
+    ) -> frozenset[str]:
         asked.append((config, tunnel_ifname))
         return frozenset(s.name for s in config.servers)
 
@@ -247,8 +250,8 @@ def quiet_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(daemon, "_fix_allocator_thresholds", lambda: None)
 
 
-def serving(outcome: BaseException | int) -> Callable[[Config], Any]:
-    async def serve(config: Config) -> int:
+def serving(outcome: BaseException | int) -> Callable[..., Any]:
+    async def serve(config: Config, placement: object = None) -> int:
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome

@@ -512,6 +512,7 @@ def test_status_json_before_anything_happened() -> None:
         "tx_bytes": None,
         "last_failure": None,
         "backend": None,
+        "namespace": None,
         "forwarded_port": None,
         "forwarded_ports": [],
         "forwarded_age_s": None,
