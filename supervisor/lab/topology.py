@@ -213,7 +213,9 @@ class Lab:
         """
         ns = role_or_ns if role_or_ns.startswith(LAB_NETNS_PREFIX) else self.ns(role_or_ns)
         out = open(self.dir / log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-        enter = ["ip", "netns", "exec", ns] if private_mounts else ["nsenter", f"--net={NETNS_DIR / ns}", "--"]
+        enter = ["ip", "netns", "exec", ns]
+        if not private_mounts:
+            enter = ["nsenter", f"--net={NETNS_DIR / ns}", "--"]
         proc = subprocess.Popen(
             [*enter, *argv],
             stdout=out,
