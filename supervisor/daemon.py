@@ -146,6 +146,8 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
     # The machine's queue, made first: the tunnel backend and the lock guard report into it from
     # the moment they exist, and the runtime takes what waits there once it runs.
     inbox = Inbox()
+    if placement is not None:
+        await netns.loopback_up()
 
     def published(status: Status) -> None:
         notifier.status(status.state, status.server, status.reason)

@@ -94,7 +94,7 @@ def check_lab_name(name: str) -> None:
 
 
 def ensure_namespace(name: str) -> bool:
-    """Create ``/run/netns/NAME`` (loopback up) and ``/etc/netns/NAME/`` unless they exist; True
+    """Create ``/run/netns/NAME`` and ``/etc/netns/NAME/resolv.conf`` unless they exist; True
     when the namespace was created now.
 
     ``ip netns add`` does the pinning as every other tool expects it (a shared ``/run/netns``
@@ -121,12 +121,12 @@ def ensure_namespace(name: str) -> bool:
                 "private mounts",
                 namespace=name,
             )
-    _run(["ip", "-n", name, "link", "set", "lo", "up"])
     resolv = resolv_conf_path(name)
     resolv.parent.mkdir(parents=True, exist_ok=True)
     # Present from the start: `ip netns exec` binds it only if it exists (programs would read the
     # host's resolvers otherwise, which the namespace cannot reach anyway).
-    resolv.touch(exist_ok=True)
+    if not resolv.exists():
+        resolv.write_text("")
     return created
 
 
@@ -237,3 +237,12 @@ def enter(name: str) -> Placement:
         raise NamespaceError(f"the daemon already runs inside namespace {name}: start it on the host")
     pyroute2_netns.setns(app_fd, flags=0)
     return Placement(name, host_fd, app_fd)
+
+
+async def loopback_up() -> None:
+    """Loopback up in the namespace this thread is in: a program inside talks to itself over it
+    (a torrent client's web UI, tunlock's pushers), and a new namespace has it down."""
+    async with AsyncIPRoute() as ipr:
+        found = await ipr.link_lookup(ifname="lo")
+        if found:
+            await ipr.link("set", index=found[0], state="up")
