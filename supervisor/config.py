@@ -17,7 +17,7 @@ import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -253,8 +253,31 @@ class PluginsSection(_Section):
         return {k: v for k, v in (self.model_extra or {}).items() if isinstance(v, dict)}
 
 
+class NamespaceSection(_Section):
+    """Namespace mode's way in for web UIs (docs/namespace.md): a veth pair from the host into
+    the namespace, whose inside end accepts only connections to these ports, and their replies."""
+
+    ui_tcp: list[Port] = Field(default_factory=list)
+    # The pair's addresses: the host's end takes the first, the namespace's end the second.
+    ui_subnet: IPv4Network = IPv4Network("169.254.251.0/30")
+
+    @property
+    def ui_ends(self) -> tuple[IPv4Address, IPv4Address]:
+        """The host's end and the namespace's end of the pair."""
+        first, second = list(self.ui_subnet.hosts())
+        return first, second
+
+    @field_validator("ui_subnet")
+    @classmethod
+    def _two_addresses(cls, value: IPv4Network) -> IPv4Network:
+        if value.prefixlen != 30:
+            raise ValueError("a /30: one address for the host's end, one for the namespace's")
+        return value
+
+
 class ConfigFile(_Section):
     tunnel: TunnelSection = Field(default_factory=TunnelSection)
+    namespace: NamespaceSection = Field(default_factory=NamespaceSection)
     rotation: RotationSection = Field(default_factory=RotationSection)
     health: HealthSection = Field(default_factory=HealthSection)
     lock: LockSection = Field(default_factory=LockSection)
@@ -494,6 +517,15 @@ def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -
             )
         )
     later += _admin_problems(settings, path, lines)
+    if settings.namespace.ui_tcp and settings.tunnel.namespace is None:
+        later.append(
+            Problem(
+                path,
+                lines.get(("namespace", "ui_tcp"), 0),
+                "namespace.ui_tcp is set but tunnel.namespace is not: it opens ports of namespace "
+                "mode's namespace; use lock.inbound_tcp for the whole host",
+            )
+        )
     for name, value in (settings.plugins.model_extra or {}).items():
         if not isinstance(value, dict):
             later.append(Problem(path, lines.get(("plugins", name), 0), f"unknown key {name!r} in [plugins]"))

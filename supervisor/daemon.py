@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from pathlib import Path
 
 import anyio
@@ -210,6 +210,8 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
             await tg.start(host.run)
         tg.start_soon(_signals, runtime, config, watcher, notifier, host)
         tg.start_soon(_announce_ready, notifier, first_status, settings.control.socket)
+        if placement is not None and settings.namespace.ui_tcp:
+            tg.start_soon(_ui_link_once_locked, placement, settings.namespace.ui_subnet, first_status)
         tg.start_soon(notifier.keep_watchdog_fed)
         tg.start_soon(tunnel.keep_resolvers)
         log.info(
@@ -336,6 +338,18 @@ async def _announce_ready(notifier: Notifier, first_status: anyio.Event, socket_
         return
     notifier.ready()
     log.info("ready: the lock is in place and the control socket answers")
+
+
+async def _ui_link_once_locked(placement: Placement, subnet: IPv4Network, first_status: anyio.Event) -> None:
+    """Namespace mode's web-UI link, made once the lock inside is in force (the machine's first
+    status comes after its first action, the whole lock): the pair is never there unguarded."""
+    from supervisor.net.ui_link import UiLinkError, ensure_ui_link
+
+    await first_status.wait()
+    try:
+        await ensure_ui_link(placement, subnet)
+    except UiLinkError as err:  # the tunnel goes on; only the way to the web UIs is missing
+        log.error("the web-UI link could not be made", error=str(err))
 
 
 def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginHost | None:

@@ -9,6 +9,8 @@ internet directly, with no lock, rule or resolver of tunlock's.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +18,7 @@ import pytest
 from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.faults import kill_server
 from supervisor.lab.probes import INTERNET_V4, INTERNET_V6, Probes, describe
-from tests.lab.conftest import LabUnderTest
+from tests.lab.conftest import LabUnderTest, tunlock_in_client
 
 pytestmark = pytest.mark.lab(servers=2, per_test=True)
 
@@ -60,6 +62,19 @@ def test_only_the_namespace_goes_through_the_tunnel_from_start_to_stop(
     links = lab.lab.run("app", "ip", "-o", "link", "show").splitlines()
     assert sorted(line.split(":")[1].strip() for line in links) == sorted(["lo", lab.lab.client_ifname])
 
+    # tunlock exec: inside, as the user asked for, with the namespace's resolvers and links only.
+    mark = lab.observer.mark()
+    script = "id -u; ls /sys/class/net; cat /etc/resolv.conf; exec 3<>/dev/tcp/203.0.113.10/80; echo reached"
+    ran = tunlock_in_client(
+        lab, "exec", "--config", app_daemon.config, "--user", "nobody", "--", "bash", "-c", script
+    )
+    assert ran.returncode == 0, ran.stderr
+    uid, *rest = ran.stdout.split("\n")
+    assert uid == "65534"
+    assert sorted(rest[:2]) == sorted(["lo", lab.lab.client_ifname])
+    assert "nameserver 10.99.0.1" in ran.stdout and ran.stdout.rstrip().endswith("reached"), ran.stderr
+    assert lab.observer.leaks(since=mark) == []
+
     # The host is left alone: direct, no lock table, no tunnel rules, its own resolver.
     assert host.tcp(INTERNET_V4) and host.ping(INTERNET_V6) and host.dns_udp()
     assert lab.lab.run("client", "nft", "list", "tables").strip() == ""
@@ -90,3 +105,63 @@ def test_only_the_namespace_goes_through_the_tunnel_from_start_to_stop(
     assert not any(answered.values()), answered
     assert "tunlock" in lab.lab.run("app", "nft", "list", "tables")
     assert host.tcp(INTERNET_V4)
+
+
+# A TCP server that greets as the lab's responder does, on the port given.
+GREETER = (
+    "import socket, sys\n"
+    "server = socket.create_server(('0.0.0.0', int(sys.argv[1])))\n"
+    "while True:\n"
+    "    conn, _ = server.accept()\n"
+    "    conn.sendall(b'tunlock-lab ok')\n"
+    "    conn.close()\n"
+)
+UI_SUBNET = "198.51.100.252/30"  # the lab's addresses come from the documentation ranges
+HOST_END, INSIDE_END = "198.51.100.253", "198.51.100.254"
+
+
+def greet_from(lab: LabUnderTest, role: str, port: int) -> None:
+    """A greeter in ``role``'s namespace, listening once this returns."""
+    lab.lab.spawn(role, [sys.executable, "-c", GREETER, str(port)], log=f"greeter-{role}-{port}.log")
+    deadline = time.monotonic() + 10 * lab.time_scale
+    while f":{port} " not in lab.lab.run(role, "ss", "-Htln"):
+        assert time.monotonic() < deadline, f"the greeter on {role}:{port} did not start"
+        time.sleep(0.01)
+
+
+@pytest.mark.lab(servers=1, per_test=True)
+def test_the_host_reaches_the_web_ui_and_nothing_inside_gets_out_by_its_link(lab: LabUnderTest) -> None:
+    config = lab.lab.dir / "namespace-ui.toml"
+    text = lab.lab.config_path.read_text().replace(
+        "[tunnel]\n", f'[tunnel]\nnamespace = "{lab.lab.ns("app")}"\n', 1
+    )
+    config.write_text(text + f'\n[namespace]\nui_tcp = [8080]\nui_subnet = "{UI_SUBNET}"\n')
+    app_daemon = lab.daemon(config=str(config))
+    app_daemon.private_mounts = False
+    with app_daemon:
+        app_daemon.start()
+        app_daemon.wait_for(
+            lambda _: any('"web-UI link in place"' in line for line in app_daemon.log_events()),
+            what="the web-UI link",
+        )
+        greet_from(lab, "app", 8080)  # the web UI
+        greet_from(lab, "app", 9999)  # another service inside, not for the host
+        greet_from(lab, "client", 7777)  # a service of the host's
+        app, host = Probes(lab.lab, role="app"), Probes(lab.lab)
+
+        # From the host: the web UI answers, nothing else inside does.
+        assert host.tcp(INSIDE_END, 8080)
+        assert not host.tcp(INSIDE_END, 9999)
+
+        # From inside: nothing reaches the host's end, or the internet that way.
+        mark = lab.observer.mark()
+        assert not app.tcp(HOST_END, 7777)
+        assert not app.ping(HOST_END)
+        assert not app.udp(HOST_END, 7)
+        assert app.tcp(INTERNET_V4)  # through the tunnel
+        assert lab.observer.leaks(since=mark) == []
+        # And the web UI still answers once the daemon stopped: the link and the lock stay.
+        assert app_daemon.stop() == 0
+        assert host.tcp(INSIDE_END, 8080)
+        assert not host.tcp(INSIDE_END, 9999)
+        assert not app.tcp(HOST_END, 7777)

@@ -97,3 +97,28 @@ def test_whole_host_mode_keeps_its_boot_lock(write_config) -> None:
     service = parse(files.daemon_unit_text)["Service"]
     assert service["RestrictNamespaces"] == "yes"
     assert "CAP_SYS_ADMIN" not in service["CapabilityBoundingSet"]
+
+
+def test_the_web_ui_ports_are_let_in_from_the_hosts_end_of_the_pair_only(write_config) -> None:
+    from supervisor.lock.configured import policy_from_config
+
+    config = load_config(write_config('[tunnel]\nnamespace = "seed"\n[namespace]\nui_tcp = [9091, 8080]\n'))
+    policy = policy_from_config(config)
+    assert policy.admin_tcp == (8080, 9091)
+    assert [str(n) for n in policy.admin_sources] == ["169.254.251.1/32"]
+    whole_host = policy_from_config(load_config(write_config("[lock]\nadmin_tcp = [22]\n")))
+    assert whole_host.admin_tcp == (22,) and whole_host.admin_sources == ()
+
+
+def test_web_ui_ports_without_a_namespace_are_refused(write_config) -> None:
+    path = write_config("[namespace]\nui_tcp = [8080]\n")
+    result = tunlock("check", "--config", str(path))
+    assert result.returncode == 1
+    assert f"{path}:2: namespace.ui_tcp is set but tunnel.namespace is not" in result.stderr
+
+
+def test_the_pair_needs_a_slash_30(write_config) -> None:
+    path = write_config('[tunnel]\nnamespace = "seed"\n[namespace]\nui_subnet = "10.0.0.0/24"\n')
+    result = tunlock("check", "--config", str(path))
+    assert result.returncode == 1
+    assert "namespace.ui_subnet: a /30" in result.stderr
