@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,15 @@ from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.faults import kill_server
 from supervisor.lab.probes import INTERNET_V4, INTERNET_V6, Probes, describe
 from tests.lab.conftest import LabUnderTest, tunlock_in_client
+from tests.lab.seedbox import QUICK, connect, start_gateways, wait_until, write_config
+from tests.lab.torrent_clients import (
+    QBT_PASSWORD,
+    QBT_USER,
+    QBT_WEBUI_PORT,
+    listening_ports,
+    start_qbittorrent,
+    write_secret,
+)
 
 pytestmark = pytest.mark.lab(servers=2, per_test=True)
 
@@ -165,3 +175,54 @@ def test_the_host_reaches_the_web_ui_and_nothing_inside_gets_out_by_its_link(lab
         assert host.tcp(INSIDE_END, 8080)
         assert not host.tcp(INSIDE_END, 9999)
         assert not app.tcp(HOST_END, 7777)
+
+
+@pytest.mark.lab(servers=2, per_test=True)
+def test_a_torrent_client_inside_follows_the_forwarded_port_through_a_failover(lab: LabUnderTest) -> None:
+    """The seedbox: qBittorrent inside the namespace, NAT-PMP through the tunnel, the port pushed
+    to its web API on the namespace's loopback; after a failover it listens on the new port, and
+    a peer on the internet reaches it through the new server. Nothing leaves outside the tunnel."""
+    start_gateways(lab.lab, {1: 40001, 2: 40002})
+    password_file = write_secret(lab.lab, "qbt-password", QBT_PASSWORD)
+    config = write_config(
+        lab.lab,
+        f"""
+        [plugins]
+        enabled = ["natpmp", "qbittorrent"]
+
+        [plugins.natpmp]
+        lifetime_s = 4
+
+        [plugins.qbittorrent]
+        url = "http://127.0.0.1:{QBT_WEBUI_PORT}"
+        username = "{QBT_USER}"
+        password_file = "{password_file}"
+        reassert_s = 1
+        """,
+        name="namespace-seedbox.toml",
+    )
+    text = Path(config).read_text().replace("[tunnel]\n", f'[tunnel]\nnamespace = "{lab.lab.ns("app")}"\n', 1)
+    Path(config).write_text(text)
+    mark = lab.observer.mark()
+    daemon = lab.daemon(env=QUICK, config=config)
+    daemon.private_mounts = False
+    with daemon:
+        daemon.start()
+        qbittorrent = start_qbittorrent(lab.lab, port=6881, role="app")
+
+        def on_port(port: int) -> bool:
+            return listening_ports(lab.lab, qbittorrent.pid, QBT_WEBUI_PORT, role="app") == {port}
+
+        wait_until(lambda: on_port(40001), "qBittorrent on 40001", 30)
+        vpn1, vpn2 = (s.endpoint_v4 for s in lab.lab.servers)
+        assert connect(lab.lab, "inet", vpn1, 40001) == "connected", "a peer reaches the client"
+        assert daemon.wait_for(lambda s: s["forwarded_port"] == 40001, 10, "the port")["namespace"]
+
+        kill_server(lab.lab, "1")
+        daemon.wait_for(lambda s: s["server"] == "vpn2" and s["forwarded_port"] == 40002, 30, "failover")
+        wait_until(lambda: on_port(40002), "qBittorrent on 40002", 30)
+        assert connect(lab.lab, "inet", vpn2, 40002) == "connected"
+        # The host's own services are not behind the tunnel: nothing of the host's is forwarded.
+        assert lab.lab.run("client", "nft", "list", "tables").strip() == ""
+    leaks = lab.observer.leaks(since=mark)
+    assert leaks == [], f"leaked:\n{describe(leaks)}"
