@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -205,7 +207,7 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
         )
         await tg.start(control_server.serve, settings.control.socket, ControlCommands(runtime))
         if settings.metrics.address is not None:
-            await tg.start(_serve_metrics, config, runtime, lock)
+            await tg.start(_serve_metrics, config, runtime, lock, placement)
         if host is not None:
             await tg.start(host.run)
         tg.start_soon(_signals, runtime, config, watcher, notifier, host)
@@ -238,10 +240,12 @@ async def _serve_metrics(
     config: Config,
     runtime: Runtime,
     lock: GuardedLock,
+    placement: Placement | None = None,
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Prometheus metrics at ``[metrics] listen``, read fresh from the runtime at each scrape."""
+    """Prometheus metrics at ``[metrics] listen``, read fresh from the runtime at each scrape
+    (namespace mode: listening in the host's namespace, where the scraper is)."""
     # Imported here: a daemon without metrics does not carry prometheus_client and h11 (~2 MB).
     # One `nft list` per scrape: the lock's state and counters come from the same reading.
     from supervisor import metrics
@@ -260,7 +264,16 @@ async def _serve_metrics(
 
     address = config.settings.metrics.address
     assert address is not None
-    await metrics.serve(str(address.host), address.port, snapshot, task_status=task_status)
+    bind = None
+    if placement is not None:
+        host_side = placement
+
+        async def bind(host: str, port: int) -> socket.socket:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            listen = functools.partial(socket.create_server, (host, port), family=family)
+            return await host_side.in_host(listen)
+
+    await metrics.serve(str(address.host), address.port, snapshot, bind=bind, task_status=task_status)
 
 
 def _log_warnings(config: Config) -> None:

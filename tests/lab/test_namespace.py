@@ -31,6 +31,7 @@ from tests.lab.torrent_clients import (
 )
 
 pytestmark = pytest.mark.lab(servers=2, per_test=True)
+METRICS_PORT = 9586
 
 
 @pytest.fixture
@@ -38,7 +39,8 @@ def app_daemon(lab: LabUnderTest) -> Iterator[LabDaemon]:
     """The lab's daemon with ``namespace = "tlab<id>-app"``, not started yet."""
     config = lab.lab.dir / "namespace.toml"
     text = lab.lab.config_path.read_text()
-    config.write_text(text.replace("[tunnel]\n", f'[tunnel]\nnamespace = "{lab.lab.ns("app")}"\n', 1))
+    text = text.replace("[tunnel]\n", f'[tunnel]\nnamespace = "{lab.lab.ns("app")}"\n', 1)
+    config.write_text(text + f'\n[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n')
     running = lab.daemon(env={"TUNLOCK_HEALTH_DEAD_AFTER_S": "2"}, config=str(config))
     running.private_mounts = False
     try:
@@ -89,6 +91,9 @@ def test_only_the_namespace_goes_through_the_tunnel_from_start_to_stop(
     assert host.tcp(INTERNET_V4) and host.ping(INTERNET_V6) and host.dns_udp()
     assert lab.lab.run("client", "nft", "list", "tables").strip() == ""
     assert "lookup 51820" not in lab.lab.run("client", "ip", "rule")
+    # The metrics listen on the host, where a scraper is, not on the namespace's loopback.
+    scraped = lab.lab.run("client", "curl", "-s", f"http://127.0.0.1:{METRICS_PORT}/metrics")
+    assert 'tunlock_state{state="connected"} 1' in scraped
 
     # Failover: the first server dies; the app's probes never leave outside the tunnel.
     mark = lab.observer.mark()
