@@ -522,8 +522,9 @@ def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -
             Problem(
                 path,
                 lines.get(("namespace", "ui_tcp"), 0),
-                "namespace.ui_tcp is set but tunnel.namespace is not: it opens ports of namespace "
-                "mode's namespace; use lock.inbound_tcp for the whole host",
+                "namespace.ui_tcp is set but tunnel.namespace is not: it is ignored (it opens ports "
+                "of namespace mode's namespace; lock.inbound_tcp opens the whole host's)",
+                warning=True,
             )
         )
     for name, value in (settings.plugins.model_extra or {}).items():

@@ -79,6 +79,8 @@ RESTART_ONLY = (
     ("tunnel", "fwmark"),
     ("tunnel", "route_table"),
     ("tunnel", "namespace"),
+    ("namespace", "ui_tcp"),
+    ("namespace", "ui_subnet"),
     ("lock", "table"),
     ("lock", "mode"),
     ("control", "socket"),

@@ -110,11 +110,14 @@ def test_the_web_ui_ports_are_let_in_from_the_hosts_end_of_the_pair_only(write_c
     assert whole_host.admin_tcp == (22,) and whole_host.admin_sources == ()
 
 
-def test_web_ui_ports_without_a_namespace_are_refused(write_config) -> None:
+def test_web_ui_ports_without_a_namespace_are_warned_about_and_open_nothing(write_config) -> None:
+    from supervisor.lock.configured import policy_from_config
+
     path = write_config("[namespace]\nui_tcp = [8080]\n")
     result = tunlock("check", "--config", str(path))
-    assert result.returncode == 1
-    assert f"{path}:2: namespace.ui_tcp is set but tunnel.namespace is not" in result.stderr
+    assert result.returncode == 0
+    assert f"{path}:2: warning: namespace.ui_tcp is set but tunnel.namespace is not" in result.stderr
+    assert policy_from_config(load_config(path)).admin_tcp == ()
 
 
 def test_the_pair_needs_a_slash_30(write_config) -> None:
