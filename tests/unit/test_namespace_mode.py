@@ -125,3 +125,17 @@ def test_the_pair_needs_a_slash_30(write_config) -> None:
     result = tunlock("check", "--config", str(path))
     assert result.returncode == 1
     assert "namespace.ui_subnet: a /30" in result.stderr
+
+
+def test_lab_only_mode_creates_or_enters_no_namespace_the_lab_did_not_name(monkeypatch) -> None:
+    from supervisor.errors import SafetyError
+    from supervisor.net import netns
+
+    monkeypatch.setenv("TUNLOCK_LAB_ONLY", "1")
+    with pytest.raises(SafetyError, match="'seed' is not a lab namespace"):
+        netns.ensure_namespace("seed")
+    assert not netns.namespace_path("seed").exists()
+    # A lab's name, asked from a namespace that is not the lab's (this test's): refused too.
+    with pytest.raises(SafetyError, match="host side must be a lab namespace"):
+        netns.ensure_namespace("tlab0000000-app")
+    assert not netns.namespace_path("tlab0000000-app").exists()
