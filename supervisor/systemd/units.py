@@ -196,13 +196,15 @@ After=network-pre.target network.target
 
 
 def namespace_start_pre(namespace: str) -> str:
-    """Namespace mode: pin the namespace and make its resolv.conf before the sandbox starts
-    (``+``: outside it, in the host's mount namespace, where every service then finds the pin).
+    """Namespace mode: pin the namespace and make its resolv.conf before the daemon starts, with
+    full privileges (``+``) and in PID 1's mount namespace (nsenter): systemd may give even a
+    ``+`` command a mount namespace of the unit's, and a pin made in one is seen by nobody else.
     The daemon itself only enters what exists."""
     resolv_dir = NETNS_ETC_DIR / namespace
     return (
         "# Namespace mode: the namespace pinned, and its resolv.conf made, where all see them.\n"
-        f"ExecStartPre=+/bin/sh -c 'test -e {NETNS_RUN_DIR / namespace} || ip netns add {namespace}; "
+        "ExecStartPre=+/usr/bin/nsenter --mount=/proc/1/ns/mnt -- /bin/sh -c "
+        f"'test -e {NETNS_RUN_DIR / namespace} || ip netns add {namespace}; "
         f"mkdir -p {resolv_dir} && touch {resolv_dir / 'resolv.conf'}'\n"
     )
 
@@ -217,7 +219,9 @@ def writable_paths(config: Config) -> list[Path]:
     dns = config.settings.dns
     namespace = config.settings.tunnel.namespace
     if dns.manage and namespace is not None:
-        paths.append(NETNS_ETC_DIR / namespace)  # the namespace's resolv.conf, made by ExecStartPre
+        # The namespace's resolv.conf, made by ExecStartPre: optional ("-"), since systemd sets up
+        # the mount namespace of ExecStartPre itself too, before the directory exists.
+        paths.append(Path("-" + str(NETNS_ETC_DIR / namespace)))
     elif dns.manage:
         # A missing path would fail the unit's start; "-" makes it optional (resolvectl or
         # resolvconf hosts do not write it).

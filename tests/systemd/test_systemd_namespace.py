@@ -56,9 +56,13 @@ def test_qbittorrent_joined_to_the_namespace_follows_the_forwarded_port_the_host
         '\n[plugins.qbittorrent]\n'
         f'url = "http://127.0.0.1:{QBT_WEBUI_PORT}"\nusername = "{QBT_USER}"\n'
         'password_file = "/etc/tunlock/qbittorrent.secret"\nreassert_s = 1\n'
+        'api_user = "seed"\n'  # qbittorrent-nox@seed runs as seed: its API may get the password
     )
     system.write("/etc/tunlock/tunlock.toml", config, 0o600)
     system.write("/etc/tunlock/qbittorrent.secret", QBT_PASSWORD + "\n", 0o600)
+    # The fixture installed whole-host mode: uninstalled first, as an administrator switching would.
+    uninstalled = system.offline(PYTHON, "-m", "supervisor.cli", "systemd", "uninstall")
+    assert uninstalled.returncode == 0, uninstalled.stderr
     installed = system.offline(PYTHON, "-m", "supervisor.cli", "systemd", "install")
     assert installed.returncode == 0, installed.stderr
     assert "tunlock-lock.service" not in installed.stdout  # no boot lock: it would lock the host

@@ -84,10 +84,13 @@ def test_namespace_mode_installs_no_boot_lock_and_may_enter_the_namespace(write_
     assert "Requires" not in unit["Unit"]
     assert units.LOCK_UNIT_NAME not in unit["Unit"]["After"]
     service = unit["Service"]
-    assert service["ExecStartPre"].startswith("+/bin/sh -c 'test -e /run/netns/seed || ip netns add seed;")
+    assert service["ExecStartPre"].startswith(
+        "+/usr/bin/nsenter --mount=/proc/1/ns/mnt -- /bin/sh -c "
+        "'test -e /run/netns/seed || ip netns add seed;"
+    )
     assert "CAP_SYS_ADMIN" in service["CapabilityBoundingSet"].split()
     assert service["RestrictNamespaces"] == "net"
-    assert service["ReadWritePaths"] == "/etc/netns/seed"
+    assert service["ReadWritePaths"] == "-/etc/netns/seed"
 
 
 def test_whole_host_mode_keeps_its_boot_lock(write_config) -> None:
