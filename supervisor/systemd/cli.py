@@ -115,6 +115,14 @@ def install(config_path: Path, dry_run: bool, lock_file: Path, force: bool) -> N
         click.echo("systemd is not running here: the unit's sandbox was not tried", err=True)
     for path, text in files.files():
         click.echo(f"{'wrote' if _write_if_changed(path, text) else 'unchanged'} {path}")
+    if files.namespace_mode and files.lock_unit.exists():
+        # Left as it is (it fails closed): the administrator decides to unlock the host.
+        click.echo(
+            f"tunlock: {files.lock_unit} from a whole-host install is still there and locks this "
+            "host at boot; namespace mode does not need it: `tunlock systemd uninstall` before "
+            "`install` removes it",
+            err=True,
+        )
     if SYSTEMD_RUNNING.is_dir():
         _systemctl("daemon-reload")
     _systemctl("enable", *files.unit_names())
