@@ -41,8 +41,12 @@ def test_check_takes_a_namespace_name_and_says_what_it_means(write_config, name:
 
 
 def test_status_names_the_namespace_or_null() -> None:
+    from supervisor.control.cli import describe
+
     assert Status().as_json()["namespace"] is None
+    assert "namespace" not in describe(Status().as_json())
     assert Status(namespace="seed").as_json()["namespace"] == "seed"
+    assert "namespace: seed (only it goes through the tunnel)" in describe(Status(namespace="seed").as_json())
 
 
 def test_join_writes_a_drop_in_that_keeps_the_unit_inside_and_bound_to_tunlock(write_config) -> None:
