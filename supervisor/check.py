@@ -100,10 +100,13 @@ def summary(checked: Checked) -> str:
         if lock.admin_tcp
         else ""
     )
+    namespace = checked.settings.tunnel.namespace
+    # Namespace mode: said first, since it changes what is locked (the namespace, not the host).
+    where = f"; namespace mode: only /run/netns/{namespace} goes through the tunnel" if namespace else ""
     return (
         f"{checked.path}: ok: {len(servers)} server{'s' if len(servers) != 1 else ''}, "
         f"{len(endpoints)} endpoint{'s' if len(endpoints) != 1 else ''} over {'+'.join(families)}, "
-        f"tunnel carries {'+'.join(inner)}{admin}"
+        f"tunnel carries {'+'.join(inner)}{where}{admin}"
     )
 
 

@@ -30,6 +30,7 @@ LAZY_COMMANDS = {
     "lab": "supervisor.lab.cli:lab",
     "leaktest": "supervisor.leaktest.cli:leaktest",
     "systemd": "supervisor.systemd.cli:systemd",
+    "exec": "supervisor.namespace_cli:exec_command",
 }
 
 
@@ -84,7 +85,8 @@ def run(config_path: Path, log_level: str, log_format: str, force: bool) -> None
 
     configure(log_level, json=None if log_format == "auto" else log_format == "json")
     config = load_or_exit(config_path)
-    if os.environ.get("SSH_CONNECTION"):  # the guard's imports only where it has work
+    # Namespace mode locks nothing of the host: no SSH session to cut.
+    if os.environ.get("SSH_CONNECTION") and config.settings.tunnel.namespace is None:
         from supervisor.lock.configured import policy_from_config
         from supervisor.lock.lockout import refuse_a_lockout
 

@@ -17,7 +17,7 @@ import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -68,6 +68,9 @@ LAN_BLOCKS = tuple(
     )
 )
 _IFNAME = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
+# A file name under /run/netns (and a directory under /etc/netns) that every tool takes as it is:
+# no path separator, no leading dot or dash, no shell or unit-file metacharacters.
+_NETNS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
 
@@ -84,6 +87,19 @@ class TunnelSection(_Section):
     # everything else; 0xca6c is wg-quick's choice too.
     fwmark: int = Field(default=0xCA6C, ge=1, le=0xFFFFFFFF)
     route_table: int = Field(default=51820, ge=1, le=0xFFFFFFFF)
+    # Namespace mode (docs/namespace.md): the tunnel, its lock, routes and DNS live in the network
+    # namespace /run/netns/<namespace>; the host's own networking is left alone.
+    namespace: str | None = None
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NETNS_NAME.match(value):
+            raise ValueError(
+                "a namespace name is 1 to 64 letters, digits or _.- and starts with a letter, "
+                "digit or _ (it names /run/netns/NAME)"
+            )
+        return value
 
     @field_validator("interface")
     @classmethod
@@ -243,8 +259,31 @@ class PluginsSection(_Section):
         return {k: v for k, v in (self.model_extra or {}).items() if isinstance(v, dict)}
 
 
+class NamespaceSection(_Section):
+    """Namespace mode's way in for web UIs (docs/namespace.md): a veth pair from the host into
+    the namespace, whose inside end accepts only connections to these ports, and their replies."""
+
+    ui_tcp: list[Port] = Field(default_factory=list)
+    # The pair's addresses: the host's end takes the first, the namespace's end the second.
+    ui_subnet: IPv4Network = IPv4Network("169.254.251.0/30")
+
+    @property
+    def ui_ends(self) -> tuple[IPv4Address, IPv4Address]:
+        """The host's end and the namespace's end of the pair."""
+        first, second = list(self.ui_subnet.hosts())
+        return first, second
+
+    @field_validator("ui_subnet")
+    @classmethod
+    def _two_addresses(cls, value: IPv4Network) -> IPv4Network:
+        if value.prefixlen != 30:
+            raise ValueError("a /30: one address for the host's end, one for the namespace's")
+        return value
+
+
 class ConfigFile(_Section):
     tunnel: TunnelSection = Field(default_factory=TunnelSection)
+    namespace: NamespaceSection = Field(default_factory=NamespaceSection)
     rotation: RotationSection = Field(default_factory=RotationSection)
     health: HealthSection = Field(default_factory=HealthSection)
     lock: LockSection = Field(default_factory=LockSection)
@@ -483,6 +522,16 @@ def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -
             )
         )
     later += _admin_problems(settings, path, lines)
+    if settings.namespace.ui_tcp and settings.tunnel.namespace is None:
+        later.append(
+            Problem(
+                path,
+                lines.get(("namespace", "ui_tcp"), 0),
+                "namespace.ui_tcp is set but tunnel.namespace is not: it is ignored (it opens ports "
+                "of namespace mode's namespace; lock.inbound_tcp opens the whole host's)",
+                warning=True,
+            )
+        )
     for name, value in (settings.plugins.model_extra or {}).items():
         if not isinstance(value, dict):
             later.append(Problem(path, lines.get(("plugins", name), 0), f"unknown key {name!r} in [plugins]"))

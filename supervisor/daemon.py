@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from pathlib import Path
 from typing import Protocol
 
@@ -54,7 +56,8 @@ from supervisor.log import get_logger
 from supervisor.machine import events as ev
 from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Machine
-from supervisor.net import monitor
+from supervisor.net import monitor, netns
+from supervisor.net.netns import Placement
 from supervisor.plugins import PluginHost
 from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
@@ -77,6 +80,9 @@ RESTART_ONLY = (
     ("tunnel", "backend"),
     ("tunnel", "fwmark"),
     ("tunnel", "route_table"),
+    ("tunnel", "namespace"),
+    ("namespace", "ui_tcp"),
+    ("namespace", "ui_subnet"),
     ("lock", "table"),
     ("lock", "mode"),
     ("control", "socket"),
@@ -130,8 +136,12 @@ def probe_target(config: Config) -> Callable[[Server], IPv4Address | IPv6Address
     return for_server
 
 
-async def serve(config: Config) -> int:
-    """Run the daemon until stopped; the exit status."""
+async def serve(config: Config, placement: Placement | None = None) -> int:
+    """Run the daemon until stopped; the exit status.
+
+    ``placement``: namespace mode, entered already (:func:`run_daemon`); this thread is in the app
+    namespace and the host keeps only the tunnel's UDP (supervisor/net/netns.py).
+    """
     ensure_safe_to_lock()
     _log_warnings(config)
     settings = config.settings
@@ -142,6 +152,8 @@ async def serve(config: Config) -> int:
     # The machine's queue, made first: the tunnel backend and the lock guard report into it from
     # the moment they exist, and the runtime takes what waits there once it runs.
     inbox = Inbox()
+    if placement is not None:
+        await netns.loopback_up()
 
     def published(status: Status) -> None:
         notifier.status(status.state, status.server, status.reason)
@@ -158,7 +170,7 @@ async def serve(config: Config) -> int:
 
     async with (
         anyio.create_task_group() as tg,
-        open_tunnel(tunnel_settings, report=backend_event) as tunnel,
+        open_tunnel(tunnel_settings, report=backend_event, placement=placement) as tunnel,
         IcmpProber() as prober,
     ):
         with anyio.fail_after(ADOPT_TIMEOUT_S):
@@ -179,6 +191,7 @@ async def serve(config: Config) -> int:
         if host is not None:
             runtime.subscribe(host.publish)
         runtime.status.backend = tunnel.backend.kind
+        runtime.status.namespace = placement.name if placement else None
 
         async def paths(observation: monitor.Observation) -> None:
             if isinstance(observation, monitor.TunnelLinkGone):
@@ -190,7 +203,7 @@ async def serve(config: Config) -> int:
             await runtime.post(lambda now: ev.PathsChanged(now, reachable))
 
         watcher = monitor.PathMonitor(
-            (s.endpoint for s in config.servers), settings.tunnel.fwmark, tunnel.ifname
+            (s.endpoint for s in config.servers), settings.tunnel.fwmark, tunnel.ifname, placement
         )
         await tg.start(watcher.run, paths)
         await runtime.post(
@@ -202,16 +215,19 @@ async def serve(config: Config) -> int:
 
         await tg.start(control_server.serve, settings.control.socket, ControlCommands(runtime, status))
         if settings.metrics.address is not None:
-            await tg.start(_serve_metrics, runtime, lock, status, settings.metrics.address)
+            await tg.start(_serve_metrics, runtime, lock, status, settings.metrics.address, placement)
         if host is not None:
             await tg.start(host.run)
         tg.start_soon(_signals, runtime, config, watcher, notifier, host)
         tg.start_soon(_announce_ready, notifier, first_status, settings.control.socket)
+        if placement is not None and settings.namespace.ui_tcp:
+            tg.start_soon(_ui_link_once_locked, placement, settings.namespace.ui_subnet, first_status)
         tg.start_soon(notifier.keep_watchdog_fed)
         tg.start_soon(tunnel.keep_resolvers)
         log.info(
             "tunlock running",
             interface=tunnel.ifname,
+            namespace=placement.name if placement else None,
             backend=tunnel.backend.kind,
             servers=len(servers),
             adopted=adopted.name if adopted else None,
@@ -233,10 +249,12 @@ async def _serve_metrics(
     lock: GuardedLock,
     status_now: Callable[[], Awaitable[StatusReport]],
     address: Endpoint,
+    placement: Placement | None = None,
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Prometheus metrics at ``[metrics] listen``: the status built fresh at each scrape."""
+    """Prometheus metrics at ``[metrics] listen``: the status built fresh at each scrape
+    (namespace mode: listening in the host's namespace, where the scraper is)."""
     # Imported here: a daemon without metrics does not carry prometheus_client and h11 (~2 MB).
     # One `nft list` per scrape: the lock's state and counters come from the same reading.
     from supervisor import metrics
@@ -254,7 +272,16 @@ async def _serve_metrics(
             inbound_packets=dict(report.lock.inbound),
         )
 
-    await metrics.serve(str(address.host), address.port, snapshot, task_status=task_status)
+    bind = None
+    if placement is not None:
+        host_side = placement
+
+        async def bind(host: str, port: int) -> socket.socket:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            listen = functools.partial(socket.create_server, (host, port), family=family)
+            return await host_side.in_host(listen)
+
+    await metrics.serve(str(address.host), address.port, snapshot, bind=bind, task_status=task_status)
 
 
 def _log_warnings(config: Config) -> None:
@@ -342,9 +369,12 @@ class SignalTarget(Reconfigurable, Protocol):
 
 
 class EndpointWatcher(Protocol):
-    """Told the endpoints a reload brought (net.monitor.PathMonitor)."""
+    """Told the endpoints a reload brought (net.monitor.PathMonitor); it knows where their
+    routes are (the host's namespace, in namespace mode)."""
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None: ...
+
+    async def route_socket(self) -> AsyncIPRoute: ...
 
 
 class StoppingPlugins(Protocol):
@@ -384,7 +414,19 @@ async def status_now(runtime: Runtime, host: PluginHost | None) -> StatusReport:
     """
     lock_state = await runtime.lock_state()
     plugins_report = host.report() if host is not None else None
-    return StatusReport.build(runtime.status, lock_state, plugins_report)
+    return StatusReport.build(runtime.status, lock_state, plugins_report, namespace=runtime.status.namespace)
+
+
+async def _ui_link_once_locked(placement: Placement, subnet: IPv4Network, first_status: anyio.Event) -> None:
+    """Namespace mode's web-UI link, made once the lock inside is in force (the machine's first
+    status comes after its first action, the whole lock): the pair is never there unguarded."""
+    from supervisor.net.ui_link import UiLinkError, ensure_ui_link
+
+    await first_status.wait()
+    try:
+        await ensure_ui_link(placement, subnet)
+    except UiLinkError as err:  # the tunnel goes on; only the way to the web UIs is missing
+        log.error("the web-UI link could not be made", error=str(err))
 
 
 def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginHost | None:
@@ -467,7 +509,7 @@ async def _reload(runtime: Reconfigurable, config: Config, watcher: EndpointWatc
     _log_warnings(new)
     if new.settings.plugins != config.settings.plugins:
         log.warning("reload: plugin settings take effect at the next start; the running ones go on")
-    reachable = await _reachable_now(new, runtime.ifname)
+    reachable = await _reachable_now(new, runtime.ifname, watcher)
     # Through the runtime's loop, between two events: the lock, the servers and the machine
     # follow the new configuration together, never half of it while an action is on its way.
     change = Reconfiguration({s.name: s for s in new.servers}, targets, base, settings, reachable)
@@ -489,14 +531,17 @@ def _config_readers() -> anyio.CapacityLimiter:
     return _CONFIG_READERS[0]
 
 
-async def _reachable_now(config: Config, tunnel_ifname: str) -> frozenset[str] | None:
+async def _reachable_now(
+    config: Config, tunnel_ifname: str, watcher: EndpointWatcher | None = None
+) -> frozenset[str] | None:
     """Which of ``config``'s servers have a path right now, for the reload to act on at once
     (the monitor reports only changes of the endpoints' reachability, not of their names);
     ``None`` (the machine keeps what it knows) if the lookup fails."""
     endpoints = frozenset(server.endpoint for server in config.servers)
     try:
         with anyio.fail_after(PATHS_TIMEOUT_S):
-            async with AsyncIPRoute() as ipr:
+            # Where the endpoints' routes are: the host, in namespace mode (the monitor knows).
+            async with AsyncIPRoute() if watcher is None else await watcher.route_socket() as ipr:
                 reachable = await monitor.reachable_endpoints(
                     ipr, endpoints, config.settings.tunnel.fwmark, tunnel_ifname
                 )
@@ -523,8 +568,18 @@ def run_daemon(config: Config) -> int:
         return 2
     _fix_allocator_thresholds()
     _raise_descriptor_limit()
+    placement: Placement | None = None
+    namespace = config.settings.tunnel.namespace
+    if namespace is not None:
+        # Before the event loop and its threads: they inherit the namespace of this thread.
+        try:
+            placement = netns.enter(namespace)
+        except TunlockError as err:
+            log.error("tunlock cannot enter its namespace; nothing was changed", error=str(err))
+            return 1
+        log.info("running in the namespace", namespace=namespace, path=str(netns.namespace_path(namespace)))
     try:
-        code = anyio.run(serve, config, backend="asyncio")
+        code = anyio.run(serve, config, placement, backend="asyncio")
     except (Exception, BaseExceptionGroup) as caught:
         error = _first_error(caught)
         if isinstance(error, KeyboardInterrupt):

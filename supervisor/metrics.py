@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import socket
 import typing
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import h11
+from anyio.streams.stapled import MultiListener
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -231,14 +233,21 @@ async def serve(
     port: int,
     source: SnapshotSource,
     *,
+    bind: Callable[[str, int], Awaitable[socket.socket]] | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer ``GET /metrics`` on ``host:port`` until cancelled.
 
     Any local user can connect to the port: ``MAX_CLIENTS`` connections at once, the idle ones
-    giving way to newcomers, and no error of ``accept()`` ends the daemon (``connections``)."""
+    giving way to newcomers, and no error of ``accept()`` ends the daemon (``connections``).
+    ``bind``: makes the listening socket elsewhere (namespace mode: in the host's namespace, where
+    the scraper is), instead of here."""
     try:
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        if bind is None:
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        else:
+            bound = await anyio.abc.SocketListener.from_socket(await bind(host, port))
+            listener = MultiListener([bound])
     except OSError as err:  # a port taken, an address not on this host: say so, not a traceback
         raise MetricsUnavailable(
             f"metrics.listen {host}:{port}: cannot listen: {err.strerror or err}"

@@ -107,6 +107,7 @@ class Status:
     stats: TunnelStats | None = None
     last_failure: FailureReport | None = None
     backend: str | None = None
+    namespace: str | None = None  # namespace mode's namespace, None for the whole host
     # For the metrics: times each state was entered, and failures declared per server.
     entered: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)

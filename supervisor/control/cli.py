@@ -81,6 +81,9 @@ def describe(answer: dict[str, Any], now: float | None = None) -> str:
     else:
         lock_text = "NOT INSTALLED"
     lines.append(f"lock:      {lock_text}")
+    if answer.get("namespace"):
+        # Namespace mode: the lock and the tunnel are the namespace's; the host is not locked.
+        lines.append(f"namespace: {answer['namespace']} (only it goes through the tunnel)")
     for workload in lock.get("bypass") or []:
         covered = (
             f"held by the egress chain on {', '.join(lock['egress'])}"

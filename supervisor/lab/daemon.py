@@ -47,6 +47,8 @@ class LabDaemon:
         # The descriptor limits the daemon starts with, as prlimit takes them ("1024:" for the
         # soft limit alone, systemd's default; "1024:1024" for both), or None for the caller's.
         self.nofile: str | None = None
+        # False for namespace mode: the daemon pins its namespace where everyone sees it (Lab.spawn).
+        self.private_mounts = True
 
     def start(self, wait_for: str | None = "connected", timeout: float = 20.0) -> dict[str, Any] | None:
         """Start the daemon; by default wait until it reports ``connected`` and return that status."""
@@ -63,7 +65,9 @@ class LabDaemon:
         ]
         if self.nofile is not None:
             argv = ["prlimit", f"--nofile={self.nofile}", "--", *argv]
-        self.process = self.lab.spawn("client", argv, log=self.log_name, env=env)
+        self.process = self.lab.spawn(
+            "client", argv, log=self.log_name, env=env, private_mounts=self.private_mounts
+        )
         if wait_for is None:
             return None
         return self.wait_for(lambda s: s["state"] == wait_for, timeout, f"state {wait_for}")

@@ -122,8 +122,10 @@ def icmp_echoed(target: str = INTERNET_V4, interface: str | None = None) -> bool
 class Probes:
     """The probe kinds of issue 3, each a method returning True when answered."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, role: str = "client") -> None:
+        """``role``: the namespace the probes start from (``app``: namespace mode's namespace)."""
         self.lab = lab
+        self.role = role
 
     def _in_client(self, fn, *args):
         result: list = []
@@ -131,7 +133,7 @@ class Probes:
 
         def run() -> None:
             try:
-                with self.lab.inside("client"):
+                with self.lab.inside(self.role):
                     result.append(fn(*args))
             except OSError:
                 result.append(False)
@@ -149,7 +151,7 @@ class Probes:
         argv = ["ping", "-n", "-c", "1", "-W", str(int(PROBE_TIMEOUT_S))]
         if interface:
             argv += ["-I", interface]
-        out = self.lab.run("client", *argv, target, check=False, timeout=PROBE_TIMEOUT_S + 3)
+        out = self.lab.run(self.role, *argv, target, check=False, timeout=PROBE_TIMEOUT_S + 3)
         return " 0% packet loss" in out
 
     def dns_udp(self, server: str = ISP_V4, name: str = LAB_DOMAIN) -> bool:

@@ -197,12 +197,27 @@ class Lab:
         ns = role_or_ns if role_or_ns.startswith(LAB_NETNS_PREFIX) else self.ns(role_or_ns)
         return sh("ip", "netns", "exec", ns, *argv, check=check, timeout=timeout)
 
-    def spawn(self, role_or_ns: str, argv: list[str], log: str | None = None, **kw) -> subprocess.Popen:
-        """Start a process in a namespace; the lab ends it by PID on down()."""
+    def spawn(
+        self,
+        role_or_ns: str,
+        argv: list[str],
+        log: str | None = None,
+        private_mounts: bool = True,
+        **kw,
+    ) -> subprocess.Popen:
+        """Start a process in a namespace; the lab ends it by PID on down().
+
+        ``private_mounts=False``: only the network namespace is entered (nsenter), not the mount
+        namespace of ``ip netns exec``, so that what the process mounts (a namespace pinned under
+        /run/netns by namespace mode) is seen by everyone.
+        """
         ns = role_or_ns if role_or_ns.startswith(LAB_NETNS_PREFIX) else self.ns(role_or_ns)
         out = open(self.dir / log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+        enter = ["ip", "netns", "exec", ns]
+        if not private_mounts:
+            enter = ["nsenter", f"--net={NETNS_DIR / ns}", "--"]
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *argv],
+            [*enter, *argv],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -511,11 +526,13 @@ class Lab:
             with contextlib.suppress(FileNotFoundError):
                 (UAPI_DIR / f"{s.ifname}.sock").unlink()
         _kill_client_wireguard(self.client_ifname)
-        for ns in self.namespaces:
+        # The app namespace a namespace-mode daemon under test created (tunnel.namespace).
+        for ns in [*self.namespaces, self.ns("app")]:
             if (NETNS_DIR / ns).exists():
                 _kill_namespace_processes(ns)
                 sh("ip", "netns", "del", ns, check=False)
-        shutil.rmtree(Path("/etc/netns") / self.ns("client"), ignore_errors=True)
+        for role in ("client", "app"):
+            shutil.rmtree(Path("/etc/netns") / self.ns(role), ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -74,8 +74,19 @@ def running_daemon(socket_path: Path) -> int | None:
         return struct.unpack("3i", creds)[0]
 
 
-def _load(config_path: Path) -> Config:
-    return load_or_exit(config_path, exit_code=1, note="the lock was not changed")
+def _load(config_path: Path, *, inside: bool = True) -> Config:
+    """The configuration; in namespace mode (``inside``) this process then works in the
+    namespace: the lock is the namespace's, the host's own networking is never touched."""
+    config = load_or_exit(config_path, exit_code=1, note="the lock was not changed")
+    name = config.settings.tunnel.namespace
+    if inside and name is not None:
+        from supervisor.net import netns
+
+        try:
+            netns.enter(name)
+        except TunlockError as err:
+            _fail(err)
+    return config
 
 
 def _fail(err: TunlockError) -> NoReturn:
@@ -106,7 +117,8 @@ def apply(config_path: Path, force: bool, confirm_within: float | None) -> None:
     """
     config = _load(config_path)
     policy = policy_from_config(config)
-    refuse_a_lockout(policy, force, "lock apply")
+    if config.settings.tunnel.namespace is None:  # inside the namespace, no SSH session to cut
+        refuse_a_lockout(policy, force, "lock apply")
     if confirm_within is None:
         try:
             links = nft.apply(policy)
@@ -256,7 +268,7 @@ def remove(config_path: Path, yes: bool) -> None:
 )
 def export(config_path: Path, output: Path | None, systemd_unit: Path | None) -> None:
     """Print an nft file that installs the lock at boot (nft -f FILE)."""
-    config = _load(config_path)
+    config = _load(config_path, inside=False)
     text = export_text(config)
     if output is None:
         click.echo(text, nl=False)

@@ -7,6 +7,7 @@ and pure functions that import without the configuration stack (pydantic, the lo
 from __future__ import annotations
 
 from collections.abc import Iterable
+from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from supervisor.config import Config
 from supervisor.lock.policy import LockPolicy
@@ -22,6 +23,7 @@ def policy_from_config(config: Config, servers: Iterable[Server] | None = None) 
     """
     settings = config.settings
     chosen = config.servers if servers is None else tuple(servers)
+    admin_tcp, admin_sources = ui_admission(config)
     return LockPolicy(
         table=settings.lock.table,
         tunnel_interface=settings.tunnel.interface,
@@ -29,8 +31,8 @@ def policy_from_config(config: Config, servers: Iterable[Server] | None = None) 
         allow_lan=settings.lock.allow_lan,
         lan_ranges=tuple(settings.lock.lan_ranges),
         inbound_tcp=tuple(settings.lock.inbound_tcp),
-        admin_tcp=tuple(settings.lock.admin_tcp),
-        admin_sources=tuple(settings.lock.admin_sources),
+        admin_tcp=admin_tcp,
+        admin_sources=admin_sources,
         uplinks=tuple(settings.lock.uplinks),
         tunnel_inbound=frozenset(
             [("tcp", p) for p in settings.lock.tunnel_inbound_tcp]
@@ -38,3 +40,19 @@ def policy_from_config(config: Config, servers: Iterable[Server] | None = None) 
         ),
         tunnel_targets=frozenset(configured_targets(settings)),
     ).with_servers(chosen)
+
+
+def ui_admission(config: Config) -> tuple[tuple[int, ...], tuple[IPv4Network | IPv6Network, ...]]:
+    """``lock.admin_tcp`` and ``lock.admin_sources`` as the lock takes them.
+
+    Namespace mode with ``namespace.ui_tcp``: inside the namespace the web UIs' veth is the one
+    non-tunnel interface, and the administrator's path is exactly what it needs (connections
+    opened from outside to those ports, and their replies, nothing this side opens); its sources
+    are the host's end of the pair only, so the LAN comes in through the host (docs/namespace.md).
+    """
+    lock, ui = config.settings.lock, config.settings.namespace
+    if config.settings.tunnel.namespace is None or not ui.ui_tcp:
+        return tuple(lock.admin_tcp), tuple(lock.admin_sources)
+    ports = tuple(sorted({*lock.admin_tcp, *ui.ui_tcp}))
+    host_end = ip_network(f"{ui.ui_ends[0]}/32")
+    return ports, (*lock.admin_sources, host_end)

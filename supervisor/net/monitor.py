@@ -8,6 +8,11 @@ carrier) and reports the set only when it changed. It also reports the tunnel
 interface disappearing. If the kernel drops events (ENOBUFS: our receive
 buffer overflowed), the monitor re-reads the whole state instead of trusting a
 partial picture.
+
+In namespace mode (``placement``) the two live apart: the endpoints' routes in the host
+namespace, where WireGuard's UDP socket is, and the tunnel interface in the app namespace. The
+monitor then holds one event socket in each, and ignores the host's RTM_DELLINK for the tunnel's
+name (that is the interface moving into the app namespace, or a stale one of the host).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from supervisor.log import get_logger
+from supervisor.net.netns import Placement
 from supervisor.servers import Endpoint
 
 log = get_logger(__name__)
@@ -55,7 +61,14 @@ Report = Callable[[Observation], Awaitable[None]]
 class PathMonitor:
     """Reports endpoint reachability and tunnel-interface loss from rtnetlink events."""
 
-    def __init__(self, endpoints: Iterable[Endpoint], fwmark: int, tunnel_ifname: str) -> None:
+    def __init__(
+        self,
+        endpoints: Iterable[Endpoint],
+        fwmark: int,
+        tunnel_ifname: str,
+        placement: Placement | None = None,
+    ) -> None:
+        self._placement = placement
         self._endpoints = frozenset(endpoints)
         self._fwmark = fwmark
         self._tunnel_ifname = tunnel_ifname
@@ -71,15 +84,44 @@ class PathMonitor:
         self, report: Report, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Report the current paths, then every change, until cancelled."""
-        async with AsyncIPRoute() as events:
+        async with await self.route_socket() as events:
             await events.bind()
             events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
             await self._check(report)
-            task_status.started()
             async with anyio.create_task_group() as tg:
+                if self._placement is not None:
+                    await tg.start(self._follow_tunnel_link, report)
+                task_status.started()
                 tg.start_soon(self._recheck_on_request, report)
-                await self._follow(events, report)
+                await self._follow(events, report, tunnel_here=self._placement is None)
                 tg.cancel_scope.cancel()
+
+    async def route_socket(self) -> AsyncIPRoute:
+        """An rtnetlink socket where the endpoints' routes are (the host, in namespace mode)."""
+        return AsyncIPRoute() if self._placement is None else await self._placement.host_route()
+
+    async def _follow_tunnel_link(
+        self, report: Report, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Namespace mode: the tunnel interface's deletion, seen in the app namespace (ours)."""
+        async with AsyncIPRoute() as events:
+            await events.bind()
+            events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+            task_status.started()
+            while True:
+                try:
+                    async for msg in events.get():
+                        gone = msg.get("event") == "RTM_DELLINK"
+                        if gone and msg.get_attr("IFLA_IFNAME") == self._tunnel_ifname:
+                            await report(TunnelLinkGone(self._tunnel_ifname))
+                except NetlinkError as err:
+                    if err.code != errno.ENOBUFS:
+                        raise
+                    log.warning("netlink events were dropped (ENOBUFS) in the namespace")
+                    try:
+                        socket.if_nametoindex(self._tunnel_ifname)
+                    except OSError:  # its deletion may have been among the dropped events
+                        await report(TunnelLinkGone(self._tunnel_ifname))
 
     async def _recheck_on_request(self, report: Report) -> None:
         while True:
@@ -87,13 +129,17 @@ class PathMonitor:
             self._recheck = anyio.Event()
             await self._check(report)
 
-    async def _follow(self, events: AsyncIPRoute, report: Report) -> None:
+    async def _follow(self, events: AsyncIPRoute, report: Report, *, tunnel_here: bool = True) -> None:
         while True:
             relevant = False
             try:
                 async for msg in events.get():
                     kind = msg.get("event")
-                    if kind == "RTM_DELLINK" and msg.get_attr("IFLA_IFNAME") == self._tunnel_ifname:
+                    if (
+                        tunnel_here
+                        and kind == "RTM_DELLINK"
+                        and msg.get_attr("IFLA_IFNAME") == self._tunnel_ifname
+                    ):
                         await report(TunnelLinkGone(self._tunnel_ifname))
                     if kind in _PATH_EVENTS:
                         relevant = True
@@ -110,7 +156,7 @@ class PathMonitor:
         # ACK that follows each ``route get`` answer under a sequence number it has already
         # released, in a queue nobody reads, so a long-lived query socket grows by one message
         # per lookup for as long as the daemon runs. Opening one costs ~3 ms, once per burst.
-        async with AsyncIPRoute() as queries:
+        async with await self.route_socket() as queries:
             reachable = await reachable_endpoints(queries, self._endpoints, self._fwmark, self._tunnel_ifname)
         if reachable != self._last:
             self._last = reachable

@@ -1,4 +1,5 @@
-"""``tunlock systemd install|uninstall``: the boot lock and the daemon as systemd units."""
+"""``tunlock systemd install|uninstall|join``: the boot lock and the daemon as systemd units, and
+namespace mode's drop-in for a service that must run inside the namespace."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def install(config_path: Path, dry_run: bool, lock_file: Path, force: bool) -> N
     new endpoints. Nothing is started: `systemctl start tunlock` does that (the boot lock first).
     """
     config = load_or_exit(config_path, note="nothing was installed")
-    if not dry_run:
+    if not dry_run and config.settings.tunnel.namespace is None:
         # The units lock the host at the next boot (and at `systemctl start`): refused from an
         # SSH session that lock would cut (lock.admin_tcp).
         refuse_a_lockout(policy_from_config(config), force, "systemd install")
@@ -114,11 +115,19 @@ def install(config_path: Path, dry_run: bool, lock_file: Path, force: bool) -> N
         click.echo("systemd is not running here: the unit's sandbox was not tried", err=True)
     for path, text in files.files():
         click.echo(f"{'wrote' if _write_if_changed(path, text) else 'unchanged'} {path}")
+    if files.namespace_mode and files.lock_unit.exists():
+        # Left as it is (it fails closed): the administrator decides to unlock the host.
+        click.echo(
+            f"tunlock: {files.lock_unit} from a whole-host install is still there and locks this "
+            "host at boot; namespace mode does not need it: `tunlock systemd uninstall` before "
+            "`install` removes it",
+            err=True,
+        )
     if SYSTEMD_RUNNING.is_dir():
         _systemctl("daemon-reload")
-    _systemctl("enable", units.LOCK_UNIT_NAME, units.DAEMON_UNIT_NAME)
+    _systemctl("enable", *files.unit_names())
     click.echo(
-        f"enabled {units.LOCK_UNIT_NAME} and {units.DAEMON_UNIT_NAME}; "
+        f"enabled {' and '.join(files.unit_names())}; "
         f"start them now with: systemctl start {units.DAEMON_UNIT_NAME}"
     )
 
@@ -149,3 +158,38 @@ def uninstall(lock_file: Path) -> None:
     if SYSTEMD_RUNNING.is_dir():
         _systemctl("daemon-reload")
     click.echo("the lock stays in force until `tunlock lock remove --yes` (or a reboot)")
+
+
+@systemd.command()
+@click.argument("unit")
+@CONFIG_OPTION
+@click.option("--dry-run", is_flag=True, help="Print the drop-in instead of writing it.")
+def join(unit: str, config_path: Path, dry_run: bool) -> None:
+    """Put UNIT inside the namespace of tunnel.namespace, bound to tunlock.service.
+
+    Writes /etc/systemd/system/UNIT.d/tunlock-namespace.conf: UNIT starts only after
+    tunlock.service, stops with it, and sees nothing but the namespace (its loopback and the
+    tunnel) and the tunnel's resolvers. Restart UNIT for it to take effect.
+    """
+    config = load_or_exit(config_path, note="nothing was written")
+    name = config.settings.tunnel.namespace
+    if name is None:
+        click.echo(
+            f"tunlock: {config.path}: tunnel.namespace is not set: join puts a service in namespace "
+            "mode's namespace, and this configuration locks the whole host",
+            err=True,
+        )
+        sys.exit(2)
+    try:
+        path, text = units.join_dropin(unit, name)
+    except ValueError as err:
+        click.echo(f"tunlock: {err}", err=True)
+        sys.exit(2)
+    if dry_run:
+        click.echo(f"# {path}\n{text}", nl=False)
+        return
+    click.echo(f"{'wrote' if _write_if_changed(path, text) else 'unchanged'} {path}")
+    if SYSTEMD_RUNNING.is_dir():
+        _systemctl("daemon-reload")
+    unit_name = path.parent.name.removesuffix(".d")
+    click.echo(f"restart it to move it in: systemctl restart {unit_name}")

@@ -15,6 +15,7 @@ fwmark) and CAP_NET_RAW (the ICMP probes); a read-only system except the paths i
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from supervisor.config import Config
 from supervisor.connections import DESCRIPTORS_WANTED
 from supervisor.lock.cli import BOOT_UNIT
 from supervisor.net.dns import DEFAULT_STATE_DIR
+from supervisor.net.netns import NETNS_ETC_DIR, NETNS_RUN_DIR
 
 LOCK_UNIT_NAME = "tunlock-lock.service"
 DAEMON_UNIT_NAME = "tunlock.service"
@@ -37,15 +39,11 @@ DAEMON_UNIT = """\
 [Unit]
 Description=tunlock: WireGuard supervisor with a kill switch that never opens
 Documentation=file://{docs}
-# The boot lock first: it holds from before network-pre.target until the daemon takes over, and
-# stays when the daemon stops or fails.
-Requires={lock_unit}
-After={lock_unit} network-pre.target network.target
-
+{ordering}
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart={python} -m supervisor.cli run --config {config} --log-format json
+{exec_start_pre}ExecStart={python} -m supervisor.cli run --config {config} --log-format json
 # SIGHUP reloads; the shell's kill, as minimal hosts have no /bin/kill.
 ExecReload=/bin/sh -c 'kill -HUP $MAINPID'
 Restart=on-failure
@@ -64,7 +62,7 @@ LimitNOFILE={nofile}
 UMask=0077
 
 # Hardening (systemd-analyze security {daemon_unit}).
-CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
+CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW{sys_admin}
 AmbientCapabilities=
 NoNewPrivileges=yes
 DevicePolicy=closed
@@ -83,7 +81,7 @@ ProtectHostname=yes
 ProtectProc=invisible
 # Not ProtectKernelTunables: the daemon sets net.ipv4.conf.all.src_valid_mark, as wg-quick does.
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-RestrictNamespaces=yes
+RestrictNamespaces={restrict_namespaces}
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
@@ -109,13 +107,21 @@ class UnitFiles:
     lock_unit_text: str
     daemon_unit: Path
     daemon_unit_text: str
+    # Namespace mode: no boot lock (it would lock the host); the daemon's unit alone.
+    namespace_mode: bool = False
 
     def files(self) -> list[tuple[Path, str]]:
+        if self.namespace_mode:
+            return [(self.daemon_unit, self.daemon_unit_text)]
         return [
             (self.lock_file, self.lock_text),
             (self.lock_unit, self.lock_unit_text),
             (self.daemon_unit, self.daemon_unit_text),
         ]
+
+    def unit_names(self) -> list[str]:
+        """The units to enable."""
+        return [path.name for path, _ in self.files() if path.suffix == ".service"]
 
 
 # What ProtectHome= hides and what PrivateTmp= replaces with an empty directory.
@@ -174,6 +180,35 @@ class Sandbox:
         return _lines("BindReadOnlyPaths", self.read_only) + _lines("BindPaths", self.read_write)
 
 
+WHOLE_HOST_ORDERING = """\
+# The boot lock first: it holds from before network-pre.target until the daemon takes over, and
+# stays when the daemon stops or fails.
+Requires={lock_unit}
+After={lock_unit} network-pre.target network.target
+"""
+
+# Namespace mode locks nothing of the host, so no boot lock: a namespace that does not exist yet
+# lets nothing out, and one that does holds the lock the daemon left in it. The services joined
+# to it (tunlock systemd join) start after this one is ready.
+NAMESPACE_ORDERING = """\
+After=network-pre.target network.target
+"""
+
+
+def namespace_start_pre(namespace: str) -> str:
+    """Namespace mode: pin the namespace and make its resolv.conf before the daemon starts, with
+    full privileges (``+``) and in PID 1's mount namespace (nsenter): systemd may give even a
+    ``+`` command a mount namespace of the unit's, and a pin made in one is seen by nobody else.
+    The daemon itself only enters what exists."""
+    resolv_dir = NETNS_ETC_DIR / namespace
+    return (
+        "# Namespace mode: the namespace pinned, and its resolv.conf made, where all see them.\n"
+        "ExecStartPre=+/usr/bin/nsenter --mount=/proc/1/ns/mnt -- /bin/sh -c "
+        f"'test -e {NETNS_RUN_DIR / namespace} || ip netns add {namespace}; "
+        f"mkdir -p {resolv_dir} && touch {resolv_dir / 'resolv.conf'}'\n"
+    )
+
+
 def writable_paths(config: Config) -> list[Path]:
     """What the daemon writes outside the runtime directories: the control socket's directory
     when it is not under /run/tunlock, and resolv.conf when the daemon rewrites the file."""
@@ -182,7 +217,12 @@ def writable_paths(config: Config) -> list[Path]:
     if not socket_dir.is_relative_to(DEFAULT_STATE_DIR):
         paths.append(socket_dir)
     dns = config.settings.dns
-    if dns.manage:
+    namespace = config.settings.tunnel.namespace
+    if dns.manage and namespace is not None:
+        # The namespace's resolv.conf, made by ExecStartPre: optional ("-"), since systemd sets up
+        # the mount namespace of ExecStartPre itself too, before the directory exists.
+        paths.append(Path("-" + str(NETNS_ETC_DIR / namespace)))
+    elif dns.manage:
         # A missing path would fail the unit's start; "-" makes it optional (resolvectl or
         # resolvconf hosts do not write it).
         paths.append(Path("-" + str(dns.resolv_conf)))
@@ -205,7 +245,15 @@ def daemon_unit(
         [Path(str(p).lstrip("-")) for p in writes],
     )
     extra = [p for p in writes if not _under(Path(str(p).lstrip("-")), (*HOME_ROOTS, *TMP_ROOTS))]
+    namespace = config.settings.tunnel.namespace
     return DAEMON_UNIT.format(
+        ordering=WHOLE_HOST_ORDERING.format(lock_unit=LOCK_UNIT_NAME)
+        if namespace is None
+        else NAMESPACE_ORDERING,
+        exec_start_pre="" if namespace is None else namespace_start_pre(namespace),
+        # setns(2) into the namespace needs CAP_SYS_ADMIN; entering network namespaces only.
+        sys_admin="" if namespace is None else " CAP_SYS_ADMIN",
+        restrict_namespaces="yes" if namespace is None else "net",
         docs=docs,
         lock_unit=LOCK_UNIT_NAME,
         daemon_unit=DAEMON_UNIT_NAME,
@@ -298,4 +346,51 @@ def render_all(
         lock_unit_text=lock_unit(lock_file),
         daemon_unit=unit_dir / DAEMON_UNIT_NAME,
         daemon_unit_text=daemon_unit(config, python, program=program),
+        namespace_mode=config.settings.tunnel.namespace is not None,
     )
+
+
+# --- namespace mode: a service joined to the namespace (tunlock systemd join) ------------------
+
+JOIN_DROPIN_NAME = "tunlock-namespace.conf"
+# A unit name as systemd takes it: name, optional @instance, and a type suffix.
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.(service|socket|timer|path)$")
+
+JOIN_DROPIN = """\
+# Written by `tunlock systemd join`: {unit}
+# runs only inside tunlock's namespace {name}, whose only way out is the tunnel.
+# It starts after tunlock.service and stops with it.
+# Remove this file (and `systemctl daemon-reload`) to undo.
+[Unit]
+BindsTo={daemon_unit}
+After={daemon_unit}
+
+[Service]
+NetworkNamespacePath={netns_path}
+# The namespace's resolvers (the tunnel's), as `ip netns exec` shows them.
+BindReadOnlyPaths={resolv_conf}:/etc/resolv.conf
+"""
+
+
+def join_unit_name(unit: str) -> str:
+    """``unit`` as systemd names it (``.service`` added when there is no suffix); ValueError for
+    a name systemd would not take."""
+    named = unit
+    if not re.search(r"\.(service|socket|timer|path)$", named):
+        named = f"{unit}.service"
+    if not _UNIT_NAME.match(named) or "/" in named:
+        raise ValueError(f"not a unit name: {unit!r}")
+    return named
+
+
+def join_dropin(unit: str, namespace: str, unit_dir: Path = DEFAULT_UNIT_DIR) -> tuple[Path, str]:
+    """The drop-in that puts ``unit`` in ``namespace``: its path and its text."""
+    named = join_unit_name(unit)
+    text = JOIN_DROPIN.format(
+        unit=named,
+        name=namespace,
+        daemon_unit=DAEMON_UNIT_NAME,
+        netns_path=NETNS_RUN_DIR / namespace,
+        resolv_conf=NETNS_ETC_DIR / namespace / "resolv.conf",
+    )
+    return unit_dir / f"{named}.d" / JOIN_DROPIN_NAME, text

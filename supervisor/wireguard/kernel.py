@@ -37,6 +37,7 @@ from pyroute2.netlink.generic.wireguard import (
 
 from supervisor.log import get_logger
 from supervisor.net.links import collect
+from supervisor.net.netns import Placement
 from supervisor.servers import Endpoint
 from supervisor.wireguard.backend import (
     BackendError,
@@ -170,9 +171,15 @@ class KernelBackend:
     kind = "kernel"
 
     def __init__(
-        self, ifname: str, *, report: Report = ignore_events, wg: AsyncWireGuard | None = None
+        self,
+        ifname: str,
+        *,
+        report: Report = ignore_events,
+        wg: AsyncWireGuard | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.ifname = ifname
+        self._placement = placement
         self._report = report  # a kernel link does not die on its own: nothing to report
         self._wg = wg
         self._log = log.bind(ifname=ifname, backend=self.kind)
@@ -212,9 +219,12 @@ class KernelBackend:
     async def ensure_interface(self) -> bool:
         if await self.adopt():
             return False
-        async with AsyncIPRoute() as ipr:
+        # Namespace mode: asked from a host netlink socket and created straight in the app
+        # namespace; the kernel keeps WireGuard's UDP socket in the namespace that asked.
+        where = {} if self._placement is None else {"net_ns_fd": self._placement.app_fd}
+        async with AsyncIPRoute() if self._placement is None else await self._placement.host_route() as ipr:
             try:
-                await ipr.link("add", ifname=self.ifname, kind=LINK_KIND)
+                await ipr.link("add", ifname=self.ifname, kind=LINK_KIND, **where)
             except NetlinkError as err:
                 if err.code == errno.EOPNOTSUPP:
                     raise KernelUnavailable(
@@ -266,7 +276,9 @@ class KernelBackend:
 
 
 @contextlib.asynccontextmanager
-async def open_kernel_backend(ifname: str, *, report: Report = ignore_events) -> AsyncIterator[KernelBackend]:
+async def open_kernel_backend(
+    ifname: str, *, report: Report = ignore_events, placement: Placement | None = None
+) -> AsyncIterator[KernelBackend]:
     """The kernel backend for ``ifname`` with its generic netlink socket open for the body.
 
     Raises KernelUnavailable when this kernel has no WireGuard. Leaving it closes the socket and
@@ -283,6 +295,6 @@ async def open_kernel_backend(ifname: str, *, report: Report = ignore_events) ->
                     'load the module (modprobe wireguard) or set tunnel.backend = "userspace"'
                 ) from None
             raise BackendError(f"cannot open the kernel's WireGuard netlink: {err}") from None
-        yield KernelBackend(ifname, report=report, wg=wg)
+        yield KernelBackend(ifname, report=report, wg=wg, placement=placement)
     finally:
         wg.close()

@@ -17,6 +17,7 @@ import anyio
 from pyroute2 import AsyncWireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
+from supervisor.net.netns import Placement
 from supervisor.wireguard.backend import Report, WireGuardBackend, ignore_events
 from supervisor.wireguard.kernel import open_kernel_backend
 from supervisor.wireguard.uapi import UAPI_DIR
@@ -76,15 +77,19 @@ async def resolve_backend(wanted: BackendKind, ifname: str, uapi_dir: Path = UAP
 
 @contextlib.asynccontextmanager
 async def open_backend(
-    kind: str, ifname: str, report: Report = ignore_events, **userspace: Any
+    kind: str,
+    ifname: str,
+    report: Report = ignore_events,
+    placement: Placement | None = None,
+    **userspace: Any,
 ) -> AsyncIterator[WireGuardBackend]:
     """The backend of ``kind`` for the ``async with`` body; ``userspace`` options go to
     :func:`open_userspace_backend`. Leaving it leaves the interface as it is."""
     opened: contextlib.AbstractAsyncContextManager[WireGuardBackend]
     if kind == "kernel":
-        opened = open_kernel_backend(ifname, report=report)
+        opened = open_kernel_backend(ifname, report=report, placement=placement)
     elif kind == "userspace":
-        opened = open_userspace_backend(ifname, report=report, **userspace)
+        opened = open_userspace_backend(ifname, report=report, placement=placement, **userspace)
     else:
         raise ValueError(f"unknown backend {kind!r}: auto, kernel or userspace")
     async with opened as backend:

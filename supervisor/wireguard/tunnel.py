@@ -50,6 +50,7 @@ from supervisor.net.admin_route import AdminReplyRouting
 from supervisor.net.dns import DEFAULT_STATE_DIR, DnsError, DnsManager, ResolvConfFile, detect_dns_manager
 from supervisor.net.filewatch import file_changes
 from supervisor.net.links import configure_link
+from supervisor.net.netns import Placement, resolv_conf_path
 from supervisor.net.routes import DEFAULT_RULE_PRIORITY, FullTunnelRouting
 from supervisor.servers import IPAddress, IPNetwork, Server
 from supervisor.wireguard.backend import (
@@ -85,19 +86,24 @@ class TunnelSettings:
     # Addresses inside the tunnel named by the config rather than a server file (the probe
     # target, the NAT-PMP gateway): routed into the tunnel whatever the LAN routes say.
     owned_targets: tuple[IPAddress, ...] = ()
+    # Namespace mode (supervisor/net/netns.py): the namespace's name, or None for the whole host.
+    namespace: str | None = None
 
     @classmethod
     def from_config(cls, settings: Any, state_dir: Path = DEFAULT_STATE_DIR) -> TunnelSettings:
         """From a validated ``supervisor.config.ConfigFile``."""
+        namespace = settings.tunnel.namespace
         return cls(
             ifname=settings.tunnel.interface,
             fwmark=settings.tunnel.fwmark,
             route_table=settings.tunnel.route_table,
             backend=settings.tunnel.backend,
             manage_dns=settings.dns.manage,
-            resolv_conf=settings.dns.resolv_conf,
+            # Namespace mode: the namespace's own file, which programs inside see as /etc/resolv.conf.
+            resolv_conf=resolv_conf_path(namespace) if namespace else settings.dns.resolv_conf,
             state_dir=state_dir,
             owned_targets=configured_targets(settings),
+            namespace=namespace,
         )
 
 
@@ -314,12 +320,16 @@ class Tunnel:
 
 @contextlib.asynccontextmanager
 async def open_tunnel(
-    settings: TunnelSettings, report: Report = ignore_events, **backend_options: Any
+    settings: TunnelSettings,
+    report: Report = ignore_events,
+    placement: Placement | None = None,
+    **backend_options: Any,
 ) -> AsyncIterator[Tunnel]:
     """The tunnel for ``settings``, its backend chosen (``auto``) and entered.
 
     ``report`` hears the backend's own events (wireguard-go died / restarted / a restart failed),
-    after the tunnel has re-plumbed a restarted interface.
+    after the tunnel has re-plumbed a restarted interface. ``placement`` (namespace mode): the
+    caller runs in the app namespace, and the backend keeps WireGuard's UDP in the host.
     """
     kind = await resolve_backend(settings.backend, settings.ifname)
     tunnel: Tunnel | None = None
@@ -334,6 +344,6 @@ async def open_tunnel(
         dns = await anyio.to_thread.run_sync(
             detect_dns_manager, settings.ifname, settings.resolv_conf, settings.state_dir
         )
-    async with open_backend(kind, settings.ifname, relay, **backend_options) as backend:
+    async with open_backend(kind, settings.ifname, relay, placement, **backend_options) as backend:
         tunnel = Tunnel(settings, backend, dns)
         yield tunnel

@@ -23,6 +23,12 @@ How the process is kept:
   behind it, and that process runs in our network namespace (the socket
   directory is shared by all namespaces, so a name served from another one is
   refused, not adopted). Nothing is changed on adoption.
+- **Namespace mode** (``placement``, supervisor/net/netns.py): wireguard-go is started in the
+  host namespace, where its UDP socket stays, and its TUN device is moved into the app namespace
+  before anyone configures it. wireguard-go takes the move: it reads and writes its TUN through
+  the descriptor it opened, and it tells up from down by probing that descriptor rather than by
+  netlink events (which it only hears in its own namespace). The UAPI socket is a path, reachable
+  from every namespace. Adoption then asks that the process runs in the host namespace.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import anyio
 import anyio.abc
 
 from supervisor.log import get_logger
+from supervisor.net.netns import Placement
 from supervisor.wireguard.backend import (
     BackendDied,
     BackendError,
@@ -181,8 +188,10 @@ class UserspaceBackend:
         uapi_dir: Path = UAPI_DIR,
         log_level: str = "error",
         start_timeout: float = START_TIMEOUT_S,
+        placement: Placement | None = None,
     ) -> None:
         self.ifname = ifname
+        self._placement = placement
         self._report = report
         self._binary = binary
         self._uapi_dir = uapi_dir
@@ -287,7 +296,8 @@ class UserspaceBackend:
                 ) from None
             return False
         try:
-            same_netns = _netns_id(pid) == _netns_id("thread-self")
+            home = self._placement.host_id if self._placement else _netns_id("thread-self")
+            same_netns = _netns_id(pid) == home
         except FileNotFoundError:
             return False  # it just exited
         current = self._process
@@ -316,6 +326,9 @@ class UserspaceBackend:
             process.release()
             return False
         self._set_process(self._follow(process))
+        if self._placement is not None and not link_exists(self.ifname):
+            # A daemon that died between starting wireguard-go and moving its TUN in.
+            await self._placement.move_in(self.ifname)
         try:
             program = (await anyio.Path(f"/proc/{pid}/comm").read_text()).strip()
         except FileNotFoundError:
@@ -342,10 +355,11 @@ class UserspaceBackend:
             raise InterfaceTaken(f"interface {self.ifname} exists and is not served by wireguard-go")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         ours.setblocking(False)
-        try:
+
+        def start() -> subprocess.Popen[bytes]:
             # Popen, not anyio.open_process: the child must outlive us in its own session and is
             # followed through a pidfd; the fork and exec of one small binary take microseconds.
-            popen = subprocess.Popen(  # noqa: ASYNC220
+            return subprocess.Popen(
                 [self._binary, "-f", self.ifname],
                 stdin=subprocess.DEVNULL,
                 stdout=theirs.fileno(),
@@ -354,6 +368,10 @@ class UserspaceBackend:
                 start_new_session=True,  # survives our death and our process group's signals
                 close_fds=True,
             )
+
+        try:
+            # Namespace mode: forked from a thread in the host namespace, so its UDP socket is there.
+            popen = await self._placement.in_host(start) if self._placement else start()
         except OSError as err:
             ours.close()
             raise BackendError(f"cannot start {self._binary}: {err.strerror or err}") from None
@@ -363,6 +381,8 @@ class UserspaceBackend:
         self._log.info("started wireguard-go", pid=popen.pid)
         try:
             await self._wait_served(process)
+            if self._placement is not None:
+                await self._placement.move_in(self.ifname)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._stop(process)
@@ -553,6 +573,7 @@ async def open_userspace_backend(
     uapi_dir: Path = UAPI_DIR,
     log_level: str = "error",
     start_timeout: float = START_TIMEOUT_S,
+    placement: Placement | None = None,
 ) -> AsyncIterator[UserspaceBackend]:
     """The userspace backend for ``ifname`` with its watcher running, for the ``async with`` body.
 
@@ -566,6 +587,7 @@ async def open_userspace_backend(
         uapi_dir=uapi_dir,
         log_level=log_level,
         start_timeout=start_timeout,
+        placement=placement,
     )
     body_error: BaseException | None = None
     async with anyio.create_task_group() as followers:

@@ -35,8 +35,9 @@ def _pbkdf2(password: str) -> str:
     return f'"@ByteArray({base64.b64encode(salt).decode()}:{base64.b64encode(digest).decode()})"'
 
 
-def start_qbittorrent(lab: Lab, port: int = 6881) -> subprocess.Popen:
-    """qbittorrent-nox with a fresh config that listens on ``port`` (its default is 6881)."""
+def start_qbittorrent(lab: Lab, port: int = 6881, role: str = "client") -> subprocess.Popen:
+    """qbittorrent-nox with a fresh config that listens on ``port`` (its default is 6881), in
+    ``role``'s namespace (``app``: namespace mode's)."""
     profile = lab.dir / "qbt"
     config = profile / "qBittorrent" / "config"
     config.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,7 @@ def start_qbittorrent(lab: Lab, port: int = 6881) -> subprocess.Popen:
         "WebUI\\LocalHostAuth=true\nWebUI\\UPnP=false\n"
     )
     return lab.spawn(
-        "client",
+        role,
         ["qbittorrent-nox", f"--profile={profile}", f"--webui-port={QBT_WEBUI_PORT}"],
         "qbittorrent.log",
         env={**os.environ, "HOME": str(profile)},
@@ -138,9 +139,9 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
-def listening_ports(lab: Lab, pid: int, ignore: int) -> set[int]:
-    """TCP ports process ``pid`` listens on in the client namespace (its API port ``ignore``d)."""
-    out = lab.run("client", "ss", "-ltnpH")
+def listening_ports(lab: Lab, pid: int, ignore: int, role: str = "client") -> set[int]:
+    """TCP ports process ``pid`` listens on in ``role``'s namespace (its API port ``ignore``d)."""
+    out = lab.run(role, "ss", "-ltnpH")
     ports = set()
     for line in out.splitlines():
         if f"pid={pid}," in line:

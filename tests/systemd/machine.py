@@ -45,6 +45,7 @@ PACKAGES = (
     "python3",
     "python3-venv",
     "openssh-server",  # the administrator's way in (lock.admin_tcp), started at boot as on a VPS
+    "qbittorrent-nox",  # namespace mode's seedbox: a torrent client joined to the namespace
 )
 VENV = "/opt/tunlock-venv"
 SRC = "/opt/tunlock-src"

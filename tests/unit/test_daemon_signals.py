@@ -19,6 +19,7 @@ import anyio
 import pytest
 import structlog
 from anyio import wait_all_tasks_blocked
+from pyroute2 import AsyncIPRoute
 
 from supervisor import daemon
 from supervisor.config import Config, load_config
@@ -74,6 +75,9 @@ class FakeRuntime:
 
 class FakeWatcher:
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
+        raise AssertionError("no reload reaches the path monitor in these tests")
+
+    async def route_socket(self) -> AsyncIPRoute:
         raise AssertionError("no reload reaches the path monitor in these tests")
 
 

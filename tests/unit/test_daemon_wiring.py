@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import pytest
 import structlog
+from pyroute2 import AsyncIPRoute
 
 from supervisor import daemon
 from supervisor.config import Config, load_config
@@ -104,6 +105,9 @@ RESTART_ONLY_EDITS = {
     "tunnel.backend": '[tunnel]\nbackend = "userspace"\n',
     "tunnel.fwmark": "[tunnel]\nfwmark = 7\n",
     "tunnel.route_table": "[tunnel]\nroute_table = 700\n",
+    "tunnel.namespace": '[tunnel]\nnamespace = "seed"\n',
+    "namespace.ui_tcp": "[namespace]\nui_tcp = [8080]\n",
+    "namespace.ui_subnet": '[namespace]\nui_subnet = "169.254.9.0/30"\n',
     "lock.table": '[lock]\ntable = "other"\n',
     "lock.mode": '[lock]\nmode = "session"\n',
     "control.socket": '[control]\nsocket = "/run/elsewhere/control.sock"\n',
@@ -148,6 +152,9 @@ class Recorder:
         self.servers = dict(change.servers)
         return True
 
+    async def route_socket(self) -> AsyncIPRoute:
+        raise AssertionError("no netlink in a unit test: _reachable_now is replaced (no_netlink)")
+
     def set_endpoints(self, endpoints: Any) -> None:
         self.calls.append(("set_endpoints", sorted(str(e) for e in endpoints)))
 
@@ -165,7 +172,9 @@ def reload(config: Config, world: Recorder) -> tuple[Config, list[MutableMapping
 def no_netlink(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Config, str]]:
     asked: list[tuple[Config, str]] = []
 
-    async def every_server_reachable(config: Config, tunnel_ifname: str) -> frozenset[str]:
+    async def every_server_reachable(
+        config: Config, tunnel_ifname: str, watcher: object = None
+    ) -> frozenset[str]:
         asked.append((config, tunnel_ifname))
         return frozenset(s.name for s in config.servers)
 
@@ -247,8 +256,8 @@ def quiet_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(daemon, "_fix_allocator_thresholds", lambda: None)
 
 
-def serving(outcome: BaseException | int) -> Callable[[Config], Any]:
-    async def serve(config: Config) -> int:
+def serving(outcome: BaseException | int) -> Callable[..., Any]:
+    async def serve(config: Config, placement: object = None) -> int:
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
