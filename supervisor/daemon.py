@@ -54,6 +54,7 @@ from supervisor.machine import events as ev
 from supervisor.machine.settings import Settings
 from supervisor.machine.states import Machine
 from supervisor.net import monitor
+from supervisor.net.wake import PacketWatch
 from supervisor.plugins import PluginHost
 from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
@@ -173,6 +174,7 @@ async def serve(config: Config) -> int:
             probe_target=probe_target(config),
             inbox=inbox,
             on_publish=published,
+            traffic=PacketWatch(),
         )
         host = _plugin_host(config, lock, runtime)
         if host is not None:

@@ -69,6 +69,18 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class WatchTraffic:
+    """Idle: post ``TrafficSeen`` on the tunnel's next packet, once, so that traffic starting
+    after an idle spell is judged at once rather than at the next idle sample. Arming it again
+    while armed changes nothing."""
+
+
+@dataclass(frozen=True)
+class StopWatchingTraffic:
+    """The idle spell is over (or a probe of our own is about to go): disarm ``WatchTraffic``."""
+
+
+@dataclass(frozen=True)
 class StartTimer:
     """(Re)arm ``timer`` to fire after ``delay_s``; a timer armed again replaces the earlier one."""
 
@@ -105,6 +117,8 @@ Action = (
     | CloseTunnel
     | ReadStats
     | Probe
+    | WatchTraffic
+    | StopWatchingTraffic
     | StartTimer
     | CancelTimer
     | PublishStatus
