@@ -92,6 +92,8 @@ def failover(lab: Lab, daemon: LabDaemon, runs: int, warm_s: float, label: str) 
             (b for a, b in itertools.pairwise(record.answered_at) if b - a >= record.longest_outage_s),
             default=None,
         )
+        if warm_s < 0:  # nothing answered before the fault: the first answer at all
+            gap_end = record.answered_at[0] if record.answered_at else None
         first = gap_end - moment if gap_end is not None else None
         dead = first_state_after(daemon, moment, "connecting")
         answers.append(first if first is not None else float("nan"))
