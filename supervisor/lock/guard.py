@@ -214,13 +214,18 @@ class LockGuard:
         cancelled. A subscription that fails is opened again (after the same pauses as the
         nftables one) and the links checked at once: a change in between would go unseen."""
         delay: float | None = None
+        first = True
         while True:
             began = anyio.current_time()
             try:
                 with subscription.link_changes() as events:
                     # Subscribed before this check: nothing between the last reading and the
-                    # subscription goes unseen.
-                    await self.check_links()
+                    # subscription goes unseen. Not the first time: the apply that started the
+                    # watch has just read the links, and the daemon's first connect waits for the
+                    # guard's mutex (``ip monitor`` before had no such check at all).
+                    if not first:
+                        await self.check_links()
+                    first = False
                     async for _ in subscription.bursts(events):
                         await self.check_links()
             except OSError as err:
