@@ -128,18 +128,30 @@ def bench_flush(rounds: int = 20) -> None:
         policy = policy_from_config(load_config(lab.config_path, {}))
         for owned in (False, True):
             leaked: list[int] = []
+            restored_s: list[float] = []
 
-            async def scenario(owner: OwningContext | None, leaked: list[int] = leaked) -> None:
-                guard = LockGuard(policy, owner=owner)
+            async def scenario(
+                owner: OwningContext | None, leaked: list[int] = leaked, restored_s: list[float] = restored_s
+            ) -> None:
+                restored_at: list[float] = []
+
+                async def on_tamper(reason: str) -> None:
+                    restored_at.append(time.perf_counter())
+
+                guard = LockGuard(policy, on_tamper, owner=owner)
                 async with anyio.create_task_group() as tg:
                     await guard.apply()
                     await tg.start(guard.run)
                     for round_ in range(rounds):
                         mark = await anyio.to_thread.run_sync(observer.mark)
+                        began = time.perf_counter()
                         await anyio.to_thread.run_sync(faults.flush_client_ruleset, lab)
                         await anyio.to_thread.run_sync(probes.every_kind)
                         while guard.restores <= round_:
                             await anyio.sleep(0.01)
+                        # From before the flush (its `ip netns exec nft` child included: an upper
+                        # bound) to the restore reported.
+                        restored_s.append(restored_at[-1] - began)
                         leaked.append(len(await anyio.to_thread.run_sync(observer.leaks, mark)))
                     tg.cancel_scope.cancel()
 
@@ -159,7 +171,9 @@ def bench_flush(rounds: int = 20) -> None:
             print(
                 f"flush + every probe kind, {rounds} rounds, "
                 f"{'guard + owned twin' if owned else 'guard alone (before)'}: "
-                f"{sum(leaked)} packets leaked, in {sum(1 for n in leaked if n)} of {rounds} rounds"
+                f"{sum(leaked)} packets leaked, in {sum(1 for n in leaked if n)} of {rounds} rounds; "
+                f"restored within median {1000 * statistics.median(restored_s):.0f} ms, "
+                f"max {1000 * max(restored_s):.0f} ms of starting the flush"
             )
 
 

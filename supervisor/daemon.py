@@ -8,7 +8,9 @@ Order at start, so that nothing leaves before the lock is in force:
 2. start the path monitor (read only): its first report is queued before ``Start``;
 3. ``Start`` → the machine's first action installs the whole lock, letting through at most the
    adopted tunnel's server, and only then configures a peer; the lock guard starts watching;
-4. the control socket and the signal handlers.
+4. the signal handlers, then the machine runs; the control socket, the metrics and the plugins
+   start while its first actions (lock, peer, routes) get the tunnel carrying traffic, and the
+   start-up's freed memory is handed back once it is connected.
 5. under systemd (``Type=notify``): READY=1 once the lock is in force and the control socket
    answers (not once connected: an offline host must still finish booting), STATUS= on every
    state change, WATCHDOG=1 from this event loop, STOPPING=1 on SIGTERM/SIGINT.
@@ -58,6 +60,7 @@ from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Machine
 from supervisor.net import monitor, netns
 from supervisor.net.netns import Placement
+from supervisor.net.wake import PacketWatch
 from supervisor.plugins import PluginHost
 from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
@@ -73,6 +76,8 @@ ADOPT_TIMEOUT_S = 15.0
 PATHS_TIMEOUT_S = 5.0
 RELOAD_READ_TIMEOUT_S = 30.0
 STUCK_THREAD_GRACE_S = 1.0
+# Start-up's garbage goes back once connected, or this long after start whatever the state.
+RETURN_MEMORY_AFTER_S = 30.0
 # MachineSettings that name things already built (the interface, the table, the socket): changing
 # them needs a restart, so a reload that changes them is refused as a whole.
 RESTART_ONLY = (
@@ -186,6 +191,7 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
             probe_target=probe_target(config),
             inbox=inbox,
             on_publish=published,
+            traffic=PacketWatch(),
         )
         host = _plugin_host(config, lock, runtime)
         if host is not None:
@@ -213,12 +219,28 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
         async def status() -> StatusReport:
             return await status_now(runtime, host)
 
+        # The machine first (issue #27 item 4): its first actions (the lock, the peer, the routes)
+        # are all the first packet waits for. The signal handlers go in before it runs; the
+        # control socket, the metrics, the plugins and the rest start while it works (each
+        # waits for nothing but its own start-up; the lock is watched from its apply on, as
+        # before). The start-up's garbage is handed back only once the tunnel is set up.
+        stopped = anyio.Event()
+
+        async def machine() -> None:
+            try:
+                await runtime.run(tg)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await lock.close()
+                stopped.set()
+
+        await tg.start(_signals, runtime, config, watcher, notifier, host)
+        tg.start_soon(machine)
         await tg.start(control_server.serve, settings.control.socket, ControlCommands(runtime, status))
         if settings.metrics.address is not None:
             await tg.start(_serve_metrics, runtime, lock, status, settings.metrics.address, placement)
         if host is not None:
             await tg.start(host.run)
-        tg.start_soon(_signals, runtime, config, watcher, notifier, host)
         tg.start_soon(_announce_ready, notifier, first_status, settings.control.socket)
         if placement is not None and settings.namespace.ui_tcp:
             tg.start_soon(_ui_link_once_locked, placement, settings.namespace.ui_subnet, first_status)
@@ -233,12 +255,8 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
             adopted=adopted.name if adopted else None,
             pid=os.getpid(),
         )
-        _return_freed_memory()
-        try:
-            await runtime.run(tg)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await lock.close()
+        tg.start_soon(_return_freed_memory_once_up, runtime, stopped)
+        await stopped.wait()
         tg.cancel_scope.cancel()
     log.info("tunlock stopped", lock="kept" if settings.lock.mode == "permanent" else "removed")
     return 0
@@ -323,6 +341,23 @@ def _raise_descriptor_limit() -> None:
         )
     elif after != before:
         log.debug("raised the limit on open files", before=before, after=after)
+
+
+async def _return_freed_memory_once_up(runtime: Runtime, stopped: anyio.Event) -> None:
+    """``_return_freed_memory`` once the first connect is settled (connected, or anything but
+    connecting): a full collection of start-up's objects takes tens of milliseconds of the event
+    loop, which the first packet should not wait for."""
+    settled = anyio.Event()
+
+    def published(status: Status) -> None:
+        if status.state not in ("blocked", "connecting"):
+            settled.set()
+
+    runtime.subscribe(published)
+    with anyio.move_on_after(RETURN_MEMORY_AFTER_S):
+        await settled.wait()
+    if not stopped.is_set():
+        _return_freed_memory()
 
 
 def _return_freed_memory() -> None:
@@ -454,6 +489,8 @@ async def _signals(
     watcher: EndpointWatcher,
     notifier: Announcer | None = None,
     host: StoppingPlugins | None = None,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     current = config
     reloading = anyio.Lock()
@@ -468,6 +505,7 @@ async def _signals(
 
     async with anyio.create_task_group() as reloads:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     # In a task of its own: a stop is heard even while a reload is under way.

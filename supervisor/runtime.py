@@ -84,6 +84,12 @@ class TunnelControl(Protocol):
     async def stats(self) -> TunnelStats: ...
 
 
+class TrafficWatch(Protocol):
+    async def next_packet(self, ifname: str) -> None:
+        """Return on the next packet through ``ifname`` (either way); OSError if it cannot
+        watch. (net.wake.PacketWatch is the real one.)"""
+
+
 class Prober(Protocol):
     def send(self, target: IPv4Address | IPv6Address, ifname: str) -> None:
         """Send one probe through the tunnel without waiting (non-blocking); the answer is rx.
@@ -189,9 +195,12 @@ class Runtime:
         clock: Callable[[], float] | None = None,
         inbox: Inbox | None = None,
         on_publish: Callable[[Status], None] | None = None,
+        traffic: TrafficWatch | None = None,
     ) -> None:
         """``inbox``: where events queue (made beforehand when adapters report into it), else a
-        new one on ``clock`` (default ``boottime``); give one or the other, not both."""
+        new one on ``clock`` (default ``boottime``); give one or the other, not both.
+        ``traffic``: what wakes an idle tunnel on its first packet (without one, traffic after an
+        idle spell is seen at the next idle sample)."""
         if inbox is None:
             inbox = Inbox(clock or boottime)
         elif clock is not None:
@@ -213,6 +222,8 @@ class Runtime:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._done = False
         self._counted_failure: Failure | None = None
+        self.traffic = traffic
+        self._traffic_watch: anyio.CancelScope | None = None
 
     def subscribe(self, on_publish: Callable[[Status], None]) -> None:
         """Call ``on_publish`` (synchronous, must not wait) after every status publish."""
@@ -319,6 +330,12 @@ class Runtime:
                 return await self._read_stats()
             case act.Probe():
                 self._probe()
+            case act.WatchTraffic():
+                self._watch_traffic()
+            case act.StopWatchingTraffic():
+                if self._traffic_watch is not None:
+                    self._traffic_watch.cancel()
+                    self._traffic_watch = None
             case act.StartTimer(timer, delay):
                 self._start_timer(timer, delay)
             case act.CancelTimer(timer):
@@ -371,6 +388,25 @@ class Runtime:
             self.prober.send(target, self.ifname)
         except OSError as err:  # a probe that cannot go is a lost probe: the counters tell
             log.debug("probe not sent", error=str(err))
+
+    def _watch_traffic(self) -> None:
+        if self.traffic is None or self._traffic_watch is not None:
+            return  # nothing to watch with, or armed already
+        assert self._task_group is not None
+        scope = self._traffic_watch = anyio.CancelScope()
+        self._task_group.start_soon(self._await_traffic, self.traffic, scope)
+
+    async def _await_traffic(self, traffic: TrafficWatch, scope: anyio.CancelScope) -> None:
+        with scope:
+            try:
+                await traffic.next_packet(self.ifname)
+            except OSError as err:  # the idle samples still see traffic, only later
+                log.debug("cannot watch the tunnel for traffic", error=str(err))
+                return
+            finally:
+                if self._traffic_watch is scope:
+                    self._traffic_watch = None
+            await self._send.send(ev.TrafficSeen(self.clock()))
 
     def _start_timer(self, timer: ev.Timer, delay: float) -> None:
         previous = self._timers.pop(timer, None)

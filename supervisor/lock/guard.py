@@ -2,23 +2,22 @@
 
 Another program's ``nft flush ruleset``, ``delete table`` or a rule edit inside
 our table must not leave the host open. The guard follows the kernel's
-nftables events (``nft monitor``, one line per change, no polling), and after
-every change compares our table with what it last installed; when the table is
+nftables events (its own netlink socket subscribed to the nftables group, no
+polling, no child process: supervisor.net.subscription), and after every burst
+of changes compares our table with what it last installed; when the table is
 missing or differs it re-applies the whole policy in one transaction and
-reports the tampering.
-
-``nft monitor`` rather than our own nfnetlink subscription: its event stream is
-the reference decoder of nftables messages, and the guard only needs "something
-changed", after which it reads the table back anyway.
+reports the tampering. The messages are not decoded: the guard only needs
+"something changed", after which it reads the table back anyway.
 
 The lock's LAN and neighbour-discovery sets hold the on-link subnets read when it
 was applied (supervisor.lock.onlink: the prefixes of the interfaces' addresses); the guard
-also follows address, route and link changes (``ip monitor route address link``: an address
-without a prefix route makes no route event) and applies the lock again when those subnets
-change, so a new lease on another network neither stays closed nor leaves the old subnet open.
-The same goes for the physical uplinks that carry the egress chain and the local bridges
-(supervisor.lock.links); workloads whose frames skip the host's netfilter (a macvlan child of
-the uplink, a bridge with the uplink in it: supervisor.net.bypass) are logged when they appear.
+also follows address, route and link changes (rtnetlink's link, address and route groups: an
+address without a prefix route makes no route event) and applies the lock again when those
+subnets change, so a new lease on another network neither stays closed nor leaves the old
+subnet open. The same goes for the physical uplinks that carry the egress chain and the local
+bridges (supervisor.lock.links); workloads whose frames skip the host's netfilter (a macvlan
+child of the uplink, a bridge with the uplink in it: supervisor.net.bypass) are logged when
+they appear.
 
 With an owner (supervisor/lock/owner.py) every change goes through the daemon's own
 libnftables context and covers both tables in one transaction: the ordinary one, which outlives
@@ -27,24 +26,21 @@ delete. After a flush the twin keeps everything closed while the guard restores 
 table. Without one (kernel or nft too old) the ordinary table and this guard are all there is,
 and a flush opens the host until the restore (~50 ms; docs/lock.md).
 
-The ``nft monitor`` child can die without the daemon meaning to stop: killed by an admin or
-the OOM killer, or by a SIGTERM/SIGINT sent to the daemon's whole process group (systemd's
-stop, Ctrl-C). That must never take the daemon down (its death once crashed it with
-ProcessLookupError), nor leave the lock unwatched: the guard starts a new monitor after a
-short pause that grows while monitors keep dying at once, and checks the table straight away,
-since a change made while nothing watched would otherwise go unseen.
+A subscription can fail without the daemon meaning to stop (a socket error the kernel reports).
+That must never take the daemon down, nor leave the lock unwatched: the guard subscribes again
+after a short pause that grows while subscriptions keep failing at once, and checks the table
+straight away, since a change made while nothing watched would otherwise go unseen. (It used to
+keep an ``nft monitor`` child, which a signal to the daemon's process group, an admin or the
+OOM killer could end; there is no such child any more.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import anyio
 import anyio.abc
-from anyio.streams.text import TextReceiveStream
 
 from supervisor.lock import nft
 from supervisor.lock.links import AppliedLinks, egress_in_force, read_links
@@ -52,13 +48,14 @@ from supervisor.lock.owner import NftContext, OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.state import LockState
 from supervisor.log import get_logger
+from supervisor.net import subscription
 
 log = get_logger(__name__)
 
 OnTamper = Callable[[str], Awaitable[None]]
 
-# Pauses before starting a new ``nft monitor``: doubled while each dies at once (a broken nft
-# must not spin), back to the start once one has run for a while.
+# Pauses before subscribing again: doubled while each subscription fails at once (a broken
+# socket must not spin), back to the start once one has lasted a while.
 WATCH_RESTART_INITIAL_S = 0.1
 WATCH_RESTART_MAX_S = 10.0
 WATCH_STEADY_S = 30.0
@@ -88,7 +85,8 @@ class LockGuard:
         self.links: AppliedLinks | None = None
         self.restores = 0
         self.relinks = 0
-        self.watch_restarts = 0  # times ``nft monitor`` died under us and was started again
+        self.watch_restarts = 0  # times the nftables subscription failed and was made again
+        self.link_watch_restarts = 0  # the same for the link, address and route subscription
 
     async def apply(self, policy: LockPolicy | None = None) -> None:
         """Install ``policy`` (or the current one) and remember what it looks like installed."""
@@ -212,24 +210,29 @@ class LockGuard:
         return True
 
     async def follow_links(self) -> None:
-        """Check the on-link subnets after every address or route change, until cancelled."""
-        try:
-            process = await anyio.open_process(["ip", "monitor", "route", "address", "link"])
-        except OSError as err:  # no iproute2: the sets stay as applied (the LAN may stay closed)
-            log.warning("cannot follow route changes; on-link subnets read at apply only", error=str(err))
-            return
-        async with process:
-            assert process.stdout is not None
+        """Check the on-link subnets after every burst of link, address or route changes, until
+        cancelled. A subscription that fails is opened again (after the same pauses as the
+        nftables one) and the links checked at once: a change in between would go unseen."""
+        delay: float | None = None
+        first = True
+        while True:
+            began = anyio.current_time()
             try:
-                async for chunk in TextReceiveStream(process.stdout):
-                    if chunk.strip():
+                with subscription.link_changes() as events:
+                    # Subscribed before this check: nothing between the last reading and the
+                    # subscription goes unseen. Not the first time: the apply that started the
+                    # watch has just read the links, and the daemon's first connect waits for the
+                    # guard's mutex (``ip monitor`` before had no such check at all).
+                    if not first:
                         await self.check_links()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    with contextlib.suppress(ProcessLookupError):  # it may have gone already
-                        process.terminate()
-                    with anyio.move_on_after(2):
-                        await process.wait()
+                    first = False
+                    async for _ in subscription.bursts(events):
+                        await self.check_links()
+            except OSError as err:
+                log.warning("the route change subscription failed; subscribing again", error=str(err))
+            delay = next_restart_delay(delay, anyio.current_time() - began)
+            self.link_watch_restarts += 1
+            await anyio.sleep(delay)
 
     async def state(self) -> LockState:
         """The ordinary table installed, identical to what this guard last installed, the owned
@@ -250,48 +253,38 @@ class LockGuard:
             links.cancel_scope.cancel()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Follow nftables events until cancelled; every change triggers a check. A monitor that
-        dies is replaced (see the module's docstring); only failing to start the first is an
-        error, since then the guard has never watched."""
+        """Follow nftables events until cancelled; every burst of changes triggers a check. A
+        subscription that fails is replaced (see the module's docstring); only failing to
+        subscribe the first time is an error, since then the guard has never watched."""
         lived_s = await self._follow(task_status.started)
         delay: float | None = None
         while True:
             delay = next_restart_delay(delay, lived_s)
             self.watch_restarts += 1
             log.warning(
-                "nft monitor ended; the lock guard restarts it", after_s=delay, lived_s=round(lived_s, 3)
+                "the nftables subscription ended; the lock guard subscribes again",
+                after_s=delay,
+                lived_s=round(lived_s, 3),
             )
             await anyio.sleep(delay)
             try:
                 lived_s = await self._follow(lambda: None)
             except OSError as err:
-                log.error("could not restart nft monitor; trying again", error=str(err))
+                log.error("could not subscribe to nftables changes again; trying again", error=str(err))
                 lived_s = 0.0
 
     async def _follow(self, started: Callable[[], None]) -> float:
-        """Run one ``nft monitor`` and check the table on each change, until it ends: how long
-        it lived. Cancelled, it ends the child."""
+        """Subscribe to nftables changes and check the table after each burst, until the
+        subscription fails: how long it lived. Failing to subscribe raises OSError."""
         began = anyio.current_time()
-        process = await anyio.open_process(
-            [nft.NFT, "monitor"], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        async with process:
-            assert process.stdout is not None
+        with subscription.nftables_changes() as events:
+            # Subscribed before this check: a change made before it is seen by the check, one
+            # made after it by the subscription.
+            await self.check()
+            started()
             try:
-                # nft monitor subscribes before it prints anything; check once after it is up so
-                # a change in between cannot be missed.
-                await anyio.sleep(0.05)
-                await self.check()
-                started()
-                async for chunk in TextReceiveStream(process.stdout):
-                    if chunk.strip():
-                        await self.check()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    if process.returncode is None:
-                        # Gone already (and reaped) is fine: that is what ended the loop.
-                        with contextlib.suppress(ProcessLookupError):
-                            process.terminate()
-                    with anyio.move_on_after(2):
-                        await process.wait()
+                async for _ in subscription.bursts(events):
+                    await self.check()
+            except OSError as err:
+                log.warning("the nftables subscription failed", error=str(err))
         return anyio.current_time() - began

@@ -72,6 +72,18 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class WatchTraffic:
+    """Idle: post ``TrafficSeen`` on the tunnel's next packet, once, so that traffic starting
+    after an idle spell is judged at once rather than at the next idle sample. Arming it again
+    while armed changes nothing."""
+
+
+@dataclass(frozen=True)
+class StopWatchingTraffic:
+    """The idle spell is over (or a probe of our own is about to go): disarm ``WatchTraffic``."""
+
+
+@dataclass(frozen=True)
 class StartTimer:
     """(Re)arm ``timer`` to fire after ``delay_s``; a timer armed again replaces the earlier one."""
 
@@ -110,6 +122,8 @@ Action = (
     | CloseTunnel
     | ReadStats
     | Probe
+    | WatchTraffic
+    | StopWatchingTraffic
     | StartTimer
     | CancelTimer
     | PublishStatus
@@ -129,6 +143,8 @@ EXECUTED_BY: dict[type, str] = {
     CloseTunnel: "the tunnel: interface, routes and DNS undone",
     ReadStats: "the tunnel's backend: counters and handshake age, answered as an event",
     Probe: "the prober (`health.py`): one ICMP echo or DNS query through the tunnel",
+    WatchTraffic: "the traffic watch (`net/wake.py`): a packet socket on the tunnel, idle spells only",
+    StopWatchingTraffic: "the traffic watch: its socket closed",
     StartTimer: "the runtime: a timer task with a generation",
     CancelTimer: "the runtime: the timer's task cancelled",
     PublishStatus: "the runtime: the log, then its subscribers (the plugin host, systemd's notifier)",

@@ -349,13 +349,30 @@ def sample_while_connected(m: Machine, e: ev.StatsRead) -> tuple[Machine, Action
     if verdict is Verdict.DEAD:
         return _server_failed(m, e.now, state.server, why or "dead")
     m = Machine(replace(state, liveness=liveness), m.context)
-    if verdict is Verdict.ALIVE:
-        return m, [act.StartTimer("sample", settings.interval_s)]
     if verdict is Verdict.IDLE:
-        return m, [act.StartTimer("sample", settings.idle_interval_s)]
+        # Asleep until the idle sample, or until the first packet says traffic started.
+        return m, [act.WatchTraffic(), act.StartTimer("sample", settings.idle_interval_s)]
+    # Awake: the watch of an idle spell (the previous sample's) goes before a probe of our own
+    # would trip it.
+    woken: Actions = [act.StopWatchingTraffic()] if state.liveness.idle_since is not None else []
+    if verdict is Verdict.ALIVE:
+        return m, [*woken, act.StartTimer("sample", settings.interval_s)]
     if verdict is Verdict.IDLE_PROBE:
-        return m, [act.Probe(), act.StartTimer("sample", settings.interval_s)]
-    return m, [act.Probe(), act.StartTimer("sample", liveness.next_probe_in(e.now, settings))]
+        return m, [*woken, act.Probe(), act.StartTimer("sample", settings.interval_s)]
+    return m, [*woken, act.Probe(), act.StartTimer("sample", liveness.next_probe_in(e.now, settings))]
+
+
+@leads_to(STAYS)
+def traffic_while_connected(m: Machine, e: ev.TrafficSeen) -> tuple[Machine, Actions]:
+    """Traffic started after an idle spell: sample after ``doubt_probe_interval_s`` instead of
+    at the idle pace (the packet was seen on its way into the tunnel, before the counters count
+    it), so a server that went silent meanwhile is found as fast as with steady traffic. A
+    watch that answers after the spell ended changes nothing."""
+    state = m.state
+    assert isinstance(state, Connected)
+    if state.liveness.idle_since is None:
+        return m, []
+    return m, [act.StartTimer("sample", m.context.settings.doubt_probe_interval_s)]
 
 
 def _unreadable(
@@ -635,6 +652,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.StatsRead: ignore,
         ev.StatsUnreadable: ignore,
         ev.TimerFired: timer_while_blocked,
+        ev.TrafficSeen: ignore,
         ev.TunnelLost: note_tunnel_lost,
         ev.BackendDown: note_backend_down,
         ev.BackendUp: ignore,
@@ -653,6 +671,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.StatsRead: sample_while_connecting,
         ev.StatsUnreadable: unreadable_while_connecting,
         ev.TimerFired: timer_while_connecting,
+        ev.TrafficSeen: ignore,
         ev.TunnelLost: tunnel_lost_while_tunnelled,
         ev.BackendDown: backend_down_while_tunnelled,
         ev.BackendUp: backend_up_while_connecting,
@@ -671,6 +690,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.StatsRead: sample_while_connected,
         ev.StatsUnreadable: unreadable_while_connected,
         ev.TimerFired: timer_while_connected,
+        ev.TrafficSeen: traffic_while_connected,
         ev.TunnelLost: tunnel_lost_while_tunnelled,
         ev.BackendDown: backend_down_while_tunnelled,
         ev.BackendUp: ignore,
@@ -689,6 +709,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.StatsRead: ignore,
         ev.StatsUnreadable: ignore,
         ev.TimerFired: ignore,
+        ev.TrafficSeen: ignore,
         ev.TunnelLost: tunnel_lost_while_offline,
         ev.BackendDown: note_backend_down,
         ev.BackendUp: ignore,

@@ -66,6 +66,14 @@ class TimerFired:
 
 
 @dataclass(frozen=True)
+class TrafficSeen:
+    """A packet went through the tunnel while the watch asked for by ``WatchTraffic`` was armed:
+    traffic started after an idle spell (or the watch's answer came late, after it)."""
+
+    now: float
+
+
+@dataclass(frozen=True)
 class TunnelLost:
     """The tunnel interface was deleted under us."""
 
@@ -157,6 +165,7 @@ Event = (
     | StatsRead
     | StatsUnreadable
     | TimerFired
+    | TrafficSeen
     | TunnelLost
     | BackendDown
     | BackendUp

@@ -9,11 +9,13 @@ measure them properly) and never asserted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,6 +109,40 @@ def test_silent_server_fails_over_to_the_next(lab: LabUnderTest, daemon: LabDaem
     record = pinger.stop()
     print(f"silent vpn1 -> vpn2 after {took:.2f} s; longest ping outage {record.longest_outage_s:.2f} s")
     assert status["last_failure"]["server"] == "vpn1" and "silent" in status["last_failure"]["reason"]
+    assert_no_leaks(lab, mark)
+
+
+def _watching_for_traffic(daemon: LabDaemon) -> bool:
+    """The daemon holds a packet socket: its wake-up on the tunnel's next packet is armed."""
+    fds = Path(f"/proc/{daemon.pid}/fd")
+    ours = set()
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            ours.add(os.readlink(fd))
+    listed = Path(f"/proc/{daemon.pid}/net/packet").read_text().splitlines()[1:]
+    return any(f"socket:[{line.split()[-1]}]" in ours for line in listed)
+
+
+def test_traffic_after_an_idle_spell_wakes_the_daemon_toward_a_silent_server(
+    lab: LabUnderTest, daemon: LabDaemon
+) -> None:
+    """Issue #27 item 1: idle, the daemon waits for the tunnel's first packet, not for its next
+    sample. The idle samples and probes here are an hour apart, so only the wake-up can find
+    the server that fell silent during the idle spell."""
+    daemon.env.update({"TUNLOCK_HEALTH_IDLE_INTERVAL_S": "3600", "TUNLOCK_HEALTH_IDLE_PROBE_S": "3600"})
+    daemon.start()
+    deadline = time.monotonic() + 20
+    while not _watching_for_traffic(daemon):
+        assert time.monotonic() < deadline, f"the idle daemon never armed its wake-up\n{daemon.log_tail()}"
+        time.sleep(0.05)
+    mark = lab.observer.mark()
+    faults.blackhole_server(lab.lab, "1")
+    pinger = ContinuousPing(lab.lab, interval=0.05)  # traffic starts, toward a silent server
+    status = daemon.wait_for(on("vpn2"), timeout=60, what="failover to vpn2, woken by the first packet")
+    record = pinger.stop()
+    print(f"idle, then silent vpn1 -> vpn2; longest ping outage {record.longest_outage_s:.2f} s")
+    assert status["last_failure"]["server"] == "vpn1" and "silent" in status["last_failure"]["reason"]
+    assert lab.probes.ping(), "the internet is reachable through vpn2"
     assert_no_leaks(lab, mark)
 
 

@@ -1,16 +1,18 @@
-"""The lock guard without root: an in-memory nftables, and a stand-in for ``nft monitor``.
+"""The lock guard without root: an in-memory nftables, and a stand-in for its subscriptions.
 
 The guard's logic (remember what it installed, compare after every change, restore and report)
 is what these tests drive; nft itself cannot run without root, so ``supervisor.lock.nft`` is
-replaced by a table held in memory, and ``nft monitor`` by a script that prints whatever the
-test writes into a FIFO, one line per change. The real nft is exercised by the lab tests.
+replaced by a table held in memory, and the netlink subscriptions (nftables' group needs
+CAP_NET_ADMIN) by socket pairs the test sends "a change" on. The real nft and netlink are
+exercised by the lab tests.
 """
 
 from __future__ import annotations
 
-import os
+import errno
+import socket
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network, ip_address
-from pathlib import Path
 
 import anyio
 import pytest
@@ -37,41 +39,56 @@ def onlink_now(memory_nft: MemoryNft, monkeypatch: pytest.MonkeyPatch) -> list[t
     return now
 
 
-def fake_tool(directory: Path, name: str, fifo: Path) -> None:
-    script = directory / name
-    script.write_text(f'#!/bin/sh\nexec cat "{fifo}"\n')
-    script.chmod(0o755)
+class FakeSubscription:
+    """Stands in for a netlink subscription (subscribing to nftables' group needs root): each
+    subscribe hands the guard the reading end of a new socket pair; ``change`` sends it one
+    notification, ``end`` closes the sending side (the subscription reads end-of-file), ``refuse``
+    makes the next subscribes fail as the kernel would."""
+
+    def __init__(self) -> None:
+        self.writers: list[socket.socket] = []
+        self.readers: list[socket.socket] = []
+        self.refusing = False
+
+    def subscribe(self) -> socket.socket:
+        if self.refusing:
+            raise OSError(errno.EPERM, "refused")
+        reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        reader.setblocking(False)
+        self.readers.append(reader)
+        self.writers.append(writer)
+        return reader
+
+    def change(self) -> None:
+        self.writers[-1].send(b"a change")
+
+    def end(self) -> None:
+        self.writers[-1].close()
+
+    def close(self) -> None:
+        for sock in self.writers + self.readers:
+            sock.close()
 
 
 @pytest.fixture
-def route_fifo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A stand-in ``ip`` (first on PATH) whose ``ip monitor route`` prints the FIFO's lines."""
-    fifo = tmp_path / "routes"
-    os.mkfifo(fifo)
-    tools = tmp_path / "bin"
-    tools.mkdir()
-    fake_tool(tools, "ip", fifo)
-    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
-    return fifo
-
-
-def write_lines(fifo: Path, *lines: str) -> None:
-    with open(fifo, "w") as writer:  # blocks until the stand-in opened it
-        for line in lines:
-            writer.write(line + "\n")
-            writer.flush()
+def nft_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSubscription]:
+    fake = FakeSubscription()
+    monkeypatch.setattr(guard_module.subscription, "nftables_changes", fake.subscribe)
+    yield fake
+    fake.close()
 
 
 @pytest.fixture
-def monitor_fifo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A FIFO whose lines the stand-in ``nft monitor`` prints; it ends when the writer closes."""
-    fifo = tmp_path / "events"
-    os.mkfifo(fifo)
-    script = tmp_path / "nft"
-    script.write_text(f'#!/bin/sh\n[ "$1" = monitor ] || exit 2\nexec cat "{fifo}"\n')
-    script.chmod(0o755)
-    monkeypatch.setattr(guard_module.nft, "NFT", str(script))
-    return fifo
+def link_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSubscription]:
+    fake = FakeSubscription()
+    monkeypatch.setattr(guard_module.subscription, "link_changes", fake.subscribe)
+    yield fake
+    fake.close()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await anyio.sleep(0.01)
 
 
 def test_apply_swap_and_state_follow_what_the_guard_installed(memory_nft: MemoryNft) -> None:
@@ -121,8 +138,8 @@ def test_check_restores_a_changed_or_deleted_table_and_reports_it(memory_nft: Me
     assert reports == ["the lock table was changed", "the lock table was deleted"]
 
 
-def test_run_checks_once_on_start_after_every_monitor_line_and_outlives_its_monitor(
-    memory_nft: MemoryNft, monitor_fifo: Path
+def test_run_checks_once_on_start_after_every_change_and_outlives_its_subscription(
+    memory_nft: MemoryNft, nft_events: FakeSubscription
 ) -> None:
     reports: list[str] = []
     restored = anyio.Event()
@@ -139,23 +156,22 @@ def test_run_checks_once_on_start_after_every_monitor_line_and_outlives_its_moni
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
                 await tg.start(guard.run)
-                # The check on start found the change made before the monitor was up.
+                # The check on start found the change made before the subscription.
                 assert reports == ["the lock table was changed"]
                 restored = anyio.Event()
                 memory_nft.installed = None
-                await anyio.to_thread.run_sync(
-                    write_lines, monitor_fifo, "delete table inet tunlock_test", ""
-                )
+                nft_events.change()
                 await restored.wait()
-                # The stand-in ended when the FIFO closed: the guard starts another monitor, and
-                # a change after that is caught as well.
-                while guard.watch_restarts == 0:
-                    await anyio.sleep(0.01)
+                # The subscription ends: the guard subscribes again, checks at once, and a change
+                # after that is caught as well.
+                memory_nft.installed = "changed while nothing watched"
+                restored = anyio.Event()
+                nft_events.end()
+                await restored.wait()
+                assert guard.watch_restarts == 1
                 restored = anyio.Event()
                 memory_nft.installed = "table tunlock_test accept everything"
-                await anyio.to_thread.run_sync(
-                    write_lines, monitor_fifo, "add rule inet tunlock_test out accept"
-                )
+                nft_events.change()
                 await restored.wait()
                 tg.cancel_scope.cancel()
 
@@ -164,10 +180,13 @@ def test_run_checks_once_on_start_after_every_monitor_line_and_outlives_its_moni
         "the lock table was changed",
         "the lock table was deleted",
         "the lock table was changed",
+        "the lock table was changed",
     ]
 
 
-def test_run_ends_the_monitor_process_when_cancelled(memory_nft: MemoryNft, monitor_fifo: Path) -> None:
+def test_run_closes_its_subscription_when_cancelled(
+    memory_nft: MemoryNft, nft_events: FakeSubscription
+) -> None:
     async def main() -> None:
         guard = LockGuard(POLICY)
         await guard.apply()
@@ -178,9 +197,7 @@ def test_run_ends_the_monitor_process_when_cancelled(memory_nft: MemoryNft, moni
         assert guard.restores == 0
 
     anyio.run(main)
-    # The stand-in (cat on the FIFO) was terminated: a writer now finds no reader at all.
-    with pytest.raises(OSError):
-        os.open(monitor_fifo, os.O_WRONLY | os.O_NONBLOCK)
+    assert [reader.fileno() for reader in nft_events.readers] == [-1]
 
 
 def test_check_links_applies_again_only_when_the_onlink_subnets_changed(
@@ -223,7 +240,10 @@ def test_a_failed_apply_for_new_subnets_keeps_the_old_table_and_retries_next_tim
 
 
 def test_watch_follows_route_changes(
-    memory_nft: MemoryNft, onlink_now: list[tuple[IPv4Network, ...]], monitor_fifo: Path, route_fifo: Path
+    memory_nft: MemoryNft,
+    onlink_now: list[tuple[IPv4Network, ...]],
+    nft_events: FakeSubscription,
+    link_events: FakeSubscription,
 ) -> None:
     async def main() -> None:
         guard = LockGuard(POLICY)
@@ -231,31 +251,23 @@ def test_watch_follows_route_changes(
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
                 await tg.start(guard.watch)
+                await until(lambda: bool(link_events.writers))
                 onlink_now[0] = memory_nft.onlink = (IPv4Network("198.51.100.0/24"),)
-                await anyio.to_thread.run_sync(write_lines, route_fifo, "10.0.0.0/8 dev eth1 proto kernel")
-                with anyio.fail_after(GUARD_S):
-                    while guard.relinks == 0:
-                        await anyio.sleep(0.01)
+                link_events.change()
+                await until(lambda: guard.relinks == 1)
+                # A subscription that fails is made again, and the links checked at once: a change
+                # while nothing watched is not missed.
+                onlink_now[0] = memory_nft.onlink = (IPv4Network("203.0.113.0/24"),)
+                link_events.end()
+                await until(lambda: guard.relinks == 2)
+                assert guard.link_watch_restarts == 1
                 tg.cancel_scope.cancel()
-        assert guard.relinks == 1
 
     anyio.run(main)
 
 
-def test_without_the_ip_tool_routes_are_not_followed_and_nothing_fails(
-    memory_nft: MemoryNft, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-
-    async def main() -> None:
-        with anyio.fail_after(GUARD_S):
-            await LockGuard(POLICY).follow_links()  # returns at once
-
-    anyio.run(main)
-
-
-def test_a_monitor_that_cannot_be_restarted_is_tried_again(
-    memory_nft: MemoryNft, monitor_fifo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_subscription_that_cannot_be_made_again_is_tried_again(
+    memory_nft: MemoryNft, nft_events: FakeSubscription, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(guard_module, "WATCH_RESTART_MAX_S", 0.01)
     monkeypatch.setattr(guard_module, "WATCH_RESTART_INITIAL_S", 0.01)
@@ -266,10 +278,12 @@ def test_a_monitor_that_cannot_be_restarted_is_tried_again(
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
                 await tg.start(guard.run)
-                monkeypatch.setattr(guard_module.nft, "NFT", str(tmp_path / "no-such-nft"))
-                await anyio.to_thread.run_sync(write_lines, monitor_fifo)  # the first monitor ends
-                while guard.watch_restarts < 3:  # each failed start is followed by another try
-                    await anyio.sleep(0.01)
+                nft_events.refusing = True
+                nft_events.end()  # the first subscription ends
+                await until(lambda: guard.watch_restarts >= 3)  # each failed one is tried again
+                nft_events.refusing = False
+                memory_nft.installed = None
+                await until(lambda: guard.restores == 1)  # and once it works, it checks at once
                 tg.cancel_scope.cancel()
 
     anyio.run(main)

@@ -330,13 +330,34 @@ def test_rx_growth_keeps_the_normal_pace_and_idle_slows_down() -> None:
     assert run.feed(ev.StatsRead(run.at(0.5), 200, 200, 0.5)) == [
         act.StartTimer("sample", SETTINGS.interval_s)
     ]
-    assert run.feed(ev.StatsRead(run.at(0.5), 200, 200, 1.0)) == [act.StartTimer("sample", 2.0)]
+    assert run.feed(ev.StatsRead(run.at(0.5), 200, 200, 1.0)) == [
+        act.WatchTraffic(),
+        act.StartTimer("sample", 2.0),
+    ]
+
+
+def test_traffic_after_an_idle_spell_is_sampled_at_once_not_at_the_idle_pace() -> None:
+    """Issue #27 item 1: the first packet after an idle spell wakes the daemon, whose next
+    sample then comes at the doubt pace; the sample that sees the traffic ends the watch."""
+    run = Run().started_connected()
+    run.feed(ev.StatsRead(run.at(0.5), 200, 200, 0.5))
+    assert act.WatchTraffic() in run.feed(ev.StatsRead(run.at(0.25), 200, 200, 1.0))  # idle
+    assert run.feed(ev.TrafficSeen(run.at(0.7))) == [
+        act.StartTimer("sample", SETTINGS.doubt_probe_interval_s)
+    ]
+    actions = run.feed(ev.StatsRead(run.at(0.03), 200, 300, 1.5))  # sent, not answered: doubt
+    assert actions[:2] == [act.StopWatchingTraffic(), act.Probe()]
+    # A wake that arrives once the spell is over changes nothing.
+    assert run.feed(ev.TrafficSeen(run.at(0.01))) == []
 
 
 def test_an_unreadable_tunnel_is_judged_as_the_last_counters_without_a_handshake() -> None:
     run = Run().started_connected()
     # Nothing sent since the last reading: the same verdict a reading of those counters gets.
-    assert run.feed(ev.StatsUnreadable(run.at(0.5), "uapi socket gone")) == [act.StartTimer("sample", 2.0)]
+    assert run.feed(ev.StatsUnreadable(run.at(0.5), "uapi socket gone")) == [
+        act.WatchTraffic(),
+        act.StartTimer("sample", 2.0),
+    ]
     assert isinstance(run.state, Connected)
     # Something went unanswered before the tunnel stopped answering reads: probing goes on, and
     # silence that lasts fails the server over, as it would with readings.

@@ -284,6 +284,47 @@ def connect(machine: Machine, now: float, rx: int, tx: int) -> Machine:
     return machine
 
 
+WATCH_ACTIONS = (act.WatchTraffic, act.StopWatchingTraffic)
+
+
+@settings(max_examples=300, deadline=None)
+@given(config=detection, samples=samples, woken=st.lists(st.booleans(), min_size=40, max_size=40))
+def test_the_traffic_watch_is_armed_exactly_while_idle_and_never_sees_our_own_probes(
+    config: MachineSettings, samples: list[tuple[float, bool, bool]], woken: list[bool]
+) -> None:
+    """Whatever the samples and wherever traffic wakes the daemon: an idle verdict arms the
+    watch; every other verdict disarms it before its probe (a probe of our own must not read as
+    traffic starting); a wake while idle brings the next sample forward to the doubt pace."""
+    machine = Machine.initial(config)
+    now, rx, tx = 0.0, 100, 100
+    machine, _ = step(machine, ev.Start(now, seed=1))
+    machine = connect(machine, now, rx, tx)
+    armed = False
+    for (dt, rx_grew, tx_grew), wake in zip(samples, woken, strict=False):
+        now += dt
+        rx += 92 if rx_grew else 0
+        before = machine.state
+        assert isinstance(before, Connected)
+        tx += 100 if tx_grew or before.liveness.in_doubt else 0
+        machine, actions = step(machine, ev.StatsRead(now, rx, tx, 1.0))
+        state = machine.state
+        if not isinstance(state, Connected):
+            return
+        idle = not rx_grew and not tx_grew and not state.liveness.in_doubt
+        for action in actions:
+            if isinstance(action, act.WatchTraffic):
+                armed = True
+            elif isinstance(action, act.StopWatchingTraffic):
+                armed = False
+            elif isinstance(action, act.Probe):
+                assert not armed, f"a probe with the watch armed: {actions}"
+        assert armed == (idle and act.Probe() not in actions), actions
+        if wake and armed:
+            machine, actions = step(machine, ev.TrafficSeen(now + 0.001))
+            armed = False  # it fires once
+            assert actions == [act.StartTimer("sample", config.doubt_probe_interval_s)]
+
+
 @settings(max_examples=300, deadline=None)
 @given(config=detection, samples=samples)
 def test_doubt_probes_fast_decides_only_on_count_and_window_and_any_answer_resets(
@@ -304,6 +345,7 @@ def test_doubt_probes_fast_decides_only_on_count_and_window_and_any_answer_reset
         rx += 92 if rx_grew else 0
         tx += 100 if tx_grew or probes else 0  # in doubt, the last sample's probe went out
         machine, actions = step(machine, ev.StatsRead(now, rx, tx, 1.0))
+        actions = [a for a in actions if not isinstance(a, WATCH_ACTIONS)]  # (the next test's)
         if machine.state.name != "connected":
             overdue = [t for t in probes if now - t >= config.probe_reply_s]
             assert not rx_grew, "an answer never kills"

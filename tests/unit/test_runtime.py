@@ -25,6 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from supervisor import runtime as runtime_module
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.state import LockState
+from supervisor.machine import actions as act
 from supervisor.machine import events as ev
 from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Machine
@@ -658,3 +659,61 @@ def test_a_reconnect_sets_the_same_peer_again_and_restarts_its_handshake() -> No
     _, world = run(scenario)
     assert ("restart_handshake", "a") in world.without_probes()
     assert world.without_probes()[-1] == ("close",)
+
+
+# --- the idle wake-up (issue #27 item 1) ------------------------------------------------------
+
+
+class PacketGate:
+    """Stands in for the packet socket (it needs CAP_NET_RAW and a real interface): a watch
+    waits until the test lets "a packet" through."""
+
+    def __init__(self) -> None:
+        self.watches: list[str] = []
+        self.cancelled = 0
+        self.packet = anyio.Event()
+
+    async def next_packet(self, ifname: str) -> None:
+        self.watches.append(ifname)
+        try:
+            await self.packet.wait()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+            raise
+
+
+def test_the_traffic_watch_reports_the_first_packet_once_and_a_stop_disarms_it() -> None:
+    world, gate = World(), PacketGate()
+    runtime = Runtime(
+        Machine.initial(SLOW),
+        SERVERS,
+        world,
+        world,
+        world,
+        ifname="tun-test",
+        probe_target=probe_target,
+        clock=Clock(),
+        traffic=gate,
+    )
+
+    async def main() -> None:
+        with anyio.fail_after(GUARD_S):
+            async with anyio.create_task_group() as tg:
+                runtime._task_group = tg  # what ``run`` sets; the actions are driven one by one here
+                await runtime._execute(act.WatchTraffic())
+                await runtime._execute(act.WatchTraffic())  # armed already: no second watch
+                await anyio.wait_all_tasks_blocked()
+                assert gate.watches == ["tun-test"]
+                gate.packet.set()
+                assert await runtime.inbox.receive.receive() == ev.TrafficSeen(100.0)
+                gate.packet = anyio.Event()
+                await runtime._execute(act.WatchTraffic())  # it fired: a new spell arms a new one
+                await anyio.wait_all_tasks_blocked()
+                await runtime._execute(act.StopWatchingTraffic())
+                await anyio.wait_all_tasks_blocked()
+                assert gate.watches == ["tun-test", "tun-test"] and gate.cancelled == 1
+                gate.packet.set()
+                await anyio.wait_all_tasks_blocked()
+                assert runtime.inbox.receive.statistics().current_buffer_used == 0, "no wake once stopped"
+
+    anyio.run(main)
