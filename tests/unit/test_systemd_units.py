@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from supervisor.config import load_config
@@ -103,7 +104,11 @@ def test_a_venv_under_root_and_a_config_under_tmp_are_shown_to_the_daemon_read_o
 
 
 def test_an_install_in_opt_keeps_the_homes_hidden_and_binds_nothing() -> None:
-    config = load_config(REPO / "configs/tunlock.toml")
+    # As installed (/etc/tunlock), wherever this checkout happens to be (CI's may be under /tmp).
+    read = load_config(REPO / "configs/tunlock.toml")
+    etc = Path("/etc/tunlock")
+    servers = tuple(replace(s, path=etc / "servers" / s.path.name) for s in read.servers)
+    config = replace(read, path=etc / "tunlock.toml", servers=servers)
     lines = units.daemon_unit(
         config, "/opt/tunlock/bin/python", program=[Path("/opt/tunlock/lib")]
     ).splitlines()
