@@ -73,7 +73,11 @@ def apply(policy: LockPolicy) -> AppliedLinks:
 def swap_endpoints(policy: LockPolicy, old: frozenset[Endpoint], new: frozenset[Endpoint]) -> None:
     """Let the tunnel reach ``new`` instead of ``old``: element changes in one transaction."""
     ensure_safe_to_lock()
-    script = render_endpoint_swap(policy.table, old, new, egress=bool(policy.egress_devices))
+    # The egress table holds the endpoints too: a caller that does not say where the egress
+    # chain is (policy.egress_devices, as the guard does) gets it looked up, or the swap would
+    # leave the uplink's egress dropping the new endpoint's WireGuard packets.
+    egress = bool(policy.egress_devices) or _egress_listing(policy.table) is not None
+    script = render_endpoint_swap(policy.table, old, new, egress=egress)
     if script:
         _nft(["-f", "-"], script)
 
