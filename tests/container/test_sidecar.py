@@ -166,6 +166,16 @@ def test_sidecar_locks_from_the_first_packet_through_failover_kill_restart_and_s
     restore_server(lab.lab, old.removeprefix("vpn"))
     pod.assert_no_leaks(mark, "failover")
 
+    # tunlock leaktest from inside the sidecar (issue #24), as docs/containers.md shows it: with
+    # the daemon connected nothing gets out, by its own verdict and by the observer's count.
+    # --privileged gives the test (not the sidecar) the raw sockets that see what came back.
+    mark = lab.observer.mark()
+    rc, out, err = podman_rc("exec", "--privileged", pod.sidecar, "tunlock", "leaktest", "--json")
+    report = json.loads(out)
+    assert rc == 0 and report["exit"] == 0, f"leaktest in the sidecar: exit {rc}\n{out}\n{err}"
+    assert report["probes"], "the leak test sent no probe"
+    pod.assert_no_leaks(mark, "leaktest")
+
     # The sidecar killed: the app keeps running, every probe refused (the lock stays), no leak.
     mark = lab.observer.mark()
     podman("kill", "--signal", "KILL", pod.sidecar)
