@@ -46,6 +46,7 @@ from supervisor.leaktest.probes import (
 from supervisor.leaktest.report import Report
 from supervisor.net.dns import DEFAULT_STATE_DIR, written_by_tunlock
 from supervisor.net.links import collect
+from supervisor.net.netns import managed_resolv_conf
 from supervisor.servers import IPAddress
 
 REPLY_WAIT_S = 1.0  # a first hop answers in milliseconds; a second covers a slow home router
@@ -515,7 +516,7 @@ async def run_leaktest(config: Config, state_dir: Path | None = None) -> Report:
 
     check_list = await anyio.to_thread.run_sync(_lock_checks, config, daemon)
     connected = bool(daemon and daemon.get("state") == "connected")
-    resolv_conf = config.settings.dns.resolv_conf
+    resolv_conf = managed_resolv_conf(config.settings.dns.resolv_conf, config.settings.tunnel.namespace)
     named = await anyio.to_thread.run_sync(_nameservers, resolv_conf)
     current = next((s for s in config.servers if daemon and s.name == daemon.get("server")), None)
     tunnel_dns = current.dns if current else tuple(d for s in config.servers for d in s.dns)

@@ -62,6 +62,12 @@ def resolv_conf_path(name: str) -> Path:
     return NETNS_ETC_DIR / name / "resolv.conf"
 
 
+def managed_resolv_conf(configured: Path, namespace: str | None) -> Path:
+    """The resolver file tunlock keeps pointed at the tunnel: the configured one for the whole
+    host, the namespace's own in namespace mode (the host's is left alone there)."""
+    return resolv_conf_path(namespace) if namespace else configured
+
+
 def netns_id(path: str | Path) -> tuple[int, int]:
     """Identity of the network namespace at ``path`` (an nsfs file or a /proc link)."""
     st = os.stat(path)

@@ -50,7 +50,7 @@ from supervisor.net.admin_route import AdminReplyRouting
 from supervisor.net.dns import DEFAULT_STATE_DIR, DnsError, DnsManager, ResolvConfFile, detect_dns_manager
 from supervisor.net.filewatch import file_changes
 from supervisor.net.links import configure_link
-from supervisor.net.netns import Placement, resolv_conf_path
+from supervisor.net.netns import Placement, managed_resolv_conf
 from supervisor.net.routes import DEFAULT_RULE_PRIORITY, FullTunnelRouting
 from supervisor.servers import IPAddress, IPNetwork, Server
 from supervisor.wireguard.backend import (
@@ -100,7 +100,7 @@ class TunnelSettings:
             backend=settings.tunnel.backend,
             manage_dns=settings.dns.manage,
             # Namespace mode: the namespace's own file, which programs inside see as /etc/resolv.conf.
-            resolv_conf=resolv_conf_path(namespace) if namespace else settings.dns.resolv_conf,
+            resolv_conf=managed_resolv_conf(settings.dns.resolv_conf, namespace),
             state_dir=state_dir,
             owned_targets=configured_targets(settings),
             namespace=namespace,

@@ -12,6 +12,7 @@ created from the host's netlink socket straight into the namespace, its UDP sock
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -111,6 +112,18 @@ def test_only_the_namespace_goes_through_the_tunnel_from_start_to_stop(
     assert sorted(rest[:2]) == sorted(["lo", lab.lab.client_ifname])
     assert "nameserver 10.99.0.1" in ran.stdout and ran.stdout.rstrip().endswith("reached"), ran.stderr
     assert lab.observer.leaks(since=mark) == []
+
+    # tunlock leaktest in the namespace (issue #24): every probe from inside, judged blocked.
+    mark = lab.observer.mark()
+    leaktest = [sys.executable, "-m", "supervisor.cli", "leaktest", "--config", app_daemon.config, "--json"]
+    tested = tunlock_in_client(lab, "exec", "--config", app_daemon.config, "--", *leaktest)
+    assert tested.returncode == 0, f"{tested.stdout}\n{tested.stderr}"
+    verdict = json.loads(tested.stdout)
+    # No interface but the tunnel inside: nothing to probe, which is the proof, and said so.
+    assert "no interface outside the tunnel has an address: nothing to probe" in verdict["notes"]
+    checked = {c["name"]: c["status"] for c in verdict["checks"]}
+    assert checked["lock"] == checked["dns"] == checked["tunnel"] == "ok", verdict["checks"]
+    assert from_the_app(lab, lab.observer.leaks(since=mark)) == []
 
     # The host is left alone: direct, no lock table, no tunnel rules, its own resolver.
     assert host.tcp(INTERNET_V4) and host.ping(INTERNET_V6) and host.dns_udp()
