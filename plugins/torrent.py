@@ -43,8 +43,8 @@ from pydantic import Field, field_validator, model_validator
 
 from plugins import sockets
 from supervisor.errors import describe
+from supervisor.jsonvalue import JSON
 from supervisor.plugins import PluginContext, PluginOptions, PluginSpec, TunnelView
-from supervisor.status import JSON
 
 
 class PushError(Exception):

@@ -47,7 +47,7 @@ DEFAULT_LAN_RANGES = (
 )
 # What a LAN range may be (docs/configuration.md, "What LAN means"): inside one of these blocks,
 # none of which is routed on the internet. The lock narrows them further, to what is on-link
-# when it is applied (supervisor.lock.render.onlink_lan). A public range, let alone 0.0.0.0/0,
+# when it is applied (supervisor.lock.onlink.onlink_lan). A public range, let alone 0.0.0.0/0,
 # would let traffic leave outside the tunnel; CGNAT's 100.64.0.0/10 is the ISP's, not a LAN.
 LAN_BLOCKS = tuple(
     ip_network(n)

@@ -46,10 +46,10 @@ import anyio.abc
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from supervisor.errors import ConfigError, Problem, describe
+from supervisor.jsonvalue import JSON
 from supervisor.log import get_logger
 from supervisor.machine import events as ev
 from supervisor.servers import IPAddress, IPInterface, Server
-from supervisor.status import JSON
 
 log = get_logger(__name__)
 

@@ -26,6 +26,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from supervisor.jsonvalue import JSON
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.state import LockState
 from supervisor.log import get_logger
@@ -35,7 +36,6 @@ from supervisor.machine.core import step
 from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Failure, Machine
 from supervisor.servers import Server
-from supervisor.status import FailureReport
 from supervisor.wireguard.backend import TunnelStats
 
 log = get_logger(__name__)
@@ -97,6 +97,18 @@ class Prober(Protocol):
 
 
 # --- what the runtime tells the world ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """The last server failure the machine declared; ``at`` in wall-clock seconds."""
+
+    server: str | None
+    reason: str
+    at: float
+
+    def as_json(self) -> dict[str, JSON]:
+        return {"server": self.server, "reason": self.reason, "at": self.at}
 
 
 @dataclass

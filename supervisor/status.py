@@ -19,32 +19,18 @@ pair a rotation's new server with the port of the connection it left.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING
 
+from supervisor.jsonvalue import JSON
 from supervisor.lock.state import LockState
 from supervisor.wireguard.backend import TunnelStats
 
 if TYPE_CHECKING:
     from supervisor.plugins import Forwarded, PluginsReport
-    from supervisor.runtime import Status
-
-# What a status answer, and a plugin's report in it, may hold.
-JSON: TypeAlias = str | int | float | bool | Sequence["JSON"] | Mapping[str, "JSON"] | None
-
-
-@dataclass(frozen=True)
-class FailureReport:
-    """The last server failure the machine declared; ``at`` in wall-clock seconds."""
-
-    server: str | None
-    reason: str
-    at: float
-
-    def as_json(self) -> dict[str, JSON]:
-        return {"server": self.server, "reason": self.reason, "at": self.at}
+    from supervisor.runtime import FailureReport, Status
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from supervisor.jsonvalue import JSON
 from supervisor.machine import events as ev
-from supervisor.status import JSON
 
 COMMANDS = ("status", "rotate", "reconnect")
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import ip_address
 
+from supervisor.lock.onlink import onlink_lan
 from supervisor.lock.policy import LockPolicy
 from supervisor.servers import IPAddress
 
@@ -73,9 +74,6 @@ def admitted(policy: LockPolicy, session: SshSession) -> bool:
         not policy.admin_sources or any(session.client in net for net in policy.admin_sources)
     ):
         return True
-    # The renderer's own notion of the LAN; imported here because render imports this module.
-    from supervisor.lock.render import onlink_lan
-
     on_lan = any(session.client in net for net in onlink_lan(policy.lan_ranges, policy.onlink))
     return on_lan and (policy.allow_lan or session.server_port in policy.inbound_tcp)
 

@@ -1,6 +1,6 @@
 """The subnets the host reaches without a gateway: read from the kernel when the lock is applied.
 
-"LAN" in the lock means on-link (supervisor.lock.render.onlink_lan): a private
+"LAN" in the lock means on-link (``onlink_lan`` below): a private
 destination routed through the gateway goes to the ISP, so the configured LAN
 ranges count only where they overlap a subnet some interface reaches directly.
 nftables cannot compare a packet's next hop with its destination at packet
@@ -92,3 +92,35 @@ def _direct_routes(routes: Iterable[dict]) -> dict[str, list[IPNetwork]]:
 def read_onlink(exclude: Iterable[str] = ()) -> tuple[IPNetwork, ...]:
     """The on-link subnets of this network namespace's interfaces, IPv4 and IPv6."""
     return onlink_subnets(ip_json("addr", "show"), main_routes(), exclude)
+
+
+# Ranges that never leave the link whatever the routes say: link-local unicast (routers do not
+# forward it) and multicast (only a multicast router forwards it, and the LAN check in config
+# admits only link- and organisation-scoped groups).
+LINK_SCOPED = tuple(ip_network(n) for n in ("169.254.0.0/16", "224.0.0.0/4", "fe80::/10", "ff00::/8"))
+
+
+def onlink_lan(ranges: Iterable[IPNetwork], onlink: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """The configured LAN ranges narrowed to what is on-link: a range that is link-scoped by
+    nature stays; any other keeps only its overlap with an on-link subnet (the smaller of the
+    two). An off-link private destination goes through the gateway, which is the ISP's."""
+    onlink = tuple(onlink)
+    out: set[IPNetwork] = set()
+    for lan in ranges:
+        if any(network_within(lan, scoped) for scoped in LINK_SCOPED):
+            out.add(lan)
+            continue
+        for subnet in onlink:
+            if subnet.version != lan.version:
+                continue
+            if network_within(subnet, lan):
+                out.add(subnet)
+            elif network_within(lan, subnet):
+                out.add(lan)
+    return widest(out)
+
+
+def widest(networks: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """The networks without those nested in another (an interval set refuses overlaps)."""
+    kept = sorted(set(networks), key=lambda n: (n.version, n.prefixlen, int(n.network_address)))
+    return tuple(n for i, n in enumerate(kept) if not any(network_within(n, k) for k in kept[:i]))

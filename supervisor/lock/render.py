@@ -108,11 +108,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import replace
-from ipaddress import ip_network
 
 from supervisor.lock.admin import ADMIN_MARK
+from supervisor.lock.onlink import onlink_lan, widest
 from supervisor.lock.policy import LockPolicy, exclude
-from supervisor.servers import Endpoint, IPNetwork, network_within
+from supervisor.servers import Endpoint, IPNetwork
 
 # Named counters, read back by `tunlock lock status` and the metrics.
 COUNTERS = ("blocked_out", "blocked_in", "blocked_forward", "blocked_dns")
@@ -143,36 +143,6 @@ FORWARD_REJECT_RULE = (
 # A TCP connection refused with a reset fails at once; Linux takes an ICMPv6 unreachable in
 # SYN-SENT as a soft error and retries after a second.
 DNS_REJECT_TCP = 'tcp dport 53 counter name "blocked_dns" reject with tcp reset'
-# Ranges that never leave the link whatever the routes say: link-local unicast (routers do not
-# forward it) and multicast (only a multicast router forwards it, and the LAN check in config
-# admits only link- and organisation-scoped groups).
-LINK_SCOPED = tuple(ip_network(n) for n in ("169.254.0.0/16", "224.0.0.0/4", "fe80::/10", "ff00::/8"))
-
-
-def onlink_lan(ranges: Iterable[IPNetwork], onlink: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
-    """The configured LAN ranges narrowed to what is on-link: a range that is link-scoped by
-    nature stays; any other keeps only its overlap with an on-link subnet (the smaller of the
-    two). An off-link private destination goes through the gateway, which is the ISP's."""
-    onlink = tuple(onlink)
-    out: set[IPNetwork] = set()
-    for lan in ranges:
-        if any(network_within(lan, scoped) for scoped in LINK_SCOPED):
-            out.add(lan)
-            continue
-        for subnet in onlink:
-            if subnet.version != lan.version:
-                continue
-            if network_within(subnet, lan):
-                out.add(subnet)
-            elif network_within(lan, subnet):
-                out.add(lan)
-    return widest(out)
-
-
-def widest(networks: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
-    """The networks without those nested in another (an interval set refuses overlaps)."""
-    kept = sorted(set(networks), key=lambda n: (n.version, n.prefixlen, int(n.network_address)))
-    return tuple(n for i, n in enumerate(kept) if not any(network_within(n, k) for k in kept[:i]))
 
 
 def _quote(name: str) -> str:

@@ -15,12 +15,13 @@ import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
 
+from supervisor.jsonvalue import JSON
 from supervisor.lock.state import LockState
 from supervisor.plugins import InboundLock, PluginContext, PluginHost, View
 from supervisor.redact import Secret
 from supervisor.runtime import Status
 from supervisor.servers import Endpoint, IPAddress, IPInterface, Peer, Server
-from supervisor.status import JSON, StatusReport
+from supervisor.status import StatusReport
 
 pytestmark = pytest.mark.anyio
 

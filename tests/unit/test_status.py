@@ -10,11 +10,12 @@ import anyio
 import pytest
 
 from supervisor.daemon import status_now
+from supervisor.jsonvalue import JSON
 from supervisor.lock.state import LockState
 from supervisor.plugins import Forwarded, PluginHost, PluginsReport
-from supervisor.runtime import Status
+from supervisor.runtime import FailureReport, Status
 from supervisor.servers import Endpoint
-from supervisor.status import JSON, FailureReport, StatusReport
+from supervisor.status import StatusReport
 from supervisor.wireguard.backend import TunnelStats
 from tests.unit.test_plugin_host import FakeLock, FakeServer, Recorder, publish, until
 
