@@ -159,10 +159,11 @@ CONNECT_FROM_THE_SERVER = textwrap.dedent(
 ).format(peer=PEER_IN_THE_LAN_RANGE, client=TUNNEL_CLIENT_V4)
 
 
-def test_replies_to_a_connection_through_the_tunnel_go_back_through_it(lab):
-    """A peer on the tunnel's far side, 10.99.0.7, inside the overlapping LAN's range, connects
-    to a port the lock opens on the tunnel: the client's SYN-ACK (from its tunnel address) used to
-    follow the LAN route out of the physical interface."""
+@contextlib.contextmanager
+def _tunnel_peer_in_the_lan_range(lab) -> Iterator[None]:
+    """A peer on the tunnel's far side at 10.99.0.7, the LAN grown to 10.99.0.0/16 (the ISP
+    answering for that address on the link), a listener on 8080 in the client, and the daemon
+    connected with 8080 open on the tunnel, its lock following the new LAN."""
     client, isp = lab.lab.ns("client"), lab.lab.ns("isp")
     server = lab.lab.servers[0]
     lab.lab.run(server.ns, "ip", "addr", "add", f"{PEER_IN_THE_LAN_RANGE}/24", "dev", server.ifname)
@@ -177,14 +178,22 @@ def test_replies_to_a_connection_through_the_tunnel_go_back_through_it(lab):
                 lambda: any("lock applied again" in line for line in daemon.log_events()),
                 detail=daemon.log_tail,
             )
-            mark = lab.observer.mark()
-            answer = _python_in(lab, server.ns, CONNECT_FROM_THE_SERVER).strip()
-            leaks = lab.observer.leaks(since=mark)
+            yield
     finally:
         listener.kill()
         listener.wait(5)
         sh("ip", "-n", isp, "addr", "del", f"{PEER_IN_THE_LAN_RANGE}/16", "dev", "cl0", check=False)
         tunlock_in_client(lab, "lock", "remove", "--yes", "--config", str(lab.lab.config_path))
+
+
+def test_replies_to_a_connection_through_the_tunnel_go_back_through_it(lab):
+    """A peer on the tunnel's far side, 10.99.0.7, inside the overlapping LAN's range, connects
+    to a port the lock opens on the tunnel: the client's SYN-ACK (from its tunnel address) used to
+    follow the LAN route out of the physical interface."""
+    with _tunnel_peer_in_the_lan_range(lab):
+        mark = lab.observer.mark()
+        answer = _python_in(lab, lab.lab.servers[0].ns, CONNECT_FROM_THE_SERVER).strip()
+        leaks = lab.observer.leaks(since=mark)
     assert leaks == [], f"a reply to a tunnel connection went to the LAN:\n{describe(leaks)}"
     assert answer == "hello through the tunnel", answer
 
@@ -193,29 +202,11 @@ def test_without_the_reply_route_the_lock_still_keeps_the_reply_off_the_lan(lab)
     """The same connection after another tool deleted the rule that routes the tunnel
     address's packets into the tunnel: the reply follows the LAN route, and the lock refuses it
     (the connection fails; nothing leaves)."""
-    client, isp = lab.lab.ns("client"), lab.lab.ns("isp")
-    server = lab.lab.servers[0]
-    lab.lab.run(server.ns, "ip", "addr", "add", f"{PEER_IN_THE_LAN_RANGE}/24", "dev", server.ifname)
-    sh("ip", "-n", isp, "addr", "add", f"{PEER_IN_THE_LAN_RANGE}/16", "dev", "cl0")
-    listener = lab.lab.spawn("client", [sys.executable, "-c", LISTENER])
-    try:
-        with lab.daemon(env={**LAN_ENV, "TUNLOCK_LOCK_TUNNEL_INBOUND_TCP": "8080"}) as daemon:
-            daemon.start()
-            sh("ip", "-n", client, "addr", "add", "10.99.5.5/16", "dev", "wan0")
-            _wait(
-                "the lock did not follow the new LAN",
-                lambda: any("lock applied again" in line for line in daemon.log_events()),
-                detail=daemon.log_tail,
-            )
-            sh("ip", "-n", client, "rule", "del", "from", TUNNEL_CLIENT_V4, "priority", "32759")
-            mark = lab.observer.mark()
-            answer = _python_in(lab, server.ns, CONNECT_FROM_THE_SERVER).strip()
-            leaks = lab.observer.leaks(since=mark)
-    finally:
-        listener.kill()
-        listener.wait(5)
-        sh("ip", "-n", isp, "addr", "del", f"{PEER_IN_THE_LAN_RANGE}/16", "dev", "cl0", check=False)
-        tunlock_in_client(lab, "lock", "remove", "--yes", "--config", str(lab.lab.config_path))
+    with _tunnel_peer_in_the_lan_range(lab):
+        sh("ip", "-n", lab.lab.ns("client"), "rule", "del", "from", TUNNEL_CLIENT_V4, "priority", "32759")
+        mark = lab.observer.mark()
+        answer = _python_in(lab, lab.lab.servers[0].ns, CONNECT_FROM_THE_SERVER).strip()
+        leaks = lab.observer.leaks(since=mark)
     assert leaks == [], f"a reply to a tunnel connection went to the LAN:\n{describe(leaks)}"
     assert answer != "hello through the tunnel", answer
 

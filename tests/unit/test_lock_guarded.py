@@ -433,6 +433,17 @@ class UnwatchedGuard(LockGuard):
         await anyio.sleep_forever()
 
 
+def real_guard_over_memory_nft(tg: anyio.abc.TaskGroup) -> GuardedLock:
+    """The lock's writer with the real guard (unwatched) over the in-memory nft, no owner."""
+
+    async def on_tamper(reason: str) -> None:
+        pass
+
+    return GuardedLock(
+        BASE, tg, on_tamper, make_guard=UnwatchedGuard, open_owner=no_owner, open_reader=no_libnftables
+    )
+
+
 def test_a_port_request_during_a_server_swap_leaves_table_guard_and_intent_agreeing(
     memory_nft: MemoryNft, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -450,20 +461,10 @@ def test_a_port_request_during_a_server_swap_leaves_table_guard_and_intent_agree
 
     monkeypatch.setattr(guard_module.nft, "swap_endpoints", slow_swap)
 
-    async def on_tamper(reason: str) -> None:
-        pass
-
     async def main() -> GuardedLock:
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                lock = GuardedLock(
-                    BASE,
-                    tg,
-                    on_tamper,
-                    make_guard=UnwatchedGuard,
-                    open_owner=no_owner,
-                    open_reader=no_libnftables,
-                )
+                lock = real_guard_over_memory_nft(tg)
                 await lock.apply((A,))
                 async with anyio.create_task_group() as writers:
                     writers.start_soon(lock.set_servers, (B,))
@@ -493,20 +494,10 @@ def test_a_refused_swap_falls_back_to_the_whole_table_and_the_guard_remembers_wh
 
     monkeypatch.setattr(guard_module.nft, "swap_endpoints", refuse)
 
-    async def on_tamper(reason: str) -> None:
-        pass
-
     async def main() -> GuardedLock:
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                lock = GuardedLock(
-                    BASE,
-                    tg,
-                    on_tamper,
-                    make_guard=UnwatchedGuard,
-                    open_owner=no_owner,
-                    open_reader=no_libnftables,
-                )
+                lock = real_guard_over_memory_nft(tg)
                 await lock.apply((A,))
                 with structlog.testing.capture_logs() as logs:
                     await lock.set_servers((B,))
