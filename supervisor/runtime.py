@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Protocol
@@ -85,9 +85,10 @@ class TunnelControl(Protocol):
 
 
 class TrafficWatch(Protocol):
-    async def next_packet(self, ifname: str) -> None:
-        """Return on the next packet through ``ifname`` (either way); OSError if it cannot
-        watch. (net.wake.PacketWatch is the real one.)"""
+    async def next_packet(self, ifname: str, armed: Callable[[], Awaitable[None]]) -> None:
+        """Await ``armed()`` once the watch is in place, then return on the next packet through
+        ``ifname`` (either way); OSError if it cannot watch. (net.wake.PacketWatch is the real
+        one.)"""
 
 
 class Prober(Protocol):
@@ -409,12 +410,22 @@ class Runtime:
         self._task_group.start_soon(self._await_traffic, self.traffic, scope)
 
     async def _await_traffic(self, traffic: TrafficWatch, scope: anyio.CancelScope) -> None:
+        armed = False
+
+        async def report_armed() -> None:
+            nonlocal armed
+            armed = True
+            await self._send.send(ev.TrafficWatchArmed(self.clock()))
+
         with scope:
             try:
-                await traffic.next_packet(self.ifname)
-            except OSError as err:  # the idle samples still see traffic, only later
+                await traffic.next_packet(self.ifname, report_armed)
+            except OSError as err:
                 log.debug("cannot watch the tunnel for traffic", error=str(err))
-                return
+                if not armed:
+                    return  # the machine never counted on it: the idle samples see traffic, later
+                # It failed after the machine let the samples wait for it: wake the machine as a
+                # packet would, so the next idle spell asks for a watch afresh.
             finally:
                 if self._traffic_watch is scope:
                     self._traffic_watch = None

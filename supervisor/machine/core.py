@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev
 from supervisor.machine.liveness import Liveness, Verdict
 from supervisor.machine.rotation import backoff, choose, eligible, preferred
+from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import (
     Blocked,
     Connected,
@@ -348,10 +349,15 @@ def sample_while_connected(m: Machine, e: ev.StatsRead) -> tuple[Machine, Action
     liveness, verdict, why = state.liveness.judge(e, settings)
     if verdict is Verdict.DEAD:
         return _server_failed(m, e.now, state.server, why or "dead")
-    m = Machine(replace(state, liveness=liveness), m.context)
     if verdict is Verdict.IDLE:
         # Asleep until the idle sample, or until the first packet says traffic started.
-        return m, [act.WatchTraffic(), act.StartTimer("sample", settings.idle_interval_s)]
+        watch: Literal["asked", "armed"] = "armed" if state.watch == "armed" else "asked"
+        asleep = replace(state, liveness=liveness, watch=watch)
+        return Machine(asleep, m.context), [
+            act.WatchTraffic(),
+            act.StartTimer("sample", _idle_sample_in(asleep, e.now, settings)),
+        ]
+    m = Machine(replace(state, liveness=liveness, watch="off"), m.context)
     # Awake: the watch of an idle spell (the previous sample's) goes before a probe of our own
     # would trip it.
     woken: Actions = [act.StopWatchingTraffic()] if state.liveness.idle_since is not None else []
@@ -372,7 +378,34 @@ def traffic_while_connected(m: Machine, e: ev.TrafficSeen) -> tuple[Machine, Act
     assert isinstance(state, Connected)
     if state.liveness.idle_since is None:
         return m, []
+    m = Machine(replace(state, watch="off"), m.context)  # a watch fires once
     return m, [act.StartTimer("sample", m.context.settings.doubt_probe_interval_s)]
+
+
+def _idle_sample_in(state: Connected, now: float, settings: MachineSettings) -> float:
+    """The delay to an idle tunnel's next sample: ``idle_interval_s``, or, with the traffic
+    watch in place, the time left until the idle probe is due (any packet before then wakes the
+    daemon, so a sample in between would only find the counters unchanged)."""
+    since = state.liveness.idle_since
+    if state.watch != "armed" or since is None:
+        return settings.idle_interval_s
+    return max(settings.idle_interval_s, round(since + settings.idle_probe_s - now, 6))
+
+
+@leads_to(STAYS)
+def watch_armed_while_connected(m: Machine, e: ev.TrafficWatchArmed) -> tuple[Machine, Actions]:
+    """The traffic watch is in place: asleep, the next sample waits for the idle probe (issue
+    #27: an idle daemon wakes on the first packet, or to probe, and not in between). A watch
+    that reports in after the idle spell ended changes nothing."""
+    state = m.state
+    assert isinstance(state, Connected)
+    if state.watch != "asked":
+        return m, []
+    asleep = replace(state, watch="armed")
+    delay = _idle_sample_in(asleep, e.now, m.context.settings)
+    if delay <= m.context.settings.idle_interval_s:
+        return Machine(asleep, m.context), []  # the probe is due before the idle sample anyway
+    return Machine(asleep, m.context), [act.StartTimer("sample", delay)]
 
 
 def _unreadable(
@@ -653,6 +686,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.StatsUnreadable: ignore,
         ev.TimerFired: timer_while_blocked,
         ev.TrafficSeen: ignore,
+        ev.TrafficWatchArmed: ignore,
         ev.TunnelLost: note_tunnel_lost,
         ev.BackendDown: note_backend_down,
         ev.BackendUp: ignore,
@@ -672,6 +706,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.StatsUnreadable: unreadable_while_connecting,
         ev.TimerFired: timer_while_connecting,
         ev.TrafficSeen: ignore,
+        ev.TrafficWatchArmed: ignore,
         ev.TunnelLost: tunnel_lost_while_tunnelled,
         ev.BackendDown: backend_down_while_tunnelled,
         ev.BackendUp: backend_up_while_connecting,
@@ -691,6 +726,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.StatsUnreadable: unreadable_while_connected,
         ev.TimerFired: timer_while_connected,
         ev.TrafficSeen: traffic_while_connected,
+        ev.TrafficWatchArmed: watch_armed_while_connected,
         ev.TunnelLost: tunnel_lost_while_tunnelled,
         ev.BackendDown: backend_down_while_tunnelled,
         ev.BackendUp: ignore,
@@ -710,6 +746,7 @@ TRANSITIONS: dict[type[State], dict[type, Handler]] = {
         ev.StatsUnreadable: ignore,
         ev.TimerFired: ignore,
         ev.TrafficSeen: ignore,
+        ev.TrafficWatchArmed: ignore,
         ev.TunnelLost: tunnel_lost_while_offline,
         ev.BackendDown: note_backend_down,
         ev.BackendUp: ignore,
@@ -763,7 +800,8 @@ def resume_after_gap(m: Machine, now: float) -> tuple[Machine, Actions]:
     ctx = m.context
     last = ctx.last_event_at
     m = Machine(m.state, replace(ctx, last_event_at=now if last is None else max(last, now)))
-    if last is None or now - last < ctx.settings.resume_gap():
+    asleep = isinstance(m.state, Connected) and m.state.watch == "armed"
+    if last is None or now - last < ctx.settings.resume_gap(asleep):
         return m, []
     state = m.state
     if not isinstance(state, (Connecting, Connected)):

@@ -74,6 +74,14 @@ class TrafficSeen:
 
 
 @dataclass(frozen=True)
+class TrafficWatchArmed:
+    """The watch asked for by ``WatchTraffic`` is in place: the first packet either way will
+    post ``TrafficSeen``, so an idle tunnel need not be sampled until its next idle probe."""
+
+    now: float
+
+
+@dataclass(frozen=True)
 class TunnelLost:
     """The tunnel interface was deleted under us."""
 
@@ -166,6 +174,7 @@ Event = (
     | StatsUnreadable
     | TimerFired
     | TrafficSeen
+    | TrafficWatchArmed
     | TunnelLost
     | BackendDown
     | BackendUp

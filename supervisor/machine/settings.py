@@ -60,9 +60,13 @@ class MachineSettings:
         """The limit for a first handshake on the ``attempt``-th consecutive try (0-based)."""
         return self.connect_timeouts_s[min(attempt, len(self.connect_timeouts_s) - 1)]
 
-    def resume_gap(self) -> float:
-        """How long a gap between two events means the daemon was not running (see above)."""
+    def resume_gap(self, asleep: bool = False) -> float:
+        """How long a gap between two events means the daemon was not running (see above).
+        ``asleep``: an idle tunnel with the traffic watch in place, sampled only when its idle
+        probe is due, so that pace counts among the slowest."""
         slowest = max(self.interval_s, self.idle_interval_s, self.probe_interval_s)
+        if asleep:
+            slowest = max(slowest, self.idle_probe_s)
         return max(self.resume_gap_min_s, 3 * slowest)
 
     def handshake_retry(self, attempt: int) -> float:

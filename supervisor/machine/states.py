@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar, get_args
+from typing import ClassVar, Literal, get_args
 
 from supervisor.machine.liveness import Liveness
 from supervisor.machine.settings import MachineSettings
@@ -60,6 +60,10 @@ class Connected:
     since: float
     server: str
     liveness: Liveness
+    # The traffic watch of an idle spell: "asked" for (``WatchTraffic``), then "armed" once it
+    # said it listens (``TrafficWatchArmed``): asleep, the tunnel is sampled only when its idle
+    # probe is due, since any packet wakes the daemon. "off" whenever the machine is awake.
+    watch: Literal["off", "asked", "armed"] = "off"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,15 @@ from ipaddress import ip_address
 import anyio
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import (
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV4_RULE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_IPV6_RULE,
+    RTMGRP_LINK,
+)
 
 from supervisor.log import get_logger
 from supervisor.net.netns import Placement
@@ -85,7 +94,7 @@ class PathMonitor:
     ) -> None:
         """Report the current paths, then every change, until cancelled."""
         async with await self.route_socket() as events:
-            await events.bind()
+            await events.bind(groups=_PATH_GROUPS)
             events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
             await self._check(report)
             async with anyio.create_task_group() as tg:
@@ -105,7 +114,7 @@ class PathMonitor:
     ) -> None:
         """Namespace mode: the tunnel interface's deletion, seen in the app namespace (ours)."""
         async with AsyncIPRoute() as events:
-            await events.bind()
+            await events.bind(groups=RTMGRP_LINK)
             events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
             task_status.started()
             while True:
@@ -210,6 +219,18 @@ async def _links(ipr: AsyncIPRoute) -> tuple[set[str], dict[int | None, str]]:
     return live, names
 
 
+# The groups whose notifications can change a path: pyroute2's default set also has the
+# neighbour table's (every ARP/NDP entry going stale on the LAN) and traffic control's, which
+# would only wake an idle daemon to parse them and throw them away.
+_PATH_GROUPS = (
+    RTMGRP_LINK
+    | RTMGRP_IPV4_IFADDR
+    | RTMGRP_IPV6_IFADDR
+    | RTMGRP_IPV4_ROUTE
+    | RTMGRP_IPV6_ROUTE
+    | RTMGRP_IPV4_RULE
+    | RTMGRP_IPV6_RULE
+)
 _PATH_EVENTS = frozenset(
     {
         "RTM_NEWLINK",

@@ -351,6 +351,44 @@ def test_traffic_after_an_idle_spell_is_sampled_at_once_not_at_the_idle_pace() -
     assert run.feed(ev.TrafficSeen(run.at(0.01))) == []
 
 
+def test_with_the_watch_in_place_an_idle_tunnel_sleeps_until_its_idle_probe() -> None:
+    """Issue #27: an idle daemon samples nothing between its idle probes once the watch listens
+    (any packet wakes it sooner); without the watch it samples at the idle pace as before."""
+    run = Run().started_connected()
+    run.feed(ev.StatsRead(run.at(0.5), 200, 200, 0.5))
+    idle_from = run.now
+    assert run.feed(ev.StatsRead(run.at(0.25), 200, 200, 1.0)) == [
+        act.WatchTraffic(),
+        act.StartTimer("sample", SETTINGS.idle_interval_s),
+    ]
+    armed_at = run.at(0.01)
+    assert run.feed(ev.TrafficWatchArmed(armed_at)) == [
+        act.StartTimer("sample", round(idle_from + SETTINGS.idle_probe_s - armed_at, 6))
+    ]
+    assert run.feed(ev.TrafficWatchArmed(run.at(0.01))) == [], "told twice: nothing new"
+    # The sample at the idle probe's time probes, and the watch goes before the probe trips it.
+    run.now = idle_from + SETTINGS.idle_probe_s
+    actions = run.feed(ev.StatsRead(run.now, 200, 200, 11.0))
+    assert actions[:2] == [act.StopWatchingTraffic(), act.Probe()]
+    assert isinstance(run.state, Connected) and run.state.watch == "off"
+    # A watch that reports in once the spell is over changes nothing.
+    assert run.feed(ev.TrafficWatchArmed(run.at(0.01))) == []
+
+
+def test_asleep_a_gap_of_the_idle_probe_pace_is_no_suspension_but_awake_it_is() -> None:
+    """Events 12 s apart are the normal pace of a sleeping idle tunnel; with samples every 2 s
+    such a gap still means the daemon did not run (``MachineSettings.resume_gap``)."""
+    for asleep in (True, False):
+        run = Run().started_connected()
+        run.feed(ev.StatsRead(run.at(0.5), 200, 200, 0.5))
+        run.feed(ev.StatsRead(run.at(0.25), 200, 200, 1.0))  # idle
+        if asleep:
+            run.feed(ev.TrafficWatchArmed(run.at(0.01)))
+        late = run.feed(ev.TimerFired(run.at(12.0), "sample"))
+        resumed = any(isinstance(a, act.PublishStatus) and "did not run" in (a.reason or "") for a in late)
+        assert resumed is not asleep, late
+
+
 def test_an_unreadable_tunnel_is_judged_as_the_last_counters_without_a_handshake() -> None:
     run = Run().started_connected()
     # Nothing sent since the last reading: the same verdict a reading of those counters gets.

@@ -319,6 +319,15 @@ def test_the_traffic_watch_is_armed_exactly_while_idle_and_never_sees_our_own_pr
             elif isinstance(action, act.Probe):
                 assert not armed, f"a probe with the watch armed: {actions}"
         assert armed == (idle and act.Probe() not in actions), actions
+        if armed and state.watch == "asked":
+            # The watch reports in: asleep, the next sample waits for the idle probe, never less
+            # than the idle pace, never past the probe's time.
+            machine, actions = step(machine, ev.TrafficWatchArmed(now + 0.0005))
+            since = state.liveness.idle_since
+            assert since is not None
+            for action in actions:
+                assert isinstance(action, act.StartTimer) and action.timer == "sample", actions
+                assert config.idle_interval_s < action.delay_s <= since + config.idle_probe_s - now
         if wake and armed:
             machine, actions = step(machine, ev.TrafficSeen(now + 0.001))
             armed = False  # it fires once

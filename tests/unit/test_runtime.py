@@ -672,11 +672,18 @@ class PacketGate:
         self.watches: list[str] = []
         self.cancelled = 0
         self.packet = anyio.Event()
+        self.broken: OSError | None = None  # the socket cannot even be opened
+        self.fails_while_armed = False  # the watch breaks after it was in place
 
-    async def next_packet(self, ifname: str) -> None:
+    async def next_packet(self, ifname: str, armed: Callable[[], Awaitable[None]]) -> None:
         self.watches.append(ifname)
+        if self.broken is not None:
+            raise self.broken
+        await armed()
         try:
             await self.packet.wait()
+            if self.fails_while_armed:
+                raise OSError("the interface went away")
         except anyio.get_cancelled_exc_class():
             self.cancelled += 1
             raise
@@ -704,16 +711,53 @@ def test_the_traffic_watch_reports_the_first_packet_once_and_a_stop_disarms_it()
                 await runtime._execute(act.WatchTraffic())  # armed already: no second watch
                 await anyio.wait_all_tasks_blocked()
                 assert gate.watches == ["tun-test"]
+                assert await runtime.inbox.receive.receive() == ev.TrafficWatchArmed(100.0)
                 gate.packet.set()
                 assert await runtime.inbox.receive.receive() == ev.TrafficSeen(100.0)
                 gate.packet = anyio.Event()
                 await runtime._execute(act.WatchTraffic())  # it fired: a new spell arms a new one
                 await anyio.wait_all_tasks_blocked()
+                assert await runtime.inbox.receive.receive() == ev.TrafficWatchArmed(100.0)
                 await runtime._execute(act.StopWatchingTraffic())
                 await anyio.wait_all_tasks_blocked()
                 assert gate.watches == ["tun-test", "tun-test"] and gate.cancelled == 1
                 gate.packet.set()
                 await anyio.wait_all_tasks_blocked()
                 assert runtime.inbox.receive.statistics().current_buffer_used == 0, "no wake once stopped"
+
+    anyio.run(main)
+
+
+def test_a_watch_that_cannot_listen_says_nothing_and_one_that_breaks_once_listening_wakes() -> None:
+    """The machine lets an idle tunnel sleep until its idle probe only once the watch said it
+    listens: a watch that never listened must not say so (the idle samples go on), and one that
+    breaks afterwards must wake the machine, as a packet would, or traffic would go unseen."""
+    world, gate = World(), PacketGate()
+    runtime = Runtime(
+        Machine.initial(SLOW),
+        SERVERS,
+        world,
+        world,
+        world,
+        ifname="tun-test",
+        probe_target=probe_target,
+        clock=Clock(),
+        traffic=gate,
+    )
+
+    async def main() -> None:
+        with anyio.fail_after(GUARD_S):
+            async with anyio.create_task_group() as tg:
+                runtime._task_group = tg
+                gate.broken = OSError("no CAP_NET_RAW")
+                await runtime._execute(act.WatchTraffic())
+                await anyio.wait_all_tasks_blocked()
+                assert runtime.inbox.receive.statistics().current_buffer_used == 0
+                gate.broken, gate.fails_while_armed = None, True
+                await runtime._execute(act.WatchTraffic())  # the failed one is gone: a new one
+                assert await runtime.inbox.receive.receive() == ev.TrafficWatchArmed(100.0)
+                gate.packet.set()
+                assert await runtime.inbox.receive.receive() == ev.TrafficSeen(100.0)
+                assert gate.watches == ["tun-test", "tun-test"]
 
     anyio.run(main)
