@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated
 
 import anyio
-from pydantic import Field, field_validator, model_validator
+from msgspec import Meta
 
 from supervisor.errors import describe
 from supervisor.plugins import PluginContext, PluginOptions, PluginSpec, View
@@ -74,19 +74,14 @@ async def run_hook(
         return process.returncode, output.decode(errors="replace")
 
 
-Command = tuple[str, ...]
+class Command(tuple[str, ...]):
+    """A command as its arguments: TOML gives a list of them, or a string split like a shell
+    would (no shell runs it)."""
 
+    __slots__ = ()
 
-class HooksOptions(PluginOptions):
-    # A command as a list of arguments, or a string split like a shell would (no shell runs it).
-    on_port: Command | None = None
-    on_connected: Command | None = None
-    on_disconnected: Command | None = None
-    timeout_s: Annotated[float, Field(ge=0.1, le=3600)] = 10
-
-    @field_validator(*HOOKS, mode="before")
     @classmethod
-    def _command(cls, value: object) -> object:
+    def parse_toml(cls, value: object) -> Command:
         if isinstance(value, str):
             value = shlex.split(value)  # its ValueError ("No closing quotation") says what is wrong
         if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
@@ -95,13 +90,18 @@ class HooksOptions(PluginOptions):
             expand(value, dict.fromkeys(("port", "ports", "interface", "server"), ""))
         except (KeyError, ValueError, IndexError) as err:
             raise ValueError(f"{' '.join(value)}: unknown placeholder {err}") from None
-        return tuple(value)
+        return cls(value)
 
-    @model_validator(mode="after")
-    def _one_at_least(self) -> HooksOptions:
+
+class HooksOptions(PluginOptions, frozen=True):
+    on_port: Command | None = None
+    on_connected: Command | None = None
+    on_disconnected: Command | None = None
+    timeout_s: Annotated[float, Meta(ge=0.1, le=3600)] = 10
+
+    def __post_init__(self) -> None:
         if not any(getattr(self, hook) for hook in HOOKS):
             raise ValueError(f"set at least one of {', '.join(HOOKS)}")
-        return self
 
 
 class HooksPlugin:

@@ -13,12 +13,11 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
 
 import anyio
-from pydantic import Field, field_validator
 
 from supervisor.plugins import PluginContext, PluginOptions, PluginSpec
+from supervisor.tables import FieldProblem
 
 
 def write_port_file(path: Path, ports: Sequence[int] | None, mode: int = 0o644) -> None:
@@ -41,15 +40,12 @@ def write_port_file(path: Path, ports: Sequence[int] | None, mode: int = 0o644) 
         raise
 
 
-class PortFileOptions(PluginOptions):
-    path: Annotated[Path, Field(strict=False)]
+class PortFileOptions(PluginOptions, frozen=True):
+    path: Path
 
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        if not value.is_absolute():
-            raise ValueError("an absolute file path, such as /run/tunlock/forwarded_port")
-        return value
+    def __post_init__(self) -> None:
+        if not self.path.is_absolute():
+            raise FieldProblem("path", "an absolute file path, such as /run/tunlock/forwarded_port")
 
 
 class PortFilePlugin:

@@ -39,12 +39,13 @@ from typing import Annotated, Any
 
 import anyio
 import httpx
-from pydantic import Field, field_validator, model_validator
+from msgspec import Meta
 
 from plugins import sockets
 from supervisor.errors import describe
 from supervisor.jsonvalue import JSON
 from supervisor.plugins import PluginContext, PluginOptions, PluginSpec, TunnelView
+from supervisor.tables import FieldProblem
 
 
 class PushError(Exception):
@@ -594,58 +595,56 @@ def _is_loopback(url: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
-class TorrentOptions(PluginOptions):
+class Uid(int):
+    """A user id; TOML gives it as the number or as the user's name, looked up when read."""
+
+    @classmethod
+    def parse_toml(cls, user: object) -> Uid:
+        return cls(_uid_of(user))
+
+
+class TorrentOptions(PluginOptions, frozen=True):
     """What both torrent-client plugins take."""
 
     url: str
     username: str | None = None
     password_file: str | None = None  # its first line
     password_env: str | None = None  # a variable of the daemon's environment
-    reassert_s: Annotated[float, Field(ge=0.2, le=86400)] = 15
-    retry_s: Annotated[float, Field(ge=0.1, le=3600)] = 2
-    timeout_s: Annotated[float, Field(ge=0.5, le=120)] = 10
+    reassert_s: Annotated[float, Meta(ge=0.2, le=86400)] = 15
+    retry_s: Annotated[float, Meta(ge=0.1, le=3600)] = 2
+    timeout_s: Annotated[float, Meta(ge=0.5, le=120)] = 10
     verify_listening: bool | None = None  # default: true for a loopback url
     bind_to_tunnel: bool = True  # the client's own binding: the tunnel interface (or its address)
     # The user (name or uid) the client runs as; held as its uid.
-    api_user: int | None = None
+    api_user: Uid | None = None
 
-    @field_validator("url")
-    @classmethod
-    def _http(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"{url!r}: an http:// or https:// address")
-        return url
-
-    @field_validator("api_user", mode="before")
-    @classmethod
-    def _uid(cls, user: object) -> object:
-        return None if user is None else _uid_of(user)
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise FieldProblem("url", f"{self.url!r}: an http:// or https:// address")
 
 
-class QBittorrentOptions(TorrentOptions):
+class QBittorrentOptions(TorrentOptions, frozen=True):
     url: str = "http://127.0.0.1:8080"
     username: str | None = "admin"
 
-    @model_validator(mode="after")
-    def _credentials(self) -> QBittorrentOptions:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.password_file is None and self.password_env is None:
             raise ValueError("set password_file or password_env (the localhost bypass is off by default)")
-        return self
 
 
-class TransmissionOptions(TorrentOptions):
+class TransmissionOptions(TorrentOptions, frozen=True):
     url: str = "http://127.0.0.1:9091/transmission/rpc"
 
 
-class DelugeOptions(TorrentOptions):
+class DelugeOptions(TorrentOptions, frozen=True):
     url: str = "http://127.0.0.1:8112/json"  # deluge-web's JSON-RPC
     daemon: str = "127.0.0.1:58846"  # deluged, as deluge-web's host list names it
 
-    @model_validator(mode="after")
-    def _password(self) -> DelugeOptions:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.password_file is None and self.password_env is None:
             raise ValueError("set password_file or password_env (deluge-web's password)")
-        return self
 
 
 qbittorrent = PluginSpec(QBittorrentOptions, lambda options: PortPusher(QBittorrent(options), options))

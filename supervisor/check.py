@@ -184,6 +184,6 @@ def _fail(problems: list[Problem], warnings: list[Problem]) -> typing.NoReturn:
 
 
 def _exit_soon() -> None:
-    """The process ends next: spare it the collector's passes at exit over everything pydantic
-    and the check left (speed: bench/bench_check.py); the OS frees it all."""
+    """The process ends next: spare it the collector's passes at exit over everything the
+    imports and the check left (speed: bench/bench_check.py); the OS frees it all."""
     gc.freeze()

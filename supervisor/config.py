@@ -1,4 +1,4 @@
-"""tunlock.toml: the configuration contract, validated by pydantic.
+"""tunlock.toml: the configuration contract, validated as msgspec Structs (supervisor.tables).
 
 The section and key names are a public contract (DESIGN.md and
 docs/configuration.md): extend them, never rename them. ``load_config`` reads
@@ -16,12 +16,14 @@ import os
 import re
 import tomllib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import msgspec
+from msgspec import Meta, field
 
 from supervisor.addresses import parse_endpoint
 from supervisor.errors import ConfigError, Problem
@@ -29,6 +31,7 @@ from supervisor.files import FileProblem, read_text
 from supervisor.lock.admin import ADMIN_MARK
 from supervisor.redact import shown_name
 from supervisor.servers import Endpoint, Server, network_within
+from supervisor.tables import FieldProblem, IPNetwork, Wrong, convert_table
 from supervisor.wgquick import load_servers
 
 ENV_PREFIX = "TUNLOCK_"
@@ -71,59 +74,49 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
 # A file name under /run/netns (and a directory under /etc/netns) that every tool takes as it is:
 # no path separator, no leading dot or dash, no shell or unit-file metacharacters.
 _NETNS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-Port = Annotated[int, Field(ge=1, le=65535)]
-Seconds = Annotated[float, Field(gt=0, le=86400)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+Seconds = Annotated[float, Meta(gt=0, le=86400)]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A section: unknown keys are errors; its own checks raise FieldProblem naming the key."""
 
 
-class TunnelSection(_Section):
+class TunnelSection(_Section, frozen=True):
     interface: str = "tunlock0"
     backend: Literal["auto", "kernel", "userspace"] = "auto"
-    servers: list[str] = Field(default_factory=lambda: ["servers/*.conf"], min_length=1)
+    servers: Annotated[list[str], Meta(min_length=1)] = field(default_factory=lambda: ["servers/*.conf"])
     # Marks the tunnel's own encrypted UDP so the lock and the routing rule can tell it from
     # everything else; 0xca6c is wg-quick's choice too.
-    fwmark: int = Field(default=0xCA6C, ge=1, le=0xFFFFFFFF)
-    route_table: int = Field(default=51820, ge=1, le=0xFFFFFFFF)
+    fwmark: Annotated[int, Meta(ge=1, le=0xFFFFFFFF)] = 0xCA6C
+    route_table: Annotated[int, Meta(ge=1, le=0xFFFFFFFF)] = 51820
     # Namespace mode (docs/namespace.md): the tunnel, its lock, routes and DNS live in the network
     # namespace /run/netns/<namespace>; the host's own networking is left alone.
     namespace: str | None = None
 
-    @field_validator("namespace")
-    @classmethod
-    def _namespace_name(cls, value: str | None) -> str | None:
-        if value is not None and not _NETNS_NAME.match(value):
-            raise ValueError(
-                "a namespace name is 1 to 64 letters, digits or _.- and starts with a letter, "
-                "digit or _ (it names /run/netns/NAME)"
+    def __post_init__(self) -> None:
+        if not _IFNAME.match(self.interface):
+            raise FieldProblem("interface", "an interface name is 1 to 15 letters, digits or _=+.-")
+        if self.route_table in (253, 254, 255):
+            raise FieldProblem(
+                "route_table", "tables 253-255 are the kernel's default, main and local tables"
             )
-        return value
-
-    @field_validator("interface")
-    @classmethod
-    def _interface_name(cls, value: str) -> str:
-        if not _IFNAME.match(value):
-            raise ValueError("an interface name is 1 to 15 letters, digits or _=+.-")
-        return value
-
-    @field_validator("route_table")
-    @classmethod
-    def _not_reserved(cls, value: int) -> int:
-        if value in (253, 254, 255):
-            raise ValueError("tables 253-255 are the kernel's default, main and local tables")
-        return value
+        if self.namespace is not None and not _NETNS_NAME.match(self.namespace):
+            raise FieldProblem(
+                "namespace",
+                "a namespace name is 1 to 64 letters, digits or _.- and starts with a letter, "
+                "digit or _ (it names /run/netns/NAME)",
+            )
 
 
-class RotationSection(_Section):
+class RotationSection(_Section, frozen=True):
     strategy: Literal["sequential", "random"] = "sequential"
     cooldown_s: Seconds = 60.0
     backoff_initial_s: Seconds = 2.0
     backoff_max_s: Seconds = 60.0
 
 
-class HealthSection(_Section):
+class HealthSection(_Section, frozen=True):
     interval_s: Seconds = 0.25
     idle_interval_s: Seconds = 2.0
     probe_interval_s: Seconds = 0.25
@@ -131,139 +124,126 @@ class HealthSection(_Section):
     # In doubt (tx grew, rx did not): a probe this often; dead after a count AND a window of
     # unanswered probes (defaults derived in docs/configuration.md and supervisor/machine/liveness.py).
     doubt_probe_interval_s: Seconds = 0.03
-    min_unanswered_probes: int = Field(default=31, ge=1, le=10000)
+    min_unanswered_probes: Annotated[int, Meta(ge=1, le=10000)] = 31
     dead_after_s: Seconds = 1.0
     probe_reply_s: Seconds = 0.25
     probe_target: str | None = None
     handshake_max_age_s: Seconds = 180.0
-    connect_timeouts_s: list[Seconds] = Field(default_factory=lambda: [4.0, 8.0, 15.0], min_length=1)
+    connect_timeouts_s: Annotated[list[Seconds], Meta(min_length=1)] = field(
+        default_factory=lambda: [4.0, 8.0, 15.0]
+    )
 
-    @field_validator("probe_target")
-    @classmethod
-    def _an_address(cls, value: str | None) -> str | None:
+    def __post_init__(self) -> None:
         # Checked here, not where probes start: a bad one once passed `check` and then killed
         # `run` with a traceback, and a running daemon on SIGHUP (issue #11).
+        value = self.probe_target
         if value is not None:
             if "%" in value:
-                raise ValueError(
-                    f"{value!r}: a probe goes through the tunnel; give an address without a scope"
+                raise FieldProblem(
+                    "probe_target",
+                    f"{value!r}: a probe goes through the tunnel; give an address without a scope",
                 )
             try:
                 ip_address(value)
             except ValueError:
-                raise ValueError(
+                raise FieldProblem(
+                    "probe_target",
                     f"{value!r} is not an IP address; give an address inside the tunnel that answers "
-                    "ping, such as 10.64.0.1, or leave it out to probe the server's DNS address"
+                    "ping, such as 10.64.0.1, or leave it out to probe the server's DNS address",
                 ) from None
-        return value
 
 
-class LockSection(_Section):
+class LockSection(_Section, frozen=True):
     mode: Literal["permanent", "session"] = "permanent"
-    table: str = Field(default="tunlock", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+    table: Annotated[str, Meta(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")] = "tunlock"
     allow_lan: bool = False
-    lan_ranges: list[IPv4Network | IPv6Network] = Field(
-        default_factory=lambda: [_network(n) for n in DEFAULT_LAN_RANGES]
-    )
-    inbound_tcp: list[Port] = Field(default_factory=list)
+    lan_ranges: list[IPNetwork] = field(default_factory=lambda: [_network(n) for n in DEFAULT_LAN_RANGES])
+    inbound_tcp: list[Port] = field(default_factory=list)
     # The administrator's way in from anywhere on the physical side (SSH on a server): TCP ports
     # that connections from outside may reach, from admin_sources (empty: any); only their
     # replies leave outside the tunnel (supervisor/lock/admin.py, docs/lock.md).
-    admin_tcp: list[Port] = Field(default_factory=list)
-    admin_sources: list[IPv4Network | IPv6Network] = Field(default_factory=list)
+    admin_tcp: list[Port] = field(default_factory=list)
+    admin_sources: list[IPNetwork] = field(default_factory=list)
     # Ports reachable from the internet through the tunnel (beyond replies and a forwarded port).
-    tunnel_inbound_tcp: list[Port] = Field(default_factory=list)
-    tunnel_inbound_udp: list[Port] = Field(default_factory=list)
+    tunnel_inbound_tcp: list[Port] = field(default_factory=list)
+    tunnel_inbound_udp: list[Port] = field(default_factory=list)
     # The physical interfaces whose egress the lock holds (every frame leaving them, a macvlan
     # child's or a bridged VM's included); empty: the devices under the gateway routes.
-    uplinks: list[Annotated[str, Field(pattern=r"^[^\s/\"]{1,15}$")]] = Field(default_factory=list)
+    uplinks: list[Annotated[str, Meta(pattern=r"^[^\s/\"]{1,15}$")]] = field(default_factory=list)
 
-    @field_validator("lan_ranges")
-    @classmethod
-    def _lan_only(cls, value: list[IPv4Network | IPv6Network]) -> list[IPv4Network | IPv6Network]:
-        for net in value:
+    def __post_init__(self) -> None:
+        for net in self.lan_ranges:
             if not any(network_within(net, block) for block in LAN_BLOCKS):
-                raise ValueError(
+                raise FieldProblem(
+                    "lan_ranges",
                     f"{net} is not a LAN range: a LAN range lies inside a private, link-local, "
                     "unique-local, scoped multicast or documentation block "
                     f"({', '.join(str(b) for b in LAN_BLOCKS)}); anything else is the internet, "
-                    "and letting it through would bypass the tunnel"
+                    "and letting it through would bypass the tunnel",
                 )
-        return value
-
-    @field_validator("admin_sources")
-    @classmethod
-    def _unique_sources(cls, value: list[IPv4Network | IPv6Network]) -> list[IPv4Network | IPv6Network]:
-        if len(set(value)) != len(value):
-            raise ValueError("a network is listed twice")
-        return value
-
-    @field_validator("inbound_tcp", "tunnel_inbound_tcp", "tunnel_inbound_udp", "admin_tcp")
-    @classmethod
-    def _unique(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value):
-            raise ValueError("a port is listed twice")
-        return sorted(value)
+        for key in ("inbound_tcp", "admin_tcp", "tunnel_inbound_tcp", "tunnel_inbound_udp"):
+            ports: list[int] = getattr(self, key)
+            if len(set(ports)) != len(ports):
+                raise FieldProblem(key, "a port is listed twice")
+            msgspec.structs.force_setattr(self, key, sorted(ports))
+        if len(set(self.admin_sources)) != len(self.admin_sources):
+            raise FieldProblem("admin_sources", "a network is listed twice")
 
 
-class ControlSection(_Section):
+class ControlSection(_Section, frozen=True):
     socket: Path = Path("/run/tunlock/control.sock")
 
 
-class MetricsSection(_Section):
+class MetricsSection(_Section, frozen=True):
     # IP:port or [IPv6]:port for Prometheus exposition; off unless set.
     listen: str | None = None
 
-    @field_validator("listen")
-    @classmethod
-    def _address(cls, value: str | None) -> str | None:
-        if value is not None:
+    def __post_init__(self) -> None:
+        if self.listen is not None:
             try:
-                parse_endpoint(value)
+                parse_endpoint(self.listen)
             except ValueError:
-                raise ValueError("use IP:port or [IPv6]:port, such as 127.0.0.1:9586") from None
-        return value
+                raise FieldProblem("listen", "use IP:port or [IPv6]:port, such as 127.0.0.1:9586") from None
 
     @property
     def address(self) -> Endpoint | None:
         return parse_endpoint(self.listen) if self.listen else None
 
 
-class DnsSection(_Section):
+class DnsSection(_Section, frozen=True):
     manage: bool = True
     resolv_conf: Path = Path("/etc/resolv.conf")
 
 
-class PluginsSection(_Section):
+class PluginsSection(_Section, frozen=True):
     """``enabled`` plugins by entry-point name; each one's options in ``[plugins.<name>]``."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-    enabled: list[str] = Field(default_factory=list)
+    enabled: list[str] = field(default_factory=list)
     # A plugin away from ctx.next() this long is hung: cancelled and restarted.
     stall_timeout_s: Seconds = 60.0
     backoff_initial_s: Seconds = 1.0
     backoff_max_s: Seconds = 60.0
     # How long plugins get at stop (give a mapping up, clear a port file) before the tunnel goes.
     stop_timeout_s: Seconds = 5.0
+    # Every other key of [plugins], as the file has it: the [plugins.<name>] tables (anything
+    # else is reported as an unknown key). Not a key of the file: load_settings fills it.
+    extra: dict[str, object] = field(default_factory=dict)
 
-    @field_validator("enabled")
-    @classmethod
-    def _unique_names(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("a plugin is enabled twice")
-        return value
+    def __post_init__(self) -> None:
+        if len(set(self.enabled)) != len(self.enabled):
+            raise FieldProblem("enabled", "a plugin is enabled twice")
 
     @property
     def options(self) -> dict[str, dict[str, object]]:
         """The ``[plugins.<name>]`` tables."""
-        return {k: v for k, v in (self.model_extra or {}).items() if isinstance(v, dict)}
+        return {k: v for k, v in self.extra.items() if isinstance(v, dict)}
 
 
-class NamespaceSection(_Section):
+class NamespaceSection(_Section, frozen=True):
     """Namespace mode's way in for web UIs (docs/namespace.md): a veth pair from the host into
     the namespace, whose inside end accepts only connections to these ports, and their replies."""
 
-    ui_tcp: list[Port] = Field(default_factory=list)
+    ui_tcp: list[Port] = field(default_factory=list)
     # The pair's addresses: the host's end takes the first, the namespace's end the second.
     ui_subnet: IPv4Network = IPv4Network("169.254.251.0/30")
 
@@ -273,24 +253,34 @@ class NamespaceSection(_Section):
         first, second = list(self.ui_subnet.hosts())
         return first, second
 
-    @field_validator("ui_subnet")
-    @classmethod
-    def _two_addresses(cls, value: IPv4Network) -> IPv4Network:
-        if value.prefixlen != 30:
-            raise ValueError("a /30: one address for the host's end, one for the namespace's")
-        return value
+    def __post_init__(self) -> None:
+        if self.ui_subnet.prefixlen != 30:
+            raise FieldProblem("ui_subnet", "a /30: one address for the host's end, one for the namespace's")
 
 
-class ConfigFile(_Section):
-    tunnel: TunnelSection = Field(default_factory=TunnelSection)
-    namespace: NamespaceSection = Field(default_factory=NamespaceSection)
-    rotation: RotationSection = Field(default_factory=RotationSection)
-    health: HealthSection = Field(default_factory=HealthSection)
-    lock: LockSection = Field(default_factory=LockSection)
-    control: ControlSection = Field(default_factory=ControlSection)
-    metrics: MetricsSection = Field(default_factory=MetricsSection)
-    dns: DnsSection = Field(default_factory=DnsSection)
-    plugins: PluginsSection = Field(default_factory=PluginsSection)
+class ConfigFile(_Section, frozen=True):
+    tunnel: TunnelSection = field(default_factory=TunnelSection)
+    namespace: NamespaceSection = field(default_factory=NamespaceSection)
+    rotation: RotationSection = field(default_factory=RotationSection)
+    health: HealthSection = field(default_factory=HealthSection)
+    lock: LockSection = field(default_factory=LockSection)
+    control: ControlSection = field(default_factory=ControlSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    dns: DnsSection = field(default_factory=DnsSection)
+    plugins: PluginsSection = field(default_factory=PluginsSection)
+
+
+# The sections by name, and the keys a file may set in each (PluginsSection.extra is filled by
+# the loader, not named in a file).
+SECTIONS: dict[str, type[_Section]] = {
+    name: typing.get_type_hints(ConfigFile)[name] for name in ConfigFile.__struct_fields__
+}
+
+
+def section_keys(section: type[_Section]) -> tuple[str, ...]:
+    return tuple(
+        name for name in section.__struct_fields__ if section is not PluginsSection or name != "extra"
+    )
 
 
 @dataclass(frozen=True)
@@ -300,7 +290,7 @@ class Config:
     path: Path
     settings: ConfigFile
     servers: tuple[Server, ...]
-    warnings: tuple[Problem, ...] = field(default=(), compare=False)
+    warnings: tuple[Problem, ...] = dataclass_field(default=(), compare=False)
 
 
 def _network(text: str) -> IPv4Network | IPv6Network:
@@ -312,8 +302,8 @@ def _network(text: str) -> IPv4Network | IPv6Network:
 def key_lines(text: str) -> dict[tuple[str, ...], int]:
     """Where each ``[section]`` and ``section.key`` stands in a TOML text (1-based lines).
 
-    Written by hand because tomllib returns values without positions and pydantic reports a
-    location as a key path; our config is flat (tables of scalars and lists), so headers and
+    Written by hand because tomllib returns values without positions and a validation error
+    names a key, not a line; our config is flat (tables of scalars and lists), so headers and
     ``key =`` lines are all a reader needs to point at.
     """
     lines: dict[tuple[str, ...], int] = {}
@@ -333,24 +323,21 @@ def _env_overrides(
     environ: typing.Mapping[str, str], problems: list[Problem]
 ) -> dict[str, dict[str, object]]:
     """``TUNLOCK_<SECTION>_<KEY>=value`` for every key; lists are comma-separated."""
-    sections = ConfigFile.model_fields
     out: dict[str, dict[str, object]] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
-        if section not in sections or not key:
+        if section not in SECTIONS or not key:
             continue  # TUNLOCK_CONFIG, TUNLOCK_LAB_ONLY and friends are not config keys
-        model = sections[section].annotation
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            continue
-        fields = model.model_fields
+        model = SECTIONS[section]
+        fields = section_keys(model)
         if key not in fields:
             hint = difflib.get_close_matches(key, list(fields), n=1)
             more = f" (did you mean {ENV_PREFIX}{section.upper()}_{hint[0].upper()}?)" if hint else ""
             problems.append(Problem(Path(f"env {name}"), 0, f"[{section}] has no key {key!r}{more}"))
             continue
-        is_list = typing.get_origin(fields[key].annotation) is list
+        is_list = typing.get_origin(typing.get_type_hints(model)[key]) is list
         parsed: object = [v.strip() for v in value.split(",") if v.strip()] if is_list else value
         out.setdefault(section, {})[key] = parsed
     return out
@@ -363,15 +350,10 @@ def _merge(data: dict[str, object], overrides: dict[str, dict[str, object]]) -> 
             target.update(keys)
 
 
-def _unknown_key_message(loc: tuple[str | int, ...]) -> str:
-    *parents, key = (str(p) for p in loc)
-    model: type[BaseModel] = ConfigFile
-    for parent in parents:
-        annotation = model.model_fields[parent].annotation if parent in model.model_fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            break
-        model = annotation
-    known = list(model.model_fields)
+def _unknown_key_message(loc: tuple[str, ...]) -> str:
+    """``loc``: the key's section and the key, or the key alone for one at the top level."""
+    *parents, key = loc
+    known = list(section_keys(SECTIONS[parents[0]]) if parents else SECTIONS)
     hint = difflib.get_close_matches(key, known, n=1)
     where = f"[{'.'.join(parents)}]" if parents else "the top level"
     more = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
@@ -494,21 +476,31 @@ def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -
         raise ConfigError([Problem(path, line, f"TOML: {message}")]) from None
     _merge(data, _env_overrides(environ, problems))
     lines = key_lines(text)
-    try:
-        settings = ConfigFile.model_validate(data)
-    except ValidationError as err:
-        for detail in err.errors():
-            loc = tuple(str(p) for p in detail["loc"] if not isinstance(p, int))
+    sections: dict[str, _Section] = {}
+    wrong: list[tuple[tuple[str, ...], Wrong]] = []
+    # Section by section, each one's options on their own: a conversion stops at its first
+    # error, and every section's problems are reported at once.
+    for name, kind in SECTIONS.items():
+        table = data.get(name, {})
+        extra: dict[str, object] = {}
+        if kind is PluginsSection and isinstance(table, dict):
+            keys = section_keys(kind)
+            extra = {k: v for k, v in table.items() if k not in keys}
+            table = {k: v for k, v in table.items() if k in keys}
+        section, found = convert_table(table, kind, strict=False)
+        wrong += [((name, w.key) if w.key else (name,), w) for w in found]
+        if section is not None:
+            sections[name] = msgspec.structs.replace(section, extra=extra) if extra else section
+    wrong += [((name,), Wrong(name, "unknown key", unknown=True)) for name in data if name not in SECTIONS]
+    if wrong:
+        for loc, detail in wrong:
             line = lines.get(loc) or lines.get(loc[:-1]) or lines.get(loc[:1], 0)
             env_name = f"{ENV_PREFIX}{'_'.join(loc[:2]).upper()}"
             origin = Path(f"env {env_name}") if env_name in environ and len(loc) >= 2 else path
-            if detail["type"] == "extra_forbidden":
-                message = _unknown_key_message(tuple(detail["loc"]))
-            else:
-                # "Value error, " is pydantic's prefix for our own validators' messages.
-                message = f"{'.'.join(loc)}: {detail['msg'].removeprefix('Value error, ')}"
+            message = _unknown_key_message(loc) if detail.unknown else f"{'.'.join(loc)}: {detail.message}"
             problems.append(Problem(origin, line if origin == path else 0, message))
         raise ConfigError(problems) from None
+    settings = msgspec.structs.replace(ConfigFile(), **sections)
     later: list[Problem] = []
     metrics = settings.metrics.address
     if metrics and not metrics.host.is_loopback and metrics.port not in settings.lock.inbound_tcp:
@@ -532,7 +524,7 @@ def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -
                 warning=True,
             )
         )
-    for name, value in (settings.plugins.model_extra or {}).items():
+    for name, value in settings.plugins.extra.items():
         if not isinstance(value, dict):
             later.append(Problem(path, lines.get(("plugins", name), 0), f"unknown key {name!r} in [plugins]"))
         elif name not in settings.plugins.enabled:
@@ -546,8 +538,8 @@ def load_settings(path: Path, environ: typing.Mapping[str, str] | None = None) -
             )
     control = settings.control.socket
     if not control.is_absolute():
-        settings = settings.model_copy(
-            update={"control": settings.control.model_copy(update={"socket": path.parent / control})}
+        settings = msgspec.structs.replace(
+            settings, control=msgspec.structs.replace(settings.control, socket=path.parent / control)
         )
     return ConfigDraft(
         path=path,

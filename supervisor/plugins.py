@@ -3,7 +3,7 @@
 A plugin is any object with ``async def run(self, ctx: PluginContext) -> None``, made by a factory
 that the ``tunlock.plugins`` entry-point group names and ``[plugins] enabled`` turns on; its
 options are the ``[plugins.<name>]`` table (see docs/plugins.md). A ``PluginSpec`` is such a
-factory with its options declared as a pydantic model (``PluginOptions``): the host validates the
+factory with its options declared as a msgspec Struct (``PluginOptions``): the host validates the
 table against it and reports each wrong key at its line, like the rest of the configuration.
 What a plugin sees is a ``View``: the tunnel (state, server, interface, addresses, gateway) and
 the forwarded port(s). What it may ask for is what ``PluginContext``
@@ -43,13 +43,14 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 import anyio.abc
-from pydantic import BaseModel, ConfigDict, ValidationError
+import msgspec
 
 from supervisor.errors import ConfigError, Problem, describe
 from supervisor.jsonvalue import JSON
 from supervisor.log import get_logger
 from supervisor.machine import events as ev
 from supervisor.servers import IPAddress, IPInterface, Server
+from supervisor.tables import Wrong, convert_table
 
 log = get_logger(__name__)
 
@@ -141,17 +142,24 @@ PluginFactory = Callable[[Mapping[str, Any]], Plugin]
 
 
 class PluginOptionError(ValueError):
-    """A plugin's options are wrong; the message says which and why (for a factory that checks
-    its table itself; a ``PluginSpec`` declares a model instead)."""
+    """A plugin's options are wrong; the message says which and why. A factory that checks its
+    table itself raises it with a message; a ``PluginSpec`` raises it with ``wrong``, each wrong
+    key and what is wrong with it (the message lists them all)."""
+
+    def __init__(self, message: str = "", wrong: Sequence[Wrong] = ()) -> None:
+        self.wrong = tuple(wrong)
+        said = "; ".join(f"{w.key}: {w.message}" if w.key else w.message for w in self.wrong)
+        super().__init__(message or said)
 
 
-class PluginOptions(BaseModel):
-    """The base of a plugin's options model: ``[plugins.<name>]`` is validated against it.
+class PluginOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The base of a plugin's options: ``[plugins.<name>]`` is validated against it.
 
     Unknown keys are errors, and values must be of the TOML type declared (strict: ``"60"`` is
-    not a number, ``true`` is not 1), as the hand-written checks before them required."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    not a number, ``true`` is not 1), as the hand-written checks before them required. A
+    subclass declares its keys as fields (bounds as ``Annotated[int, msgspec.Meta(ge=...)]``)
+    and checks the rest in ``__post_init__``: ``supervisor.tables.FieldProblem`` for one key, a
+    ``ValueError`` for the table as a whole."""
 
 
 OptionsT = TypeVar("OptionsT", bound=PluginOptions)
@@ -161,14 +169,17 @@ OptionsT = TypeVar("OptionsT", bound=PluginOptions)
 class PluginSpec(Generic[OptionsT]):
     """A plugin factory with declared options: what a ``tunlock.plugins`` entry point names.
 
-    Called with the raw table it validates it (pydantic's ValidationError, which ``load`` turns
-    into ``file:line`` problems) and makes the plugin from the model."""
+    Called with the raw table it validates it (PluginOptionError with every wrong key, which
+    ``load`` turns into ``file:line`` problems) and makes the plugin from the options."""
 
     options: type[OptionsT]
     make: Callable[[OptionsT], Plugin]
 
     def __call__(self, table: Mapping[str, Any]) -> Plugin:
-        return self.make(self.options.model_validate(dict(table)))
+        options, wrong = convert_table(dict(table), self.options, strict=True)
+        if options is None:
+            raise PluginOptionError(wrong=wrong)
+        return self.make(options)
 
 
 # --- what a plugin may ask --------------------------------------------------------------------
@@ -525,40 +536,38 @@ def load(
             made.append((name, factory(dict(options.get(name, {})))))
         except ImportError as err:
             problems.append(Problem(path, at(name), f"plugin {name!r} cannot be imported: {err}"))
-        except ValidationError as err:
+        except PluginOptionError as err:
+            if not err.wrong:
+                problems.append(Problem(path, at(name), f"[plugins.{name}]: {err}"))
+                continue
             model = getattr(factory, "options", None)
             keys: list[str] = []
-            if isinstance(model, type) and issubclass(model, BaseModel):
-                keys = list(model.model_fields)
+            if isinstance(model, type) and issubclass(model, msgspec.Struct):
+                keys = list(model.__struct_fields__)
             problems.extend(
-                Problem(path, at(name, key), message) for key, message in option_problems(name, err, keys)
+                Problem(path, at(name, key), message)
+                for key, message in option_problems(name, err.wrong, keys)
             )
-        except (PluginOptionError, ValueError, TypeError, AttributeError) as err:
+        except (ValueError, TypeError, AttributeError) as err:
             problems.append(Problem(path, at(name), f"[plugins.{name}]: {err}"))
     if problems:
         raise ConfigError(problems)
     return made
 
 
-def option_problems(name: str, error: ValidationError, known: Sequence[str] = ()) -> list[tuple[str, str]]:
-    """``(key, "[plugins.<name>] key: message")`` for each key pydantic found wrong (its first
-    error only: a union's alternatives would each say the same thing their own way); the key is
-    ``""`` for a check of the table as a whole."""
-    found: dict[str, str] = {}
-    for detail in error.errors():
-        loc = detail["loc"]
-        key = str(loc[0]) if loc else ""
-        if key in found:
-            continue
-        if detail["type"] == "extra_forbidden":
+def option_problems(name: str, wrong: Sequence[Wrong], known: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """``(key, "[plugins.<name>] key: message")`` for each wrong key (``known``: the keys the
+    options have, for a hint at the one meant); the key is ``""`` for a check of the table as a
+    whole."""
+    found: list[tuple[str, str]] = []
+    for detail in wrong:
+        key, message = detail.key, detail.message
+        if detail.unknown:
             hint = difflib.get_close_matches(key, list(known), n=1)
             more = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(known)})"
             message = f"unknown key{more}"
-        else:
-            # "Value error, " is pydantic's prefix for the models' own validators' messages.
-            message = detail["msg"].removeprefix("Value error, ")
-        found[key] = f"[plugins.{name}] {key}: {message}" if key else f"[plugins.{name}]: {message}"
-    return list(found.items())
+        found.append((key, f"[plugins.{name}] {key}: {message}" if key else f"[plugins.{name}]: {message}"))
+    return found
 
 
 async def until(condition: Callable[[View], bool], ctx: PluginContext) -> View:

@@ -33,16 +33,16 @@ import functools
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated
 
 import anyio
-from pydantic import Field, field_validator
+from msgspec import field
 
 from plugins.forwarding import trust
 from plugins.forwarding.provider import ForwardingError, Lease, NotForwardedHere, PortForwarder
 from plugins.sockets import Program, Socket
 from supervisor.errors import describe
 from supervisor.plugins import PluginContext, PluginOptions, TunnelView
+from supervisor.tables import FieldProblem
 
 RETRY_INITIAL_S = 2.0
 RETRY_MAX_S = 30.0
@@ -53,31 +53,25 @@ REJUDGE_S = RETRY_MAX_S
 _ALL_UNPRIVILEGED: list[int | str] = [f"{trust.FIRST_UNPRIVILEGED}-65535"]
 
 
-class ForwardingOptions(PluginOptions):
+class ForwardingOptions(PluginOptions, frozen=True):
     """The options every port-forwarding plugin has, whatever its provider."""
 
-    servers: list[str] = Field(default_factory=list)  # only these servers (empty: every server)
-    allowed_ports: list[int | str] = Field(default_factory=lambda: _ALL_UNPRIVILEGED.copy())
-    listeners: list[Annotated[str, Field(min_length=1)]] = Field(
-        default_factory=lambda: list(trust.DEFAULT_LISTENERS)
-    )
+    servers: list[str] = field(default_factory=list)  # only these servers (empty: every server)
+    allowed_ports: list[int | str] = field(default_factory=lambda: _ALL_UNPRIVILEGED.copy())
+    listeners: list[str] = field(default_factory=lambda: list(trust.DEFAULT_LISTENERS))
     required: bool = False  # true: a server that forwards no port is left like a dead one
 
-    @field_validator("allowed_ports", mode="before")
-    @classmethod
-    def _port_ranges(cls, value: object) -> object:
-        trust.port_ranges(value)
-        return value
-
-    @field_validator("listeners", mode="before")
-    @classmethod
-    def _names(cls, value: object) -> object:
-        if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
-            raise ValueError(
+    def __post_init__(self) -> None:
+        try:
+            trust.port_ranges(self.allowed_ports)
+        except ValueError as err:
+            raise FieldProblem("allowed_ports", str(err)) from None
+        if not all(self.listeners):
+            raise FieldProblem(
+                "listeners",
                 "a list of program names (the executable's file name, such as qbittorrent-nox) or "
-                '"uid:N" entries that may already listen on a granted port'
+                '"uid:N" entries that may already listen on a granted port',
             )
-        return value
 
     @property
     def port_ranges(self) -> tuple[range, ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from msgspec import Meta
 
 from plugins.forwarding import trust
 from plugins.forwarding.driver import ForwardingOptions, PortForwarding
@@ -20,19 +20,18 @@ from plugins.forwarding.provider import Lease
 from supervisor.plugins import MAX_FORWARDED_PORTS, PluginSpec, TunnelView
 
 
-class StaticPortOptions(ForwardingOptions):
+class StaticPortOptions(ForwardingOptions, frozen=True, kw_only=True):
     ports: Annotated[
-        list[Annotated[int, Field(ge=trust.FIRST_UNPRIVILEGED, le=65535)]],
-        Field(min_length=1, max_length=MAX_FORWARDED_PORTS),
+        list[Annotated[int, Meta(ge=trust.FIRST_UNPRIVILEGED, le=65535)]],
+        Meta(min_length=1, max_length=MAX_FORWARDED_PORTS),
     ]
 
-    @model_validator(mode="after")
-    def _allowed(self) -> StaticPortOptions:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         ranges = self.port_ranges
         outside = [port for port in self.ports if not any(port in r for r in ranges)]
         if outside:
             raise ValueError(f"ports {outside} are outside allowed_ports")
-        return self
 
 
 class StaticPorts:

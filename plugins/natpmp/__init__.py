@@ -17,7 +17,7 @@ from __future__ import annotations
 from ipaddress import IPv4Address
 from typing import Annotated
 
-from pydantic import Field
+from msgspec import Meta
 
 from plugins.forwarding.driver import ForwardingOptions, PortForwarding
 from plugins.forwarding.provider import ForwardingError, Lease, NotForwardedHere
@@ -30,12 +30,12 @@ UNMAP_TRIES = 2
 FIRST_SUGGESTION = 1  # Proton's documented first request
 
 
-class NatPmpOptions(ForwardingOptions):
+class NatPmpOptions(ForwardingOptions, frozen=True):
     # default: the server's first IPv4 DNS address (Proton's 10.2.0.1 is both)
-    gateway: Annotated[IPv4Address | None, Field(strict=False)] = None
-    lifetime_s: Annotated[int, Field(ge=2, le=86400)] = 60  # the lease asked for
-    internal_port: Annotated[int, Field(ge=0, le=65535)] = 0
-    tries: Annotated[int, Field(ge=1, le=codec.MAX_TRIES)] = 6  # 250 ms, doubling
+    gateway: IPv4Address | None = None
+    lifetime_s: Annotated[int, Meta(ge=2, le=86400)] = 60  # the lease asked for
+    internal_port: Annotated[int, Meta(ge=0, le=65535)] = 0
+    tries: Annotated[int, Meta(ge=1, le=codec.MAX_TRIES)] = 6  # 250 ms, doubling
 
 
 class NatPmpForwarder:

@@ -124,7 +124,7 @@ def lenient_socket(config_path: Path, environ: Mapping[str, str] | None = None) 
 
 
 def _default() -> Path:
-    return ControlSection.model_fields["socket"].default
+    return ControlSection().socket
 
 
 def _relative_to(config_path: Path, value: str) -> Path:

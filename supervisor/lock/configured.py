@@ -1,7 +1,7 @@
 """Where the configuration meets the lock: the ``LockPolicy`` a ``Config`` describes.
 
 Kept apart from ``supervisor.lock.policy`` so that the policy and its renderer stay plain data
-and pure functions that import without the configuration stack (pydantic, the loader).
+and pure functions that import without the configuration stack (msgspec, the loader).
 """
 
 from __future__ import annotations

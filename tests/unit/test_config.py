@@ -228,3 +228,31 @@ def test_lock_uplinks_name_interfaces_and_reach_the_policy(write_config):
     bad = errors(write_config('[lock]\nuplinks = ["eth0 accept"]\n'))
     assert bad and bad[0][1] == 2, bad
     assert errors(write_config('[lock]\nuplinks = ["a-name-longer-than-15"]\n'))
+
+
+def test_every_wrong_key_of_a_section_is_reported_once_at_its_line(write_config):
+    """A section validated as one value still reports each of its wrong keys (a value of the wrong
+    type, a section's own check, an unknown key), each once, in the file's order."""
+    path = write_config(
+        '[lock]\nlan_ranges = ["lan"]\ninbound_tcp = [22, 22]\nmode = "forever"\nalow_lan = true\n'
+        "[tunnel]\nroute_table = 254\n"
+    )
+    assert errors(path) == [
+        (str(path), 2, "lock.lan_ranges: Input is not a valid IPv4 or IPv6 network"),
+        (str(path), 3, "lock.inbound_tcp: a port is listed twice"),
+        (str(path), 4, "lock.mode: Input should be 'permanent' or 'session'"),
+        (str(path), 5, "unknown key 'alow_lan' in [lock] (did you mean 'allow_lan'?)"),
+        (str(path), 7, "tunnel.route_table: tables 253-255 are the kernel's default, main and local tables"),
+    ]
+
+
+def test_a_network_written_with_host_bits_says_so(write_config):
+    path = write_config('[lock]\nadmin_tcp = [22]\nadmin_sources = ["203.0.113.7/24"]\n')
+    wrong = "lock.admin_sources: Input is not a valid IPv4 or IPv6 network"
+    assert errors(path) == [(str(path), 3, f"{wrong} (203.0.113.7/24 has host bits set)")]
+
+
+@pytest.mark.parametrize(("value", "allowed"), [("yes", True), ("On", True), ("n", False), ("0", False)])
+def test_env_booleans_take_the_usual_words(write_config, value, allowed):
+    settings = load_config(write_config(""), {"TUNLOCK_LOCK_ALLOW_LAN": value}).settings
+    assert settings.lock.allow_lan is allowed

@@ -89,7 +89,7 @@ def test_a_broken_config_without_a_daemon_is_still_not_running(tmp_path: Path) -
 
 def test_lenient_socket_reads_what_it_can(tmp_path: Path) -> None:
     config = tmp_path / "tunlock.toml"
-    default = ControlSection.model_fields["socket"].default
+    default = ControlSection().socket
     config.write_text("[tunnel]\nbogus = 1\n")
     assert lenient_socket(config, {}) == (default, "the default")
     config.write_text("[tunnel\n[control]\nsocket = '/run/x.sock'  # ours\n")

@@ -2,7 +2,7 @@
 
 The renderer is the lock's most tested piece and the one other programs may want to reuse
 (``tunlock lock export`` prints its output); importing it must not pull in the configuration
-stack (pydantic and the config loader), which only the code that reads the configuration needs.
+stack (msgspec and the config loader), which only the code that reads the configuration needs.
 A fresh interpreter is the only place where "what else got imported" can be asked.
 """
 
@@ -13,7 +13,7 @@ import sys
 
 PROBE = (
     "import sys, supervisor.lock.render, supervisor.lock.policy\n"
-    "print(' '.join(name for name in ('pydantic', 'supervisor.config') if name in sys.modules))\n"
+    "print(' '.join(name for name in ('msgspec', 'pydantic', 'supervisor.config') if name in sys.modules))\n"
 )
 
 

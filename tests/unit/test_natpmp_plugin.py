@@ -12,7 +12,6 @@ from ipaddress import IPv4Address, ip_address
 
 import anyio
 import pytest
-from pydantic import ValidationError
 from trio.testing import MockClock
 
 from plugins import natpmp
@@ -21,7 +20,7 @@ from plugins.forwarding.trust import DEFAULT_LISTENERS, grant_refusal
 from plugins.natpmp import codec
 from plugins.natpmp.client import NatPmpClient
 from plugins.sockets import Program, Socket, parse_table
-from supervisor.plugins import PluginHost, TunnelView
+from supervisor.plugins import PluginHost, PluginOptionError, TunnelView
 from tests.unit.test_plugin_host import FakeLock, FakeServer, as_object, as_text, publish, reported
 
 pytestmark = pytest.mark.anyio
@@ -183,7 +182,7 @@ def test_options_are_checked():
         {"lifetime_s": "60"},
         {"lifetime_s": True},
     ):
-        with pytest.raises(ValidationError):
+        with pytest.raises(PluginOptionError):
             natpmp.factory(bad)
 
     plugin = natpmp.factory({"allowed_ports": [51413, "40000-49999"], "listeners": ["mytorrent"]})

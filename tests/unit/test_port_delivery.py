@@ -11,10 +11,18 @@ import anyio
 import anyio.abc
 import httpx
 import pytest
-from pydantic import ValidationError
 
 from plugins import hooks, portfile, torrent
-from supervisor.plugins import Forwarded, InboundLock, Plugin, PluginContext, PluginHost, TunnelView, View
+from supervisor.plugins import (
+    Forwarded,
+    InboundLock,
+    Plugin,
+    PluginContext,
+    PluginHost,
+    PluginOptionError,
+    TunnelView,
+    View,
+)
 from tests.unit.test_plugin_host import as_object, reported
 
 
@@ -53,9 +61,9 @@ def test_port_file_leaves_the_old_file_when_a_write_fails(tmp_path: Path, monkey
 
 
 def test_port_file_needs_an_absolute_path():
-    with pytest.raises(ValidationError, match="absolute"):
+    with pytest.raises(PluginOptionError, match="absolute"):
         portfile.factory({"path": "relative"})
-    with pytest.raises(ValidationError, match="mode"):
+    with pytest.raises(PluginOptionError, match="mode"):
         portfile.factory({"path": "/x", "mode": 1})
 
 
@@ -73,9 +81,9 @@ def test_hook_placeholders_are_filled_per_argument_without_a_shell():
 
 
 def test_a_hook_with_an_unknown_placeholder_is_refused_at_start():
-    with pytest.raises(ValidationError, match="placeholder"):
+    with pytest.raises(PluginOptionError, match="placeholder"):
         hooks.factory({"on_port": "echo {prot}"})
-    with pytest.raises(ValidationError, match="at least one"):
+    with pytest.raises(PluginOptionError, match="at least one"):
         hooks.factory({})
 
 
@@ -193,13 +201,13 @@ def test_deluge_wire_formats():
     assert torrent.deluge_host_id(hosts, "192.0.2.9:58846") == "b2"
     with pytest.raises(torrent.PushError, match=r"no daemon at 127.0.0.1:1 \(its hosts: 127.0.0.1:58846"):
         torrent.deluge_host_id(hosts, "127.0.0.1:1")
-    with pytest.raises(ValidationError, match="password"):
+    with pytest.raises(PluginOptionError, match="password"):
         torrent.deluge({})
     assert as_pusher(torrent.deluge({"password_env": "X"})).verify_listening
 
 
 def test_qbittorrent_needs_credentials_and_reads_them_from_a_file_or_the_environment(tmp_path, monkeypatch):
-    with pytest.raises(ValidationError, match="password"):
+    with pytest.raises(PluginOptionError, match="password"):
         torrent.qbittorrent({})
     secret = tmp_path / "pw"
     secret.write_text("s3cret\nignored\n")
@@ -226,7 +234,7 @@ def test_listening_is_verified_by_default_only_for_a_client_on_loopback():
     assert as_pusher(torrent.qbittorrent(secret)).verify_listening
     assert not as_pusher(torrent.qbittorrent({**secret, "url": "http://192.0.2.9:8080"})).verify_listening
     assert as_pusher(torrent.transmission({"verify_listening": False})).verify_listening is False
-    with pytest.raises(ValidationError):
+    with pytest.raises(PluginOptionError):
         torrent.transmission({"verify_listening": "yes"})
 
 
@@ -306,7 +314,7 @@ def test_api_user_names_the_clients_user_by_name_or_uid():
     assert trusted == {0, os.geteuid(), 65534}
     assert 1234 in as_pusher(torrent.transmission({"api_user": 1234})).client.guard.trusted
     for bad in ("no-such-user-here", True, -1, ""):
-        with pytest.raises(ValidationError, match="api_user"):
+        with pytest.raises(PluginOptionError, match="api_user"):
             torrent.transmission({"api_user": bad})
     assert as_pusher(torrent.qbittorrent({**base, "url": "http://192.0.2.9:8080"})).client.guard.hosts == ()
 

@@ -25,6 +25,7 @@ NEVER_ON_THE_RUN_PATH = (
     "h11",
     "hypothesis",
     "matplotlib",
+    "pydantic",
 )
 
 PROBE = (
