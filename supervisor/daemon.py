@@ -37,17 +37,16 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.abc
 from pyroute2 import AsyncIPRoute
 
-from supervisor import __version__, plugins
+from supervisor import __version__
 from supervisor.config import Config, key_lines, load_config
 from supervisor.connections import DESCRIPTORS_WANTED, raise_descriptor_limit
 from supervisor.control import server as control_server
-from supervisor.control.client import request as control_request
 from supervisor.control.commands import ControlCommands
 from supervisor.control.socket_path import config_problem as control_socket_problem
 from supervisor.errors import ConfigError, TunlockError
@@ -58,10 +57,8 @@ from supervisor.log import get_logger
 from supervisor.machine import events as ev
 from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Machine
-from supervisor.net import monitor, netns
-from supervisor.net.netns import Placement
+from supervisor.net import monitor
 from supervisor.net.wake import PacketWatch
-from supervisor.plugins import PluginHost
 from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
 from supervisor.servers import Endpoint, Server
@@ -69,6 +66,13 @@ from supervisor.status import StatusReport
 from supervisor.systemd.notify import Notifier
 from supervisor.wireguard import backend as wg
 from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
+
+if TYPE_CHECKING:
+    # Imported where used, so that a daemon pays only for what its configuration turns on: the
+    # plugin host (entry points, option models) when a plugin is enabled, namespace mode's code
+    # when ``tunnel.namespace`` is set, the control client under systemd (_announce_ready).
+    from supervisor.net.netns import Placement
+    from supervisor.plugins import PluginHost
 
 log = get_logger(__name__)
 
@@ -158,7 +162,9 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
     # the moment they exist, and the runtime takes what waits there once it runs.
     inbox = Inbox()
     if placement is not None:
-        await netns.loopback_up()
+        from supervisor.net.netns import loopback_up
+
+        await loopback_up()
 
     def published(status: Status) -> None:
         notifier.status(status.state, status.server, status.reason)
@@ -426,6 +432,8 @@ async def _announce_ready(notifier: Announcer, first_status: anyio.Event, socket
     """
     if not notifier.enabled:
         return
+    from supervisor.control.client import request as control_request
+
     await first_status.wait()
     try:
         await anyio.to_thread.run_sync(control_request, socket_path, "status")
@@ -469,9 +477,11 @@ def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginH
     section = config.settings.plugins
     if not section.enabled:
         return None
+    from supervisor import plugins
+
     lines = key_lines(config.path.read_text(encoding="utf-8"))
     made = plugins.load(section.enabled, section.options, config.path, lines)
-    return PluginHost(
+    return plugins.PluginHost(
         made,
         lock,
         interface=config.settings.tunnel.interface,
@@ -609,6 +619,9 @@ def run_daemon(config: Config) -> int:
     placement: Placement | None = None
     namespace = config.settings.tunnel.namespace
     if namespace is not None:
+        # Namespace mode's code is imported only when it is on.
+        from supervisor.net import netns
+
         # Before the event loop and its threads: they inherit the namespace of this thread.
         try:
             placement = netns.enter(namespace)

@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_network
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from pyroute2 import AsyncIPRoute
@@ -50,7 +50,6 @@ from supervisor.net.admin_route import AdminReplyRouting
 from supervisor.net.dns import DEFAULT_STATE_DIR, DnsError, DnsManager, ResolvConfFile, detect_dns_manager
 from supervisor.net.filewatch import file_changes
 from supervisor.net.links import configure_link
-from supervisor.net.netns import Placement, managed_resolv_conf
 from supervisor.net.routes import DEFAULT_RULE_PRIORITY, FullTunnelRouting
 from supervisor.servers import IPAddress, IPNetwork, Server
 from supervisor.wireguard.backend import (
@@ -63,6 +62,9 @@ from supervisor.wireguard.backend import (
     ignore_events,
 )
 from supervisor.wireguard.selection import BackendKind, open_backend, resolve_backend
+
+if TYPE_CHECKING:  # namespace mode's placement, imported only where that mode is on
+    from supervisor.net.netns import Placement
 
 log = get_logger(__name__)
 
@@ -93,14 +95,19 @@ class TunnelSettings:
     def from_config(cls, settings: Any, state_dir: Path = DEFAULT_STATE_DIR) -> TunnelSettings:
         """From a validated ``supervisor.config.ConfigFile``."""
         namespace = settings.tunnel.namespace
+        resolv_conf = settings.dns.resolv_conf
+        if namespace is not None:
+            # Namespace mode: the namespace's own file, which programs inside see as /etc/resolv.conf.
+            from supervisor.net.netns import managed_resolv_conf
+
+            resolv_conf = managed_resolv_conf(resolv_conf, namespace)
         return cls(
             ifname=settings.tunnel.interface,
             fwmark=settings.tunnel.fwmark,
             route_table=settings.tunnel.route_table,
             backend=settings.tunnel.backend,
             manage_dns=settings.dns.manage,
-            # Namespace mode: the namespace's own file, which programs inside see as /etc/resolv.conf.
-            resolv_conf=managed_resolv_conf(settings.dns.resolv_conf, namespace),
+            resolv_conf=resolv_conf,
             state_dir=state_dir,
             owned_targets=configured_targets(settings),
             namespace=namespace,
