@@ -7,7 +7,9 @@ Order at start, so that nothing leaves before the lock is in force:
    on waits in the inbox, and before ``Start`` the machine only records it for the status;
 2. start the path monitor (read only): its first report is queued before ``Start``;
 3. ``Start`` → the machine's first action installs the whole lock, letting through at most the
-   adopted tunnel's server, and only then configures a peer; the lock guard starts watching;
+   adopted tunnel's server, and only then configures a peer; the lock guard starts watching.
+   With no tunnel to adopt, the interface is created meanwhile (wireguard-go started, no peer:
+   nothing can pass through it), so the first connect only sets the peer and the routes;
 4. the signal handlers, then the machine runs; the control socket, the metrics and the plugins
    start while its first actions (lock, peer, routes) get the tunnel carrying traffic, and the
    start-up's freed memory is handed back once it is connected.
@@ -80,6 +82,7 @@ ADOPT_TIMEOUT_S = 15.0
 PATHS_TIMEOUT_S = 5.0
 RELOAD_READ_TIMEOUT_S = 30.0
 STUCK_THREAD_GRACE_S = 1.0
+STOP_PREPARED_TIMEOUT_S = 10.0
 # Start-up's garbage goes back once connected, or this long after start whatever the state.
 RETURN_MEMORY_AFTER_S = 30.0
 # MachineSettings that name things already built (the interface, the table, the socket): changing
@@ -186,6 +189,11 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
     ):
         with anyio.fail_after(ADOPT_TIMEOUT_S):
             adopted = await tunnel.adopt(config.servers)
+        if adopted is None:
+            # The interface (wireguard-go's start, ~60 ms) is made while the lock is applied
+            # rather than after it: without a peer nothing passes through it, and the peer is set
+            # only once the lock is in force and watched, as before (issue #27 item 4).
+            tg.start_soon(tunnel.prepare)
         lock = GuardedLock(policy_from_config(config, servers=()), tg, lock_tampered)
         runtime = Runtime(
             Machine.initial(machine_settings(config)),
@@ -235,6 +243,12 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
         async def machine() -> None:
             try:
                 await runtime.run(tg)
+            except BaseException:
+                # Ended before its first connect (the lock failed): the interface made ahead of
+                # it goes too. A tunnel that carried traffic stays, for the next start to adopt.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_PREPARED_TIMEOUT_S):
+                    await tunnel.abandon_prepared()
+                raise
             finally:
                 with anyio.CancelScope(shield=True):
                     await lock.close()

@@ -159,6 +159,8 @@ class Tunnel:
         # was set: a peer is kept when unchanged and renewed no sooner than MIN_PEER_RENEWAL_S.
         self._configured: DeviceConfig | None = None
         self._renewed: tuple[str, float] | None = None
+        # The interface was created by ``prepare`` and no connect has used it yet.
+        self._prepared = False
 
     @property
     def ifname(self) -> str:
@@ -199,6 +201,31 @@ class Tunnel:
             self._log.info("adopted the running tunnel", server=server.name, endpoint=str(stats.endpoint))
             return server
 
+    async def prepare(self) -> None:
+        """Create the interface ahead of the first ``connect`` (start wireguard-go, wait for its
+        socket), so that it is ready by the time the lock is in force (issue #27 item 4).
+
+        Without a peer nothing can pass through the interface, so it may exist before the lock:
+        the peer is set only by ``connect``, which the machine asks for once the lock is in force
+        and watched. A failure here is only logged: ``connect`` tries again and reports it to the
+        machine as before. ``abandon_prepared`` undoes it if the daemon ends before connecting.
+        """
+        async with self._lock:
+            if self.server is not None:
+                return  # adopted or connected meanwhile
+            try:
+                self._prepared = await self.backend.ensure_interface()
+            except Exception as err:  # connect meets it again and reports it to the machine
+                self._log.debug("could not create the interface ahead of the first connect", error=str(err))
+
+    async def abandon_prepared(self) -> None:
+        """Take away the interface ``prepare`` created if no ``connect`` ever used it (the daemon
+        ends before its first connect, as when the lock fails): nothing of this start stays."""
+        async with self._lock:
+            if self._prepared and self._configured is None and self.server is None:
+                self._prepared = False
+                await self.backend.close(keep_interface=False)
+
     async def connect(self, server: Server) -> None:
         """Make ``server`` the tunnel's peer: create the interface if needed, or swap the peer.
 
@@ -206,7 +233,8 @@ class Tunnel:
         new server has the same addresses and DNS as the old one.
         """
         async with self._lock:
-            created = await self.backend.ensure_interface()
+            created = await self.backend.ensure_interface() or self._prepared
+            self._prepared = False
             config = DeviceConfig.for_server(server, self.settings.fwmark)
             kept = not created and await self._has_peer(config)
             if not kept:
