@@ -21,7 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-RUN_PATH = "import supervisor.cli, supervisor.daemon, supervisor.log"
+# As ``tunlock run`` does it: the light pyroute2 package first (supervisor/lean_pyroute2.py), then
+# the imports; the plugin host and the other configured-only parts are not on it (no plugin).
+RUN_PATH = (
+    "from supervisor import lean_pyroute2; lean_pyroute2.install(); "
+    "import supervisor.cli, supervisor.daemon, supervisor.log"
+)
 HERE = Path(__file__).resolve().parent.parent
 
 

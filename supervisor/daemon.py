@@ -7,7 +7,9 @@ Order at start, so that nothing leaves before the lock is in force:
    on waits in the inbox, and before ``Start`` the machine only records it for the status;
 2. start the path monitor (read only): its first report is queued before ``Start``;
 3. ``Start`` → the machine's first action installs the whole lock, letting through at most the
-   adopted tunnel's server, and only then configures a peer; the lock guard starts watching;
+   adopted tunnel's server, and only then configures a peer; the lock guard starts watching.
+   With no tunnel to adopt, the interface is created meanwhile (wireguard-go started, no peer:
+   nothing can pass through it), so the first connect only sets the peer and the routes;
 4. the signal handlers, then the machine runs; the control socket, the metrics and the plugins
    start while its first actions (lock, peer, routes) get the tunnel carrying traffic, and the
    start-up's freed memory is handed back once it is connected.
@@ -37,17 +39,16 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.abc
 from pyroute2 import AsyncIPRoute
 
-from supervisor import __version__, plugins
+from supervisor import __version__
 from supervisor.config import Config, key_lines, load_config
 from supervisor.connections import DESCRIPTORS_WANTED, raise_descriptor_limit
 from supervisor.control import server as control_server
-from supervisor.control.client import request as control_request
 from supervisor.control.commands import ControlCommands
 from supervisor.control.socket_path import config_problem as control_socket_problem
 from supervisor.errors import ConfigError, TunlockError
@@ -58,10 +59,8 @@ from supervisor.log import get_logger
 from supervisor.machine import events as ev
 from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Machine
-from supervisor.net import monitor, netns
-from supervisor.net.netns import Placement
+from supervisor.net import monitor
 from supervisor.net.wake import PacketWatch
-from supervisor.plugins import PluginHost
 from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
 from supervisor.servers import Endpoint, Server
@@ -70,12 +69,20 @@ from supervisor.systemd.notify import Notifier
 from supervisor.wireguard import backend as wg
 from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
 
+if TYPE_CHECKING:
+    # Imported where used, so that a daemon pays only for what its configuration turns on: the
+    # plugin host (entry points, option models) when a plugin is enabled, namespace mode's code
+    # when ``tunnel.namespace`` is set, the control client under systemd (_announce_ready).
+    from supervisor.net.netns import Placement
+    from supervisor.plugins import PluginHost
+
 log = get_logger(__name__)
 
 ADOPT_TIMEOUT_S = 15.0
 PATHS_TIMEOUT_S = 5.0
 RELOAD_READ_TIMEOUT_S = 30.0
 STUCK_THREAD_GRACE_S = 1.0
+STOP_PREPARED_TIMEOUT_S = 10.0
 # Start-up's garbage goes back once connected, or this long after start whatever the state.
 RETURN_MEMORY_AFTER_S = 30.0
 # MachineSettings that name things already built (the interface, the table, the socket): changing
@@ -158,7 +165,9 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
     # the moment they exist, and the runtime takes what waits there once it runs.
     inbox = Inbox()
     if placement is not None:
-        await netns.loopback_up()
+        from supervisor.net.netns import loopback_up
+
+        await loopback_up()
 
     def published(status: Status) -> None:
         notifier.status(status.state, status.server, status.reason)
@@ -180,6 +189,11 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
     ):
         with anyio.fail_after(ADOPT_TIMEOUT_S):
             adopted = await tunnel.adopt(config.servers)
+        if adopted is None:
+            # The interface (wireguard-go's start, ~60 ms) is made while the lock is applied
+            # rather than after it: without a peer nothing passes through it, and the peer is set
+            # only once the lock is in force and watched, as before (issue #27 item 4).
+            tg.start_soon(tunnel.prepare)
         lock = GuardedLock(policy_from_config(config, servers=()), tg, lock_tampered)
         runtime = Runtime(
             Machine.initial(machine_settings(config)),
@@ -229,6 +243,12 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
         async def machine() -> None:
             try:
                 await runtime.run(tg)
+            except BaseException:
+                # Ended before its first connect (the lock failed): the interface made ahead of
+                # it goes too. A tunnel that carried traffic stays, for the next start to adopt.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_PREPARED_TIMEOUT_S):
+                    await tunnel.abandon_prepared()
+                raise
             finally:
                 with anyio.CancelScope(shield=True):
                     await lock.close()
@@ -426,6 +446,8 @@ async def _announce_ready(notifier: Announcer, first_status: anyio.Event, socket
     """
     if not notifier.enabled:
         return
+    from supervisor.control.client import request as control_request
+
     await first_status.wait()
     try:
         await anyio.to_thread.run_sync(control_request, socket_path, "status")
@@ -469,9 +491,11 @@ def _plugin_host(config: Config, lock: GuardedLock, runtime: Runtime) -> PluginH
     section = config.settings.plugins
     if not section.enabled:
         return None
+    from supervisor import plugins
+
     lines = key_lines(config.path.read_text(encoding="utf-8"))
     made = plugins.load(section.enabled, section.options, config.path, lines)
-    return PluginHost(
+    return plugins.PluginHost(
         made,
         lock,
         interface=config.settings.tunnel.interface,
@@ -609,6 +633,9 @@ def run_daemon(config: Config) -> int:
     placement: Placement | None = None
     namespace = config.settings.tunnel.namespace
     if namespace is not None:
+        # Namespace mode's code is imported only when it is on.
+        from supervisor.net import netns
+
         # Before the event loop and its threads: they inherit the namespace of this thread.
         try:
             placement = netns.enter(namespace)

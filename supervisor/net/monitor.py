@@ -22,6 +22,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import ip_address
+from typing import TYPE_CHECKING
 
 import anyio
 from pyroute2 import AsyncIPRoute
@@ -37,8 +38,10 @@ from pyroute2.netlink.rtnl import (
 )
 
 from supervisor.log import get_logger
-from supervisor.net.netns import Placement
 from supervisor.servers import Endpoint
+
+if TYPE_CHECKING:  # namespace mode's placement, imported only where that mode is on
+    from supervisor.net.netns import Placement
 
 log = get_logger(__name__)
 

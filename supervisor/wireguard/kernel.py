@@ -21,7 +21,7 @@ import errno
 from collections.abc import AsyncIterator, Iterable
 from ipaddress import ip_address
 from socket import AF_INET, AF_INET6
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyroute2 import AsyncIPRoute, AsyncWireGuard
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
@@ -37,7 +37,6 @@ from pyroute2.netlink.generic.wireguard import (
 
 from supervisor.log import get_logger
 from supervisor.net.links import collect
-from supervisor.net.netns import Placement
 from supervisor.servers import Endpoint
 from supervisor.wireguard.backend import (
     BackendError,
@@ -48,6 +47,9 @@ from supervisor.wireguard.backend import (
     handshake_age,
     ignore_events,
 )
+
+if TYPE_CHECKING:  # namespace mode's placement, imported only where that mode is on
+    from supervisor.net.netns import Placement
 
 log = get_logger(__name__)
 

@@ -11,17 +11,16 @@ import contextlib
 import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
-from pyroute2 import AsyncWireGuard
-from pyroute2.netlink.exceptions import NetlinkError
 
-from supervisor.net.netns import Placement
 from supervisor.wireguard.backend import Report, WireGuardBackend, ignore_events
-from supervisor.wireguard.kernel import open_kernel_backend
 from supervisor.wireguard.uapi import UAPI_DIR
 from supervisor.wireguard.userspace import link_exists, open_userspace_backend
+
+if TYPE_CHECKING:  # namespace mode's placement, imported only where that mode is on
+    from supervisor.net.netns import Placement
 
 BackendKind = Literal["auto", "kernel", "userspace"]
 _MODULE_DIR = Path("/sys/module/wireguard")
@@ -35,6 +34,11 @@ async def kernel_available(module_dir: Path = _MODULE_DIR) -> bool:
     """
     if await anyio.Path(module_dir).exists():
         return True
+    # Imported here, like the kernel backend itself: a daemon on wireguard-go never needs the
+    # generic netlink family's message classes.
+    from pyroute2 import AsyncWireGuard
+    from pyroute2.netlink.exceptions import NetlinkError
+
     wg = AsyncWireGuard()
     try:
         await wg.setup_endpoint()
@@ -87,6 +91,8 @@ async def open_backend(
     :func:`open_userspace_backend`. Leaving it leaves the interface as it is."""
     opened: contextlib.AbstractAsyncContextManager[WireGuardBackend]
     if kind == "kernel":
+        from supervisor.wireguard.kernel import open_kernel_backend
+
         opened = open_kernel_backend(ifname, report=report, placement=placement)
     elif kind == "userspace":
         opened = open_userspace_backend(ifname, report=report, placement=placement, **userspace)

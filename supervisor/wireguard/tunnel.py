@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_network
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from pyroute2 import AsyncIPRoute
@@ -50,7 +50,6 @@ from supervisor.net.admin_route import AdminReplyRouting
 from supervisor.net.dns import DEFAULT_STATE_DIR, DnsError, DnsManager, ResolvConfFile, detect_dns_manager
 from supervisor.net.filewatch import file_changes
 from supervisor.net.links import configure_link
-from supervisor.net.netns import Placement, managed_resolv_conf
 from supervisor.net.routes import DEFAULT_RULE_PRIORITY, FullTunnelRouting
 from supervisor.servers import IPAddress, IPNetwork, Server
 from supervisor.wireguard.backend import (
@@ -63,6 +62,9 @@ from supervisor.wireguard.backend import (
     ignore_events,
 )
 from supervisor.wireguard.selection import BackendKind, open_backend, resolve_backend
+
+if TYPE_CHECKING:  # namespace mode's placement, imported only where that mode is on
+    from supervisor.net.netns import Placement
 
 log = get_logger(__name__)
 
@@ -93,14 +95,19 @@ class TunnelSettings:
     def from_config(cls, settings: Any, state_dir: Path = DEFAULT_STATE_DIR) -> TunnelSettings:
         """From a validated ``supervisor.config.ConfigFile``."""
         namespace = settings.tunnel.namespace
+        resolv_conf = settings.dns.resolv_conf
+        if namespace is not None:
+            # Namespace mode: the namespace's own file, which programs inside see as /etc/resolv.conf.
+            from supervisor.net.netns import managed_resolv_conf
+
+            resolv_conf = managed_resolv_conf(resolv_conf, namespace)
         return cls(
             ifname=settings.tunnel.interface,
             fwmark=settings.tunnel.fwmark,
             route_table=settings.tunnel.route_table,
             backend=settings.tunnel.backend,
             manage_dns=settings.dns.manage,
-            # Namespace mode: the namespace's own file, which programs inside see as /etc/resolv.conf.
-            resolv_conf=managed_resolv_conf(settings.dns.resolv_conf, namespace),
+            resolv_conf=resolv_conf,
             state_dir=state_dir,
             owned_targets=configured_targets(settings),
             namespace=namespace,
@@ -152,6 +159,8 @@ class Tunnel:
         # was set: a peer is kept when unchanged and renewed no sooner than MIN_PEER_RENEWAL_S.
         self._configured: DeviceConfig | None = None
         self._renewed: tuple[str, float] | None = None
+        # The interface was created by ``prepare`` and no connect has used it yet.
+        self._prepared = False
 
     @property
     def ifname(self) -> str:
@@ -192,6 +201,31 @@ class Tunnel:
             self._log.info("adopted the running tunnel", server=server.name, endpoint=str(stats.endpoint))
             return server
 
+    async def prepare(self) -> None:
+        """Create the interface ahead of the first ``connect`` (start wireguard-go, wait for its
+        socket), so that it is ready by the time the lock is in force (issue #27 item 4).
+
+        Without a peer nothing can pass through the interface, so it may exist before the lock:
+        the peer is set only by ``connect``, which the machine asks for once the lock is in force
+        and watched. A failure here is only logged: ``connect`` tries again and reports it to the
+        machine as before. ``abandon_prepared`` undoes it if the daemon ends before connecting.
+        """
+        async with self._lock:
+            if self.server is not None:
+                return  # adopted or connected meanwhile
+            try:
+                self._prepared = await self.backend.ensure_interface()
+            except Exception as err:  # connect meets it again and reports it to the machine
+                self._log.debug("could not create the interface ahead of the first connect", error=str(err))
+
+    async def abandon_prepared(self) -> None:
+        """Take away the interface ``prepare`` created if no ``connect`` ever used it (the daemon
+        ends before its first connect, as when the lock fails): nothing of this start stays."""
+        async with self._lock:
+            if self._prepared and self._configured is None and self.server is None:
+                self._prepared = False
+                await self.backend.close(keep_interface=False)
+
     async def connect(self, server: Server) -> None:
         """Make ``server`` the tunnel's peer: create the interface if needed, or swap the peer.
 
@@ -199,7 +233,8 @@ class Tunnel:
         new server has the same addresses and DNS as the old one.
         """
         async with self._lock:
-            created = await self.backend.ensure_interface()
+            created = await self.backend.ensure_interface() or self._prepared
+            self._prepared = False
             config = DeviceConfig.for_server(server, self.settings.fwmark)
             kept = not created and await self._has_peer(config)
             if not kept:

@@ -43,12 +43,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 
 from supervisor.log import get_logger
-from supervisor.net.netns import Placement
 from supervisor.wireguard.backend import (
     BackendDied,
     BackendError,
@@ -62,6 +62,9 @@ from supervisor.wireguard.backend import (
     ignore_events,
 )
 from supervisor.wireguard.uapi import UAPI_DIR, UapiClient, UapiUnavailable, listener_pid
+
+if TYPE_CHECKING:  # namespace mode's placement, imported only where that mode is on
+    from supervisor.net.netns import Placement
 
 log = get_logger(__name__)
 

@@ -1,16 +1,20 @@
-"""``tunlock run`` imports only what the daemon's path needs (issue #27, item 3).
+"""``tunlock run`` imports only what the daemon's path needs (issue #27, items 3 and 4).
 
 Every module imported at start costs the daemon memory for its whole life and delays the first
 packet through the tunnel, so the run path must not pull in the lab, the leak test, the other
-commands, the metrics stack (imported when ``[metrics] listen`` is set) or any plugin (loaded by
-name when enabled). A fresh interpreter is the only place where "what else got imported" can be
-asked. bench/bench_imports.py prints the time and memory this path costs.
+commands, the metrics stack (imported when ``[metrics] listen`` is set), the plugin host and any
+plugin (loaded when one is enabled), namespace mode's code (when ``tunnel.namespace`` is set) or
+the kernel backend on a host that runs wireguard-go. A fresh interpreter is the only place where
+"what else got imported" can be asked: each probe does what ``tunlock run`` does before its event
+loop (the light pyroute2 package, the imports, the configuration read and the parts built from
+it). bench/bench_imports.py prints the time and memory this path costs.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 NEVER_ON_THE_RUN_PATH = (
     "supervisor.lab",
@@ -28,13 +32,59 @@ NEVER_ON_THE_RUN_PATH = (
     "pydantic",
 )
 
-PROBE = (
-    "import sys, supervisor.cli, supervisor.daemon, supervisor.log\n"
-    f"never = {NEVER_ON_THE_RUN_PATH!r}\n"
-    "print(' '.join(sorted(m for m in sys.modules if any(m == n or m.startswith(n + '.') for n in never))))\n"
+# Only when the configuration asks for them (the configuration of these probes asks for none).
+ONLY_WHEN_CONFIGURED = (
+    "supervisor.plugins",  # [plugins] enabled
+    "supervisor.net.netns",  # tunnel.namespace
+    "supervisor.net.ui_link",  # namespace.ui_tcp
+    "supervisor.wireguard.kernel",  # tunnel.backend = kernel (or auto on a kernel with WireGuard)
+    "supervisor.control.client",  # under systemd: READY=1 once the control socket answers
 )
 
+PROBE = """\
+import sys
+from supervisor import lean_pyroute2
+lean_pyroute2.install()
+import supervisor.cli, supervisor.daemon, supervisor.log
+from supervisor import daemon
+from supervisor.config import load_config
+from supervisor.lock.state import LockState
+from supervisor.runtime import Status
+from supervisor.status import StatusReport
+from supervisor.wireguard.tunnel import TunnelSettings
 
-def test_the_run_path_imports_none_of_the_other_commands_plugins_or_metrics() -> None:
-    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == [], f"imported on the run path: {result.stdout}"
+config = load_config(__import__("pathlib").Path(sys.argv[1]), {})
+assert daemon._plugin_host(config, None, None) is None
+TunnelSettings.from_config(config.settings)
+daemon.machine_settings(config)
+StatusReport.build(Status(), LockState(), None).as_json()
+# What the daemon loads once it runs: anyio's socket API (the UAPI client, the control socket,
+# the waits on wireguard-go's pidfd) and its asyncio backend.
+import anyio
+anyio.wait_readable, anyio.connect_unix, anyio.create_unix_listener, anyio.notify_closing
+anyio.run(anyio.sleep, 0, backend="asyncio")
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def _run_path_modules(config: Path) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(config)], capture_output=True, text=True, check=True
+    )
+    return set(result.stdout.split())
+
+
+def _under(loaded: set[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in loaded if any(m == n or m.startswith(n + ".") for n in names))
+
+
+def test_the_run_path_imports_none_of_the_other_commands_plugins_or_metrics(write_config) -> None:
+    loaded = _run_path_modules(write_config('[tunnel]\nbackend = "userspace"\n'))
+    assert _under(loaded, NEVER_ON_THE_RUN_PATH) == []
+
+
+def test_the_run_path_imports_what_a_setting_turns_on_only_when_it_is_set(write_config) -> None:
+    loaded = _run_path_modules(write_config('[tunnel]\nbackend = "userspace"\n'))
+    assert _under(loaded, ONLY_WHEN_CONFIGURED) == []
+    assert "supervisor.daemon" in loaded
+
