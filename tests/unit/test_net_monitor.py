@@ -18,6 +18,7 @@ import anyio
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH, RTMGRP_TC
 
 from supervisor.net import monitor
 from supervisor.net.monitor import PathMonitor, PathsChanged, TunnelLinkGone
@@ -55,6 +56,7 @@ class Kernel:
         self.links: dict[int, tuple[str, int, str]] = {1: ("lo", 1, "UNKNOWN"), 2: ("eth0", 1, "UP")}
         self.routes: dict[str, int] = {}  # destination -> outgoing link index; missing: unreachable
         self.lookups: list[tuple[str, int]] = []
+        self.subscribed: list[int | None] = []  # the groups of each bind, in order
         send, self.bursts = anyio.create_memory_object_stream[list[Msg] | NetlinkError](math.inf)
         self.send_burst = send.send_nowait
 
@@ -74,8 +76,8 @@ class FakeIPRoute:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-    async def bind(self) -> None:
-        return None
+    async def bind(self, groups: int | None = None) -> None:
+        self.kernel.subscribed.append(groups)
 
     def setsockopt(self, *args: object) -> None:
         return None
@@ -176,6 +178,10 @@ def test_events_that_do_not_touch_paths_cause_no_recheck(kernel: Kernel) -> None
         assert await reports.receive() == PathsChanged(frozenset())
 
     run(kernel, [A], scenario)
+    # Nor does the kernel send them: every stale ARP entry on the LAN would wake an idle daemon.
+    (groups,) = kernel.subscribed
+    assert groups is not None and groups & RTMGRP_LINK and groups & RTMGRP_IPV4_ROUTE
+    assert not groups & (RTMGRP_NEIGH | RTMGRP_TC), hex(groups)
 
 
 def test_a_route_through_the_tunnel_a_blackhole_or_none_at_all_is_no_path(kernel: Kernel) -> None:

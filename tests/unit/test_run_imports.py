@@ -87,4 +87,3 @@ def test_the_run_path_imports_what_a_setting_turns_on_only_when_it_is_set(write_
     loaded = _run_path_modules(write_config('[tunnel]\nbackend = "userspace"\n'))
     assert _under(loaded, ONLY_WHEN_CONFIGURED) == []
     assert "supervisor.daemon" in loaded
-
