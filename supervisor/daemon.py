@@ -6,8 +6,9 @@ Order at start, so that nothing leaves before the lock is in force:
    left running by an earlier daemon (read only); a backend report (wireguard-go died) from now
    on waits in the inbox, and before ``Start`` the machine only records it for the status;
 2. start the path monitor (read only): its first report is queued before ``Start``;
-3. ``Start`` → the machine's first action installs the whole lock, letting through at most the
-   adopted tunnel's server, and only then configures a peer; the lock guard starts watching.
+3. ``Start`` → the machine's first action installs the whole lock, letting through at most one
+   server (the adopted tunnel's, or the one it connects to: one transaction for the first
+   connect), and only then configures a peer; the lock guard starts watching.
    With no tunnel to adopt, the interface is created meanwhile (wireguard-go started, no peer:
    nothing can pass through it), so the first connect only sets the peer and the routes;
 4. the signal handlers, then the machine runs; the control socket, the metrics and the plugins

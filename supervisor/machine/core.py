@@ -206,21 +206,36 @@ def ignore(m: Machine, _event: Any) -> tuple[Machine, Actions]:
 
 @leads_to(Connecting, Blocked, Offline)
 def start(m: Machine, e: ev.Start) -> tuple[Machine, Actions]:
-    """Ensure the lock (letting through only an adopted tunnel's server), then connect or adopt."""
+    """Install the whole lock, letting through only the server the start goes to (an adopted
+    tunnel's, or the one it connects to: one transaction before the peer), then connect or adopt."""
     if m.context.started:
         return m, []
     ctx = m.context
     adopted = e.adopted if e.adopted in ctx.settings.servers else None
     m = Machine(m.state, replace(ctx, started=True, rng=e.seed))
-    lock = [act.ApplyLock((adopted,) if adopted else ())]
     if not _any_reachable(m.context):
         state = Offline(since=e.now, resume=adopted, intact=adopted is not None)
-        return Machine(state, m.context), [*lock, _publish(state, "no route to any server")]
+        lock = act.ApplyLock((adopted,) if adopted else ())
+        return Machine(state, m.context), [lock, _publish(state, "no route to any server")]
     if adopted and _reachable(m.context, adopted):
         m, actions = enter_connecting(m, e.now, adopted, "adopting the running tunnel", configure=False)
-    else:
-        m, actions = _pick_and_connect(m, e.now, "starting")
-    return m, lock + actions
+        return m, [act.ApplyLock((adopted,)), *actions]
+    m, actions = _pick_and_connect(m, e.now, "starting")
+    return m, _lock_installed_first(actions)
+
+
+def _lock_installed_first(actions: Actions) -> Actions:
+    """A start's connect (or its wait) with the whole lock installed first, and once.
+
+    The connect narrows the lock to its server (``SetLockServers``) before the peer. At start
+    nothing is installed yet for that to narrow: installing the whole lock with the server in
+    it already is the same table one transaction sooner, instead of a lock letting no server
+    through followed at once by a second whole table (another server means other resolvers:
+    other rules, no element swap). The lock still comes before the peer, and a refused install
+    leaves the table as it was (issue #27 item 4)."""
+    narrowing = next((a for a in actions if isinstance(a, act.SetLockServers)), None)
+    servers = narrowing.servers if narrowing is not None else ()
+    return [act.ApplyLock(servers), *(a for a in actions if a is not narrowing)]
 
 
 @leads_to(Stopped)

@@ -7,9 +7,16 @@ against this instead: one table rendered as text from the policy, and what was a
 from __future__ import annotations
 
 from ipaddress import IPv4Network
+from typing import Any
+
+import anyio
+import anyio.abc
 
 from supervisor.lock import nft
+from supervisor.lock.guard import LockGuard
+from supervisor.lock.guarded import GuardedLock
 from supervisor.lock.links import AppliedLinks
+from supervisor.lock.owner import OwnerUnavailable
 from supervisor.lock.policy import LockPolicy
 from supervisor.servers import Endpoint
 
@@ -49,3 +56,32 @@ class MemoryNft:
 
     def reading(self, table: str) -> tuple[str, dict[str, int]]:
         return self.listing(table), {"refused_out": 12}
+
+
+def no_owner(table: str) -> Any:
+    raise OwnerUnavailable("nft: Error: Could not process rule: Operation not supported")
+
+
+def no_libnftables() -> Any:
+    raise OwnerUnavailable("libnftables.so.1 cannot be loaded (cannot open shared object file)")
+
+
+class UnwatchedGuard(LockGuard):
+    """The real guard (its mutex, its memory of what it installed, its restore) over the
+    in-memory nft; its watch (``nft monitor``, which needs root) is not what these tests drive."""
+
+    async def watch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await anyio.sleep_forever()
+
+
+def guarded_lock_over_memory_nft(base: LockPolicy, tg: anyio.abc.TaskGroup) -> GuardedLock:
+    """The lock's writer with the real guard (unwatched) over the in-memory nft (the
+    ``memory_nft`` fixture), no owner."""
+
+    async def on_tamper(reason: str) -> None:
+        pass
+
+    return GuardedLock(
+        base, tg, on_tamper, make_guard=UnwatchedGuard, open_owner=no_owner, open_reader=no_libnftables
+    )

@@ -24,16 +24,22 @@ from anyio import wait_all_tasks_blocked
 
 from supervisor.lock import guard as guard_module
 from supervisor.lock import nft
-from supervisor.lock.guard import LockGuard, OnTamper
+from supervisor.lock.guard import OnTamper
 from supervisor.lock.guarded import GuardedLock, cheapest_change
 from supervisor.lock.links import AppliedLinks
-from supervisor.lock.owner import NftContext, OwnerUnavailable, OwningContext
+from supervisor.lock.owner import NftContext, OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.state import LockState
 from supervisor.net.bypass import BypassWorkload
 from supervisor.redact import Secret
 from supervisor.servers import Endpoint, Peer, Server
-from tests.unit.memory_nft import MemoryNft
+from tests.unit.memory_nft import (
+    MemoryNft,
+    UnwatchedGuard,
+    guarded_lock_over_memory_nft,
+    no_libnftables,
+    no_owner,
+)
 
 BASE = LockPolicy(table="tunlock", tunnel_interface="tl0", fwmark=0xCA6C)
 GUARD_S = 10.0  # only stops a broken test from hanging; nothing here measures time
@@ -158,14 +164,6 @@ class FakeReader(NftContext):
 
     def close(self) -> None:
         self.world.calls.append(("reader.close",))
-
-
-def no_owner(table: str) -> Any:
-    raise OwnerUnavailable("nft: Error: Could not process rule: Operation not supported")
-
-
-def no_libnftables() -> Any:
-    raise OwnerUnavailable("libnftables.so.1 cannot be loaded (cannot open shared object file)")
 
 
 Scenario = Callable[[GuardedLock, World], Awaitable[None]]
@@ -424,26 +422,6 @@ def test_with_the_owner_flag_the_lock_is_held_twice_and_said_once() -> None:
 # --- one writer ---------------------------------------------------------------------------------
 
 
-class UnwatchedGuard(LockGuard):
-    """The real guard (its mutex, its memory of what it installed, its restore) over the
-    in-memory nft; its watch (``nft monitor``, which needs root) is not what these tests drive."""
-
-    async def watch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await anyio.sleep_forever()
-
-
-def real_guard_over_memory_nft(tg: anyio.abc.TaskGroup) -> GuardedLock:
-    """The lock's writer with the real guard (unwatched) over the in-memory nft, no owner."""
-
-    async def on_tamper(reason: str) -> None:
-        pass
-
-    return GuardedLock(
-        BASE, tg, on_tamper, make_guard=UnwatchedGuard, open_owner=no_owner, open_reader=no_libnftables
-    )
-
-
 def test_a_port_request_during_a_server_swap_leaves_table_guard_and_intent_agreeing(
     memory_nft: MemoryNft, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -464,7 +442,7 @@ def test_a_port_request_during_a_server_swap_leaves_table_guard_and_intent_agree
     async def main() -> GuardedLock:
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                lock = real_guard_over_memory_nft(tg)
+                lock = guarded_lock_over_memory_nft(BASE, tg)
                 await lock.apply((A,))
                 async with anyio.create_task_group() as writers:
                     writers.start_soon(lock.set_servers, (B,))
@@ -497,7 +475,7 @@ def test_a_refused_swap_falls_back_to_the_whole_table_and_the_guard_remembers_wh
     async def main() -> GuardedLock:
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                lock = real_guard_over_memory_nft(tg)
+                lock = guarded_lock_over_memory_nft(BASE, tg)
                 await lock.apply((A,))
                 with structlog.testing.capture_logs() as logs:
                     await lock.set_servers((B,))

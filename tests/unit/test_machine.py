@@ -128,11 +128,19 @@ def test_describe_prints_every_acting_entry() -> None:
 def test_start_locks_first_then_connects_the_first_server() -> None:
     run = Run()
     actions = run.start()
-    assert actions[0] == act.ApplyLock(())
-    assert kinds(actions).index(act.SetLockServers) < kinds(actions).index(act.ConfigurePeer)
-    assert act.SetLockServers(("a",)) in actions and configured(actions) == ["a"]
+    assert actions[0] == act.ApplyLock(("a",))
+    assert kinds(actions).index(act.ApplyLock) < kinds(actions).index(act.ConfigurePeer)
+    assert configured(actions) == ["a"]
     assert isinstance(run.state, Connecting) and run.state.server == "a"
     assert act.StartTimer("connect", 4.0) in actions
+
+
+def test_the_first_connect_installs_the_lock_once_already_letting_its_server_through() -> None:
+    """Issue #27 item 4: the start used to install the lock letting no server through, then at
+    once the whole table again for the server (other resolvers are other rules)."""
+    actions = Run().start()
+    lock_actions = [a for a in actions if isinstance(a, (act.ApplyLock, act.SetLockServers))]
+    assert lock_actions == [act.ApplyLock(("a",))]
 
 
 def test_start_with_an_adopted_tunnel_lets_only_its_server_through_and_does_not_reconfigure() -> None:
@@ -146,7 +154,7 @@ def test_start_with_an_adopted_tunnel_lets_only_its_server_through_and_does_not_
 def test_start_with_an_unknown_adopted_server_ignores_it() -> None:
     run = Run()
     actions = run.start(adopted="zz")
-    assert actions[0] == act.ApplyLock(())
+    assert actions[0] == act.ApplyLock(("a",))
     assert configured(actions) == ["a"]
 
 
@@ -817,8 +825,9 @@ def test_a_reload_while_offline_connects_when_a_new_server_is_reachable() -> Non
 
 def test_a_reload_adding_servers_to_an_empty_list_connects() -> None:
     run = Run(MachineSettings(servers=()))
-    run.feed(ev.Start(0.0, seed=7))
+    actions = run.feed(ev.Start(0.0, seed=7))
     assert isinstance(run.state, Blocked) and run.state.reason == "no servers configured"
+    assert actions[0] == act.ApplyLock(())
     actions = run.feed(ev.ConfigReloaded(run.at(1), MachineSettings(servers=("a",))))
     assert configured(actions) == ["a"] and isinstance(run.state, Connecting)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Stat
 from supervisor.servers import Endpoint, Peer, Server
 from supervisor.status import StatusReport
 from supervisor.wireguard.backend import TunnelStats
+from tests.unit.memory_nft import MemoryNft, guarded_lock_over_memory_nft
 
 GUARD_S = 10.0  # only stops a broken test from hanging; nothing here measures time
 
@@ -84,6 +86,8 @@ class World:
     # Lock
     async def apply(self, servers: tuple[Server, ...]) -> None:
         self._call("apply", tuple(s.name for s in servers))
+        if "apply" in self.lock_gates:
+            await self.lock_gates["apply"].wait()
 
     async def set_servers(self, servers: tuple[Server, ...]) -> None:
         self._call("set_servers", tuple(s.name for s in servers))
@@ -231,17 +235,54 @@ async def stop(runtime: Runtime, published: MemoryObjectReceiveStream[Status]) -
 # --- order of actions -------------------------------------------------------------------------
 
 
-def test_start_locks_before_anything_then_narrows_then_configures() -> None:
+def test_start_locks_before_anything_then_configures() -> None:
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
         await runtime.post(lambda now: ev.Start(now, seed=1))
         assert await next_state(published) == "connecting"
         await stop(runtime, published)
 
     runtime, world = run(scenario)
-    assert world.without_probes() == [("apply", ()), ("set_servers", ("a",)), ("connect", "a"), ("close",)]
+    assert world.without_probes() == [("apply", ("a",)), ("connect", "a"), ("close",)]
     assert ("probe", "10.64.0.1", "tun-test") in world.calls
     assert runtime.status.state == "stopped"
     assert runtime.status.entered == {"connecting": 1, "stopped": 1}
+
+
+def test_the_first_connect_costs_one_lock_transaction(memory_nft: MemoryNft) -> None:
+    """Issue #27 item 4: the start installed the lock letting no server through, then at once the
+    whole table again for the chosen server (its resolvers are other rules): two transactions
+    before the first packet. Counted here on the lock's real writer and guard over the in-memory
+    nft (nft itself needs root)."""
+    resolver = (ip_address("10.64.0.1"),)
+    servers = {name: replace(s, dns=resolver) for name, s in SERVERS.items()}
+    base = LockPolicy(table="tunlock-test", tunnel_interface="tun-test", fwmark=0x5154)
+    world = World()
+
+    async def main() -> None:
+        published_send, published = anyio.create_memory_object_stream[Status](math.inf)
+        with anyio.fail_after(GUARD_S):
+            async with anyio.create_task_group() as tg:
+                lock = guarded_lock_over_memory_nft(base, tg)
+                runtime = Runtime(
+                    Machine.initial(SLOW),
+                    servers,
+                    lock,
+                    world,
+                    world,
+                    ifname="tun-test",
+                    probe_target=probe_target,
+                    clock=Clock(),
+                    on_publish=published_send.send_nowait,
+                )
+                tg.start_soon(runtime.run, tg)
+                await runtime.post(lambda now: ev.Start(now, seed=1))
+                assert await next_state(published) == "connecting"
+                tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert world.without_probes() == [("connect", "a")]
+    assert memory_nft.applied == [base.with_servers((servers["a"],))]
+    assert memory_nft.swaps == [] and memory_nft.inbound_swaps == []
 
 
 def test_stop_in_session_mode_removes_the_lock_after_closing_the_tunnel() -> None:
@@ -273,9 +314,8 @@ def test_a_peer_that_will_not_configure_is_answered_at_once_with_the_next_server
         await stop(runtime, published)
 
     _, world = run(scenario, world=world)
-    assert world.without_probes()[:5] == [
-        ("apply", ()),
-        ("set_servers", ("a",)),
+    assert world.without_probes()[:4] == [
+        ("apply", ("a",)),
         ("connect", "a"),
         ("set_servers", ("b",)),
         ("connect", "b"),
@@ -294,10 +334,9 @@ def test_a_server_missing_from_the_runtime_fails_as_not_configured() -> None:
         await stop(runtime, published)
 
     _, world = run(scenario)
-    # "a" is unknown: the lock is narrowed to nothing, never to a server the runtime cannot name.
-    assert world.without_probes()[:4] == [
+    # "a" is unknown: the lock lets no server through, never a server the runtime cannot name.
+    assert world.without_probes()[:3] == [
         ("apply", ()),
-        ("set_servers", ()),
         ("set_servers", ("b",)),
         ("connect", "b"),
     ]
@@ -339,6 +378,7 @@ def test_a_server_change_the_lock_refuses_ends_the_runtime() -> None:
     """The lock falls back to the whole table itself when a swap is refused (tested with it); a
     change it cannot install at all leaves the daemon nothing fail-closed to go on with."""
     world = World()
+    world.failing_once["connect"] = OSError("wireguard-go refused")  # on to the next server
     world.failing["set_servers"] = RuntimeError("nft: Error: Could not process rule")
 
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
@@ -348,7 +388,7 @@ def test_a_server_change_the_lock_refuses_ends_the_runtime() -> None:
         run(scenario, world=world)
     (error,) = caught.value.exceptions
     assert isinstance(error, LockFailed) and "Could not process rule" in str(error)
-    assert world.without_probes() == [("apply", ()), ("set_servers", ("a",))]
+    assert world.without_probes() == [("apply", ("a",)), ("connect", "a"), ("set_servers", ("b",))]
 
 
 def test_teardown_failures_are_logged_and_the_stop_goes_on() -> None:
@@ -387,7 +427,7 @@ def test_a_timer_that_runs_out_reads_the_counters_and_an_answer_after_the_handsh
         await stop(runtime, published)
 
     _, world = run(scenario, quick, world)
-    assert world.without_probes() == [("apply", ()), ("set_servers", ("a",)), ("connect", "a"), ("close",)]
+    assert world.without_probes() == [("apply", ("a",)), ("connect", "a"), ("close",)]
     assert world.reads() >= 3  # at the connect, then on the timers
 
 
@@ -432,7 +472,7 @@ def test_the_connect_timer_running_out_fails_the_server_and_moves_on() -> None:
         await stop(runtime, published)
 
     _, world = run(scenario)
-    assert world.without_probes()[3:5] == [("set_servers", ("b",)), ("connect", "b")]
+    assert world.without_probes()[2:4] == [("set_servers", ("b",)), ("connect", "b")]
 
 
 # --- a stats read that fails ------------------------------------------------------------------
@@ -573,7 +613,7 @@ def test_reload_without_the_current_server_moves_to_a_configured_one() -> None:
         await stop(runtime, published)
 
     _, world = run(scenario)
-    assert world.without_probes()[3:6] == [
+    assert world.without_probes()[2:5] == [
         ("rebase", "tunlock-test", ("b",)),
         ("set_servers", ("b",)),
         ("connect", "b"),
@@ -590,8 +630,7 @@ def test_reload_keeping_the_current_server_does_nothing_visible() -> None:
 
     _, world = run(scenario)
     assert world.without_probes() == [
-        ("apply", ()),
-        ("set_servers", ("a",)),
+        ("apply", ("a",)),
         ("connect", "a"),
         ("rebase", "tunlock-test", ("a",)),
         ("close",),
@@ -603,9 +642,9 @@ def test_a_reload_waits_for_the_lock_change_on_its_way_and_reaches_lock_runtime_
     loop, while an action of the old configuration could be half done."""
 
     async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
-        world.lock_gates["set_servers"] = gate = anyio.Event()
+        world.lock_gates["apply"] = gate = anyio.Event()
         await runtime.post(lambda now: ev.Start(now, seed=1))
-        await anyio.wait_all_tasks_blocked()  # the move to "a" is on its way
+        await anyio.wait_all_tasks_blocked()  # the lock for "a" is on its way
         async with anyio.create_task_group() as reloads:
             reloads.start_soon(runtime.reconfigure, reload_to(("b",)))
             await anyio.wait_all_tasks_blocked()
@@ -619,9 +658,8 @@ def test_a_reload_waits_for_the_lock_change_on_its_way_and_reaches_lock_runtime_
         await stop(runtime, published)
 
     _, world = run(scenario)
-    assert world.without_probes()[:5] == [
-        ("apply", ()),
-        ("set_servers", ("a",)),
+    assert world.without_probes()[:4] == [
+        ("apply", ("a",)),
         ("connect", "a"),
         ("rebase", "tunlock-test", ("b",)),
         ("set_servers", ("b",)),
