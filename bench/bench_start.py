@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--against", type=Path)
     args = parser.parse_args()
     os.environ["TUNLOCK_LAB_ONLY"] = "1"
+    # The daemon runs as ``python -m`` in this process's directory, which Python would put ahead
+    # of PYTHONPATH: run from a worktree, both rounds ran that tree's code.
+    os.environ["PYTHONSAFEPATH"] = "1"
     trees = {"this tree": HERE}
     if args.against is not None:
         trees["other tree"] = args.against.resolve()
