@@ -11,95 +11,81 @@ plugins forward, each as an edit of one wanted value (``EXECUTED_BY`` below, pri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from msgspec import Struct
 
 from supervisor.machine.events import Timer
 
 
-@dataclass(frozen=True)
-class ApplyLock:
+class ApplyLock(Struct, frozen=True):
     """Install the whole lock (one transaction), letting the tunnel reach ``servers`` only."""
 
     servers: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class SetLockServers:
+class SetLockServers(Struct, frozen=True):
     """Swap the endpoints the tunnel may reach to ``servers``' (element changes, no gap)."""
 
     servers: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class RemoveLock:
+class RemoveLock(Struct, frozen=True):
     """Delete the lock table: only on stop, and only in ``session`` mode."""
 
 
-@dataclass(frozen=True)
-class ConfigurePeer:
+class ConfigurePeer(Struct, frozen=True):
     """Make ``server`` the tunnel's peer (create the interface, or swap the peer on it)."""
 
     server: str
 
 
-@dataclass(frozen=True)
-class RestartHandshake:
+class RestartHandshake(Struct, frozen=True):
     """Set ``server``'s peer again, as it is: a new peer has no handshake history, so the probe
     after it sends an initiation now instead of after WireGuard's 5 s retry timer."""
 
     server: str
 
 
-@dataclass(frozen=True)
-class RemovePeer:
+class RemovePeer(Struct, frozen=True):
     """Leave the interface without a peer: nothing passes, nothing leaks."""
 
 
-@dataclass(frozen=True)
-class CloseTunnel:
+class CloseTunnel(Struct, frozen=True):
     """Delete the interface, its routes and DNS (stop)."""
 
 
-@dataclass(frozen=True)
-class ReadStats:
+class ReadStats(Struct, frozen=True):
     """Read handshake age and counters; the answer comes back as ``StatsRead`` (or
     ``StatsUnreadable``)."""
 
 
-@dataclass(frozen=True)
-class Probe:
+class Probe(Struct, frozen=True):
     """Send one light probe through the tunnel; its answer shows up in the rx counter."""
 
 
-@dataclass(frozen=True)
-class WatchTraffic:
+class WatchTraffic(Struct, frozen=True):
     """Idle: post ``TrafficSeen`` on the tunnel's next packet, once, so that traffic starting
     after an idle spell is judged at once rather than at the next idle sample. Arming it again
     while armed changes nothing."""
 
 
-@dataclass(frozen=True)
-class StopWatchingTraffic:
+class StopWatchingTraffic(Struct, frozen=True):
     """The idle spell is over (or a probe of our own is about to go): disarm ``WatchTraffic``."""
 
 
-@dataclass(frozen=True)
-class StartTimer:
+class StartTimer(Struct, frozen=True):
     """(Re)arm ``timer`` to fire after ``delay_s``; a timer armed again replaces the earlier one."""
 
     timer: Timer
     delay_s: float
 
 
-@dataclass(frozen=True)
-class CancelTimer:
+class CancelTimer(Struct, frozen=True):
     """Stop ``timer``; one that fired meanwhile is dropped as stale, never acted on."""
 
     timer: Timer
 
 
-@dataclass(frozen=True)
-class PublishStatus:
+class PublishStatus(Struct, frozen=True):
     """The state changed: tell the log, the control socket and the metrics."""
 
     state: str
@@ -107,8 +93,7 @@ class PublishStatus:
     reason: str | None
 
 
-@dataclass(frozen=True)
-class Exit:
+class Exit(Struct, frozen=True):
     """Everything is done: end the runtime."""
 
 

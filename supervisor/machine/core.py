@@ -20,8 +20,9 @@ in session mode. There is no "open" to emit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, Literal, TypeVar
+
+from msgspec.structs import replace
 
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev

@@ -4,12 +4,19 @@ Every event carries ``now`` (monotonic seconds, as the runtime read it) so that 
 reads a clock; the one event that seeds its choices (``Start``) carries the seed. Servers are
 named, never passed as objects: the machine decides *which* server, the adapters know *what* a
 server is.
+
+The machine's values (events, actions, states, context) are frozen msgspec Structs rather than
+frozen dataclasses: the same immutable, comparable, hashable, matchable records, but made in C
+when the module loads. The dataclass decorator writes and compiles five methods per class, and
+the machine's forty-odd classes cost the daemon's start ~12 ms that way (issue #27 item 4).
+``msgspec.structs.replace`` is their ``dataclasses.replace``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal, get_args
+
+from msgspec import Struct
 
 from supervisor.machine.settings import MachineSettings
 
@@ -17,8 +24,7 @@ Timer = Literal["connect", "sample", "backoff"]
 TIMERS: tuple[Timer, ...] = ("connect", "sample", "backoff")
 
 
-@dataclass(frozen=True)
-class Start:
+class Start(Struct, frozen=True):
     """The daemon is up and the lock is about to be ensured; ``adopted`` is a running tunnel's server."""
 
     now: float
@@ -26,23 +32,20 @@ class Start:
     adopted: str | None = None
 
 
-@dataclass(frozen=True)
-class Stop:
+class Stop(Struct, frozen=True):
     """SIGTERM or SIGINT: tear the tunnel down and end (the lock stays unless in session mode)."""
 
     now: float
 
 
-@dataclass(frozen=True)
-class PathsChanged:
+class PathsChanged(Struct, frozen=True):
     """The servers whose endpoint has a usable route outside the tunnel changed."""
 
     now: float
     reachable: frozenset[str]
 
 
-@dataclass(frozen=True)
-class StatsRead:
+class StatsRead(Struct, frozen=True):
     """One reading of the tunnel's counters (the answer to ``ReadStats``)."""
 
     now: float
@@ -51,60 +54,52 @@ class StatsRead:
     handshake_age_s: float | None
 
 
-@dataclass(frozen=True)
-class StatsUnreadable:
+class StatsUnreadable(Struct, frozen=True):
     """``ReadStats`` failed: the tunnel could not be read in time (the answer instead of ``StatsRead``)."""
 
     now: float
     reason: str
 
 
-@dataclass(frozen=True)
-class TimerFired:
+class TimerFired(Struct, frozen=True):
     now: float
     timer: Timer
 
 
-@dataclass(frozen=True)
-class TrafficSeen:
+class TrafficSeen(Struct, frozen=True):
     """A packet went through the tunnel while the watch asked for by ``WatchTraffic`` was armed:
     traffic started after an idle spell (or the watch's answer came late, after it)."""
 
     now: float
 
 
-@dataclass(frozen=True)
-class TrafficWatchArmed:
+class TrafficWatchArmed(Struct, frozen=True):
     """The watch asked for by ``WatchTraffic`` is in place: the first packet either way will
     post ``TrafficSeen``, so an idle tunnel need not be sampled until its next idle probe."""
 
     now: float
 
 
-@dataclass(frozen=True)
-class TunnelLost:
+class TunnelLost(Struct, frozen=True):
     """The tunnel interface was deleted under us."""
 
     now: float
 
 
-@dataclass(frozen=True)
-class BackendDown:
+class BackendDown(Struct, frozen=True):
     """The WireGuard backend stopped serving the interface (wireguard-go died); it restarts itself."""
 
     now: float
     reason: str
 
 
-@dataclass(frozen=True)
-class BackendUp:
+class BackendUp(Struct, frozen=True):
     """The backend serves the interface again, its last configuration re-applied."""
 
     now: float
 
 
-@dataclass(frozen=True)
-class ConnectFailed:
+class ConnectFailed(Struct, frozen=True):
     """Configuring ``server`` as the peer raised (the answer to a failed ``ConfigurePeer``)."""
 
     now: float
@@ -112,30 +107,26 @@ class ConnectFailed:
     reason: str
 
 
-@dataclass(frozen=True)
-class LockTampered:
+class LockTampered(Struct, frozen=True):
     """Another program changed or deleted the lock; the guard has already restored it."""
 
     now: float
     reason: str
 
 
-@dataclass(frozen=True)
-class RotateRequested:
+class RotateRequested(Struct, frozen=True):
     """``tunlock rotate``: move to another server."""
 
     now: float
 
 
-@dataclass(frozen=True)
-class ReconnectRequested:
+class ReconnectRequested(Struct, frozen=True):
     """``tunlock reconnect``: set the current server's peer up afresh."""
 
     now: float
 
 
-@dataclass(frozen=True)
-class ConfigReloaded:
+class ConfigReloaded(Struct, frozen=True):
     """SIGHUP read a valid configuration; the runtime has re-applied the lock's base policy.
 
     ``reachable`` is where paths exist under the new server list, looked up as it was read (a
@@ -147,8 +138,7 @@ class ConfigReloaded:
     reachable: frozenset[str] | None = None
 
 
-@dataclass(frozen=True)
-class ServerUnfit:
+class ServerUnfit(Struct, frozen=True):
     """``server`` cannot give what the user requires of a connection: with ``[plugins.natpmp]
     required = true``, its gateway refused a port or stayed silent through the plugin's tries.
     Posted by the plugin host; the machine leaves the server like a failed one."""
@@ -158,8 +148,7 @@ class ServerUnfit:
     reason: str
 
 
-@dataclass(frozen=True)
-class PortGranted:
+class PortGranted(Struct, frozen=True):
     """``server`` forwarded a port (posted when forwarding is required): rotation prefers it."""
 
     now: float

@@ -32,8 +32,10 @@ ago. Time is event data (each sample's ``now``), so the machine reads no clock.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from enum import Enum
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from supervisor.machine.events import StatsRead
 from supervisor.machine.settings import MachineSettings
@@ -63,8 +65,7 @@ def probes_needed(loss_each_way: float, false_verdict: float) -> int:
     return math.ceil(math.log(false_verdict) / math.log(round_trip_loss(loss_each_way)))
 
 
-@dataclass(frozen=True)
-class Liveness:
+class Liveness(Struct, frozen=True):
     """What the samples so far say about the current peer."""
 
     since: float  # when this peer began (connect, verify): the baseline for "fresh"

@@ -8,9 +8,10 @@ generator, where a reachable path exists) lives in ``Context``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import ClassVar, Literal, get_args
+
+from msgspec import Struct
 
 from supervisor.machine.liveness import Liveness
 from supervisor.machine.settings import MachineSettings
@@ -19,13 +20,14 @@ from supervisor.machine.settings import MachineSettings
 class _NoPeer:
     """States without a server as the tunnel's peer."""
 
+    __slots__ = ()  # a Struct's mixin adds no instance dictionary
+
     @property
     def server(self) -> None:
         return None
 
 
-@dataclass(frozen=True)
-class Blocked(_NoPeer):
+class Blocked(_NoPeer, Struct, frozen=True):
     """Locked and not connected: before start, between failed rounds (``retry_at``), on error."""
 
     name: ClassVar[str] = "blocked"
@@ -34,8 +36,7 @@ class Blocked(_NoPeer):
     retry_at: float | None = None
 
 
-@dataclass(frozen=True)
-class Connecting:
+class Connecting(Struct, frozen=True):
     """``server`` is the peer; waiting for the server to answer through a session (rx after a
     handshake)."""
 
@@ -54,8 +55,7 @@ class Connecting:
     session_rx: int | None = None
 
 
-@dataclass(frozen=True)
-class Connected:
+class Connected(Struct, frozen=True):
     name: ClassVar[str] = "connected"
     since: float
     server: str
@@ -66,8 +66,7 @@ class Connected:
     watch: Literal["off", "asked", "armed"] = "off"
 
 
-@dataclass(frozen=True)
-class Offline(_NoPeer):
+class Offline(_NoPeer, Struct, frozen=True):
     """No usable path to any endpoint outside the tunnel: nothing is attempted until one returns.
 
     ``resume`` is the server to go back to, and ``intact`` whether its peer is still configured
@@ -80,8 +79,7 @@ class Offline(_NoPeer):
     intact: bool
 
 
-@dataclass(frozen=True)
-class Stopped(_NoPeer):
+class Stopped(_NoPeer, Struct, frozen=True):
     name: ClassVar[str] = "stopped"
     since: float
 
@@ -90,8 +88,7 @@ State = Blocked | Connecting | Connected | Offline | Stopped
 STATE_TYPES: tuple[type, ...] = get_args(State)
 
 
-@dataclass(frozen=True)
-class Failure:
+class Failure(Struct, frozen=True):
     at: float
     server: str | None
     reason: str
@@ -100,12 +97,11 @@ class Failure:
 _EMPTY: MappingProxyType[str, float] = MappingProxyType({})
 
 
-@dataclass(frozen=True)
-class Context:
+class Context(Struct, frozen=True):
     settings: MachineSettings
     started: bool = False
     reachable: frozenset[str] | None = None  # None until the first path report: assume reachable
-    cooling: MappingProxyType[str, float] = field(default_factory=lambda: _EMPTY)  # server -> skipped until
+    cooling: MappingProxyType[str, float] = _EMPTY  # server -> skipped until
     failures: int = 0  # consecutive failed connects since the last success: the timeout ladder
     rounds: int = 0  # consecutive rounds in which every server failed: the backoff exponent
     last_server: str | None = None  # where sequential rotation continues from
@@ -124,8 +120,7 @@ class Context:
         return MappingProxyType({k: v for k, v in self.cooling.items() if k != server})
 
 
-@dataclass(frozen=True)
-class Machine:
+class Machine(Struct, frozen=True):
     """The whole of the machine's memory: the state and the context."""
 
     state: State
