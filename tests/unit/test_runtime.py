@@ -727,9 +727,10 @@ class PacketGate:
             raise
 
 
-def test_the_traffic_watch_reports_the_first_packet_once_and_a_stop_disarms_it() -> None:
-    world, gate = World(), PacketGate()
-    runtime = Runtime(
+def watching(gate: PacketGate) -> Runtime:
+    """A runtime whose traffic watch is ``gate``."""
+    world = World()
+    return Runtime(
         Machine.initial(SLOW),
         SERVERS,
         world,
@@ -741,61 +742,62 @@ def test_the_traffic_watch_reports_the_first_packet_once_and_a_stop_disarms_it()
         traffic=gate,
     )
 
+
+def drive(runtime: Runtime, steps: Callable[[], Awaitable[None]]) -> None:
+    """Run ``steps`` (actions executed one by one) inside the task group ``run`` would set."""
+
     async def main() -> None:
         with anyio.fail_after(GUARD_S):
             async with anyio.create_task_group() as tg:
-                runtime._task_group = tg  # what ``run`` sets; the actions are driven one by one here
-                await runtime._execute(act.WatchTraffic())
-                await runtime._execute(act.WatchTraffic())  # armed already: no second watch
-                await anyio.wait_all_tasks_blocked()
-                assert gate.watches == ["tun-test"]
-                assert await runtime.inbox.receive.receive() == ev.TrafficWatchArmed(100.0)
-                gate.packet.set()
-                assert await runtime.inbox.receive.receive() == ev.TrafficSeen(100.0)
-                gate.packet = anyio.Event()
-                await runtime._execute(act.WatchTraffic())  # it fired: a new spell arms a new one
-                await anyio.wait_all_tasks_blocked()
-                assert await runtime.inbox.receive.receive() == ev.TrafficWatchArmed(100.0)
-                await runtime._execute(act.StopWatchingTraffic())
-                await anyio.wait_all_tasks_blocked()
-                assert gate.watches == ["tun-test", "tun-test"] and gate.cancelled == 1
-                gate.packet.set()
-                await anyio.wait_all_tasks_blocked()
-                assert runtime.inbox.receive.statistics().current_buffer_used == 0, "no wake once stopped"
+                runtime._task_group = tg
+                await steps()
 
     anyio.run(main)
+
+
+def test_the_traffic_watch_reports_the_first_packet_once_and_a_stop_disarms_it() -> None:
+    gate = PacketGate()
+    runtime = watching(gate)
+
+    async def steps() -> None:
+        await runtime._execute(act.WatchTraffic())
+        await runtime._execute(act.WatchTraffic())  # armed already: no second watch
+        await anyio.wait_all_tasks_blocked()
+        assert gate.watches == ["tun-test"]
+        assert await runtime.inbox.receive.receive() == ev.TrafficWatchArmed(100.0)
+        gate.packet.set()
+        assert await runtime.inbox.receive.receive() == ev.TrafficSeen(100.0)
+        gate.packet = anyio.Event()
+        await runtime._execute(act.WatchTraffic())  # it fired: a new spell arms a new one
+        await anyio.wait_all_tasks_blocked()
+        assert await runtime.inbox.receive.receive() == ev.TrafficWatchArmed(100.0)
+        await runtime._execute(act.StopWatchingTraffic())
+        await anyio.wait_all_tasks_blocked()
+        assert gate.watches == ["tun-test", "tun-test"] and gate.cancelled == 1
+        gate.packet.set()
+        await anyio.wait_all_tasks_blocked()
+        assert runtime.inbox.receive.statistics().current_buffer_used == 0, "no wake once stopped"
+
+    drive(runtime, steps)
 
 
 def test_a_watch_that_cannot_listen_says_nothing_and_one_that_breaks_once_listening_wakes() -> None:
     """The machine lets an idle tunnel sleep until its idle probe only once the watch said it
     listens: a watch that never listened must not say so (the idle samples go on), and one that
     breaks afterwards must wake the machine, as a packet would, or traffic would go unseen."""
-    world, gate = World(), PacketGate()
-    runtime = Runtime(
-        Machine.initial(SLOW),
-        SERVERS,
-        world,
-        world,
-        world,
-        ifname="tun-test",
-        probe_target=probe_target,
-        clock=Clock(),
-        traffic=gate,
-    )
+    gate = PacketGate()
+    runtime = watching(gate)
 
-    async def main() -> None:
-        with anyio.fail_after(GUARD_S):
-            async with anyio.create_task_group() as tg:
-                runtime._task_group = tg
-                gate.broken = OSError("no CAP_NET_RAW")
-                await runtime._execute(act.WatchTraffic())
-                await anyio.wait_all_tasks_blocked()
-                assert runtime.inbox.receive.statistics().current_buffer_used == 0
-                gate.broken, gate.fails_while_armed = None, True
-                await runtime._execute(act.WatchTraffic())  # the failed one is gone: a new one
-                assert await runtime.inbox.receive.receive() == ev.TrafficWatchArmed(100.0)
-                gate.packet.set()
-                assert await runtime.inbox.receive.receive() == ev.TrafficSeen(100.0)
-                assert gate.watches == ["tun-test", "tun-test"]
+    async def steps() -> None:
+        gate.broken = OSError("no CAP_NET_RAW")
+        await runtime._execute(act.WatchTraffic())
+        await anyio.wait_all_tasks_blocked()
+        assert runtime.inbox.receive.statistics().current_buffer_used == 0
+        gate.broken, gate.fails_while_armed = None, True
+        await runtime._execute(act.WatchTraffic())  # the failed one is gone: a new one
+        assert await runtime.inbox.receive.receive() == ev.TrafficWatchArmed(100.0)
+        gate.packet.set()
+        assert await runtime.inbox.receive.receive() == ev.TrafficSeen(100.0)
+        assert gate.watches == ["tun-test", "tun-test"]
 
-    anyio.run(main)
+    drive(runtime, steps)
