@@ -91,7 +91,7 @@ class Libnftables:
         output = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode(errors="replace")
         error = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode(errors="replace")
         if rc != 0:
-            raise LockError(f"nft: {error.strip() or f'error {rc}'}")
+            raise LockError(f"nft: {condensed(error) or f'error {rc}'}")
         return output
 
     def free(self) -> None:
@@ -99,6 +99,32 @@ class Libnftables:
         if self._ctx:
             self._lib.nft_ctx_free(self._ctx)
             self._ctx = None
+
+
+def condensed(error: str) -> str:
+    """libnftables' error text with each distinct error once, and how often it came.
+
+    It reports an error per netlink message the kernel refused, each as the ``Error:`` line, the
+    command and carets under it. A kernel that refuses a whole transaction the same way (the table
+    belongs to another process: EPERM for every message) gives ~100 copies, the carets pointing
+    anywhere in a command that stands for the batch: a log line no one reads to its end.
+    """
+    blocks: list[list[str]] = []
+    for line in error.strip().splitlines():
+        if line.startswith("Error:") or not blocks:
+            blocks.append([line])
+        else:
+            blocks[-1].append(line)
+    counts: dict[str, int] = {}
+    first: dict[str, list[str]] = {}
+    for block in blocks:
+        counts[block[0]] = counts.get(block[0], 0) + 1
+        first.setdefault(block[0], block)
+    out: list[str] = []
+    for head, block in first.items():
+        times = f" ({counts[head]} times)" if counts[head] > 1 else ""
+        out += [head + times, *block[1:]]
+    return "\n".join(out)
 
 
 def probe_script(table: str) -> str:

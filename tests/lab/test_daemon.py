@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,55 @@ def test_bad_config_exits_with_file_and_line_and_leaves_the_lock(lab: LabUnderTe
     line = next(n for n, text in enumerate(broken.read_text().splitlines(), 1) if "kernal" in text)
     assert f"{broken}:{line}: tunnel.backend" in result.stderr
     assert "table inet tunlock" in lab.lab.run("client", "nft", "list", "tables")
+
+
+def _processes_naming(word: str) -> list[int]:
+    """The PIDs whose command line holds ``word`` (read from /proc: nothing is signalled)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if word.encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return found
+
+
+def test_a_lock_the_kernel_refuses_ends_the_start_and_leaves_no_tunnel(
+    lab: LabUnderTest, daemon: LabDaemon
+) -> None:
+    """The interface is made while the lock is applied (issue #27 item 4). When the kernel refuses
+    the lock (here its table belongs to another program, nftables' owner flag), the daemon ends
+    with status 1 and says why once, and the interface and its wireguard-go go with it: nothing
+    of a start that never locked stays. The lock's table is left as it was."""
+    ifname = tomllib.loads(lab.lab.config_path.read_text())["tunnel"]["interface"]
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", lab.lab.ns("client"), "nft", "-i"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert holder.stdin is not None
+    try:
+        holder.stdin.write("add table inet tunlock { flags owner; }\n")
+        holder.stdin.flush()
+        deadline = time.monotonic() + 10
+        while "table inet tunlock" not in lab.lab.run("client", "nft", "list", "tables"):
+            assert time.monotonic() < deadline, "the other program's table never appeared"
+            time.sleep(0.05)
+        daemon.start(wait_for=None)
+        assert daemon.process is not None and daemon.process.wait(30) == 1, daemon.log_tail()
+        failed = json.loads(daemon.wait_for_log("tunlock failed"))
+        assert "Operation not permitted" in failed["error"]
+        # libnftables repeats the refusal for every message of the transaction (~100 times).
+        assert failed["error"].count("Error:") == 1, failed["error"][:2000]
+        links = lab.lab.run("client", "ip", "-o", "link", "show")
+        assert f" {ifname}:" not in links, f"the interface stayed:\n{links}"
+        assert not _processes_naming(ifname), "its wireguard-go stayed"
+        assert "table inet tunlock" in lab.lab.run("client", "nft", "list", "tables")
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
 
 
 @pytest.mark.parametrize("percent", ["20", "30"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from supervisor.errors import SafetyError
-from supervisor.lock.owner import Libnftables, OwnerUnavailable, OwningContext
+from supervisor.lock.owner import Libnftables, OwnerUnavailable, OwningContext, condensed
 
 
 def test_a_missing_library_is_reported_as_owner_unavailable():
@@ -21,3 +21,17 @@ def test_a_missing_library_is_reported_as_owner_unavailable():
 def test_opening_outside_a_lab_namespace_is_refused_in_lab_only_mode():
     with pytest.raises(SafetyError, match="refusing to install a lock here"):
         OwningContext.open("tunlock")
+
+
+def test_an_error_libnftables_repeats_for_every_message_is_said_once_with_its_count() -> None:
+    """A transaction refused whole (its table owned by another program) came back as ~100 copies
+    of one error in the log; a different error after it still shows, command and carets kept."""
+    refused = "Error: Could not process rule: Operation not permitted\nadd table inet t { flags owner; }\n"
+    text = (refused + "^^^^^\n") * 97 + "Error: No such file or directory\nadd rule inet t c x\n          ^\n"
+    assert condensed(text) == (
+        "Error: Could not process rule: Operation not permitted (97 times)\n"
+        "add table inet t { flags owner; }\n^^^^^\n"
+        "Error: No such file or directory\nadd rule inet t c x\n          ^"
+    )
+    single = "Error: syntax error, unexpected junk\nfoo bar\n    ^^^"
+    assert condensed(single) == single
