@@ -32,3 +32,17 @@ def load_or_exit(config_path: Path, *, exit_code: int = 2, note: str | None = No
         if note:
             click.echo(f"tunlock: {note}", err=True)
         sys.exit(exit_code)
+
+
+def namespace_or_exit(config: Config, does: str) -> str:
+    """``tunnel.namespace``; without one, exit 2 saying that the command ``does`` something in
+    namespace mode's namespace, which this configuration does not have."""
+    name = config.settings.tunnel.namespace
+    if name is None:
+        click.echo(
+            f"tunlock: {config.path}: tunnel.namespace is not set: {does} in namespace mode's "
+            "namespace, and this configuration locks the whole host",
+            err=True,
+        )
+        sys.exit(2)
+    return name

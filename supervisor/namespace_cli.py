@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from supervisor.cli_common import CONFIG_OPTION, load_or_exit
+from supervisor.cli_common import CONFIG_OPTION, load_or_exit, namespace_or_exit
 from supervisor.errors import TunlockError
 
 
@@ -28,14 +28,7 @@ def exec_command(config_path: Path, user: str | None, command: tuple[str, ...]) 
     from supervisor.net.enter import exec_in_namespace
 
     config = load_or_exit(config_path)
-    name = config.settings.tunnel.namespace
-    if name is None:
-        click.echo(
-            f"tunlock: {config.path}: tunnel.namespace is not set: exec runs commands in namespace "
-            "mode's namespace, and this configuration locks the whole host",
-            err=True,
-        )
-        sys.exit(2)
+    name = namespace_or_exit(config, "exec runs commands")
     try:
         exec_in_namespace(name, command, user)
     except TunlockError as err:

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 import supervisor
-from supervisor.cli_common import CONFIG_OPTION, load_or_exit
+from supervisor.cli_common import CONFIG_OPTION, load_or_exit, namespace_or_exit
 from supervisor.lock.cli import export_text
 from supervisor.lock.configured import policy_from_config
 from supervisor.lock.lockout import FORCE_HELP, refuse_a_lockout
@@ -172,14 +172,7 @@ def join(unit: str, config_path: Path, dry_run: bool) -> None:
     tunnel) and the tunnel's resolvers. Restart UNIT for it to take effect.
     """
     config = load_or_exit(config_path, note="nothing was written")
-    name = config.settings.tunnel.namespace
-    if name is None:
-        click.echo(
-            f"tunlock: {config.path}: tunnel.namespace is not set: join puts a service in namespace "
-            "mode's namespace, and this configuration locks the whole host",
-            err=True,
-        )
-        sys.exit(2)
+    name = namespace_or_exit(config, "join puts a service")
     try:
         path, text = units.join_dropin(unit, name)
     except ValueError as err:
