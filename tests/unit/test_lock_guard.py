@@ -70,20 +70,22 @@ class FakeSubscription:
             sock.close()
 
 
-@pytest.fixture
-def nft_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSubscription]:
+def faked(monkeypatch: pytest.MonkeyPatch, subscribe: str) -> Iterator[FakeSubscription]:
+    """The guard's ``subscription.<subscribe>`` replaced by a fake the test drives."""
     fake = FakeSubscription()
-    monkeypatch.setattr(guard_module.subscription, "nftables_changes", fake.subscribe)
+    monkeypatch.setattr(guard_module.subscription, subscribe, fake.subscribe)
     yield fake
     fake.close()
+
+
+@pytest.fixture
+def nft_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSubscription]:
+    yield from faked(monkeypatch, "nftables_changes")
 
 
 @pytest.fixture
 def link_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSubscription]:
-    fake = FakeSubscription()
-    monkeypatch.setattr(guard_module.subscription, "link_changes", fake.subscribe)
-    yield fake
-    fake.close()
+    yield from faked(monkeypatch, "link_changes")
 
 
 async def until(condition: Callable[[], bool]) -> None:

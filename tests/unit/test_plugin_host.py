@@ -196,6 +196,14 @@ class SlowLock:
 PORT_40000 = frozenset({("tcp", 40000), ("udp", 40000)})
 
 
+async def rotate_while_the_lock_takes_vpn1s_port(host: PluginHost, lock: SlowLock) -> None:
+    """vpn1 connected and asked for its port; the rotation to vpn2 is published while the lock is
+    still taking that port."""
+    publish(host, "connected", "vpn1")
+    await until(lambda: lock.calls == [PORT_40000])
+    publish(host, "connecting", "vpn2")
+
+
 async def test_ports_the_lock_took_for_a_connection_that_ended_meanwhile_are_not_announced_for_the_next():
     """vpn1's port is on its way into the lock when the rotation to vpn2 is published. Once the
     lock holds it, the host must not announce it for the new connection (which asked for
@@ -205,9 +213,7 @@ async def test_ports_the_lock_took_for_a_connection_that_ended_meanwhile_are_not
     host = host_with(Recorder(port=40000), lock=lock)
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
-        publish(host, "connected", "vpn1")
-        await until(lambda: lock.calls == [PORT_40000])
-        publish(host, "connecting", "vpn2")
+        await rotate_while_the_lock_takes_vpn1s_port(host, lock)
         lock.finish()  # the lock accepts vpn1's port now, for a connection that is gone
         await until(lambda: len(lock.calls) == 2)
         assert lock.calls[-1] == frozenset()
@@ -233,9 +239,7 @@ async def test_the_same_port_asked_again_by_the_next_connection_is_announced_onc
     host = host_with(Recorder(port=40000), lock=lock)
     async with anyio.create_task_group() as tg:
         await tg.start(host.run)
-        publish(host, "connected", "vpn1")
-        await until(lambda: lock.calls == [PORT_40000])
-        publish(host, "connecting", "vpn2")
+        await rotate_while_the_lock_takes_vpn1s_port(host, lock)
         publish(host, "connected", "vpn2")
         await until(lambda: host._requested.get("p0") == PORT_40000)  # vpn2's own request
         assert host.view.forwarded is None

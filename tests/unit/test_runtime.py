@@ -31,7 +31,7 @@ from supervisor.machine import events as ev
 from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Machine
 from supervisor.redact import Secret
-from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status, TimerDue
+from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status, TimerDue, TrafficWatch
 from supervisor.servers import Endpoint, Peer, Server
 from supervisor.status import StatusReport
 from supervisor.wireguard.backend import TunnelStats
@@ -164,9 +164,10 @@ def make_runtime(
     *,
     clock: Clock | None = None,
     inbox: Inbox | None = None,
+    traffic: TrafficWatch | None = None,
 ) -> Runtime:
-    """The runtime with ``world`` as its lock, tunnel and prober; each status published as a copy
-    (the runtime goes on changing its own)."""
+    """The runtime with ``world`` as its lock, tunnel and prober (and ``traffic`` as its traffic
+    watch); each status published as a copy (the runtime goes on changing its own)."""
     return Runtime(
         Machine.initial(settings),
         SERVERS,
@@ -178,6 +179,7 @@ def make_runtime(
         clock=clock,
         inbox=inbox,
         on_publish=lambda status: publish(_copy(status)),
+        traffic=traffic,
     )
 
 
@@ -729,18 +731,7 @@ class PacketGate:
 
 def watching(gate: PacketGate) -> Runtime:
     """A runtime whose traffic watch is ``gate``."""
-    world = World()
-    return Runtime(
-        Machine.initial(SLOW),
-        SERVERS,
-        world,
-        world,
-        world,
-        ifname="tun-test",
-        probe_target=probe_target,
-        clock=Clock(),
-        traffic=gate,
-    )
+    return make_runtime(World(), lambda status: None, clock=Clock(), traffic=gate)
 
 
 def drive(runtime: Runtime, steps: Callable[[], Awaitable[None]]) -> None:

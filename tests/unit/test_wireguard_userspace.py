@@ -273,16 +273,23 @@ async def test_a_stop_and_the_watcher_wait_for_the_same_exit(
         assert not process_alive(second)
 
 
-@pytest.mark.anyio
-async def test_leaving_the_context_leaves_wireguard_go_running_for_the_next_to_adopt(
-    uapi_dir: Path, fake_wireguard_go: tuple[str, list[int]]
-) -> None:
-    binary, pids = fake_wireguard_go
+async def left_running(binary: str, pids: list[int], uapi_dir: Path) -> int:
+    """Start (the stand-in for) wireguard-go in a backend and leave its context, as a daemon that
+    ends without closing the tunnel does: its PID, noted for the fixture's clean-up."""
     async with open_userspace_backend("tlfake0", binary=binary, uapi_dir=uapi_dir) as backend:
         await backend.ensure_interface()
         pid = backend.pid
         assert pid is not None
         pids.append(pid)
+    return pid
+
+
+@pytest.mark.anyio
+async def test_leaving_the_context_leaves_wireguard_go_running_for_the_next_to_adopt(
+    uapi_dir: Path, fake_wireguard_go: tuple[str, list[int]]
+) -> None:
+    binary, pids = fake_wireguard_go
+    pid = await left_running(binary, pids, uapi_dir)
     assert process_alive(pid)  # as after a crash of the daemon
     reports = Recorded()
     async with open_userspace_backend("tlfake0", report=reports, binary=binary, uapi_dir=uapi_dir) as backend:
@@ -307,11 +314,7 @@ async def test_an_adopted_wireguard_go_whose_log_lines_go_nowhere_still_answers(
     """After the daemon that started it is gone, wireguard-go's log writes fail (ECONNREFUSED on
     the output socket); it goes on serving, and the next daemon adopts it and reads it."""
     binary, pids = fake_wireguard_go
-    async with open_userspace_backend("tlfake0", binary=binary, uapi_dir=uapi_dir) as backend:
-        await backend.ensure_interface()
-        pid = backend.pid
-        assert pid is not None
-        pids.append(pid)
+    pid = await left_running(binary, pids, uapi_dir)
     reports = Recorded()
     async with open_userspace_backend("tlfake0", report=reports, binary=binary, uapi_dir=uapi_dir) as backend:
         assert await backend.adopt() is True
@@ -334,11 +337,7 @@ async def test_a_wireguard_go_that_exits_while_being_adopted_is_replaced(
     as on a busy host after a daemon restart. The exit is forced between two steps: the lookup is
     wrapped so that the process is killed and reaped around the second look."""
     binary, pids = fake_wireguard_go
-    async with open_userspace_backend("tlfake0", binary=binary, uapi_dir=uapi_dir) as backend:
-        await backend.ensure_interface()
-        pid = backend.pid
-        assert pid is not None
-        pids.append(pid)
+    pid = await left_running(binary, pids, uapi_dir)
 
     def kill_and_reap() -> None:
         os.kill(pid, signal.SIGKILL)
