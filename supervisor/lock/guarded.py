@@ -35,8 +35,9 @@ import anyio.abc
 
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard, OnTamper
+from supervisor.lock.libnftables import OwnerUnavailable
 from supervisor.lock.links import AppliedLinks, egress_in_force
-from supervisor.lock.owner import NftContext, OwnerUnavailable, OwningContext
+from supervisor.lock.owner import NftContext, OwningContext
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import owned_table
 from supervisor.lock.state import LockState

@@ -13,7 +13,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 
-from supervisor.errors import TunlockError
+from supervisor.lock.libnftables import LockError
 from supervisor.lock.links import AppliedLinks, apply_read
 from supervisor.lock.policy import LockPolicy
 from supervisor.lock.render import (
@@ -31,10 +31,6 @@ from supervisor.servers import Endpoint
 
 NFT = "nft"
 _TIMEOUT_S = 10.0
-
-
-class LockError(TunlockError):
-    """nft refused a change; the previous table (if any) is still in force."""
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import anyio.abc
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard
 from supervisor.lock.guarded import GuardedLock
+from supervisor.lock.libnftables import OwnerUnavailable
 from supervisor.lock.links import AppliedLinks
-from supervisor.lock.owner import OwnerUnavailable
 from supervisor.lock.policy import LockPolicy
 from supervisor.servers import Endpoint
 

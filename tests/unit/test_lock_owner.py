@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from supervisor.errors import SafetyError
-from supervisor.lock.owner import Libnftables, OwnerUnavailable, OwningContext, condensed
+from supervisor.lock.libnftables import Libnftables, OwnerUnavailable, condensed
+from supervisor.lock.owner import OwningContext
 
 
 def test_a_missing_library_is_reported_as_owner_unavailable():
