@@ -8,7 +8,6 @@ has WireGuard: it is faster and has no process to die.
 from __future__ import annotations
 
 import contextlib
-import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from supervisor.wireguard.backend import Report, WireGuardBackend, ignore_events
+from supervisor.wireguard.kernel_module import kernel_has_wireguard
 from supervisor.wireguard.uapi import UAPI_DIR
 from supervisor.wireguard.userspace import link_exists, open_userspace_backend
 
@@ -23,32 +23,12 @@ if TYPE_CHECKING:  # namespace mode's placement, imported only where that mode i
     from supervisor.net.netns import Placement
 
 BackendKind = Literal["auto", "kernel", "userspace"]
-_MODULE_DIR = Path("/sys/module/wireguard")
 
 
-async def kernel_available(module_dir: Path = _MODULE_DIR) -> bool:
-    """Whether this kernel speaks WireGuard: the module is loaded, or its netlink family answers.
-
-    The family lookup also covers a built-in WireGuard and lets the kernel load the module on
-    demand; no link is created to find out.
-    """
-    if await anyio.Path(module_dir).exists():
-        return True
-    # Imported here, like the kernel backend itself: a daemon on wireguard-go never needs the
-    # generic netlink family's message classes.
-    from pyroute2 import AsyncWireGuard
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    wg = AsyncWireGuard()
-    try:
-        await wg.setup_endpoint()
-    except NetlinkError as err:
-        if err.code == errno.ENOENT:
-            return False
-        raise
-    finally:
-        wg.close()
-    return True
+async def kernel_available() -> bool:
+    """Whether this kernel speaks WireGuard (supervisor/wireguard/kernel_module.py), asked in a
+    worker thread: the kernel may load a module meanwhile."""
+    return await anyio.to_thread.run_sync(kernel_has_wireguard)
 
 
 def choose_backend(

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.wireguard import selection
+from supervisor.wireguard.kernel_module import generic_family_exists, kernel_has_wireguard
 from supervisor.wireguard.selection import choose_backend, kernel_available, open_backend
 from supervisor.wireguard.userspace import UserspaceBackend
 
@@ -28,9 +30,20 @@ def test_choice(wanted: str, kernel: bool, uapi_served: bool, link_present: bool
     )
 
 
+def test_a_loaded_module_means_available(tmp_path: Path) -> None:
+    assert kernel_has_wireguard(module_dir=tmp_path)
+
+
+def test_the_family_lookup_tells_a_family_that_is_there_from_one_that_is_not() -> None:
+    # Real generic netlink, no root needed: the controller's own family is always there.
+    assert generic_family_exists("nlctrl")
+    assert not generic_family_exists("tl-nonesuch")
+
+
 @pytest.mark.anyio
-async def test_a_loaded_module_means_available(tmp_path: Path) -> None:
-    assert await kernel_available(module_dir=tmp_path)
+async def test_the_daemon_asks_the_same_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(selection, "kernel_has_wireguard", lambda: True)
+    assert await kernel_available()
 
 
 @pytest.mark.anyio
