@@ -372,24 +372,70 @@ class UapiClient:
 
     async def _read_reply(self, stream: anyio.abc.SocketStream, operation: str) -> bytes:
         reply = bytearray()
-        while b"\n\n" not in reply:
+        while not _reply_complete(reply, self.ifname, operation):
             try:
                 chunk = await stream.receive(65536)
             except anyio.EndOfStream:
-                raise UapiProtocolError(
-                    f"UAPI {operation} reply from {self.ifname} is truncated: the connection closed "
-                    f"after {len(reply)} bytes, before the empty line that ends a reply"
-                ) from None
+                raise _truncated(reply, self.ifname, operation) from None
             reply += chunk
-            if len(reply) > MAX_REPLY_BYTES:
-                raise UapiProtocolError(
-                    f"UAPI {operation} reply from {self.ifname} exceeds {MAX_REPLY_BYTES} bytes"
-                )
-        if not reply.endswith(b"\n\n"):
-            raise UapiProtocolError(
-                f"UAPI {operation} reply from {self.ifname} goes on after the empty line that ends it"
-            )
         return bytes(reply)
+
+
+def _reply_complete(reply: bytearray, ifname: str, operation: str) -> bool:
+    """Whether ``reply`` holds a whole reply (up to the empty line after ``errno=``); an error
+    when it can never become one."""
+    if len(reply) > MAX_REPLY_BYTES:
+        raise UapiProtocolError(f"UAPI {operation} reply from {ifname} exceeds {MAX_REPLY_BYTES} bytes")
+    if b"\n\n" not in reply:
+        return False
+    if not reply.endswith(b"\n\n"):
+        raise UapiProtocolError(
+            f"UAPI {operation} reply from {ifname} goes on after the empty line that ends it"
+        )
+    return True
+
+
+def _truncated(reply: bytearray, ifname: str, operation: str) -> UapiProtocolError:
+    return UapiProtocolError(
+        f"UAPI {operation} reply from {ifname} is truncated: the connection closed "
+        f"after {len(reply)} bytes, before the empty line that ends a reply"
+    )
+
+
+def set_blocking(path: Path, request: bytes, ifname: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    """:meth:`UapiClient.set`, blocking: for ``tunlock run``'s early bring-up, which runs before
+    any event loop (supervisor/early_tunnel.py). UapiError when it fails or is refused."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(request)
+            reply = bytearray()
+            while not _reply_complete(reply, ifname, "set"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise _truncated(reply, ifname, "set")
+                reply += chunk
+    except TimeoutError:
+        raise UapiError(f"no UAPI reply from {ifname} within {timeout:g} s ({path})") from None
+    except OSError as err:
+        raise UapiError(f"UAPI set on {ifname} failed: {err.__class__.__name__} {err}") from None
+    check_errno(bytes(reply), ifname, "set")
+
+
+def listener_pid_blocking(path: Path) -> int | None:
+    """:func:`listener_pid`, blocking, None when nothing listens at ``path`` (yet)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        return _peer_pid(sock)
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return int(pid)
 
 
 async def listener_pid(path: Path, timeout: float = DEFAULT_TIMEOUT_S) -> int:
@@ -403,6 +449,4 @@ async def listener_pid(path: Path, timeout: float = DEFAULT_TIMEOUT_S) -> int:
     except (FileNotFoundError, ConnectionRefusedError, TimeoutError):
         raise UapiUnavailable(f"nothing serves {path}") from None
     async with stream:
-        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return pid
+        return _peer_pid(stream.extra(anyio.abc.SocketAttribute.raw_socket))

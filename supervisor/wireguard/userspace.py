@@ -62,19 +62,16 @@ from supervisor.wireguard.backend import (
     ignore_events,
 )
 from supervisor.wireguard.uapi import UAPI_DIR, UapiClient, UapiUnavailable, listener_pid
+from supervisor.wireguard.wireguard_go import DEFAULT_BINARY, StartedWireguardGo, start_wireguard_go
 
 if TYPE_CHECKING:  # namespace mode's placement, imported only where that mode is on
     from supervisor.net.netns import Placement
 
 log = get_logger(__name__)
 
-DEFAULT_BINARY = "wireguard-go"
 START_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 3.0
 RESTART_BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
-# Keys wireguard-go reads from its environment that must not leak in from ours
-# (WG_TUN_FD / WG_UAPI_FD would make it use descriptors it does not have).
-_CHILD_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ")
 _LOG_LEVELS = {"DEBUG": "debug", "INFO": "info", "ERROR": "error"}
 
 
@@ -192,7 +189,10 @@ class UserspaceBackend:
         log_level: str = "error",
         start_timeout: float = START_TIMEOUT_S,
         placement: Placement | None = None,
+        started: StartedWireguardGo | None = None,
     ) -> None:
+        """``started``: a wireguard-go this process started for ``ifname`` before the backend
+        existed (``tunlock run``'s early bring-up): adopted as our child, its output read."""
         self.ifname = ifname
         self._placement = placement
         self._report = report
@@ -208,6 +208,7 @@ class UserspaceBackend:
         self._lock = anyio.Lock()
         self._process_changed = anyio.Event()
         self._closing = False
+        self._started = started
         self._followers: anyio.abc.TaskGroup | None = None  # where each process's follower runs
         self._log = log.bind(ifname=ifname, backend=self.kind)
 
@@ -313,7 +314,7 @@ class UserspaceBackend:
                 "machine; pick another tunnel.interface"
             )
         try:
-            process = _Process.watch(pid)
+            process = self._watch_adopted(pid)
         except ProcessLookupError:
             return False
         try:
@@ -341,13 +342,27 @@ class UserspaceBackend:
         self._log.info("adopted the running wireguard-go", pid=pid, program=program)
         return True
 
-    def _child_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k in _CHILD_ENV_KEEP}
-        env.update(WG_PROCESS_FOREGROUND="1", LOG_LEVEL=self._log_level)
-        return env
+    def _watch_adopted(self, pid: int) -> _Process:
+        """Follow ``pid``: as our child, with its output, when it is the wireguard-go this process
+        started before the backend existed; otherwise as a stranger's."""
+        started = self._started
+        if started is not None and started.pid == pid:
+            self._started = None
+            return _Process.watch(pid, popen=started.popen, output=started.output)
+        self._forget_started()  # it is gone, and another serves the name
+        return _Process.watch(pid)
+
+    def _forget_started(self) -> None:
+        """Let the wireguard-go started before the backend go, once it is known not to serve
+        (reaped if it has exited, so no zombie stays)."""
+        started, self._started = self._started, None
+        if started is not None:
+            started.output.close()
+            started.popen.poll()
 
     async def _spawn(self) -> None:
         """Start wireguard-go for our interface and wait until its UAPI socket answers."""
+        self._forget_started()
         # A dead wireguard-go's TUN may take a moment to go. Polled, bounded: the event for it is
         # an RTM_DELLINK on an rtnetlink socket subscribed to link changes, a second monitor
         # opened for a rare wait that is usually over at the first look.
@@ -356,30 +371,20 @@ class UserspaceBackend:
                 await anyio.sleep(0.01)
         if link_exists(self.ifname):
             raise InterfaceTaken(f"interface {self.ifname} exists and is not served by wireguard-go")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        ours.setblocking(False)
+        placement = self._placement
 
-        def start() -> subprocess.Popen[bytes]:
-            # Popen, not anyio.open_process: the child must outlive us in its own session and is
-            # followed through a pidfd; the fork and exec of one small binary take microseconds.
-            return subprocess.Popen(
-                [self._binary, "-f", self.ifname],
-                stdin=subprocess.DEVNULL,
-                stdout=theirs.fileno(),
-                stderr=theirs.fileno(),
-                env=self._child_env(),
-                start_new_session=True,  # survives our death and our process group's signals
-                close_fds=True,
+        def start() -> StartedWireguardGo:
+            # Namespace mode: forked from a thread in the host namespace, so its UDP socket is there.
+            spawn = placement.run_in_host if placement is not None else None
+            return start_wireguard_go(
+                self.ifname, binary=self._binary, log_level=self._log_level, spawn=spawn
             )
 
         try:
-            # Namespace mode: forked from a thread in the host namespace, so its UDP socket is there.
-            popen = await self._placement.in_host(start) if self._placement else start()
+            started = await anyio.to_thread.run_sync(start) if placement is not None else start()
         except OSError as err:
-            ours.close()
             raise BackendError(f"cannot start {self._binary}: {err.strerror or err}") from None
-        finally:
-            theirs.close()
+        popen, ours = started.popen, started.output
         process = self._follow(_Process.watch(popen.pid, popen=popen, output=ours))
         self._log.info("started wireguard-go", pid=popen.pid)
         try:
@@ -577,6 +582,7 @@ async def open_userspace_backend(
     log_level: str = "error",
     start_timeout: float = START_TIMEOUT_S,
     placement: Placement | None = None,
+    started: StartedWireguardGo | None = None,
 ) -> AsyncIterator[UserspaceBackend]:
     """The userspace backend for ``ifname`` with its watcher running, for the ``async with`` body.
 
@@ -591,6 +597,7 @@ async def open_userspace_backend(
         log_level=log_level,
         start_timeout=start_timeout,
         placement=placement,
+        started=started,
     )
     body_error: BaseException | None = None
     async with anyio.create_task_group() as followers:

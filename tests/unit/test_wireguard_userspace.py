@@ -35,6 +35,7 @@ from supervisor.wireguard.backend import (
     handshake_age,
 )
 from supervisor.wireguard.userspace import UserspaceBackend, _Process, open_userspace_backend
+from supervisor.wireguard.wireguard_go import child_env
 
 KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 
@@ -43,7 +44,7 @@ def test_child_environment_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WG_TUN_FD", "7")
     monkeypatch.setenv("WG_UAPI_FD", "8")
     monkeypatch.setenv("TUNLOCK_SECRET_THING", "x")
-    env = UserspaceBackend("tl0", log_level="verbose")._child_env()
+    env = child_env("verbose")
     assert env["WG_PROCESS_FOREGROUND"] == "1" and env["LOG_LEVEL"] == "verbose"
     assert not {"WG_TUN_FD", "WG_UAPI_FD", "TUNLOCK_SECRET_THING"} & set(env)
 
