@@ -234,7 +234,7 @@ class FullTunnelPlan:
         cls, settings: RoutingSettings, families: tuple[int, ...], server: Server | None = None
     ) -> Self:
         """The routing of ``settings`` while ``server`` is the peer; without a server, only what
-        every server shares (enough to find and remove the rules: see ``remove``)."""
+        every server shares (enough for ``FullTunnelRouting.remove``, as ``Tunnel.close`` uses it)."""
         s = settings
         if server is None:
             return cls(s.ifname, s.route_table, s.fwmark, families, s.rule_priority)
