@@ -16,12 +16,9 @@ from ipaddress import ip_address
 
 from supervisor.lock.onlink import onlink_lan
 from supervisor.lock.policy import LockPolicy
+from supervisor.net.routing_plan import ADMIN_MARK as ADMIN_MARK  # defined with its rule (see there)
 from supervisor.servers import IPAddress
 
-# The conntrack mark of an administrator's connection, and the packet mark of its replies. One
-# value, not a bit under a mask: the policy rule matches it exactly, as it matches the tunnel's
-# fwmark (config refuses a tunnel.fwmark equal to it). "tl" and the SSH port, readable in a dump.
-ADMIN_MARK = 0x746C0022
 # What names the setting in every refusal (DESIGN.md: the guard names `lock.admin_tcp`).
 ADMIN_SETTING = "lock.admin_tcp"
 

@@ -11,8 +11,8 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from supervisor.config import Config
 from supervisor.lock.policy import LockPolicy
+from supervisor.net.routing_plan import configured_targets
 from supervisor.servers import Server
-from supervisor.wireguard.tunnel import configured_targets
 
 
 def policy_from_config(config: Config, servers: Iterable[Server] | None = None) -> LockPolicy:

@@ -1,5 +1,7 @@
 """The tunnel interface's own settings: up, MTU and addresses, over rtnetlink (pyroute2).
 
+What they are for a server is ``LinkPlan`` in ``supervisor.net.routing_plan``.
+
 Idempotent by design: ``configure_link`` compares what the kernel has with what
 the server wants and changes only the difference, so it serves a first
 connect, a swap to a server with other addresses, and the adoption of a running
@@ -18,12 +20,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from supervisor.errors import TunlockError
 from supervisor.log import get_logger
+from supervisor.net.routing_plan import DEFAULT_MTU as DEFAULT_MTU  # wg-quick's default (see there)
 from supervisor.servers import IPInterface
 
 log = get_logger(__name__)
 
-# wg-quick's default: 1500 minus the worst-case WireGuard overhead over IPv6 (80 bytes).
-DEFAULT_MTU = 1420
 _IFA_F_NODAD = 0x02
 
 

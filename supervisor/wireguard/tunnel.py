@@ -38,7 +38,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +49,10 @@ from supervisor.net.admin_route import AdminReplyRouting
 from supervisor.net.dns import DEFAULT_STATE_DIR, DnsError, DnsManager, ResolvConfFile, detect_dns_manager
 from supervisor.net.filewatch import file_changes
 from supervisor.net.links import configure_link
-from supervisor.net.routes import DEFAULT_RULE_PRIORITY, FullTunnelRouting
-from supervisor.servers import IPAddress, IPNetwork, Server
+from supervisor.net.routes import FullTunnelRouting
+from supervisor.net.routing_plan import DEFAULT_RULE_PRIORITY, LinkPlan, configured_targets, routed_families
+from supervisor.net.routing_plan import owned_prefixes as owned_prefixes
+from supervisor.servers import IPAddress, Server
 from supervisor.wireguard.backend import (
     BackendEvent,
     BackendRestarted,
@@ -114,36 +115,6 @@ class TunnelSettings:
         )
 
 
-def configured_targets(settings: Any) -> tuple[IPAddress, ...]:
-    """The tunnel-side addresses a ``ConfigFile`` names: ``health.probe_target`` and
-    ``[plugins.natpmp] gateway`` (both checked as addresses when the config is loaded)."""
-    named = [settings.health.probe_target, settings.plugins.options.get("natpmp", {}).get("gateway")]
-    out: list[IPAddress] = []
-    for value in named:
-        try:
-            out.append(ip_address(str(value)))
-        except ValueError:
-            continue  # None, or a bad value the config check reports
-    return tuple(out)
-
-
-def owned_prefixes(server: Server, targets: Iterable[IPAddress] = ()) -> tuple[IPNetwork, ...]:
-    """What belongs to the tunnel while ``server`` is its peer: its address prefixes, its
-    resolvers (also the default probe target and NAT-PMP gateway) and ``targets``."""
-    nets = {a.network for a in server.addresses}
-    nets |= {ip_network(a) for a in (*server.dns, *targets)}
-    return tuple(sorted(nets, key=lambda n: (n.version, str(n))))
-
-
-def _ipv6_enabled(ifname: str) -> bool:
-    """Whether IPv6 can be routed into ``ifname`` here (this namespace's sysctl tree)."""
-    flag = Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
-    try:
-        return flag.read_text().strip() == "0"
-    except OSError:
-        return False
-
-
 class Tunnel:
     """One WireGuard interface with its peer, addresses, routes and DNS. See the module docstring."""
 
@@ -167,19 +138,7 @@ class Tunnel:
         return self.settings.ifname
 
     def _routing(self, families: tuple[int, ...], server: Server | None = None) -> FullTunnelRouting:
-        s = self.settings
-        if server is None:
-            return FullTunnelRouting(s.ifname, s.route_table, s.fwmark, families, s.rule_priority)
-        return FullTunnelRouting(
-            s.ifname,
-            s.route_table,
-            s.fwmark,
-            families,
-            s.rule_priority,
-            owned=owned_prefixes(server, s.owned_targets),
-            sources=tuple(ip_network(a.ip) for a in server.addresses),
-            unreachable=tuple(f for f in families if f not in server.families),
-        )
+        return FullTunnelRouting.for_server(self.settings, families, server)
 
     async def adopt(self, servers: Iterable[Server]) -> Server | None:
         """Take over a running tunnel whose peer is one of ``servers``, without interrupting it.
@@ -287,7 +246,7 @@ class Tunnel:
 
     async def routing_missing(self) -> list[str]:
         """What of the policy routing is absent (empty when complete): for status and checks."""
-        families = (4, 6) if _ipv6_enabled(self.ifname) else (4,)
+        families = routed_families(self.ifname)
         async with AsyncIPRoute() as ipr:
             admin_missing = await AdminReplyRouting(families).missing(ipr)
             return admin_missing + await self._routing(families, self.server).missing(ipr)
@@ -320,9 +279,12 @@ class Tunnel:
                     await self._plumb(self.server)
 
     async def _plumb(self, server: Server) -> None:
-        families = (4, 6) if _ipv6_enabled(self.ifname) else (4,)
+        # The order and the parts are supervisor.net.routing_plan.TunnelPlan's, which the early
+        # start applies with iproute2 (supervisor.net.ip_batch) before the daemon adopts it.
+        families = routed_families(self.ifname)
+        link = LinkPlan.for_server(self.ifname, server)
         async with AsyncIPRoute() as ipr:
-            await configure_link(ipr, self.ifname, server.addresses, server.mtu)
+            await configure_link(ipr, link.ifname, link.addresses, link.mtu)
             # The administrator's replies keep their way out before the tunnel's routes take
             # everything else; the rule stays when the tunnel closes (supervisor/net/admin_route.py).
             await AdminReplyRouting(families).apply(ipr)
