@@ -3,8 +3,11 @@
 
 Each round starts the daemon in one lab with the lock already in place (as at boot after the
 early-boot unit) and no tunnel, and reads the wall-clock stamps of its log: ``tunnel connected``
-(the peer set and the routes in place: the first packet can go) and the first ``connected``
-state (the server answered a probe), each counted from just before the process was spawned.
+(the peer set and the routes in place: the first packet can go; by the daemon, or before it by
+``tunlock run``'s early bring-up, which logs that moment as ``up_at``) and the first ``connected``
+state (the server answered a probe), each counted from just before the process was spawned; and
+``lock guarded``, when the daemon's own lock (with its owned twin) is in force and watched: until
+then only the boot lock holds, and nothing puts it back if another program removes it.
 Then the daemon is stopped (the tunnel goes, the lock stays) for the next round. With
 ``--against DIR`` (an exported tree of another commit) the rounds alternate between this tree's
 daemon and that one's, in the same lab; compare.py's ``boot-start`` puts the same start next to
@@ -19,6 +22,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +32,8 @@ from supervisor.lab.daemon import LabDaemon
 from supervisor.lab.topology import Lab
 
 HERE = Path(__file__).resolve().parent.parent
+# supervisor/early_tunnel.py: the tunnel brought up before the daemon, with the moment it was.
+EARLY = "tunnel up ahead of the daemon, which adopts it"
 
 
 def stamp_of(daemon: LabDaemon, after: int, what: str) -> float | None:
@@ -38,7 +45,11 @@ def stamp_of(daemon: LabDaemon, after: int, what: str) -> float | None:
             continue
         if what == "tunnel connected" and record.get("event") == "tunnel connected":
             return datetime.fromisoformat(record["timestamp"]).timestamp()
+        if what == "tunnel connected" and record.get("event") == EARLY:
+            return float(record["up_at"])  # logged once the daemon's logging is set up
         if what == "connected" and record.get("event") == "state" and record.get("state") == "connected":
+            return datetime.fromisoformat(record["timestamp"]).timestamp()
+        if what == "lock guarded" and record.get("event") == "the lock is held twice while running":
             return datetime.fromisoformat(record["timestamp"]).timestamp()
     return None
 
@@ -55,8 +66,16 @@ def main() -> None:
     trees = {"this tree": HERE}
     if args.against is not None:
         trees["other tree"] = args.against.resolve()
-    figures: dict[str, dict[str, list[float]]] = {n: {"tunnel connected": [], "connected": []} for n in trees}
+    figures: dict[str, dict[str, list[float]]] = {
+        n: {"tunnel connected": [], "connected": [], "lock guarded": []} for n in trees
+    }
     with Lab.up(servers=2) as lab:
+        # The early-boot unit's file, so that the first round starts as the others (after a daemon
+        # stopped, the lock stays).
+        exported = lab.dir / "boot-lock.nft"
+        export = [sys.executable, "-m", "supervisor.cli", "lock", "export", "--config", str(lab.config_path)]
+        exported.write_text(subprocess.run(export, check=True, capture_output=True, text=True).stdout)
+        lab.run("client", "nft", "-f", str(exported))
         daemon = LabDaemon(lab)
         for _ in range(args.rounds):
             for name, tree in trees.items():

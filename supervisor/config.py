@@ -28,7 +28,7 @@ from msgspec import Meta, field
 from supervisor.addresses import parse_endpoint
 from supervisor.errors import ConfigError, Problem
 from supervisor.files import FileProblem, read_text
-from supervisor.lock.admin import ADMIN_MARK
+from supervisor.net.routing_plan import ADMIN_MARK
 from supervisor.redact import shown_name
 from supervisor.servers import Endpoint, Server, network_within
 from supervisor.tables import FieldProblem, IPNetwork, Wrong, convert_table

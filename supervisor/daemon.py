@@ -69,6 +69,7 @@ from supervisor.status import StatusReport
 from supervisor.systemd.notify import Notifier
 from supervisor.wireguard import backend as wg
 from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
+from supervisor.wireguard.wireguard_go import StartedWireguardGo
 
 if TYPE_CHECKING:
     # Imported where used, so that a daemon pays only for what its configuration turns on: the
@@ -149,11 +150,15 @@ def probe_target(config: Config) -> Callable[[Server], IPv4Address | IPv6Address
     return for_server
 
 
-async def serve(config: Config, placement: Placement | None = None) -> int:
+async def serve(
+    config: Config, placement: Placement | None = None, early: StartedWireguardGo | None = None
+) -> int:
     """Run the daemon until stopped; the exit status.
 
     ``placement``: namespace mode, entered already (:func:`run_daemon`); this thread is in the app
-    namespace and the host keeps only the tunnel's UDP (supervisor/net/netns.py).
+    namespace and the host keeps only the tunnel's UDP (supervisor/net/netns.py). ``early``: the
+    wireguard-go of a tunnel ``tunlock run`` brought up before the daemon (supervisor/early_tunnel.py),
+    adopted with the tunnel as our child.
     """
     ensure_safe_to_lock()
     _log_warnings(config)
@@ -185,7 +190,12 @@ async def serve(config: Config, placement: Placement | None = None) -> int:
 
     async with (
         anyio.create_task_group() as tg,
-        open_tunnel(tunnel_settings, report=backend_event, placement=placement) as tunnel,
+        open_tunnel(
+            tunnel_settings,
+            report=backend_event,
+            placement=placement,
+            **({"started": early} if early is not None else {}),
+        ) as tunnel,
         IcmpProber() as prober,
     ):
         with anyio.fail_after(ADOPT_TIMEOUT_S):
@@ -621,10 +631,10 @@ def _first_error(error: BaseException) -> BaseException:
     return error
 
 
-def run_daemon(config: Config) -> int:
+def run_daemon(config: Config, early: StartedWireguardGo | None = None) -> int:
     """``tunlock run``: serve until stopped. 0 after a clean stop; 2 for a control socket path
     that cannot be used (a configuration error, as ``check`` reports it); 1 (logged) after an
-    error, with the lock left exactly as it was."""
+    error, with the lock left exactly as it was. ``early``: see :func:`serve`."""
     problem = control_socket_problem(config)
     if problem is not None:
         log.error("tunlock cannot start: the configuration has errors", problems=[str(problem)])
@@ -645,7 +655,7 @@ def run_daemon(config: Config) -> int:
             return 1
         log.info("running in the namespace", namespace=namespace, path=str(netns.namespace_path(namespace)))
     try:
-        code = anyio.run(serve, config, placement, backend="asyncio")
+        code = anyio.run(serve, config, placement, early, backend="asyncio")
     except (Exception, BaseExceptionGroup) as caught:
         error = _first_error(caught)
         if isinstance(error, KeyboardInterrupt):

@@ -21,9 +21,10 @@ catch-all last. Within each family the administrator's rule is thus in before an
 and the catch-all never without what comes before it. tests/lab/test_ip_batch.py checks in the
 kernel that the result is the very links, addresses, rules and routes the daemon makes.
 
-**For a namespace without our rules (a boot).** ``rule add`` of a rule that is already there
-fails (the kernel refuses a duplicate) and ``ip`` stops at that line: the caller runs the batches
-in order and stops at the first that fails; the daemon's adoption completes whatever is missing.
+**For a namespace without our rules.** ``rule add`` of a rule that is already there fails (the
+kernel refuses a duplicate; ``ip rule`` has no ``replace``) and ``ip`` stops at that line: the
+caller first clears what an earlier daemon may have left (:func:`ip_undo_batches` with ``admin``,
+nothing at a boot), runs the batches in order and stops at the first that fails.
 ``ip`` sets no sysctl: where IPv4 is routed, the caller also calls
 ``supervisor.net.routing_plan.enable_src_valid_mark``.
 """
@@ -75,13 +76,31 @@ def ip_batches(plan: TunnelPlan) -> list[IpBatch]:
     return batches
 
 
+def ip_undo_batches(plan: TunnelPlan, *, admin: bool = False) -> list[IpBatch]:
+    """The ``ip`` runs that take ``plan``'s tunnel rules away (the catch-all first), and with
+    ``admin`` the administrator's reply rule after them; each run goes on past a rule that is not
+    there (``-force``). What names the interface (routes, addresses) goes with it.
+
+    Without ``admin`` this undoes a failed start, leaving the administrator's rule as the daemon
+    leaves it when it closes the tunnel (supervisor/net/admin_route.py). With it, it clears the
+    way for :func:`ip_batches` where an earlier daemon left its rules (a stopped daemon leaves the
+    administrator's; one that died with its interface, all of them): ``rule add`` of a rule that
+    is there fails."""
+    batches: list[IpBatch] = []
+    for family in sorted({*plan.routing.families, *(plan.admin.families if admin else ())}):
+        rules = [*reversed(plan.routing.rules()), *(plan.admin.rules() if admin else ())]
+        lines = "".join(f"{_rule_line(rule, 'del')}\n" for rule in rules if rule.family == family)
+        batches.append(IpBatch(("ip", f"-{family}", "-force", "-batch", "-"), lines))
+    return batches
+
+
 def _route_line(route: DefaultRoute) -> str:
     where = "unreachable default" if route.ifname is None else f"default dev {route.ifname}"
     return f"route replace {where} table {route.table} proto {ROUTE_PROTOCOL} scope {ROUTE_SCOPE}"
 
 
-def _rule_line(rule: RuleSpec) -> str:
-    words = ["rule add"]
+def _rule_line(rule: RuleSpec, verb: str = "add") -> str:
+    words = ["rule", verb]
     if rule.src is not None:
         words += ["from", str(rule.src)]
     if rule.dst is not None:

@@ -299,6 +299,28 @@ class TunnelPlan:
         )
 
 
+@dataclass(frozen=True)
+class ConfiguredRouting:
+    """The routing's settings as a configuration gives them: the one reading of them, for the
+    daemon's ``TunnelSettings`` and for the early start, which has nothing else."""
+
+    ifname: str
+    fwmark: int
+    route_table: int
+    owned_targets: tuple[IPAddress, ...]
+    rule_priority: int = DEFAULT_RULE_PRIORITY
+
+    @classmethod
+    def from_config(cls, settings: Any) -> ConfiguredRouting:
+        """From a validated ``supervisor.config.ConfigFile``."""
+        return cls(
+            ifname=settings.tunnel.interface,
+            fwmark=settings.tunnel.fwmark,
+            route_table=settings.tunnel.route_table,
+            owned_targets=configured_targets(settings),
+        )
+
+
 def configured_targets(settings: Any) -> tuple[IPAddress, ...]:
     """The tunnel-side addresses a ``ConfigFile`` names: ``health.probe_target`` and
     ``[plugins.natpmp] gateway`` (both checked as addresses when the config is loaded)."""

@@ -50,7 +50,12 @@ from supervisor.net.dns import DEFAULT_STATE_DIR, DnsError, DnsManager, ResolvCo
 from supervisor.net.filewatch import file_changes
 from supervisor.net.links import configure_link
 from supervisor.net.routes import FullTunnelRouting
-from supervisor.net.routing_plan import DEFAULT_RULE_PRIORITY, LinkPlan, configured_targets, routed_families
+from supervisor.net.routing_plan import (
+    DEFAULT_RULE_PRIORITY,
+    ConfiguredRouting,
+    LinkPlan,
+    routed_families,
+)
 from supervisor.net.routing_plan import owned_prefixes as owned_prefixes
 from supervisor.servers import IPAddress, Server
 from supervisor.wireguard.backend import (
@@ -102,15 +107,17 @@ class TunnelSettings:
             from supervisor.net.netns import managed_resolv_conf
 
             resolv_conf = managed_resolv_conf(resolv_conf, namespace)
+        routing = ConfiguredRouting.from_config(settings)
         return cls(
-            ifname=settings.tunnel.interface,
-            fwmark=settings.tunnel.fwmark,
-            route_table=settings.tunnel.route_table,
+            ifname=routing.ifname,
+            fwmark=routing.fwmark,
+            route_table=routing.route_table,
             backend=settings.tunnel.backend,
             manage_dns=settings.dns.manage,
             resolv_conf=resolv_conf,
             state_dir=state_dir,
-            owned_targets=configured_targets(settings),
+            rule_priority=routing.rule_priority,
+            owned_targets=routing.owned_targets,
             namespace=namespace,
         )
 

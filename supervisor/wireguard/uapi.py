@@ -36,8 +36,8 @@ from supervisor.addresses import parse_endpoint
 from supervisor.redact import Secret
 from supervisor.servers import Endpoint, IPNetwork
 from supervisor.wireguard.backend import BackendError, DeviceConfig
+from supervisor.wireguard.wireguard_go import UAPI_DIR as UAPI_DIR  # where it serves
 
-UAPI_DIR = Path("/var/run/wireguard")
 # A reply larger than this is not from a WireGuard with one peer (or even a thousand).
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 2.0

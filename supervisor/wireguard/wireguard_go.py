@@ -12,8 +12,11 @@ import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_BINARY = "wireguard-go"
+# Where it serves its UAPI socket, ``<interface>.sock`` (supervisor/wireguard/uapi.py speaks it).
+UAPI_DIR = Path("/var/run/wireguard")
 _CHILD_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ")
 
 

@@ -257,7 +257,7 @@ def quiet_process(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def serving(outcome: BaseException | int) -> Callable[..., Any]:
-    async def serve(config: Config, placement: object = None) -> int:
+    async def serve(config: Config, placement: object = None, early: object = None) -> int:
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.net.ip_batch import ip_batches
+from supervisor.net.ip_batch import ip_batches, ip_undo_batches
 from supervisor.net.routes import FullTunnelRouting
-from supervisor.net.routing_plan import TunnelPlan
+from supervisor.net.routing_plan import ADMIN_MARK, TunnelPlan
 from supervisor.servers import Server
 from supervisor.wgquick import load_server
 from supervisor.wireguard.tunnel import TunnelSettings
@@ -182,3 +182,24 @@ def test_the_plan_and_its_rendering_import_without_the_daemons_stack() -> None:
         env={"PYTHONPATH": str(root)},
     )
     assert result.stdout.split() == [], f"imported along with the plan: {result.stdout}"
+
+
+def test_undoing_takes_the_tunnel_rules_away_catch_all_first_and_keeps_the_admin_rule(
+    dual_stack: Server,
+) -> None:
+    plan = TunnelPlan.for_server(SETTINGS, dual_stack, (4, 6))
+    added = {
+        b.argv[1]: [line for line in b.stdin.splitlines() if line.startswith("rule add")]
+        for b in ip_batches(plan)
+    }
+    undo = {b.argv[1]: (b.argv, b.stdin.splitlines()) for b in ip_undo_batches(plan)}
+    for family, (argv, lines) in undo.items():
+        assert argv == ("ip", family, "-force", "-batch", "-"), "goes on past a rule that is not there"
+        tunnel_rules = [line for line in added[family] if "priority 32750" not in line]
+        assert lines == [line.replace("rule add", "rule del") for line in reversed(tunnel_rules)]
+        assert "not fwmark" in lines[0], "the catch-all goes first"
+    # Clearing the way for a start also takes the administrator's rule (ip rule has no replace).
+    cleared = {b.argv[1]: b.stdin.splitlines() for b in ip_undo_batches(plan, admin=True)}
+    for family, lines in cleared.items():
+        assert lines[-1] == f"rule del priority 32750 fwmark {ADMIN_MARK:#x}/0xffffffff lookup 254"
+        assert lines[:-1] == undo[family][1]

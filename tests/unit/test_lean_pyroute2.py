@@ -47,7 +47,8 @@ def test_the_daemon_imports_no_part_of_pyroute2_it_does_not_use() -> None:
 
 
 def test_tunlock_run_installs_the_light_package_before_it_imports_the_daemon() -> None:
-    # A configuration that does not exist: `run` imports the daemon, then exits 2 on the config.
+    # A configuration that does not exist: `run` installs the light package first, then exits 2
+    # on the config before it imports the tunnel or the daemon (supervisor/early_tunnel.py).
     loaded = _modules_after(
         "import sys\n"
         "from supervisor.cli import main\n"
@@ -58,7 +59,7 @@ def test_tunlock_run_installs_the_light_package_before_it_imports_the_daemon() -
         "    pass\n"
         "from pyroute2 import AsyncIPRoute, AsyncWireGuard"
     )
-    assert "supervisor.daemon" in loaded
+    assert "supervisor.daemon" not in loaded, "a bad configuration exits before the daemon loads"
     assert not HEAVY & loaded, f"pyroute2's initialiser ran: {sorted(HEAVY & loaded)}"
 
 
