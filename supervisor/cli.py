@@ -8,12 +8,9 @@ never a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -91,45 +88,18 @@ def run(config_path: Path, log_level: str, log_format: str, force: bool) -> None
 
         refuse_a_lockout(policy_from_config(config), force, "run")
     # With the lock already in the kernel (at boot), the tunnel comes up with the standard library
-    # while the daemon's code loads beside it; the daemon then adopts the tunnel.
-    with _interpreter_shared_finely():
-        daemon_code = _import_in_background("supervisor.daemon")
-        from supervisor import early_tunnel
+    # before the daemon's code loads; the daemon then adopts it. (Loading that code in a thread
+    # meanwhile made both later on two cores: 121 against 89 ms to the tunnel, 228 against 211 ms
+    # to the daemon's lock; bench/bench_start.py.)
+    from supervisor import early_tunnel
 
-        early = early_tunnel.bring_up(config)
-        daemon_code.join()
+    early = early_tunnel.bring_up(config)
     from supervisor.daemon import run_daemon
     from supervisor.log import configure
 
     configure(log_level, json=None if log_format == "auto" else log_format == "json")
     early.log()
     sys.exit(run_daemon(config, early.tunnel.wireguard_go if early.tunnel is not None else None))
-
-
-def _import_in_background(module: str) -> threading.Thread:
-    """Import ``module`` in a thread of its own from now on; ``join`` it before using it. An
-    import that fails there fails again where the module is used, and is reported there."""
-
-    def load() -> None:
-        with contextlib.suppress(Exception):
-            importlib.import_module(module)
-
-    thread = threading.Thread(target=load, name=f"import {module}", daemon=True)
-    thread.start()
-    return thread
-
-
-@contextlib.contextmanager
-def _interpreter_shared_finely() -> Iterator[None]:
-    """While a thread imports (pure computation), ``tunlock run``'s early bring-up needs the
-    interpreter back after each wait on wireguard-go or ``ip``: at the default 5 ms switch
-    interval the import would keep it that long every time."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(0.0002)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
 
 
 @main.command()

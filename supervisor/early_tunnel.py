@@ -11,10 +11,10 @@ needs with the standard library alone, the way ``wg-quick`` does it with small C
    routing are put in place by one ``ip -batch`` run rendered from the daemon's own description
    of them (supervisor/net/routing_plan.py): there is no second description of the routing.
 
-The daemon's code is imported in a thread meanwhile (the bring-up mostly waits on wireguard-go
-and ``ip``), and the daemon then *adopts* the tunnel as it adopts one left by a crash
-(``Tunnel.adopt``: wireguard-go followed as its child, routes checked and completed, resolvers
-set), puts its own lock and owned twin in place over the boot lock and starts the guard.
+The daemon's code is imported after it, and the daemon then *adopts* the tunnel as it adopts one
+left by a crash (``Tunnel.adopt``: wireguard-go followed as its child, routes checked and
+completed, resolvers set), puts its own lock and owned twin in place over the boot lock and
+starts the guard.
 
 Nothing here writes to nftables, so the lock in place is what guarantees that nothing leaks: the
 boot lock lets out only WireGuard's UDP to a configured server, sent with the tunnel's fwmark, and
