@@ -42,9 +42,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from supervisor.config import Config, ConfigFile
 from supervisor.errors import SafetyError
@@ -52,8 +53,11 @@ from supervisor.servers import Server
 from supervisor.wireguard.wireguard_go import UAPI_DIR, StartedWireguardGo, start_wireguard_go
 
 if TYPE_CHECKING:
+    from supervisor.lock.libnftables import Libnftables
     from supervisor.net.ip_batch import IpBatch
     from supervisor.net.routing_plan import TunnelPlan
+
+_T = TypeVar("_T")
 
 BRING_UP_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 3.0
@@ -119,12 +123,13 @@ def refusal(
     return None
 
 
-def first_server(config: Config, rng: random.Random | None = None) -> Server:
-    """The server the machine starts with: the first one (sequential), or any (random), which
-    the machine then adopts, as it is configured and (at boot) its path was just brought up."""
+def first_server(config: Config, let_through: list[Server], rng: random.Random | None = None) -> Server:
+    """The server the tunnel comes up to, of those the lock in place lets through (in the
+    configured order): the first (sequential), or any (random). The machine then adopts it, as it
+    is configured and, at boot, its path was just brought up."""
     if config.settings.rotation.strategy == "random":
-        return (rng or random.SystemRandom()).choice(config.servers)
-    return config.servers[0]
+        return (rng or random.SystemRandom()).choice(let_through)
+    return let_through[0]
 
 
 def bring_up(config: Config) -> EarlyOutcome:
@@ -133,11 +138,17 @@ def bring_up(config: Config) -> EarlyOutcome:
     began = time.monotonic()
     try:
         reason = _host_refusal(config)
+        let_through = [] if reason is not None else servers_let_through(config)
     except Exception as err:
         return EarlyOutcome(error=f"cannot read the host: {_describe(err)}")
     if reason is not None:
         return EarlyOutcome(skipped=reason)
-    server = first_server(config)
+    if not let_through:
+        # A container's first table blocks everything until the daemon's lock; a lock a stopped
+        # daemon left lets through only the server it was on. A handshake the lock drops is
+        # tried again only 5 s later: the daemon, which puts its own lock in first, is sooner.
+        return EarlyOutcome(skipped="the lock in place lets none of the servers through")
+    server = first_server(config, let_through)
     try:
         started = start_wireguard_go(config.settings.tunnel.interface)
     except OSError as err:
@@ -173,29 +184,59 @@ def _host_refusal(config: Config) -> str | None:
     )
     return refusal(
         settings,
-        lock_present=wireguard_go and lock_in_place(settings.lock.table),
+        lock_present=wireguard_go and _lock_in_place(settings.lock.table),
         kernel=not wireguard_go,
         link_present=_link_present(ifname),
         uapi_served=(UAPI_DIR / f"{ifname}.sock").exists(),
     )
 
 
-def lock_in_place(table: str) -> bool:
+def _lock_in_place(table: str) -> bool:
     """Whether ``table`` exists in the ``inet`` family here, as the boot file or an earlier
     daemon left it; False when it cannot be read (the normal start then applies the lock)."""
+    listed = _reading_the_lock(lambda nft: f"table inet {table}" in nft.run("list tables inet").splitlines())
+    return bool(listed)
+
+
+def servers_let_through(config: Config) -> list[Server]:
+    """The configured servers whose WireGuard endpoint is in the lock's sets, in order (with the
+    ``sequential`` strategy only the first is needed, and looked for). The lock's rule for them
+    also asks for the tunnel's fwmark, which a lock loaded from this configuration has."""
+    from supervisor.lock.endpoint_sets import endpoint_query
+    from supervisor.lock.libnftables import LockError
+
+    table = config.settings.lock.table
+    only_first = config.settings.rotation.strategy == "sequential"
+
+    def look(nft: Libnftables) -> list[Server]:
+        found: list[Server] = []
+        for server in config.servers:
+            try:
+                nft.run(endpoint_query(table, server.endpoint))
+            except LockError:
+                continue  # not in the set
+            found.append(server)
+            if only_first:
+                break
+        return found
+
+    return _reading_the_lock(look) or []
+
+
+def _reading_the_lock(read: Callable[[Libnftables], _T]) -> _T | None:
+    """``read`` with a libnftables context; None when there is none (no library)."""
     from supervisor.lock.libnftables import Libnftables, LockError
 
     try:
         nft = Libnftables()
     except LockError:
-        return False
+        return None
     try:
-        listing = nft.run("list tables inet")
+        return read(nft)
     except LockError:
-        return False
+        return None
     finally:
         nft.free()
-    return f"table inet {table}" in listing.splitlines()
 
 
 def _link_present(ifname: str) -> bool:
@@ -221,9 +262,11 @@ def _configure(config: Config, server: Server, started: StartedWireguardGo) -> N
     plan = _plan(config, server)
     if 4 in plan.routing.families:
         enable_src_valid_mark()
-    # Each family's runs are independent of the other's: both at once, the clearing ones first.
+    # The clearing runs side by side; the making ones in order (the first brings the link up,
+    # which the second's routes need).
     _run_ip(ip_undo_batches(plan, admin=True))
-    _run_ip(ip_batches(plan))
+    for batch in ip_batches(plan):
+        _run_ip([batch])
 
 
 def _plan(config: Config, server: Server, families: tuple[int, ...] | None = None) -> TunnelPlan:

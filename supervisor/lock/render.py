@@ -110,6 +110,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from supervisor.lock.admin import ADMIN_MARK
+from supervisor.lock.endpoint_sets import ENDPOINT_SETS, endpoint_element
 from supervisor.lock.onlink import onlink_lan, widest
 from supervisor.lock.policy import LockPolicy, exclude
 from supervisor.servers import Endpoint, IPNetwork
@@ -118,7 +119,6 @@ from supervisor.servers import Endpoint, IPNetwork
 COUNTERS = ("blocked_out", "blocked_in", "blocked_forward", "blocked_dns")
 # The egress chain's counter, in the netdev table of the same name (when it is in force).
 EGRESS_COUNTER = "blocked_egress"
-ENDPOINT_SETS = {4: "endpoints4", 6: "endpoints6"}
 # Bridged between two ports of one of the host's own bridges (br_netfilter, see above).
 BRIDGE_LOCAL_SET = "bridge_local"
 BRIDGE_LOCAL_RULE = f"iifname . oifname @{BRIDGE_LOCAL_SET} accept"
@@ -152,10 +152,6 @@ def _quote(name: str) -> str:
 def _elements(items: Iterable[str]) -> str:
     items = sorted(items)
     return f" elements = {{ {', '.join(items)} }}" if items else ""
-
-
-def _endpoint_element(ep: Endpoint) -> str:
-    return f"{ep.host} . {ep.port}"
 
 
 def fingerprint(policy: LockPolicy) -> str:
@@ -237,8 +233,8 @@ def render_endpoint_swap(
     lines = []
     for nft_family in ("inet", "netdev") if egress else ("inet",):
         for family, set_name in ENDPOINT_SETS.items():
-            add = [_endpoint_element(e) for e in new - old if e.family == family]
-            drop = [_endpoint_element(e) for e in old - new if e.family == family]
+            add = [endpoint_element(e) for e in new - old if e.family == family]
+            drop = [endpoint_element(e) for e in old - new if e.family == family]
             if add:
                 lines.append(f"add element {nft_family} {table} {set_name} {{ {', '.join(sorted(add))} }}")
             if drop:
@@ -288,8 +284,8 @@ def _table_body(policy: LockPolicy) -> str:
 
     out: list[str] = []
     add = out.append
-    add(f"\tset endpoints4 {{ type ipv4_addr . inet_service;{_elements(map(_endpoint_element, v4))} }}")
-    add(f"\tset endpoints6 {{ type ipv6_addr . inet_service;{_elements(map(_endpoint_element, v6))} }}")
+    add(f"\tset endpoints4 {{ type ipv4_addr . inet_service;{_elements(map(endpoint_element, v4))} }}")
+    add(f"\tset endpoints6 {{ type ipv6_addr . inet_service;{_elements(map(endpoint_element, v6))} }}")
     add(f"\tset tunnel_dns4 {{ type ipv4_addr;{_elements(dns4)} }}")
     add(f"\tset tunnel_dns6 {{ type ipv6_addr;{_elements(dns6)} }}")
     inbound = map(_inbound_element, policy.tunnel_inbound)
@@ -510,8 +506,8 @@ def _egress_body(policy: LockPolicy) -> str:
 
     out: list[str] = []
     add = out.append
-    add(f"\tset endpoints4 {{ type ipv4_addr . inet_service;{_elements(map(_endpoint_element, v4))} }}")
-    add(f"\tset endpoints6 {{ type ipv6_addr . inet_service;{_elements(map(_endpoint_element, v6))} }}")
+    add(f"\tset endpoints4 {{ type ipv4_addr . inet_service;{_elements(map(endpoint_element, v4))} }}")
+    add(f"\tset endpoints6 {{ type ipv6_addr . inet_service;{_elements(map(endpoint_element, v6))} }}")
     add(f"\tset lan4 {{ type ipv4_addr; flags interval;{_elements(lan4)} }}")
     add(f"\tset lan6 {{ type ipv6_addr; flags interval;{_elements(lan6)} }}")
     add(f"\tset onlink6 {{ type ipv6_addr; flags interval;{_elements(onlink6)} }}")

@@ -91,6 +91,7 @@ def test_with_the_boot_lock_the_tunnel_comes_up_first_and_the_daemon_adopts_it(
         faults.kill_client_wireguard_go(lab.lab)
         died = daemon.wait_for_log('"wireguard-go died"')
         assert json.loads(died)["reason"] == "killed by SIGKILL"
+        daemon.wait_for(lambda s: s["last_failure"] is not None, 10, "the death noticed")
         daemon.wait_for(lambda s: s["state"] == "connected" and s["server"] == "vpn1", 20, "connected again")
         assert not Path(f"/proc/{pid}").exists(), "reaped, no zombie left"
         assert lab.probes.ping()
@@ -209,6 +210,41 @@ def test_routing_that_fails_half_way_is_undone_and_the_normal_start_follows(
         assert first(recs, "started wireguard-go") > failed
         rules = our_rules(lab)
         assert len(rules) == len(set(rules)), f"a rule twice: {rules}"
+        assert lab.probes.ping()
+    leaks = lab.observer.leaks(since=mark)
+    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+
+
+def test_a_lock_that_lets_no_server_through_leaves_the_start_to_the_daemon(lab: LabUnderTest) -> None:
+    # The container's first table (supervisor/container/block.nft): everything blocked until the
+    # daemon's lock. A handshake it dropped would be tried again only 5 s later.
+    block = Path(__file__).resolve().parents[2] / "supervisor" / "container" / "block.nft"
+    lab.lab.run("client", "sh", "-c", f"sed s/@TABLE@/tunlock/g {block} | nft -f -")
+    mark = lab.observer.mark()
+    with lab.daemon() as daemon:
+        status = daemon.start()
+        assert status is not None and status["server"] == "vpn1" and status["state"] == "connected"
+        recs = records(daemon)
+        first(
+            recs, "the daemon starts the tunnel", reason="the lock in place lets none of the servers through"
+        )
+        assert first(recs, "the lock is held twice while running") < first(recs, "tunnel connected")
+        assert lab.probes.ping()
+    leaks = lab.observer.leaks(since=mark)
+    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+
+
+def test_after_a_stop_on_another_server_the_tunnel_comes_up_to_that_one(lab: LabUnderTest) -> None:
+    # A stopped daemon's lock lets through the server it was on, and no other.
+    with lab.daemon() as daemon:
+        daemon.start()
+        daemon.ask("rotate")
+        daemon.wait_for(lambda s: s["state"] == "connected" and s["server"] == "vpn2", 20, "on vpn2")
+    mark = lab.observer.mark()
+    with lab.daemon() as daemon:
+        status = daemon.start()
+        assert status is not None and status["server"] == "vpn2" and status["state"] == "connected"
+        first(records(daemon), EARLY, server="vpn2")
         assert lab.probes.ping()
     leaks = lab.observer.leaks(since=mark)
     assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"

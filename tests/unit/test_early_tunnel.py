@@ -51,9 +51,13 @@ def test_userspace_is_chosen_even_on_a_kernel_with_wireguard(config_of) -> None:
     assert refusal(config.settings, **{**HOST, "kernel": True}) is None
 
 
-def test_the_server_is_the_one_the_machine_starts_with(config_of) -> None:
+def test_the_server_is_the_first_the_lock_lets_through_or_any_of_them(config_of) -> None:
     sequential = config_of("", servers=3)
-    assert first_server(sequential).name == "vpn1"
+    assert first_server(sequential, sequential.servers).name == "vpn1"
+    # A lock a stopped daemon left lets through the server it was on only.
+    assert first_server(sequential, sequential.servers[1:2]).name == "vpn2"
     randomly = config_of('[rotation]\nstrategy = "random"\n', servers=3)
-    picks = {first_server(randomly, random.Random(seed)).name for seed in range(20)}
+    picks = {first_server(randomly, randomly.servers, random.Random(seed)).name for seed in range(20)}
     assert picks == {"vpn1", "vpn2", "vpn3"}
+    picks = {first_server(randomly, randomly.servers[1:], random.Random(seed)).name for seed in range(20)}
+    assert picks == {"vpn2", "vpn3"}
