@@ -137,8 +137,7 @@ def bring_up(config: Config) -> EarlyOutcome:
     allows; never raises (a failure leaves nothing of it behind and is in the outcome)."""
     began = time.monotonic()
     try:
-        reason = _host_refusal(config)
-        let_through = [] if reason is not None else servers_let_through(config)
+        reason, let_through = _read_host(config)
     except Exception as err:
         return EarlyOutcome(error=f"cannot read the host: {_describe(err)}")
     if reason is not None:
@@ -162,19 +161,20 @@ def bring_up(config: Config) -> EarlyOutcome:
     return EarlyOutcome(tunnel=EarlyTunnel(server, started, up_at, time.monotonic() - began))
 
 
-def _host_refusal(config: Config) -> str | None:
-    """:func:`refusal`, with the facts read from this host (each only when still needed)."""
+def _read_host(config: Config) -> tuple[str | None, list[Server]]:
+    """:func:`refusal`, with the facts read from this host (each only when still needed), and
+    the servers the lock in place lets through."""
     from supervisor.safety import ensure_safe_to_lock
 
     settings = config.settings
     try:
         ensure_safe_to_lock()
     except SafetyError:
-        return "not a namespace this process may lock"  # the daemon says so and exits
+        return "not a namespace this process may lock", []  # the daemon says so and exits
     from supervisor.control.socket_path import config_problem
 
     if config_problem(config) is not None:
-        return "the control socket's path is not usable"  # the daemon exits 2 on it
+        return "the control socket's path is not usable", []  # the daemon exits 2 on it
     from supervisor.wireguard.kernel_module import kernel_has_wireguard
 
     ifname = settings.tunnel.interface
@@ -182,33 +182,32 @@ def _host_refusal(config: Config) -> str | None:
     wireguard_go = settings.tunnel.namespace is None and (
         backend == "userspace" or (backend == "auto" and not kernel_has_wireguard())
     )
-    return refusal(
+    let_through = servers_let_through(config) if wireguard_go else None
+    reason = refusal(
         settings,
-        lock_present=wireguard_go and _lock_in_place(settings.lock.table),
+        lock_present=let_through is not None,
         kernel=not wireguard_go,
         link_present=_link_present(ifname),
         uapi_served=(UAPI_DIR / f"{ifname}.sock").exists(),
     )
+    return reason, let_through or []
 
 
-def _lock_in_place(table: str) -> bool:
-    """Whether ``table`` exists in the ``inet`` family here, as the boot file or an earlier
-    daemon left it; False when it cannot be read (the normal start then applies the lock)."""
-    listed = _reading_the_lock(lambda nft: f"table inet {table}" in nft.run("list tables inet").splitlines())
-    return bool(listed)
-
-
-def servers_let_through(config: Config) -> list[Server]:
+def servers_let_through(config: Config) -> list[Server] | None:
     """The configured servers whose WireGuard endpoint is in the lock's sets, in order (with the
-    ``sequential`` strategy only the first is needed, and looked for). The lock's rule for them
-    also asks for the tunnel's fwmark, which a lock loaded from this configuration has."""
+    ``sequential`` strategy only the first is needed, and looked for); None when the lock's
+    table (``lock.table``, ``inet``) is not in the kernel, or cannot be read (the normal start
+    then applies the lock). The lock's rule for them also asks for the tunnel's fwmark, which a
+    lock loaded from this configuration has."""
     from supervisor.lock.endpoint_sets import endpoint_query
     from supervisor.lock.libnftables import LockError
 
     table = config.settings.lock.table
     only_first = config.settings.rotation.strategy == "sequential"
 
-    def look(nft: Libnftables) -> list[Server]:
+    def look(nft: Libnftables) -> list[Server] | None:
+        if f"table inet {table}" not in nft.run("list tables inet").splitlines():
+            return None
         found: list[Server] = []
         for server in config.servers:
             try:
@@ -220,7 +219,7 @@ def servers_let_through(config: Config) -> list[Server]:
                 break
         return found
 
-    return _reading_the_lock(look) or []
+    return _reading_the_lock(look)
 
 
 def _reading_the_lock(read: Callable[[Libnftables], _T]) -> _T | None:

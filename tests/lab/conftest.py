@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from supervisor.lab.daemon import LabDaemon
-from supervisor.lab.probes import Observer, Probes
+from supervisor.lab.probes import Observer, Probes, describe
 from supervisor.lab.topology import Lab, labs, sh, sweep_stale
 from supervisor.safety import LAB_NETNS_PREFIX, NETNS_DIR
 
@@ -53,6 +53,11 @@ class LabUnderTest:
     def daemon(self, env: Mapping[str, str] | None = None, config: str | None = None) -> LabDaemon:
         """A ``tunlock run`` for this lab (not started yet), its waits scaled like the observer's."""
         return LabDaemon(self.lab, env=env, config=config, time_scale=self.time_scale)
+
+    def assert_no_leaks(self, mark: int) -> None:
+        """Nothing the ISP's observer saw since ``mark`` left outside the tunnel."""
+        leaks = self.observer.leaks(since=mark)
+        assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
 
 
 def lab_under_test(servers: int = 3) -> Iterator[LabUnderTest]:

@@ -38,8 +38,7 @@ pytestmark = pytest.mark.lab(per_test=True, daemon_env=QUICK)
 
 
 def assert_no_leaks(lab: LabUnderTest, mark: int) -> None:
-    leaks = lab.observer.leaks(since=mark)
-    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+    lab.assert_no_leaks(mark)
 
 
 def tunlock(lab: LabUnderTest, *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 
 from supervisor.lab import faults
 from supervisor.lab.daemon import LabDaemon
-from supervisor.lab.probes import ContinuousPing, describe
+from supervisor.lab.probes import ContinuousPing
 from tests.lab.conftest import LabUnderTest
 
 pytestmark = pytest.mark.lab(servers=2, per_test=True)
@@ -61,6 +62,18 @@ def load_boot_lock(lab: LabUnderTest, tmp_path: Path) -> None:
     assert "table inet tunlock" in lab.lab.run("client", "nft", "list", "tables")
 
 
+def stand_in(tmp_path: Path, program: str, script: Callable[[str], str]) -> str:
+    """A PATH on which ``program`` is a shell script, ``script(path of the real program)``."""
+    real = shutil.which(program)
+    assert real is not None
+    directory = tmp_path / "bin"
+    directory.mkdir(exist_ok=True)
+    fake = directory / program
+    fake.write_text(f"#!/bin/sh\n{script(real)}\n")
+    fake.chmod(0o755)
+    return f"{directory}:{os.environ['PATH']}"
+
+
 def test_with_the_boot_lock_the_tunnel_comes_up_first_and_the_daemon_adopts_it(
     lab: LabUnderTest, tmp_path: Path
 ) -> None:
@@ -95,8 +108,7 @@ def test_with_the_boot_lock_the_tunnel_comes_up_first_and_the_daemon_adopts_it(
         daemon.wait_for(lambda s: s["state"] == "connected" and s["server"] == "vpn1", 20, "connected again")
         assert not Path(f"/proc/{pid}").exists(), "reaped, no zombie left"
         assert lab.probes.ping()
-    leaks = lab.observer.leaks(since=mark)
-    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+    lab.assert_no_leaks(mark)
 
 
 def test_without_the_lock_the_daemon_locks_first_as_before(lab: LabUnderTest) -> None:
@@ -115,8 +127,7 @@ def test_without_the_lock_the_daemon_locks_first_as_before(lab: LabUnderTest) ->
         assert first(recs, "the lock is held twice while running") < first(recs, "tunnel connected")
         assert first(recs, "tunlock running", adopted=None) >= 0
         assert lab.probes.ping()
-    leaks = lab.observer.leaks(since=mark)
-    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+    lab.assert_no_leaks(mark)
 
 
 def test_a_failed_early_bring_up_is_undone_and_the_normal_start_follows(
@@ -125,30 +136,32 @@ def test_a_failed_early_bring_up_is_undone_and_the_normal_start_follows(
     load_boot_lock(lab, tmp_path)
     # The first wireguard-go started (the early bring-up's) never opens its UAPI socket; the
     # ones after it are the real program.
-    real = shutil.which("wireguard-go")
-    assert real is not None
-    fake_dir = tmp_path / "bin"
-    fake_dir.mkdir()
     started = tmp_path / "first-started"
-    fake = fake_dir / "wireguard-go"
-    fake.write_text(
-        f'#!/bin/sh\nif [ ! -e {started} ]; then echo $$ > {started}; exec sleep 60; fi\nexec {real} "$@"\n'
+    path = stand_in(
+        tmp_path,
+        "wireguard-go",
+        lambda real: f'if [ ! -e {started} ]; then echo $$ > {started}; exec sleep 60; fi\nexec {real} "$@"',
     )
-    fake.chmod(0o755)
     mark = lab.observer.mark()
-    with lab.daemon(env={"PATH": f"{fake_dir}:{os.environ['PATH']}"}) as daemon:
-        status = daemon.start(timeout=30)
-        assert status is not None and status["server"] == "vpn1" and status["state"] == "connected"
-        recs = records(daemon)
-        failed = first(recs, "could not bring the tunnel up ahead of the daemon; the daemon starts it")
-        assert "did not open" in recs[failed]["error"]
-        assert not any(r.get("event") == EARLY for r in recs)
-        # What it started is gone before the daemon's own start, which adopts nothing.
-        assert failed < first(recs, "tunlock running", adopted=None)
+    with lab.daemon(env={"PATH": path}) as daemon:
+        start_after_a_failed_bring_up(daemon, "did not open")
+        # What it started is gone before the daemon's own start.
         assert not Path(f"/proc/{started.read_text().strip()}").exists()
         assert lab.probes.ping()
-    leaks = lab.observer.leaks(since=mark)
-    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+    lab.assert_no_leaks(mark)
+
+
+def start_after_a_failed_bring_up(daemon: LabDaemon, said: str) -> tuple[list[dict[str, Any]], int]:
+    """Start ``daemon`` and check that the early bring-up failed saying ``said`` and the normal
+    start followed, adopting nothing; its log records and the failure's index in them."""
+    status = daemon.start(timeout=30)
+    assert status is not None and status["server"] == "vpn1" and status["state"] == "connected"
+    recs = records(daemon)
+    failed = first(recs, "could not bring the tunnel up ahead of the daemon; the daemon starts it")
+    assert said in recs[failed]["error"]
+    assert not any(r.get("event") == EARLY for r in recs)
+    assert failed < first(recs, "tunlock running", adopted=None)
+    return recs, failed
 
 
 def our_rules(lab: LabUnderTest) -> list[str]:
@@ -175,8 +188,7 @@ def test_after_a_daemon_stopped_the_next_start_brings_the_tunnel_up_first(lab: L
         first(records(daemon), EARLY, server="vpn1")
         assert sorted(our_rules(lab)) == sorted(rules), "the same rules, none twice"
         assert lab.probes.ping()
-    leaks = lab.observer.leaks(since=mark)
-    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+    lab.assert_no_leaks(mark)
 
 
 def test_routing_that_fails_half_way_is_undone_and_the_normal_start_follows(
@@ -185,34 +197,24 @@ def test_routing_that_fails_half_way_is_undone_and_the_normal_start_follows(
     load_boot_lock(lab, tmp_path)
     # ``ip`` as the early bring-up's routing runs meet it: each does its work, then fails (as a
     # run stopped part way would); every other use of ``ip`` is the real one.
-    real = shutil.which("ip")
-    assert real is not None
-    fake_dir = tmp_path / "bin"
-    fake_dir.mkdir()
-    fake = fake_dir / "ip"
-    fake.write_text(
-        "#!/bin/sh\n"
-        'case " $* " in *" -batch "*) case " $* " in *" -force "*) ;; *)'
-        f' {real} "$@"; echo "RTNETLINK answers: Invalid argument" >&2; exit 1;; esac;; esac\n'
-        f'exec {real} "$@"\n'
+    path = stand_in(
+        tmp_path,
+        "ip",
+        lambda real: (
+            'case " $* " in *" -batch "*) case " $* " in *" -force "*) ;; *)'
+            f' {real} "$@"; echo "RTNETLINK answers: Invalid argument" >&2; exit 1;; esac;; esac\n'
+            f'exec {real} "$@"'
+        ),
     )
-    fake.chmod(0o755)
     mark = lab.observer.mark()
-    with lab.daemon(env={"PATH": f"{fake_dir}:{os.environ['PATH']}"}) as daemon:
-        status = daemon.start(timeout=30)
-        assert status is not None and status["server"] == "vpn1" and status["state"] == "connected"
-        recs = records(daemon)
-        failed = first(recs, "could not bring the tunnel up ahead of the daemon; the daemon starts it")
-        assert "Invalid argument" in recs[failed]["error"]
-        assert not any(r.get("event") == EARLY for r in recs)
-        # The early wireguard-go was stopped: the daemon adopted nothing and started its own.
-        assert failed < first(recs, "tunlock running", adopted=None)
+    with lab.daemon(env={"PATH": path}) as daemon:
+        recs, failed = start_after_a_failed_bring_up(daemon, "Invalid argument")
+        # The early wireguard-go was stopped: the daemon started its own.
         assert first(recs, "started wireguard-go") > failed
         rules = our_rules(lab)
         assert len(rules) == len(set(rules)), f"a rule twice: {rules}"
         assert lab.probes.ping()
-    leaks = lab.observer.leaks(since=mark)
-    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+    lab.assert_no_leaks(mark)
 
 
 def test_a_lock_that_lets_no_server_through_leaves_the_start_to_the_daemon(lab: LabUnderTest) -> None:
@@ -230,8 +232,7 @@ def test_a_lock_that_lets_no_server_through_leaves_the_start_to_the_daemon(lab: 
         )
         assert first(recs, "the lock is held twice while running") < first(recs, "tunnel connected")
         assert lab.probes.ping()
-    leaks = lab.observer.leaks(since=mark)
-    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+    lab.assert_no_leaks(mark)
 
 
 def test_after_a_stop_on_another_server_the_tunnel_comes_up_to_that_one(lab: LabUnderTest) -> None:
@@ -246,5 +247,4 @@ def test_after_a_stop_on_another_server_the_tunnel_comes_up_to_that_one(lab: Lab
         assert status is not None and status["server"] == "vpn2" and status["state"] == "connected"
         first(records(daemon), EARLY, server="vpn2")
         assert lab.probes.ping()
-    leaks = lab.observer.leaks(since=mark)
-    assert not leaks, f"the ISP saw {len(leaks)} packets outside the tunnel:\n{describe(leaks)}"
+    lab.assert_no_leaks(mark)
