@@ -21,10 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-# As ``tunlock run`` does it: the light pyroute2 package first (supervisor/lean_pyroute2.py), then
-# the imports; the plugin host and the other configured-only parts are not on it (no plugin).
+# As ``tunlock run`` does it: the light pyroute2 and prometheus_client packages first
+# (supervisor/lean_packages.py), then the imports; the plugin host and the other configured-only
+# parts are not on it (no plugin).
+# (A tree from before supervisor/lean_packages.py has supervisor/lean_pyroute2.py, for --against.)
 RUN_PATH = (
-    "from supervisor import lean_pyroute2; lean_pyroute2.install(); "
+    "try:\n"
+    "    from supervisor import lean_packages; lean_packages.install_all()\n"
+    "except ImportError:\n"
+    "    from supervisor import lean_pyroute2; lean_pyroute2.install()\n"
     "import supervisor.cli, supervisor.daemon, supervisor.log"
 )
 HERE = Path(__file__).resolve().parent.parent

@@ -75,11 +75,11 @@ def run(config_path: Path, log_level: str, log_format: str, force: bool) -> None
     reloads the configuration. Exit 2 on a bad configuration, 5 when started from an SSH session
     the lock would cut (lock.admin_tcp; --force overrides), 1 on any other error.
     """
-    from supervisor import lean_pyroute2
+    from supervisor import lean_packages
 
-    # The daemon's resident size is what the light pyroute2 package saves: it must be in place
-    # before anything imports pyroute2, which supervisor.daemon does.
-    lean_pyroute2.install()
+    # The daemon's resident size is what the light pyroute2 and prometheus_client packages save:
+    # they must be in place before anything imports those libraries, which supervisor.daemon does.
+    lean_packages.install_all()
     config = load_or_exit(config_path)
     # Namespace mode locks nothing of the host: no SSH session to cut.
     if os.environ.get("SSH_CONNECTION") and config.settings.tunnel.namespace is None:
