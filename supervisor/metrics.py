@@ -2,7 +2,12 @@
 
 The exposition is built per scrape from a ``Snapshot`` of the live daemon (the same answer
 ``tunlock status --json`` gives, plus counts), so the metrics hold no copy of the state that
-could drift from it. ``exposition`` is pure: snapshot in, Prometheus text out.
+could drift from it. ``exposition`` is pure: snapshot in, text out, in the OpenMetrics format
+(what Prometheus asks for first) or, for a client that asks only for ``text/plain``, the classic
+Prometheus text format. The classic format's module (``prometheus_client.exposition``) imports an
+HTTP server and client (http.server, wsgiref, urllib.request: 2.8 MB RSS) that tunlock does not
+use, so it is imported only when such a client first scrapes (with the light package of
+supervisor/lean_packages.py, nothing else of prometheus_client's initialiser loads either).
 
 The HTTP side runs in the daemon's own task group (no thread, unlike prometheus_client's
 built-in server, which would outlive a cancelled daemon and read the state from another
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import socket
+import sys
 import typing
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,11 +30,13 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import h11
+import mimeparse
 from anyio.streams.stapled import MultiListener
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from supervisor.connections import Slot, Slots, accept_forever
 from supervisor.errors import TunlockError
@@ -216,11 +225,45 @@ class _Once(Collector):
         return _families(self.snap)
 
 
-def exposition(snap: Snapshot) -> bytes:
-    """The Prometheus text format for one snapshot."""
+OPENMETRICS = "application/openmetrics-text"
+CLASSIC = "text/plain"
+CLASSIC_MODULE = "prometheus_client.exposition"
+
+
+def negotiate(accept: str | None) -> str:
+    """The format to answer an ``Accept`` header with: ``CLASSIC`` when the client prefers
+    ``text/plain`` (old Prometheus, some scrapers), else ``OPENMETRICS``.
+
+    Each format takes the quality of the most specific media range that matches it; the higher
+    quality wins, then the more specific match (``text/plain, */*`` asks for text), and a tie goes
+    to OpenMetrics: so does no header, ``*/*`` (curl), a header naming neither format and one that
+    does not parse (HTTP lets a server ignore an Accept it cannot satisfy). Prometheus asks for
+    OpenMetrics first, then text/plain at a lower quality. (prometheus_client's own server answers
+    OpenMetrics only to a client that names it, and curl would load the classic format's module.)
+    The media ranges' ``version`` and ``escaping`` parameters need no negotiating: every name
+    tunlock exposes is a classic Prometheus name, written the same in every version of either
+    format."""
+    if not accept:
+        return OPENMETRICS
+    try:
+        # Ties go to the last of the list.
+        return mimeparse.best_match([CLASSIC, OPENMETRICS], accept.lower()) or OPENMETRICS
+    except ValueError:  # a media range without a type/subtype (MimeTypeParseException)
+        return OPENMETRICS
+
+
+def exposition(snap: Snapshot, media_type: str = OPENMETRICS) -> tuple[str, bytes]:
+    """The content type and the text of one snapshot, in ``media_type``'s format (``negotiate``)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Once(snap))
-    return generate_latest(registry)
+    if media_type == CLASSIC:
+        classic = importlib.import_module(CLASSIC_MODULE)
+        # The text of version 0.0.4, which every classic scraper reads (tunlock's names need none
+        # of 1.0.0's escaping): the name newer prometheus_client releases give it, the latest
+        # content type of older ones.
+        content_type = getattr(classic, "CONTENT_TYPE_PLAIN_0_0_4", classic.CONTENT_TYPE_LATEST)
+        return content_type, classic.generate_latest(registry)
+    return openmetrics.CONTENT_TYPE_LATEST, openmetrics.generate_latest(registry)
 
 
 # --- serving ------------------------------------------------------------------------------------
@@ -327,10 +370,17 @@ async def _respond(
     path = request.target.split(b"?", 1)[0]
     if path != b"/metrics":
         return 404, text, b"tunlock serves its metrics at /metrics\n"
+    accept = b", ".join(value for name, value in request.headers if name == b"accept")
+    media_type = negotiate(accept.decode("latin-1"))
+    if media_type == CLASSIC and CLASSIC_MODULE not in sys.modules:
+        # In a thread, once per daemon: the import reads a dozen modules from disk.
+        await anyio.to_thread.run_sync(importlib.import_module, CLASSIC_MODULE)
     try:
         with anyio.fail_after(SNAPSHOT_TIMEOUT_S):
             snap = await source()
     except Exception as err:  # the scrape fails, the daemon goes on
         log.warning("metrics unavailable", error=str(err) or type(err).__name__)
         return 503, text, b"metrics unavailable for now\n"
-    return 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], exposition(snap)
+    content_type, body = exposition(snap, media_type)
+    # Vary: a cache between scraper and daemon keys the answer on the Accept it answered.
+    return 200, [(b"content-type", content_type.encode()), (b"vary", b"accept")], body

@@ -391,9 +391,12 @@ except OSError:
 
 
 def scrape(lab: LabUnderTest, role: str, host: str, source: str = "") -> dict[tuple[str, tuple], float]:
-    from prometheus_client.parser import text_string_to_metric_families
+    # The scrape names no format, so the daemon answers OpenMetrics; its parser is strict.
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
     text = lab.lab.run(role, sys.executable, "-c", SCRAPE, host, "9586", source, check=False)
+    if not text:
+        return {}  # nothing answered
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)

@@ -58,9 +58,12 @@ PATIENT_SCRAPE = SCRAPE.replace("s.settimeout(2)", "s.settimeout(20)")
 
 
 def scrape_patiently(lab: LabUnderTest) -> dict[tuple[str, tuple], float]:
-    from prometheus_client.parser import text_string_to_metric_families
+    # The scrape names no format, so the daemon answers OpenMetrics; its parser is strict.
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
     text = lab.lab.run("client", sys.executable, "-c", PATIENT_SCRAPE, "127.0.0.1", "9586", "", check=False)
+    if not text:
+        return {}  # nothing answered
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)

@@ -52,15 +52,19 @@ def _modules_after(code: str) -> set[str]:
     return set(run.stdout.split())
 
 
-def test_the_daemon_imports_no_part_of_pyroute2_it_does_not_use() -> None:
+def test_the_daemon_imports_no_part_of_the_libraries_it_does_not_use() -> None:
     loaded = _modules_after(
         "from supervisor import lean_packages\n"
         "lean_packages.install_all()\n"
-        "import supervisor.daemon, supervisor.wireguard.kernel, supervisor.net.monitor\n"
+        "import supervisor.daemon, supervisor.wireguard.kernel, supervisor.net.monitor, supervisor.metrics\n"
         "from pyroute2 import AsyncIPRoute, AsyncWireGuard"
     )
     assert not HEAVY & loaded, f"pyroute2's initialiser ran: {sorted(HEAVY & loaded)}"
     assert "pyroute2.iproute.linux" in loaded
+    assert not HEAVY_METRICS & loaded, (
+        f"prometheus_client's initialiser ran: {sorted(HEAVY_METRICS & loaded)}"
+    )
+    assert "prometheus_client.openmetrics.exposition" in loaded
 
 
 def test_tunlock_run_installs_the_light_packages_before_it_imports_the_daemon() -> None:
@@ -74,10 +78,14 @@ def test_tunlock_run_installs_the_light_packages_before_it_imports_the_daemon() 
         "    main()\n"
         "except SystemExit:\n"
         "    pass\n"
-        "from pyroute2 import AsyncIPRoute, AsyncWireGuard"
+        "from pyroute2 import AsyncIPRoute, AsyncWireGuard\n"
+        "import supervisor.metrics"
     )
     assert "supervisor.daemon" not in loaded, "a bad configuration exits before the daemon loads"
     assert not HEAVY & loaded, f"pyroute2's initialiser ran: {sorted(HEAVY & loaded)}"
+    assert not HEAVY_METRICS & loaded, (
+        f"prometheus_client's initialiser ran: {sorted(HEAVY_METRICS & loaded)}"
+    )
 
 
 def test_importing_supervisor_leaves_the_libraries_alone() -> None:

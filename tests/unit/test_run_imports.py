@@ -88,3 +88,73 @@ def test_the_run_path_imports_what_a_setting_turns_on_only_when_it_is_set(write_
     loaded = _run_path_modules(write_config('[tunnel]\nbackend = "userspace"\n'))
     assert _under(loaded, ONLY_WHEN_CONFIGURED) == []
     assert "supervisor.daemon" in loaded
+
+
+# With ``[metrics] listen``: the daemon imports supervisor.metrics (daemon._serve_metrics), then
+# answers a Prometheus scrape (OpenMetrics) and, here, a client that asks for text/plain alone.
+METRICS_PROBE = """\
+import socket, sys
+from supervisor import lean_packages
+lean_packages.install_all()
+import supervisor.cli, supervisor.daemon, supervisor.log
+from supervisor.config import load_config
+
+config = load_config(__import__("pathlib").Path(sys.argv[1]), {})
+assert config.settings.metrics.address is not None
+from supervisor import metrics
+import anyio, anyio.abc
+
+STATUS = {"state": "connected", "lock": {"installed": True}}
+SNAPSHOT = metrics.Snapshot(status=STATUS, version="0", servers=1)
+
+
+async def source():
+    return SNAPSHOT
+
+
+async def scrape(accept):
+    ours, theirs = socket.socketpair()
+    client = await anyio.abc.SocketStream.from_socket(ours)
+    server = await anyio.abc.SocketStream.from_socket(theirs)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(metrics.answer, server, source)
+        await client.send(b"GET /metrics HTTP/1.1\\r\\nHost: x\\r\\nAccept: " + accept + b"\\r\\n\\r\\n")
+        response = b""
+        try:
+            while True:
+                response += await client.receive()
+        except anyio.EndOfStream:
+            pass
+    await client.aclose()
+    assert response.startswith(b"HTTP/1.1 200 "), response
+
+
+async def main():
+    await scrape(b"application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2")
+    print(" ".join(sorted(sys.modules)))
+    await scrape(b"text/plain;version=0.0.4")
+    print(" ".join(sorted(sys.modules)))
+
+anyio.run(main, backend="asyncio")
+"""
+
+# What prometheus_client's initialiser and its classic text format import: an HTTP server and
+# client (~3 MB RSS) the metrics endpoint does not use to answer Prometheus.
+CLASSIC_FORMAT_ONLY = (
+    "prometheus_client.exposition",
+    "prometheus_client.process_collector",
+    "http.server",
+    "wsgiref",
+    "urllib.request",
+)
+
+
+def test_the_metrics_endpoint_loads_the_classic_format_only_when_a_client_asks_for_it(write_config) -> None:
+    config = write_config('[tunnel]\nbackend = "userspace"\n\n[metrics]\nlisten = "127.0.0.1:9586"\n')
+    result = subprocess.run(
+        [sys.executable, "-c", METRICS_PROBE, str(config)], capture_output=True, text=True, check=True
+    )
+    after_prometheus, after_text_client = (set(line.split()) for line in result.stdout.splitlines())
+    assert _under(after_prometheus, CLASSIC_FORMAT_ONLY) == []
+    assert "prometheus_client.openmetrics.exposition" in after_prometheus
+    assert "prometheus_client.exposition" in after_text_client
