@@ -14,8 +14,9 @@ libraries import everything they have there:
   the metrics endpoint needs to answer a Prometheus scrape (``registry``, ``metrics_core``,
   ``openmetrics.exposition``) adds 0.11 MB, and ``exposition`` 2.8 MB more. An idle connected
   daemon measured 39.0 MB with the default configuration and 42.7 MB with ``[metrics] listen``,
-  against the 40 MB of issue #27. supervisor/metrics.py imports ``exposition`` only when a
-  client asks for the classic format alone.
+  against the 40 MB of issue #27. With this, and supervisor/metrics.py importing ``exposition``
+  only for a client that prefers the classic format, 39.5-39.9 MB with metrics on (42.5-42.6 MB
+  before, alternating; bench/bench_daemon.py --idle-only).
 
 Neither library has an option to skip its initialiser, so before anything imports them we
 register a light package module with the same search path: submodules import as usual
