@@ -8,13 +8,8 @@ the structlog processor below scrubs anything that still looks like a key.
 from __future__ import annotations
 
 import re
-
-# For the type checker only (which takes any TYPE_CHECKING as true): the early start imports
-# this module (by supervisor.servers) and nothing else of it loads typing (~3 ms).
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import MutableMapping
-    from typing import Any
+from collections.abc import MutableMapping
+from typing import Any
 
 REDACTED = "<redacted>"
 

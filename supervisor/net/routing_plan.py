@@ -61,33 +61,29 @@ tunnel regardless.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_network
 from pathlib import Path
+from typing import Any, Protocol, Self
 
 from supervisor.servers import IPAddress, IPInterface, IPNetwork, Server
 
-# For the type checker only (which takes any TYPE_CHECKING as true): importing typing would cost
-# the early start ~3 ms, and nothing else it loads imports it.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Iterable
-    from typing import Any, Protocol, Self
 
-    class RoutingSettings(Protocol):
-        """What the plan needs of the tunnel's settings (``supervisor.wireguard.tunnel.TunnelSettings``
-        has it; the early start may pass anything with these attributes)."""
+class RoutingSettings(Protocol):
+    """What the plan needs of the tunnel's settings (``supervisor.wireguard.tunnel.TunnelSettings``
+    has it; the early start may pass anything with these attributes)."""
 
-        @property
-        def ifname(self) -> str: ...
-        @property
-        def fwmark(self) -> int: ...
-        @property
-        def route_table(self) -> int: ...
-        @property
-        def rule_priority(self) -> int: ...
-        @property
-        def owned_targets(self) -> tuple[IPAddress, ...]: ...
+    @property
+    def ifname(self) -> str: ...
+    @property
+    def fwmark(self) -> int: ...
+    @property
+    def route_table(self) -> int: ...
+    @property
+    def rule_priority(self) -> int: ...
+    @property
+    def owned_targets(self) -> tuple[IPAddress, ...]: ...
 
 
 MAIN_TABLE = 254

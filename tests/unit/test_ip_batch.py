@@ -165,14 +165,14 @@ def test_the_plan_is_what_the_tunnel_routes(dual_stack: Server) -> None:
 PROBE = """\
 import sys
 import supervisor.net.ip_batch, supervisor.net.routing_plan
-heavy = ("pyroute2", "anyio", "structlog", "msgspec", "typing", "supervisor.log", "supervisor.config")
+heavy = ("pyroute2", "anyio", "structlog", "msgspec", "supervisor.log", "supervisor.config")
 print(" ".join(name for name in heavy if name in sys.modules))
 """
 
 
 def test_the_plan_and_its_rendering_import_without_the_daemons_stack() -> None:
-    """The early start imports them before anything else: none of the daemon's libraries (nor
-    typing, ~3 ms) may come along. Without site, as a fresh interpreter's own imports."""
+    """The early start imports them before the daemon: none of the daemon's libraries may come
+    along. Without site, as a fresh interpreter's own imports."""
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run(
         [sys.executable, "-S", "-c", PROBE],
