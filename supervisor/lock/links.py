@@ -22,6 +22,7 @@ from supervisor.lock.onlink import read_onlink
 from supervisor.lock.policy import LockPolicy
 from supervisor.log import get_logger
 from supervisor.net.bypass import BypassWorkload, read_link_facts
+from supervisor.net.ipjson import read_ip_state
 from supervisor.servers import IPNetwork
 
 log = get_logger(__name__)
@@ -49,9 +50,10 @@ class AppliedLinks:
 def read_links(policy: LockPolicy) -> AppliedLinks:
     """The links of this network namespace as ``policy`` would be applied to them now."""
     exclude = (policy.tunnel_interface,)
-    facts = read_link_facts(exclude=exclude, uplinks=policy.uplinks)
+    state = read_ip_state()
+    facts = read_link_facts(exclude=exclude, uplinks=policy.uplinks, state=state)
     return AppliedLinks(
-        onlink=read_onlink(exclude=exclude),
+        onlink=read_onlink(exclude=exclude, state=state),
         egress_devices=facts.uplinks,
         bridges=facts.bridges,
         bypass=facts.bypass,

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from ipaddress import ip_interface, ip_network
 
-from supervisor.net.ipjson import ip_json, main_routes
+from supervisor.net.ipjson import IpState, read_ip_state
 from supervisor.servers import IPNetwork, network_within
 
 # The widest prefix of an address that still makes its subnet on-link, per IP version.
@@ -89,9 +89,11 @@ def _direct_routes(routes: Iterable[dict]) -> dict[str, list[IPNetwork]]:
     return out
 
 
-def read_onlink(exclude: Iterable[str] = ()) -> tuple[IPNetwork, ...]:
-    """The on-link subnets of this network namespace's interfaces, IPv4 and IPv6."""
-    return onlink_subnets(ip_json("addr", "show"), main_routes(), exclude)
+def read_onlink(exclude: Iterable[str] = (), state: IpState | None = None) -> tuple[IPNetwork, ...]:
+    """The on-link subnets of this network namespace's interfaces, IPv4 and IPv6 (from
+    ``state`` when read already)."""
+    state = state if state is not None else read_ip_state()
+    return onlink_subnets(state.addresses, state.routes, exclude)
 
 
 # Ranges that never leave the link whatever the routes say: link-local unicast (routers do not

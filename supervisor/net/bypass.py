@@ -21,7 +21,7 @@ Everything is read from this network namespace: a child moved into another names
 container's) is no longer listed here, so detection misses it; the egress chain does not.
 
 The decisions are pure functions of ``ip -j -d link`` and ``ip -j route`` records (tested
-without root); :func:`read_links` and friends are the thin readers.
+without root); :func:`read_link_facts` reads them (supervisor/net/ipjson.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor.net.ipjson import ip_json, main_routes
+from supervisor.net.ipjson import IpState, read_ip_state
 
 # Upper devices whose frames go out through their lower device (IFLA_LINK).
 STACKED_KINDS = frozenset({"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap"})
@@ -203,16 +203,6 @@ def detect_bypass(
     return found
 
 
-def read_links() -> list[dict[str, Any]]:
-    """``ip -j -d link`` of this network namespace ([] when it cannot be read)."""
-    return ip_json("-d", "link", "show")
-
-
-def read_routes() -> list[dict[str, Any]]:
-    """The main table's IPv4 and IPv6 routes, as ``ip -j route`` records."""
-    return main_routes()
-
-
 def read_bridge_nf_call(directory: Path = BRIDGE_NF_DIR) -> dict[str, bool] | None:
     """Whether bridged IPv4/IPv6 frames are handed to netfilter; None without br_netfilter."""
     if not directory.is_dir():
@@ -256,9 +246,12 @@ def link_facts(
     )
 
 
-def read_link_facts(exclude: Iterable[str] = (), uplinks: Sequence[str] = ()) -> LinkFacts:
-    """:func:`link_facts` of this network namespace as it is now."""
-    return link_facts(read_links(), read_routes(), read_bridge_nf_call(), exclude, uplinks)
+def read_link_facts(
+    exclude: Iterable[str] = (), uplinks: Sequence[str] = (), state: IpState | None = None
+) -> LinkFacts:
+    """:func:`link_facts` of this network namespace as it is now (``state``: read already)."""
+    state = state if state is not None else read_ip_state()
+    return link_facts(state.links, state.routes, read_bridge_nf_call(), exclude, uplinks)
 
 
 def find_bypass(exclude: Iterable[str] = (), uplinks: Sequence[str] = ()) -> list[BypassWorkload]:
