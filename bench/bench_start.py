@@ -6,8 +6,11 @@ early-boot unit) and no tunnel, and reads the wall-clock stamps of its log: ``tu
 (the peer set and the routes in place: the first packet can go; by the daemon, or before it by
 ``tunlock run``'s early bring-up, which logs that moment as ``up_at``) and the first ``connected``
 state (the server answered a probe), each counted from just before the process was spawned; and
-``lock guarded``, when the daemon's own lock (with its owned twin) is in force and watched: until
-then only the boot lock holds, and nothing puts it back if another program removes it.
+``lock in force``, when the daemon's own lock (with its owned twin) is installed: the guard logs
+where its egress chain holds right after that transaction, and watches from a listing and a
+subscription later (~2 ms). Until then only the boot lock holds, and nothing puts it back if
+another program removes it. (Before 2026-12-06 this read the owned twin's context being opened,
+which comes before the transaction: ~15 ms early.)
 Then the daemon is stopped (the tunnel goes, the lock stays) for the next round. With
 ``--against DIR`` (an exported tree of another commit) the rounds alternate between this tree's
 daemon and that one's, in the same lab; compare.py's ``boot-start`` puts the same start next to
@@ -34,6 +37,11 @@ from supervisor.lab.topology import Lab
 HERE = Path(__file__).resolve().parent.parent
 # supervisor/early_tunnel.py: the tunnel brought up before the daemon, with the moment it was.
 EARLY = "tunnel up ahead of the daemon, which adopts it"
+# supervisor/lock/guard.py: logged right after the daemon's first lock transaction, either way.
+LOCK_APPLIED = (
+    "the lock's egress chain holds every frame leaving",
+    "no physical uplink found for the lock's egress chain (lock.uplinks names them)",
+)
 
 
 def stamp_of(daemon: LabDaemon, after: int, what: str) -> float | None:
@@ -49,7 +57,7 @@ def stamp_of(daemon: LabDaemon, after: int, what: str) -> float | None:
             return float(record["up_at"])  # logged once the daemon's logging is set up
         if what == "connected" and record.get("event") == "state" and record.get("state") == "connected":
             return datetime.fromisoformat(record["timestamp"]).timestamp()
-        if what == "lock guarded" and record.get("event") == "the lock is held twice while running":
+        if what == "lock in force" and record.get("event") in LOCK_APPLIED:
             return datetime.fromisoformat(record["timestamp"]).timestamp()
     return None
 
@@ -67,7 +75,7 @@ def main() -> None:
     if args.against is not None:
         trees["other tree"] = args.against.resolve()
     figures: dict[str, dict[str, list[float]]] = {
-        n: {"tunnel connected": [], "connected": [], "lock guarded": []} for n in trees
+        n: {"tunnel connected": [], "connected": [], "lock in force": []} for n in trees
     }
     with Lab.up(servers=2) as lab:
         # The early-boot unit's file, so that the first round starts as the others (after a daemon

@@ -2,15 +2,21 @@
 
 Order at start, so that nothing leaves before the lock is in force:
 
-1. make the runtime's inbox (its event queue), then open the tunnel backend and *adopt* a tunnel
-   left running by an earlier daemon (read only); a backend report (wireguard-go died) from now
-   on waits in the inbox, and before ``Start`` the machine only records it for the status;
-2. start the path monitor (read only): its first report is queued before ``Start``;
+1. make the runtime's inbox (its event queue), then open the tunnel backend and *take over* a
+   tunnel left running (by an earlier daemon, or by ``tunlock run`` just before: see
+   supervisor/early_tunnel.py), its server identified, nothing changed; a backend report
+   (wireguard-go died) from now on waits in the inbox, and before ``Start`` the machine only
+   records it for the status;
+2. with nothing taken over, start the path monitor (read only): its first report is queued
+   before ``Start``, so the first server is one that can be reached;
 3. ``Start`` → the machine's first action installs the whole lock, letting through at most one
    server (the adopted tunnel's, or the one it connects to: one transaction for the first
    connect), and only then configures a peer; the lock guard starts watching.
    With no tunnel to adopt, the interface is created meanwhile (wireguard-go started, no peer:
-   nothing can pass through it), so the first connect only sets the peer and the routes;
+   nothing can pass through it), so the first connect only sets the peer and the routes.
+   A taken-over tunnel carries traffic already: the path monitor is started, and its routes
+   and resolvers are checked, once the lock is in force rather than before (a failure there is
+   the machine's, as a failed connect);
 4. the signal handlers, then the machine runs; the control socket, the metrics and the plugins
    start while its first actions (lock, peer, routes) get the tunnel carrying traffic, and the
    start-up's freed memory is handed back once it is connected.
@@ -68,7 +74,7 @@ from supervisor.servers import Endpoint, Server
 from supervisor.status import StatusReport
 from supervisor.systemd.notify import Notifier
 from supervisor.wireguard import backend as wg
-from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
+from supervisor.wireguard.tunnel import Tunnel, TunnelSettings, open_tunnel
 from supervisor.wireguard.wireguard_go import StartedWireguardGo
 
 if TYPE_CHECKING:
@@ -199,7 +205,7 @@ async def serve(
         IcmpProber() as prober,
     ):
         with anyio.fail_after(ADOPT_TIMEOUT_S):
-            adopted = await tunnel.adopt(config.servers)
+            adopted = await tunnel.take_over(config.servers)
         if adopted is None:
             # The interface (wireguard-go's start, ~60 ms) is made while the lock is applied
             # rather than after it: without a peer nothing passes through it, and the peer is set
@@ -236,7 +242,9 @@ async def serve(
         watcher = monitor.PathMonitor(
             (s.endpoint for s in config.servers), settings.tunnel.fwmark, tunnel.ifname, placement
         )
-        await tg.start(watcher.run, paths)
+        if adopted is None:
+            # Its first report before Start: the first server is one that can be reached.
+            await tg.start(watcher.run, paths)
         await runtime.post(
             lambda now: ev.Start(now, int.from_bytes(os.urandom(8), "big"), adopted.name if adopted else None)
         )
@@ -267,6 +275,18 @@ async def serve(
 
         await tg.start(_signals, runtime, config, watcher, notifier, host)
         tg.start_soon(machine)
+        if adopted is not None:
+            # A tunnel taken over carries traffic already: the lock comes first, then the path
+            # monitor (until its first report every server counts as reachable) and the tunnel's
+            # route check and resolvers. Run beside the lock's apply, their netlink parsing would
+            # hold the interpreter lock it needs (issue #27 item 4). The first status is
+            # published once the lock is in force and watched.
+            async def once_locked() -> None:
+                await first_status.wait()
+                await tg.start(watcher.run, paths)
+                await _complete_adoption(runtime, tunnel, adopted.name)
+
+            tg.start_soon(once_locked)
         await tg.start(control_server.serve, settings.control.socket, ControlCommands(runtime, status))
         if settings.metrics.address is not None:
             await tg.start(_serve_metrics, runtime, lock, status, settings.metrics.address, placement)
@@ -291,6 +311,17 @@ async def serve(
         tg.cancel_scope.cancel()
     log.info("tunlock stopped", lock="kept" if settings.lock.mode == "permanent" else "removed")
     return 0
+
+
+async def _complete_adoption(runtime: Runtime, tunnel: Tunnel, server: str) -> None:
+    """The taken-over tunnel's plumbing checked; a failure is the machine's, as a connect's."""
+    try:
+        with anyio.fail_after(ADOPT_TIMEOUT_S):
+            await tunnel.complete_adoption()
+    except Exception as err:  # the machine counts it as the server failing, and moves on
+        log.error("could not complete the adoption of the running tunnel", server=server, error=str(err))
+        reason = str(err) or type(err).__name__
+        await runtime.post(lambda now: ev.ConnectFailed(now, server, reason))
 
 
 async def _serve_metrics(

@@ -139,6 +139,8 @@ class Tunnel:
         self._renewed: tuple[str, float] | None = None
         # The interface was created by ``prepare`` and no connect has used it yet.
         self._prepared = False
+        # A tunnel taken over whose plumbing is not checked yet (its peer's endpoint, for the log).
+        self._adopted_endpoint: str | None = None
 
     @property
     def ifname(self) -> str:
@@ -154,6 +156,16 @@ class Tunnel:
         or None when there is no running tunnel or its peer is none of ``servers`` (then
         ``connect`` replaces the peer on the existing interface).
         """
+        server = await self.take_over(servers)
+        if server is not None:
+            await self.complete_adoption()
+        return server
+
+    async def take_over(self, servers: Iterable[Server]) -> Server | None:
+        """:meth:`adopt`'s first half: the running tunnel's server, its backend taken over
+        (wireguard-go as our child), nothing checked around it yet; :meth:`complete_adoption`
+        does that. The daemon puts its lock in between: the tunnel already carries traffic, and
+        the lock should not wait for a route check and the resolvers (issue #27 item 4)."""
         async with self._lock:
             if not await self.backend.adopt():
                 return None
@@ -162,10 +174,19 @@ class Tunnel:
             if server is None:
                 self._log.info("running tunnel has a peer that is not configured; it will be replaced")
                 return None
-            await self._plumb(server)
             self.server = server
-            self._log.info("adopted the running tunnel", server=server.name, endpoint=str(stats.endpoint))
+            self._adopted_endpoint = str(stats.endpoint)
             return server
+
+    async def complete_adoption(self) -> None:
+        """:meth:`adopt`'s second half: the taken-over tunnel's addresses, routes and resolvers
+        checked, and completed where something is missing. Raises as ``connect`` does."""
+        async with self._lock:
+            if self.server is None or self._adopted_endpoint is None:
+                return  # nothing taken over, or connected to a server since
+            server, endpoint, self._adopted_endpoint = self.server, self._adopted_endpoint, None
+            await self._plumb(server)
+            self._log.info("adopted the running tunnel", server=server.name, endpoint=endpoint)
 
     async def prepare(self) -> None:
         """Create the interface ahead of the first ``connect`` (start wireguard-go, wait for its
@@ -206,6 +227,7 @@ class Tunnel:
             if not kept:
                 await self._set_peer(config)
             previous, self.server = self.server, server
+            self._adopted_endpoint = None  # plumbed here
             await self._plumb(server)
             self._log.info(
                 "tunnel connected"
@@ -244,7 +266,7 @@ class Tunnel:
         async with self._lock:
             self._configured = None
             await self.backend.remove_peer()
-            self.server = None
+            self.server = self._adopted_endpoint = None
             self._log.info("peer removed")
 
     async def stats(self) -> TunnelStats:
@@ -272,7 +294,7 @@ class Tunnel:
             async with AsyncIPRoute() as ipr:
                 await self._routing((4, 6)).remove(ipr)
             await self.backend.close(keep_interface=False)
-            self.server = None
+            self.server = self._adopted_endpoint = None
             self._configured = None
             self._log.info("tunnel closed")
 

@@ -93,6 +93,11 @@ def test_with_the_boot_lock_the_tunnel_comes_up_first_and_the_daemon_adopts_it(
         assert early < first(recs, "adopted the running tunnel", server="vpn1")
         assert early < first(recs, "tunlock running", adopted="vpn1")
         assert early < first(recs, "the lock is held twice while running")
+        # The daemon's lock is in force before the taken-over tunnel's routes are checked and its
+        # resolvers set: the tunnel carries traffic already, the lock should not wait for them.
+        locked = first(recs, "the lock's egress chain holds every frame leaving")
+        assert locked < first(recs, "adopted the running tunnel", server="vpn1")
+        assert locked < first(recs, "resolvers set")
         assert first(recs, "state", state="connecting", reason="adopting the running tunnel") > early
         assert lab.probes.ping() and lab.probes.dns_udp("10.99.0.1")
         # The daemon routed nothing anew: the rules the early bring-up made are the daemon's own.
