@@ -249,7 +249,7 @@ def _link_present(ifname: str) -> bool:
 def _configure(config: Config, server: Server, started: StartedWireguardGo) -> None:
     """Wait for wireguard-go to serve, set the peer, put the link and the routing in place."""
     from supervisor.net.ip_batch import ip_batches, ip_undo_batches
-    from supervisor.net.routing_plan import enable_src_valid_mark
+    from supervisor.net.routing_plan import enable_src_valid_mark, without_link_local
     from supervisor.wireguard.backend import DeviceConfig
     from supervisor.wireguard.uapi import set_blocking, set_request
 
@@ -261,6 +261,7 @@ def _configure(config: Config, server: Server, started: StartedWireguardGo) -> N
     plan = _plan(config, server)
     if 4 in plan.routing.families:
         enable_src_valid_mark()
+    without_link_local(ifname)  # before the batches bring the link up
     # The clearing runs side by side; the making ones in order (the first brings the link up,
     # which the second's routes need).
     _run_ip(ip_undo_batches(plan, admin=True))

@@ -21,6 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from supervisor.errors import TunlockError
 from supervisor.log import get_logger
 from supervisor.net.routing_plan import DEFAULT_MTU as DEFAULT_MTU  # wg-quick's default (see there)
+from supervisor.net.routing_plan import without_link_local
 from supervisor.servers import IPInterface
 
 log = get_logger(__name__)
@@ -83,6 +84,7 @@ async def configure_link(
         for address in sorted(have - wanted, key=str):
             await ipr.addr("del", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
         if not link["flags"] & 1:  # IFF_UP
+            without_link_local(ifname)  # one small /proc write, as for src_valid_mark
             await ipr.link("set", index=index, state="up")
     except NetlinkError as err:
         raise LinkError(f"cannot configure {ifname}: {err}") from None

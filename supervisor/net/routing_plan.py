@@ -60,6 +60,7 @@ tunnel regardless.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -361,3 +362,16 @@ def enable_src_valid_mark() -> None:
     path = Path("/proc/sys/net/ipv4/conf/all/src_valid_mark")
     if path.read_text().strip() != "1":
         path.write_text("1\n")
+
+
+def without_link_local(ifname: str) -> None:
+    """Give ``ifname`` no IPv6 link-local address when it goes up (``addr_gen_mode`` none).
+
+    The kernel gives wireguard-go's TUN device one, and then sends router solicitations to
+    ff02::2 through the tunnel, with backoff, for good: the server has no use for them, and each
+    woke an idle daemon (seven in a 4-minute idle spell in the lab; issue #27). WireGuard needs
+    no link-local address: it routes by the peer's allowed IPs. Takes effect only before the
+    link first goes up; does nothing where IPv6 is off (no such file).
+    """
+    with contextlib.suppress(OSError):
+        Path(f"/proc/sys/net/ipv6/conf/{ifname}/addr_gen_mode").write_text("1\n")

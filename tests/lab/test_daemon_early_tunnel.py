@@ -100,6 +100,11 @@ def test_with_the_boot_lock_the_tunnel_comes_up_first_and_the_daemon_adopts_it(
         assert locked < first(recs, "resolvers set")
         assert first(recs, "state", state="connecting", reason="adopting the running tunnel") > early
         assert lab.probes.ping() and lab.probes.dns_udp("10.99.0.1")
+        # The early bring-up leaves the interface without an IPv6 link-local address, as the
+        # daemon does: no router solicitations into the tunnel.
+        ifname = recs[first(recs, "adopted the running wireguard-go")]["ifname"]
+        addresses = lab.lab.run("client", "ip", "-6", "addr", "show", "dev", ifname)
+        assert "scope link" not in addresses and "scope global" in addresses
         # The daemon routed nothing anew: the rules the early bring-up made are the daemon's own.
         assert not any(r.get("event") == "tunnel routing in place" for r in recs)
         # wireguard-go is the daemon's child (started by the same process): its death is seen

@@ -81,6 +81,10 @@ async def test_everything_but_wireguard_goes_into_the_tunnel(lab: WgLab, setting
         # suppress_prefixlength 0: the main table's specific routes (the link's subnet) still win.
         assert route_dev("192.0.2.1") == PHYSICAL
         assert ping(TUNNEL_SERVER_V4) == 3  # no -I: routed into the tunnel by the policy alone
+        # No IPv6 link-local address: the kernel would send router solicitations with it, into
+        # the tunnel, for good (each woke an idle daemon).
+        assert "scope link" not in ip("-6", "addr", "show", "dev", ifname)
+        assert "fd00:99::2/128" in ip("-6", "addr", "show", "dev", ifname)
         for family in ("-4", "-6"):
             rules = our_rules(family)
             assert len(rules) == 2

@@ -12,7 +12,9 @@ from supervisor.net import ipjson
 
 
 def test_each_command_gets_its_own_records_and_a_failing_one_reads_as_nothing() -> None:
-    links, nothing = ipjson.ip_json_side_by_side(("link", "show"), ("route", "show", "table", "no-such-table"))
+    links, nothing = ipjson.ip_json_side_by_side(
+        ("link", "show"), ("route", "show", "table", "no-such-table")
+    )
     assert "lo" in [link["ifname"] for link in links]
     assert nothing == []
 
@@ -34,7 +36,7 @@ def test_the_four_reads_of_the_lock_run_side_by_side(tmp_path: Path, monkeypatch
     stand_in_ip(
         tmp_path,
         monkeypatch,
-        f"echo \"$*\" >> {started}\n"
+        f'echo "$*" >> {started}\n'
         "i=0\n"
         f'while [ "$(wc -l < {started})" -lt 4 ]; do\n'
         '  i=$((i+1)); [ "$i" -gt 200 ] && exit 1; sleep 0.01\n'
