@@ -12,7 +12,12 @@ there is doubt:
   through the tunnel (its answer shows up as rx) and samples come every
   ``doubt_probe_interval_s`` (tens a second), kept on schedule from the doubt's start (a late
   sample makes the next one sooner). The first rx growth clears the doubt, and the pace falls
-  back to ``interval_s`` with no probe.
+  back to ``interval_s`` with no probe;
+- an idle spell's probe answered with nothing else moving (rx and tx grew by the same bytes: a
+  probe and its answer) is idle again at once, its probe clock restarted: no sample at the
+  calm pace in between. That probe is the idle probe, or the doubt's first probe when what
+  began the doubt was a lone keepalive (``KEEPALIVE_BYTES`` out, nothing in): WireGuard sends
+  one 10 s after the last answer it got, so every idle probe's answer brings one.
 
 Why a count *and* a window. Certainty grows with the number of probes, not with seconds: with
 a loss ``p`` each way a probe's round trip is lost with ``1 - (1 - p)^2``, and independent
@@ -39,6 +44,9 @@ from msgspec.structs import replace
 
 from supervisor.machine.events import StatsRead
 from supervisor.machine.settings import MachineSettings
+
+# A WireGuard keepalive as the transfer counters count it: a data message with nothing in it.
+KEEPALIVE_BYTES = 32
 
 
 class Verdict(Enum):
@@ -79,6 +87,8 @@ class Liveness(Struct, frozen=True):
     # When the watch restarted after the daemon did not run (``core.resume_after_gap``): the
     # handshake aged meanwhile unwatched, so only its age since then counts against the server.
     resumed_at: float | None = None
+    # The probe out is an idle spell's: the idle probe, or the doubt a lone keepalive began.
+    probing_idle: bool = False
 
     @property
     def in_doubt(self) -> bool:
@@ -119,11 +129,21 @@ class Liveness(Struct, frozen=True):
         age = sample.handshake_age_s
         answered = self.ever_answered or (age is not None and age <= now - self.since)
         rx, tx = sample.rx_bytes, sample.tx_bytes
+        # Since the last sample (nothing before the first: that one is a baseline).
+        got = rx - (self.rx_bytes if self.rx_bytes is not None else rx)
+        sent = tx - (self.tx_bytes if self.tx_bytes is not None else tx)
         if self.restarted_by(sample) or self.rx_bytes is None:  # (the second only narrows the type)
             new = Liveness(self.since, rx, tx, now, answered, resumed_at=self.resumed_at)
             verdict = Verdict.ALIVE if answered else Verdict.DOUBT
             if verdict is Verdict.DOUBT:
                 new = replace(new, probes=(now,))
+        elif self.probing_idle and got > 0 and got == sent:
+            # An idle spell's probe answered, and nothing else moved (a probe and its answer are
+            # the same size): still idle, its probe clock restarted. Back to sleep at once rather
+            # than after one more sample at the calm pace (issue #27: two samples per idle probe
+            # instead of three).
+            new = Liveness(self.since, rx, tx, now, True, now, resumed_at=self.resumed_at)
+            verdict = Verdict.IDLE
         elif rx > self.rx_bytes or (answered and not self.ever_answered):
             # Any answer, to a probe or to anything else, clears the doubt at once; so does a
             # first handshake (connecting's probes must not count against a server that answered).
@@ -135,7 +155,16 @@ class Liveness(Struct, frozen=True):
             idle_since = self.idle_since if self.idle_since is not None else settled_at
             idle_probe = now - idle_since >= settings.idle_probe_s
             idle_since = now if idle_probe else idle_since
-            new = Liveness(self.since, rx, tx, now, answered, idle_since, resumed_at=self.resumed_at)
+            new = Liveness(
+                self.since,
+                rx,
+                tx,
+                now,
+                answered,
+                idle_since,
+                resumed_at=self.resumed_at,
+                probing_idle=idle_probe,
+            )
             verdict = Verdict.IDLE_PROBE if idle_probe else Verdict.IDLE
         else:
             # Owed and unanswered: doubt. The verdict counts the probes already out, before this
@@ -145,8 +174,19 @@ class Liveness(Struct, frozen=True):
             if overdue >= settings.min_unanswered_probes and now - began >= settings.dead_after_s:
                 why = f"silent: {overdue} probes unanswered over {now - began:.1f} s"
                 return replace(self, rx_bytes=rx, tx_bytes=tx), Verdict.DEAD, why
+            # A doubt that a lone keepalive began in an idle spell (WireGuard's passive keepalive:
+            # 32 bytes out, 10 s after the last answer) probes for the idle spell.
+            keepalive_only = self.idle_since is not None and got == 0 and sent <= KEEPALIVE_BYTES
             new = Liveness(
-                self.since, rx, tx, self.settled_at, answered, None, (*self.probes, now), self.resumed_at
+                self.since,
+                rx,
+                tx,
+                self.settled_at,
+                answered,
+                None,
+                (*self.probes, now),
+                self.resumed_at,
+                probing_idle=keepalive_only if not self.in_doubt else self.probing_idle,
             )
             verdict = Verdict.DOUBT
         # A handshake that aged while the daemon did not run is not the server's silence: after a

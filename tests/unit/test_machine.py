@@ -383,6 +383,74 @@ def test_with_the_watch_in_place_an_idle_tunnel_sleeps_until_its_idle_probe() ->
     assert run.feed(ev.TrafficWatchArmed(run.at(0.01))) == []
 
 
+def asleep_until_the_idle_probe(run: Run) -> float:
+    """Connected, idle, the watch in place; the time at which the idle probe is due."""
+    run.feed(ev.StatsRead(run.at(0.5), 200, 200, 0.5))
+    idle_from = run.now
+    run.feed(ev.StatsRead(run.at(0.25), 200, 200, 1.0))
+    run.feed(ev.TrafficWatchArmed(run.at(0.01)))
+    return idle_from + SETTINGS.idle_probe_s
+
+
+ASLEEP_AGAIN = [act.WatchTraffic(), act.StartTimer("sample", SETTINGS.idle_interval_s)]
+
+
+def test_an_answered_idle_probe_goes_back_to_sleep_without_a_sample_in_between() -> None:
+    """Issue #27: two samples per idle probe, not three. The probe's answer (rx and tx grown by
+    the same bytes, nothing else) is the idle spell going on: the watch goes back in at once."""
+    run = Run().started_connected()
+    run.now = asleep_until_the_idle_probe(run)
+    assert run.feed(ev.StatsRead(run.now, 200, 200, 11.0)) == [
+        act.StopWatchingTraffic(),
+        act.Probe(),
+        act.StartTimer("sample", SETTINGS.interval_s),
+    ]
+    answered_at = run.at(SETTINGS.interval_s)
+    assert run.feed(ev.StatsRead(answered_at, 280, 280, 0.2)) == ASLEEP_AGAIN
+    assert isinstance(run.state, Connected) and run.state.watch == "asked"
+    # Asleep until the next idle probe, counted from this answer.
+    armed_at = run.at(0.01)
+    assert run.feed(ev.TrafficWatchArmed(armed_at)) == [
+        act.StartTimer("sample", round(answered_at + SETTINGS.idle_probe_s - armed_at, 6))
+    ]
+
+
+def test_the_keepalive_an_idle_probe_brings_is_probed_once_and_slept_on() -> None:
+    """WireGuard answers the idle probe's answer with a keepalive 10 s later (32 bytes out,
+    nothing in): the doubt it begins is the idle spell's probe, and its answer sends the daemon
+    back to sleep."""
+    run = Run().started_connected()
+    run.now = asleep_until_the_idle_probe(run)
+    actions = run.feed(ev.StatsRead(run.now, 200, 232, 11.0))
+    assert actions[:2] == [act.StopWatchingTraffic(), act.Probe()]
+    assert run.feed(ev.StatsRead(run.at(DOUBT), 280, 312, 0.02)) == ASLEEP_AGAIN
+
+
+@pytest.mark.parametrize(
+    ("first_out", "answered"),
+    [
+        (300, (280, 380)),  # traffic woke it: its packet answered, and the probe
+        (200, (280, 330)),  # the idle probe answered, but something else went out too
+        (232, (260, 312)),  # the keepalive's probe answered by fewer bytes than it sent
+    ],
+)
+def test_an_idle_spell_ends_when_more_than_its_own_probe_moved(
+    first_out: int, answered: tuple[int, int]
+) -> None:
+    """Anything but the idle spell's own probe and its answer is traffic: the calm pace, awake."""
+    run = Run().started_connected()
+    run.now = asleep_until_the_idle_probe(run)
+    if first_out == 300:
+        run.now -= 5.0
+        run.feed(ev.TrafficSeen(run.now))
+        run.now += DOUBT
+    run.feed(ev.StatsRead(run.now, 200, first_out, 11.0))
+    rx, tx = answered
+    actions = run.feed(ev.StatsRead(run.at(SETTINGS.interval_s), rx, tx, 0.02))
+    assert act.WatchTraffic() not in actions and actions[-1] == act.StartTimer("sample", SETTINGS.interval_s)
+    assert isinstance(run.state, Connected) and run.state.watch == "off"
+
+
 def test_asleep_a_gap_of_the_idle_probe_pace_is_no_suspension_but_awake_it_is() -> None:
     """Events 12 s apart are the normal pace of a sleeping idle tunnel; with samples every 2 s
     such a gap still means the daemon did not run (``MachineSettings.resume_gap``)."""
