@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import anyio.abc
 import pytest
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
+from msgspec.structs import replace
 
 from supervisor import runtime as runtime_module
 from supervisor.lock.policy import LockPolicy
