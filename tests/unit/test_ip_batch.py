@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import replace
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 
 import msgspec
 import pytest
+from msgspec.structs import replace
 
 from supervisor.net.ip_batch import ip_batches, ip_undo_batches
 from supervisor.net.routes import FullTunnelRouting
