@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-from dataclasses import replace
+
+from msgspec.structs import replace
 
 from bench.bench_lock import best_of, endpoints, throughput
 from supervisor.config import load_config

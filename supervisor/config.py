@@ -16,8 +16,6 @@ import os
 import re
 import tomllib
 import typing
-from dataclasses import dataclass
-from dataclasses import field as dataclass_field
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Annotated, Literal
@@ -283,14 +281,26 @@ def section_keys(section: type[_Section]) -> tuple[str, ...]:
     )
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(msgspec.Struct, frozen=True):
     """The validated configuration plus the servers its globs name."""
 
     path: Path
     settings: ConfigFile
     servers: tuple[Server, ...]
-    warnings: tuple[Problem, ...] = dataclass_field(default=(), compare=False)
+    warnings: tuple[Problem, ...] = ()
+
+    # Two configurations are the same whatever they warned of: msgspec compares every field, and
+    # has no per-field opt-out, so the comparison is spelled out here.
+    def _compared(self) -> tuple[Path, ConfigFile, tuple[Server, ...]]:
+        return self.path, self.settings, self.servers
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Config) or type(other) is not type(self):
+            return NotImplemented
+        return self._compared() == other._compared()
+
+    def __hash__(self) -> int:
+        return hash(self._compared())
 
 
 def _network(text: str) -> IPv4Network | IPv6Network:
@@ -406,8 +416,7 @@ def _admin_problems(settings: ConfigFile, path: Path, lines: dict[tuple[str, ...
     return out
 
 
-@dataclass(frozen=True)
-class ConfigDraft:
+class ConfigDraft(msgspec.Struct, frozen=True):
     """tunlock.toml validated, its server files not read yet: the half ``run`` and ``check`` share.
 
     ``settle`` takes the problems of the server files (appended to ``problems``) and gives the

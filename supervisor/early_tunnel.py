@@ -43,9 +43,10 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+
+from msgspec import Struct
 
 from supervisor.config import Config, ConfigFile
 from supervisor.errors import SafetyError
@@ -64,8 +65,7 @@ STOP_TIMEOUT_S = 3.0
 _SERVED_POLL_S = 0.001
 
 
-@dataclass
-class EarlyTunnel:
+class EarlyTunnel(Struct):
     """A tunnel brought up ahead of the daemon, for the daemon to adopt."""
 
     server: Server
@@ -74,8 +74,7 @@ class EarlyTunnel:
     took_s: float  # from the start of the bring-up
 
 
-@dataclass
-class EarlyOutcome:
+class EarlyOutcome(Struct):
     """What the early bring-up did: a tunnel, or why not (``skipped``), or how it failed."""
 
     tunnel: EarlyTunnel | None = None

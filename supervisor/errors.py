@@ -8,9 +8,11 @@ user fixing a broken server directory wants every problem in one run.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from msgspec import Struct
+from msgspec.structs import force_setattr
 
 from supervisor.redact import scrub
 
@@ -54,8 +56,7 @@ def _origin(frames: TracebackType | None) -> TracebackType | None:
     return chosen
 
 
-@dataclass(frozen=True, order=True)
-class Problem:
+class Problem(Struct, frozen=True, order=True):
     """One thing wrong with one input file; ``line`` is 1-based, 0 when unknown."""
 
     file: Path
@@ -65,7 +66,7 @@ class Problem:
 
     def __post_init__(self) -> None:
         # Messages may quote a malformed line, and a malformed line may hold a private key.
-        object.__setattr__(self, "message", scrub(self.message))
+        force_setattr(self, "message", scrub(self.message))
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else f"{self.file}"

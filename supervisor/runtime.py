@@ -18,13 +18,13 @@ import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from msgspec import Struct, field
 
 from supervisor.jsonvalue import JSON
 from supervisor.lock.policy import LockPolicy
@@ -100,8 +100,7 @@ class Prober(Protocol):
 # --- what the runtime tells the world ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FailureReport:
+class FailureReport(Struct, frozen=True):
     """The last server failure the machine declared; ``at`` in wall-clock seconds."""
 
     server: str | None
@@ -112,8 +111,7 @@ class FailureReport:
         return {"server": self.server, "reason": self.reason, "at": self.at}
 
 
-@dataclass
-class Status:
+class Status(Struct):
     """The machine's side of the status, as last published (the runtime's alone to write).
 
     ``tunlock status`` is built from it on request, with the lock's state and the plugins'
@@ -132,8 +130,7 @@ class Status:
     failures: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class TimerDue:
+class TimerDue(Struct, frozen=True):
     """A timer task's report that ``timer`` ran out; stale unless ``generation`` is still the
     one armed (the timer was cancelled or re-armed after it fired)."""
 
@@ -141,8 +138,7 @@ class TimerDue:
     generation: int
 
 
-@dataclass(frozen=True)
-class Reconfiguration:
+class Reconfiguration(Struct, frozen=True):
     """A reload as it reaches the loop: the lock's new base, the servers and probe targets the
     runtime acts on, and the machine's new settings. Taken between two events like any other
     item, so the lock, the runtime and the machine move to the new configuration together and
@@ -155,8 +151,7 @@ class Reconfiguration:
     reachable: frozenset[str] | None  # for ``ConfigReloaded``: paths under the new list, or unknown
 
 
-@dataclass(eq=False)
-class PendingReconfiguration:
+class PendingReconfiguration(Struct, eq=False):
     """A reconfiguration in the stream, and the loop's answer: whether it was applied."""
 
     change: Reconfiguration

@@ -5,9 +5,10 @@ Reading them from wg-quick files is supervisor.wgquick's work; this module impor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from pathlib import Path
+
+from msgspec import Struct
 
 from supervisor.redact import Secret
 
@@ -25,8 +26,7 @@ def network_within(inner: IPNetwork, outer: IPNetwork) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(Struct, frozen=True):
     """A server's UDP endpoint: always a literal IP (a hostname would need DNS outside the tunnel)."""
 
     host: IPAddress
@@ -40,8 +40,7 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if self.host.version == 6 else f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True)
-class Peer:
+class Peer(Struct, frozen=True):
     public_key: str
     endpoint: Endpoint
     allowed_ips: tuple[IPNetwork, ...]
@@ -49,8 +48,7 @@ class Peer:
     persistent_keepalive: int | None = None
 
 
-@dataclass(frozen=True)
-class Server:
+class Server(Struct, frozen=True):
     """One VPN server: our interface settings for it and its single peer."""
 
     name: str

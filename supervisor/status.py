@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
+
+from msgspec import Struct, field
 
 from supervisor.jsonvalue import JSON
 from supervisor.lock.state import LockState
@@ -33,8 +34,7 @@ if TYPE_CHECKING:
     from supervisor.runtime import FailureReport, Status
 
 
-@dataclass(frozen=True)
-class StatusReport:
+class StatusReport(Struct, frozen=True):
     """The daemon as ``tunlock status`` shows it, at one moment."""
 
     state: str

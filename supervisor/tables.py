@@ -24,7 +24,6 @@ import functools
 import re
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, _BaseNetwork, ip_network
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeAlias, TypeVar
@@ -49,8 +48,7 @@ class FieldProblem(ValueError):
         self.key = key
 
 
-@dataclass(frozen=True)
-class Wrong:
+class Wrong(msgspec.Struct, frozen=True):
     """One wrong key of a table (``""``: the table as a whole); ``unknown``: the key is not one
     the struct has (the caller words that, with a hint at the key meant)."""
 

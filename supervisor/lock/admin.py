@@ -11,8 +11,9 @@ interface instead of the tunnel's routes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from ipaddress import ip_address
+
+from msgspec import Struct
 
 from supervisor.lock.onlink import onlink_lan
 from supervisor.lock.policy import LockPolicy
@@ -23,8 +24,7 @@ from supervisor.servers import IPAddress
 ADMIN_SETTING = "lock.admin_tcp"
 
 
-@dataclass(frozen=True)
-class SshSession:
+class SshSession(Struct, frozen=True):
     """The SSH connection a command runs in, as sshd describes it in ``SSH_CONNECTION``."""
 
     client: IPAddress

@@ -6,11 +6,11 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
 import click
+from msgspec.structs import replace
 
 from supervisor.cli_common import CONFIG_OPTION, load_or_exit
 from supervisor.config import Config

@@ -37,10 +37,10 @@ OOM killer could end; there is no such child any more.)
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 
 import anyio
 import anyio.abc
+from msgspec.structs import replace
 
 from supervisor.lock import nft
 from supervisor.lock.links import AppliedLinks, egress_in_force, read_links

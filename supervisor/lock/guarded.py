@@ -27,11 +27,12 @@ real ones) so that these decisions are tested without root, against stand-ins.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
 from typing import Protocol
 
 import anyio
 import anyio.abc
+from msgspec import Struct
+from msgspec.structs import replace
 
 from supervisor.lock import nft
 from supervisor.lock.guard import LockGuard, OnTamper
@@ -52,8 +53,7 @@ LOCK_CLOSE_TIMEOUT_S = 15.0
 InboundPorts = frozenset[tuple[str, int]]
 
 
-@dataclass(frozen=True)
-class LockIntent:
+class LockIntent(Struct, frozen=True):
     """What the lock should let through now: the one value every change edits."""
 
     base: LockPolicy  # from the configuration: everything around the endpoints

@@ -15,7 +15,9 @@ supervisor.net.bypass, whose frames skip the host's other hooks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from supervisor.errors import TunlockError
 from supervisor.lock.onlink import read_onlink
@@ -28,8 +30,7 @@ from supervisor.servers import IPNetwork
 log = get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class AppliedLinks:
+class AppliedLinks(Struct, frozen=True):
     """The links as the lock saw them when it was applied."""
 
     onlink: tuple[IPNetwork, ...] = ()

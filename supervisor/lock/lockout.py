@@ -7,9 +7,9 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 
 import click
+from msgspec.structs import replace
 
 from supervisor.lock.admin import SshSession, addresses_from_ip_json, lockout
 from supervisor.lock.onlink import read_onlink

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 import subprocess
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from supervisor.lock.libnftables import LockError
 from supervisor.lock.links import AppliedLinks, apply_read
@@ -33,8 +34,7 @@ NFT = "nft"
 _TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True)
-class LockStatus:
+class LockStatus(Struct, frozen=True):
     installed: bool
     fingerprint: str | None
     counters: dict[str, int]

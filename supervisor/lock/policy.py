@@ -8,14 +8,15 @@ that a property test can check every policy the machine could produce.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
 from ipaddress import ip_network
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from supervisor.servers import Endpoint, IPAddress, IPNetwork, Server, network_within
 
 
-@dataclass(frozen=True)
-class LockPolicy:
+class LockPolicy(Struct, frozen=True):
     """What may leave or reach this host outside the default drop."""
 
     table: str

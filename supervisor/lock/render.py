@@ -107,7 +107,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import replace
+
+from msgspec.structs import replace
 
 from supervisor.lock.admin import ADMIN_MARK
 from supervisor.lock.endpoint_sets import ENDPOINT_SETS, endpoint_element

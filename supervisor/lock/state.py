@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
+
+from msgspec import Struct, field
+from msgspec.structs import force_setattr
 
 # A reading of the table hands every counter in one mapping; those of the forwarded ports'
 # set carry this prefix and go to ``LockState.inbound``.
 INBOUND_PREFIX = "inbound:"
 
 
-@dataclass(frozen=True)
-class LockState:
+class LockState(Struct, frozen=True):
     """What a reading of the lock found.
 
     ``installed``: the ordinary table is in place; ``matching``: it is exactly what the daemon
@@ -35,6 +36,6 @@ class LockState:
         counters, inbound = dict(self.counters), dict(self.inbound)
         for key in [k for k in counters if k.startswith(INBOUND_PREFIX)]:
             inbound[key.removeprefix(INBOUND_PREFIX)] = counters.pop(key)
-        object.__setattr__(self, "counters", MappingProxyType(counters))
-        object.__setattr__(self, "inbound", MappingProxyType(inbound))
-        object.__setattr__(self, "bypass", tuple(MappingProxyType(dict(w)) for w in self.bypass))
+        force_setattr(self, "counters", MappingProxyType(counters))
+        force_setattr(self, "inbound", MappingProxyType(inbound))
+        force_setattr(self, "bypass", tuple(MappingProxyType(dict(w)) for w in self.bypass))

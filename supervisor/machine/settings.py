@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
+from msgspec import Struct
 
-@dataclass(frozen=True)
-class MachineSettings:
+
+class MachineSettings(Struct, frozen=True):
     servers: tuple[str, ...]
     strategy: Literal["sequential", "random"] = "sequential"
     # rotation

@@ -24,7 +24,7 @@ __all__ = ["ADMIN_RULE_PRIORITY", "AdminReplyRouting"]
 log = get_logger(__name__)
 
 
-class AdminReplyRouting(AdminReplyPlan):
+class AdminReplyRouting(AdminReplyPlan, frozen=True):
     """``AdminReplyPlan`` applied, checked and removed over rtnetlink."""
 
     async def apply(self, ipr: AsyncIPRoute) -> None:

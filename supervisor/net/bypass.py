@@ -27,9 +27,10 @@ without root); :func:`read_link_facts` reads them (supervisor/net/ipjson.py).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from msgspec import Struct
 
 from supervisor.net.ipjson import IpState, read_ip_state
 
@@ -45,8 +46,7 @@ WORKLOAD_PORT_KINDS = frozenset({"veth", "tun", "tap"})
 BRIDGE_NF_DIR = Path("/proc/sys/net/bridge")
 
 
-@dataclass(frozen=True)
-class BypassWorkload:
+class BypassWorkload(Struct, frozen=True):
     """A way out of the host that skips its netfilter hooks.
 
     ``kind``: ``macvlan``, ``ipvlan``, ``macvtap``, ``ipvtap`` (a child of an uplink) or
@@ -216,8 +216,7 @@ def read_bridge_nf_call(directory: Path = BRIDGE_NF_DIR) -> dict[str, bool] | No
     return out
 
 
-@dataclass(frozen=True)
-class LinkFacts:
+class LinkFacts(Struct, frozen=True):
     """What the lock needs to know of this namespace's links, read at one moment."""
 
     uplinks: tuple[str, ...]

@@ -13,14 +13,14 @@ import json
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
+
+from msgspec import Struct
 
 _TIMEOUT_S = 5.0
 
 
-@dataclass(frozen=True)
-class IpState:
+class IpState(Struct, frozen=True):
     """What the lock's readers need of this namespace, read at one moment (``ip -j`` records)."""
 
     addresses: list[dict[str, Any]]

@@ -20,11 +20,11 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
 import anyio
+from msgspec import Struct
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
@@ -52,15 +52,13 @@ _USABLE_OPERSTATES = ("UP", "UNKNOWN")
 _RCVBUF = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class PathsChanged:
+class PathsChanged(Struct, frozen=True):
     """The endpoints that can be reached outside the tunnel right now."""
 
     reachable: frozenset[Endpoint]
 
 
-@dataclass(frozen=True)
-class TunnelLinkGone:
+class TunnelLinkGone(Struct, frozen=True):
     """The tunnel interface was deleted (by a person, another tool, or a dying backend)."""
 
     ifname: str

@@ -54,7 +54,7 @@ class RoutingError(TunlockError):
     """The policy routing could not be applied or removed."""
 
 
-class FullTunnelRouting(FullTunnelPlan):
+class FullTunnelRouting(FullTunnelPlan, frozen=True):
     """``FullTunnelPlan`` applied, checked and removed over rtnetlink."""
 
     def _default_route(self, family: int, index: int | None) -> dict[str, Any]:

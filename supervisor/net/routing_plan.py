@@ -4,9 +4,10 @@ full-tunnel policy routing, for one server. Nothing here touches the kernel.
 Two appliers read it: the daemon's, over rtnetlink (``supervisor.net.links``,
 ``supervisor.net.admin_route``, ``supervisor.net.routes``: they also find it again by content,
 complete it and remove it), and the early start's, which renders it for iproute2's ``ip -batch``
-(``supervisor.net.ip_batch``). That is why this module imports the standard library and our own
-plain-data modules only: the early start runs before pyroute2, anyio and structlog are loaded
-(issue #27), and whatever it sets up must be exactly what the daemon then adopts.
+(``supervisor.net.ip_batch``). That is why this module imports the standard library, msgspec (its
+records are Structs; the configuration has loaded it already) and our own plain-data modules
+only: the early start runs before pyroute2, anyio and structlog are loaded (issue #27), and
+whatever it sets up must be exactly what the daemon then adopts.
 
 **The link.** The interface gets exactly the server's addresses and MTU (wg-quick's default,
 1420: 1500 minus the worst-case WireGuard overhead over IPv6, 80 bytes) and is brought up.
@@ -63,10 +64,11 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any, Protocol, Self
+
+from msgspec import Struct
 
 from supervisor.servers import IPAddress, IPInterface, IPNetwork, Server
 
@@ -110,8 +112,7 @@ ROUTE_SCOPE = 0  # RT_SCOPE_UNIVERSE ("scope global")
 ADDRESS_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
-@dataclass(frozen=True)
-class RuleSpec:
+class RuleSpec(Struct, frozen=True):
     """One policy rule, as data: what to add, and what to recognise in a dump."""
 
     family: int
@@ -169,8 +170,7 @@ def rule_prefix(msg: Any, which: str) -> IPNetwork | None:
     return ip_network(f"{address}/{msg[f'{which}_len']}")
 
 
-@dataclass(frozen=True)
-class DefaultRoute:
+class DefaultRoute(Struct, frozen=True):
     """The default route of one family in the tunnel's table: into ``ifname``, or, when
     ``ifname`` is None (the server gives that family no address), unreachable."""
 
@@ -183,8 +183,7 @@ class DefaultRoute:
         return self.ifname is None
 
 
-@dataclass(frozen=True)
-class LinkPlan:
+class LinkPlan(Struct, frozen=True):
     """The tunnel interface's wanted state: exactly ``addresses``, ``mtu``, and up."""
 
     ifname: str
@@ -196,8 +195,7 @@ class LinkPlan:
         return cls(ifname, server.addresses, server.mtu or DEFAULT_MTU)
 
 
-@dataclass(frozen=True)
-class AdminReplyPlan:
+class AdminReplyPlan(Struct, frozen=True):
     """The policy rule that sends the administrator's marked replies by the main table."""
 
     families: tuple[int, ...] = (4, 6)
@@ -208,8 +206,7 @@ class AdminReplyPlan:
         return [RuleSpec(family, self.priority, MAIN_TABLE, fwmark=self.mark) for family in self.families]
 
 
-@dataclass(frozen=True)
-class FullTunnelPlan:
+class FullTunnelPlan(Struct, frozen=True):
     """The routes and rules that send everything but WireGuard's own packets into ``ifname``."""
 
     ifname: str
@@ -276,8 +273,7 @@ class FullTunnelPlan:
         return RuleSpec(family, self.priority - 1, self.table, dst=dst, src=src)
 
 
-@dataclass(frozen=True)
-class TunnelPlan:
+class TunnelPlan(Struct, frozen=True):
     """Everything the tunnel sets up around its interface for one server, in the order it is
     applied: the link, the administrator's reply rule, then the full-tunnel routing (the admin
     rule first, so an administrator's session never sees the routes without it)."""
@@ -296,8 +292,7 @@ class TunnelPlan:
         )
 
 
-@dataclass(frozen=True)
-class ConfiguredRouting:
+class ConfiguredRouting(Struct, frozen=True):
     """The routing's settings as a configuration gives them: the one reading of them, for the
     daemon's ``TunnelSettings`` and for the early start, which has nothing else."""
 

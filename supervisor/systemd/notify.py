@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
 
 import anyio
+from msgspec import Struct
 
 from supervisor.log import get_logger
 
@@ -90,8 +90,7 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
 # --- the thin shell ---------------------------------------------------------------------------
 
 
-@dataclass
-class Notifier:
+class Notifier(Struct):
     """Sends notify datagrams to systemd, or nothing when systemd did not ask for them."""
 
     address: str | None

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
+
+from msgspec import Struct
 
 from supervisor.errors import TunlockError
 from supervisor.redact import Secret
@@ -33,8 +34,7 @@ class InterfaceTaken(BackendError):
     """The interface name is in use by something this backend cannot adopt."""
 
 
-@dataclass(frozen=True)
-class DeviceConfig:
+class DeviceConfig(Struct, frozen=True):
     """Everything the backend sets on the interface for one server (one ``set``, atomically)."""
 
     private_key: Secret
@@ -53,8 +53,7 @@ class DeviceConfig:
         )
 
 
-@dataclass(frozen=True)
-class TunnelStats:
+class TunnelStats(Struct, frozen=True):
     """One cheap reading of the tunnel (one UAPI ``get`` or one netlink dump).
 
     ``last_handshake`` is wall-clock time (what both WireGuards report); ``handshake_age_s`` is
@@ -87,16 +86,14 @@ def handshake_age(last_handshake: float | None, now: float | None = None) -> flo
 # --- what a backend reports on its own -------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BackendDied:
+class BackendDied(Struct, frozen=True):
     """The backend stopped serving the interface (wireguard-go exited); a restart follows."""
 
     ifname: str
     reason: str
 
 
-@dataclass(frozen=True)
-class BackendRestarted:
+class BackendRestarted(Struct, frozen=True):
     """The backend serves the interface again with the last configuration re-applied.
 
     The interface is new: its addresses and routes must be set again, counters start at zero.
@@ -105,8 +102,7 @@ class BackendRestarted:
     ifname: str
 
 
-@dataclass(frozen=True)
-class BackendRestartFailed:
+class BackendRestartFailed(Struct, frozen=True):
     """One attempt to restart the backend failed; it tries again after a growing pause."""
 
     ifname: str

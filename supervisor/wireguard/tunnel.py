@@ -37,11 +37,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from msgspec import Struct
 from pyroute2 import AsyncIPRoute
 
 from supervisor.log import get_logger
@@ -79,8 +79,7 @@ log = get_logger(__name__)
 MIN_PEER_RENEWAL_S = 0.05
 
 
-@dataclass(frozen=True)
-class TunnelSettings:
+class TunnelSettings(Struct, frozen=True):
     """What the tunnel needs from the configuration ([tunnel] and [dns])."""
 
     ifname: str

@@ -25,12 +25,12 @@ import functools
 import os
 import socket
 import struct
-from dataclasses import dataclass, field
 from ipaddress import ip_network
 from pathlib import Path
 
 import anyio
 import anyio.abc
+from msgspec import Struct
 
 from supervisor.addresses import parse_endpoint
 from supervisor.redact import Secret
@@ -91,9 +91,17 @@ def key_from_hex(text: str) -> str:
 
 # --- the data --------------------------------------------------------------------------------
 
+_KEYS = ("private_key", "preshared_key")
 
-@dataclass(frozen=True)
-class UapiPeer:
+
+def _repr_without_keys(record: Struct) -> str:
+    """The record's usual repr with its key left out altogether: msgspec has no per-field
+    ``repr=False``, and a key has no business in a repr even redacted."""
+    shown = (f"{name}={getattr(record, name)!r}" for name in record.__struct_fields__ if name not in _KEYS)
+    return f"{type(record).__qualname__}({', '.join(shown)})"
+
+
+class UapiPeer(Struct, frozen=True):
     """One peer as ``get`` reports it."""
 
     public_key: str
@@ -103,18 +111,21 @@ class UapiPeer:
     tx_bytes: int = 0
     persistent_keepalive: int = 0
     allowed_ips: tuple[IPNetwork, ...] = ()
-    preshared_key: Secret | None = field(default=None, repr=False)
+    preshared_key: Secret | None = None  # never in the repr
     protocol_version: int | None = None
 
+    __repr__ = _repr_without_keys
 
-@dataclass(frozen=True)
-class UapiDevice:
+
+class UapiDevice(Struct, frozen=True):
     """The device as ``get`` reports it."""
 
-    private_key: Secret | None = field(default=None, repr=False)
+    private_key: Secret | None = None  # never in the repr
     listen_port: int | None = None
     fwmark: int = 0
     peers: tuple[UapiPeer, ...] = ()
+
+    __repr__ = _repr_without_keys
 
 
 # --- building requests (pure) ---------------------------------------------------------------

@@ -41,12 +41,12 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
+from msgspec import Struct, field
 
 from supervisor.log import get_logger
 from supervisor.wireguard.backend import (
@@ -94,8 +94,7 @@ def link_exists(ifname: str) -> bool:
     return True
 
 
-@dataclass(eq=False)  # each one is itself: kept in a set, compared by identity
-class _Process:
+class _Process(Struct, eq=False):
     """A wireguard-go serving our interface: our child (``popen``) or an adopted one.
 
     Its exit is awaited on its pidfd by one task only (:meth:`UserspaceBackend._follow`): anyio

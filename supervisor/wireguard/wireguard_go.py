@@ -1,5 +1,6 @@
 """Starting wireguard-go: the one way both the daemon's backend and ``tunlock run``'s early
-bring-up (supervisor/early_tunnel.py) start it, with nothing but the standard library loaded.
+bring-up (supervisor/early_tunnel.py) start it, with nothing but the standard library loaded
+(and msgspec, which reading the configuration loaded).
 
 Why it runs in the foreground, in a session of its own, with its output on a datagram socket
 pair and a clean environment: supervisor/wireguard/userspace.py.
@@ -11,8 +12,9 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 DEFAULT_BINARY = "wireguard-go"
 # Where it serves its UAPI socket, ``<interface>.sock`` (supervisor/wireguard/uapi.py speaks it).
@@ -20,8 +22,7 @@ UAPI_DIR = Path("/var/run/wireguard")
 _CHILD_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
-@dataclass
-class StartedWireguardGo:
+class StartedWireguardGo(Struct):
     """A wireguard-go we started: our child, and our end of its output."""
 
     popen: subprocess.Popen[bytes]

@@ -13,7 +13,6 @@ link, addresses, rules and routes as the batches did.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import os
@@ -24,6 +23,7 @@ from collections.abc import Iterator
 from ipaddress import ip_address
 from typing import Any
 
+import msgspec
 import pytest
 from pyroute2 import AsyncIPRoute
 
@@ -145,7 +145,7 @@ def server(lab: LabUnderTest, request: pytest.FixtureRequest) -> Server:
     assert plain.families == {4, 6}
     if request.param == "dual-stack":
         return plain
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         plain,
         addresses=tuple(a for a in plain.addresses if a.version == 4),
         dns=tuple(d for d in plain.dns if d.version == 4),

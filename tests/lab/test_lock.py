@@ -199,8 +199,9 @@ def without_protocols(lab, *argv: str) -> str:
 def test_every_rule_loads_without_etc_protocols(lab, tmp_path):
     """The whole lock, every optional part on (LAN, inbound ports, tunnel inbound, both families),
     checked by nft with no /etc/protocols: names must be ones nft knows by itself."""
-    from dataclasses import replace
     from ipaddress import ip_network
+
+    from msgspec.structs import replace
 
     from supervisor.lock.render import render, render_owned
 

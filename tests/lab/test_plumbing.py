@@ -7,12 +7,12 @@ after the tunnel is closed. Parametrized over the backends like the backend test
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import subprocess
 from collections.abc import Iterator
 from ipaddress import ip_interface
 
+import msgspec
 import pytest
 from pyroute2 import AsyncIPRoute
 
@@ -130,7 +130,7 @@ async def test_a_swap_changes_addresses_and_mtu_only_where_the_server_differs(
     lab: WgLab, settings: TunnelSettings
 ) -> None:
     plain = lab.server(1)
-    other = dataclasses.replace(
+    other = msgspec.structs.replace(
         plain, name="vpn1-alt", addresses=(*plain.addresses, ip_interface("10.98.0.2/32")), mtu=1380
     )
     # Both share one peer (key and endpoint): the swaps keep it rather than set it again within

@@ -14,7 +14,6 @@ Test infrastructure may use ``ip`` and ``wg``; the product code never does.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import os
 import signal
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 import structlog
 
@@ -113,8 +113,8 @@ class WgLab:
         """vpn<index> (1-based) as the daemon reads it from the server file the lab wrote."""
         server = load_server(self.lab.dir / "servers" / f"vpn{index}.conf")
         if keepalive is not None:
-            server = dataclasses.replace(
-                server, peer=dataclasses.replace(server.peer, persistent_keepalive=keepalive)
+            server = msgspec.structs.replace(
+                server, peer=msgspec.structs.replace(server.peer, persistent_keepalive=keepalive)
             )
         return server
 

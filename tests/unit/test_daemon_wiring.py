@@ -11,7 +11,6 @@ real parts are tested in tests/lab/test_daemon.py and tests/lab/test_daemon_hard
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
-from dataclasses import replace
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import anyio
 import pytest
 import structlog
+from msgspec.structs import replace
 from pyroute2 import AsyncIPRoute
 
 from supervisor import daemon

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import replace
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 
+import msgspec
 import pytest
+from msgspec.structs import replace
 
 from supervisor.net.ip_batch import ip_batches, ip_undo_batches
 from supervisor.net.routes import FullTunnelRouting
@@ -165,21 +166,23 @@ def test_the_plan_is_what_the_tunnel_routes(dual_stack: Server) -> None:
 PROBE = """\
 import sys
 import supervisor.net.ip_batch, supervisor.net.routing_plan
-heavy = ("pyroute2", "anyio", "structlog", "msgspec", "supervisor.log", "supervisor.config")
+heavy = ("pyroute2", "anyio", "structlog", "supervisor.log", "supervisor.config")
 print(" ".join(name for name in heavy if name in sys.modules))
 """
 
 
 def test_the_plan_and_its_rendering_import_without_the_daemons_stack() -> None:
     """The early start imports them before the daemon: none of the daemon's libraries may come
-    along. Without site, as a fresh interpreter's own imports."""
+    along. Without site, as a fresh interpreter's own imports; msgspec, which the configuration
+    loaded before (the plan's records are its Structs), is found where it is installed."""
     root = Path(__file__).resolve().parents[2]
+    installed = Path(msgspec.__file__).parents[1]
     result = subprocess.run(
         [sys.executable, "-S", "-c", PROBE],
         capture_output=True,
         text=True,
         check=True,
-        env={"PYTHONPATH": str(root)},
+        env={"PYTHONPATH": f"{root}:{installed}"},
     )
     assert result.stdout.split() == [], f"imported along with the plan: {result.stdout}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ipaddress import ip_address, ip_network
 
 import pytest
+from msgspec.structs import replace
 
 from supervisor.lock.admin import SshSession, addresses_from_ip_json, lockout
 from supervisor.lock.policy import LockPolicy
@@ -53,8 +54,8 @@ def test_a_lan_session_goes_on_only_where_the_lock_lets_the_lan_in():
     from_lan = "192.0.2.9 50000 192.0.2.2 22"
     on_link = LockPolicy(table="t", tunnel_interface="tl0", fwmark=1, lan_ranges=lan, onlink=lan)
     assert lockout(on_link, from_lan, HERE) is not None, "LAN ranges alone let nothing in"
-    assert lockout(LockPolicy(**{**on_link.__dict__, "allow_lan": True}), from_lan, HERE) is None
-    assert lockout(LockPolicy(**{**on_link.__dict__, "inbound_tcp": (22,)}), from_lan, HERE) is None
+    assert lockout(replace(on_link, allow_lan=True), from_lan, HERE) is None
+    assert lockout(replace(on_link, inbound_tcp=(22,)), from_lan, HERE) is None
     off_link = LockPolicy(table="t", tunnel_interface="tl0", fwmark=1, lan_ranges=lan, allow_lan=True)
     assert lockout(off_link, from_lan, HERE) is not None, "a LAN range that is not on-link is the ISP's"
 

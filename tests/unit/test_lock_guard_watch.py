@@ -26,7 +26,7 @@ class CountingGuard(LockGuard):
     """A guard whose table check only counts (there is no table without root)."""
 
     def __init__(self) -> None:
-        super().__init__(LockPolicy.__new__(LockPolicy))
+        super().__init__(LockPolicy("tunlock", "tl0", 0xCA6C))
         self.checks = 0
 
     async def check(self) -> str | None:

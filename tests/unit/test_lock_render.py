@@ -4,11 +4,11 @@ except WireGuard carrying the fwmark, link upkeep and (when asked) the LAN."""
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from ipaddress import ip_address, ip_network
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from supervisor.lock.owner import (
     apply_script,
@@ -118,7 +118,7 @@ def test_endpoint_swap_adds_before_it_deletes_and_never_widens():
 
 
 def test_fingerprint_follows_the_policy():
-    assert fingerprint(BASE) == fingerprint(LockPolicy(**{**BASE.__dict__}))
+    assert fingerprint(BASE) == fingerprint(replace(BASE))
     assert fingerprint(BASE) != fingerprint(BASE.with_endpoints({EP1}))
 
 
@@ -307,7 +307,7 @@ def test_off_link_private_ranges_are_left_out_of_the_lan():
     text = render(policy)
     assert "set lan4 { type ipv4_addr; flags interval; elements = { 192.168.1.0/24 } }" in text
     assert "set lan6 { type ipv6_addr; flags interval; elements = { fe80::/10 } }" in text
-    assert fingerprint(policy) == fingerprint(LockPolicy(**{**policy.__dict__, "onlink": ()}))
+    assert fingerprint(policy) == fingerprint(replace(policy, onlink=()))
 
 
 def test_forwarded_dns_is_refused_with_a_reset_and_the_refusal_may_leave():
@@ -595,13 +595,13 @@ def test_endpoint_swaps_cover_the_egress_sets_when_the_chain_is_there():
 
 def test_the_links_read_at_apply_leave_the_fingerprint_alone():
     assert fingerprint(EGRESS) == fingerprint(BASE)
-    assert fingerprint(LockPolicy(**{**BASE.__dict__, "bridges": ("docker0",)})) == fingerprint(BASE)
+    assert fingerprint(replace(BASE, bridges=("docker0",))) == fingerprint(BASE)
 
 
 def test_forward_lets_through_traffic_that_stays_on_one_of_the_hosts_bridges():
     """br_netfilter hands a frame bridged between two containers to the inet forward hook, with
     the bridge as input and output: only the same bridge on both sides, never another device."""
-    text = render(LockPolicy(**{**BASE.__dict__, "bridges": ("docker0", "br-1a2b")}))
+    text = render(replace(BASE, bridges=("docker0", "br-1a2b")))
     elements = '{ "br-1a2b" . "br-1a2b", "docker0" . "docker0" }'
     assert f"set bridge_local {{ type ifname . ifname; elements = {elements} }}" in text
     rules = chain(text, "forward")
@@ -640,7 +640,7 @@ def test_every_way_out_of_output_is_also_a_way_out_of_egress(policy):
 
 
 def test_the_boot_file_and_the_fallback_do_not_touch_the_netdev_family():
-    text = render(LockPolicy(**{**BASE.__dict__, "netdev": False}))
+    text = render(replace(BASE, netdev=False))
     assert "netdev" not in text
     assert text.startswith("add table inet tunlock\n")
 

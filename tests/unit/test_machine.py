@@ -6,9 +6,8 @@ would, never built by hand, so a test cannot start from a state the machine coul
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
+from msgspec.structs import replace
 
 from supervisor.machine import actions as act
 from supervisor.machine import events as ev

@@ -7,7 +7,6 @@ No lock and no daemon here: the lock is a fake that records what it was asked; t
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address, ip_interface
 from pathlib import Path
 
@@ -30,8 +29,7 @@ _NO_KEY = Secret("")
 _PEER = Peer("", Endpoint(ip_address("198.51.100.1"), 51820), ())
 
 
-@dataclass(frozen=True)
-class FakeServer(Server):
+class FakeServer(Server, frozen=True):
     """A Server with the addresses and DNS the views carry; the rest plain placeholders."""
 
     name: str = "s1"

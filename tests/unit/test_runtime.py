@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import anyio.abc
 import pytest
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
+from msgspec.structs import replace
 
 from supervisor import runtime as runtime_module
 from supervisor.lock.policy import LockPolicy
@@ -215,7 +215,7 @@ def run(
 
 
 def _copy(status: Status) -> Status:
-    return Status(**{**status.__dict__, "entered": dict(status.entered), "failures": dict(status.failures)})
+    return replace(status, entered=dict(status.entered), failures=dict(status.failures))
 
 
 async def next_state(published: MemoryObjectReceiveStream[Status]) -> str:
@@ -293,7 +293,7 @@ def test_stop_in_session_mode_removes_the_lock_after_closing_the_tunnel() -> Non
         assert await next_state(published) == "connecting"
         await stop(runtime, published)
 
-    session = MachineSettings(**{**SLOW.__dict__, "lock_mode": "session"})
+    session = replace(SLOW, lock_mode="session")
     _, world = run(scenario, session)
     assert world.without_probes()[-2:] == [("close",), ("remove",)]
 
@@ -599,7 +599,7 @@ def reload_to(names: tuple[str, ...], reachable: frozenset[str] | None = None) -
         {name: SERVERS[name] for name in names},
         probe_target,
         BASE,
-        MachineSettings(**{**SLOW.__dict__, "servers": names}),
+        replace(SLOW, servers=names),
         reachable,
     )
 

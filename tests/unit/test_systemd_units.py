@@ -5,8 +5,9 @@ from __future__ import annotations
 import configparser
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
+
+from msgspec.structs import replace
 
 from supervisor.config import load_config
 from supervisor.systemd import units
