@@ -44,7 +44,7 @@ import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -67,6 +67,7 @@ from supervisor.machine import events as ev
 from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Machine
 from supervisor.net import monitor
+from supervisor.net.probe import probe_address
 from supervisor.net.wake import PacketWatch
 from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status
 from supervisor.safety import ensure_safe_to_lock
@@ -143,17 +144,8 @@ def machine_settings(config: Config) -> MachineSettings:
 
 
 def probe_target(config: Config) -> Callable[[Server], IPv4Address | IPv6Address | None]:
-    """Where probes go: ``health.probe_target``, else the server's first DNS address (inside
-    the tunnel, so an answer proves the whole path)."""
-    fixed = config.settings.health.probe_target
-    target = ip_address(fixed) if fixed else None
-
-    def for_server(server: Server) -> IPv4Address | IPv6Address | None:
-        if target is not None:
-            return target
-        return server.dns[0] if server.dns else None
-
-    return for_server
+    """Where probes go (supervisor/net/probe.py's ``probe_address``)."""
+    return functools.partial(probe_address, config.settings.health.probe_target)
 
 
 async def serve(

@@ -17,8 +17,7 @@ task and no timer per probe. The socket is told to receive nothing (``ICMP_FILTE
 ``ICMP6_FILTER`` block every type), so answers never queue in it; the answer
 that counts is the one WireGuard already counted.
 
-ICMP echo is built by hand because it is eight bytes and a checksum; a library
-for it would bring far more than it saves.
+The packets and the sockets are supervisor/net/probe.py's.
 
 Without CAP_NET_RAW (podman grants no NET_RAW by default; a hardened unit may drop it) a raw
 socket cannot be had. The prober then sends a DNS query (the root's NS, 17 bytes) over UDP
@@ -37,43 +36,9 @@ import time
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from supervisor.log import get_logger
+from supervisor.net.probe import probe_socket, send_probe
 
 log = get_logger(__name__)
-
-_ICMP_ECHO_REQUEST = 8
-_ICMP6_ECHO_REQUEST = 128
-_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-# linux/icmp.h: ICMP_FILTER (SOL_RAW) takes a 32-bit mask of the types to drop; linux/icmpv6.h:
-# ICMPV6_FILTER (IPPROTO_ICMPV6) takes 256 bits, a set bit blocks the type.
-_SOL_RAW = 255
-_ICMP_FILTER = 1
-_ICMP6_FILTER = 1
-_BLOCK_ALL_V4 = struct.pack("=I", 0xFFFFFFFF)
-_BLOCK_ALL_V6 = b"\xff" * 32
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
-def echo_request(ident: int, seq: int, payload: bytes, v6: bool) -> bytes:
-    """An ICMP (or ICMPv6) echo request; for v6 the kernel fills the checksum."""
-    kind = _ICMP6_ECHO_REQUEST if v6 else _ICMP_ECHO_REQUEST
-    header = struct.pack("!BBHHH", kind, 0, 0, ident, seq)
-    if v6:
-        return header + payload
-    csum = _checksum(header + payload)
-    return struct.pack("!BBHHH", kind, 0, csum, ident, seq) + payload
-
-
-def dns_probe(ident: int) -> bytes:
-    """A DNS query for the root's NS records, recursion desired: what the UDP fallback sends."""
-    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + b"\x00" + struct.pack("!HH", 2, 1)
 
 
 class IcmpProber:
@@ -94,10 +59,7 @@ class IcmpProber:
         payload = struct.pack("!d", time.monotonic())
         sock = self._socket(v6, ifname)
         try:
-            if self.raw:
-                sock.sendto(echo_request(self._ident, self._seq, payload, v6), (str(target), 0))
-            else:
-                sock.sendto(dns_probe(self._seq), (str(target), 53))
+            send_probe(sock, self.raw, target, self._ident, self._seq, payload)
         except BlockingIOError:
             pass  # the socket's send buffer is full: this probe is lost, as on a lossy link
         except OSError:
@@ -109,12 +71,9 @@ class IcmpProber:
         key = (6 if v6 else 4, ifname)
         sock = self._sockets.get(key)
         if sock is None:
-            family, proto = (
-                (socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP)
-            )
             if self.raw:
                 try:
-                    sock = socket.socket(family, socket.SOCK_RAW, proto)
+                    sock = probe_socket(v6, ifname, raw=True)
                 except PermissionError:
                     self.raw = False
                     log.warning(
@@ -122,22 +81,8 @@ class IcmpProber:
                         "instead; the target must be one of the server's tunnel resolvers (the "
                         "default), since the lock lets DNS through the tunnel to those alone"
                     )
-            if not self.raw:
-                sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
-            assert sock is not None  # the raw socket, or else the datagram one
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, ifname.encode())
-                if not self.raw:
-                    # Answers are not read (rx already counted them): keep the queue tiny.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-                elif v6:
-                    sock.setsockopt(socket.IPPROTO_ICMPV6, _ICMP6_FILTER, _BLOCK_ALL_V6)
-                else:
-                    sock.setsockopt(_SOL_RAW, _ICMP_FILTER, _BLOCK_ALL_V4)
-            except OSError:
-                sock.close()
-                raise
+            if sock is None:
+                sock = probe_socket(v6, ifname, raw=False)
             self._sockets[key] = sock
         return sock
 

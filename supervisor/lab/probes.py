@@ -102,7 +102,7 @@ def _is_our_reply(data: bytes, v6: bool, ident: int, seq: int) -> bool:
 
 def icmp_echoed(target: str = INTERNET_V4, interface: str | None = None) -> bool:
     """One echo from a raw socket (CAP_NET_RAW), for where no ``ping`` is installed (a container)."""
-    from supervisor.health import echo_request
+    from supervisor.net.probe import echo_request
 
     v6 = ":" in target
     family, proto = (socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP)

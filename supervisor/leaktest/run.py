@@ -28,7 +28,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from supervisor.config import Config
 from supervisor.errors import TunlockError
-from supervisor.health import dns_probe, echo_request
 from supervisor.leaktest import checks
 from supervisor.leaktest.judge import Evidence, Reply, Verdict, judge, sort_captured
 from supervisor.leaktest.packets import ETH_P_IP, ETH_P_IPV6, ProbeKey, ReplyKind
@@ -47,6 +46,7 @@ from supervisor.leaktest.report import Report
 from supervisor.net.dns import DEFAULT_STATE_DIR, written_by_tunlock
 from supervisor.net.links import collect
 from supervisor.net.netns import managed_resolv_conf
+from supervisor.net.probe import dns_probe, echo_request
 from supervisor.servers import IPAddress
 
 REPLY_WAIT_S = 1.0  # a first hop answers in milliseconds; a second covers a slow home router

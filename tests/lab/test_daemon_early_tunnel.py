@@ -121,6 +121,22 @@ def test_with_the_boot_lock_the_tunnel_comes_up_first_and_the_daemon_adopts_it(
     lab.assert_no_leaks(mark)
 
 
+def test_the_early_tunnel_has_its_handshake_done_when_the_daemon_first_looks(
+    lab: LabUnderTest, tmp_path: Path
+) -> None:
+    # WireGuard starts its handshake only when it has a packet to send. The early bring-up sends
+    # one probe, so the daemon's first reading of the adopted tunnel finds a handshake: without
+    # it the daemon's own first probe started one, and `connected` came two samples later.
+    load_boot_lock(lab, tmp_path)
+    with lab.daemon(env={"TUNLOCK_LOG_LEVEL": "debug"}) as daemon:
+        daemon.start()
+        recs = records(daemon)
+        assert first(recs, EARLY, server="vpn1") >= 0
+        readings = [r["received"] for r in recs if str(r.get("received", "")).startswith("StatsRead(")]
+        assert readings, "the daemon read the tunnel's counters"
+        assert "handshake_age_s=None" not in readings[0], readings[0]
+
+
 def test_without_the_lock_the_daemon_locks_first_as_before(lab: LabUnderTest) -> None:
     assert "table inet tunlock" not in lab.lab.run("client", "nft", "list", "tables")
     # No ping here: with no lock at all the host's own traffic leaves as it likes until the

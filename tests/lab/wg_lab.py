@@ -143,7 +143,7 @@ class PingLog:
 
 async def ping_continuously(target: str, ifname: str, interval: float, log: PingLog) -> None:
     """ICMP echo every ``interval`` through ``ifname`` until cancelled; replies recorded in ``log``."""
-    from supervisor.health import echo_request
+    from supervisor.net.probe import echo_request
 
     v6 = ip_address(target).version == 6
     family, proto = (socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP)

@@ -9,6 +9,7 @@ from ipaddress import ip_address
 import pytest
 
 from supervisor import health
+from supervisor.net import probe
 
 
 class FakeSocket:
@@ -53,9 +54,9 @@ def test_probes_share_one_socket_per_family_bound_to_the_tunnel_and_deaf(prober)
     assert (v4.family, v4.kind, v4.proto) == (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     assert v6.family == socket.AF_INET6 and v6.proto == socket.IPPROTO_ICMPV6
     assert len(v4.sent) == 30 and len(v6.sent) == 1
-    assert v4.options[(socket.SOL_SOCKET, health._SO_BINDTODEVICE)] == b"tl0"
-    assert v4.options[(health._SOL_RAW, health._ICMP_FILTER)] == b"\xff\xff\xff\xff", "receives nothing"
-    assert v6.options[(socket.IPPROTO_ICMPV6, health._ICMP6_FILTER)] == b"\xff" * 32
+    assert v4.options[(socket.SOL_SOCKET, probe._SO_BINDTODEVICE)] == b"tl0"
+    assert v4.options[(probe._SOL_RAW, probe._ICMP_FILTER)] == b"\xff\xff\xff\xff", "receives nothing"
+    assert v6.options[(socket.IPPROTO_ICMPV6, probe._ICMP6_FILTER)] == b"\xff" * 32
     data, address = v4.sent[0]
     assert address == ("10.64.0.1", 0) and data[0] == 8 and len(data) == 16  # echo request, small
     assert len({d[6:8] for d, _ in v4.sent}) == 30, "each probe its own sequence number"
@@ -101,7 +102,7 @@ def test_without_cap_net_raw_the_probes_are_dns_queries_over_udp(monkeypatch) ->
         prober.send(ip_address("10.64.0.1"), "tl0")
     (udp,) = FakeSocket.made
     assert (udp.kind, udp.proto) == (socket.SOCK_DGRAM, socket.IPPROTO_UDP) and not prober.raw
-    assert udp.options[(socket.SOL_SOCKET, health._SO_BINDTODEVICE)] == b"tl0", "into the tunnel"
+    assert udp.options[(socket.SOL_SOCKET, probe._SO_BINDTODEVICE)] == b"tl0", "into the tunnel"
     data, address = udp.sent[0]
     assert address == ("10.64.0.1", 53) and len(udp.sent) == 3
     assert data[2:6] == b"\x01\x00\x00\x01" and data[-5:] == b"\x00\x00\x02\x00\x01"  # RD, one question: . NS
