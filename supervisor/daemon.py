@@ -14,9 +14,9 @@ Order at start, so that nothing leaves before the lock is in force:
    connect), and only then configures a peer; the lock guard starts watching.
    With no tunnel to adopt, the interface is created meanwhile (wireguard-go started, no peer:
    nothing can pass through it), so the first connect only sets the peer and the routes.
-   A taken-over tunnel carries traffic already: the path monitor is started, and its routes
-   and resolvers are checked, once the lock is in force rather than before (a failure there is
-   the machine's, as a failed connect);
+   A taken-over tunnel carries traffic already: its routes and resolvers are checked (the
+   machine's ``CompleteAdoption``, right after its lock; a failure is a failed connect's), and
+   the path monitor started, once the lock is in force rather than before;
 4. the signal handlers, then the machine runs; the control socket, the metrics and the plugins
    start while its first actions (lock, peer, routes) get the tunnel carrying traffic, and the
    start-up's freed memory is handed back once it is connected.
@@ -75,7 +75,7 @@ from supervisor.servers import Endpoint, Server
 from supervisor.status import StatusReport
 from supervisor.systemd.notify import Notifier
 from supervisor.wireguard import backend as wg
-from supervisor.wireguard.tunnel import Tunnel, TunnelSettings, open_tunnel
+from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
 from supervisor.wireguard.wireguard_go import StartedWireguardGo
 
 if TYPE_CHECKING:
@@ -268,17 +268,16 @@ async def serve(
         await tg.start(_signals, runtime, config, watcher, notifier, host)
         tg.start_soon(machine)
         if adopted is not None:
-            # A tunnel taken over carries traffic already: the lock comes first, then the path
-            # monitor (until its first report every server counts as reachable) and the tunnel's
-            # route check and resolvers. Run beside the lock's apply, their netlink parsing would
-            # hold the interpreter lock it needs (issue #27 item 4). The first status is
-            # published once the lock is in force and watched.
-            async def once_locked() -> None:
+            # A tunnel taken over carries traffic already: the lock comes first, then the
+            # machine's CompleteAdoption (routes, resolvers) and the path monitor, until whose
+            # first report every server counts as reachable. Run beside the lock's apply, their
+            # netlink parsing would hold the interpreter lock it needs (issue #27 item 4). The
+            # first status is published once the lock is in force and the adoption completed.
+            async def monitor_once_locked() -> None:
                 await first_status.wait()
                 await tg.start(watcher.run, paths)
-                await _complete_adoption(runtime, tunnel, adopted.name)
 
-            tg.start_soon(once_locked)
+            tg.start_soon(monitor_once_locked)
         await tg.start(control_server.serve, settings.control.socket, ControlCommands(runtime, status))
         if settings.metrics.address is not None:
             await tg.start(_serve_metrics, runtime, lock, status, settings.metrics.address, placement)
@@ -303,17 +302,6 @@ async def serve(
         tg.cancel_scope.cancel()
     log.info("tunlock stopped", lock="kept" if settings.lock.mode == "permanent" else "removed")
     return 0
-
-
-async def _complete_adoption(runtime: Runtime, tunnel: Tunnel, server: str) -> None:
-    """The taken-over tunnel's plumbing checked; a failure is the machine's, as a connect's."""
-    try:
-        with anyio.fail_after(ADOPT_TIMEOUT_S):
-            await tunnel.complete_adoption()
-    except Exception as err:  # the machine counts it as the server failing, and moves on
-        log.error("could not complete the adoption of the running tunnel", server=server, error=str(err))
-        reason = str(err) or type(err).__name__
-        await runtime.post(lambda now: ev.ConnectFailed(now, server, reason))
 
 
 async def _serve_metrics(

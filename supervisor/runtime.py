@@ -74,6 +74,9 @@ class Lock(Protocol):
 class TunnelControl(Protocol):
     async def connect(self, server: Server) -> None: ...
 
+    async def complete_adoption(self) -> None:
+        """Check and complete an adopted tunnel's addresses, routes and resolvers."""
+
     async def restart_handshake(self, server: Server) -> None:
         """Set ``server``'s peer again as it is, so that its next packet starts a handshake."""
 
@@ -324,6 +327,8 @@ class Runtime:
                     await self.lock.remove()
             case act.ConfigurePeer(name):
                 return await self._configure(name)
+            case act.CompleteAdoption(name):
+                return await self._complete_adoption(name)
             case act.RestartHandshake(name):
                 server = self.servers.get(name)
                 if server is not None:
@@ -373,6 +378,15 @@ class Runtime:
                 await self.tunnel.connect(server)
         except Exception as err:  # reported to the machine, which moves on
             log.error("could not set up the peer", server=name, error=str(err))
+            return ev.ConnectFailed(self.clock(), name, str(err) or type(err).__name__)
+        return None
+
+    async def _complete_adoption(self, name: str) -> ev.Event | None:
+        try:
+            with anyio.fail_after(CONFIGURE_TIMEOUT_S):
+                await self.tunnel.complete_adoption()
+        except Exception as err:  # the machine counts it as the server failing, as a connect's
+            log.error("could not complete the adoption of the running tunnel", server=name, error=str(err))
             return ev.ConnectFailed(self.clock(), name, str(err) or type(err).__name__)
         return None
 

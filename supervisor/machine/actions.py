@@ -38,6 +38,14 @@ class ConfigurePeer(Struct, frozen=True):
     server: str
 
 
+class CompleteAdoption(Struct, frozen=True):
+    """Check the adopted tunnel's addresses, routes and resolvers for ``server`` and put right
+    what is missing: after the lock, since that tunnel carries traffic already. A failure is
+    answered with ``ConnectFailed``, as a failed ``ConfigurePeer`` is."""
+
+    server: str
+
+
 class RestartHandshake(Struct, frozen=True):
     """Set ``server``'s peer again, as it is: a new peer has no handshake history, so the probe
     after it sends an initiation now instead of after WireGuard's 5 s retry timer."""
@@ -102,6 +110,7 @@ Action = (
     | SetLockServers
     | RemoveLock
     | ConfigurePeer
+    | CompleteAdoption
     | RestartHandshake
     | RemovePeer
     | CloseTunnel
@@ -123,11 +132,12 @@ EXECUTED_BY: dict[type, str] = {
     SetLockServers: "the lock's one writer: the cheapest single transaction (element swap or whole table)",
     RemoveLock: "the lock's one writer: both tables removed, the guard stopped first",
     ConfigurePeer: "the tunnel (`wireguard/tunnel.py`): interface, peer, routes, DNS",
+    CompleteAdoption: "the tunnel: the adopted tunnel's addresses, routes and DNS checked and completed",
     RestartHandshake: "the tunnel: the same peer set again",
     RemovePeer: "the tunnel: the peer removed, the interface kept",
     CloseTunnel: "the tunnel: interface, routes and DNS undone",
     ReadStats: "the tunnel's backend: counters and handshake age, answered as an event",
-    Probe: "the prober (`health.py`): one ICMP echo or DNS query through the tunnel",
+    Probe: "the prober (`health.py`, `net/probe.py`): one ICMP echo or DNS query through the tunnel",
     WatchTraffic: "the traffic watch (`net/wake.py`): a packet socket on the tunnel, idle spells only",
     StopWatchingTraffic: "the traffic watch: its socket closed",
     StartTimer: "the runtime: a timer task with a generation",

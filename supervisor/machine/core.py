@@ -208,19 +208,21 @@ def ignore(m: Machine, _event: Any) -> tuple[Machine, Actions]:
 @leads_to(Connecting, Blocked, Offline)
 def start(m: Machine, e: ev.Start) -> tuple[Machine, Actions]:
     """Install the whole lock, letting through only the server the start goes to (an adopted
-    tunnel's, or the one it connects to: one transaction before the peer), then connect or adopt."""
+    tunnel's, or the one it connects to: one transaction before the peer), then connect or adopt
+    (an adopted tunnel's routes and resolvers are checked once the lock is in)."""
     if m.context.started:
         return m, []
     ctx = m.context
     adopted = e.adopted if e.adopted in ctx.settings.servers else None
     m = Machine(m.state, replace(ctx, started=True, rng=e.seed))
+    completed: Actions = [act.CompleteAdoption(adopted)] if adopted else []
     if not _any_reachable(m.context):
         state = Offline(since=e.now, resume=adopted, intact=adopted is not None)
         lock = act.ApplyLock((adopted,) if adopted else ())
-        return Machine(state, m.context), [lock, _publish(state, "no route to any server")]
+        return Machine(state, m.context), [lock, *completed, _publish(state, "no route to any server")]
     if adopted and _reachable(m.context, adopted):
         m, actions = enter_connecting(m, e.now, adopted, "adopting the running tunnel", configure=False)
-        return m, [act.ApplyLock((adopted,)), *actions]
+        return m, [act.ApplyLock((adopted,)), *completed, *actions]
     m, actions = _pick_and_connect(m, e.now, "starting")
     return m, _lock_installed_first(actions)
 

@@ -24,9 +24,7 @@ from pyroute2 import AsyncIPRoute
 from supervisor import daemon
 from supervisor.config import Config, load_config
 from supervisor.lock.configured import policy_from_config
-from supervisor.machine import events as ev
 from supervisor.machine.settings import MachineSettings
-from supervisor.net.dns import DnsError
 from supervisor.runtime import Reconfiguration
 
 TUNED = """\
@@ -317,41 +315,3 @@ def test_a_control_socket_path_that_cannot_be_used_ends_it_as_a_configuration_er
     [refused] = [entry for entry in logs if entry["log_level"] == "error"]
     assert refused["event"] == "tunlock cannot start: the configuration has errors"
     assert str(taken) in refused["problems"][0]
-
-
-class Adoption:
-    """A tunnel whose taken-over plumbing fails (or not), and a runtime recording its events."""
-
-    def __init__(self, failure: Exception | None) -> None:
-        self.failure = failure
-        self.posted: list[ev.Event] = []
-
-    async def complete_adoption(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-
-    async def post(self, make: Callable[[float], ev.Event]) -> None:
-        self.posted.append(make(7.0))
-
-
-@pytest.mark.parametrize(
-    "failure",
-    [None, DnsError("cannot write /etc/resolv.conf: read-only file system"), TimeoutError()],
-)
-def test_a_taken_over_tunnel_whose_plumbing_fails_counts_as_a_failed_connect(
-    failure: Exception | None,
-) -> None:
-    # The daemon completes an adoption once its lock is in force; what fails there is the
-    # machine's to handle (another server, or this one again later), as a failed connect is,
-    # rather than the end of the daemon.
-    world: Any = Adoption(failure)  # stands in for both the runtime and the tunnel
-    with structlog.testing.capture_logs() as logs:
-        anyio.run(daemon._complete_adoption, world, world, "vpn1")
-    if failure is None:
-        assert world.posted == [] and logs == []
-        return
-    reason = str(failure) or type(failure).__name__
-    assert world.posted == [ev.ConnectFailed(7.0, "vpn1", reason)]
-    assert [(e["event"], e["server"], e["error"]) for e in logs] == [
-        ("could not complete the adoption of the running tunnel", "vpn1", str(failure))
-    ]

@@ -30,6 +30,7 @@ from supervisor.machine import actions as act
 from supervisor.machine import events as ev
 from supervisor.machine.settings import MachineSettings
 from supervisor.machine.states import Machine
+from supervisor.net.dns import DnsError
 from supervisor.redact import Secret
 from supervisor.runtime import Inbox, LockFailed, Reconfiguration, Runtime, Status, TimerDue, TrafficWatch
 from supervisor.servers import Endpoint, Peer, Server
@@ -110,6 +111,9 @@ class World:
     # TunnelControl
     async def connect(self, server: Server) -> None:
         self._call("connect", server.name)
+
+    async def complete_adoption(self) -> None:
+        self._call("complete_adoption")
 
     async def restart_handshake(self, server: Server) -> None:
         self._call("restart_handshake", server.name)
@@ -248,6 +252,44 @@ def test_start_locks_before_anything_then_configures() -> None:
     assert ("probe", "10.64.0.1", "tun-test") in world.calls
     assert runtime.status.state == "stopped"
     assert runtime.status.entered == {"connecting": 1, "stopped": 1}
+
+
+def test_an_adopted_tunnel_is_checked_after_the_lock_and_before_any_status() -> None:
+    """Issue #27 item 4: a tunnel taken over carries traffic already; the lock goes in first,
+    then its routes and resolvers are checked, and only then is the first state published (so
+    `connected` means they were, as after a connect)."""
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1, adopted="b"))
+        status = await published.receive()
+        assert (status.state, status.server) == ("connecting", "b")
+        assert world.without_probes() == [("apply", ("b",)), ("complete_adoption",)]
+        await stop(runtime, published)
+
+    run(scenario)
+
+
+def test_an_adoption_that_cannot_be_completed_fails_that_server_as_a_connect_would() -> None:
+    world = World()
+    world.failing_once["complete_adoption"] = DnsError("cannot write /etc/resolv.conf: read-only file system")
+
+    async def scenario(runtime: Runtime, world: World, published: MemoryObjectReceiveStream[Status]) -> None:
+        await runtime.post(lambda now: ev.Start(now, seed=1, adopted="a"))
+        first = await published.receive()
+        second = await published.receive()
+        assert (first.state, first.server) == ("connecting", "a")
+        assert (second.state, second.server) == ("connecting", "b")
+        assert second.last_failure is not None and second.last_failure.server == "a"
+        assert second.last_failure.reason == "cannot write /etc/resolv.conf: read-only file system"
+        await stop(runtime, published)
+
+    _, world = run(scenario, world=world)
+    assert world.without_probes()[:4] == [
+        ("apply", ("a",)),
+        ("complete_adoption",),
+        ("set_servers", ("b",)),
+        ("connect", "b"),
+    ]
 
 
 def test_the_first_connect_costs_one_lock_transaction(memory_nft: MemoryNft) -> None:
