@@ -191,8 +191,11 @@ class LinkPlan(Struct, frozen=True):
     mtu: int = DEFAULT_MTU
 
     @classmethod
-    def for_server(cls, ifname: str, server: Server) -> LinkPlan:
-        return cls(ifname, server.addresses, server.mtu or DEFAULT_MTU)
+    def for_server(cls, ifname: str, server: Server, families: tuple[int, ...] = (4, 6)) -> LinkPlan:
+        """``server``'s addresses of ``families`` (``routed_families``): an interface with IPv6
+        disabled refuses IPv6 addresses, and a dual-stack server must still connect over IPv4."""
+        addresses = tuple(a for a in server.addresses if a.version in families)
+        return cls(ifname, addresses, server.mtu or DEFAULT_MTU)
 
 
 class AdminReplyPlan(Struct, frozen=True):
@@ -286,7 +289,7 @@ class TunnelPlan(Struct, frozen=True):
     def for_server(cls, settings: RoutingSettings, server: Server, families: tuple[int, ...]) -> TunnelPlan:
         """``families``: what can be routed into the interface here (``routed_families``)."""
         return cls(
-            LinkPlan.for_server(settings.ifname, server),
+            LinkPlan.for_server(settings.ifname, server, families),
             AdminReplyPlan(families),
             FullTunnelPlan.for_server(settings, families, server),
         )

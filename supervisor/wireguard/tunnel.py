@@ -310,7 +310,7 @@ class Tunnel:
         # The order and the parts are supervisor.net.routing_plan.TunnelPlan's, which the early
         # start applies with iproute2 (supervisor.net.ip_batch) before the daemon adopts it.
         families = routed_families(self.ifname)
-        link = LinkPlan.for_server(self.ifname, server)
+        link = LinkPlan.for_server(self.ifname, server, families)
         async with AsyncIPRoute() as ipr:
             await configure_link(ipr, link.ifname, link.addresses, link.mtu)
             # The administrator's replies keep their way out before the tunnel's routes take

@@ -11,12 +11,14 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from ipaddress import ip_interface
+from pathlib import Path
 
 import msgspec
 import pytest
 from pyroute2 import AsyncIPRoute
 
 from supervisor.net.routes import FullTunnelRouting
+from supervisor.safety import current_lab_namespace
 from supervisor.wireguard.tunnel import TunnelSettings, open_tunnel
 
 from .wg_lab import (  # noqa: F401  (two of these are fixtures, registered by import)
@@ -100,6 +102,36 @@ async def test_everything_but_wireguard_goes_into_the_tunnel(lab: WgLab, setting
     assert settings.resolv_conf.read_text() == ORIGINAL_RESOLV_CONF
     with pytest.raises(OSError):
         ifindex(ifname)
+
+
+@pytest.fixture
+def ipv6_off_for_new_links(settings: TunnelSettings) -> Iterator[None]:
+    """New interfaces in the client's namespace (where ``settings`` put this thread) start with
+    IPv6 disabled, as on a host that turns it off to keep IPv6 from leaking
+    (net.ipv6.conf.default.disable_ipv6)."""
+    assert current_lab_namespace() is not None, "a lab namespace's sysctl, never this machine's"
+    flag = Path("/proc/sys/net/ipv6/conf/default/disable_ipv6")
+    before = flag.read_text()
+    flag.write_text("1\n")
+    try:
+        yield
+    finally:
+        flag.write_text(before)
+
+
+async def test_with_ipv6_off_on_the_interface_a_dual_stack_server_connects_over_ipv4(
+    lab: WgLab, settings: TunnelSettings, ipv6_off_for_new_links: None
+) -> None:
+    # The server gives the client fd00:99::2/128 too; an interface with IPv6 disabled refuses
+    # IPv6 addresses, and the connect failed on it where it should carry IPv4 alone.
+    ifname = settings.ifname
+    async with open_tunnel(settings) as tunnel:
+        await tunnel.connect(lab.server(1))
+        assert ping(TUNNEL_SERVER_V4) == 3
+        assert "inet 10.99.0.2/32" in ip("-4", "addr", "show", "dev", ifname)
+        assert ip("-6", "addr", "show", "dev", ifname).strip() == ""
+        assert our_rules("-6") == [] and len(our_rules("-4")) == 2
+        await tunnel.close()
 
 
 async def test_routing_is_idempotent_and_repairs_what_is_missing(
