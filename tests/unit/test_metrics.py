@@ -7,17 +7,15 @@ test_daemon.py scrapes a running daemon.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import anyio
-import anyio.abc
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_classic
 
-from supervisor.metrics import MetricsUnavailable, Snapshot, answer, exposition, serve
+from supervisor.metrics import MetricsUnavailable, Snapshot, exposition, serve
+from tests import metrics_exchange
 
 CONNECTED = {
     "state": "connected",
@@ -103,21 +101,7 @@ async def exchange(request: bytes, snapshot=None) -> bytes:
             raise RuntimeError("nft is not answering")
         return snapshot
 
-    ours, theirs = socket.socketpair()
-    client = await anyio.abc.SocketStream.from_socket(ours)
-    server = await anyio.abc.SocketStream.from_socket(theirs)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(answer, server, source)
-        await client.send(request)
-        response = b""
-        with anyio.fail_after(10):
-            try:
-                while True:
-                    response += await client.receive()
-            except anyio.EndOfStream:
-                pass
-    await client.aclose()
-    return response
+    return await metrics_exchange.exchange(request, source)
 
 
 SNAPSHOT = Snapshot(status=CONNECTED, version="0.1.0", servers=1)

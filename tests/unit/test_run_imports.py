@@ -122,7 +122,7 @@ def test_the_run_path_imports_what_a_setting_turns_on_only_when_it_is_set(write_
 # With ``[metrics] listen``: the daemon imports supervisor.metrics (daemon._serve_metrics), then
 # answers a Prometheus scrape (OpenMetrics) and, here, a client that asks for text/plain alone.
 METRICS_PROBE = """\
-import socket, sys
+import sys
 from supervisor import lean_packages
 lean_packages.install_all()
 import supervisor.cli, supervisor.daemon, supervisor.log
@@ -131,7 +131,8 @@ from supervisor.config import load_config
 config = load_config(__import__("pathlib").Path(sys.argv[1]), {})
 assert config.settings.metrics.address is not None
 from supervisor import metrics
-import anyio, anyio.abc
+import anyio
+from tests.metrics_exchange import exchange  # the test module's own client, without pytest
 
 STATUS = {"state": "connected", "lock": {"installed": True}}
 SNAPSHOT = metrics.Snapshot(status=STATUS, version="0", servers=1)
@@ -142,19 +143,8 @@ async def source():
 
 
 async def scrape(accept):
-    ours, theirs = socket.socketpair()
-    client = await anyio.abc.SocketStream.from_socket(ours)
-    server = await anyio.abc.SocketStream.from_socket(theirs)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(metrics.answer, server, source)
-        await client.send(b"GET /metrics HTTP/1.1\\r\\nHost: x\\r\\nAccept: " + accept + b"\\r\\n\\r\\n")
-        response = b""
-        try:
-            while True:
-                response += await client.receive()
-        except anyio.EndOfStream:
-            pass
-    await client.aclose()
+    request = b"GET /metrics HTTP/1.1\\r\\nHost: x\\r\\nAccept: " + accept + b"\\r\\n\\r\\n"
+    response = await exchange(request, source)
     assert response.startswith(b"HTTP/1.1 200 "), response
 
 
@@ -166,6 +156,8 @@ async def main():
 
 anyio.run(main, backend="asyncio")
 """
+
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 # What prometheus_client's initialiser and its classic text format import: an HTTP server and
 # client (~3 MB RSS) the metrics endpoint does not use to answer Prometheus.
@@ -181,7 +173,11 @@ CLASSIC_FORMAT_ONLY = (
 def test_the_metrics_endpoint_loads_the_classic_format_only_when_a_client_asks_for_it(write_config) -> None:
     config = write_config('[tunnel]\nbackend = "userspace"\n\n[metrics]\nlisten = "127.0.0.1:9586"\n')
     result = subprocess.run(
-        [sys.executable, "-c", METRICS_PROBE, str(config)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", METRICS_PROBE, str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPOSITORY,  # where `tests.metrics_exchange` imports from
     )
     after_prometheus, after_text_client = (set(line.split()) for line in result.stdout.splitlines())
     assert _under(after_prometheus, CLASSIC_FORMAT_ONLY) == []
